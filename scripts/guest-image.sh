@@ -1,0 +1,402 @@
+#!/usr/bin/env bash
+# guest-image.sh OUT_DIR -- build the metald test guest from Debian packages.
+#
+# Outputs (in OUT_DIR):
+#   bzImage            /boot/vmlinuz-* of the package that linux-image-cloud-amd64 depends on
+#                      (an LZ4-compressed bzImage; QEMU -kernel, Cloud Hypervisor).
+#   vmlinux            the uncompressed ELF 64-bit vmlinux extracted from it the way the kernel's
+#                      scripts/extract-vmlinux does (Firecracker; QEMU microvm boots it via PVH).
+#   initramfs.cpio.gz  busybox-static + the virtio/ACPI-button/evdev modules of the SAME kernel
+#                      + the guest init described below (~2 MB).
+#   rootfs.ext4        32 MiB ext4 (made with mkfs.ext4 -d, no mounting) with the same content.
+#   guest-image.stamp  first line: cache key; then kernel release, package, module order.
+#
+# Cache: if all outputs exist and the stamp's first line matches (script version + hash of this
+# file + requested kernel package), the script exits at once. METALD_GUEST_FORCE=1 rebuilds.
+# METALD_GUEST_KERNEL_PKG overrides the kernel (meta) package. Concurrent runs serialise on
+# OUT_DIR/.guest-image.lock; outputs are moved into place only when all are built.
+# Host needs: apt-get (download only; the kernel is never installed), dpkg-deb, lz4 and
+# mkfs.ext4 (e2fsprogs) -- installed with apt-get if missing (printed) -- gzip, grep, flock.
+#
+# Kernel facts: Debian's cloud kernel has EXT4 and the 8250 serial console built in but ALL virtio
+# drivers, the ACPI button driver and evdev as modules, so a guest always needs the initramfs:
+#   -kernel bzImage|vmlinux -initrd initramfs.cpio.gz -append "console=ttyS0 ..."
+# Under QEMU TCG also pass tsc_early_khz=<host TSC kHz> (from /proc/cpuinfo "cpu MHz" * 1000),
+# otherwise ~1 boot in 10 hangs calibrating the TSC. `quiet` keeps the console readable.
+#
+# Guest behaviour (initramfs /init, then busybox init with /etc/inittab and /etc/metald/*):
+#   * mounts proc, sys, devtmpfs; insmods the modules in dependency order (list in
+#     /etc/metald/modules; the .deb has no modules.dep, the order is computed here from each
+#     .ko's "depends=" modinfo field).
+#   * Root switch: if the kernel command line has metald.root=/dev/XXX (or root=/dev/XXX), /init
+#     waits up to 10 s for that block device, mounts it as ext4 (rw unless `ro` is given) and
+#     switch_root's into it; its /sbin/init runs the same logic. If the device never shows up it
+#     prints "METALD_GUEST_ERROR root device ... not found" and stays on the initramfs.
+#     E.g. QEMU microvm: -drive id=root,file=rootfs.ext4,format=raw,if=none
+#                        -device virtio-blk-device,drive=root  + append "metald.root=/dev/vda rw"
+#   * Console (ttyS0 via /dev/console) lines, each on its own line:
+#       METALD_GUEST_ROOT=initramfs | METALD_GUEST_ROOT=ext4
+#       METALD_BOOT_COUNT=<n>          (ext4 root mounted rw only; persisted on the disk)
+#       METALD_NET_UP <iface> <cidr>   (with metald.ip=)
+#       METALD_GUEST_READY             (userspace is up)
+#       METALD_TICK <n>                (every second from then on, n = 1, 2, ...)
+#       METALD_GUEST_SHUTDOWN_REASON=<power-button|ctrl-alt-del|poweroff_after|reboot_after>
+#       METALD_GUEST_POWEROFF          (always printed right before `poweroff -f`)
+#       METALD_GUEST_REBOOT            (printed before `reboot -f`)
+#   * ACPI power button (QEMU system_powerdown, microvm GED -> PNP0C0C): button.ko + evdev.ko
+#     give a "Power Button" /dev/input/eventN; a watcher blocks reading one event from it and then
+#     powers off. Ctrl-Alt-Del (Firecracker SendCtrlAltDel, i8042 built in): busybox init gets
+#     SIGINT and runs ::ctrlaltdel:, which powers off. QEMU system_reset simply reboots the guest.
+#   * Kernel command line options:
+#       metald.burn=N            start N busy loops (`while :; do :; done &`), N=1 usual
+#       metald.poweroff_after=S  power off by itself after S seconds
+#       metald.reboot_after=S    reboot by itself after S seconds
+#       metald.ip=CIDR metald.gw=IP metald.iface=eth0   static network config (virtio-net)
+#       metald.httpd=PORT        busybox httpd on PORT serving /srv/www (index.html = "metald-guest")
+set -euo pipefail
+
+SCRIPT_VERSION=1
+KERNEL_META=${METALD_GUEST_KERNEL_PKG:-linux-image-cloud-amd64}
+ROOTFS_MB=32
+# Modules the guest loads (their dependencies are added automatically).
+WANT_MODULES="virtio_mmio virtio_pci virtio_blk virtio_net virtio_console virtio_rng
+  vmw_vsock_virtio_transport button evdev"
+
+log() { echo "guest-image: $*" >&2; }
+die() { echo "guest-image: ERROR: $*" >&2; exit 1; }
+
+[[ $# -eq 1 && -n $1 ]] || die "usage: $0 OUT_DIR"
+mkdir -p "$1"
+OUT=$(cd "$1" && pwd)
+SELF=$(readlink -f "${BASH_SOURCE[0]}")
+STAMP_KEY="metald-guest-image v$SCRIPT_VERSION script=$(sha256sum "$SELF" | cut -c1-16) kernel=$KERNEL_META"
+OUTPUTS=(bzImage vmlinux initramfs.cpio.gz rootfs.ext4)
+
+up_to_date() {
+  [[ -z ${METALD_GUEST_FORCE:-} ]] || return 1
+  local f
+  for f in "${OUTPUTS[@]}"; do [[ -s $OUT/$f ]] || return 1; done
+  [[ -f $OUT/guest-image.stamp && "$(head -n1 "$OUT/guest-image.stamp")" == "$STAMP_KEY" ]]
+}
+if up_to_date; then log "up to date in $OUT"; exit 0; fi
+
+exec 9>"$OUT/.guest-image.lock"
+flock 9
+if up_to_date; then log "up to date in $OUT (built concurrently)"; exit 0; fi
+T0=$SECONDS
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/metald-guest.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+
+# ---------------------------------------------------------------- host tools
+APT_UPDATED=
+apt_update_once() {
+  [[ -z $APT_UPDATED ]] || return 0
+  APT_UPDATED=1
+  log "running apt-get update"
+  apt-get update -qq >&2 || log "apt-get update failed"
+}
+need_tool() { # need_tool COMMAND DEBIAN_PACKAGE
+  command -v "$1" >/dev/null 2>&1 && return 0
+  log "installing host package $2 (for $1)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq --no-install-recommends "$2" >&2 ||
+    { apt_update_once; apt-get install -y -qq --no-install-recommends "$2" >&2; } ||
+    die "cannot install $2"
+  command -v "$1" >/dev/null 2>&1 || die "$1 still missing after installing $2"
+}
+export PATH="$PATH:/usr/sbin:/sbin"
+need_tool lz4 lz4
+need_tool mkfs.ext4 e2fsprogs
+for t in apt-get apt-cache dpkg-deb gzip grep flock sha256sum od; do
+  command -v "$t" >/dev/null || die "missing host tool $t"
+done
+
+# ---------------------------------------------------------------- download
+resolve_kernel_pkg() {
+  if [[ $KERNEL_META =~ ^linux-image-[0-9] ]]; then echo "$KERNEL_META"; return; fi
+  apt-cache depends "$KERNEL_META" 2>/dev/null |
+    awk '$1 ~ /Depends:$/ && $2 ~ /^linux-image-[0-9]/ { print $2; exit }'
+}
+KPKG=$(resolve_kernel_pkg)
+if [[ -z $KPKG ]]; then apt_update_once; KPKG=$(resolve_kernel_pkg); fi
+[[ -n $KPKG ]] || die "cannot resolve the kernel package behind $KERNEL_META (apt-cache depends)"
+
+APT_OPTS=()
+[[ $EUID -eq 0 ]] && APT_OPTS=(-o APT::Sandbox::User=root)
+mkdir -p "$WORK/debs"
+download() {
+  (cd "$WORK/debs" && apt-get download -qq "${APT_OPTS[@]}" "$@" >&2)
+}
+log "downloading $KPKG busybox-static"
+download "$KPKG" busybox-static || { apt_update_once; download "$KPKG" busybox-static; } ||
+  die "apt-get download $KPKG busybox-static failed"
+KDEB=$(ls "$WORK"/debs/"${KPKG}"_*.deb)
+BDEB=$(ls "$WORK"/debs/busybox-static_*.deb)
+KVER=$(dpkg-deb -f "$KDEB" Version)
+BVER=$(dpkg-deb -f "$BDEB" Version)
+
+mkdir -p "$WORK/k" "$WORK/bb"
+dpkg-deb -x "$KDEB" "$WORK/k"
+dpkg-deb -x "$BDEB" "$WORK/bb"
+BUSYBOX=$WORK/bb/bin/busybox
+[[ -x $BUSYBOX ]] || die "busybox not found in $BDEB"
+
+VMLINUZ=$(ls "$WORK"/k/boot/vmlinuz-* 2>/dev/null | head -n1)
+[[ -n $VMLINUZ ]] || die "no /boot/vmlinuz-* in $KDEB"
+KREL=${VMLINUZ##*/vmlinuz-}
+MODDIR=$WORK/k/lib/modules/$KREL
+[[ -d $MODDIR ]] || die "no lib/modules/$KREL in $KDEB"
+log "kernel $KPKG $KVER (release $KREL), busybox-static $BVER"
+
+mkdir -p "$WORK/out"
+cp "$VMLINUZ" "$WORK/out/bzImage"
+
+# ---------------------------------------------------------------- vmlinux (extract-vmlinux)
+is_elf64() { [[ "$(od -An -tx1 -N5 "$1" | tr -d ' \n')" == 7f454c4602 ]]; }
+extract_vmlinux() { # like scripts/extract-vmlinux: try each LZ4 (legacy) magic offset
+  local img=$1 out=$2 off
+  for off in $(LC_ALL=C grep -obUaP '\x02\x21\x4c\x18' "$img" | cut -d: -f1); do
+    tail -c "+$((off + 1))" "$img" | lz4 -dc >"$out" 2>/dev/null || true
+    if [[ -s $out ]] && is_elf64 "$out"; then
+      log "vmlinux: LZ4 payload at offset $off"
+      return 0
+    fi
+  done
+  return 1
+}
+extract_vmlinux "$WORK/out/bzImage" "$WORK/out/vmlinux" ||
+  die "could not extract an ELF vmlinux from $VMLINUZ (not LZ4-compressed?)"
+
+# ---------------------------------------------------------------- modules
+declare -A MODFILE=() MODSTATE=()
+while IFS= read -r f; do
+  b=${f##*/}; b=${b%%.ko*}; MODFILE[${b//-/_}]=$f
+done < <(find "$MODDIR/kernel" -name '*.ko' -o -name '*.ko.xz' -o -name '*.ko.zst' -o -name '*.ko.gz')
+BUILTIN=" $(sed -e 's#.*/##' -e 's#\.ko$##' -e 's#-#_#g' "$MODDIR/modules.builtin" 2>/dev/null | tr '\n' ' ') "
+MODSTAGE=$WORK/modules
+mkdir -p "$MODSTAGE"
+MODORDER=()
+stage_module() { # decompress/copy module $1 to $MODSTAGE/$1.ko
+  local m=$1 f=${MODFILE[$1]}
+  case $f in
+    *.ko) cp "$f" "$MODSTAGE/$m.ko" ;;
+    *.ko.xz) xz -dc "$f" >"$MODSTAGE/$m.ko" ;;
+    *.ko.zst) need_tool zstd zstd; zstd -qdc "$f" >"$MODSTAGE/$m.ko" ;;
+    *.ko.gz) gzip -dc "$f" >"$MODSTAGE/$m.ko" ;;
+  esac
+}
+visit_module() {
+  local m=${1//-/_} deps d
+  case ${MODSTATE[$m]:-} in done) return 0 ;; busy) die "module dependency cycle at $m" ;; esac
+  if [[ -z ${MODFILE[$m]:-} ]]; then
+    [[ $BUILTIN == *" $m "* ]] && { MODSTATE[$m]=done; return 0; }
+    die "module $m is neither a .ko in $KPKG nor built in"
+  fi
+  MODSTATE[$m]=busy
+  stage_module "$m"
+  deps=$(tr '\0' '\n' <"$MODSTAGE/$m.ko" | LC_ALL=C grep -a -m1 '^depends=' | cut -d= -f2- || true)
+  for d in ${deps//,/ }; do visit_module "$d"; done
+  MODSTATE[$m]=done
+  MODORDER+=("$m")
+}
+for m in $WANT_MODULES; do visit_module "$m"; done
+log "module order: ${MODORDER[*]}"
+
+# ---------------------------------------------------------------- guest tree
+make_tree() { # make_tree DIR ROOTKIND
+  local r=$1 kind=$2 a
+  mkdir -p "$r"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,run,tmp,root,newroot,mnt,var/lib}
+  mkdir -p "$r/etc/metald" "$r/lib/modules/$KREL" "$r/srv/www"
+  chmod 1777 "$r/tmp"
+  cp "$BUSYBOX" "$r/bin/busybox"
+  for a in $("$BUSYBOX" --list-full); do
+    [[ -e $r/$a ]] || ln -s /bin/busybox "$r/$a"
+  done
+  cp "$MODSTAGE"/*.ko "$r/lib/modules/$KREL/"
+  printf '%s\n' "${MODORDER[@]}" >"$r/etc/metald/modules"
+  echo "$kind" >"$r/etc/metald/rootkind"
+  echo "$KREL" >"$r/etc/metald/kernel-release"
+  echo metald-guest >"$r/etc/hostname"
+  echo metald-guest >"$r/srv/www/index.html"
+  echo 'root:x:0:0:root:/root:/bin/sh' >"$r/etc/passwd"
+  echo 'root:x:0:' >"$r/etc/group"
+
+  cat >"$r/etc/inittab" <<'EOF'
+::sysinit:/etc/metald/rc
+::once:/etc/metald/ticker
+::ctrlaltdel:/etc/metald/poweroff ctrl-alt-del
+::shutdown:/bin/sync
+EOF
+
+  cat >"$r/etc/metald/lib.sh" <<'EOF'
+# sourced by the metald guest scripts
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+CMDLINE=$(cat /proc/cmdline 2>/dev/null)
+# param NAME -> prints the value of NAME=VALUE (or 1 for a bare NAME), fails if absent
+param() {
+  local a v= found=1
+  set -f
+  for a in $CMDLINE; do
+    case "$a" in "$1="*) v=${a#*=}; found=0 ;; "$1") v=1; found=0 ;; esac
+  done
+  set +f
+  [ $found = 0 ] && echo "$v"
+  return $found
+}
+early_mounts() {
+  [ -e /proc/self ] || mount -t proc proc /proc
+  CMDLINE=$(cat /proc/cmdline)
+  [ -d /sys/kernel ] || mount -t sysfs sysfs /sys
+  grep -q ' /dev devtmpfs ' /proc/mounts || mount -t devtmpfs devtmpfs /dev
+  mkdir -p /dev/pts /dev/shm
+  grep -q ' /dev/pts ' /proc/mounts || mount -t devpts devpts /dev/pts
+  grep -q ' /run ' /proc/mounts || mount -t tmpfs -o mode=755 tmpfs /run
+}
+load_modules() {
+  local m dir=/lib/modules/$(uname -r)
+  [ -d "$dir" ] || echo "METALD_GUEST_ERROR no modules for kernel $(uname -r) (built for $(cat /etc/metald/kernel-release))"
+  for m in $(cat /etc/metald/modules); do
+    [ -d "/sys/module/$m" ] && continue
+    insmod "$dir/$m.ko" || echo "METALD_GUEST_ERROR insmod $m failed"
+  done
+}
+EOF
+
+  cat >"$r/init" <<'EOF'
+#!/bin/sh
+# metald initramfs /init: mounts, modules, optional switch_root into an ext4 root.
+. /etc/metald/lib.sh
+early_mounts
+exec </dev/console >/dev/console 2>&1
+load_modules
+root=$(param metald.root || param root || true)
+case "$root" in
+  /dev/*)
+    i=0
+    while [ ! -b "$root" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    if [ -b "$root" ]; then
+      mode=rw; param ro >/dev/null && mode=ro
+      fstype=$(param rootfstype || echo ext4)
+      if mount -t "$fstype" -o "$mode" "$root" /newroot && [ -x /newroot/sbin/init ]; then
+        for d in dev proc sys run; do mount --move /$d /newroot/$d; done
+        exec switch_root /newroot /sbin/init
+      fi
+      echo "METALD_GUEST_ERROR cannot mount root $root"
+      umount /newroot 2>/dev/null
+    else
+      echo "METALD_GUEST_ERROR root device $root not found"
+    fi ;;
+esac
+exec /sbin/init
+EOF
+
+  cat >"$r/etc/metald/rc" <<'EOF'
+#!/bin/sh
+# busybox init ::sysinit: -- runs on the initramfs and on the ext4 root alike.
+. /etc/metald/lib.sh
+early_mounts
+load_modules
+hostname -F /etc/hostname
+ip link set lo up 2>/dev/null
+kind=$(cat /etc/metald/rootkind)
+echo "METALD_GUEST_ROOT=$kind"
+if [ "$kind" = ext4 ] && grep -q ' / ext4 rw' /proc/mounts; then
+  n=$(cat /var/lib/metald-boot-count 2>/dev/null || echo 0)
+  n=$((n + 1)); echo "$n" >/var/lib/metald-boot-count; sync
+  echo "METALD_BOOT_COUNT=$n"
+fi
+# ACPI power button (button.ko registers an input device named "Power Button").
+for i in /sys/class/input/input*; do
+  [ "$(cat "$i/name" 2>/dev/null)" = "Power Button" ] || continue
+  for e in "$i"/event*; do
+    [ -e "$e" ] || continue
+    ( dd if="/dev/input/${e##*/}" of=/dev/null bs=24 count=1 2>/dev/null &&
+      exec /etc/metald/poweroff power-button ) &
+  done
+done
+if ip=$(param metald.ip); then
+  ifc=$(param metald.iface || echo eth0)
+  i=0; while [ ! -e "/sys/class/net/$ifc" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+  if ip addr add "$ip" dev "$ifc" && ip link set "$ifc" up; then
+    gw=$(param metald.gw) && ip route add default via "$gw"
+    echo "METALD_NET_UP $ifc $ip"
+  else
+    echo "METALD_GUEST_ERROR network setup of $ifc failed"
+  fi
+fi
+if port=$(param metald.httpd); then httpd -p "$port" -h /srv/www; fi
+if n=$(param metald.burn); then
+  i=0; while [ $i -lt "$n" ]; do ( while :; do :; done ) & i=$((i + 1)); done
+fi
+if s=$(param metald.poweroff_after); then
+  ( sleep "$s"; exec /etc/metald/poweroff poweroff_after ) &
+fi
+if s=$(param metald.reboot_after); then
+  ( sleep "$s"; echo "METALD_GUEST_SHUTDOWN_REASON=reboot_after"; echo METALD_GUEST_REBOOT
+    sync; mount -o remount,ro / 2>/dev/null; reboot -f ) &
+fi
+echo METALD_GUEST_READY
+EOF
+
+  cat >"$r/etc/metald/ticker" <<'EOF'
+#!/bin/sh
+n=0
+while :; do n=$((n + 1)); echo "METALD_TICK $n"; sleep 1; done
+EOF
+
+  cat >"$r/etc/metald/poweroff" <<'EOF'
+#!/bin/sh
+# poweroff REASON: print the markers and power off at once (busybox poweroff -f syncs first).
+exec >/dev/console 2>&1
+echo "METALD_GUEST_SHUTDOWN_REASON=${1:-unknown}"
+echo METALD_GUEST_POWEROFF
+sync
+mount -o remount,ro / 2>/dev/null
+exec poweroff -f
+EOF
+  chmod 755 "$r/init" "$r/etc/metald/rc" "$r/etc/metald/ticker" "$r/etc/metald/poweroff"
+  [[ $kind == ext4 ]] && rm -f "$r/init"
+  return 0
+}
+
+# initramfs: cpio (newc) by busybox cpio + a hand-made entry for /dev/console (no mknod needed).
+make_tree "$WORK/initramfs" initramfs
+cpio_console_entry() { # newc header for dev/console (char 5:1, 0600), then the trailer
+  local name=dev/console
+  printf '070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X' \
+    999999 $((0x2000 | 0600)) 0 0 1 0 0 0 0 5 1 $((${#name} + 1)) 0
+  printf '%s\0\0\0\0' "$name" | head -c $(( ((110 + ${#name} + 1 + 3) / 4) * 4 - 110 ))
+  local t=TRAILER!!!
+  printf '070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X' \
+    0 0 0 0 1 0 0 0 0 0 0 $((${#t} + 1)) 0
+  printf '%s\0\0\0\0' "$t" | head -c $(( ((110 + ${#t} + 1 + 3) / 4) * 4 - 110 ))
+}
+(
+  cd "$WORK/initramfs"
+  find . -mindepth 1 | LC_ALL=C sort | sed 's#^\./##' | "$BUSYBOX" cpio -o -H newc 2>/dev/null
+  cpio_console_entry
+) | gzip -9n >"$WORK/out/initramfs.cpio.gz"
+
+# rootfs.ext4
+make_tree "$WORK/rootfs" ext4
+if [[ $EUID -eq 0 ]]; then mknod -m 600 "$WORK/rootfs/dev/console" c 5 1; fi
+truncate -s "${ROOTFS_MB}M" "$WORK/out/rootfs.ext4"
+mkfs.ext4 -q -F -L metald-root -E root_owner=0:0 -d "$WORK/rootfs" "$WORK/out/rootfs.ext4" >&2
+
+# ---------------------------------------------------------------- checks + install
+is_elf64 "$WORK/out/vmlinux" || die "vmlinux is not ELF64"
+gzip -t "$WORK/out/initramfs.cpio.gz"
+{
+  echo "$STAMP_KEY"
+  echo "kernel_package=$KPKG"
+  echo "kernel_version=$KVER"
+  echo "kernel_release=$KREL"
+  echo "busybox_version=$BVER"
+  echo "modules=${MODORDER[*]}"
+} >"$WORK/out/guest-image.stamp"
+rm -f "$OUT/guest-image.stamp"
+for f in "${OUTPUTS[@]}"; do mv -f "$WORK/out/$f" "$OUT/$f"; done
+mv -f "$WORK/out/guest-image.stamp" "$OUT/guest-image.stamp"
+log "built in $((SECONDS - T0)) s:"
+(cd "$OUT" && ls -l "${OUTPUTS[@]}" guest-image.stamp >&2)

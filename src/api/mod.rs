@@ -1,0 +1,338 @@
+//! The `vmprovisioner.v1.VmService` ConnectRPC front end.
+//!
+//! Each method authenticates the caller, converts the wire request into
+//! domain types, calls the [`Manager`] and converts the answer back. Errors
+//! leave through [`to_connect`], the one mapping from core codes to RPC codes.
+
+pub mod auth;
+pub mod convert;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use connectrpc::{ConnectError, ErrorCode, RequestContext, Response, ServiceRequest, ServiceResult};
+use tracing::{error, info_span, Instrument};
+
+use crate::backend::StopMode;
+use crate::core::spec::{CustomerId, VmId};
+use crate::core::{DEFAULT_SHUTDOWN_TIMEOUT, ListQuery, MAX_SHUTDOWN_TIMEOUT, Manager};
+use crate::error::{Code, Error};
+use crate::pb::vmprovisioner::v1 as pb;
+use auth::Authenticator;
+use convert::{info_out, spec_in, state_in, state_out, summary_out};
+
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+pub const MAX_PAGE_SIZE: usize = 1000;
+const PAGE_TOKEN_PREFIX: &str = "v1:";
+
+/// Maps a core code to the Connect/gRPC code.
+pub fn connect_code(code: Code) -> ErrorCode {
+    match code {
+        Code::InvalidArgument => ErrorCode::InvalidArgument,
+        Code::NotFound => ErrorCode::NotFound,
+        Code::AlreadyExists => ErrorCode::AlreadyExists,
+        Code::FailedPrecondition => ErrorCode::FailedPrecondition,
+        Code::PermissionDenied => ErrorCode::PermissionDenied,
+        Code::Unauthenticated => ErrorCode::Unauthenticated,
+        Code::ResourceExhausted => ErrorCode::ResourceExhausted,
+        Code::Unavailable => ErrorCode::Unavailable,
+        Code::DeadlineExceeded => ErrorCode::DeadlineExceeded,
+        Code::Internal => ErrorCode::Internal,
+    }
+}
+
+/// The edge where an error chain is printed, once.
+pub fn to_connect(e: Error) -> ConnectError {
+    let code = e.code();
+    let msg = e.chain();
+    if code == Code::Internal {
+        error!(error = %msg, "internal error");
+    }
+    ConnectError::new(connect_code(code), msg)
+}
+
+pub struct VmApi {
+    manager: Manager,
+    auth: Arc<Authenticator>,
+}
+
+impl VmApi {
+    pub fn new(manager: Manager, auth: Arc<Authenticator>) -> Self {
+        VmApi { manager, auth }
+    }
+
+    fn caller(&self, ctx: &RequestContext) -> Result<CustomerId, ConnectError> {
+        self.auth.authenticate(ctx.headers()).map_err(to_connect)
+    }
+}
+
+fn vm_id(s: &str) -> Result<VmId, ConnectError> {
+    if s.is_empty() {
+        return Err(to_connect(Error::invalid("vm_id", "is required")));
+    }
+    VmId::parse(s).map_err(to_connect)
+}
+
+pub fn encode_page_token(after: &VmId) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{PAGE_TOKEN_PREFIX}{after}"))
+}
+
+pub fn decode_page_token(token: &str) -> Result<Option<VmId>, Error> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || Error::invalid("page_token", "is not a token returned by ListVms");
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
+    let text = String::from_utf8(raw).map_err(|_| bad())?;
+    let id = text.strip_prefix(PAGE_TOKEN_PREFIX).ok_or_else(bad)?;
+    VmId::parse(id).map(Some).map_err(|_| bad())
+}
+
+fn stop_mode(force: bool, timeout_seconds: i32) -> Result<StopMode, Error> {
+    if force {
+        return Ok(StopMode::Force);
+    }
+    let max = MAX_SHUTDOWN_TIMEOUT.as_secs();
+    let timeout = match timeout_seconds {
+        0 => DEFAULT_SHUTDOWN_TIMEOUT,
+        t if t < 0 => return Err(Error::invalid("timeout_seconds", format!("is {t}, must not be negative"))),
+        t => {
+            let t = u64::try_from(t).unwrap_or(u64::MAX);
+            if t > max {
+                return Err(Error::invalid("timeout_seconds", format!("is {t}, at most {max} is allowed")));
+            }
+            Duration::from_secs(t)
+        }
+    };
+    Ok(StopMode::Graceful { timeout })
+}
+
+macro_rules! rpc_span {
+    ($method:literal, $id:expr) => {
+        info_span!("rpc", rpc.method = $method, vm_id = %$id)
+    };
+}
+
+// Returning the concrete message type is more precise than the trait's
+// `impl Encodable`, which is what the generated trait intends.
+#[allow(refining_impl_trait)]
+impl pb::VmService for VmApi {
+    async fn create_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::CreateVmRequest>,
+    ) -> ServiceResult<pb::CreateVmResponse> {
+        let caller = self.caller(&ctx)?;
+        let req = request.to_owned_message();
+        if !req.customer_id.is_empty() && req.customer_id != caller.0 {
+            return Err(to_connect(Error::PermissionDenied(
+                "customer_id differs from the authenticated caller; omit it or send your own".into(),
+            )));
+        }
+        let id = if req.vm_id.is_empty() { None } else { Some(vm_id(&req.vm_id)?) };
+        let config = req
+            .config
+            .as_option()
+            .ok_or_else(|| to_connect(Error::invalid("config", "is required")))?;
+        let spec = spec_in(config);
+        let view = self
+            .manager
+            .create(&caller, id, spec)
+            .instrument(info_span!("rpc", rpc.method = "CreateVm"))
+            .await
+            .map_err(to_connect)?;
+        Response::ok(pb::CreateVmResponse {
+            vm_id: view.id.to_string(),
+            state: state_out(view.state()).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn delete_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::DeleteVmRequest>,
+    ) -> ServiceResult<pb::DeleteVmResponse> {
+        let caller = self.caller(&ctx)?;
+        let req = request.to_owned_message();
+        let id = vm_id(&req.vm_id)?;
+        self.manager
+            .delete(&caller, &id, req.force)
+            .instrument(rpc_span!("DeleteVm", id))
+            .await
+            .map_err(to_connect)?;
+        Response::ok(pb::DeleteVmResponse { success: true, ..Default::default() })
+    }
+
+    async fn boot_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::BootVmRequest>,
+    ) -> ServiceResult<pb::BootVmResponse> {
+        let caller = self.caller(&ctx)?;
+        let id = vm_id(&request.to_owned_message().vm_id)?;
+        let state = self
+            .manager
+            .boot(&caller, &id)
+            .instrument(rpc_span!("BootVm", id))
+            .await
+            .map_err(to_connect)?;
+        Response::ok(pb::BootVmResponse { success: true, state: state_out(state).into(), ..Default::default() })
+    }
+
+    async fn shutdown_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::ShutdownVmRequest>,
+    ) -> ServiceResult<pb::ShutdownVmResponse> {
+        let caller = self.caller(&ctx)?;
+        let req = request.to_owned_message();
+        let id = vm_id(&req.vm_id)?;
+        let mode = stop_mode(req.force, req.timeout_seconds).map_err(to_connect)?;
+        let state = self
+            .manager
+            .shutdown(&caller, &id, mode)
+            .instrument(rpc_span!("ShutdownVm", id))
+            .await
+            .map_err(to_connect)?;
+        Response::ok(pb::ShutdownVmResponse { success: true, state: state_out(state).into(), ..Default::default() })
+    }
+
+    async fn pause_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::PauseVmRequest>,
+    ) -> ServiceResult<pb::PauseVmResponse> {
+        let caller = self.caller(&ctx)?;
+        let id = vm_id(&request.to_owned_message().vm_id)?;
+        let state = self
+            .manager
+            .pause(&caller, &id)
+            .instrument(rpc_span!("PauseVm", id))
+            .await
+            .map_err(to_connect)?;
+        Response::ok(pb::PauseVmResponse { success: true, state: state_out(state).into(), ..Default::default() })
+    }
+
+    async fn resume_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::ResumeVmRequest>,
+    ) -> ServiceResult<pb::ResumeVmResponse> {
+        let caller = self.caller(&ctx)?;
+        let id = vm_id(&request.to_owned_message().vm_id)?;
+        let state = self
+            .manager
+            .resume(&caller, &id)
+            .instrument(rpc_span!("ResumeVm", id))
+            .await
+            .map_err(to_connect)?;
+        Response::ok(pb::ResumeVmResponse { success: true, state: state_out(state).into(), ..Default::default() })
+    }
+
+    async fn reboot_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::RebootVmRequest>,
+    ) -> ServiceResult<pb::RebootVmResponse> {
+        let caller = self.caller(&ctx)?;
+        let req = request.to_owned_message();
+        let id = vm_id(&req.vm_id)?;
+        let state = self
+            .manager
+            .reboot(&caller, &id, req.force)
+            .instrument(rpc_span!("RebootVm", id))
+            .await
+            .map_err(to_connect)?;
+        Response::ok(pb::RebootVmResponse { success: true, state: state_out(state).into(), ..Default::default() })
+    }
+
+    async fn get_vm_info(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::GetVmInfoRequest>,
+    ) -> ServiceResult<pb::GetVmInfoResponse> {
+        let caller = self.caller(&ctx)?;
+        let id = vm_id(&request.to_owned_message().vm_id)?;
+        let details = self
+            .manager
+            .info(&caller, &id)
+            .instrument(rpc_span!("GetVmInfo", id))
+            .await
+            .map_err(to_connect)?;
+        Response::ok(info_out(&details))
+    }
+
+    async fn list_vms(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::ListVmsRequest>,
+    ) -> ServiceResult<pb::ListVmsResponse> {
+        let caller = self.caller(&ctx)?;
+        let req = request.to_owned_message();
+        let states = req.state_filter.iter().map(state_in).collect::<Result<Vec<_>, _>>().map_err(to_connect)?;
+        let page_size = match req.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n < 0 => {
+                return Err(to_connect(Error::invalid("page_size", format!("is {n}, must not be negative"))));
+            }
+            n => usize::try_from(n).unwrap_or(MAX_PAGE_SIZE).min(MAX_PAGE_SIZE),
+        };
+        let after = decode_page_token(&req.page_token).map_err(to_connect)?;
+        let page = self.manager.list(&caller, &ListQuery { states, page_size, after });
+        Response::ok(pb::ListVmsResponse {
+            vms: page.vms.iter().map(summary_out).collect(),
+            next_page_token: page.next_after.as_ref().map(encode_page_token).unwrap_or_default(),
+            total_count: i32::try_from(page.total).unwrap_or(i32::MAX),
+            ..Default::default()
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_core_code_has_its_connect_code() {
+        let table = [
+            (Code::InvalidArgument, ErrorCode::InvalidArgument),
+            (Code::NotFound, ErrorCode::NotFound),
+            (Code::AlreadyExists, ErrorCode::AlreadyExists),
+            (Code::FailedPrecondition, ErrorCode::FailedPrecondition),
+            (Code::PermissionDenied, ErrorCode::PermissionDenied),
+            (Code::Unauthenticated, ErrorCode::Unauthenticated),
+            (Code::ResourceExhausted, ErrorCode::ResourceExhausted),
+            (Code::Unavailable, ErrorCode::Unavailable),
+            (Code::DeadlineExceeded, ErrorCode::DeadlineExceeded),
+            (Code::Internal, ErrorCode::Internal),
+        ];
+        for (core, wire) in table {
+            assert_eq!(connect_code(core), wire);
+        }
+        let e = to_connect(Error::NotFound("a".into()));
+        assert_eq!(e.code, ErrorCode::NotFound);
+        assert_eq!(e.message.as_deref(), Some("VM a not found"));
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_reject_garbage() {
+        let id = VmId::parse("vm-1").unwrap();
+        assert_eq!(decode_page_token(&encode_page_token(&id)).unwrap(), Some(id));
+        assert_eq!(decode_page_token("").unwrap(), None);
+        for bad in ["!!!", "dm0xOg", "Zm9v"] {
+            assert_eq!(decode_page_token(bad).unwrap_err().code(), Code::InvalidArgument, "{bad}");
+        }
+    }
+
+    #[test]
+    fn shutdown_timeouts() {
+        assert_eq!(stop_mode(true, 5).unwrap(), StopMode::Force);
+        assert_eq!(stop_mode(false, 0).unwrap(), StopMode::Graceful { timeout: DEFAULT_SHUTDOWN_TIMEOUT });
+        assert_eq!(stop_mode(false, 3).unwrap(), StopMode::Graceful { timeout: Duration::from_secs(3) });
+        assert!(stop_mode(false, -1).is_err());
+        assert!(stop_mode(false, 601).is_err());
+    }
+}

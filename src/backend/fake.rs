@@ -1,0 +1,337 @@
+//! An in-memory backend for tests and API development (`UNKEY_METALD_BACKEND=fake`).
+//!
+//! It starts no hypervisor: VMs are entries in a map whose usage counters grow
+//! with wall time while "running". It writes a console log so paths in
+//! `backend_info` are real, and it offers failure and exit injection through
+//! [`FakeControl`] so tests can drive error paths.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use super::{
+    Backend, BackendError, BackendHealth, BackendKind, ExitEvent, ExitSink, Result, Runtime,
+    StopMode, Usage, VmContext,
+};
+use crate::core::spec::VmId;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FakeState {
+    Created,
+    Running,
+    Paused,
+}
+
+#[derive(Debug)]
+struct FakeVm {
+    pid: u32,
+    state: FakeState,
+    /// CPU time accumulated while running, plus the start of the current run.
+    cpu: Duration,
+    running_since: Option<Instant>,
+    memory_bytes: u64,
+    boots: u32,
+}
+
+impl FakeVm {
+    fn cpu_now(&self) -> Duration {
+        self.cpu + self.running_since.map(|s| s.elapsed()).unwrap_or_default()
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    vms: HashMap<VmId, FakeVm>,
+    /// Operation name -> error message returned by the next call of it.
+    fail_next: HashMap<&'static str, String>,
+    /// Artificial latency for every operation.
+    delay: Duration,
+    calls: Vec<(String, &'static str)>,
+}
+
+/// A handle tests use to steer the fake.
+#[derive(Clone)]
+pub struct FakeControl {
+    shared: Arc<Mutex<Shared>>,
+    exits: ExitSink,
+}
+
+impl FakeControl {
+    /// The next call of `op` ("create", "boot", ...) fails with `message`.
+    pub fn fail_next(&self, op: &'static str, message: &str) {
+        lock(&self.shared).fail_next.insert(op, message.to_owned());
+    }
+
+    /// Every backend call takes at least `d`.
+    pub fn set_delay(&self, d: Duration) {
+        lock(&self.shared).delay = d;
+    }
+
+    /// Makes the VM's "process" exit as if the guest powered off.
+    pub fn simulate_exit(&self, vm: &VmId) -> bool {
+        let pid = {
+            let mut s = lock(&self.shared);
+            match s.vms.remove(vm) {
+                Some(v) => v.pid,
+                None => return false,
+            }
+        };
+        self.exits
+            .send(ExitEvent { vm_id: vm.clone(), pid: Some(pid), detail: "simulated exit".into() })
+            .is_ok()
+    }
+
+    /// Whether the fake holds a live "process" for `vm`.
+    pub fn is_alive(&self, vm: &VmId) -> bool {
+        lock(&self.shared).vms.contains_key(vm)
+    }
+
+    /// `(vm_id, operation)` of every call so far, in order.
+    pub fn calls(&self) -> Vec<(String, &'static str)> {
+        lock(&self.shared).calls.clone()
+    }
+
+    pub fn live_count(&self) -> usize {
+        lock(&self.shared).vms.len()
+    }
+}
+
+fn lock(m: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    // A panic while holding this lock can only come from a bug in a test;
+    // the data (a map of fake VMs) stays usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub struct FakeBackend {
+    shared: Arc<Mutex<Shared>>,
+    next_pid: AtomicU32,
+    control: FakeControl,
+}
+
+impl FakeBackend {
+    pub fn new(exits: ExitSink) -> Self {
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        FakeBackend {
+            control: FakeControl { shared: shared.clone(), exits },
+            shared,
+            next_pid: AtomicU32::new(100_000),
+        }
+    }
+
+    pub fn control(&self) -> FakeControl {
+        self.control.clone()
+    }
+
+    async fn enter(&self, vm: &VmId, op: &'static str) -> Result<()> {
+        let (delay, fail) = {
+            let mut s = lock(&self.shared);
+            s.calls.push((vm.to_string(), op));
+            (s.delay, s.fail_next.remove(op))
+        };
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        match fail {
+            Some(msg) => Err(BackendError::Failed(format!("fake {op}: {msg}"))),
+            None => Ok(()),
+        }
+    }
+
+    fn with_vm<T>(&self, vm: &VmId, f: impl FnOnce(&mut FakeVm) -> Result<T>) -> Result<T> {
+        let mut s = lock(&self.shared);
+        let v = s
+            .vms
+            .get_mut(vm)
+            .ok_or_else(|| BackendError::Failed(format!("fake: no process for {vm}")))?;
+        f(v)
+    }
+}
+
+fn console_line(vm: &VmContext<'_>, line: &str) {
+    use std::io::Write;
+    let path = vm.dir.join("console.log");
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+#[async_trait]
+impl Backend for FakeBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Fake
+    }
+
+    async fn create(&self, vm: &VmContext<'_>) -> Result<Runtime> {
+        self.enter(vm.id, "create").await?;
+        let pid = self.next_pid.fetch_add(1, Ordering::Relaxed);
+        lock(&self.shared).vms.insert(
+            vm.id.clone(),
+            FakeVm {
+                pid,
+                state: FakeState::Created,
+                cpu: Duration::ZERO,
+                running_since: None,
+                memory_bytes: vm.spec.memory_bytes() / 4,
+                boots: 0,
+            },
+        );
+        console_line(vm, "fake: created");
+        let mut extra = BTreeMap::new();
+        extra.insert("fake".into(), "true".into());
+        Ok(Runtime {
+            pid: Some(pid),
+            pid_start_ticks: None,
+            api_socket: Some(vm.dir.join("fake.sock")),
+            console_log: Some(vm.dir.join("console.log")),
+            booted_at: None,
+            extra,
+        })
+    }
+
+    async fn boot(&self, vm: &VmContext<'_>, rt: &mut Runtime) -> Result<()> {
+        self.enter(vm.id, "boot").await?;
+        self.with_vm(vm.id, |v| {
+            v.state = FakeState::Running;
+            v.running_since = Some(Instant::now());
+            v.boots += 1;
+            Ok(())
+        })?;
+        rt.booted_at = Some(crate::util::unix_now());
+        console_line(vm, "METALD_GUEST_READY");
+        Ok(())
+    }
+
+    async fn pause(&self, vm: &VmContext<'_>, _rt: &mut Runtime) -> Result<()> {
+        self.enter(vm.id, "pause").await?;
+        self.with_vm(vm.id, |v| {
+            if let Some(s) = v.running_since.take() {
+                v.cpu += s.elapsed();
+            }
+            v.state = FakeState::Paused;
+            Ok(())
+        })
+    }
+
+    async fn resume(&self, vm: &VmContext<'_>, _rt: &mut Runtime) -> Result<()> {
+        self.enter(vm.id, "resume").await?;
+        self.with_vm(vm.id, |v| {
+            v.state = FakeState::Running;
+            v.running_since = Some(Instant::now());
+            Ok(())
+        })
+    }
+
+    async fn reboot(&self, vm: &VmContext<'_>, rt: &mut Runtime, _force: bool) -> Result<()> {
+        self.enter(vm.id, "reboot").await?;
+        self.with_vm(vm.id, |v| {
+            v.boots += 1;
+            Ok(())
+        })?;
+        rt.booted_at = Some(crate::util::unix_now());
+        console_line(vm, "METALD_GUEST_READY");
+        Ok(())
+    }
+
+    async fn shutdown(&self, vm: &VmContext<'_>, _rt: &Runtime, mode: StopMode) -> Result<()> {
+        self.enter(vm.id, "shutdown").await?;
+        lock(&self.shared).vms.remove(vm.id);
+        console_line(vm, &format!("fake: shutdown ({mode:?})"));
+        Ok(())
+    }
+
+    async fn delete(&self, vm: &VmContext<'_>, _rt: Option<&Runtime>) -> Result<()> {
+        self.enter(vm.id, "delete").await?;
+        lock(&self.shared).vms.remove(vm.id);
+        Ok(())
+    }
+
+    async fn reap(&self, vm: &VmContext<'_>, _rt: &Runtime) -> Result<()> {
+        lock(&self.shared).vms.remove(vm.id);
+        Ok(())
+    }
+
+    async fn usage(&self, vm: &VmContext<'_>, _rt: &Runtime) -> Result<Usage> {
+        self.with_vm(vm.id, |v| {
+            let cpu = v.cpu_now();
+            let secs = cpu.as_secs();
+            Ok(Usage {
+                cpu_time_ns: u64::try_from(cpu.as_nanos()).unwrap_or(u64::MAX),
+                memory_bytes: v.memory_bytes,
+                disk_read_bytes: secs * 4096,
+                disk_write_bytes: secs * 1024,
+                disk_read_ops: secs,
+                disk_write_ops: secs / 4,
+                net_rx_bytes: secs * 1500,
+                net_tx_bytes: secs * 500,
+                net_rx_packets: secs,
+                net_tx_packets: secs,
+            })
+        })
+    }
+
+    async fn reattach(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<bool> {
+        // The fake's "processes" live in memory, so after a restart they are
+        // recreated in the state the store says; this lets restart tests run
+        // without a hypervisor. Real backends check the process instead.
+        let pid = rt.pid.unwrap_or_else(|| self.next_pid.fetch_add(1, Ordering::Relaxed));
+        lock(&self.shared).vms.insert(
+            vm.id.clone(),
+            FakeVm {
+                pid,
+                state: if rt.booted_at.is_some() { FakeState::Running } else { FakeState::Created },
+                cpu: Duration::ZERO,
+                running_since: rt.booted_at.map(|_| Instant::now()),
+                memory_bytes: vm.spec.memory_bytes() / 4,
+                boots: 0,
+            },
+        );
+        Ok(true)
+    }
+
+    async fn health(&self) -> BackendHealth {
+        BackendHealth { ok: true, version: "fake".into(), detail: "in-memory test backend".into() }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::core::spec::VmSpec;
+
+    #[tokio::test]
+    async fn usage_grows_only_while_running() {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let b = FakeBackend::new(tx);
+        let tmp = tempfile::tempdir().unwrap();
+        let id = VmId::parse("a").unwrap();
+        let spec = VmSpec::default();
+        let ctx = VmContext { id: &id, spec: &spec, dir: tmp.path().to_path_buf() };
+        let mut rt = b.create(&ctx).await.unwrap();
+        assert_eq!(b.usage(&ctx, &rt).await.unwrap().cpu_time_ns, 0);
+        b.boot(&ctx, &mut rt).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        b.pause(&ctx, &mut rt).await.unwrap();
+        let a = b.usage(&ctx, &rt).await.unwrap().cpu_time_ns;
+        assert!(a >= 20_000_000, "{a}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(b.usage(&ctx, &rt).await.unwrap().cpu_time_ns, a);
+    }
+
+    #[tokio::test]
+    async fn injected_failures_fire_once() {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let b = FakeBackend::new(tx);
+        let tmp = tempfile::tempdir().unwrap();
+        let id = VmId::parse("a").unwrap();
+        let spec = VmSpec::default();
+        let ctx = VmContext { id: &id, spec: &spec, dir: tmp.path().to_path_buf() };
+        b.control().fail_next("create", "boom");
+        let e = b.create(&ctx).await.unwrap_err();
+        assert_eq!(e.to_string(), "fake create: boom");
+        assert!(b.create(&ctx).await.is_ok());
+    }
+}

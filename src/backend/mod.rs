@@ -1,0 +1,212 @@
+//! The hypervisor backend trait: the only door between the core and a VMM.
+//!
+//! A backend drives one hypervisor process per VM. The core calls it only
+//! after [`crate::core::state::transition`] allowed the operation and commits
+//! the new state only after the backend succeeded. Everything a backend needs
+//! to find a VM's process again after a metald restart is in [`Runtime`],
+//! which the core persists.
+
+pub mod fake;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::core::spec::{VmId, VmSpec};
+use crate::error::Code;
+
+/// Which hypervisor a backend drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Fake,
+    Qemu,
+    Firecracker,
+    CloudHypervisor,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Fake => "fake",
+            BackendKind::Qemu => "qemu",
+            BackendKind::Firecracker => "firecracker",
+            BackendKind::CloudHypervisor => "cloudhypervisor",
+        }
+    }
+}
+
+/// Persisted handle to a VM's hypervisor process.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Runtime {
+    /// Process id of the VMM.
+    pub pid: Option<u32>,
+    /// Process start time (clock ticks since boot, from /proc/<pid>/stat) so
+    /// a recycled pid is never mistaken for our VMM.
+    pub pid_start_ticks: Option<u64>,
+    /// The VMM's control socket (QMP, Firecracker or Cloud Hypervisor API).
+    pub api_socket: Option<PathBuf>,
+    /// Where the guest's serial console is written.
+    pub console_log: Option<PathBuf>,
+    /// Unix seconds when the guest was last booted (for uptime).
+    pub booted_at: Option<i64>,
+    /// Backend-specific facts (tap names, chroot, accelerator, ...).
+    pub extra: BTreeMap<String, String>,
+}
+
+/// What a backend gets to know about the VM it acts on.
+#[derive(Debug, Clone)]
+pub struct VmContext<'a> {
+    pub id: &'a VmId,
+    pub spec: &'a VmSpec,
+    /// `<data dir>/vms/<id>`, created by the core, owned by this VM.
+    pub dir: PathBuf,
+}
+
+/// How to stop a guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// Ask the guest to power off, wait up to the timeout, then force.
+    Graceful { timeout: Duration },
+    /// Stop at once.
+    Force,
+}
+
+/// Resource usage of a VM, counters cumulative since its VMM started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub cpu_time_ns: u64,
+    pub memory_bytes: u64,
+    pub disk_read_bytes: u64,
+    pub disk_write_bytes: u64,
+    pub disk_read_ops: u64,
+    pub disk_write_ops: u64,
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    pub net_rx_packets: u64,
+    pub net_tx_packets: u64,
+}
+
+/// Health of the backend itself.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendHealth {
+    pub ok: bool,
+    pub version: String,
+    pub detail: String,
+}
+
+/// A VMM process ended without the core asking for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitEvent {
+    pub vm_id: VmId,
+    pub pid: Option<u32>,
+    pub detail: String,
+}
+
+/// Where backends report VMM exits; the core turns them into `GuestExited`.
+pub type ExitSink = mpsc::UnboundedSender<ExitEvent>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The request cannot be served by this backend (e.g. kernel format).
+    #[error("{0}")]
+    Unsupported(String),
+    /// The hypervisor is not reachable or not installed.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl BackendError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        BackendError::Io { context: context.into(), source }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            BackendError::Unsupported(_) => Code::InvalidArgument,
+            BackendError::Unavailable(_) => Code::Unavailable,
+            BackendError::Timeout(_) => Code::DeadlineExceeded,
+            BackendError::Failed(_) | BackendError::Io { .. } => Code::Internal,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, BackendError>;
+
+/// One hypervisor implementation.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    fn kind(&self) -> BackendKind;
+
+    /// Backend-specific checks of a validated spec (kernel format, ...),
+    /// run before anything is created.
+    fn check(&self, _spec: &VmSpec) -> Result<()> {
+        Ok(())
+    }
+
+    /// Starts the VMM for `vm` with the guest not yet running.
+    async fn create(&self, vm: &VmContext<'_>) -> Result<Runtime>;
+
+    /// Starts the guest of a created VM.
+    async fn boot(&self, vm: &VmContext<'_>, rt: &mut Runtime) -> Result<()>;
+
+    async fn pause(&self, vm: &VmContext<'_>, rt: &mut Runtime) -> Result<()>;
+
+    async fn resume(&self, vm: &VmContext<'_>, rt: &mut Runtime) -> Result<()>;
+
+    /// Restarts the guest; `force` is a hard reset. The runtime may change
+    /// (a backend that must restart its VMM records the new process).
+    async fn reboot(&self, vm: &VmContext<'_>, rt: &mut Runtime, force: bool) -> Result<()>;
+
+    /// Stops the guest and releases the VMM process and its resources.
+    async fn shutdown(&self, vm: &VmContext<'_>, rt: &Runtime, mode: StopMode) -> Result<()>;
+
+    /// Releases everything a VM holds: kills its VMM if `rt` is given and
+    /// removes backend resources. Must succeed for a VM whose process is gone.
+    async fn delete(&self, vm: &VmContext<'_>, rt: Option<&Runtime>) -> Result<()>;
+
+    /// Cleans up after a VMM that exited on its own (sockets, taps, ...).
+    async fn reap(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<()>;
+
+    /// Backend facts for `GetVmInfo.backend_info`.
+    fn info(&self, rt: &Runtime) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        m.insert("backend".into(), self.kind().as_str().into());
+        if let Some(pid) = rt.pid {
+            m.insert("pid".into(), pid.to_string());
+        }
+        if let Some(s) = &rt.api_socket {
+            m.insert("api_socket".into(), s.display().to_string());
+        }
+        if let Some(c) = &rt.console_log {
+            m.insert("console_log".into(), c.display().to_string());
+        }
+        for (k, v) in &rt.extra {
+            m.insert(k.clone(), v.clone());
+        }
+        m
+    }
+
+    /// Current usage of a VM whose VMM is running.
+    async fn usage(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<Usage>;
+
+    /// After a metald restart: is this VM's VMM still alive and ours?
+    /// When it is, the backend resumes watching it for exits.
+    async fn reattach(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<bool>;
+
+    async fn health(&self) -> BackendHealth;
+}

@@ -1,0 +1,848 @@
+//! The core: the one place where VM state changes.
+//!
+//! [`Manager`] serves every VM operation. Each one goes: look up the VM as the
+//! caller (another customer's VM is "not found") → take that VM's operation
+//! lock (calls on one VM are serialised, calls on different VMs run in
+//! parallel; no global lock is held across a backend call) → validate the
+//! transition → do the side effects in the backend → persist the new state →
+//! publish it to observers (metering, telemetry). Mutating operations run in
+//! their own task so a client that disconnects cannot cut one in half.
+
+pub mod spec;
+pub mod state;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Bound;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::backend::{Backend, ExitEvent, Runtime, StopMode, Usage, VmContext};
+use crate::error::Error;
+use crate::store::{Store, VmRow};
+use crate::util::unix_now;
+use spec::{CustomerId, Limits, VmId, VmSpec};
+use state::{Op, Target, VmState, transition};
+
+/// Default wait for a graceful shutdown before forcing.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest graceful wait a caller may ask for.
+pub const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    pub data_dir: PathBuf,
+    pub limits: Limits,
+    pub max_vms: usize,
+}
+
+/// A VM's lifecycle state together with the runtime handle it owns: a VM
+/// with a hypervisor process cannot be expressed without its runtime.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Status {
+    Created(Runtime),
+    Running(Runtime),
+    Paused(Runtime),
+    Shutdown,
+}
+
+impl Status {
+    pub fn state(&self) -> VmState {
+        match self {
+            Status::Created(_) => VmState::Created,
+            Status::Running(_) => VmState::Running,
+            Status::Paused(_) => VmState::Paused,
+            Status::Shutdown => VmState::Shutdown,
+        }
+    }
+
+    pub fn runtime(&self) -> Option<&Runtime> {
+        match self {
+            Status::Created(rt) | Status::Running(rt) | Status::Paused(rt) => Some(rt),
+            Status::Shutdown => None,
+        }
+    }
+
+    fn from_parts(state: VmState, rt: Option<Runtime>) -> Option<Status> {
+        match (state, rt) {
+            (VmState::Created, Some(rt)) => Some(Status::Created(rt)),
+            (VmState::Running, Some(rt)) => Some(Status::Running(rt)),
+            (VmState::Paused, Some(rt)) => Some(Status::Paused(rt)),
+            (VmState::Shutdown, _) => Some(Status::Shutdown),
+            (_, None) => None,
+        }
+    }
+}
+
+/// What caused a [`VmEvent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    Created,
+    Op(Op),
+    /// Found running again after a metald restart.
+    Recovered,
+}
+
+/// A committed change of a VM, published to observers in commit order.
+#[derive(Debug, Clone)]
+pub struct VmEvent {
+    pub vm_id: VmId,
+    pub customer: CustomerId,
+    pub cause: Cause,
+    pub from: Option<VmState>,
+    /// `None` when the VM was deleted.
+    pub to: Option<VmState>,
+    pub runtime: Option<Runtime>,
+    pub spec: Arc<VmSpec>,
+}
+
+/// Hooks called synchronously after each commit; must not block.
+pub trait Observer: Send + Sync {
+    fn on_event(&self, event: &VmEvent);
+}
+
+/// A VM as the API sees it.
+#[derive(Debug, Clone)]
+pub struct VmView {
+    pub id: VmId,
+    pub customer: CustomerId,
+    pub spec: Arc<VmSpec>,
+    pub status: Status,
+    pub created_at: i64,
+    pub modified_at: i64,
+}
+
+impl VmView {
+    pub fn state(&self) -> VmState {
+        self.status.state()
+    }
+}
+
+/// Live figures of a running or paused VM.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LiveMetrics {
+    pub cpu_percent: f64,
+    pub usage: Usage,
+    pub uptime_secs: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct VmDetails {
+    pub view: VmView,
+    pub metrics: Option<LiveMetrics>,
+    pub backend_info: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// Empty means every state.
+    pub states: Vec<VmState>,
+    pub page_size: usize,
+    /// Return VMs whose id sorts after this one.
+    pub after: Option<VmId>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListPage {
+    pub vms: Vec<VmView>,
+    /// Id to continue after; `None` on the last page.
+    pub next_after: Option<VmId>,
+    pub total: usize,
+}
+
+struct Cell {
+    status: Status,
+    modified_at: i64,
+    /// Set when the VM is deleted, for callers that waited on its lock.
+    deleted: bool,
+    /// Previous usage sample for the CPU % of `GetVmInfo`.
+    last_cpu: Option<(Instant, u64)>,
+}
+
+struct Slot {
+    id: VmId,
+    customer: CustomerId,
+    spec: Arc<VmSpec>,
+    created_at: i64,
+    /// Serialises mutating operations on this VM.
+    op: tokio::sync::Mutex<()>,
+    cell: RwLock<Cell>,
+}
+
+impl Slot {
+    fn cell(&self) -> std::sync::RwLockReadGuard<'_, Cell> {
+        // Cells are replaced wholesale, so a panic elsewhere cannot leave one
+        // half-written; keep serving.
+        self.cell.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn cell_mut(&self) -> std::sync::RwLockWriteGuard<'_, Cell> {
+        self.cell.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn view(&self) -> VmView {
+        let c = self.cell();
+        VmView {
+            id: self.id.clone(),
+            customer: self.customer.clone(),
+            spec: self.spec.clone(),
+            status: c.status.clone(),
+            created_at: self.created_at,
+            modified_at: c.modified_at,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Index {
+    by_id: HashMap<VmId, Arc<Slot>>,
+    by_customer: HashMap<CustomerId, BTreeMap<VmId, Arc<Slot>>>,
+    /// Ids whose creation is in progress; they count against `max_vms`.
+    reserved: HashSet<VmId>,
+}
+
+struct Inner {
+    cfg: ManagerConfig,
+    backend: Arc<dyn Backend>,
+    store: Store,
+    index: RwLock<Index>,
+    observers: RwLock<Vec<Arc<dyn Observer>>>,
+}
+
+/// The VM manager; cheap to clone.
+#[derive(Clone)]
+pub struct Manager {
+    inner: Arc<Inner>,
+}
+
+impl Manager {
+    /// Loads every VM from the store, reattaches to VMMs that are still
+    /// alive (those that are gone become `SHUTDOWN`), and starts watching
+    /// `exits` until `shutdown` is cancelled.
+    pub async fn open(
+        cfg: ManagerConfig,
+        backend: Arc<dyn Backend>,
+        store: Store,
+        exits: mpsc::UnboundedReceiver<ExitEvent>,
+        shutdown: CancellationToken,
+    ) -> Result<Manager, Error> {
+        std::fs::create_dir_all(cfg.data_dir.join("vms")).map_err(|e| {
+            Error::Internal(format!("creating {}: {e}", cfg.data_dir.join("vms").display()))
+        })?;
+        let mgr = Manager {
+            inner: Arc::new(Inner {
+                cfg,
+                backend,
+                store,
+                index: RwLock::new(Index::default()),
+                observers: RwLock::new(Vec::new()),
+            }),
+        };
+        mgr.recover().await?;
+        tokio::spawn(mgr.clone().watch_exits(exits, shutdown));
+        Ok(mgr)
+    }
+
+    pub fn add_observer(&self, o: Arc<dyn Observer>) {
+        self.inner.observers.write().unwrap_or_else(|p| p.into_inner()).push(o);
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.inner.backend
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    fn index(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        self.inner.index.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn index_mut(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+        self.inner.index.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn vm_dir(&self, id: &VmId) -> PathBuf {
+        self.inner.cfg.data_dir.join("vms").join(id.as_str())
+    }
+
+    fn ctx<'a>(&self, slot: &'a Slot) -> VmContext<'a> {
+        VmContext { id: &slot.id, spec: &slot.spec, dir: self.vm_dir(&slot.id) }
+    }
+
+    async fn store_call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> crate::store::Result<T> + Send + 'static,
+    ) -> Result<T, Error> {
+        let store = self.inner.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| Error::Internal(format!("store task: {e}")))?
+            .map_err(Error::from)
+    }
+
+    fn publish(&self, ev: VmEvent) {
+        let observers = self.inner.observers.read().unwrap_or_else(|p| p.into_inner());
+        for o in observers.iter() {
+            o.on_event(&ev);
+        }
+    }
+
+    /// Finds a VM owned by `caller`. Another customer's VM is not found.
+    fn lookup(&self, caller: &CustomerId, id: &VmId) -> Result<Arc<Slot>, Error> {
+        self.index()
+            .by_customer
+            .get(caller)
+            .and_then(|m| m.get(id))
+            .cloned()
+            .ok_or_else(|| Error::NotFound(id.to_string()))
+    }
+
+    /// Runs a mutating operation in its own task so that a dropped caller
+    /// cannot abandon it between a backend call and the commit.
+    async fn detached<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, Error>> + Send + 'static,
+    ) -> Result<T, Error> {
+        tokio::spawn(fut.in_current_span())
+            .await
+            .map_err(|e| Error::Internal(format!("operation task: {e}")))?
+    }
+
+    // ---- create -----------------------------------------------------------
+
+    pub async fn create(
+        &self,
+        caller: &CustomerId,
+        id: Option<VmId>,
+        spec: VmSpec,
+    ) -> Result<VmView, Error> {
+        let this = self.clone();
+        let caller = caller.clone();
+        self.detached(async move { this.create_inner(caller, id, spec).await }).await
+    }
+
+    async fn create_inner(
+        &self,
+        caller: CustomerId,
+        id: Option<VmId>,
+        spec: VmSpec,
+    ) -> Result<VmView, Error> {
+        let spec = info_span!("validate").in_scope(|| -> Result<VmSpec, Error> {
+            let spec = spec::validate(spec, &self.inner.cfg.limits)?;
+            self.inner.backend.check(&spec)?;
+            Ok(spec)
+        })?;
+        let id = id.unwrap_or_else(VmId::generate);
+        let reservation = self.reserve(&id)?;
+        let spec = Arc::new(spec);
+        let dir = self.vm_dir(&id);
+        if dir.exists() {
+            // Leftover of a VM whose record is gone (e.g. a crash mid-delete).
+            warn!(vm_id = %id, dir = %dir.display(), "removing stale VM directory");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::Internal(format!("creating {}: {e}", dir.display())))?;
+        let ctx = VmContext { id: &id, spec: &spec, dir: dir.clone() };
+        let rt = match self
+            .inner
+            .backend
+            .create(&ctx)
+            .instrument(info_span!("backend.create", vm_id = %id))
+            .await
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e.into());
+            }
+        };
+        let now = unix_now();
+        let row = VmRow {
+            id: id.clone(),
+            customer: caller.clone(),
+            state: VmState::Created,
+            spec: (*spec).clone(),
+            runtime: Some(rt.clone()),
+            created_at: now,
+            modified_at: now,
+        };
+        if let Err(e) = self
+            .store_call(move |s| s.insert(&row))
+            .instrument(info_span!("store.insert"))
+            .await
+        {
+            let _ = self.inner.backend.delete(&ctx, Some(&rt)).await;
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        let slot = Arc::new(Slot {
+            id: id.clone(),
+            customer: caller.clone(),
+            spec: spec.clone(),
+            created_at: now,
+            op: tokio::sync::Mutex::new(()),
+            cell: RwLock::new(Cell {
+                status: Status::Created(rt.clone()),
+                modified_at: now,
+                deleted: false,
+                last_cpu: None,
+            }),
+        });
+        {
+            let mut idx = self.index_mut();
+            idx.by_id.insert(id.clone(), slot.clone());
+            idx.by_customer.entry(caller.clone()).or_default().insert(id.clone(), slot.clone());
+        }
+        reservation.done();
+        info!(vm_id = %id, customer_id = %caller, "VM created");
+        self.publish(VmEvent {
+            vm_id: id,
+            customer: caller,
+            cause: Cause::Created,
+            from: None,
+            to: Some(VmState::Created),
+            runtime: Some(rt),
+            spec,
+        });
+        Ok(slot.view())
+    }
+
+    fn reserve(&self, id: &VmId) -> Result<Reservation, Error> {
+        let mut idx = self.index_mut();
+        if idx.by_id.contains_key(id) || idx.reserved.contains(id) {
+            return Err(Error::AlreadyExists(id.to_string()));
+        }
+        let max = self.inner.cfg.max_vms;
+        if idx.by_id.len() + idx.reserved.len() >= max {
+            return Err(Error::ResourceExhausted(format!(
+                "this host runs its maximum of {max} VMs (UNKEY_METALD_MAX_VMS); delete one first"
+            )));
+        }
+        idx.reserved.insert(id.clone());
+        Ok(Reservation { mgr: self.clone(), id: id.clone() })
+    }
+
+    // ---- lifecycle operations --------------------------------------------
+
+    pub async fn boot(&self, caller: &CustomerId, id: &VmId) -> Result<VmState, Error> {
+        self.operate(caller, id, Op::Boot, OpArgs::None).await
+    }
+
+    pub async fn pause(&self, caller: &CustomerId, id: &VmId) -> Result<VmState, Error> {
+        self.operate(caller, id, Op::Pause, OpArgs::None).await
+    }
+
+    pub async fn resume(&self, caller: &CustomerId, id: &VmId) -> Result<VmState, Error> {
+        self.operate(caller, id, Op::Resume, OpArgs::None).await
+    }
+
+    pub async fn reboot(&self, caller: &CustomerId, id: &VmId, force: bool) -> Result<VmState, Error> {
+        self.operate(caller, id, Op::Reboot, OpArgs::Reboot { force }).await
+    }
+
+    pub async fn shutdown(
+        &self,
+        caller: &CustomerId,
+        id: &VmId,
+        mode: StopMode,
+    ) -> Result<VmState, Error> {
+        self.operate(caller, id, Op::Shutdown, OpArgs::Stop(mode)).await
+    }
+
+    pub async fn delete(&self, caller: &CustomerId, id: &VmId, force: bool) -> Result<(), Error> {
+        self.operate(caller, id, Op::Delete { force }, OpArgs::None).await.map(|_| ())
+    }
+
+    async fn operate(
+        &self,
+        caller: &CustomerId,
+        id: &VmId,
+        op: Op,
+        args: OpArgs,
+    ) -> Result<VmState, Error> {
+        let slot = self.lookup(caller, id)?;
+        let this = self.clone();
+        self.detached(async move { this.operate_locked(slot, op, args).await }).await
+    }
+
+    async fn operate_locked(&self, slot: Arc<Slot>, op: Op, args: OpArgs) -> Result<VmState, Error> {
+        let _op = slot.op.lock().await;
+        let (status, deleted) = {
+            let c = slot.cell();
+            (c.status.clone(), c.deleted)
+        };
+        if deleted {
+            return Err(Error::NotFound(slot.id.to_string()));
+        }
+        let from = status.state();
+        let target = transition(from, op)
+            .map_err(|source| Error::WrongState { vm_id: slot.id.to_string(), source })?;
+        let ctx = self.ctx(&slot);
+        let backend = &self.inner.backend;
+        let span = info_span!("backend.call", vm_id = %slot.id, op = op.name());
+        let new_status = async {
+            match (op, status) {
+                (Op::Boot, Status::Created(mut rt)) => {
+                    backend.boot(&ctx, &mut rt).await?;
+                    Ok(Status::Running(rt))
+                }
+                (Op::Boot, Status::Shutdown) => {
+                    let mut rt = backend.create(&ctx).await?;
+                    if let Err(e) = backend.boot(&ctx, &mut rt).await {
+                        // Shutdown owns no process: release the one just made.
+                        let _ = backend.delete(&ctx, Some(&rt)).await;
+                        return Err(e.into());
+                    }
+                    Ok(Status::Running(rt))
+                }
+                (Op::Pause, Status::Running(mut rt)) => {
+                    backend.pause(&ctx, &mut rt).await?;
+                    Ok(Status::Paused(rt))
+                }
+                (Op::Resume, Status::Paused(mut rt)) => {
+                    backend.resume(&ctx, &mut rt).await?;
+                    Ok(Status::Running(rt))
+                }
+                (Op::Reboot, Status::Running(mut rt)) => {
+                    let force = matches!(args, OpArgs::Reboot { force: true });
+                    backend.reboot(&ctx, &mut rt, force).await?;
+                    Ok(Status::Running(rt))
+                }
+                (Op::Shutdown, Status::Running(rt) | Status::Paused(rt)) => {
+                    let mode = match args {
+                        OpArgs::Stop(m) => m,
+                        _ => StopMode::Graceful { timeout: DEFAULT_SHUTDOWN_TIMEOUT },
+                    };
+                    backend.shutdown(&ctx, &rt, mode).await?;
+                    Ok(Status::Shutdown)
+                }
+                (Op::Delete { .. }, status) => {
+                    backend.delete(&ctx, status.runtime()).await?;
+                    Ok(Status::Shutdown)
+                }
+                (op, status) => Err(Error::Internal(format!(
+                    "transition table allowed {} in {} without an implementation",
+                    op.name(),
+                    status.state()
+                ))),
+            }
+        }
+        .instrument(span)
+        .await?;
+
+        match target {
+            Target::Deleted => {
+                self.commit_delete(&slot, op, from).await?;
+                Ok(VmState::Shutdown)
+            }
+            Target::State(_) => self.commit(&slot, Cause::Op(op), from, new_status).await,
+        }
+    }
+
+    /// Persists and publishes a new status. The in-memory state always
+    /// follows reality (the backend already acted); a store failure is
+    /// reported to the caller.
+    async fn commit(
+        &self,
+        slot: &Arc<Slot>,
+        cause: Cause,
+        from: VmState,
+        status: Status,
+    ) -> Result<VmState, Error> {
+        let now = unix_now();
+        let state = status.state();
+        let rt = status.runtime().cloned();
+        let id = slot.id.clone();
+        let persisted = self
+            .store_call(move |s| s.update_state(&id, state, rt.as_ref(), now))
+            .instrument(info_span!("store.update", vm_id = %slot.id))
+            .await;
+        {
+            let mut c = slot.cell_mut();
+            c.status = status.clone();
+            c.modified_at = now;
+            if state != VmState::Running {
+                c.last_cpu = None;
+            }
+        }
+        info!(vm_id = %slot.id, from = %from, to = %state, "VM state changed");
+        self.publish(VmEvent {
+            vm_id: slot.id.clone(),
+            customer: slot.customer.clone(),
+            cause,
+            from: Some(from),
+            to: Some(state),
+            runtime: status.runtime().cloned(),
+            spec: slot.spec.clone(),
+        });
+        persisted.map(|_| state)
+    }
+
+    async fn commit_delete(&self, slot: &Arc<Slot>, op: Op, from: VmState) -> Result<(), Error> {
+        let id = slot.id.clone();
+        let persisted = self
+            .store_call(move |s| s.delete(&id))
+            .instrument(info_span!("store.delete", vm_id = %slot.id))
+            .await;
+        slot.cell_mut().deleted = true;
+        {
+            let mut idx = self.index_mut();
+            idx.by_id.remove(&slot.id);
+            if let Some(m) = idx.by_customer.get_mut(&slot.customer) {
+                m.remove(&slot.id);
+                if m.is_empty() {
+                    idx.by_customer.remove(&slot.customer);
+                }
+            }
+        }
+        let dir = self.vm_dir(&slot.id);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(vm_id = %slot.id, dir = %dir.display(), error = %e, "could not remove VM directory");
+            }
+        }
+        info!(vm_id = %slot.id, "VM deleted");
+        self.publish(VmEvent {
+            vm_id: slot.id.clone(),
+            customer: slot.customer.clone(),
+            cause: Cause::Op(op),
+            from: Some(from),
+            to: None,
+            runtime: None,
+            spec: slot.spec.clone(),
+        });
+        persisted
+    }
+
+    // ---- VMM exits ----------------------------------------------------------
+
+    async fn watch_exits(self, mut exits: mpsc::UnboundedReceiver<ExitEvent>, stop: CancellationToken) {
+        loop {
+            let ev = tokio::select! {
+                _ = stop.cancelled() => return,
+                ev = exits.recv() => match ev { Some(ev) => ev, None => return },
+            };
+            let this = self.clone();
+            // One task per exit so a slow VM lock does not delay the others.
+            tokio::spawn(async move { this.handle_exit(ev).await });
+        }
+    }
+
+    async fn handle_exit(&self, ev: ExitEvent) {
+        let Some(slot) = self.index().by_id.get(&ev.vm_id).cloned() else {
+            return;
+        };
+        let _op = slot.op.lock().await;
+        let status = {
+            let c = slot.cell();
+            if c.deleted {
+                return;
+            }
+            c.status.clone()
+        };
+        let Some(rt) = status.runtime() else { return };
+        if ev.pid.is_some() && rt.pid != ev.pid {
+            debug!(vm_id = %slot.id, "ignoring exit of a previous VMM process");
+            return;
+        }
+        let from = status.state();
+        if transition(from, Op::GuestExited).is_err() {
+            return;
+        }
+        info!(vm_id = %slot.id, detail = %ev.detail, "VMM exited on its own");
+        let ctx = self.ctx(&slot);
+        if let Err(e) = self.inner.backend.reap(&ctx, rt).await {
+            warn!(vm_id = %slot.id, error = %e, "cleanup after VMM exit failed");
+        }
+        if let Err(e) = self.commit(&slot, Cause::Op(Op::GuestExited), from, Status::Shutdown).await {
+            warn!(vm_id = %slot.id, error = %e.chain(), "could not persist guest exit");
+        }
+    }
+
+    // ---- recovery -----------------------------------------------------------
+
+    async fn recover(&self) -> Result<(), Error> {
+        let rows = self.store_call(|s| s.load_all()).await?;
+        let mut recovered = 0usize;
+        for row in rows {
+            let status = Status::from_parts(row.state, row.runtime.clone()).unwrap_or(Status::Shutdown);
+            let slot = Arc::new(Slot {
+                id: row.id.clone(),
+                customer: row.customer.clone(),
+                spec: Arc::new(row.spec),
+                created_at: row.created_at,
+                op: tokio::sync::Mutex::new(()),
+                cell: RwLock::new(Cell {
+                    status: status.clone(),
+                    modified_at: row.modified_at,
+                    deleted: false,
+                    last_cpu: None,
+                }),
+            });
+            {
+                let mut idx = self.index_mut();
+                idx.by_id.insert(row.id.clone(), slot.clone());
+                idx.by_customer.entry(row.customer.clone()).or_default().insert(row.id.clone(), slot.clone());
+            }
+            let from = status.state();
+            let Some(rt) = status.runtime() else {
+                if row.state != VmState::Shutdown {
+                    // A process state without a runtime: the record is wrong.
+                    self.commit(&slot, Cause::Recovered, from, Status::Shutdown).await?;
+                }
+                continue;
+            };
+            let ctx = self.ctx(&slot);
+            let alive = match self.inner.backend.reattach(&ctx, rt).await {
+                Ok(alive) => alive,
+                Err(e) => {
+                    warn!(vm_id = %row.id, error = %e, "could not reattach; treating the VMM as gone");
+                    false
+                }
+            };
+            if alive {
+                recovered += 1;
+                self.publish(VmEvent {
+                    vm_id: slot.id.clone(),
+                    customer: slot.customer.clone(),
+                    cause: Cause::Recovered,
+                    from: Some(from),
+                    to: Some(from),
+                    runtime: Some(rt.clone()),
+                    spec: slot.spec.clone(),
+                });
+            } else {
+                info!(vm_id = %row.id, state = %from, "VMM is gone since the last run; marking the VM shut down");
+                let _ = self.inner.backend.reap(&ctx, rt).await;
+                self.commit(&slot, Cause::Op(Op::GuestExited), from, Status::Shutdown).await?;
+            }
+        }
+        let total = self.index().by_id.len();
+        info!(vms = total, reattached = recovered, "state recovered from the store");
+        Ok(())
+    }
+
+    // ---- reads --------------------------------------------------------------
+
+    pub fn get(&self, caller: &CustomerId, id: &VmId) -> Result<VmView, Error> {
+        Ok(self.lookup(caller, id)?.view())
+    }
+
+    /// Config, state, live metrics and backend facts of one VM. Does not wait
+    /// for an operation in progress on the VM.
+    pub async fn info(&self, caller: &CustomerId, id: &VmId) -> Result<VmDetails, Error> {
+        let slot = self.lookup(caller, id)?;
+        let view = slot.view();
+        let mut backend_info = BTreeMap::new();
+        backend_info.insert("backend".to_owned(), self.inner.backend.kind().as_str().to_owned());
+        let mut metrics = None;
+        if let Some(rt) = view.status.runtime() {
+            backend_info = self.inner.backend.info(rt);
+            if matches!(view.state(), VmState::Running | VmState::Paused) {
+                let ctx = self.ctx(&slot);
+                match self.inner.backend.usage(&ctx, rt).await {
+                    Ok(usage) => metrics = Some(self.live_metrics(&slot, rt, usage, view.state())),
+                    Err(e) => debug!(vm_id = %id, error = %e, "usage unavailable"),
+                }
+            }
+        }
+        Ok(VmDetails { view, metrics, backend_info })
+    }
+
+    fn live_metrics(&self, slot: &Slot, rt: &Runtime, usage: Usage, state: VmState) -> LiveMetrics {
+        let now = Instant::now();
+        let uptime_secs = rt.booted_at.map(|b| (unix_now() - b).max(0)).unwrap_or(0);
+        let mut c = slot.cell_mut();
+        let cpu_percent = match (state, c.last_cpu) {
+            (VmState::Paused, _) => 0.0,
+            (_, Some((at, cpu))) if now > at && usage.cpu_time_ns >= cpu => {
+                let wall = now.duration_since(at).as_nanos() as f64;
+                (usage.cpu_time_ns - cpu) as f64 / wall * 100.0
+            }
+            // No earlier sample: average since boot.
+            _ if uptime_secs > 0 => usage.cpu_time_ns as f64 / (uptime_secs as f64 * 1e9) * 100.0,
+            _ => 0.0,
+        };
+        c.last_cpu = Some((now, usage.cpu_time_ns));
+        LiveMetrics { cpu_percent, usage, uptime_secs }
+    }
+
+    /// One page of the caller's VMs, ordered by id.
+    pub fn list(&self, caller: &CustomerId, q: &ListQuery) -> ListPage {
+        let idx = self.index();
+        let Some(vms) = idx.by_customer.get(caller) else {
+            return ListPage { vms: Vec::new(), next_after: None, total: 0 };
+        };
+        let wanted = |s: &Slot| q.states.is_empty() || q.states.contains(&s.cell().status.state());
+        let total = if q.states.is_empty() { vms.len() } else { vms.values().filter(|s| wanted(s)).count() };
+        let start = match &q.after {
+            Some(a) => Bound::Excluded(a.clone()),
+            None => Bound::Unbounded,
+        };
+        let mut page = Vec::with_capacity(q.page_size.min(total));
+        let mut more = false;
+        for slot in vms.range((start, Bound::Unbounded)).map(|(_, s)| s) {
+            if !wanted(slot) {
+                continue;
+            }
+            if page.len() == q.page_size {
+                more = true;
+                break;
+            }
+            page.push(slot.view());
+        }
+        let next_after = if more { page.last().map(|v: &VmView| v.id.clone()) } else { None };
+        ListPage { vms: page, next_after, total }
+    }
+
+    /// Number of VMs in each state, for health and metrics.
+    pub fn counts(&self) -> BTreeMap<VmState, usize> {
+        let mut m: BTreeMap<VmState, usize> = VmState::ALL.iter().map(|s| (*s, 0)).collect();
+        for slot in self.index().by_id.values() {
+            *m.entry(slot.cell().status.state()).or_default() += 1;
+        }
+        m
+    }
+
+    /// Every VM with a live VMM (for metering after a restart, say).
+    pub fn active(&self) -> Vec<VmView> {
+        self.index()
+            .by_id
+            .values()
+            .map(|s| s.view())
+            .filter(|v| v.status.runtime().is_some())
+            .collect()
+    }
+}
+
+enum OpArgs {
+    None,
+    Reboot { force: bool },
+    Stop(StopMode),
+}
+
+/// Holds an id while its VM is being created; released on drop.
+struct Reservation {
+    mgr: Manager,
+    id: VmId,
+}
+
+impl Reservation {
+    fn done(self) {}
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.mgr.index_mut().reserved.remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,140 @@
+//! The core error type and the one table that maps it to RPC codes.
+//!
+//! Messages never repeat their cause; the API edge prints the chain once.
+
+use crate::backend::BackendError;
+use crate::core::state::InvalidTransition;
+use crate::store::StoreError;
+
+/// The RPC status codes metald answers with (a subset of gRPC/Connect codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    InvalidArgument,
+    NotFound,
+    AlreadyExists,
+    FailedPrecondition,
+    PermissionDenied,
+    Unauthenticated,
+    ResourceExhausted,
+    Unavailable,
+    DeadlineExceeded,
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    #[error("VM {0} not found")]
+    NotFound(String),
+    #[error("VM {0} already exists")]
+    AlreadyExists(String),
+    #[error("VM {vm_id}: {source}")]
+    WrongState {
+        vm_id: String,
+        #[source]
+        source: InvalidTransition,
+    },
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    #[error("resource exhausted: {0}")]
+    ResourceExhausted(String),
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("hypervisor backend failed")]
+    Backend(#[from] BackendError),
+    #[error("state store failed")]
+    Store(#[from] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument { field: field.into(), reason: reason.into() }
+    }
+
+    /// The one mapping from core errors to RPC codes.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::InvalidArgument { .. } => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::WrongState { .. } | Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::Backend(e) => e.code(),
+            Error::Store(_) | Error::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// The full chain, `outer: inner: innermost`, for the wire and logs.
+    pub fn chain(&self) -> String {
+        let mut out = self.to_string();
+        let mut src = std::error::Error::source(self);
+        while let Some(s) = src {
+            let text = s.to_string();
+            // Variants that embed their source in Display must not repeat it.
+            if !out.ends_with(&text) {
+                out.push_str(": ");
+                out.push_str(&text);
+            }
+            src = s.source();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::core::state::{Op, VmState};
+
+    #[test]
+    fn every_variant_maps_to_its_code() {
+        let cases: Vec<(Error, Code)> = vec![
+            (Error::invalid("f", "r"), Code::InvalidArgument),
+            (Error::NotFound("x".into()), Code::NotFound),
+            (Error::AlreadyExists("x".into()), Code::AlreadyExists),
+            (
+                Error::WrongState {
+                    vm_id: "x".into(),
+                    source: InvalidTransition { state: VmState::Running, op: Op::Boot },
+                },
+                Code::FailedPrecondition,
+            ),
+            (Error::FailedPrecondition("x".into()), Code::FailedPrecondition),
+            (Error::PermissionDenied("x".into()), Code::PermissionDenied),
+            (Error::Unauthenticated("x".into()), Code::Unauthenticated),
+            (Error::ResourceExhausted("x".into()), Code::ResourceExhausted),
+            (Error::Unavailable("x".into()), Code::Unavailable),
+            (Error::Internal("x".into()), Code::Internal),
+            (Error::Store(StoreError::Corrupt("x".into())), Code::Internal),
+            (Error::Backend(BackendError::Unavailable("x".into())), Code::Unavailable),
+            (Error::Backend(BackendError::Timeout("x".into())), Code::DeadlineExceeded),
+            (Error::Backend(BackendError::Failed("x".into())), Code::Internal),
+            (Error::Backend(BackendError::Unsupported("x".into())), Code::InvalidArgument),
+        ];
+        for (err, code) in cases {
+            assert_eq!(err.code(), code, "{err:?}");
+        }
+    }
+
+    #[test]
+    fn chain_prints_each_cause_once() {
+        let e = Error::Backend(BackendError::Failed("qmp: connection reset".into()));
+        assert_eq!(e.chain(), "hypervisor backend failed: qmp: connection reset");
+        let e = Error::WrongState {
+            vm_id: "a".into(),
+            source: InvalidTransition { state: VmState::Created, op: Op::Pause },
+        };
+        assert_eq!(e.chain(), "VM a: cannot pause a VM that is created (boot it first)");
+    }
+}

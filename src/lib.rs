@@ -1,0 +1,25 @@
+//! metald: the per-host daemon that runs multi-tenant microVMs.
+//!
+//! Module map (dependencies point down only):
+//! - [`daemon`] wires everything; [`server`] serves HTTP; [`api`] converts
+//!   wire ⇄ domain and authenticates;
+//! - [`core`] owns VM state ([`core::Manager`], [`core::state`], [`core::spec`]);
+//! - [`backend`] drives hypervisors; [`store`] persists records;
+//! - [`config`], [`error`], [`util`] are shared leaves; [`pb`] is generated.
+
+pub mod api;
+pub mod backend;
+pub mod client;
+pub mod config;
+pub mod core;
+pub mod daemon;
+pub mod error;
+pub mod server;
+pub mod store;
+pub mod util;
+
+/// Generated protobuf messages, ConnectRPC service traits and clients.
+#[allow(clippy::all, clippy::pedantic, missing_docs, unreachable_pub)]
+pub mod pb {
+    connectrpc::include_generated!();
+}
