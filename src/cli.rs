@@ -1,0 +1,395 @@
+//! `metaldctl`: a command-line client for the VM API.
+//!
+//! Human-readable tables by default, `--json` for scripts. On failure it
+//! prints the server's error code and message and exits non-zero (2 for
+//! usage errors, 1 otherwise).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use connectrpc::ConnectError;
+use serde_json::json;
+
+use crate::client::{VmClient, WireProtocol, vm_client};
+use crate::pb::vmprovisioner::v1 as pb;
+
+#[derive(Parser, Debug)]
+#[command(name = "metaldctl", version, about = "Control a metald host")]
+pub struct Cli {
+    /// metald API endpoint.
+    #[arg(long, global = true, env = "METALD_ENDPOINT", default_value = "http://127.0.0.1:8080")]
+    pub endpoint: String,
+    /// Bearer token identifying the customer.
+    #[arg(long, global = true, env = "METALD_TOKEN", default_value = "", hide_env_values = true)]
+    pub token: String,
+    /// Wire protocol.
+    #[arg(long, global = true, value_enum, default_value_t = ProtocolArg::Connect)]
+    pub protocol: ProtocolArg,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Per-call timeout in seconds.
+    #[arg(long, global = true, default_value_t = 120)]
+    pub timeout: u64,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+pub enum ProtocolArg {
+    Connect,
+    ConnectJson,
+    Grpc,
+    GrpcWeb,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a VM (prepared, not started).
+    Create(CreateArgs),
+    /// Start a created or shut-down VM.
+    Boot { id: String },
+    /// Pause a running VM.
+    Pause { id: String },
+    /// Resume a paused VM.
+    Resume { id: String },
+    /// Restart a running VM's guest.
+    Reboot {
+        id: String,
+        /// Hard reset instead of a guest reboot.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Stop a VM (graceful unless --force).
+    Shutdown {
+        id: String,
+        #[arg(long)]
+        force: bool,
+        /// Seconds to wait for a graceful power-off before forcing (0 = server default, 30).
+        #[arg(long, default_value_t = 0)]
+        timeout: i32,
+    },
+    /// Delete a VM and everything it holds.
+    Delete {
+        id: String,
+        /// Delete even when running or paused.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show one VM.
+    Info { id: String },
+    /// List your VMs.
+    List {
+        /// Only VMs in these states (repeatable).
+        #[arg(long, value_enum)]
+        state: Vec<StateArg>,
+        /// Page size (server default 100, max 1000).
+        #[arg(long, default_value_t = 0)]
+        page_size: i32,
+        /// Fetch every page.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+pub enum StateArg {
+    Created,
+    Running,
+    Paused,
+    Shutdown,
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// VM id (lowercase letters, digits, '-'); generated when omitted.
+    #[arg(long)]
+    pub id: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: i32,
+    #[arg(long = "memory-mb", default_value_t = 256)]
+    pub memory_mb: i64,
+    /// Kernel image (inside the host's asset directories).
+    #[arg(long)]
+    pub kernel: PathBuf,
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Root filesystem image, attached as the root virtio-blk device.
+    #[arg(long)]
+    pub rootfs: Option<PathBuf>,
+    /// Extra disks, `PATH` or `PATH:ro` (repeatable).
+    #[arg(long = "disk")]
+    pub disks: Vec<String>,
+    #[arg(long = "kernel-args", default_value = "")]
+    pub kernel_args: String,
+    /// Metadata `key=value` (repeatable).
+    #[arg(long = "meta")]
+    pub metadata: Vec<String>,
+}
+
+fn state_of(a: StateArg) -> pb::VmState {
+    match a {
+        StateArg::Created => pb::VmState::VM_STATE_CREATED,
+        StateArg::Running => pb::VmState::VM_STATE_RUNNING,
+        StateArg::Paused => pb::VmState::VM_STATE_PAUSED,
+        StateArg::Shutdown => pb::VmState::VM_STATE_SHUTDOWN,
+    }
+}
+
+pub fn state_name(v: &buffa::EnumValue<pb::VmState>) -> &'static str {
+    match v.as_known() {
+        Some(pb::VmState::VM_STATE_CREATED) => "CREATED",
+        Some(pb::VmState::VM_STATE_RUNNING) => "RUNNING",
+        Some(pb::VmState::VM_STATE_PAUSED) => "PAUSED",
+        Some(pb::VmState::VM_STATE_SHUTDOWN) => "SHUTDOWN",
+        _ => "UNSPECIFIED",
+    }
+}
+
+/// A failed command: what to print and the exit code.
+#[derive(Debug)]
+pub struct CliError {
+    pub message: String,
+    pub exit_code: u8,
+}
+
+impl From<ConnectError> for CliError {
+    fn from(e: ConnectError) -> Self {
+        CliError {
+            message: format!("{}: {}", e.code.as_str(), e.message.as_deref().unwrap_or("")),
+            exit_code: 1,
+        }
+    }
+}
+
+fn usage(msg: impl Into<String>) -> CliError {
+    CliError { message: msg.into(), exit_code: 2 }
+}
+
+fn abs(p: &std::path::Path) -> String {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string()
+}
+
+fn create_request(a: &CreateArgs) -> Result<pb::CreateVmRequest, CliError> {
+    let mut storage = Vec::new();
+    if let Some(r) = &a.rootfs {
+        storage.push(pb::StorageDevice { id: "rootfs".into(), path: abs(r), is_root_device: true, ..Default::default() });
+    }
+    for (i, d) in a.disks.iter().enumerate() {
+        let (path, ro) = match d.strip_suffix(":ro") {
+            Some(p) => (p, true),
+            None => (d.as_str(), false),
+        };
+        storage.push(pb::StorageDevice {
+            id: format!("disk{i}"),
+            path: abs(std::path::Path::new(path)),
+            read_only: ro,
+            ..Default::default()
+        });
+    }
+    let mut metadata = buffa::__private::HashMap::default();
+    for m in &a.metadata {
+        let (k, v) = m.split_once('=').ok_or_else(|| usage(format!("--meta {m:?} must be key=value")))?;
+        metadata.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(pb::CreateVmRequest {
+        vm_id: a.id.clone().unwrap_or_default(),
+        config: pb::VmConfig {
+            cpu: pb::CpuConfig { vcpu_count: a.vcpus, ..Default::default() }.into(),
+            memory: pb::MemoryConfig { size_bytes: a.memory_mb.saturating_mul(1024 * 1024), ..Default::default() }.into(),
+            boot: pb::BootConfig {
+                kernel_path: abs(&a.kernel),
+                initrd_path: a.initrd.as_deref().map(abs).unwrap_or_default(),
+                kernel_args: a.kernel_args.clone(),
+                ..Default::default()
+            }
+            .into(),
+            storage,
+            metadata,
+            ..Default::default()
+        }
+        .into(),
+        ..Default::default()
+    })
+}
+
+fn print_json(v: serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY).set_header(header.to_vec());
+    t
+}
+
+fn ts(unix: i64) -> String {
+    if unix <= 0 {
+        return "-".into();
+    }
+    let secs = crate::util::unix_now() - unix;
+    match secs {
+        s if s < 60 => format!("{s}s ago"),
+        s if s < 3600 => format!("{}m ago", s / 60),
+        s if s < 86400 => format!("{}h ago", s / 3600),
+        s => format!("{}d ago", s / 86400),
+    }
+}
+
+/// Runs one command and prints its result.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    let protocol = match cli.protocol {
+        ProtocolArg::Connect => WireProtocol::ConnectProto,
+        ProtocolArg::ConnectJson => WireProtocol::ConnectJson,
+        ProtocolArg::Grpc => WireProtocol::Grpc,
+        ProtocolArg::GrpcWeb => WireProtocol::GrpcWeb,
+    };
+    if cli.token.is_empty() {
+        return Err(usage("no token: pass --token or set METALD_TOKEN"));
+    }
+    let client = vm_client(&cli.endpoint, &cli.token, protocol, Duration::from_secs(cli.timeout))?;
+    let json = cli.json;
+    match cli.command {
+        Command::Create(a) => {
+            let r = client.create_vm(create_request(&a)?).await?.into_owned();
+            if json {
+                print_json(json!({"vm_id": r.vm_id, "state": state_name(&r.state)}));
+            } else {
+                println!("{}\t{}", r.vm_id, state_name(&r.state));
+            }
+        }
+        Command::Boot { id } => {
+            let r = client.boot_vm(pb::BootVmRequest { vm_id: id.clone(), ..Default::default() }).await?.into_owned();
+            done(json, &id, state_name(&r.state));
+        }
+        Command::Pause { id } => {
+            let r = client.pause_vm(pb::PauseVmRequest { vm_id: id.clone(), ..Default::default() }).await?.into_owned();
+            done(json, &id, state_name(&r.state));
+        }
+        Command::Resume { id } => {
+            let r = client.resume_vm(pb::ResumeVmRequest { vm_id: id.clone(), ..Default::default() }).await?.into_owned();
+            done(json, &id, state_name(&r.state));
+        }
+        Command::Reboot { id, force } => {
+            let r = client
+                .reboot_vm(pb::RebootVmRequest { vm_id: id.clone(), force, ..Default::default() })
+                .await?
+                .into_owned();
+            done(json, &id, state_name(&r.state));
+        }
+        Command::Shutdown { id, force, timeout } => {
+            let r = client
+                .shutdown_vm(pb::ShutdownVmRequest { vm_id: id.clone(), force, timeout_seconds: timeout, ..Default::default() })
+                .await?
+                .into_owned();
+            done(json, &id, state_name(&r.state));
+        }
+        Command::Delete { id, force } => {
+            client.delete_vm(pb::DeleteVmRequest { vm_id: id.clone(), force, ..Default::default() }).await?;
+            done(json, &id, "DELETED");
+        }
+        Command::Info { id } => info(&client, &id, json).await?,
+        Command::List { state, page_size, all } => list(&client, state, page_size, all, json).await?,
+    }
+    Ok(())
+}
+
+fn done(json: bool, id: &str, state: &str) {
+    if json {
+        print_json(json!({"vm_id": id, "state": state}));
+    } else {
+        println!("{id}\t{state}");
+    }
+}
+
+async fn info(client: &VmClient, id: &str, json: bool) -> Result<(), CliError> {
+    let r = client.get_vm_info(pb::GetVmInfoRequest { vm_id: id.into(), ..Default::default() }).await?.into_owned();
+    if json {
+        // The generated types serialise to the canonical protobuf JSON.
+        let v = serde_json::to_value(&r).map_err(|e| usage(format!("encoding JSON: {e}")))?;
+        print_json(v);
+        return Ok(());
+    }
+    let cfg = r.config.as_option();
+    let mut t = table(&["field", "value"]);
+    t.add_row(vec!["vm_id".to_string(), r.vm_id.clone()]);
+    t.add_row(vec!["state".to_string(), state_name(&r.state).to_string()]);
+    if let Some(c) = cfg {
+        t.add_row(vec!["vcpus".to_string(), c.cpu.vcpu_count.to_string()]);
+        t.add_row(vec!["memory".to_string(), format!("{} MiB", c.memory.size_bytes >> 20)]);
+        t.add_row(vec!["kernel".to_string(), c.boot.kernel_path.clone()]);
+        if !c.boot.initrd_path.is_empty() {
+            t.add_row(vec!["initrd".to_string(), c.boot.initrd_path.clone()]);
+        }
+        for d in &c.storage {
+            t.add_row(vec![format!("disk {}", d.id), format!("{}{}{}", d.path, if d.is_root_device { " (root)" } else { "" }, if d.read_only { " (ro)" } else { "" })]);
+        }
+    }
+    if let Some(m) = r.metrics.as_option() {
+        t.add_row(vec!["cpu".to_string(), format!("{:.1} %", m.cpu_usage_percent)]);
+        t.add_row(vec!["memory used".to_string(), format!("{} MiB", m.memory_usage_bytes >> 20)]);
+        t.add_row(vec!["uptime".to_string(), format!("{} s", m.uptime_seconds)]);
+        let s = &m.storage_stats;
+        t.add_row(vec!["disk".to_string(), format!("read {} B / written {} B", s.bytes_read, s.bytes_written)]);
+        let n = &m.network_stats;
+        t.add_row(vec!["network".to_string(), format!("rx {} B / tx {} B", n.bytes_received, n.bytes_transmitted)]);
+    }
+    let mut keys: Vec<_> = r.backend_info.keys().cloned().collect();
+    keys.sort();
+    for k in keys {
+        t.add_row(vec![k.clone(), r.backend_info[&k].clone()]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+async fn list(client: &VmClient, states: Vec<StateArg>, page_size: i32, all: bool, json: bool) -> Result<(), CliError> {
+    let filter: Vec<buffa::EnumValue<pb::VmState>> = states.into_iter().map(|s| state_of(s).into()).collect();
+    let mut token = String::new();
+    let mut vms = Vec::new();
+    let mut total;
+    loop {
+        let r = client
+            .list_vms(pb::ListVmsRequest { state_filter: filter.clone(), page_size, page_token: token.clone(), ..Default::default() })
+            .await?
+            .into_owned();
+        total = r.total_count;
+        vms.extend(r.vms);
+        token = r.next_page_token;
+        if !all || token.is_empty() {
+            break;
+        }
+    }
+    if json {
+        let items: Vec<serde_json::Value> = vms
+            .iter()
+            .map(|v| {
+                json!({"vm_id": v.vm_id, "state": state_name(&v.state), "vcpus": v.vcpu_count,
+                       "memory_bytes": v.memory_size_bytes, "created": v.created_timestamp,
+                       "modified": v.modified_timestamp})
+            })
+            .collect();
+        print_json(json!({"vms": items, "total_count": total, "next_page_token": token}));
+        return Ok(());
+    }
+    let mut t = table(&["VM ID", "STATE", "VCPUS", "MEMORY", "CREATED", "MODIFIED"]);
+    for v in &vms {
+        t.add_row(vec![
+            v.vm_id.clone(),
+            state_name(&v.state).to_string(),
+            v.vcpu_count.to_string(),
+            format!("{} MiB", v.memory_size_bytes >> 20),
+            ts(v.created_timestamp),
+            ts(v.modified_timestamp),
+        ]);
+    }
+    println!("{t}");
+    if token.is_empty() {
+        println!("{} of {total} VMs", vms.len());
+    } else {
+        println!("{} of {total} VMs (more: --all)", vms.len());
+    }
+    Ok(())
+}
