@@ -105,6 +105,33 @@ impl Store {
         Ok(())
     }
 
+    /// Inserts many rows in one transaction (bulk import, benchmarks).
+    pub fn insert_batch(&self, rows: &[VmRow]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut stmt = tx.prepare(
+                "INSERT INTO vms (id, customer_id, state, spec, runtime, created_at, modified_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for row in rows {
+                let spec = to_json(&row.spec)?;
+                let rt = row.runtime.as_ref().map(to_json).transpose()?;
+                stmt.execute(params![
+                    row.id.as_str(),
+                    row.customer.0,
+                    row.state.as_str(),
+                    spec,
+                    rt,
+                    row.created_at,
+                    row.modified_at
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Persists a state change and the runtime that goes with it.
     pub fn update_state(
         &self,

@@ -1,0 +1,170 @@
+//! GetVmInfo and ListVms (page of 100) latency with 10,000 VMs in the store,
+//! p50/p99, beside the latency of `GET /_/health` measured in the same run as
+//! the baseline. Goal: GetVmInfo p99 < 1 ms, ListVms p99 < 5 ms.
+//!
+//! Run: `cargo bench --bench api_latency` (env `METALD_BENCH_VMS`, `METALD_BENCH_CALLS`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use metald::backend::Runtime;
+use metald::client::{WireProtocol, vm_client};
+use metald::config::Config;
+use metald::core::spec::{BootSpec, CpuSpec, CustomerId, MemorySpec, VmId, VmSpec};
+use metald::core::state::VmState;
+use metald::pb::vmprovisioner::v1 as pb;
+use metald::store::{Store, VmRow};
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn report(name: &str, mut samples: Vec<Duration>) -> (Duration, Duration) {
+    samples.sort();
+    let (p50, p99) = (percentile(&samples, 0.50), percentile(&samples, 0.99));
+    println!(
+        "{name:<28} n={:<6} p50={:>8.3} ms  p99={:>8.3} ms  max={:>8.3} ms",
+        samples.len(),
+        p50.as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3,
+        samples.last().unwrap().as_secs_f64() * 1e3
+    );
+    (p50, p99)
+}
+
+async fn health_once(addr: std::net::SocketAddr, conn: &mut Option<hyper::client::conn::http1::SendRequest<String>>) {
+    if conn.is_none() {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (send, c) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(c);
+        *conn = Some(send);
+    }
+    let send = conn.as_mut().unwrap();
+    if send.ready().await.is_err() {
+        *conn = None;
+        return Box::pin(health_once(addr, conn)).await;
+    }
+    let req = http::Request::get("/_/health").header("host", "bench").body(String::new()).unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert!(resp.status().is_success());
+    use http_body_util::BodyExt;
+    resp.into_body().collect().await.unwrap();
+}
+
+#[tokio::main]
+async fn main() {
+    let vms: usize = std::env::var("METALD_BENCH_VMS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let calls: usize = std::env::var("METALD_BENCH_CALLS").ok().and_then(|v| v.parse().ok()).unwrap_or(3_000);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let assets = tmp.path().join("assets");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::create_dir_all(&assets).unwrap();
+    std::fs::write(assets.join("vmlinux"), b"k").unwrap();
+    let kernel = std::fs::canonicalize(assets.join("vmlinux")).unwrap();
+
+    // Seed the store directly (one transaction) with 10,000 VMs of one
+    // customer, a quarter of them running, as a busy host would have.
+    let t0 = Instant::now();
+    {
+        let store = Store::open(&data.join("metald.db")).unwrap();
+        let spec = VmSpec {
+            cpu: CpuSpec { vcpus: 2, ..Default::default() },
+            memory: MemorySpec { size_bytes: 256 << 20, ..Default::default() },
+            boot: BootSpec { kernel: kernel.clone(), kernel_args: "console=ttyS0".into(), ..Default::default() },
+            ..Default::default()
+        };
+        let rows: Vec<VmRow> = (0..vms)
+            .map(|i| {
+                let running = i % 4 == 0;
+                VmRow {
+                    id: VmId::parse(&format!("vm-{i:05}")).unwrap(),
+                    customer: CustomerId("bench".into()),
+                    state: if running { VmState::Running } else { VmState::Created },
+                    spec: spec.clone(),
+                    runtime: Some(Runtime {
+                        pid: Some(1_000_000 + i as u32),
+                        booted_at: running.then(metald::util::unix_now),
+                        ..Default::default()
+                    }),
+                    created_at: metald::util::unix_now(),
+                    modified_at: metald::util::unix_now(),
+                }
+            })
+            .collect();
+        store.insert_batch(&rows).unwrap();
+    }
+    let env: HashMap<String, String> = [
+        ("ADDRESS", "127.0.0.1".to_string()),
+        ("PORT", "0".into()),
+        ("DATA_DIR", data.display().to_string()),
+        ("ASSET_DIRS", assets.display().to_string()),
+        ("BACKEND", "fake".into()),
+        ("AUTH_DEV_TOKENS", "true".into()),
+        ("MAX_VMS", (vms + 10).to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (format!("UNKEY_METALD_{k}"), v))
+    .collect();
+    let daemon = metald::daemon::start(Config::from_source(&env).unwrap()).await.unwrap();
+    println!("seeded and recovered {vms} VMs in {:.2} s", t0.elapsed().as_secs_f64());
+    let client = vm_client(&format!("http://{}", daemon.addr), "dev_customer_bench", WireProtocol::ConnectProto, Duration::from_secs(10)).unwrap();
+
+    // Warm up connections and caches.
+    let mut health_conn = None;
+    for i in 0..200 {
+        health_once(daemon.addr, &mut health_conn).await;
+        client.get_vm_info(pb::GetVmInfoRequest { vm_id: format!("vm-{:05}", i % vms), ..Default::default() }).await.unwrap();
+        client.list_vms(pb::ListVmsRequest { page_size: 100, ..Default::default() }).await.unwrap();
+    }
+
+    let (mut health, mut info, mut list) = (Vec::new(), Vec::new(), Vec::new());
+    let mut token = String::new();
+    // Interleave the three so machine noise hits all alike.
+    for i in 0..calls {
+        let t = Instant::now();
+        health_once(daemon.addr, &mut health_conn).await;
+        health.push(t.elapsed());
+
+        let id = format!("vm-{:05}", (i * 7919) % vms);
+        let t = Instant::now();
+        let r = client.get_vm_info(pb::GetVmInfoRequest { vm_id: id, ..Default::default() }).await.unwrap();
+        info.push(t.elapsed());
+        drop(r);
+
+        let t = Instant::now();
+        let r = client
+            .list_vms(pb::ListVmsRequest { page_size: 100, page_token: token.clone(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_owned();
+        list.push(t.elapsed());
+        assert_eq!(r.vms.len(), 100);
+        assert_eq!(r.total_count as usize, vms);
+        token = r.next_page_token;
+        if token.is_empty() || i % 50 == 49 {
+            token.clear();
+        }
+    }
+    println!("latency over Connect/HTTP1.1 on loopback, {vms} VMs in the store, one client, sequential calls:");
+    let (hp50, hp99) = report("GET /_/health (baseline)", health);
+    let (ip50, ip99) = report("GetVmInfo", info);
+    let (lp50, lp99) = report("ListVms (page of 100)", list);
+    println!(
+        "vs baseline: GetVmInfo p50 {:.2}x p99 {:.2}x | ListVms p50 {:.2}x p99 {:.2}x",
+        ip50.as_secs_f64() / hp50.as_secs_f64(),
+        ip99.as_secs_f64() / hp99.as_secs_f64(),
+        lp50.as_secs_f64() / hp50.as_secs_f64(),
+        lp99.as_secs_f64() / hp99.as_secs_f64()
+    );
+    println!(
+        "goals: GetVmInfo p99 < 1 ms: {} | ListVms p99 < 5 ms: {}",
+        if ip99 < Duration::from_millis(1) { "met" } else { "MISSED" },
+        if lp99 < Duration::from_millis(5) { "met" } else { "MISSED" }
+    );
+    daemon.shutdown();
+    daemon.wait().await.unwrap();
+}
