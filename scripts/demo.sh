@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Starts metald from ./build with the guest image in ./build/guest as its asset
+# directory, then creates and boots a demo VM through metaldctl and shows its
+# console and info. metald keeps running in the background; stop it with
+# `make demo-stop` (VMs are shut down and deleted first).
+#
+# Everything lives under ./.demo (data dir, tokens, log). Backend: QEMU when
+# qemu-system-x86_64 exists (auto-detected), else metald refuses to start.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+DEMO=$ROOT/.demo
+GUEST=$ROOT/build/guest
+PORT=${METALD_DEMO_PORT:-8080}
+ENDPOINT=http://127.0.0.1:$PORT
+TOKEN=demo-token-0123456789
+export METALD_ENDPOINT=$ENDPOINT METALD_TOKEN=$TOKEN
+ctl() { "$ROOT/build/metaldctl" "$@"; }
+
+stop() {
+  if [ -f "$DEMO/metald.pid" ] && kill -0 "$(cat "$DEMO/metald.pid")" 2>/dev/null; then
+    for id in $(ctl list --json 2>/dev/null | python3 -c 'import json,sys; print(" ".join(v["vm_id"] for v in json.load(sys.stdin)["vms"]))' 2>/dev/null); do
+      ctl delete "$id" --force >/dev/null && echo "deleted VM $id"
+    done
+    kill "$(cat "$DEMO/metald.pid")" && echo "metald stopped"
+    rm -f "$DEMO/metald.pid"
+  else
+    echo "metald (demo) is not running"
+  fi
+}
+
+if [ "${1:-}" = stop ]; then stop; exit 0; fi
+
+if [ -f "$DEMO/metald.pid" ] && kill -0 "$(cat "$DEMO/metald.pid")" 2>/dev/null; then
+  echo "a demo metald is already running (pid $(cat "$DEMO/metald.pid")); restarting it"
+  stop
+fi
+mkdir -p "$DEMO"
+echo "$TOKEN demo" > "$DEMO/tokens"
+chmod 600 "$DEMO/tokens"
+
+echo "==> starting metald on $ENDPOINT (data: $DEMO/data, log: $DEMO/metald.log)"
+UNKEY_METALD_ADDRESS=127.0.0.1 \
+UNKEY_METALD_PORT=$PORT \
+UNKEY_METALD_DATA_DIR=$DEMO/data \
+UNKEY_METALD_ASSET_DIRS=$GUEST \
+UNKEY_METALD_AUTH_TOKENS_FILE=$DEMO/tokens \
+UNKEY_METALD_BACKEND=${UNKEY_METALD_BACKEND:-auto} \
+  setsid "$ROOT/build/metald" >"$DEMO/metald.log" 2>&1 < /dev/null &
+echo $! > "$DEMO/metald.pid"
+for _ in $(seq 1 100); do
+  if curl -fsS "$ENDPOINT/_/health" >/dev/null 2>&1; then break; fi
+  if ! kill -0 "$(cat "$DEMO/metald.pid")" 2>/dev/null; then
+    echo "metald exited; its log:"; cat "$DEMO/metald.log"; exit 1
+  fi
+  sleep 0.1
+done
+curl -fsS "$ENDPOINT/_/health"; echo
+
+echo "==> creating and booting a demo VM"
+ID=demo-$(date +%s)
+ctl create --id "$ID" --vcpus 1 --memory-mb 256 \
+  --kernel "$GUEST/vmlinux" --initrd "$GUEST/initramfs.cpio.gz" \
+  --kernel-args "console=ttyS0 quiet" --meta purpose=demo
+ctl boot "$ID"
+CONSOLE=$(ctl info "$ID" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["backendInfo"]["console_log"])')
+echo "==> waiting for the guest (console: $CONSOLE)"
+for _ in $(seq 1 600); do
+  if grep -q METALD_GUEST_READY "$CONSOLE" 2>/dev/null; then break; fi
+  sleep 0.1
+done
+grep -m1 METALD_GUEST_READY "$CONSOLE" || { echo "guest did not come up; console:"; tail -20 "$CONSOLE"; exit 1; }
+sleep 1
+ctl info "$ID"
+ctl list
+cat <<TXT
+
+metald is running (pid $(cat "$DEMO/metald.pid")), with VM $ID booted.
+Try:
+  export METALD_ENDPOINT=$ENDPOINT METALD_TOKEN=$TOKEN
+  ./build/metaldctl pause $ID && ./build/metaldctl resume $ID
+  ./build/metaldctl shutdown $ID && ./build/metaldctl boot $ID
+  tail -f $CONSOLE
+Stop everything with: make demo-stop
+TXT
