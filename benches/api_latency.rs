@@ -4,7 +4,13 @@
 //!
 //! Run: `cargo bench --bench api_latency` (env `METALD_BENCH_VMS`, `METALD_BENCH_CALLS`).
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -111,13 +117,22 @@ async fn main() {
     .collect();
     let daemon = metald::daemon::start(Config::from_source(&env).unwrap()).await.unwrap();
     println!("seeded and recovered {vms} VMs in {:.2} s", t0.elapsed().as_secs_f64());
-    let client = vm_client(&format!("http://{}", daemon.addr), "dev_customer_bench", WireProtocol::ConnectProto, Duration::from_secs(10)).unwrap();
+    let client = vm_client(
+        &format!("http://{}", daemon.addr),
+        "dev_customer_bench",
+        WireProtocol::ConnectProto,
+        Duration::from_secs(10),
+    )
+    .unwrap();
 
     // Warm up connections and caches.
     let mut health_conn = None;
     for i in 0..200 {
         health_once(daemon.addr, &mut health_conn).await;
-        client.get_vm_info(pb::GetVmInfoRequest { vm_id: format!("vm-{:05}", i % vms), ..Default::default() }).await.unwrap();
+        client
+            .get_vm_info(pb::GetVmInfoRequest { vm_id: format!("vm-{:05}", i % vms), ..Default::default() })
+            .await
+            .unwrap();
         client.list_vms(pb::ListVmsRequest { page_size: 100, ..Default::default() }).await.unwrap();
     }
 

@@ -157,10 +157,7 @@ pub struct CliError {
 
 impl From<ConnectError> for CliError {
     fn from(e: ConnectError) -> Self {
-        CliError {
-            message: format!("{}: {}", e.code.as_str(), e.message.as_deref().unwrap_or("")),
-            exit_code: 1,
-        }
+        CliError { message: format!("{}: {}", e.code.as_str(), e.message.as_deref().unwrap_or("")), exit_code: 1 }
     }
 }
 
@@ -175,7 +172,12 @@ fn abs(p: &std::path::Path) -> String {
 fn create_request(a: &CreateArgs) -> Result<pb::CreateVmRequest, CliError> {
     let mut storage = Vec::new();
     if let Some(r) = &a.rootfs {
-        storage.push(pb::StorageDevice { id: "rootfs".into(), path: abs(r), is_root_device: true, ..Default::default() });
+        storage.push(pb::StorageDevice {
+            id: "rootfs".into(),
+            path: abs(r),
+            is_root_device: true,
+            ..Default::default()
+        });
     }
     for (i, d) in a.disks.iter().enumerate() {
         let (path, ro) = match d.strip_suffix(":ro") {
@@ -198,7 +200,8 @@ fn create_request(a: &CreateArgs) -> Result<pb::CreateVmRequest, CliError> {
         vm_id: a.id.clone().unwrap_or_default(),
         config: pb::VmConfig {
             cpu: pb::CpuConfig { vcpu_count: a.vcpus, ..Default::default() }.into(),
-            memory: pb::MemoryConfig { size_bytes: a.memory_mb.saturating_mul(1024 * 1024), ..Default::default() }.into(),
+            memory: pb::MemoryConfig { size_bytes: a.memory_mb.saturating_mul(1024 * 1024), ..Default::default() }
+                .into(),
             boot: pb::BootConfig {
                 kernel_path: abs(&a.kernel),
                 initrd_path: a.initrd.as_deref().map(abs).unwrap_or_default(),
@@ -269,7 +272,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             done(json, &id, state_name(&r.state));
         }
         Command::Resume { id } => {
-            let r = client.resume_vm(pb::ResumeVmRequest { vm_id: id.clone(), ..Default::default() }).await?.into_owned();
+            let r =
+                client.resume_vm(pb::ResumeVmRequest { vm_id: id.clone(), ..Default::default() }).await?.into_owned();
             done(json, &id, state_name(&r.state));
         }
         Command::Reboot { id, force } => {
@@ -281,7 +285,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Shutdown { id, force, timeout } => {
             let r = client
-                .shutdown_vm(pb::ShutdownVmRequest { vm_id: id.clone(), force, timeout_seconds: timeout, ..Default::default() })
+                .shutdown_vm(pb::ShutdownVmRequest {
+                    vm_id: id.clone(),
+                    force,
+                    timeout_seconds: timeout,
+                    ..Default::default()
+                })
                 .await?
                 .into_owned();
             done(json, &id, state_name(&r.state));
@@ -324,7 +333,15 @@ async fn info(client: &VmClient, id: &str, json: bool) -> Result<(), CliError> {
             t.add_row(vec!["initrd".to_string(), c.boot.initrd_path.clone()]);
         }
         for d in &c.storage {
-            t.add_row(vec![format!("disk {}", d.id), format!("{}{}{}", d.path, if d.is_root_device { " (root)" } else { "" }, if d.read_only { " (ro)" } else { "" })]);
+            t.add_row(vec![
+                format!("disk {}", d.id),
+                format!(
+                    "{}{}{}",
+                    d.path,
+                    if d.is_root_device { " (root)" } else { "" },
+                    if d.read_only { " (ro)" } else { "" }
+                ),
+            ]);
         }
     }
     if let Some(m) = r.metrics.as_option() {
@@ -352,7 +369,12 @@ async fn list(client: &VmClient, states: Vec<StateArg>, page_size: i32, all: boo
     let mut total;
     loop {
         let r = client
-            .list_vms(pb::ListVmsRequest { state_filter: filter.clone(), page_size, page_token: token.clone(), ..Default::default() })
+            .list_vms(pb::ListVmsRequest {
+                state_filter: filter.clone(),
+                page_size,
+                page_token: token.clone(),
+                ..Default::default()
+            })
             .await?
             .into_owned();
         total = r.total_count;

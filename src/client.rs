@@ -21,12 +21,8 @@ pub enum WireProtocol {
 }
 
 impl WireProtocol {
-    pub const ALL: [WireProtocol; 4] = [
-        WireProtocol::ConnectProto,
-        WireProtocol::ConnectJson,
-        WireProtocol::Grpc,
-        WireProtocol::GrpcWeb,
-    ];
+    pub const ALL: [WireProtocol; 4] =
+        [WireProtocol::ConnectProto, WireProtocol::ConnectJson, WireProtocol::Grpc, WireProtocol::GrpcWeb];
 }
 
 pub type VmClient = VmServiceClient<HttpClient>;
@@ -39,9 +35,8 @@ pub fn vm_client(
     protocol: WireProtocol,
     timeout: Duration,
 ) -> Result<VmClient, ConnectError> {
-    let uri: http::Uri = endpoint
-        .parse()
-        .map_err(|e| ConnectError::invalid_argument(format!("endpoint {endpoint:?}: {e}")))?;
+    let uri: http::Uri =
+        endpoint.parse().map_err(|e| ConnectError::invalid_argument(format!("endpoint {endpoint:?}: {e}")))?;
     let transport = match protocol {
         WireProtocol::Grpc => HttpClient::plaintext_http2_only(),
         _ => HttpClient::plaintext(),

@@ -83,11 +83,7 @@ pub fn app(manager: Manager, api: VmApi) -> axum::Router {
 
 /// Serves `app` on `listener` until `shutdown` is cancelled, then stops
 /// accepting and lets in-flight calls finish.
-pub async fn serve(
-    listener: TcpListener,
-    app: axum::Router,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
+pub async fn serve(listener: TcpListener, app: axum::Router, shutdown: CancellationToken) -> std::io::Result<()> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     info!(address = ?addr, "serving the VM API (Connect, gRPC, gRPC-Web) and /_/health");
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())

@@ -92,15 +92,7 @@ impl Store {
         self.conn().execute(
             "INSERT INTO vms (id, customer_id, state, spec, runtime, created_at, modified_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                row.id.as_str(),
-                row.customer.0,
-                row.state.as_str(),
-                spec,
-                rt,
-                row.created_at,
-                row.modified_at
-            ],
+            params![row.id.as_str(), row.customer.0, row.state.as_str(), spec, rt, row.created_at, row.modified_at],
         )?;
         Ok(())
     }
@@ -133,13 +125,7 @@ impl Store {
     }
 
     /// Persists a state change and the runtime that goes with it.
-    pub fn update_state(
-        &self,
-        id: &VmId,
-        state: VmState,
-        runtime: Option<&Runtime>,
-        modified_at: i64,
-    ) -> Result<()> {
+    pub fn update_state(&self, id: &VmId, state: VmState, runtime: Option<&Runtime>, modified_at: i64) -> Result<()> {
         let rt = runtime.map(to_json).transpose()?;
         let n = self.conn().execute(
             "UPDATE vms SET state = ?2, runtime = ?3, modified_at = ?4 WHERE id = ?1",
@@ -167,12 +153,9 @@ impl Store {
 
     pub fn load_all(&self) -> Result<Vec<VmRow>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT id, customer_id, state, spec, runtime, created_at, modified_at FROM vms ORDER BY id",
-        )?;
-        let raws = stmt
-            .query_map([], RawRow::read)?
-            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let mut stmt =
+            conn.prepare("SELECT id, customer_id, state, spec, runtime, created_at, modified_at FROM vms ORDER BY id")?;
+        let raws = stmt.query_map([], RawRow::read)?.collect::<std::result::Result<Vec<_>, _>>()?;
         raws.into_iter().map(RawRow::parse).collect()
     }
 
@@ -210,8 +193,7 @@ impl RawRow {
         let id = VmId::parse(&self.id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let state = VmState::parse(&self.state)
             .ok_or_else(|| StoreError::Corrupt(format!("VM {id}: unknown state {:?}", self.state)))?;
-        let spec = serde_json::from_str(&self.spec)
-            .map_err(|e| StoreError::Corrupt(format!("VM {id}: spec: {e}")))?;
+        let spec = serde_json::from_str(&self.spec).map_err(|e| StoreError::Corrupt(format!("VM {id}: spec: {e}")))?;
         let runtime = self
             .runtime
             .map(|r| serde_json::from_str(&r))

@@ -22,7 +22,11 @@ async fn every_rpc_over_every_protocol() {
         let c = t.client_with(TOKEN_A, proto);
         let id = format!("vm-{}", format!("{proto:?}").to_lowercase());
         let r = c
-            .create_vm(pb::CreateVmRequest { vm_id: id.clone(), config: t.config(&t.kernel()).into(), ..Default::default() })
+            .create_vm(pb::CreateVmRequest {
+                vm_id: id.clone(),
+                config: t.config(&t.kernel()).into(),
+                ..Default::default()
+            })
             .await
             .unwrap_or_else(|e| panic!("{proto:?}: {e:?}"))
             .into_owned();
@@ -35,12 +39,18 @@ async fn every_rpc_over_every_protocol() {
         assert_eq!(st(r.state), Some(pb::VmState::VM_STATE_RUNNING));
         let r = c.pause_vm(pb::PauseVmRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap().into_owned();
         assert_eq!(st(r.state), Some(pb::VmState::VM_STATE_PAUSED));
-        let r = c.resume_vm(pb::ResumeVmRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap().into_owned();
+        let r =
+            c.resume_vm(pb::ResumeVmRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap().into_owned();
         assert_eq!(st(r.state), Some(pb::VmState::VM_STATE_RUNNING));
-        let r = c.reboot_vm(pb::RebootVmRequest { vm_id: id.clone(), force: true, ..Default::default() }).await.unwrap().into_owned();
+        let r = c
+            .reboot_vm(pb::RebootVmRequest { vm_id: id.clone(), force: true, ..Default::default() })
+            .await
+            .unwrap()
+            .into_owned();
         assert_eq!(st(r.state), Some(pb::VmState::VM_STATE_RUNNING));
 
-        let info = c.get_vm_info(pb::GetVmInfoRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap().into_owned();
+        let info =
+            c.get_vm_info(pb::GetVmInfoRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap().into_owned();
         assert_eq!(info.vm_id, id);
         assert_eq!(st(info.state), Some(pb::VmState::VM_STATE_RUNNING));
         assert_eq!(info.config.cpu.vcpu_count, 1);
@@ -59,14 +69,24 @@ async fn every_rpc_over_every_protocol() {
             .unwrap()
             .into_owned();
         assert_eq!(st(r.state), Some(pb::VmState::VM_STATE_SHUTDOWN));
-        let info = c.get_vm_info(pb::GetVmInfoRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap().into_owned();
+        let info =
+            c.get_vm_info(pb::GetVmInfoRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap().into_owned();
         assert!(!info.metrics.is_set(), "a shut-down VM has no live metrics");
 
-        let r = c.delete_vm(pb::DeleteVmRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap().into_owned();
+        let r =
+            c.delete_vm(pb::DeleteVmRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap().into_owned();
         assert!(r.success);
-        assert_eq!(code(c.get_vm_info(pb::GetVmInfoRequest { vm_id: id.clone(), ..Default::default() }).await), ErrorCode::NotFound, "{proto:?}");
+        assert_eq!(
+            code(c.get_vm_info(pb::GetVmInfoRequest { vm_id: id.clone(), ..Default::default() }).await),
+            ErrorCode::NotFound,
+            "{proto:?}"
+        );
         // Errors carry the right code over every protocol.
-        assert_eq!(code(c.boot_vm(pb::BootVmRequest { vm_id: id, ..Default::default() }).await), ErrorCode::NotFound, "{proto:?}");
+        assert_eq!(
+            code(c.boot_vm(pb::BootVmRequest { vm_id: id, ..Default::default() }).await),
+            ErrorCode::NotFound,
+            "{proto:?}"
+        );
     }
 }
 
@@ -85,7 +105,12 @@ async fn invalid_requests_say_what_to_fix_and_create_nothing() {
     let mut two_roots = vm_config(&t.kernel());
     let root = t.assets().join("rootfs.ext4").display().to_string();
     for i in 0..2 {
-        two_roots.storage.push(pb::StorageDevice { id: format!("d{i}"), path: root.clone(), is_root_device: true, ..Default::default() });
+        two_roots.storage.push(pb::StorageDevice {
+            id: format!("d{i}"),
+            path: root.clone(),
+            is_root_device: true,
+            ..Default::default()
+        });
     }
     let mut bad_max = vm_config(&t.kernel());
     bad_max.cpu.get_or_insert_default().max_vcpu_count = 0;
@@ -96,12 +121,35 @@ async fn invalid_requests_say_what_to_fix_and_create_nothing() {
         ("cpus", pb::CreateVmRequest { config: too_many_cpus.into(), ..Default::default() }, "config.cpu.vcpu_count"),
         ("memory", pb::CreateVmRequest { config: tiny_mem.into(), ..Default::default() }, "config.memory.size_bytes"),
         ("max vcpu", pb::CreateVmRequest { config: bad_max.into(), ..Default::default() }, "config.cpu.max_vcpu_count"),
-        ("no kernel", pb::CreateVmRequest { config: vm_config("").into(), ..Default::default() }, "config.boot.kernel_path"),
-        ("outside", pb::CreateVmRequest { config: vm_config(&outside.display().to_string()).into(), ..Default::default() }, "outside the asset directories"),
-        ("symlink out", pb::CreateVmRequest { config: vm_config(&link.display().to_string()).into(), ..Default::default() }, "outside the asset directories"),
-        ("dotdot", pb::CreateVmRequest { config: vm_config(&format!("{}/../outside-kernel", t.assets().display())).into(), ..Default::default() }, "outside the asset directories"),
+        (
+            "no kernel",
+            pb::CreateVmRequest { config: vm_config("").into(), ..Default::default() },
+            "config.boot.kernel_path",
+        ),
+        (
+            "outside",
+            pb::CreateVmRequest { config: vm_config(&outside.display().to_string()).into(), ..Default::default() },
+            "outside the asset directories",
+        ),
+        (
+            "symlink out",
+            pb::CreateVmRequest { config: vm_config(&link.display().to_string()).into(), ..Default::default() },
+            "outside the asset directories",
+        ),
+        (
+            "dotdot",
+            pb::CreateVmRequest {
+                config: vm_config(&format!("{}/../outside-kernel", t.assets().display())).into(),
+                ..Default::default()
+            },
+            "outside the asset directories",
+        ),
         ("two roots", pb::CreateVmRequest { config: two_roots.into(), ..Default::default() }, "is_root_device"),
-        ("bad id", pb::CreateVmRequest { vm_id: "Bad_ID".into(), config: vm_config(&t.kernel()).into(), ..Default::default() }, "vm_id"),
+        (
+            "bad id",
+            pb::CreateVmRequest { vm_id: "Bad_ID".into(), config: vm_config(&t.kernel()).into(), ..Default::default() },
+            "vm_id",
+        ),
     ];
     for (name, req, needle) in cases {
         let e = c.create_vm(req).await.expect_err(name);
@@ -129,13 +177,21 @@ async fn lifecycle_rules_are_enforced() {
     let t = start(&[]).await;
     let c = t.client(TOKEN_A);
     let id = c
-        .create_vm(pb::CreateVmRequest { vm_id: "rules".into(), config: t.config(&t.kernel()).into(), ..Default::default() })
+        .create_vm(pb::CreateVmRequest {
+            vm_id: "rules".into(),
+            config: t.config(&t.kernel()).into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_owned()
         .vm_id;
     let e = c
-        .create_vm(pb::CreateVmRequest { vm_id: "rules".into(), config: t.config(&t.kernel()).into(), ..Default::default() })
+        .create_vm(pb::CreateVmRequest {
+            vm_id: "rules".into(),
+            config: t.config(&t.kernel()).into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::AlreadyExists);
@@ -143,7 +199,8 @@ async fn lifecycle_rules_are_enforced() {
     assert_eq!(e.code, ErrorCode::FailedPrecondition);
     assert!(e.message.unwrap_or_default().contains("created"), "names the current state");
     c.boot_vm(pb::BootVmRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap();
-    let e = c.delete_vm(pb::DeleteVmRequest { vm_id: id.clone(), force: false, ..Default::default() }).await.unwrap_err();
+    let e =
+        c.delete_vm(pb::DeleteVmRequest { vm_id: id.clone(), force: false, ..Default::default() }).await.unwrap_err();
     assert_eq!(e.code, ErrorCode::FailedPrecondition);
     assert!(e.message.unwrap_or_default().contains("force=true"));
     let e = c
@@ -163,7 +220,10 @@ async fn max_vms_is_resource_exhausted() {
     for _ in 0..2 {
         c.create_vm(pb::CreateVmRequest { config: t.config(&t.kernel()).into(), ..Default::default() }).await.unwrap();
     }
-    let e = c.create_vm(pb::CreateVmRequest { config: t.config(&t.kernel()).into(), ..Default::default() }).await.unwrap_err();
+    let e = c
+        .create_vm(pb::CreateVmRequest { config: t.config(&t.kernel()).into(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(e.code, ErrorCode::ResourceExhausted);
     assert!(e.message.unwrap_or_default().contains("UNKEY_METALD_MAX_VMS"));
 }
@@ -174,7 +234,13 @@ async fn list_paginates_filters_and_counts() {
     let c = t.client(TOKEN_A);
     for i in 0..7 {
         let id = format!("page-{i}");
-        c.create_vm(pb::CreateVmRequest { vm_id: id.clone(), config: t.config(&t.kernel()).into(), ..Default::default() }).await.unwrap();
+        c.create_vm(pb::CreateVmRequest {
+            vm_id: id.clone(),
+            config: t.config(&t.kernel()).into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
         if i % 2 == 0 {
             c.boot_vm(pb::BootVmRequest { vm_id: id, ..Default::default() }).await.unwrap();
         }
@@ -222,25 +288,51 @@ async fn tenancy_is_enforced() {
         .unwrap()
         .into_owned()
         .vm_id;
-    assert_eq!(code(b.get_vm_info(pb::GetVmInfoRequest { vm_id: id.clone(), ..Default::default() }).await), ErrorCode::NotFound);
-    assert_eq!(code(b.boot_vm(pb::BootVmRequest { vm_id: id.clone(), ..Default::default() }).await), ErrorCode::NotFound);
-    assert_eq!(code(b.delete_vm(pb::DeleteVmRequest { vm_id: id.clone(), force: true, ..Default::default() }).await), ErrorCode::NotFound);
-    assert_eq!(code(b.shutdown_vm(pb::ShutdownVmRequest { vm_id: id.clone(), force: true, ..Default::default() }).await), ErrorCode::NotFound);
+    assert_eq!(
+        code(b.get_vm_info(pb::GetVmInfoRequest { vm_id: id.clone(), ..Default::default() }).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        code(b.boot_vm(pb::BootVmRequest { vm_id: id.clone(), ..Default::default() }).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        code(b.delete_vm(pb::DeleteVmRequest { vm_id: id.clone(), force: true, ..Default::default() }).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        code(b.shutdown_vm(pb::ShutdownVmRequest { vm_id: id.clone(), force: true, ..Default::default() }).await),
+        ErrorCode::NotFound
+    );
     let list = b.list_vms(pb::ListVmsRequest::default()).await.unwrap().into_owned();
     assert_eq!(list.total_count, 0);
     assert!(list.vms.is_empty());
     // Creating for someone else is refused.
     let e = b
-        .create_vm(pb::CreateVmRequest { customer_id: "cust-a".into(), config: t.config(&t.kernel()).into(), ..Default::default() })
+        .create_vm(pb::CreateVmRequest {
+            customer_id: "cust-a".into(),
+            config: t.config(&t.kernel()).into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::PermissionDenied);
     // Own customer_id is fine.
-    b.create_vm(pb::CreateVmRequest { customer_id: "cust-b".into(), config: t.config(&t.kernel()).into(), ..Default::default() })
-        .await
-        .unwrap();
+    b.create_vm(pb::CreateVmRequest {
+        customer_id: "cust-b".into(),
+        config: t.config(&t.kernel()).into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     // A spoofed baggage header (as the original honoured) changes nothing.
-    let spoof = metald::client::vm_client(&t.endpoint(), TOKEN_B, WireProtocol::ConnectProto, std::time::Duration::from_secs(5)).unwrap();
+    let spoof = metald::client::vm_client(
+        &t.endpoint(),
+        TOKEN_B,
+        WireProtocol::ConnectProto,
+        std::time::Duration::from_secs(5),
+    )
+    .unwrap();
     let opts = connectrpc::client::CallOptions::default()
         .with_header("baggage", "customer_id=cust-a,tenant_id=cust-a")
         .with_header("x-customer-id", "cust-a");
@@ -266,13 +358,34 @@ async fn every_rpc_requires_a_valid_credential() {
             code(c.create_vm(pb::CreateVmRequest { config: t.config(&t.kernel()).into(), ..Default::default() }).await),
             ErrorCode::Unauthenticated
         );
-        assert_eq!(code(c.get_vm_info(pb::GetVmInfoRequest { vm_id: "x".into(), ..Default::default() }).await), ErrorCode::Unauthenticated);
-        assert_eq!(code(c.boot_vm(pb::BootVmRequest { vm_id: "x".into(), ..Default::default() }).await), ErrorCode::Unauthenticated);
-        assert_eq!(code(c.pause_vm(pb::PauseVmRequest { vm_id: "x".into(), ..Default::default() }).await), ErrorCode::Unauthenticated);
-        assert_eq!(code(c.resume_vm(pb::ResumeVmRequest { vm_id: "x".into(), ..Default::default() }).await), ErrorCode::Unauthenticated);
-        assert_eq!(code(c.reboot_vm(pb::RebootVmRequest { vm_id: "x".into(), ..Default::default() }).await), ErrorCode::Unauthenticated);
-        assert_eq!(code(c.shutdown_vm(pb::ShutdownVmRequest { vm_id: "x".into(), ..Default::default() }).await), ErrorCode::Unauthenticated);
-        assert_eq!(code(c.delete_vm(pb::DeleteVmRequest { vm_id: "x".into(), ..Default::default() }).await), ErrorCode::Unauthenticated);
+        assert_eq!(
+            code(c.get_vm_info(pb::GetVmInfoRequest { vm_id: "x".into(), ..Default::default() }).await),
+            ErrorCode::Unauthenticated
+        );
+        assert_eq!(
+            code(c.boot_vm(pb::BootVmRequest { vm_id: "x".into(), ..Default::default() }).await),
+            ErrorCode::Unauthenticated
+        );
+        assert_eq!(
+            code(c.pause_vm(pb::PauseVmRequest { vm_id: "x".into(), ..Default::default() }).await),
+            ErrorCode::Unauthenticated
+        );
+        assert_eq!(
+            code(c.resume_vm(pb::ResumeVmRequest { vm_id: "x".into(), ..Default::default() }).await),
+            ErrorCode::Unauthenticated
+        );
+        assert_eq!(
+            code(c.reboot_vm(pb::RebootVmRequest { vm_id: "x".into(), ..Default::default() }).await),
+            ErrorCode::Unauthenticated
+        );
+        assert_eq!(
+            code(c.shutdown_vm(pb::ShutdownVmRequest { vm_id: "x".into(), ..Default::default() }).await),
+            ErrorCode::Unauthenticated
+        );
+        assert_eq!(
+            code(c.delete_vm(pb::DeleteVmRequest { vm_id: "x".into(), ..Default::default() }).await),
+            ErrorCode::Unauthenticated
+        );
     }
 }
 
@@ -295,7 +408,13 @@ async fn restart_keeps_vms_and_states() {
     let mut want = Vec::new();
     for (i, steps) in [0, 1, 2, 3].into_iter().enumerate() {
         let id = format!("keep-{i}");
-        c.create_vm(pb::CreateVmRequest { vm_id: id.clone(), config: t.config(&t.kernel()).into(), ..Default::default() }).await.unwrap();
+        c.create_vm(pb::CreateVmRequest {
+            vm_id: id.clone(),
+            config: t.config(&t.kernel()).into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
         let mut state = pb::VmState::VM_STATE_CREATED;
         if steps >= 1 {
             c.boot_vm(pb::BootVmRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap();
@@ -306,7 +425,9 @@ async fn restart_keeps_vms_and_states() {
             state = pb::VmState::VM_STATE_PAUSED;
         }
         if steps == 3 {
-            c.shutdown_vm(pb::ShutdownVmRequest { vm_id: id.clone(), force: true, ..Default::default() }).await.unwrap();
+            c.shutdown_vm(pb::ShutdownVmRequest { vm_id: id.clone(), force: true, ..Default::default() })
+                .await
+                .unwrap();
             state = pb::VmState::VM_STATE_SHUTDOWN;
         }
         want.push((id, state));
@@ -319,7 +440,11 @@ async fn restart_keeps_vms_and_states() {
     // And the recovered VMs remain operable.
     c.resume_vm(pb::ResumeVmRequest { vm_id: "keep-2".into(), ..Default::default() }).await.unwrap();
     c.boot_vm(pb::BootVmRequest { vm_id: "keep-3".into(), ..Default::default() }).await.unwrap();
-    let info = c.get_vm_info(pb::GetVmInfoRequest { vm_id: "keep-0".into(), ..Default::default() }).await.unwrap().into_owned();
+    let info = c
+        .get_vm_info(pb::GetVmInfoRequest { vm_id: "keep-0".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_owned();
     assert_eq!(info.config.memory.size_bytes, 128 << 20);
 }
 
@@ -330,14 +455,28 @@ async fn fifty_parallel_creates_boots_deletes() {
     let kernel = t.kernel();
     let mut tasks = Vec::new();
     for i in 0..50 {
-        let c = metald::client::vm_client(&endpoint, TOKEN_A, WireProtocol::ConnectProto, std::time::Duration::from_secs(30)).unwrap();
+        let c = metald::client::vm_client(
+            &endpoint,
+            TOKEN_A,
+            WireProtocol::ConnectProto,
+            std::time::Duration::from_secs(30),
+        )
+        .unwrap();
         let kernel = kernel.clone();
         tasks.push(tokio::spawn(async move {
             let id = format!("par-{i:02}");
-            c.create_vm(pb::CreateVmRequest { vm_id: id.clone(), config: vm_config(&kernel).into(), ..Default::default() }).await.unwrap();
+            c.create_vm(pb::CreateVmRequest {
+                vm_id: id.clone(),
+                config: vm_config(&kernel).into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
             c.boot_vm(pb::BootVmRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap();
             if i % 2 == 0 {
-                c.delete_vm(pb::DeleteVmRequest { vm_id: id.clone(), force: true, ..Default::default() }).await.unwrap();
+                c.delete_vm(pb::DeleteVmRequest { vm_id: id.clone(), force: true, ..Default::default() })
+                    .await
+                    .unwrap();
             }
             id
         }));
@@ -355,11 +494,21 @@ async fn fifty_parallel_creates_boots_deletes() {
     let rows = t.d().manager.store().load_all().unwrap();
     assert_eq!(rows.len(), 25, "store agrees with memory");
     // Racing operations on one VM are serialised: exactly one boot wins.
-    c.create_vm(pb::CreateVmRequest { vm_id: "race".into(), config: vm_config(&kernel).into(), ..Default::default() }).await.unwrap();
+    c.create_vm(pb::CreateVmRequest { vm_id: "race".into(), config: vm_config(&kernel).into(), ..Default::default() })
+        .await
+        .unwrap();
     let mut boots = Vec::new();
     for _ in 0..8 {
-        let c = metald::client::vm_client(&endpoint, TOKEN_A, WireProtocol::ConnectProto, std::time::Duration::from_secs(30)).unwrap();
-        boots.push(tokio::spawn(async move { c.boot_vm(pb::BootVmRequest { vm_id: "race".into(), ..Default::default() }).await.is_ok() }));
+        let c = metald::client::vm_client(
+            &endpoint,
+            TOKEN_A,
+            WireProtocol::ConnectProto,
+            std::time::Duration::from_secs(30),
+        )
+        .unwrap();
+        boots.push(tokio::spawn(async move {
+            c.boot_vm(pb::BootVmRequest { vm_id: "race".into(), ..Default::default() }).await.is_ok()
+        }));
     }
     let mut wins = 0;
     for b in boots {
@@ -372,13 +521,23 @@ async fn fifty_parallel_creates_boots_deletes() {
 async fn guest_exit_is_noticed() {
     let t = start(&[]).await;
     let c = t.client(TOKEN_A);
-    c.create_vm(pb::CreateVmRequest { vm_id: "exiting".into(), config: t.config(&t.kernel()).into(), ..Default::default() }).await.unwrap();
+    c.create_vm(pb::CreateVmRequest {
+        vm_id: "exiting".into(),
+        config: t.config(&t.kernel()).into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     c.boot_vm(pb::BootVmRequest { vm_id: "exiting".into(), ..Default::default() }).await.unwrap();
     let id = metald::core::spec::VmId::parse("exiting").unwrap();
     assert!(t.d().fake.as_ref().unwrap().simulate_exit(&id));
     let mut state = None;
     for _ in 0..200 {
-        let info = c.get_vm_info(pb::GetVmInfoRequest { vm_id: "exiting".into(), ..Default::default() }).await.unwrap().into_owned();
+        let info = c
+            .get_vm_info(pb::GetVmInfoRequest { vm_id: "exiting".into(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_owned();
         state = info.state.as_known();
         if state == Some(pb::VmState::VM_STATE_SHUTDOWN) {
             break;
@@ -408,9 +567,16 @@ async fn health_reports_status_backend_and_counts() {
 async fn graceful_shutdown_finishes_in_flight_calls() {
     let t = start(&[]).await;
     let c = t.client(TOKEN_A);
-    c.create_vm(pb::CreateVmRequest { vm_id: "slow".into(), config: t.config(&t.kernel()).into(), ..Default::default() }).await.unwrap();
+    c.create_vm(pb::CreateVmRequest {
+        vm_id: "slow".into(),
+        config: t.config(&t.kernel()).into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     t.d().fake.as_ref().unwrap().set_delay(std::time::Duration::from_millis(500));
-    let call = tokio::spawn(async move { c.boot_vm(pb::BootVmRequest { vm_id: "slow".into(), ..Default::default() }).await });
+    let call =
+        tokio::spawn(async move { c.boot_vm(pb::BootVmRequest { vm_id: "slow".into(), ..Default::default() }).await });
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let mut t = t;
     let d = t.daemon.take().unwrap();

@@ -68,7 +68,9 @@ async fn buf_curl_speaks_connect_grpc_and_grpcweb() {
         assert_eq!(r["config"]["metadata"]["client"], "buf");
         assert_eq!(r["backendInfo"]["backend"], "fake");
 
-        let r = tokio::task::spawn_blocking(move || curl(&addr2, protocol, "ListVms", r#"{"pageSize": 10}"#)).await.unwrap();
+        let r = tokio::task::spawn_blocking(move || curl(&addr2, protocol, "ListVms", r#"{"pageSize": 10}"#))
+            .await
+            .unwrap();
         let ids: Vec<&str> = r["vms"].as_array().unwrap().iter().map(|v| v["vmId"].as_str().unwrap()).collect();
         assert!(ids.contains(&id.as_str()), "{protocol}: {ids:?}");
         assert_eq!(r["vms"][0]["customerId"], "cust-a");
@@ -82,10 +84,12 @@ async fn buf_curl_sees_error_codes() {
     for protocol in ["connect", "grpc", "grpcweb"] {
         let out = tokio::task::spawn_blocking(move || {
             let mut cmd = Command::new(buf());
-            cmd.arg("curl")
-                .arg("--schema")
-                .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("proto"))
-                .args(["--protocol", protocol, "-d", r#"{"vmId":"missing"}"#]);
+            cmd.arg("curl").arg("--schema").arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("proto")).args([
+                "--protocol",
+                protocol,
+                "-d",
+                r#"{"vmId":"missing"}"#,
+            ]);
             if protocol == "grpc" {
                 cmd.arg("--http2-prior-knowledge");
             }

@@ -46,8 +46,8 @@ impl Authenticator {
         let mut tokens = HashMap::new();
         if let Some(path) = path {
             let p = path.display().to_string();
-            let text = std::fs::read_to_string(path)
-                .map_err(|source| TokensFileError::Read { path: p.clone(), source })?;
+            let text =
+                std::fs::read_to_string(path).map_err(|source| TokensFileError::Read { path: p.clone(), source })?;
             tokens = parse_tokens(&text).map_err(|(line, why)| TokensFileError::Line { path: p, line, why })?;
         }
         Ok(Authenticator { tokens, dev_tokens })
@@ -62,9 +62,8 @@ impl Authenticator {
         let value = headers.get(http::header::AUTHORIZATION).ok_or_else(|| {
             Error::Unauthenticated("missing Authorization header; send 'Authorization: Bearer <token>'".into())
         })?;
-        let value = value
-            .to_str()
-            .map_err(|_| Error::Unauthenticated("Authorization header is not valid text".into()))?;
+        let value =
+            value.to_str().map_err(|_| Error::Unauthenticated("Authorization header is not valid text".into()))?;
         let token = value
             .strip_prefix("Bearer ")
             .or_else(|| value.strip_prefix("bearer "))
@@ -74,12 +73,11 @@ impl Authenticator {
         if let Some(c) = self.tokens.get(token) {
             return Ok(c.clone());
         }
-        if self.dev_tokens {
-            if let Some(id) = token.strip_prefix(DEV_TOKEN_PREFIX) {
-                if valid_customer_id(id) {
-                    return Ok(CustomerId(id.to_owned()));
-                }
-            }
+        if self.dev_tokens
+            && let Some(id) = token.strip_prefix(DEV_TOKEN_PREFIX)
+            && valid_customer_id(id)
+        {
+            return Ok(CustomerId(id.to_owned()));
         }
         Err(Error::Unauthenticated("invalid token".into()))
     }
@@ -102,7 +100,10 @@ pub fn parse_tokens(text: &str) -> Result<HashMap<String, CustomerId>, (usize, S
             return Err((n, "token is shorter than 16 characters".into()));
         }
         if !valid_customer_id(customer) {
-            return Err((n, format!("customer id {customer:?} must be 1-{MAX_CUSTOMER_ID_LEN} of letters, digits, '-', '_', '.'")));
+            return Err((
+                n,
+                format!("customer id {customer:?} must be 1-{MAX_CUSTOMER_ID_LEN} of letters, digits, '-', '_', '.'"),
+            ));
         }
         if out.insert(token.to_owned(), CustomerId(customer.to_owned())).is_some() {
             return Err((n, "token appears twice".into()));
@@ -138,7 +139,9 @@ mod tests {
     fn bearer_tokens_map_to_customers() {
         let a = Authenticator::new(parse_tokens("secret-token-aaaaaa acme").unwrap(), false);
         assert_eq!(a.authenticate(&headers(Some("Bearer secret-token-aaaaaa"))).unwrap().0, "acme");
-        for bad in [None, Some("secret-token-aaaaaa"), Some("Bearer "), Some("Bearer nope"), Some("Bearer dev_customer_x")] {
+        for bad in
+            [None, Some("secret-token-aaaaaa"), Some("Bearer "), Some("Bearer nope"), Some("Bearer dev_customer_x")]
+        {
             let e = a.authenticate(&headers(bad)).unwrap_err();
             assert_eq!(e.code(), Code::Unauthenticated, "{bad:?}");
         }

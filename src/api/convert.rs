@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use buffa::{EnumValue, MessageField};
 
 use crate::core::spec::{
-    BootSpec, ConsoleSpec, CpuSpec, DiskSpec, Ipv4Spec, Ipv6Spec, MemorySpec, NicSpec, RateLimit,
-    Topology, VmSpec,
+    BootSpec, ConsoleSpec, CpuSpec, DiskSpec, Ipv4Spec, Ipv6Spec, MemorySpec, NicSpec, RateLimit, Topology, VmSpec,
 };
 use crate::core::state::VmState;
 use crate::core::{LiveMetrics, VmDetails, VmView};
@@ -68,8 +67,13 @@ fn rate_in(r: &MessageField<pb::RateLimit, buffa::Inline<pb::RateLimit>>) -> Opt
 }
 
 fn rate_out(r: &Option<RateLimit>) -> MessageField<pb::RateLimit, buffa::Inline<pb::RateLimit>> {
-    r.map(|r| pb::RateLimit { bandwidth: r.bandwidth, refill_time: r.refill_time_ms, burst: r.burst, ..Default::default() })
-        .into()
+    r.map(|r| pb::RateLimit {
+        bandwidth: r.bandwidth,
+        refill_time: r.refill_time_ms,
+        burst: r.burst,
+        ..Default::default()
+    })
+    .into()
 }
 
 /// Wire config → domain spec, as given (validation happens in the core).
@@ -293,10 +297,7 @@ fn network_out(d: &VmDetails) -> Option<pb::VmNetworkInfo> {
     let nic = d.view.spec.network.first()?;
     let extra = d.view.status.runtime().map(|rt| &rt.extra);
     let fact = |key: &str, fallback: &str| {
-        extra
-            .and_then(|e| e.get(&format!("{key}.{}", nic.id)))
-            .cloned()
-            .unwrap_or_else(|| fallback.to_owned())
+        extra.and_then(|e| e.get(&format!("{key}.{}", nic.id))).cloned().unwrap_or_else(|| fallback.to_owned())
     };
     let v4 = nic.ipv4.as_ref();
     Some(pb::VmNetworkInfo {
@@ -347,7 +348,13 @@ mod tests {
             cpu: pb::CpuConfig {
                 vcpu_count: 2,
                 max_vcpu_count: 4,
-                topology: pb::CpuTopology { sockets: 1, cores_per_socket: 2, threads_per_core: 2, ..Default::default() }.into(),
+                topology: pb::CpuTopology {
+                    sockets: 1,
+                    cores_per_socket: 2,
+                    threads_per_core: 2,
+                    ..Default::default()
+                }
+                .into(),
                 ..Default::default()
             }
             .into(),
@@ -359,7 +366,12 @@ mod tests {
                 ..Default::default()
             }
             .into(),
-            storage: vec![pb::StorageDevice { id: "root".into(), path: "/a/r".into(), is_root_device: true, ..Default::default() }],
+            storage: vec![pb::StorageDevice {
+                id: "root".into(),
+                path: "/a/r".into(),
+                is_root_device: true,
+                ..Default::default()
+            }],
             network: vec![pb::NetworkInterface {
                 id: "eth0".into(),
                 mode: pb::NetworkMode::NETWORK_MODE_IPV4_ONLY.into(),

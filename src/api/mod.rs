@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use connectrpc::{ConnectError, ErrorCode, RequestContext, Response, ServiceRequest, ServiceResult};
-use tracing::{error, info_span, Instrument};
+use tracing::{Instrument, error, info_span};
 
 use crate::backend::StopMode;
 use crate::core::spec::{CustomerId, VmId};
@@ -131,10 +131,7 @@ impl pb::VmService for VmApi {
             )));
         }
         let id = if req.vm_id.is_empty() { None } else { Some(vm_id(&req.vm_id)?) };
-        let config = req
-            .config
-            .as_option()
-            .ok_or_else(|| to_connect(Error::invalid("config", "is required")))?;
+        let config = req.config.as_option().ok_or_else(|| to_connect(Error::invalid("config", "is required")))?;
         let spec = spec_in(config);
         let view = self
             .manager
@@ -157,11 +154,7 @@ impl pb::VmService for VmApi {
         let caller = self.caller(&ctx)?;
         let req = request.to_owned_message();
         let id = vm_id(&req.vm_id)?;
-        self.manager
-            .delete(&caller, &id, req.force)
-            .instrument(rpc_span!("DeleteVm", id))
-            .await
-            .map_err(to_connect)?;
+        self.manager.delete(&caller, &id, req.force).instrument(rpc_span!("DeleteVm", id)).await.map_err(to_connect)?;
         Response::ok(pb::DeleteVmResponse { success: true, ..Default::default() })
     }
 
@@ -172,12 +165,7 @@ impl pb::VmService for VmApi {
     ) -> ServiceResult<pb::BootVmResponse> {
         let caller = self.caller(&ctx)?;
         let id = vm_id(&request.to_owned_message().vm_id)?;
-        let state = self
-            .manager
-            .boot(&caller, &id)
-            .instrument(rpc_span!("BootVm", id))
-            .await
-            .map_err(to_connect)?;
+        let state = self.manager.boot(&caller, &id).instrument(rpc_span!("BootVm", id)).await.map_err(to_connect)?;
         Response::ok(pb::BootVmResponse { success: true, state: state_out(state).into(), ..Default::default() })
     }
 
@@ -206,12 +194,7 @@ impl pb::VmService for VmApi {
     ) -> ServiceResult<pb::PauseVmResponse> {
         let caller = self.caller(&ctx)?;
         let id = vm_id(&request.to_owned_message().vm_id)?;
-        let state = self
-            .manager
-            .pause(&caller, &id)
-            .instrument(rpc_span!("PauseVm", id))
-            .await
-            .map_err(to_connect)?;
+        let state = self.manager.pause(&caller, &id).instrument(rpc_span!("PauseVm", id)).await.map_err(to_connect)?;
         Response::ok(pb::PauseVmResponse { success: true, state: state_out(state).into(), ..Default::default() })
     }
 
@@ -222,12 +205,8 @@ impl pb::VmService for VmApi {
     ) -> ServiceResult<pb::ResumeVmResponse> {
         let caller = self.caller(&ctx)?;
         let id = vm_id(&request.to_owned_message().vm_id)?;
-        let state = self
-            .manager
-            .resume(&caller, &id)
-            .instrument(rpc_span!("ResumeVm", id))
-            .await
-            .map_err(to_connect)?;
+        let state =
+            self.manager.resume(&caller, &id).instrument(rpc_span!("ResumeVm", id)).await.map_err(to_connect)?;
         Response::ok(pb::ResumeVmResponse { success: true, state: state_out(state).into(), ..Default::default() })
     }
 
@@ -255,12 +234,8 @@ impl pb::VmService for VmApi {
     ) -> ServiceResult<pb::GetVmInfoResponse> {
         let caller = self.caller(&ctx)?;
         let id = vm_id(&request.to_owned_message().vm_id)?;
-        let details = self
-            .manager
-            .info(&caller, &id)
-            .instrument(rpc_span!("GetVmInfo", id))
-            .await
-            .map_err(to_connect)?;
+        let details =
+            self.manager.info(&caller, &id).instrument(rpc_span!("GetVmInfo", id)).await.map_err(to_connect)?;
         Response::ok(info_out(&details))
     }
 

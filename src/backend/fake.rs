@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{
-    Backend, BackendError, BackendHealth, BackendKind, ExitEvent, ExitSink, Result, Runtime,
-    StopMode, Usage, VmContext,
+    Backend, BackendError, BackendHealth, BackendKind, ExitEvent, ExitSink, Result, Runtime, StopMode, Usage, VmContext,
 };
 use crate::core::spec::VmId;
 
@@ -79,9 +78,7 @@ impl FakeControl {
                 None => return false,
             }
         };
-        self.exits
-            .send(ExitEvent { vm_id: vm.clone(), pid: Some(pid), detail: "simulated exit".into() })
-            .is_ok()
+        self.exits.send(ExitEvent { vm_id: vm.clone(), pid: Some(pid), detail: "simulated exit".into() }).is_ok()
     }
 
     /// Whether the fake holds a live "process" for `vm`.
@@ -142,10 +139,7 @@ impl FakeBackend {
 
     fn with_vm<T>(&self, vm: &VmId, f: impl FnOnce(&mut FakeVm) -> Result<T>) -> Result<T> {
         let mut s = lock(&self.shared);
-        let v = s
-            .vms
-            .get_mut(vm)
-            .ok_or_else(|| BackendError::Failed(format!("fake: no process for {vm}")))?;
+        let v = s.vms.get_mut(vm).ok_or_else(|| BackendError::Failed(format!("fake: no process for {vm}")))?;
         f(v)
     }
 }

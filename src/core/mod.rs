@@ -230,9 +230,8 @@ impl Manager {
         exits: mpsc::UnboundedReceiver<ExitEvent>,
         shutdown: CancellationToken,
     ) -> Result<Manager, Error> {
-        std::fs::create_dir_all(cfg.data_dir.join("vms")).map_err(|e| {
-            Error::Internal(format!("creating {}: {e}", cfg.data_dir.join("vms").display()))
-        })?;
+        std::fs::create_dir_all(cfg.data_dir.join("vms"))
+            .map_err(|e| Error::Internal(format!("creating {}: {e}", cfg.data_dir.join("vms").display())))?;
         let mgr = Manager {
             inner: Arc::new(Inner {
                 cfg,
@@ -309,30 +308,18 @@ impl Manager {
         &self,
         fut: impl std::future::Future<Output = Result<T, Error>> + Send + 'static,
     ) -> Result<T, Error> {
-        tokio::spawn(fut.in_current_span())
-            .await
-            .map_err(|e| Error::Internal(format!("operation task: {e}")))?
+        tokio::spawn(fut.in_current_span()).await.map_err(|e| Error::Internal(format!("operation task: {e}")))?
     }
 
     // ---- create -----------------------------------------------------------
 
-    pub async fn create(
-        &self,
-        caller: &CustomerId,
-        id: Option<VmId>,
-        spec: VmSpec,
-    ) -> Result<VmView, Error> {
+    pub async fn create(&self, caller: &CustomerId, id: Option<VmId>, spec: VmSpec) -> Result<VmView, Error> {
         let this = self.clone();
         let caller = caller.clone();
         self.detached(async move { this.create_inner(caller, id, spec).await }).await
     }
 
-    async fn create_inner(
-        &self,
-        caller: CustomerId,
-        id: Option<VmId>,
-        spec: VmSpec,
-    ) -> Result<VmView, Error> {
+    async fn create_inner(&self, caller: CustomerId, id: Option<VmId>, spec: VmSpec) -> Result<VmView, Error> {
         let spec = info_span!("validate").in_scope(|| -> Result<VmSpec, Error> {
             let spec = spec::validate(spec, &self.inner.cfg.limits)?;
             self.inner.backend.check(&spec)?;
@@ -347,16 +334,9 @@ impl Manager {
             warn!(vm_id = %id, dir = %dir.display(), "removing stale VM directory");
             let _ = std::fs::remove_dir_all(&dir);
         }
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::Internal(format!("creating {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Internal(format!("creating {}: {e}", dir.display())))?;
         let ctx = VmContext { id: &id, spec: &spec, dir: dir.clone() };
-        let rt = match self
-            .inner
-            .backend
-            .create(&ctx)
-            .instrument(info_span!("backend.create", vm_id = %id))
-            .await
-        {
+        let rt = match self.inner.backend.create(&ctx).instrument(info_span!("backend.create", vm_id = %id)).await {
             Ok(rt) => rt,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -373,11 +353,7 @@ impl Manager {
             created_at: now,
             modified_at: now,
         };
-        if let Err(e) = self
-            .store_call(move |s| s.insert(&row))
-            .instrument(info_span!("store.insert"))
-            .await
-        {
+        if let Err(e) = self.store_call(move |s| s.insert(&row)).instrument(info_span!("store.insert")).await {
             let _ = self.inner.backend.delete(&ctx, Some(&rt)).await;
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
@@ -447,12 +423,7 @@ impl Manager {
         self.operate(caller, id, Op::Reboot, OpArgs::Reboot { force }).await
     }
 
-    pub async fn shutdown(
-        &self,
-        caller: &CustomerId,
-        id: &VmId,
-        mode: StopMode,
-    ) -> Result<VmState, Error> {
+    pub async fn shutdown(&self, caller: &CustomerId, id: &VmId, mode: StopMode) -> Result<VmState, Error> {
         self.operate(caller, id, Op::Shutdown, OpArgs::Stop(mode)).await
     }
 
@@ -460,13 +431,7 @@ impl Manager {
         self.operate(caller, id, Op::Delete { force }, OpArgs::None).await.map(|_| ())
     }
 
-    async fn operate(
-        &self,
-        caller: &CustomerId,
-        id: &VmId,
-        op: Op,
-        args: OpArgs,
-    ) -> Result<VmState, Error> {
+    async fn operate(&self, caller: &CustomerId, id: &VmId, op: Op, args: OpArgs) -> Result<VmState, Error> {
         let slot = self.lookup(caller, id)?;
         let this = self.clone();
         self.detached(async move { this.operate_locked(slot, op, args).await }).await
@@ -482,8 +447,7 @@ impl Manager {
             return Err(Error::NotFound(slot.id.to_string()));
         }
         let from = status.state();
-        let target = transition(from, op)
-            .map_err(|source| Error::WrongState { vm_id: slot.id.to_string(), source })?;
+        let target = transition(from, op).map_err(|source| Error::WrongState { vm_id: slot.id.to_string(), source })?;
         let ctx = self.ctx(&slot);
         let backend = &self.inner.backend;
         let span = info_span!("backend.call", vm_id = %slot.id, op = op.name());
@@ -549,13 +513,7 @@ impl Manager {
     /// Persists and publishes a new status. The in-memory state always
     /// follows reality (the backend already acted); a store failure is
     /// reported to the caller.
-    async fn commit(
-        &self,
-        slot: &Arc<Slot>,
-        cause: Cause,
-        from: VmState,
-        status: Status,
-    ) -> Result<VmState, Error> {
+    async fn commit(&self, slot: &Arc<Slot>, cause: Cause, from: VmState, status: Status) -> Result<VmState, Error> {
         let now = unix_now();
         let state = status.state();
         let rt = status.runtime().cloned();
@@ -587,10 +545,8 @@ impl Manager {
 
     async fn commit_delete(&self, slot: &Arc<Slot>, op: Op, from: VmState) -> Result<(), Error> {
         let id = slot.id.clone();
-        let persisted = self
-            .store_call(move |s| s.delete(&id))
-            .instrument(info_span!("store.delete", vm_id = %slot.id))
-            .await;
+        let persisted =
+            self.store_call(move |s| s.delete(&id)).instrument(info_span!("store.delete", vm_id = %slot.id)).await;
         slot.cell_mut().deleted = true;
         {
             let mut idx = self.index_mut();
@@ -603,10 +559,10 @@ impl Manager {
             }
         }
         let dir = self.vm_dir(&slot.id);
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                warn!(vm_id = %slot.id, dir = %dir.display(), error = %e, "could not remove VM directory");
-            }
+        if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(vm_id = %slot.id, dir = %dir.display(), error = %e, "could not remove VM directory");
         }
         info!(vm_id = %slot.id, "VM deleted");
         self.publish(VmEvent {
@@ -813,12 +769,7 @@ impl Manager {
 
     /// Every VM with a live VMM (for metering after a restart, say).
     pub fn active(&self) -> Vec<VmView> {
-        self.index()
-            .by_id
-            .values()
-            .map(|s| s.view())
-            .filter(|v| v.status.runtime().is_some())
-            .collect()
+        self.index().by_id.values().map(|s| s.view()).filter(|v| v.status.runtime().is_some()).collect()
     }
 }
 

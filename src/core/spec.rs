@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 
-const MIB: u64 = 1024 * 1024;
+const MIB: i64 = 1024 * 1024;
 /// Smallest guest memory we accept: below this no Linux guest boots.
-pub const MIN_MEMORY_BYTES: u64 = 16 * MIB;
+pub const MIN_MEMORY_BYTES: i64 = 16 * MIB;
 /// x86_64 COMMAND_LINE_SIZE.
 pub const MAX_KERNEL_ARGS_LEN: usize = 2048;
 pub const MAX_DISKS: usize = 16;
@@ -39,10 +39,7 @@ impl VmId {
         if s.len() > 63 {
             return Err(bad("is longer than 63 characters"));
         }
-        if !s
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        {
+        if !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
             return Err(bad("may only contain lowercase letters, digits and '-'"));
         }
         Ok(VmId(s.to_owned()))
@@ -227,10 +224,7 @@ pub fn validate(mut spec: VmSpec, limits: &Limits) -> Result<VmSpec, Error> {
         if spec.cpu.max_vcpus < spec.cpu.vcpus {
             return Err(Error::invalid(
                 "config.cpu.max_vcpu_count",
-                format!(
-                    "is {}, must be at least vcpu_count ({}) or 0",
-                    spec.cpu.max_vcpus, spec.cpu.vcpus
-                ),
+                format!("is {}, must be at least vcpu_count ({}) or 0", spec.cpu.max_vcpus, spec.cpu.vcpus),
             ));
         }
         if spec.cpu.max_vcpus > max_vcpus {
@@ -259,8 +253,8 @@ pub fn validate(mut spec: VmSpec, limits: &Limits) -> Result<VmSpec, Error> {
     check_map("config.cpu.features", &spec.cpu.features, MAX_OPTION_ENTRIES)?;
 
     // Memory
-    let max_mem = i64::try_from(limits.max_memory_mb.saturating_mul(MIB)).unwrap_or(i64::MAX);
-    let min_mem = MIN_MEMORY_BYTES as i64;
+    let max_mem = i64::try_from(limits.max_memory_mb).unwrap_or(i64::MAX).saturating_mul(MIB);
+    let min_mem = MIN_MEMORY_BYTES;
     if spec.memory.size_bytes < min_mem || spec.memory.size_bytes > max_mem {
         return Err(Error::invalid(
             "config.memory.size_bytes",
@@ -270,19 +264,20 @@ pub fn validate(mut spec: VmSpec, limits: &Limits) -> Result<VmSpec, Error> {
             ),
         ));
     }
-    if spec.memory.size_bytes % (MIB as i64) != 0 {
+    if spec.memory.size_bytes % MIB != 0 {
         return Err(Error::invalid(
             "config.memory.size_bytes",
             format!("is {}, must be a whole number of MiB", spec.memory.size_bytes),
         ));
     }
-    if spec.memory.hotplug && spec.memory.max_size_bytes != 0 {
-        if spec.memory.max_size_bytes < spec.memory.size_bytes || spec.memory.max_size_bytes > max_mem {
-            return Err(Error::invalid(
-                "config.memory.max_size_bytes",
-                format!("is {}, must be between size_bytes and {max_mem}", spec.memory.max_size_bytes),
-            ));
-        }
+    if spec.memory.hotplug
+        && spec.memory.max_size_bytes != 0
+        && (spec.memory.max_size_bytes < spec.memory.size_bytes || spec.memory.max_size_bytes > max_mem)
+    {
+        return Err(Error::invalid(
+            "config.memory.max_size_bytes",
+            format!("is {}, must be between size_bytes and {max_mem}", spec.memory.max_size_bytes),
+        ));
     }
     check_map("config.memory.backing", &spec.memory.backing, MAX_OPTION_ENTRIES)?;
 
@@ -386,10 +381,10 @@ pub fn validate(mut spec: VmSpec, limits: &Limits) -> Result<VmSpec, Error> {
             }
         }
         for (name, rl) in [("rx_rate_limit", &nic.rx_rate_limit), ("tx_rate_limit", &nic.tx_rate_limit)] {
-            if let Some(rl) = rl {
-                if rl.bandwidth < 0 || rl.refill_time_ms < 0 || rl.burst < 0 {
-                    return Err(Error::invalid(format!("{field}.{name}"), "values must not be negative"));
-                }
+            if let Some(rl) = rl
+                && (rl.bandwidth < 0 || rl.refill_time_ms < 0 || rl.burst < 0)
+            {
+                return Err(Error::invalid(format!("{field}.{name}"), "values must not be negative"));
             }
         }
         check_map(&format!("{field}.options"), &nic.options, MAX_OPTION_ENTRIES)?;
@@ -400,32 +395,19 @@ pub fn validate(mut spec: VmSpec, limits: &Limits) -> Result<VmSpec, Error> {
 }
 
 fn check_device_id(field: &str, id: &str) -> Result<(), Error> {
-    if id.len() > 32
-        || !id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        return Err(Error::invalid(
-            field,
-            format!("{id:?} must be 1-32 of letters, digits, '-' and '_'"),
-        ));
+    if id.len() > 32 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Err(Error::invalid(field, format!("{id:?} must be 1-32 of letters, digits, '-' and '_'")));
     }
     Ok(())
 }
 
 fn check_map(field: &str, map: &BTreeMap<String, String>, max_entries: usize) -> Result<(), Error> {
     if map.len() > max_entries {
-        return Err(Error::invalid(
-            field,
-            format!("has {} entries, at most {max_entries} are allowed", map.len()),
-        ));
+        return Err(Error::invalid(field, format!("has {} entries, at most {max_entries} are allowed", map.len())));
     }
     for (k, v) in map {
         if k.is_empty() || k.len() > MAX_METADATA_KEY_LEN {
-            return Err(Error::invalid(
-                field,
-                format!("key {k:?} must be 1-{MAX_METADATA_KEY_LEN} bytes"),
-            ));
+            return Err(Error::invalid(field, format!("key {k:?} must be 1-{MAX_METADATA_KEY_LEN} bytes")));
         }
         if v.len() > MAX_METADATA_VALUE_LEN {
             return Err(Error::invalid(
@@ -442,22 +424,14 @@ fn is_unicast_mac(s: &str) -> bool {
     if parts.len() != 6 || !parts.iter().all(|p| p.len() == 2) {
         return false;
     }
-    let Ok(bytes) = parts
-        .iter()
-        .map(|p| u8::from_str_radix(p, 16))
-        .collect::<Result<Vec<u8>, _>>()
-    else {
+    let Ok(bytes) = parts.iter().map(|p| u8::from_str_radix(p, 16)).collect::<Result<Vec<u8>, _>>() else {
         return false;
     };
     bytes[0] & 1 == 0
 }
 
 fn is_valid_ifname(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 15
-        && s
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    !s.is_empty() && s.len() <= 15 && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// Resolves `path` (following symlinks and `..`) and requires the result to be
@@ -465,14 +439,10 @@ fn is_valid_ifname(s: &str) -> bool {
 /// disks, a block device).
 pub fn confine(field: &str, path: &Path, limits: &Limits, allow_block: bool) -> Result<PathBuf, Error> {
     if !path.is_absolute() {
-        return Err(Error::invalid(
-            field,
-            format!("{} is not an absolute path", path.display()),
-        ));
+        return Err(Error::invalid(field, format!("{} is not an absolute path", path.display())));
     }
-    let real = std::fs::canonicalize(path).map_err(|e| {
-        Error::invalid(field, format!("{} cannot be resolved: {e}", path.display()))
-    })?;
+    let real = std::fs::canonicalize(path)
+        .map_err(|e| Error::invalid(field, format!("{} cannot be resolved: {e}", path.display())))?;
     if !limits.asset_dirs.iter().any(|dir| real.starts_with(dir)) {
         let dirs: Vec<String> = limits.asset_dirs.iter().map(|d| d.display().to_string()).collect();
         return Err(Error::invalid(
@@ -485,18 +455,13 @@ pub fn confine(field: &str, path: &Path, limits: &Limits, allow_block: bool) -> 
             ),
         ));
     }
-    let meta = std::fs::metadata(&real)
-        .map_err(|e| Error::invalid(field, format!("{}: {e}", real.display())))?;
+    let meta = std::fs::metadata(&real).map_err(|e| Error::invalid(field, format!("{}: {e}", real.display())))?;
     let ft = meta.file_type();
     use std::os::unix::fs::FileTypeExt;
     if !(ft.is_file() || (allow_block && ft.is_block_device())) {
         return Err(Error::invalid(
             field,
-            format!(
-                "{} is not a regular file{}",
-                real.display(),
-                if allow_block { " or block device" } else { "" }
-            ),
+            format!("{} is not a regular file{}", real.display(), if allow_block { " or block device" } else { "" }),
         ));
     }
     Ok(real)
@@ -533,7 +498,7 @@ mod tests {
     fn spec(f: &Fixture) -> VmSpec {
         VmSpec {
             cpu: CpuSpec { vcpus: 2, ..Default::default() },
-            memory: MemorySpec { size_bytes: 128 * MIB as i64, ..Default::default() },
+            memory: MemorySpec { size_bytes: 128 * MIB, ..Default::default() },
             boot: BootSpec { kernel: f.assets.join("vmlinux"), ..Default::default() },
             ..Default::default()
         }
@@ -582,8 +547,10 @@ mod tests {
     #[test]
     fn memory_bounds() {
         let f = fixture();
-        let mib = MIB as i64;
-        for (bytes, ok) in [(15 * mib, false), (16 * mib, true), (65536 * mib, true), (65537 * mib, false), (16 * mib + 1, false)] {
+        let mib = MIB;
+        for (bytes, ok) in
+            [(15 * mib, false), (16 * mib, true), (65536 * mib, true), (65537 * mib, false), (16 * mib + 1, false)]
+        {
             let mut s = spec(&f);
             s.memory.size_bytes = bytes;
             let r = validate(s, &f.limits);

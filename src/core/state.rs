@@ -18,12 +18,7 @@ pub enum VmState {
 }
 
 impl VmState {
-    pub const ALL: [VmState; 4] = [
-        VmState::Created,
-        VmState::Running,
-        VmState::Paused,
-        VmState::Shutdown,
-    ];
+    pub const ALL: [VmState; 4] = [VmState::Created, VmState::Running, VmState::Paused, VmState::Shutdown];
 
     /// Stable lowercase name, used in the store, logs and messages.
     pub fn as_str(self) -> &'static str {
@@ -68,7 +63,9 @@ pub enum Op {
     Resume,
     Reboot,
     Shutdown,
-    Delete { force: bool },
+    Delete {
+        force: bool,
+    },
     /// The guest or its hypervisor process ended on its own.
     GuestExited,
 }
@@ -113,9 +110,7 @@ fn hint(op: Op, state: VmState) -> &'static str {
         (Op::Resume, VmState::Running) => " (it is not paused)",
         (Op::Pause, VmState::Paused) => " (it is already paused)",
         (Op::Shutdown, VmState::Shutdown) => " (it is already shut down)",
-        (Op::Pause | Op::Reboot | Op::Shutdown | Op::Resume, VmState::Created) => {
-            " (boot it first)"
-        }
+        (Op::Pause | Op::Reboot | Op::Shutdown | Op::Resume, VmState::Created) => " (boot it first)",
         _ => "",
     }
 }

@@ -14,8 +14,10 @@ struct Env {
     events: Arc<Recorder>,
 }
 
+type Transition = (String, Option<VmState>, Option<VmState>);
+
 #[derive(Default)]
-struct Recorder(std::sync::Mutex<Vec<(String, Option<VmState>, Option<VmState>)>>);
+struct Recorder(std::sync::Mutex<Vec<Transition>>);
 
 impl Observer for Recorder {
     fn on_event(&self, e: &VmEvent) {

@@ -66,7 +66,8 @@ pub fn vm_config(kernel: &str) -> pb::VmConfig {
     pb::VmConfig {
         cpu: pb::CpuConfig { vcpu_count: 1, ..Default::default() }.into(),
         memory: pb::MemoryConfig { size_bytes: 128 << 20, ..Default::default() }.into(),
-        boot: pb::BootConfig { kernel_path: kernel.into(), kernel_args: "console=ttyS0".into(), ..Default::default() }.into(),
+        boot: pb::BootConfig { kernel_path: kernel.into(), kernel_args: "console=ttyS0".into(), ..Default::default() }
+            .into(),
         ..Default::default()
     }
 }
@@ -80,11 +81,8 @@ pub async fn start(extra: &[(&str, &str)]) -> TestDaemon {
     std::fs::write(assets.join("vmlinux"), b"\x7fELF fake kernel").unwrap();
     std::fs::write(assets.join("rootfs.ext4"), b"fake rootfs").unwrap();
     let tokens = tmp.path().join("tokens");
-    std::fs::write(
-        &tokens,
-        "# test tokens\ntoken-of-customer-a-0001 cust-a\ntoken-of-customer-b-0001 cust-b\n",
-    )
-    .unwrap();
+    std::fs::write(&tokens, "# test tokens\ntoken-of-customer-a-0001 cust-a\ntoken-of-customer-b-0001 cust-b\n")
+        .unwrap();
     let mut env: HashMap<String, String> = [
         ("ADDRESS", "127.0.0.1".to_string()),
         ("PORT", "0".to_string()),
