@@ -593,6 +593,20 @@ async fn graceful_shutdown_finishes_in_flight_calls() {
     assert_eq!(manager.get(&a, &id).unwrap().state(), metald::core::state::VmState::Running);
 }
 
+#[tokio::test]
+async fn health_is_503_when_the_backend_is_unusable() {
+    let t = start(&[]).await;
+    t.d().fake.as_ref().unwrap().set_unhealthy(Some("hypervisor binary vanished"));
+    let body = http_get(&t.d().addr, "/_/health").await;
+    assert!(body.starts_with("HTTP/1.1 503"), "{body}");
+    let json: serde_json::Value = serde_json::from_str(body.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(json["status"], "unhealthy");
+    assert_eq!(json["backend_ok"], false);
+    assert_eq!(json["backend_detail"], "hypervisor binary vanished");
+    t.d().fake.as_ref().unwrap().set_unhealthy(None);
+    assert!(http_get(&t.d().addr, "/_/health").await.starts_with("HTTP/1.1 200"));
+}
+
 async fn http_get(addr: &std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();

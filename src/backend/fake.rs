@@ -49,6 +49,8 @@ struct Shared {
     /// Artificial latency for every operation.
     delay: Duration,
     calls: Vec<(String, &'static str)>,
+    /// Reported by `health()`; tests flip it to check `/_/health` answers 503.
+    unhealthy: Option<String>,
 }
 
 /// A handle tests use to steer the fake.
@@ -89,6 +91,11 @@ impl FakeControl {
     /// `(vm_id, operation)` of every call so far, in order.
     pub fn calls(&self) -> Vec<(String, &'static str)> {
         lock(&self.shared).calls.clone()
+    }
+
+    /// Makes `health()` report the backend as unusable (`None` heals it).
+    pub fn set_unhealthy(&self, why: Option<&str>) {
+        lock(&self.shared).unhealthy = why.map(str::to_owned);
     }
 
     pub fn live_count(&self) -> usize {
@@ -286,7 +293,10 @@ impl Backend for FakeBackend {
     }
 
     async fn health(&self) -> BackendHealth {
-        BackendHealth { ok: true, version: "fake".into(), detail: "in-memory test backend".into() }
+        match lock(&self.shared).unhealthy.clone() {
+            None => BackendHealth { ok: true, version: "fake".into(), detail: "in-memory test backend".into() },
+            Some(why) => BackendHealth { ok: false, version: "fake".into(), detail: why },
+        }
     }
 }
 
