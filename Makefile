@@ -19,8 +19,8 @@ apt-deps:
 	@scripts/install-deps.sh
 
 js-deps:
-	@if [ ! -x tests/js/node_modules/.bin/buf ]; then \
-		echo "installing npm test peers (buf) into tests/js"; \
+	@if [ ! -x tests/js/node_modules/.bin/buf ] || [ ! -x tests/js/node_modules/.bin/tsx ]; then \
+		echo "installing npm test peers (buf, connect-node, tsx) into tests/js"; \
 		cd tests/js && npm ci --no-audit --no-fund; \
 	fi
 
@@ -36,7 +36,7 @@ lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 
 test-rust:
-	METALD_GUEST_DIR=$(GUEST_DIR) $(CARGO) test --all-targets
+	METALD_GUEST_IMAGE_DIR=$(GUEST_DIR) $(CARGO) test --all-targets
 
 doc:
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --lib

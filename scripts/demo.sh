@@ -12,6 +12,7 @@ ROOT=$PWD
 DEMO=$ROOT/.demo
 GUEST=$ROOT/build/guest
 PORT=${METALD_DEMO_PORT:-8080}
+BILLING_PORT=${METALD_DEMO_BILLING_PORT:-8081}
 ENDPOINT=http://127.0.0.1:$PORT
 TOKEN=demo-token-0123456789
 export METALD_ENDPOINT=$ENDPOINT METALD_TOKEN=$TOKEN
@@ -27,6 +28,12 @@ stop() {
   else
     echo "metald (demo) is not running"
   fi
+  if [ -f "$DEMO/billing.pid" ] && kill -0 "$(cat "$DEMO/billing.pid")" 2>/dev/null; then
+    sleep 1
+    kill "$(cat "$DEMO/billing.pid")" && echo "billing server stopped"
+    rm -f "$DEMO/billing.pid"
+    ctl billing-report --db "$DEMO/billing.db" || true
+  fi
 }
 
 if [ "${1:-}" = stop ]; then stop; exit 0; fi
@@ -39,6 +46,11 @@ mkdir -p "$DEMO"
 echo "$TOKEN demo" > "$DEMO/tokens"
 chmod 600 "$DEMO/tokens"
 
+echo "==> starting the development billing service on 127.0.0.1:$BILLING_PORT (log: $DEMO/billing.log)"
+setsid "$ROOT/build/metaldctl" billing-server --listen "127.0.0.1:$BILLING_PORT" --db "$DEMO/billing.db" \
+  >"$DEMO/billing.log" 2>&1 < /dev/null &
+echo $! > "$DEMO/billing.pid"
+
 echo "==> starting metald on $ENDPOINT (data: $DEMO/data, log: $DEMO/metald.log)"
 UNKEY_METALD_ADDRESS=127.0.0.1 \
 UNKEY_METALD_PORT=$PORT \
@@ -46,6 +58,8 @@ UNKEY_METALD_DATA_DIR=$DEMO/data \
 UNKEY_METALD_ASSET_DIRS=$GUEST \
 UNKEY_METALD_AUTH_TOKENS_FILE=$DEMO/tokens \
 UNKEY_METALD_BACKEND=${UNKEY_METALD_BACKEND:-auto} \
+UNKEY_METALD_BILLING_ENDPOINT=http://127.0.0.1:$BILLING_PORT \
+UNKEY_METALD_BILLING_FLUSH_MS=5000 \
   setsid "$ROOT/build/metald" >"$DEMO/metald.log" 2>&1 < /dev/null &
 echo $! > "$DEMO/metald.pid"
 for _ in $(seq 1 100); do
@@ -73,6 +87,9 @@ grep -m1 METALD_GUEST_READY "$CONSOLE" || { echo "guest did not come up; console
 sleep 1
 ctl info "$ID"
 ctl list
+echo "==> billing: samples every 100 ms, sent every 5 s; waiting for the first batch"
+sleep 6
+ctl billing-report --db "$DEMO/billing.db"
 cat <<TXT
 
 metald is running (pid $(cat "$DEMO/metald.pid")), with VM $ID booted.
@@ -81,5 +98,6 @@ Try:
   ./build/metaldctl pause $ID && ./build/metaldctl resume $ID
   ./build/metaldctl shutdown $ID && ./build/metaldctl boot $ID
   tail -f $CONSOLE
+  ./build/metaldctl billing-report --db $DEMO/billing.db   # usage the billing service received
 Stop everything with: make demo-stop
 TXT

@@ -30,9 +30,9 @@ pub struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
-    /// Per-call timeout in seconds.
-    #[arg(long, global = true, default_value_t = 120)]
-    pub timeout: u64,
+    /// Per-call timeout in seconds (a graceful shutdown may take up to its own --timeout).
+    #[arg(long = "call-timeout", global = true, default_value_t = 700)]
+    pub call_timeout: u64,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -92,6 +92,10 @@ pub enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Run a development billing service that stores what it receives (SQLite).
+    BillingServer(crate::billing::devserver::ServerArgs),
+    /// Print per-VM usage totals from a development billing service's database.
+    BillingReport(crate::billing::devserver::ReportArgs),
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
@@ -249,10 +253,16 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         ProtocolArg::Grpc => WireProtocol::Grpc,
         ProtocolArg::GrpcWeb => WireProtocol::GrpcWeb,
     };
+    let billing = |r: Result<(), String>| r.map_err(|message| CliError { message, exit_code: 1 });
+    match &cli.command {
+        Command::BillingServer(a) => return billing(crate::billing::devserver::run_server(a, cli.json).await),
+        Command::BillingReport(a) => return billing(crate::billing::devserver::run_report(a, cli.json)),
+        _ => {}
+    }
     if cli.token.is_empty() {
         return Err(usage("no token: pass --token or set METALD_TOKEN"));
     }
-    let client = vm_client(&cli.endpoint, &cli.token, protocol, Duration::from_secs(cli.timeout))?;
+    let client = vm_client(&cli.endpoint, &cli.token, protocol, Duration::from_secs(cli.call_timeout))?;
     let json = cli.json;
     match cli.command {
         Command::Create(a) => {
@@ -301,6 +311,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Info { id } => info(&client, &id, json).await?,
         Command::List { state, page_size, all } => list(&client, state, page_size, all, json).await?,
+        Command::BillingServer(_) | Command::BillingReport(_) => {}
     }
     Ok(())
 }
@@ -414,4 +425,25 @@ async fn list(client: &VmClient, states: Vec<StateArg>, page_size: i32, all: boo
         println!("{} of {total} VMs (more: --all)", vms.len());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        // Catches flag collisions (e.g. a subcommand flag shadowing a global one).
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn shutdown_takes_its_own_timeout() {
+        let cli = Cli::try_parse_from(["metaldctl", "--token", "t", "shutdown", "vm-1", "--timeout", "5"]).unwrap();
+        match cli.command {
+            Command::Shutdown { timeout, force, .. } => assert_eq!((timeout, force), (5, false)),
+            other => panic!("{other:?}"),
+        }
+    }
 }

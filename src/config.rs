@@ -36,6 +36,90 @@ impl FromStr for BackendChoice {
     }
 }
 
+/// QEMU accelerator (`UNKEY_METALD_QEMU_ACCEL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AccelChoice {
+    /// KVM if `/dev/kvm` opens and a probe guest boots with it, else TCG.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl FromStr for AccelChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(AccelChoice::Auto),
+            "kvm" => Ok(AccelChoice::Kvm),
+            "tcg" => Ok(AccelChoice::Tcg),
+            _ => Err("must be one of auto, kvm, tcg".into()),
+        }
+    }
+}
+
+/// Settings of the QEMU backend (`UNKEY_METALD_QEMU_*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuSettings {
+    /// Binary name (looked up in PATH) or path.
+    pub binary: String,
+    pub accel: AccelChoice,
+    /// TCG translation cache in MiB; 0 keeps QEMU's default.
+    pub tb_size_mb: u32,
+    /// Host TSC kHz for the guest's `tsc_early_khz=` under TCG; 0 detects
+    /// it from /proc/cpuinfo.
+    pub tsc_khz: u64,
+    /// Guest used by the `auto` KVM probe; unset: looked up in the asset
+    /// directories.
+    pub probe_kernel: Option<PathBuf>,
+    pub probe_initrd: Option<PathBuf>,
+    pub probe_timeout_secs: u64,
+}
+
+impl Default for QemuSettings {
+    fn default() -> Self {
+        QemuSettings {
+            binary: "qemu-system-x86_64".into(),
+            accel: AccelChoice::Auto,
+            tb_size_mb: 0,
+            tsc_khz: 0,
+            probe_kernel: None,
+            probe_initrd: None,
+            probe_timeout_secs: 20,
+        }
+    }
+}
+
+impl QemuSettings {
+    fn read(r: &mut Reader<'_>) -> QemuSettings {
+        let d = QemuSettings::default();
+        let binary = r.string("QEMU_BINARY", &d.binary);
+        let accel = match r.raw("QEMU_ACCEL") {
+            None => d.accel,
+            Some(v) => v.parse().unwrap_or_else(|e| {
+                r.error("QEMU_ACCEL", format!("{v:?} {e}"));
+                d.accel
+            }),
+        };
+        let tb_size_mb = r.range("QEMU_TB_SIZE_MB", d.tb_size_mb, 0, 65536);
+        let tsc_khz = r.range("QEMU_TSC_KHZ", d.tsc_khz, 0, 100_000_000);
+        fn path(r: &mut Reader<'_>, name: &str) -> Option<PathBuf> {
+            let p = PathBuf::from(r.raw(name)?);
+            if !p.is_absolute() {
+                r.error(name, format!("{} is not an absolute path", p.display()));
+            }
+            Some(p)
+        }
+        let probe_kernel = path(r, "QEMU_PROBE_KERNEL");
+        let probe_initrd = path(r, "QEMU_PROBE_INITRD");
+        if probe_initrd.is_some() && probe_kernel.is_none() {
+            r.error("QEMU_PROBE_INITRD", "is set without UNKEY_METALD_QEMU_PROBE_KERNEL");
+        }
+        let probe_timeout_secs = r.range("QEMU_PROBE_TIMEOUT_SECONDS", d.probe_timeout_secs, 1, 600);
+        QemuSettings { binary, accel, tb_size_mb, tsc_khz, probe_kernel, probe_initrd, probe_timeout_secs }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -57,6 +141,11 @@ pub struct Config {
     pub log_format: LogFormat,
     /// How long graceful daemon shutdown waits for in-flight calls.
     pub shutdown_grace_secs: u64,
+    pub qemu: QemuSettings,
+    pub firecracker: crate::backend::firecracker::config::FirecrackerSettings,
+    pub cloud_hypervisor: crate::backend::cloudhypervisor::config::CloudHypervisorSettings,
+    pub telemetry: crate::telemetry::TelemetryConfig,
+    pub billing: crate::billing::BillingConfig,
 }
 
 /// Every problem found in the configuration.
@@ -87,10 +176,7 @@ impl<'a> Reader<'a> {
     }
 
     pub fn raw(&self, name: &str) -> Option<&'a str> {
-        self.src
-            .get(&format!("{PREFIX}{name}"))
-            .map(|s| s.trim())
-            .filter(|s| !s.is_empty())
+        self.src.get(&format!("{PREFIX}{name}")).map(|s| s.trim()).filter(|s| !s.is_empty())
     }
 
     pub fn error(&mut self, name: &str, msg: impl fmt::Display) {
@@ -202,6 +288,11 @@ impl Config {
             }
         };
         let shutdown_grace_secs = r.range("SHUTDOWN_GRACE_SECONDS", 30u64, 0, 3600);
+        let qemu = QemuSettings::read(&mut r);
+        let firecracker = crate::backend::firecracker::config::FirecrackerSettings::read(&mut r);
+        let cloud_hypervisor = crate::backend::cloudhypervisor::config::CloudHypervisorSettings::read(&mut r);
+        let billing = crate::billing::BillingConfig::read(&mut r);
+        let telemetry = crate::telemetry::TelemetryConfig::read(&mut r);
         if auth_tokens_file.is_none() && !auth_dev_tokens {
             r.errors.push(format!(
                 "no authentication configured: set {PREFIX}AUTH_TOKENS_FILE to a file of '<token> <customer_id>' lines, \
@@ -222,6 +313,11 @@ impl Config {
             backend,
             log_format,
             shutdown_grace_secs,
+            qemu,
+            firecracker,
+            cloud_hypervisor,
+            telemetry,
+            billing,
         })
     }
 }
@@ -274,6 +370,33 @@ mod tests {
     fn refuses_to_start_without_auth() {
         let e = Config::from_source(&src(&[])).unwrap_err();
         assert!(e.to_string().contains("AUTH_TOKENS_FILE"));
+    }
+
+    #[test]
+    fn qemu_settings() {
+        let c = Config::from_source(&src(&[("AUTH_DEV_TOKENS", "1")])).unwrap();
+        assert_eq!(c.qemu, QemuSettings::default());
+        let c = Config::from_source(&src(&[
+            ("AUTH_DEV_TOKENS", "1"),
+            ("QEMU_BINARY", "/opt/qemu/bin/qemu-system-x86_64"),
+            ("QEMU_ACCEL", "tcg"),
+            ("QEMU_TB_SIZE_MB", "64"),
+            ("QEMU_PROBE_KERNEL", "/k"),
+        ]))
+        .unwrap();
+        assert_eq!(c.qemu.binary, "/opt/qemu/bin/qemu-system-x86_64");
+        assert_eq!((c.qemu.accel, c.qemu.tb_size_mb), (AccelChoice::Tcg, 64));
+        assert_eq!(c.qemu.probe_kernel, Some(PathBuf::from("/k")));
+        let e = Config::from_source(&src(&[
+            ("AUTH_DEV_TOKENS", "1"),
+            ("QEMU_ACCEL", "hvf"),
+            ("QEMU_TB_SIZE_MB", "-1"),
+            ("QEMU_PROBE_INITRD", "rel"),
+            ("QEMU_PROBE_TIMEOUT_SECONDS", "0"),
+        ]))
+        .unwrap_err();
+        // Bad accel, bad tb size, relative initrd, initrd without kernel, timeout.
+        assert_eq!(e.0.len(), 5, "{e}");
     }
 
     #[test]

@@ -13,11 +13,13 @@ use tracing::{info, warn};
 use crate::api::VmApi;
 use crate::api::auth::Authenticator;
 use crate::backend::fake::{FakeBackend, FakeControl};
+use crate::backend::qemu::QemuBackend;
 use crate::backend::{Backend, ExitEvent};
 use crate::config::{BackendChoice, Config};
 use crate::core::spec::Limits;
 use crate::core::{Manager, ManagerConfig};
 use crate::store::Store;
+use crate::telemetry::Telemetry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -35,7 +37,14 @@ pub enum StartError {
     Recover(#[from] crate::error::Error),
     #[error("binding {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("starting telemetry")]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
+    #[error("starting billing")]
+    Billing(#[from] crate::billing::BillingError),
 }
+
+/// Longest wait for the last telemetry export on shutdown.
+const TELEMETRY_FLUSH: Duration = Duration::from_secs(5);
 
 /// A running daemon.
 pub struct Daemon {
@@ -43,6 +52,12 @@ pub struct Daemon {
     pub manager: Manager,
     /// Set when running the fake backend (tests steer it through this).
     pub fake: Option<FakeControl>,
+    /// Where Prometheus scrapes `/metrics`; `None` when telemetry is off.
+    pub metrics_addr: Option<SocketAddr>,
+    telemetry: Telemetry,
+    /// Metering and billing state; `None` when billing is disabled.
+    pub billing: Option<crate::billing::BillingStatus>,
+    billing_tasks: Option<crate::billing::Billing>,
     shutdown: CancellationToken,
     server: JoinHandle<std::io::Result<()>>,
     grace: Duration,
@@ -58,16 +73,28 @@ impl Daemon {
         self.shutdown.clone()
     }
 
+    /// Metric handles (no-ops when telemetry is off), e.g.
+    /// `daemon.metrics().billing()` for the billing collector.
+    pub fn metrics(&self) -> &crate::telemetry::Metrics {
+        self.telemetry.metrics()
+    }
+
     /// Waits for the server to finish (after [`Daemon::shutdown`]); in-flight
     /// calls get the configured grace period. VMs keep running.
     pub async fn wait(self) -> std::io::Result<()> {
-        match tokio::time::timeout(self.grace, self.server).await {
+        let served = match tokio::time::timeout(self.grace, self.server).await {
             Ok(joined) => joined.unwrap_or_else(|e| Err(std::io::Error::other(e))),
             Err(_) => {
                 warn!(grace_secs = self.grace.as_secs(), "in-flight calls did not finish in time");
                 Ok(())
             }
+        };
+        if let Some(b) = self.billing_tasks {
+            b.wait().await;
         }
+        // Export what the last calls recorded.
+        self.telemetry.shutdown(TELEMETRY_FLUSH).await;
+        served
     }
 }
 
@@ -82,11 +109,20 @@ fn canonical_asset_dirs(cfg: &Config) -> Result<Vec<std::path::PathBuf>, StartEr
     Ok(out)
 }
 
-/// Chooses and builds the backend.
-fn build_backend(
+/// Chooses and builds the backend. `stop` is the daemon's shutdown token:
+/// backends stop watching their VMMs (which keep running) when it fires.
+async fn build_backend(
     cfg: &Config,
+    asset_dirs: &[std::path::PathBuf],
     exits: crate::backend::ExitSink,
+    stop: CancellationToken,
 ) -> Result<(Arc<dyn Backend>, Option<FakeControl>), StartError> {
+    let qemu = || async {
+        QemuBackend::start(&cfg.qemu, asset_dirs, &cfg.data_dir, exits.clone(), stop.child_token())
+            .await
+            .map(|b| -> (Arc<dyn Backend>, Option<FakeControl>) { (Arc::new(b), None) })
+            .map_err(StartError::Backend)
+    };
     match cfg.backend {
         BackendChoice::Fake => {
             warn!("running the FAKE backend: no VM is real (for tests and development only)");
@@ -94,13 +130,67 @@ fn build_backend(
             let control = b.control();
             Ok((Arc::new(b), Some(control)))
         }
-        BackendChoice::Auto | BackendChoice::Qemu | BackendChoice::Firecracker | BackendChoice::CloudHypervisor => {
+        BackendChoice::Qemu => qemu().await,
+        BackendChoice::Firecracker => firecracker(cfg, exits.clone(), stop.clone()).await,
+        BackendChoice::CloudHypervisor => cloud_hypervisor(cfg, exits.clone(), stop.clone()).await,
+        BackendChoice::Auto => {
+            // Preference order: Firecracker, Cloud Hypervisor, then QEMU.
+            let found = |b: &str| crate::backend::process::resolve_binary(b);
+            if let Some(p) = found(&cfg.firecracker.binary) {
+                info!(binary = %p.display(), "backend auto: chose Firecracker (its binary is installed)");
+                return firecracker(cfg, exits.clone(), stop.clone()).await;
+            }
+            if let Some(p) = found(&cfg.cloud_hypervisor.binary) {
+                info!(
+                    binary = %p.display(),
+                    firecracker = %cfg.firecracker.binary,
+                    "backend auto: chose Cloud Hypervisor (Firecracker not found)"
+                );
+                return cloud_hypervisor(cfg, exits.clone(), stop.clone()).await;
+            }
+            if let Some(p) = found(&cfg.qemu.binary) {
+                info!(
+                    binary = %p.display(),
+                    firecracker = %cfg.firecracker.binary,
+                    cloud_hypervisor = %cfg.cloud_hypervisor.binary,
+                    "backend auto: chose QEMU (neither Firecracker nor Cloud Hypervisor found)"
+                );
+                return qemu().await;
+            }
             Err(StartError::Backend(format!(
-                "backend {:?} is not available in this build yet; set UNKEY_METALD_BACKEND=fake",
-                cfg.backend
+                "backend auto: no hypervisor found (looked for Firecracker {:?}, Cloud Hypervisor {:?}, QEMU {:?}); \
+                 install one, point UNKEY_METALD_FIRECRACKER_BINARY, UNKEY_METALD_CLOUD_HYPERVISOR_BINARY or \
+                 UNKEY_METALD_QEMU_BINARY at it, or set UNKEY_METALD_BACKEND",
+                cfg.firecracker.binary, cfg.cloud_hypervisor.binary, cfg.qemu.binary
             )))
         }
     }
+}
+
+async fn firecracker(
+    cfg: &Config,
+    exits: crate::backend::ExitSink,
+    stop: CancellationToken,
+) -> Result<(Arc<dyn Backend>, Option<FakeControl>), StartError> {
+    let b = crate::backend::firecracker::FirecrackerBackend::start(&cfg.firecracker, exits, stop.child_token())
+        .await
+        .map_err(StartError::Backend)?;
+    Ok((Arc::new(b), None))
+}
+
+async fn cloud_hypervisor(
+    cfg: &Config,
+    exits: crate::backend::ExitSink,
+    stop: CancellationToken,
+) -> Result<(Arc<dyn Backend>, Option<FakeControl>), StartError> {
+    let b = crate::backend::cloudhypervisor::CloudHypervisorBackend::start(
+        &cfg.cloud_hypervisor,
+        exits,
+        stop.child_token(),
+    )
+    .await
+    .map_err(StartError::Backend)?;
+    Ok((Arc::new(b), None))
 }
 
 /// Starts metald: opens the store, recovers VMs, binds and serves.
@@ -114,9 +204,11 @@ pub async fn start(cfg: Config) -> Result<Daemon, StartError> {
     }
     let store = Store::open(&cfg.data_dir.join("metald.db"))?;
     let (exit_tx, exit_rx) = tokio::sync::mpsc::unbounded_channel::<ExitEvent>();
-    let (backend, fake) = build_backend(&cfg, exit_tx)?;
-    info!(backend = backend.kind().as_str(), "backend selected");
     let shutdown = CancellationToken::new();
+    // Before recovery, so that it is traced and counted too.
+    let telemetry = Telemetry::start(&cfg.telemetry, cfg.address, shutdown.child_token()).await?;
+    let (backend, fake) = build_backend(&cfg, &asset_dirs, exit_tx, shutdown.clone()).await?;
+    info!(backend = backend.kind().as_str(), "backend selected");
     let manager = Manager::open(
         ManagerConfig {
             data_dir: cfg.data_dir.clone(),
@@ -129,15 +221,37 @@ pub async fn start(cfg: Config) -> Result<Daemon, StartError> {
         shutdown.clone(),
     )
     .await?;
+    // Before serving, so every boot is metered.
+    let billing_tasks = match cfg.billing.enabled {
+        true => Some(
+            crate::billing::Billing::start(
+                cfg.billing.clone(),
+                &cfg.data_dir,
+                &manager,
+                Arc::new(telemetry.metrics().billing().clone()),
+                shutdown.child_token(),
+            )
+            .await?,
+        ),
+        false => None,
+    };
+    let billing = billing_tasks.as_ref().map(|b| b.status());
     let addr = SocketAddr::new(cfg.address, cfg.port);
     let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
-    let app = crate::server::app(manager.clone(), VmApi::new(manager.clone(), auth));
+    if telemetry.is_enabled() {
+        manager.add_observer(telemetry.observer());
+    }
+    let app = crate::server::app(manager.clone(), VmApi::new(manager.clone(), auth), &telemetry, billing.clone());
     let server = tokio::spawn(crate::server::serve(listener, app, shutdown.clone()));
     Ok(Daemon {
         addr,
         manager,
         fake,
+        metrics_addr: telemetry.metrics_addr(),
+        telemetry,
+        billing,
+        billing_tasks,
         shutdown,
         server,
         grace: Duration::from_secs(cfg.shutdown_grace_secs),

@@ -5,10 +5,14 @@
 //!   wire ⇄ domain and authenticates;
 //! - [`core`] owns VM state ([`core::Manager`], [`core::state`], [`core::spec`]);
 //! - [`backend`] drives hypervisors; [`store`] persists records;
+//! - [`billing`] meters running VMs (a core observer) and streams usage to
+//!   the billing service;
+//! - [`telemetry`] exports traces and metrics (OpenTelemetry, Prometheus);
 //! - [`config`], [`error`], [`util`] are shared leaves; [`pb`] is generated.
 
 pub mod api;
 pub mod backend;
+pub mod billing;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -17,6 +21,7 @@ pub mod daemon;
 pub mod error;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod util;
 
 /// Generated protobuf messages, ConnectRPC service traits and clients.

@@ -12,15 +12,17 @@ use axum::routing::get;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{Instrument, info};
 
 use crate::api::VmApi;
 use crate::core::Manager;
 use crate::pb::vmprovisioner::v1::VmServiceExt;
+use crate::telemetry::Telemetry;
 
 #[derive(Clone)]
 pub struct HealthState {
     pub manager: Manager,
+    pub billing: Option<crate::billing::BillingStatus>,
 }
 
 #[derive(Serialize)]
@@ -31,8 +33,13 @@ struct Health {
     backend_version: String,
     backend_ok: bool,
     backend_detail: String,
+    /// Whether `/dev/kvm` can be opened on this host.
+    kvm: bool,
     store_ok: bool,
     vms: VmCounts,
+    /// Metering and spool state; absent when billing is disabled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    billing: Option<crate::billing::BillingHealth>,
 }
 
 #[derive(Serialize)]
@@ -44,7 +51,13 @@ struct VmCounts {
     shutdown: usize,
 }
 
-async fn health(State(st): State<HealthState>) -> impl IntoResponse {
+async fn health(State(st): State<HealthState>, headers: axum::http::HeaderMap) -> axum::response::Response {
+    let span = tracing::info_span!("health.check", otel.name = "GET /_/health", otel.kind = "server");
+    crate::telemetry::rpc::continue_trace(&span, &headers);
+    health_inner(st).instrument(span).await.into_response()
+}
+
+async fn health_inner(st: HealthState) -> impl IntoResponse {
     use crate::core::state::VmState;
     let store = st.manager.store().clone();
     let store_ok = tokio::task::spawn_blocking(move || store.ping().is_ok()).await.unwrap_or(false);
@@ -59,6 +72,7 @@ async fn health(State(st): State<HealthState>) -> impl IntoResponse {
         backend_version: backend.version,
         backend_ok: backend.ok,
         backend_detail: backend.detail,
+        kvm: crate::backend::host::kvm_available(),
         store_ok,
         vms: VmCounts {
             total: counts.values().sum(),
@@ -67,18 +81,36 @@ async fn health(State(st): State<HealthState>) -> impl IntoResponse {
             paused: n(VmState::Paused),
             shutdown: n(VmState::Shutdown),
         },
+        billing: st.billing.as_ref().map(|b| b.health()),
     };
     let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(body))
 }
 
-/// The complete HTTP application.
-pub fn app(manager: Manager, api: VmApi) -> axum::Router {
-    let connect = Arc::new(api).register(connectrpc::Router::new());
-    axum::Router::new()
+/// The complete HTTP application; with telemetry on, every RPC and HTTP
+/// request is traced and measured.
+pub fn app(
+    manager: Manager,
+    api: VmApi,
+    telemetry: &Telemetry,
+    billing: Option<crate::billing::BillingStatus>,
+) -> axum::Router {
+    let mut connect = Arc::new(api).register(connectrpc::Router::new()).into_axum_service();
+    if let Some(interceptor) = telemetry.rpc_interceptor() {
+        connect = connect.with_interceptor(interceptor);
+    }
+    let router = axum::Router::new()
         .route("/_/health", get(health))
-        .with_state(HealthState { manager })
-        .fallback_service(connect.into_axum_service())
+        .with_state(HealthState { manager, billing })
+        .fallback_service(connect);
+    if telemetry.is_enabled() {
+        router.layer(axum::middleware::from_fn_with_state(
+            telemetry.metrics().clone(),
+            crate::telemetry::rpc::http_metrics,
+        ))
+    } else {
+        router
+    }
 }
 
 /// Serves `app` on `listener` until `shutdown` is cancelled, then stops

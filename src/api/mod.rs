@@ -108,9 +108,26 @@ fn stop_mode(force: bool, timeout_seconds: i32) -> Result<StopMode, Error> {
     Ok(StopMode::Graceful { timeout })
 }
 
+/// The span an API call runs in: with telemetry on, the RPC server span
+/// (the VM id is recorded on it) so that each call exports one span for
+/// the RPC; otherwise an `rpc` span that gives log lines their context.
+fn call_span(method: &'static str, id: Option<&VmId>) -> tracing::Span {
+    let current = tracing::Span::current();
+    if current.metadata().is_some_and(|m| m.name() == crate::telemetry::rpc::SERVER_SPAN) {
+        if let Some(id) = id {
+            current.record("vm_id", tracing::field::display(id));
+        }
+        return current;
+    }
+    match id {
+        Some(id) => info_span!("rpc", rpc.method = method, vm_id = %id),
+        None => info_span!("rpc", rpc.method = method),
+    }
+}
+
 macro_rules! rpc_span {
     ($method:literal, $id:expr) => {
-        info_span!("rpc", rpc.method = $method, vm_id = %$id)
+        call_span($method, Some(&$id))
     };
 }
 
@@ -133,12 +150,8 @@ impl pb::VmService for VmApi {
         let id = if req.vm_id.is_empty() { None } else { Some(vm_id(&req.vm_id)?) };
         let config = req.config.as_option().ok_or_else(|| to_connect(Error::invalid("config", "is required")))?;
         let spec = spec_in(config);
-        let view = self
-            .manager
-            .create(&caller, id, spec)
-            .instrument(info_span!("rpc", rpc.method = "CreateVm"))
-            .await
-            .map_err(to_connect)?;
+        let span = call_span("CreateVm", id.as_ref());
+        let view = self.manager.create(&caller, id, spec).instrument(span).await.map_err(to_connect)?;
         Response::ok(pb::CreateVmResponse {
             vm_id: view.id.to_string(),
             state: state_out(view.state()).into(),

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use tracing::Instrument;
 
 use super::{
     Backend, BackendError, BackendHealth, BackendKind, ExitEvent, ExitSink, Result, Runtime, StopMode, Usage, VmContext,
@@ -129,7 +130,26 @@ impl FakeBackend {
         self.control.clone()
     }
 
+    /// The fake's "hypervisor API call": a client span like the real
+    /// backends' (`hypervisor.api`, `rpc.system`, `rpc.method`, `outcome`).
     async fn enter(&self, vm: &VmId, op: &'static str) -> Result<()> {
+        let span = tracing::info_span!(
+            "hypervisor.api",
+            otel.kind = "client",
+            rpc.system = "fake",
+            rpc.method = op,
+            outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let result = self.enter_inner(vm, op).instrument(span.clone()).await;
+        span.record("outcome", if result.is_ok() { "ok" } else { "error" });
+        if result.is_err() {
+            span.record("otel.status_code", "ERROR");
+        }
+        result
+    }
+
+    async fn enter_inner(&self, vm: &VmId, op: &'static str) -> Result<()> {
         let (delay, fail) = {
             let mut s = lock(&self.shared);
             s.calls.push((vm.to_string(), op));

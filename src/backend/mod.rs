@@ -6,7 +6,14 @@
 //! to find a VM's process again after a metald restart is in [`Runtime`],
 //! which the core persists.
 
+pub mod cloudhypervisor;
 pub mod fake;
+pub mod firecracker;
+pub mod host;
+pub mod kernel;
+pub mod process;
+pub mod qemu;
+pub mod uds_http;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -45,7 +52,7 @@ impl BackendKind {
 pub struct Runtime {
     /// Process id of the VMM.
     pub pid: Option<u32>,
-    /// Process start time (clock ticks since boot, from /proc/<pid>/stat) so
+    /// Process start time (clock ticks since boot, from `/proc/<pid>/stat`) so
     /// a recycled pid is never mistaken for our VMM.
     pub pid_start_ticks: Option<u64>,
     /// The VMM's control socket (QMP, Firecracker or Cloud Hypervisor API).

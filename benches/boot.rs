@@ -1,0 +1,258 @@
+//! Boot benchmark (issue 3): time from the CreateVm call to the guest's
+//! `METALD_GUEST_READY` through metald (A), versus the same kernel +
+//! initramfs booted by starting QEMU directly with the equivalent command
+//! line (B: metald's own `qemu.args` of the previous A run, without `-S`),
+//! alternating A/B; prints both medians and the ratio (goal ≤ 1.05). Then
+//! metald's RSS with 0 and with 10 VMs.
+//!
+//! Runs the release `metald` binary as a separate process on 127.0.0.1 and
+//! drives it with the library client.
+//!
+//! `cargo bench --bench boot` (or `bench/boot.sh`). Environment:
+//! `METALD_BENCH_ROUNDS` (default 10), `METALD_BENCH_ACCEL` (tcg|kvm|auto,
+//! default tcg), `METALD_BENCH_VMS` (default 10), `METALD_GUEST_IMAGE_DIR`
+//! (default `target/guest-image`, built with `scripts/guest-image.sh`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use metald::client::{VmClient, WireProtocol, vm_client};
+use metald::pb::vmprovisioner::v1 as pb;
+
+const READY: &str = "METALD_GUEST_READY";
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+const KERNEL_ARGS: &str = "quiet";
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn guest_image() -> PathBuf {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::var_os("METALD_GUEST_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo.join("target/guest-image"));
+    let ok = Command::new("bash").arg(repo.join("scripts/guest-image.sh")).arg(&dir).status().unwrap().success();
+    assert!(ok, "scripts/guest-image.sh failed");
+    std::fs::canonicalize(dir).unwrap()
+}
+
+/// Kills metald and every QEMU under the bench's temp dir on the way out.
+struct Cleanup {
+    metald: Child,
+    dir: PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = self.metald.kill();
+        let _ = self.metald.wait();
+        let needle = self.dir.as_os_str().as_encoded_bytes().to_vec();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            if cmdline.windows(needle.len()).any(|w| w == needle.as_slice()) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+fn count_ready(console: &Path) -> usize {
+    std::fs::read(console)
+        .map(|b| String::from_utf8_lossy(&b).lines().filter(|l| l.trim() == READY).count())
+        .unwrap_or(0)
+}
+
+async fn wait_ready(console: &Path, started: Instant) -> Duration {
+    loop {
+        if count_ready(console) > 0 {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < BOOT_TIMEOUT, "no {READY} in {} within {BOOT_TIMEOUT:?}", console.display());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn vm_config(image: &Path) -> pb::VmConfig {
+    pb::VmConfig {
+        cpu: pb::CpuConfig { vcpu_count: 1, ..Default::default() }.into(),
+        memory: pb::MemoryConfig { size_bytes: 128 << 20, ..Default::default() }.into(),
+        boot: pb::BootConfig {
+            kernel_path: image.join("vmlinux").display().to_string(),
+            initrd_path: image.join("initramfs.cpio.gz").display().to_string(),
+            kernel_args: KERNEL_ARGS.into(),
+            ..Default::default()
+        }
+        .into(),
+        ..Default::default()
+    }
+}
+
+async fn create_and_boot(c: &VmClient, image: &Path, id: &str) {
+    let t = Instant::now();
+    c.create_vm(pb::CreateVmRequest { vm_id: id.into(), config: vm_config(image).into(), ..Default::default() })
+        .await
+        .unwrap_or_else(|e| panic!("create {id}: {e:?}"));
+    let tc = t.elapsed();
+    c.boot_vm(pb::BootVmRequest { vm_id: id.into(), ..Default::default() })
+        .await
+        .unwrap_or_else(|e| panic!("boot {id}: {e:?}"));
+    if std::env::var_os("METALD_BENCH_VERBOSE").is_some() {
+        eprintln!("  {id}: CreateVm {:.1} ms, BootVm {:.1} ms", ms(tc), ms(t.elapsed() - tc));
+    }
+}
+
+async fn delete(c: &VmClient, id: &str) {
+    c.delete_vm(pb::DeleteVmRequest { vm_id: id.into(), force: true, ..Default::default() })
+        .await
+        .unwrap_or_else(|e| panic!("delete {id}: {e:?}"));
+}
+
+/// A: CreateVm + BootVm through metald until READY. Returns the time and
+/// the QEMU arguments metald used.
+async fn run_metald(c: &VmClient, image: &Path, data: &Path, id: &str) -> (Duration, Vec<String>) {
+    let dir = data.join("vms").join(id);
+    let started = Instant::now();
+    create_and_boot(c, image, id).await;
+    let took = wait_ready(&dir.join("console.log"), started).await;
+    let args: Vec<String> = serde_json::from_slice(&std::fs::read(dir.join("qemu.args")).unwrap()).unwrap();
+    delete(c, id).await;
+    (took, args)
+}
+
+/// B: the same command line started directly (no `-S`, so no `cont`).
+async fn run_direct(qemu: &Path, metald_args: &[String], metald_dir: &str, dir: &Path) -> Duration {
+    std::fs::create_dir_all(dir).unwrap();
+    let here = dir.display().to_string();
+    let args: Vec<String> = metald_args.iter().filter(|a| *a != "-S").map(|a| a.replace(metald_dir, &here)).collect();
+    let log = std::fs::File::create(dir.join("qemu.log")).unwrap();
+    let started = Instant::now();
+    let mut child = tokio::process::Command::new(qemu)
+        .args(&args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let took = wait_ready(&dir.join("console.log"), started).await;
+    child.kill().await.unwrap();
+    took
+}
+
+fn median(v: &[Duration]) -> Duration {
+    let mut s = v.to_vec();
+    s.sort();
+    let n = s.len();
+    if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2 }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::main]
+async fn main() {
+    let rounds: usize = env_or("METALD_BENCH_ROUNDS", 10);
+    let nvms: usize = env_or("METALD_BENCH_VMS", 10);
+    let accel: String = env_or("METALD_BENCH_ACCEL", "tcg".to_owned());
+    let image = guest_image();
+    let qemu = metald::backend::process::resolve_binary("qemu-system-x86_64").expect("qemu-system-x86_64 in PATH");
+    let tmp = tempfile::Builder::new().prefix("metald-bench-").tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let port = free_port();
+    let log = std::fs::File::create(tmp.path().join("metald.log")).unwrap();
+    let metald = Command::new(env!("CARGO_BIN_EXE_metald"))
+        .env("UNKEY_METALD_BACKEND", "qemu")
+        .env("UNKEY_METALD_QEMU_ACCEL", &accel)
+        .env("UNKEY_METALD_AUTH_DEV_TOKENS", "true")
+        .env("UNKEY_METALD_ADDRESS", "127.0.0.1")
+        .env("UNKEY_METALD_PORT", port.to_string())
+        .env("UNKEY_METALD_DATA_DIR", &data)
+        .env("UNKEY_METALD_ASSET_DIRS", &image)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let metald_pid = metald.id();
+    let _cleanup = Cleanup { metald, dir: tmp.path().to_path_buf() };
+    let c = vm_client(
+        &format!("http://127.0.0.1:{port}"),
+        "dev_customer_bench",
+        WireProtocol::ConnectProto,
+        Duration::from_secs(120),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    while c.list_vms(pb::ListVmsRequest::default()).await.is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "metald did not come up; see {}",
+            tmp.path().join("metald.log").display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rss_idle = rss_kib(metald_pid);
+
+    // Warm-up (page cache, first connections), not counted.
+    let (_, mut args) = run_metald(&c, &image, &data, "warmup").await;
+    let mut metald_dir = data.join("vms/warmup").display().to_string();
+    run_direct(&qemu, &args, &metald_dir, &tmp.path().join("direct-warmup")).await;
+
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for i in 0..rounds {
+        let id = format!("a{i}");
+        let (took, new_args) = run_metald(&c, &image, &data, &id).await;
+        a.push(took);
+        (args, metald_dir) = (new_args, data.join("vms").join(&id).display().to_string());
+        b.push(run_direct(&qemu, &args, &metald_dir, &tmp.path().join(format!("direct{i}"))).await);
+        eprintln!("round {:2}: metald {:7.1} ms   direct {:7.1} ms", i + 1, ms(a[i]), ms(b[i]));
+    }
+    let (ma, mb) = (median(&a), median(&b));
+    println!(
+        "boot to {READY} ({rounds} rounds, A/B alternating, accel {accel}, 1 vCPU, 128 MiB, vmlinux + initramfs):"
+    );
+    println!("  A metald (CreateVm call -> READY):    median {:7.1} ms", ms(ma));
+    println!("  B direct QEMU (same command line):   median {:7.1} ms", ms(mb));
+    println!("  ratio A/B: {:.3} (goal <= 1.05)", ma.as_secs_f64() / mb.as_secs_f64());
+    println!("  QEMU command line: {} {}", qemu.display(), args.join(" "));
+
+    // RSS with N VMs running.
+    let ids: Vec<String> = (0..nvms).map(|i| format!("rss{i}")).collect();
+    for id in &ids {
+        create_and_boot(&c, &image, id).await;
+    }
+    let started = Instant::now();
+    for id in &ids {
+        wait_ready(&data.join("vms").join(id).join("console.log"), started).await;
+    }
+    let rss_busy = rss_kib(metald_pid);
+    for id in &ids {
+        delete(&c, id).await;
+    }
+    println!(
+        "metald RSS: {:.1} MiB with 0 VMs, {:.1} MiB with {nvms} VMs running (all {nvms} reached READY in {:.1} s)",
+        rss_idle as f64 / 1024.0,
+        rss_busy as f64 / 1024.0,
+        started.elapsed().as_secs_f64()
+    );
+}

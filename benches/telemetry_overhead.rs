@@ -1,0 +1,181 @@
+//! GetVmInfo throughput with telemetry disabled vs enabled (sampling rate
+//! 1.0, traces and metrics exported over OTLP/HTTP to a sink in this
+//! process), measured in the same run, alternating rounds so machine noise
+//! hits both alike. Prints the ratio; goal: enabled ≥ 0.9 × disabled.
+//!
+//! Run: `cargo bench --bench telemetry_overhead` (env `METALD_BENCH_VMS`,
+//! `METALD_BENCH_CALLS` per round, `METALD_BENCH_ROUNDS`, `METALD_BENCH_CLIENTS`,
+//! `METALD_BENCH_RATE` for the enabled daemon's sampling rate).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use metald::backend::Runtime;
+use metald::client::{WireProtocol, vm_client};
+use metald::config::Config;
+use metald::core::spec::{BootSpec, CpuSpec, CustomerId, MemorySpec, VmId, VmSpec};
+use metald::core::state::VmState;
+use metald::pb::vmprovisioner::v1 as pb;
+use metald::store::{Store, VmRow};
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn seed(data: &Path, kernel: &Path, vms: usize) {
+    let store = Store::open(&data.join("metald.db")).unwrap();
+    let spec = VmSpec {
+        cpu: CpuSpec { vcpus: 2, ..Default::default() },
+        memory: MemorySpec { size_bytes: 256 << 20, ..Default::default() },
+        boot: BootSpec { kernel: kernel.to_path_buf(), kernel_args: "console=ttyS0".into(), ..Default::default() },
+        ..Default::default()
+    };
+    let rows: Vec<VmRow> = (0..vms)
+        .map(|i| VmRow {
+            id: VmId::parse(&format!("vm-{i:05}")).unwrap(),
+            customer: CustomerId("bench".into()),
+            state: VmState::Created,
+            spec: spec.clone(),
+            runtime: Some(Runtime { pid: Some(1_000_000 + u32::try_from(i).unwrap()), ..Default::default() }),
+            created_at: metald::util::unix_now(),
+            modified_at: metald::util::unix_now(),
+        })
+        .collect();
+    store.insert_batch(&rows).unwrap();
+}
+
+/// An OTLP/HTTP endpoint that accepts and discards everything.
+async fn sink() -> (String, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let accept = move |body: axum::body::Bytes| {
+        let h = h.clone();
+        async move {
+            h.fetch_add(1, Ordering::Relaxed);
+            drop(body);
+            [("content-type", "application/x-protobuf")]
+        }
+    };
+    let app = axum::Router::new()
+        .route("/v1/traces", axum::routing::post(accept.clone()))
+        .route("/v1/metrics", axum::routing::post(accept));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), hits)
+}
+
+/// Starts a daemon, runs `calls` GetVmInfo over `clients` connections,
+/// stops it; returns calls per second.
+async fn round(env: &HashMap<String, String>, vms: usize, calls: usize, clients: usize) -> f64 {
+    let daemon = metald::daemon::start(Config::from_source(env).unwrap()).await.unwrap();
+    let endpoint = format!("http://{}", daemon.addr);
+    let per_client = calls / clients;
+    let mut workers = Vec::new();
+    let go = Arc::new(tokio::sync::Barrier::new(clients + 1));
+    for c in 0..clients {
+        let client =
+            vm_client(&endpoint, "dev_customer_bench", WireProtocol::ConnectProto, Duration::from_secs(10)).unwrap();
+        let go = go.clone();
+        workers.push(tokio::spawn(async move {
+            // Warm up the connection.
+            for i in 0..20 {
+                let id = format!("vm-{:05}", (c * 31 + i) % vms);
+                client.get_vm_info(pb::GetVmInfoRequest { vm_id: id, ..Default::default() }).await.unwrap();
+            }
+            go.wait().await;
+            for i in 0..per_client {
+                let id = format!("vm-{:05}", (c * 7919 + i * 104_729) % vms);
+                client.get_vm_info(pb::GetVmInfoRequest { vm_id: id, ..Default::default() }).await.unwrap();
+            }
+        }));
+    }
+    go.wait().await;
+    let t = Instant::now();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let rate = (per_client * clients) as f64 / t.elapsed().as_secs_f64();
+    daemon.shutdown();
+    daemon.wait().await.unwrap();
+    rate
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[tokio::main]
+async fn main() {
+    {
+        // As `main` does: the OpenTelemetry layer is part of the process'
+        // subscriber (logs are left out: they cost the same either way).
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        tracing_subscriber::registry().with(metald::telemetry::layer()).init();
+    }
+    let vms = env_or("METALD_BENCH_VMS", 1000);
+    let calls = env_or("METALD_BENCH_CALLS", 4000);
+    let rounds = env_or("METALD_BENCH_ROUNDS", 3);
+    let clients = env_or("METALD_BENCH_CLIENTS", 4);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let assets = tmp.path().join("assets");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::create_dir_all(&assets).unwrap();
+    std::fs::write(assets.join("vmlinux"), b"k").unwrap();
+    seed(&data, &std::fs::canonicalize(assets.join("vmlinux")).unwrap(), vms);
+    let (otlp, hits) = sink().await;
+    let rate = std::env::var("METALD_BENCH_RATE").unwrap_or_else(|_| "1.0".into());
+
+    let base: HashMap<String, String> = [
+        ("ADDRESS", "127.0.0.1".to_string()),
+        ("PORT", "0".into()),
+        ("DATA_DIR", data.display().to_string()),
+        ("ASSET_DIRS", assets.display().to_string()),
+        ("BACKEND", "fake".into()),
+        ("AUTH_DEV_TOKENS", "true".into()),
+        ("MAX_VMS", (vms + 10).to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (format!("UNKEY_METALD_{k}"), v))
+    .collect();
+    let mut enabled = base.clone();
+    for (k, v) in [
+        ("OTEL_ENABLED", "true"),
+        ("OTEL_SAMPLING_RATE", rate.as_str()),
+        ("OTEL_ENDPOINT", otlp.as_str()),
+        ("OTEL_PROMETHEUS_PORT", "0"),
+        ("OTEL_METRICS_INTERVAL_MS", "1000"),
+    ] {
+        enabled.insert(format!("UNKEY_METALD_{k}"), v.to_string());
+    }
+
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        // METALD_BENCH_PROFILE=enabled runs only the enabled side (for perf).
+        let profile_enabled = std::env::var("METALD_BENCH_PROFILE").is_ok_and(|v| v == "enabled");
+        let a = if profile_enabled { f64::NAN } else { round(&base, vms, calls, clients).await };
+        let b = round(&enabled, vms, calls, clients).await;
+        println!("round {r}: disabled {a:>8.0} calls/s | enabled {b:>8.0} calls/s | ratio {:.3}", b / a);
+        off.push(a);
+        on.push(b);
+    }
+    let (a, b) = (median(off), median(on));
+    println!(
+        "GetVmInfo throughput, {clients} clients, {calls} calls/round, {vms} VMs, medians of {rounds} rounds: \
+         disabled {a:.0}/s, enabled (rate {rate}, OTLP export) {b:.0}/s"
+    );
+    println!(
+        "ratio enabled/disabled = {:.3} (goal >= 0.9: {}); OTLP requests received by the sink: {}",
+        b / a,
+        if b / a >= 0.9 { "met" } else { "MISSED" },
+        hits.load(Ordering::Relaxed)
+    );
+}

@@ -1,0 +1,170 @@
+//! Typed bodies of Cloud Hypervisor's REST API (`/api/v1/...`), written
+//! from its OpenAPI description (`vmm/src/api/openapi/cloud-hypervisor.yaml`,
+//! Cloud Hypervisor v40+). Only what metald sends and reads is modelled;
+//! optional fields are omitted so Cloud Hypervisor applies its defaults.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::spec::RateLimit;
+
+/// `PUT /api/v1/vm.create` (`VmConfig`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    pub cpus: CpusConfig,
+    pub memory: MemoryConfig,
+    pub payload: PayloadConfig,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub disks: Vec<DiskConfig>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub net: Vec<NetConfig>,
+    pub serial: ConsoleConfig,
+    pub console: ConsoleConfig,
+}
+
+/// `CpusConfig`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpusConfig {
+    pub boot_vcpus: u32,
+    pub max_vcpus: u32,
+}
+
+/// `MemoryConfig`; sizes in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryConfig {
+    pub size: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub hotplug_size: Option<u64>,
+}
+
+/// `PayloadConfig`: what the guest boots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadConfig {
+    pub kernel: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub cmdline: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub initramfs: Option<String>,
+}
+
+/// `DiskConfig`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    pub path: String,
+    pub readonly: bool,
+    pub id: String,
+}
+
+/// `NetConfig` on an existing TAP device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    pub tap: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub mac: Option<String>,
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub rate_limiter_config: Option<RateLimiterConfig>,
+}
+
+/// `RateLimiterConfig` (Cloud Hypervisor applies one limiter to both
+/// directions of a NIC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimiterConfig {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub bandwidth: Option<TokenBucket>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ops: Option<TokenBucket>,
+}
+
+/// `TokenBucket`: `size` tokens refilled every `refill_time` ms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenBucket {
+    pub size: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub one_time_burst: Option<u64>,
+    pub refill_time: u64,
+}
+
+impl RateLimiterConfig {
+    /// A bandwidth limiter from metald's `RateLimit`; `None` when unlimited.
+    pub fn from_spec(rl: Option<&RateLimit>) -> Option<RateLimiterConfig> {
+        let rl = rl?;
+        let bandwidth = u64::try_from(rl.bandwidth).ok().filter(|b| *b > 0)?;
+        let refill_time = u64::try_from(rl.refill_time_ms).ok().filter(|r| *r > 0).unwrap_or(1000);
+        let size = u64::try_from(u128::from(bandwidth) * u128::from(refill_time) / 1000).unwrap_or(u64::MAX).max(1);
+        let one_time_burst = u64::try_from(rl.burst).ok().filter(|b| *b > 0);
+        Some(RateLimiterConfig { bandwidth: Some(TokenBucket { size, one_time_burst, refill_time }), ops: None })
+    }
+}
+
+/// `SerialConfig` / `ConsoleConfig`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleConfig {
+    pub mode: ConsoleMode,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub file: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConsoleMode {
+    Off,
+    Pty,
+    Tty,
+    File,
+    Socket,
+    Null,
+}
+
+/// `GET /api/v1/vm.info` (`VmInfo`), the parts metald reads.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct VmInfo {
+    /// "Created", "Running", "Shutdown" or "Paused".
+    pub state: String,
+    #[serde(default)]
+    pub memory_actual_size: Option<u64>,
+    #[serde(default)]
+    pub config: serde_json::Value,
+}
+
+/// `GET /api/v1/vmm.ping` (`VmmPingResponse`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct VmmPingResponse {
+    pub version: String,
+    #[serde(default)]
+    pub build_version: Option<String>,
+    #[serde(default)]
+    pub pid: Option<i64>,
+}
+
+/// `GET /api/v1/vm.counters` (`VmCounters`): device id -> counter -> value.
+pub type VmCounters = BTreeMap<String, BTreeMap<String, u64>>;
+
+/// Sums one counter over all devices.
+pub fn counter_sum(c: &VmCounters, name: &str) -> u64 {
+    c.values().filter_map(|d| d.get(name)).fold(0u64, |a, v| a.saturating_add(*v))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn bodies_match_the_api_reference() {
+        let c = ConsoleConfig { mode: ConsoleMode::File, file: Some("/c.log".into()) };
+        assert_eq!(serde_json::to_value(&c).unwrap(), json!({"mode": "File", "file": "/c.log"}));
+        let off = ConsoleConfig { mode: ConsoleMode::Off, file: None };
+        assert_eq!(serde_json::to_value(&off).unwrap(), json!({"mode": "Off"}));
+        let counters: VmCounters = serde_json::from_value(json!({
+            "_disk0": {"read_bytes": 5, "write_bytes": 1, "read_ops": 1, "write_ops": 1},
+            "disk1": {"read_bytes": 7},
+            "_net2": {"rx_bytes": 3, "tx_frames": 2}
+        }))
+        .unwrap();
+        assert_eq!(counter_sum(&counters, "read_bytes"), 12);
+        assert_eq!(counter_sum(&counters, "tx_frames"), 2);
+        assert_eq!(counter_sum(&counters, "nope"), 0);
+    }
+}

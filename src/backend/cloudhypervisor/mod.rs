@@ -1,0 +1,478 @@
+//! The Cloud Hypervisor backend (`UNKEY_METALD_BACKEND=cloudhypervisor`).
+//!
+//! One `cloud-hypervisor --api-socket path=<vm dir>/cloud-hypervisor.sock`
+//! process per VM, in its own process group, driven over its REST API
+//! (`/api/v1/...`, see [`api`]):
+//!
+//! | operation         | Cloud Hypervisor API                                     |
+//! |-------------------|----------------------------------------------------------|
+//! | create            | spawn, wait for `vmm.ping`, `vm.create` (payload, cpus, memory, disks, net, serial to `console.log`, console off) |
+//! | boot              | `vm.boot`                                                |
+//! | pause, resume     | `vm.pause`, `vm.resume`                                  |
+//! | reboot            | `vm.reboot` (in-process; forced or not: the API has no hard reset) |
+//! | graceful shutdown | resume if paused, `vm.power-button`, wait for the process to exit (a guest power-off ends it) up to the timeout, then `vm.shutdown` + `vmm.shutdown`, then SIGKILL |
+//! | forced shutdown   | `vm.shutdown` + `vmm.shutdown`, SIGKILL if still alive after 3 s |
+//! | delete            | SIGKILL                                                  |
+//! | usage             | `/proc` CPU and RSS, plus `vm.counters` block/net bytes  |
+//!
+//! Files per VM: `console.log` (guest serial), `vmm.log` (the VMM's
+//! stdout/stderr), `cloud-hypervisor.sock`. NICs use the existing TAP named
+//! in the spec (metald does not create TAPs).
+
+pub mod api;
+pub mod config;
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::process::Child;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use self::api::{
+    ConsoleConfig, ConsoleMode, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig, RateLimiterConfig,
+    VmConfig, VmCounters, VmInfo, VmmPingResponse, counter_sum,
+};
+use self::config::CloudHypervisorSettings;
+use super::kernel;
+use super::process::{self, ProcessId, Watched, log_tail, remove_quiet, watch_exit};
+use super::uds_http::{ApiError, UdsClient, checked, text_error_body};
+use super::{Backend, BackendError, BackendHealth, BackendKind, ExitSink, Result, Runtime, StopMode, Usage, VmContext};
+use crate::core::spec::{VmId, VmSpec};
+use crate::util::unix_now;
+
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `vmm.shutdown` may take before SIGKILL.
+const QUIT_GRACE: Duration = Duration::from_secs(3);
+const MAX_SOCKET_PATH: usize = 107;
+const API: &str = "/api/v1";
+/// Block/net counters are refreshed at most this often.
+const COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Where a VM's files are.
+struct Paths {
+    socket: PathBuf,
+    console_log: PathBuf,
+    vmm_log: PathBuf,
+}
+
+impl Paths {
+    fn new(dir: &Path) -> Paths {
+        Paths {
+            socket: dir.join("cloud-hypervisor.sock"),
+            console_log: dir.join("console.log"),
+            vmm_log: dir.join("vmm.log"),
+        }
+    }
+}
+
+/// The `vm.create` body for a spec.
+pub fn vm_config(spec: &VmSpec, console_log: &Path) -> VmConfig {
+    let mut cmdline = spec.boot.kernel_args.clone();
+    if !cmdline.split_whitespace().any(|a| a.starts_with("console=")) {
+        cmdline = format!("{cmdline} console=ttyS0").trim().to_owned();
+    }
+    let size = spec.memory_bytes();
+    let max = u64::try_from(spec.memory.max_size_bytes).unwrap_or(0);
+    VmConfig {
+        cpus: CpusConfig {
+            boot_vcpus: spec.vcpus(),
+            max_vcpus: u32::try_from(spec.cpu.max_vcpus).ok().filter(|m| *m > spec.vcpus()).unwrap_or(spec.vcpus()),
+        },
+        memory: MemoryConfig { size, hotplug_size: (spec.memory.hotplug && max > size).then(|| max - size) },
+        payload: PayloadConfig {
+            kernel: spec.boot.kernel.display().to_string(),
+            cmdline: Some(cmdline),
+            initramfs: spec.boot.initrd.as_ref().map(|p| p.display().to_string()),
+        },
+        disks: spec
+            .storage
+            .iter()
+            .map(|d| DiskConfig { path: d.path.display().to_string(), readonly: d.read_only, id: d.id.clone() })
+            .collect(),
+        net: spec
+            .network
+            .iter()
+            .map(|n| NetConfig {
+                tap: n.tap.clone(),
+                mac: (!n.mac.is_empty()).then(|| n.mac.clone()),
+                id: n.id.clone(),
+                rate_limiter_config: RateLimiterConfig::from_spec(
+                    n.rx_rate_limit.as_ref().or(n.tx_rate_limit.as_ref()),
+                ),
+            })
+            .collect(),
+        serial: ConsoleConfig { mode: ConsoleMode::File, file: Some(console_log.display().to_string()) },
+        console: ConsoleConfig { mode: ConsoleMode::Off, file: None },
+    }
+}
+
+/// Refuses specs Cloud Hypervisor cannot run.
+pub fn check_spec(spec: &VmSpec) -> Result<()> {
+    let k = &spec.boot.kernel;
+    match kernel::detect(k) {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return Err(BackendError::Unsupported(format!(
+                "config.boot.kernel_path: {} is neither an ELF vmlinux (PVH) nor a bzImage, the formats Cloud Hypervisor boots",
+                k.display()
+            )));
+        }
+        Err(e) => {
+            return Err(BackendError::Unsupported(format!(
+                "config.boot.kernel_path: cannot read {}: {e}",
+                k.display()
+            )));
+        }
+    }
+    for (i, n) in spec.network.iter().enumerate() {
+        if n.tap.is_empty() {
+            return Err(BackendError::Unsupported(format!(
+                "config.network[{i}].tap_device: metald does not create TAP devices yet; name an existing one"
+            )));
+        }
+        if let (Some(rx), Some(tx)) = (&n.rx_rate_limit, &n.tx_rate_limit)
+            && rx != tx
+        {
+            return Err(BackendError::Unsupported(format!(
+                "config.network[{i}]: Cloud Hypervisor applies one rate limit to both directions; \
+                 make rx_rate_limit and tx_rate_limit equal or set only one"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Device counters of one VMM process, and when they were read.
+type CountersCache = HashMap<VmId, (u32, Instant, Usage)>;
+
+pub struct CloudHypervisorBackend {
+    settings: CloudHypervisorSettings,
+    binary: PathBuf,
+    version: String,
+    exits: ExitSink,
+    stop: CancellationToken,
+    /// `usage()` runs every 100 ms per VM (metering); `vm.counters` is
+    /// asked at most every [`COUNTERS_INTERVAL`].
+    counters: Mutex<CountersCache>,
+}
+
+fn lock(m: &Mutex<CountersCache>) -> std::sync::MutexGuard<'_, CountersCache> {
+    // Only cached counters live here; a poisoned map is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl CloudHypervisorBackend {
+    pub async fn start(
+        settings: &CloudHypervisorSettings,
+        exits: ExitSink,
+        stop: CancellationToken,
+    ) -> std::result::Result<CloudHypervisorBackend, String> {
+        let binary = process::resolve_binary(&settings.binary).ok_or_else(|| {
+            format!(
+                "Cloud Hypervisor binary {:?} not found (set UNKEY_METALD_CLOUD_HYPERVISOR_BINARY)",
+                settings.binary
+            )
+        })?;
+        let version = super::host::binary_version(&binary).await?;
+        info!(binary = %binary.display(), version = %version, "Cloud Hypervisor backend ready");
+        Ok(CloudHypervisorBackend {
+            settings: settings.clone(),
+            binary,
+            version,
+            exits,
+            stop,
+            counters: Mutex::default(),
+        })
+    }
+
+    fn client(&self, dir: &Path) -> UdsClient {
+        UdsClient::new(Paths::new(dir).socket, "cloud-hypervisor", self.settings.api_timeout, text_error_body)
+    }
+
+    /// `r` with an API failure mapped to a backend error (naming a VMM that died).
+    async fn checked<T>(&self, r: std::result::Result<T, ApiError>, rt: &Runtime, dir: &Path) -> Result<T> {
+        checked(r, "Cloud Hypervisor", ProcessId::from_runtime(rt), &Paths::new(dir).vmm_log).await
+    }
+
+    async fn action(&self, vm: &VmContext<'_>, rt: &Runtime, name: &str) -> Result<()> {
+        let r = self.client(&vm.dir).put_empty(&format!("{API}/{name}")).await;
+        self.checked(r, rt, &vm.dir).await
+    }
+
+    async fn wait_for_api(&self, child: &mut Child, paths: &Paths, client: &UdsClient) -> Result<VmmPingResponse> {
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        let probe = client.with_timeout(Duration::from_secs(1));
+        let mut last = String::from("socket not created");
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(BackendError::Failed(format!(
+                    "Cloud Hypervisor exited during start ({status}): {}",
+                    log_tail(&paths.vmm_log, 5)
+                )));
+            }
+            if paths.socket.exists() {
+                match probe.get::<VmmPingResponse>(&format!("{API}/vmm.ping")).await {
+                    Ok(p) => return Ok(p),
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(BackendError::Timeout(format!(
+                    "Cloud Hypervisor did not serve its API within {} s ({last}): {}",
+                    START_TIMEOUT.as_secs(),
+                    log_tail(&paths.vmm_log, 5)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// `vm.shutdown` + `vmm.shutdown`, then SIGKILL after [`QUIT_GRACE`].
+    async fn force_stop(&self, vm: &VmContext<'_>, pid: ProcessId) -> Result<()> {
+        let client = self.client(&vm.dir).with_timeout(QUIT_GRACE);
+        for name in ["vm.shutdown", "vmm.shutdown"] {
+            if let Err(e) = client.put_empty(&format!("{API}/{name}")).await {
+                debug!(vm_id = %vm.id, error = %e, "{name} failed");
+            }
+        }
+        if pid.wait_gone(QUIT_GRACE).await {
+            return Ok(());
+        }
+        warn!(vm_id = %vm.id, pid = pid.pid, "Cloud Hypervisor did not exit; sending SIGKILL");
+        pid.kill().await
+    }
+}
+
+#[async_trait]
+impl Backend for CloudHypervisorBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::CloudHypervisor
+    }
+
+    fn check(&self, spec: &VmSpec) -> Result<()> {
+        check_spec(spec)
+    }
+
+    async fn create(&self, vm: &VmContext<'_>) -> Result<Runtime> {
+        let paths = Paths::new(&vm.dir);
+        if paths.socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(BackendError::Unavailable(format!(
+                "API socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter UNKEY_METALD_DATA_DIR",
+                paths.socket.display()
+            )));
+        }
+        remove_quiet(&paths.socket);
+        let mut api_socket = OsString::from("path=");
+        api_socket.push(&paths.socket);
+        let args = vec![OsString::from("--api-socket"), api_socket];
+        let mut child = process::spawn_detached(&self.binary, &args, &vm.dir, &paths.vmm_log)?;
+        let client = self.client(&vm.dir);
+        let result = async {
+            let pid = child.id().ok_or_else(|| BackendError::Failed("Cloud Hypervisor exited at once".into()))?;
+            let pid = ProcessId::of(pid).map_err(|e| BackendError::io(format!("reading /proc/{pid}/stat"), e))?;
+            let ping = self.wait_for_api(&mut child, &paths, &client).await?;
+            let rt = Runtime {
+                pid: Some(pid.pid),
+                pid_start_ticks: Some(pid.start_ticks),
+                api_socket: Some(paths.socket.clone()),
+                console_log: Some(paths.console_log.clone()),
+                booted_at: None,
+                extra: BTreeMap::from([
+                    ("cloud_hypervisor_version".to_owned(), ping.version.clone()),
+                    ("vmm_log".to_owned(), paths.vmm_log.display().to_string()),
+                ]),
+            };
+            let r = client.put(&format!("{API}/vm.create"), &vm_config(vm.spec, &paths.console_log)).await;
+            self.checked(r, &rt, &vm.dir).await?;
+            Ok(rt)
+        }
+        .await;
+        match result {
+            Ok(rt) => {
+                let pid = rt.pid.unwrap_or_default();
+                watch_exit(vm.id.clone(), pid, Watched::Child(child), self.exits.clone(), self.stop.clone());
+                debug!(vm_id = %vm.id, pid, "Cloud Hypervisor started, VM created");
+                Ok(rt)
+            }
+            Err(e) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                remove_quiet(&paths.socket);
+                Err(e)
+            }
+        }
+    }
+
+    async fn boot(&self, vm: &VmContext<'_>, rt: &mut Runtime) -> Result<()> {
+        self.action(vm, rt, "vm.boot").await?;
+        rt.booted_at = Some(unix_now());
+        Ok(())
+    }
+
+    async fn pause(&self, vm: &VmContext<'_>, rt: &mut Runtime) -> Result<()> {
+        self.action(vm, rt, "vm.pause").await
+    }
+
+    async fn resume(&self, vm: &VmContext<'_>, rt: &mut Runtime) -> Result<()> {
+        self.action(vm, rt, "vm.resume").await
+    }
+
+    async fn reboot(&self, vm: &VmContext<'_>, rt: &mut Runtime, _force: bool) -> Result<()> {
+        self.action(vm, rt, "vm.reboot").await?;
+        rt.booted_at = Some(unix_now());
+        Ok(())
+    }
+
+    async fn shutdown(&self, vm: &VmContext<'_>, rt: &Runtime, mode: StopMode) -> Result<()> {
+        lock(&self.counters).remove(vm.id);
+        let paths = Paths::new(&vm.dir);
+        let Some(pid) = ProcessId::from_runtime(rt).filter(ProcessId::is_alive) else {
+            remove_quiet(&paths.socket);
+            return Ok(());
+        };
+        let result = match mode {
+            StopMode::Force => self.force_stop(vm, pid).await,
+            StopMode::Graceful { timeout } => {
+                let asked = async {
+                    let r = self.client(&vm.dir).get::<VmInfo>(&format!("{API}/vm.info")).await;
+                    let info = self.checked(r, rt, &vm.dir).await?;
+                    if info.state == "Paused" {
+                        self.action(vm, rt, "vm.resume").await?;
+                    }
+                    self.action(vm, rt, "vm.power-button").await
+                }
+                .await;
+                match asked {
+                    Ok(()) if pid.wait_gone(timeout).await => Ok(()),
+                    Ok(()) => {
+                        info!(vm_id = %vm.id, timeout_secs = timeout.as_secs(), "guest did not power off in time; forcing");
+                        self.force_stop(vm, pid).await
+                    }
+                    Err(e) => {
+                        warn!(vm_id = %vm.id, error = %e, "could not press the power button; forcing");
+                        self.force_stop(vm, pid).await
+                    }
+                }
+            }
+        };
+        remove_quiet(&paths.socket);
+        result
+    }
+
+    async fn delete(&self, vm: &VmContext<'_>, rt: Option<&Runtime>) -> Result<()> {
+        lock(&self.counters).remove(vm.id);
+        let result = match rt.and_then(ProcessId::from_runtime) {
+            Some(pid) => pid.kill().await,
+            None => Ok(()),
+        };
+        remove_quiet(&Paths::new(&vm.dir).socket);
+        result
+    }
+
+    async fn reap(&self, vm: &VmContext<'_>, _rt: &Runtime) -> Result<()> {
+        lock(&self.counters).remove(vm.id);
+        remove_quiet(&Paths::new(&vm.dir).socket);
+        Ok(())
+    }
+
+    async fn usage(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<Usage> {
+        let pid = ProcessId::from_runtime(rt)
+            .ok_or_else(|| BackendError::Failed(format!("no Cloud Hypervisor process recorded for VM {}", vm.id)))?;
+        let stat = pid
+            .stat()
+            .ok_or_else(|| BackendError::Failed(format!("Cloud Hypervisor process {} has exited", pid.pid)))?;
+        let memory_bytes =
+            process::rss_bytes(pid.pid).map_err(|e| BackendError::io(format!("reading /proc/{}/statm", pid.pid), e))?;
+        let mut usage = Usage { cpu_time_ns: process::cpu_time_ns(&stat), memory_bytes, ..Usage::default() };
+        if rt.booted_at.is_some() && !(vm.spec.storage.is_empty() && vm.spec.network.is_empty()) {
+            let cached = lock(&self.counters)
+                .get(vm.id)
+                .filter(|(p, at, _)| *p == pid.pid && at.elapsed() < COUNTERS_INTERVAL)
+                .map(|(_, _, u)| *u);
+            let devices = match cached {
+                Some(u) => u,
+                None => {
+                    let r = self.client(&vm.dir).get::<VmCounters>(&format!("{API}/vm.counters")).await;
+                    let c = self.checked(r, rt, &vm.dir).await?;
+                    let u = Usage {
+                        disk_read_bytes: counter_sum(&c, "read_bytes"),
+                        disk_write_bytes: counter_sum(&c, "write_bytes"),
+                        disk_read_ops: counter_sum(&c, "read_ops"),
+                        disk_write_ops: counter_sum(&c, "write_ops"),
+                        net_rx_bytes: counter_sum(&c, "rx_bytes"),
+                        net_tx_bytes: counter_sum(&c, "tx_bytes"),
+                        net_rx_packets: counter_sum(&c, "rx_frames"),
+                        net_tx_packets: counter_sum(&c, "tx_frames"),
+                        ..Usage::default()
+                    };
+                    lock(&self.counters).insert(vm.id.clone(), (pid.pid, Instant::now(), u));
+                    u
+                }
+            };
+            usage = Usage { cpu_time_ns: usage.cpu_time_ns, memory_bytes: usage.memory_bytes, ..devices };
+        }
+        Ok(usage)
+    }
+
+    async fn reattach(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<bool> {
+        let Some(pid) = ProcessId::from_runtime(rt).filter(ProcessId::is_alive) else {
+            return Ok(false);
+        };
+        let socket = Paths::new(&vm.dir).socket;
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.pid)).unwrap_or_default();
+        let want = format!("path={}", socket.display());
+        if !cmdline.split(|b| *b == 0).any(|a| a == want.as_bytes()) {
+            warn!(vm_id = %vm.id, pid = pid.pid, "recorded pid runs something else; not reattaching");
+            return Ok(false);
+        }
+        if let Err(e) = self.client(&vm.dir).get::<VmmPingResponse>(&format!("{API}/vmm.ping")).await {
+            warn!(vm_id = %vm.id, error = %e, "reattached to Cloud Hypervisor, but vmm.ping fails");
+        }
+        watch_exit(vm.id.clone(), pid.pid, Watched::Pid(pid), self.exits.clone(), self.stop.clone());
+        debug!(vm_id = %vm.id, pid = pid.pid, "reattached to Cloud Hypervisor");
+        Ok(true)
+    }
+
+    async fn health(&self) -> BackendHealth {
+        let ok = self.binary.is_file();
+        BackendHealth {
+            ok,
+            version: self.version.clone(),
+            detail: if ok { self.binary.display().to_string() } else { format!("{} is gone", self.binary.display()) },
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::core::spec::{NicSpec, RateLimit};
+
+    #[test]
+    fn check_refuses_what_cloud_hypervisor_cannot_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("script");
+        std::fs::write(&bad, b"#!/bin/sh\n").unwrap();
+        let mut spec = VmSpec::default();
+        spec.boot.kernel = bad;
+        let e = check_spec(&spec).unwrap_err();
+        assert!(e.to_string().contains("neither an ELF vmlinux"), "{e}");
+        let good = dir.path().join("vmlinux");
+        std::fs::write(&good, b"\x7fELF\x02").unwrap();
+        spec.boot.kernel = good;
+        let rl = |b| Some(RateLimit { bandwidth: b, refill_time_ms: 100, burst: 0 });
+        spec.network.push(NicSpec {
+            tap: "tap0".into(),
+            rx_rate_limit: rl(1),
+            tx_rate_limit: rl(2),
+            ..Default::default()
+        });
+        assert!(check_spec(&spec).unwrap_err().to_string().contains("one rate limit"));
+    }
+}

@@ -1,0 +1,252 @@
+//! Running Firecracker under its `jailer` (see Firecracker's
+//! `docs/jailer.md`).
+//!
+//! metald builds the jail directory `<chroot base>/<firecracker file
+//! name>/<vm id>/root` itself before starting the jailer and puts into it
+//! only what this VM uses: the kernel, initrd and disk images (hard links,
+//! or copies when linking fails, e.g. across filesystems), plus empty log
+//! and metrics files. Files the VMM writes to (writable disks, logs) are
+//! chowned to the jail's uid/gid; read-only assets are linked as they are
+//! (they must be readable by that uid — otherwise they are copied and the
+//! copy is chowned, so a shared asset's owner never changes). The jailer
+//! then chroots, joins the network namespace, sets the cgroup limits,
+//! drops to uid/gid and execs Firecracker; every path metald sends over
+//! the API is relative to the jail root. metald itself needs no `unsafe`:
+//! chroot, setns and setuid happen in the jailer.
+//!
+//! The jailer does not clean up; [`Jail::remove`] deletes the jail and the
+//! VM's cgroup directories (best effort) when the VM releases its process.
+
+use std::ffi::OsString;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use tracing::debug;
+
+use super::config::JailerSettings;
+use crate::backend::{BackendError, Result};
+use crate::core::spec::{VmId, VmSpec};
+
+/// Path of the API socket inside the jail (`--api-sock`).
+pub const JAILED_SOCKET: &str = "/firecracker.sock";
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// One VM's jail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Jail {
+    /// `<chroot base>/<exec file name>/<vm id>`, removed whole on cleanup.
+    pub vm_dir: PathBuf,
+    /// `<vm_dir>/root`, the jailed process's `/`.
+    pub root: PathBuf,
+    pub vm_id: VmId,
+    exec_name: String,
+}
+
+impl Jail {
+    pub fn new(settings: &JailerSettings, firecracker: &Path, vm_id: &VmId) -> Jail {
+        let exec_name = firecracker.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let vm_dir = settings.chroot_base.join(&exec_name).join(vm_id.as_str());
+        Jail { root: vm_dir.join("root"), vm_dir, vm_id: vm_id.clone(), exec_name }
+    }
+
+    /// The host path of a jail-relative path like `/vmlinux`.
+    pub fn host_path(&self, jailed: &str) -> PathBuf {
+        self.root.join(jailed.trim_start_matches('/'))
+    }
+
+    /// The netns path for this VM, when configured.
+    pub fn netns(&self, settings: &JailerSettings) -> Option<String> {
+        settings.netns.as_ref().map(|t| t.replace("{vm_id}", self.vm_id.as_str()))
+    }
+
+    /// Creates a fresh jail root holding `files` (`(host source, jailed
+    /// name, writable)`) and the empty files in `empty` (jailed names).
+    pub fn prepare(&self, settings: &JailerSettings, files: &[(PathBuf, String, bool)], empty: &[&str]) -> Result<()> {
+        if !self.exec_name.contains("firecracker") {
+            return Err(BackendError::Unavailable(format!(
+                "the jailer only runs binaries whose file name contains \"firecracker\", not {:?}",
+                self.exec_name
+            )));
+        }
+        if let Some(ns) = self.netns(settings)
+            && !Path::new(&ns).exists()
+        {
+            return Err(BackendError::Unavailable(format!(
+                "network namespace {ns} does not exist (UNKEY_METALD_JAILER_NETNS); create it before the VM"
+            )));
+        }
+        self.remove();
+        std::fs::create_dir_all(&self.root)
+            .map_err(|e| BackendError::io(format!("creating jail {}", self.root.display()), e))?;
+        let owner = (settings.uid != 0 || settings.gid != 0).then_some((settings.uid, settings.gid));
+        for (src, name, writable) in files {
+            let dst = self.host_path(name);
+            link_or_copy(src, &dst, *writable, owner)?;
+        }
+        for name in empty {
+            let dst = self.host_path(name);
+            std::fs::File::create(&dst).map_err(|e| BackendError::io(format!("creating {}", dst.display()), e))?;
+            chown(&dst, owner)?;
+        }
+        Ok(())
+    }
+
+    /// The jailer's command line: its options, then `--` and Firecracker's.
+    pub fn args(&self, settings: &JailerSettings, firecracker: &Path, spec: &VmSpec) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
+        let mut push = |k: &str, v: OsString| {
+            a.push(k.into());
+            a.push(v);
+        };
+        push("--id", self.vm_id.as_str().into());
+        push("--exec-file", firecracker.into());
+        push("--uid", settings.uid.to_string().into());
+        push("--gid", settings.gid.to_string().into());
+        push("--chroot-base-dir", settings.chroot_base.clone().into());
+        if let Some(ns) = self.netns(settings) {
+            push("--netns", ns.into());
+        }
+        push("--cgroup-version", settings.cgroup_version.to_string().into());
+        if let Some(p) = &settings.parent_cgroup {
+            push("--parent-cgroup", p.into());
+        }
+        for c in cgroup_limits(settings, spec) {
+            push("--cgroup", c.into());
+        }
+        a.push("--".into());
+        a.push("--api-sock".into());
+        a.push(JAILED_SOCKET.into());
+        a
+    }
+
+    /// Deletes the jail and the VM's cgroups; missing pieces are fine.
+    pub fn remove(&self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.vm_dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            debug!(dir = %self.vm_dir.display(), error = %e, "could not remove jail");
+        }
+    }
+
+    /// Removes the cgroup directories the jailer created for this VM (they
+    /// can only go once the process has ended).
+    pub fn remove_cgroups(&self, settings: &JailerSettings) {
+        let parent = settings.parent_cgroup.clone().unwrap_or_else(|| self.exec_name.clone());
+        let base = Path::new("/sys/fs/cgroup");
+        let dirs: Vec<PathBuf> = if settings.cgroup_version == 2 {
+            vec![base.join(&parent).join(self.vm_id.as_str())]
+        } else {
+            ["cpu", "cpu,cpuacct", "memory"]
+                .iter()
+                .map(|c| base.join(c).join(&parent).join(self.vm_id.as_str()))
+                .collect()
+        };
+        for d in dirs {
+            if let Err(e) = std::fs::remove_dir(&d)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                debug!(dir = %d.display(), error = %e, "could not remove cgroup");
+            }
+        }
+    }
+}
+
+/// `--cgroup <file>=<value>` limits: CPU quota of `vcpus` whole CPUs and
+/// guest memory plus the configured overhead.
+pub fn cgroup_limits(settings: &JailerSettings, spec: &VmSpec) -> Vec<String> {
+    let mut out = Vec::new();
+    let v2 = settings.cgroup_version == 2;
+    if settings.cpu_limit {
+        let quota = u64::from(spec.vcpus().max(1)) * CPU_PERIOD_US;
+        out.push(if v2 { format!("cpu.max={quota} {CPU_PERIOD_US}") } else { format!("cpu.cfs_quota_us={quota}") });
+    }
+    if settings.memory_overhead_mb > 0 {
+        let bytes = spec.memory_bytes().saturating_add(settings.memory_overhead_mb << 20);
+        out.push(if v2 { format!("memory.max={bytes}") } else { format!("memory.limit_in_bytes={bytes}") });
+    }
+    out
+}
+
+fn chown(path: &Path, owner: Option<(u32, u32)>) -> Result<()> {
+    let Some((uid, gid)) = owner else { return Ok(()) };
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+        .map_err(|e| BackendError::io(format!("chown {}", path.display()), e))
+}
+
+/// Hard-links `src` to `dst`, copying when linking is impossible or when a
+/// read-only source is not world-readable (a copy can be chowned without
+/// touching the shared original).
+fn link_or_copy(src: &Path, dst: &Path, writable: bool, owner: Option<(u32, u32)>) -> Result<()> {
+    let meta = std::fs::metadata(src).map_err(|e| BackendError::io(format!("reading {}", src.display()), e))?;
+    let world_readable = meta.mode() & 0o004 != 0;
+    let may_link = writable || owner.is_none() || world_readable;
+    if may_link && std::fs::hard_link(src, dst).is_ok() {
+        if writable {
+            chown(dst, owner)?;
+        }
+        return Ok(());
+    }
+    std::fs::copy(src, dst).map_err(|e| BackendError::io(format!("copying {} into the jail", src.display()), e))?;
+    chown(dst, owner)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn settings(base: &Path) -> JailerSettings {
+        JailerSettings {
+            uid: 123,
+            gid: 100,
+            chroot_base: base.to_path_buf(),
+            netns: Some("/var/run/netns/{vm_id}".into()),
+            ..JailerSettings::default()
+        }
+    }
+
+    #[test]
+    fn arguments_follow_the_jailer_usage() {
+        let s = settings(Path::new("/srv/j"));
+        let id = VmId::parse("vm-1").unwrap();
+        let jail = Jail::new(&s, Path::new("/usr/bin/firecracker"), &id);
+        assert_eq!(jail.root, Path::new("/srv/j/firecracker/vm-1/root"));
+        let mut spec = VmSpec::default();
+        spec.cpu.vcpus = 2;
+        spec.memory.size_bytes = 256 << 20;
+        let args: Vec<String> = jail
+            .args(&s, Path::new("/usr/bin/firecracker"), &spec)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args.join(" "),
+            "--id vm-1 --exec-file /usr/bin/firecracker --uid 123 --gid 100 --chroot-base-dir /srv/j \
+             --netns /var/run/netns/vm-1 --cgroup-version 1 --cgroup cpu.cfs_quota_us=200000 \
+             --cgroup memory.limit_in_bytes=402653184 -- --api-sock /firecracker.sock"
+        );
+        let v2 = JailerSettings { cgroup_version: 2, ..s };
+        assert_eq!(cgroup_limits(&v2, &spec), vec!["cpu.max=200000 100000", "memory.max=402653184"]);
+    }
+
+    #[test]
+    fn prepare_links_only_the_given_files_and_remove_cleans_up() {
+        let tmp = tempfile::tempdir().unwrap();
+        let kernel = tmp.path().join("vmlinux");
+        std::fs::write(&kernel, b"k").unwrap();
+        let s = JailerSettings { netns: None, uid: 0, gid: 0, ..settings(&tmp.path().join("jail")) };
+        let jail = Jail::new(&s, Path::new("/x/firecracker"), &VmId::parse("a").unwrap());
+        jail.prepare(&s, &[(kernel.clone(), "/vmlinux".into(), false)], &["/metrics.json"]).unwrap();
+        let linked = std::fs::metadata(jail.host_path("/vmlinux")).unwrap();
+        assert_eq!(linked.ino(), std::fs::metadata(&kernel).unwrap().ino(), "hard link");
+        assert!(jail.host_path("metrics.json").exists());
+        let names: Vec<_> = std::fs::read_dir(&jail.root).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2);
+        jail.remove();
+        assert!(!jail.vm_dir.exists());
+        assert!(kernel.exists(), "the original stays");
+
+        let bad = Jail::new(&s, Path::new("/x/qemu"), &VmId::parse("a").unwrap());
+        assert!(bad.prepare(&s, &[], &[]).is_err());
+    }
+}

@@ -1,0 +1,476 @@
+//! The Firecracker backend (`UNKEY_METALD_BACKEND=firecracker`).
+//!
+//! One Firecracker process per VM, started at create in its own process
+//! group with `--api-sock <vm dir>/firecracker.sock` (or under the jailer,
+//! see [`jailer`]), configured over its REST API ([`vmm`], [`api`]):
+//!
+//! | operation         | Firecracker API                                           |
+//! |-------------------|-----------------------------------------------------------|
+//! | create            | spawn, `PUT /logger`, `/metrics`, `/machine-config`, `/boot-source`, `/drives/{id}`, `/network-interfaces/{id}`, then `GET /vm/config` and `GET /` |
+//! | boot              | `PUT /actions {"action_type":"InstanceStart"}`            |
+//! | pause, resume     | `PATCH /vm {"state":"Paused"}` / `{"state":"Resumed"}`     |
+//! | reboot            | Firecracker exits when its guest reboots, so: `SendCtrlAltDel` and wait (forced: SIGKILL), then a new process with the same configuration, booted; the VM stays RUNNING with a new pid |
+//! | graceful shutdown | resume if paused, `SendCtrlAltDel`, wait for the exit up to the timeout, then SIGKILL |
+//! | forced shutdown, delete | SIGKILL                                             |
+//! | usage             | `/proc` CPU and RSS, plus block/net counters: `FlushMetrics`, then the new lines of the metrics file |
+//!
+//! Files per VM (in the VM dir): `console.log` (Firecracker's stdout: the
+//! guest serial console), `vmm.log` (stderr), `firecracker.args`; and where
+//! Firecracker can reach them (VM dir, or the jail): `firecracker.sock`,
+//! `firecracker.log` (`PUT /logger`), `metrics.json` (`PUT /metrics`).
+//! Network interfaces use the existing TAP device named in the spec; metald
+//! does not create TAPs, so a NIC without `tap_device` is refused.
+
+pub mod api;
+pub mod config;
+pub mod jailer;
+pub mod vmm;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use self::api::{ActionType, InstanceActionInfo, InstanceInfo, MetricsLine, Vm, VmRunState};
+use self::config::FirecrackerSettings;
+use self::vmm::{Layout, METRICS_FILE, checked};
+use super::kernel::{self, KernelFormat};
+use super::process::{self, ProcessId, Watched, remove_quiet, watch_exit};
+use super::{Backend, BackendError, BackendHealth, BackendKind, ExitSink, Result, Runtime, StopMode, Usage, VmContext};
+use crate::core::spec::{VmId, VmSpec};
+use crate::util::unix_now;
+
+/// How long a guest gets to reboot after Ctrl+Alt+Del before SIGKILL.
+const REBOOT_GRACE: Duration = Duration::from_secs(15);
+/// Block/net counters are refreshed (`FlushMetrics`) at most this often.
+const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// Firecracker's vCPU limit (`MachineConfiguration.vcpu_count`).
+const MAX_VCPUS: i64 = 32;
+
+/// Block/net totals read so far from one process's metrics file.
+#[derive(Debug, Default)]
+struct MetricsAcc {
+    pid: u32,
+    offset: u64,
+    totals: MetricsLine,
+    last_flush: Option<Instant>,
+}
+
+pub struct FirecrackerBackend {
+    settings: FirecrackerSettings,
+    binary: PathBuf,
+    jailer: Option<PathBuf>,
+    version: String,
+    exits: ExitSink,
+    stop: CancellationToken,
+    metrics: Arc<Mutex<HashMap<VmId, MetricsAcc>>>,
+}
+
+fn lock(m: &Mutex<HashMap<VmId, MetricsAcc>>) -> std::sync::MutexGuard<'_, HashMap<VmId, MetricsAcc>> {
+    // Only counters live here; a poisoned map is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Refuses specs Firecracker cannot run, naming the field to change.
+pub fn check_spec(spec: &VmSpec) -> Result<()> {
+    let k = &spec.boot.kernel;
+    match kernel::detect(k) {
+        Ok(Some(KernelFormat::Elf)) => {}
+        Ok(Some(KernelFormat::BzImage)) => {
+            return Err(BackendError::Unsupported(format!(
+                "config.boot.kernel_path: {} is a bzImage; Firecracker boots only an uncompressed ELF vmlinux on x86_64",
+                k.display()
+            )));
+        }
+        Ok(None) => {
+            return Err(BackendError::Unsupported(format!(
+                "config.boot.kernel_path: {} is not an ELF vmlinux, the format Firecracker boots",
+                k.display()
+            )));
+        }
+        Err(e) => {
+            return Err(BackendError::Unsupported(format!(
+                "config.boot.kernel_path: cannot read {}: {e}",
+                k.display()
+            )));
+        }
+    }
+    if spec.cpu.vcpus > MAX_VCPUS {
+        return Err(BackendError::Unsupported(format!("config.cpu.vcpu_count: Firecracker runs at most {MAX_VCPUS}")));
+    }
+    if spec.cpu.max_vcpus > spec.cpu.vcpus {
+        return Err(BackendError::Unsupported(
+            "config.cpu.max_vcpu_count: Firecracker cannot hotplug vCPUs; set it to 0 or to vcpu_count".into(),
+        ));
+    }
+    if spec.memory.hotplug {
+        return Err(BackendError::Unsupported(
+            "config.memory.hotplug_enabled: the firecracker backend does not hotplug memory; set it to false".into(),
+        ));
+    }
+    for (i, n) in spec.network.iter().enumerate() {
+        if n.tap.is_empty() {
+            return Err(BackendError::Unsupported(format!(
+                "config.network[{i}].tap_device: metald does not create TAP devices yet; name an existing one"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl FirecrackerBackend {
+    /// Finds Firecracker (and the jailer when enabled) and reads its version.
+    pub async fn start(
+        settings: &FirecrackerSettings,
+        exits: ExitSink,
+        stop: CancellationToken,
+    ) -> std::result::Result<FirecrackerBackend, String> {
+        let binary = process::resolve_binary(&settings.binary).ok_or_else(|| {
+            format!("Firecracker binary {:?} not found (set UNKEY_METALD_FIRECRACKER_BINARY)", settings.binary)
+        })?;
+        let binary = std::fs::canonicalize(&binary).unwrap_or(binary);
+        let jailer =
+            match &settings.jailer {
+                None => None,
+                Some(j) => Some(process::resolve_binary(&j.binary).ok_or_else(|| {
+                    format!("jailer binary {:?} not found (set UNKEY_METALD_JAILER_BINARY)", j.binary)
+                })?),
+            };
+        let version = super::host::binary_version(&binary).await?;
+        info!(binary = %binary.display(), version = %version, jailer = jailer.is_some(), "Firecracker backend ready");
+        Ok(FirecrackerBackend {
+            settings: settings.clone(),
+            binary,
+            jailer,
+            version,
+            exits,
+            stop,
+            metrics: Arc::default(),
+        })
+    }
+
+    fn layout(&self, vm: &VmContext<'_>) -> Layout {
+        Layout::new(&self.settings, &self.binary, vm)
+    }
+
+    fn client(&self, layout: &Layout) -> crate::backend::uds_http::UdsClient {
+        layout.client(self.settings.api_timeout)
+    }
+
+    async fn action(&self, layout: &Layout, rt: &Runtime, action_type: ActionType) -> Result<()> {
+        checked(
+            self.client(layout).put("/actions", &InstanceActionInfo { action_type }).await,
+            ProcessId::from_runtime(rt),
+            layout,
+        )
+        .await
+    }
+
+    async fn set_state(&self, layout: &Layout, rt: &Runtime, state: VmRunState) -> Result<()> {
+        checked(self.client(layout).patch("/vm", &Vm { state }).await, ProcessId::from_runtime(rt), layout).await
+    }
+
+    /// Starts a configured Firecracker and watches it; returns its runtime.
+    async fn launch(&self, vm: &VmContext<'_>, layout: &Layout) -> Result<(Runtime, InstanceInfo)> {
+        let started = vmm::start(&self.settings, &self.binary, self.jailer.as_deref(), vm, layout).await?;
+        let pid = started.pid;
+        lock(&self.metrics).insert(vm.id.clone(), MetricsAcc { pid: pid.pid, ..MetricsAcc::default() });
+        watch_exit(vm.id.clone(), pid.pid, Watched::Child(started.child), self.exits.clone(), self.stop.clone());
+        let mut extra = BTreeMap::new();
+        extra.insert("firecracker_version".into(), started.info.vmm_version.clone());
+        extra.insert("vmm_log".into(), layout.vmm_log.display().to_string());
+        extra.insert("metrics_file".into(), layout.host_file(METRICS_FILE).display().to_string());
+        if let Some(j) = &layout.jail {
+            extra.insert("jail_root".into(), j.root.display().to_string());
+        }
+        let rt = Runtime {
+            pid: Some(pid.pid),
+            pid_start_ticks: Some(pid.start_ticks),
+            api_socket: Some(layout.socket.clone()),
+            console_log: Some(layout.console_log.clone()),
+            booted_at: None,
+            extra,
+        };
+        Ok((rt, started.info))
+    }
+
+    /// Forgets a VM's process: socket, counters, jail and cgroups.
+    fn release(&self, vm: &VmContext<'_>, layout: &Layout) {
+        lock(&self.metrics).remove(vm.id);
+        remove_quiet(&layout.socket);
+        if let (Some(j), Some(js)) = (&layout.jail, &self.settings.jailer) {
+            j.remove();
+            j.remove_cgroups(js);
+        }
+    }
+
+    /// Asks the guest to reboot (which ends Firecracker) and waits up to
+    /// `grace`; then SIGKILL.
+    async fn stop_process(
+        &self,
+        vm: &VmContext<'_>,
+        layout: &Layout,
+        rt: &Runtime,
+        grace: Option<Duration>,
+    ) -> Result<()> {
+        let Some(pid) = ProcessId::from_runtime(rt).filter(ProcessId::is_alive) else {
+            return Ok(());
+        };
+        if let Some(grace) = grace {
+            let asked = async {
+                let info: InstanceInfo = checked(self.client(layout).get("/").await, Some(pid), layout).await?;
+                if info.state == "Paused" {
+                    self.set_state(layout, rt, VmRunState::Resumed).await?;
+                }
+                self.action(layout, rt, ActionType::SendCtrlAltDel).await
+            }
+            .await;
+            match asked {
+                Ok(()) if pid.wait_gone(grace).await => return Ok(()),
+                Ok(()) => {
+                    info!(vm_id = %vm.id, grace_secs = grace.as_secs(), "guest did not stop in time; killing Firecracker")
+                }
+                Err(e) => warn!(vm_id = %vm.id, error = %e, "could not send Ctrl+Alt+Del; killing Firecracker"),
+            }
+        }
+        pid.kill().await
+    }
+
+    /// Reads the metrics lines written since the last read.
+    fn read_metrics(path: &Path, acc: &mut MetricsAcc) -> std::io::Result<()> {
+        let mut f = std::fs::File::open(path)?;
+        f.seek(SeekFrom::Start(acc.offset))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        let Some(end) = buf.iter().rposition(|b| *b == b'\n') else { return Ok(()) };
+        for line in buf[..end].split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            match serde_json::from_slice::<MetricsLine>(line) {
+                Ok(m) => acc.totals.add(&m),
+                Err(e) => debug!(error = %e, "unparsable Firecracker metrics line"),
+            }
+        }
+        acc.offset += u64::try_from(end + 1).unwrap_or(0);
+        Ok(())
+    }
+
+    async fn device_counters(
+        &self,
+        vm: &VmContext<'_>,
+        layout: &Layout,
+        rt: &Runtime,
+        pid: u32,
+    ) -> Result<MetricsLine> {
+        let flush = {
+            let mut m = lock(&self.metrics);
+            let acc = m.entry(vm.id.clone()).or_default();
+            if acc.pid != pid {
+                *acc = MetricsAcc { pid, ..MetricsAcc::default() };
+            }
+            acc.last_flush.is_none_or(|t| t.elapsed() >= FLUSH_INTERVAL)
+        };
+        if flush {
+            self.action(layout, rt, ActionType::FlushMetrics).await?;
+        }
+        let path = layout.host_file(METRICS_FILE);
+        let mut m = lock(&self.metrics);
+        let acc = m.entry(vm.id.clone()).or_default();
+        if flush {
+            acc.last_flush = Some(Instant::now());
+        }
+        Self::read_metrics(&path, acc).map_err(|e| BackendError::io(format!("reading {}", path.display()), e))?;
+        Ok(acc.totals)
+    }
+}
+
+#[async_trait]
+impl Backend for FirecrackerBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Firecracker
+    }
+
+    fn check(&self, spec: &VmSpec) -> Result<()> {
+        check_spec(spec)
+    }
+
+    async fn create(&self, vm: &VmContext<'_>) -> Result<Runtime> {
+        let layout = self.layout(vm);
+        let (rt, info) = self.launch(vm, &layout).await?;
+        debug!(vm_id = %vm.id, pid = ?rt.pid, state = %info.state, "Firecracker started");
+        Ok(rt)
+    }
+
+    async fn boot(&self, vm: &VmContext<'_>, rt: &mut Runtime) -> Result<()> {
+        self.action(&self.layout(vm), rt, ActionType::InstanceStart).await?;
+        rt.booted_at = Some(unix_now());
+        Ok(())
+    }
+
+    async fn pause(&self, vm: &VmContext<'_>, rt: &mut Runtime) -> Result<()> {
+        self.set_state(&self.layout(vm), rt, VmRunState::Paused).await
+    }
+
+    async fn resume(&self, vm: &VmContext<'_>, rt: &mut Runtime) -> Result<()> {
+        self.set_state(&self.layout(vm), rt, VmRunState::Resumed).await
+    }
+
+    async fn reboot(&self, vm: &VmContext<'_>, rt: &mut Runtime, force: bool) -> Result<()> {
+        let layout = self.layout(vm);
+        self.stop_process(vm, &layout, rt, (!force).then_some(REBOOT_GRACE)).await?;
+        remove_quiet(&layout.socket);
+        let (mut new_rt, _) = self.launch(vm, &layout).await?;
+        if let Err(e) = self.action(&layout, &new_rt, ActionType::InstanceStart).await {
+            if let Some(p) = ProcessId::from_runtime(&new_rt) {
+                let _ = p.kill().await;
+            }
+            return Err(e);
+        }
+        let restarts = rt.extra.get("restarts").and_then(|r| r.parse::<u64>().ok()).unwrap_or(0) + 1;
+        new_rt.extra.insert("restarts".into(), restarts.to_string());
+        new_rt.booted_at = Some(unix_now());
+        info!(vm_id = %vm.id, old_pid = ?rt.pid, new_pid = ?new_rt.pid, "Firecracker restarted for reboot");
+        *rt = new_rt;
+        Ok(())
+    }
+
+    async fn shutdown(&self, vm: &VmContext<'_>, rt: &Runtime, mode: StopMode) -> Result<()> {
+        let layout = self.layout(vm);
+        let grace = match mode {
+            StopMode::Graceful { timeout } => Some(timeout),
+            StopMode::Force => None,
+        };
+        let result = self.stop_process(vm, &layout, rt, grace).await;
+        self.release(vm, &layout);
+        result
+    }
+
+    async fn delete(&self, vm: &VmContext<'_>, rt: Option<&Runtime>) -> Result<()> {
+        let layout = self.layout(vm);
+        let result = match rt.and_then(ProcessId::from_runtime) {
+            Some(pid) => pid.kill().await,
+            None => Ok(()),
+        };
+        self.release(vm, &layout);
+        result
+    }
+
+    async fn reap(&self, vm: &VmContext<'_>, _rt: &Runtime) -> Result<()> {
+        self.release(vm, &self.layout(vm));
+        Ok(())
+    }
+
+    async fn usage(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<Usage> {
+        let pid = ProcessId::from_runtime(rt)
+            .ok_or_else(|| BackendError::Failed(format!("no Firecracker process recorded for VM {}", vm.id)))?;
+        let stat =
+            pid.stat().ok_or_else(|| BackendError::Failed(format!("Firecracker process {} has exited", pid.pid)))?;
+        let memory_bytes =
+            process::rss_bytes(pid.pid).map_err(|e| BackendError::io(format!("reading /proc/{}/statm", pid.pid), e))?;
+        let mut usage = Usage { cpu_time_ns: process::cpu_time_ns(&stat), memory_bytes, ..Usage::default() };
+        // Not booted: no devices run, and Firecracker refuses FlushMetrics.
+        if rt.booted_at.is_some() && !(vm.spec.storage.is_empty() && vm.spec.network.is_empty()) {
+            let m = self.device_counters(vm, &self.layout(vm), rt, pid.pid).await?;
+            usage.disk_read_bytes = m.block.read_bytes;
+            usage.disk_write_bytes = m.block.write_bytes;
+            usage.disk_read_ops = m.block.read_count;
+            usage.disk_write_ops = m.block.write_count;
+            usage.net_rx_bytes = m.net.rx_bytes_count;
+            usage.net_tx_bytes = m.net.tx_bytes_count;
+            usage.net_rx_packets = m.net.rx_packets_count;
+            usage.net_tx_packets = m.net.tx_packets_count;
+        }
+        Ok(usage)
+    }
+
+    async fn reattach(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<bool> {
+        let Some(pid) = ProcessId::from_runtime(rt).filter(ProcessId::is_alive) else {
+            return Ok(false);
+        };
+        // A live pid with the recorded start time is ours unless its command
+        // line names another VM: Firecracker gets `--id <vm id>` (the jailer
+        // passes `--id=<vm id>`).
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.pid)).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let id = vm.id.as_str().as_bytes();
+        let joined = format!("--id={}", vm.id);
+        let names_vm = args.windows(2).any(|w| w[0] == b"--id" && w[1] == id) || args.contains(&joined.as_bytes());
+        if !names_vm {
+            warn!(vm_id = %vm.id, pid = pid.pid, "recorded pid runs something else; not reattaching");
+            return Ok(false);
+        }
+        watch_exit(vm.id.clone(), pid.pid, Watched::Pid(pid), self.exits.clone(), self.stop.clone());
+        debug!(vm_id = %vm.id, pid = pid.pid, "reattached to Firecracker");
+        Ok(true)
+    }
+
+    async fn health(&self) -> BackendHealth {
+        let mut missing: Vec<String> = Vec::new();
+        for b in std::iter::once(&self.binary).chain(self.jailer.as_ref()) {
+            if !b.is_file() {
+                missing.push(format!("{} is gone", b.display()));
+            }
+        }
+        let jail = match &self.settings.jailer {
+            Some(j) => format!(
+                "jailer {} (uid {}, gid {}, chroot {})",
+                self.jailer.as_deref().map(Path::display).map(|d| d.to_string()).unwrap_or_default(),
+                j.uid,
+                j.gid,
+                j.chroot_base.display()
+            ),
+            None => "no jailer".into(),
+        };
+        BackendHealth {
+            ok: missing.is_empty(),
+            version: self.version.clone(),
+            detail: if missing.is_empty() { format!("{}, {jail}", self.binary.display()) } else { missing.join("; ") },
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_refuses_what_firecracker_cannot_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        let elf = dir.path().join("vmlinux");
+        std::fs::write(&elf, b"\x7fELF\x02\x01\x01\x00").unwrap();
+        let bz = dir.path().join("bzImage");
+        let mut b = vec![0u8; 0x300];
+        b[0x202..0x206].copy_from_slice(b"HdrS");
+        std::fs::write(&bz, b).unwrap();
+        let mut spec = VmSpec::default();
+        spec.cpu.vcpus = 1;
+        spec.boot.kernel = elf;
+        assert!(check_spec(&spec).is_ok());
+        let mut s = spec.clone();
+        s.boot.kernel = bz;
+        let e = check_spec(&s).unwrap_err();
+        assert!(e.to_string().contains("is a bzImage"), "{e}");
+        assert_eq!(e.code(), crate::error::Code::InvalidArgument);
+        let mut s = spec;
+        s.network.push(Default::default());
+        assert!(check_spec(&s).unwrap_err().to_string().starts_with("config.network[0].tap_device"));
+    }
+
+    #[test]
+    fn metrics_are_summed_incrementally() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.json");
+        std::fs::write(&p, "{\"block\":{\"read_bytes\":3}}\n{\"block\":{\"read_bytes\":4}}\n{\"block\":").unwrap();
+        let mut acc = MetricsAcc::default();
+        FirecrackerBackend::read_metrics(&p, &mut acc).unwrap();
+        assert_eq!(acc.totals.block.read_bytes, 7);
+        let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        std::io::Write::write_all(&mut f, b"{\"read_bytes\":10}}\n").unwrap();
+        FirecrackerBackend::read_metrics(&p, &mut acc).unwrap();
+        assert_eq!(acc.totals.block.read_bytes, 17, "the partial line is read once complete");
+    }
+}

@@ -1,0 +1,315 @@
+//! Starting and configuring one Firecracker process: where its files live
+//! ([`Layout`], jail-aware), the pre-boot requests derived from a VM spec
+//! ([`Plan`]), and [`start`], which spawns the process, waits for its API
+//! socket and sends the plan. Used at create and again at every reboot
+//! (Firecracker exits when its guest reboots), so a restarted VMM gets
+//! exactly the same configuration.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::process::Child;
+use tracing::{debug, warn};
+
+use super::api::{
+    BootSource, Drive, FullVmConfiguration, InstanceInfo, LogLevel, Logger, MachineConfiguration, Metrics,
+    NetworkInterface, RateLimiter, fault_message,
+};
+use super::config::FirecrackerSettings;
+use super::jailer::{JAILED_SOCKET, Jail};
+use crate::backend::process::{self, ProcessId, log_tail, remove_quiet};
+use crate::backend::uds_http::{ApiError, UdsClient};
+use crate::backend::{BackendError, Result, VmContext};
+use crate::core::spec::VmSpec;
+
+/// How long a new Firecracker may take to serve its API.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// `sun_path` holds 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+/// Boot arguments Firecracker guests need: the serial console (Firecracker
+/// writes it to its stdout), `reboot=k` so a guest reboot ends the VMM,
+/// `panic=1` so a panicking guest reboots (and so ends) at once.
+const REQUIRED_ARGS: [(&str, &str); 3] =
+    [("console=", "console=ttyS0"), ("reboot=", "reboot=k"), ("panic=", "panic=1")];
+
+pub const LOG_FILE: &str = "firecracker.log";
+pub const METRICS_FILE: &str = "metrics.json";
+
+/// Where a VM's Firecracker files are, on the host and as the VMM sees them.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub dir: PathBuf,
+    /// Host path of the API socket.
+    pub socket: PathBuf,
+    /// The guest serial console (Firecracker's stdout).
+    pub console_log: PathBuf,
+    /// Firecracker's (or the jailer's) stderr.
+    pub vmm_log: PathBuf,
+    pub jail: Option<Jail>,
+}
+
+impl Layout {
+    pub fn new(settings: &FirecrackerSettings, binary: &Path, vm: &VmContext<'_>) -> Layout {
+        let jail = settings.jailer.as_ref().map(|j| Jail::new(j, binary, vm.id));
+        let socket = match &jail {
+            Some(j) => j.host_path(JAILED_SOCKET),
+            None => vm.dir.join("firecracker.sock"),
+        };
+        Layout {
+            dir: vm.dir.clone(),
+            socket,
+            console_log: vm.dir.join("console.log"),
+            vmm_log: vm.dir.join("vmm.log"),
+            jail,
+        }
+    }
+
+    /// Host path of a file Firecracker opens itself (log, metrics).
+    pub fn host_file(&self, name: &str) -> PathBuf {
+        match &self.jail {
+            Some(j) => j.host_path(name),
+            None => self.dir.join(name),
+        }
+    }
+
+    /// The path Firecracker is given for a host file: the file itself, or
+    /// its name inside the jail.
+    fn api_path(&self, host: &Path, jailed_name: &str) -> String {
+        match &self.jail {
+            Some(_) => format!("/{jailed_name}"),
+            None => host.display().to_string(),
+        }
+    }
+
+    pub fn client(&self, timeout: Duration) -> UdsClient {
+        UdsClient::new(&self.socket, "firecracker", timeout, fault_message)
+    }
+}
+
+/// The pre-boot requests for one VM, in the order they are sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub logger: Logger,
+    pub metrics: Metrics,
+    pub machine: MachineConfiguration,
+    pub boot: BootSource,
+    pub drives: Vec<Drive>,
+    pub nics: Vec<NetworkInterface>,
+    /// Files to put into the jail: (host source, jailed name, writable).
+    pub jail_files: Vec<(PathBuf, String, bool)>,
+}
+
+/// The kernel command line with Firecracker's required arguments added
+/// when the spec does not set them.
+pub fn boot_args(spec_args: &str) -> String {
+    let mut args: Vec<&str> = spec_args.split_whitespace().collect();
+    for (key, arg) in REQUIRED_ARGS {
+        if !args.iter().any(|a| a.starts_with(key)) {
+            args.push(arg);
+        }
+    }
+    args.join(" ")
+}
+
+impl Plan {
+    pub fn new(spec: &VmSpec, layout: &Layout) -> Plan {
+        let mut jail_files = Vec::new();
+        let mut place = |host: &Path, name: String, writable: bool| {
+            jail_files.push((host.to_path_buf(), name.clone(), writable));
+            layout.api_path(host, &name)
+        };
+        let kernel = place(&spec.boot.kernel, "vmlinux".into(), false);
+        let initrd = spec.boot.initrd.as_ref().map(|p| place(p, "initrd".into(), false));
+        let drives = spec
+            .storage
+            .iter()
+            .map(|d| Drive {
+                drive_id: d.id.clone(),
+                path_on_host: place(&d.path, format!("drive-{}", d.id), !d.read_only),
+                is_root_device: d.is_root,
+                is_read_only: d.read_only,
+                rate_limiter: None,
+            })
+            .collect();
+        let nics = spec
+            .network
+            .iter()
+            .map(|n| NetworkInterface {
+                iface_id: n.id.clone(),
+                host_dev_name: n.tap.clone(),
+                guest_mac: (!n.mac.is_empty()).then(|| n.mac.clone()),
+                rx_rate_limiter: RateLimiter::from_spec(n.rx_rate_limit.as_ref()),
+                tx_rate_limiter: RateLimiter::from_spec(n.tx_rate_limit.as_ref()),
+            })
+            .collect();
+        Plan {
+            logger: Logger {
+                log_path: layout.api_path(&layout.host_file(LOG_FILE), LOG_FILE),
+                level: LogLevel::Info,
+                show_level: true,
+                show_log_origin: false,
+            },
+            metrics: Metrics { metrics_path: layout.api_path(&layout.host_file(METRICS_FILE), METRICS_FILE) },
+            machine: MachineConfiguration {
+                vcpu_count: spec.vcpus(),
+                mem_size_mib: spec.memory_bytes() >> 20,
+                smt: false,
+            },
+            boot: BootSource {
+                kernel_image_path: kernel,
+                initrd_path: initrd,
+                boot_args: Some(boot_args(&spec.boot.kernel_args)),
+            },
+            drives,
+            nics,
+            jail_files,
+        }
+    }
+}
+
+/// A started and configured (not yet booted) Firecracker.
+pub struct Started {
+    pub child: Child,
+    pub pid: ProcessId,
+    pub info: InstanceInfo,
+}
+
+/// `r` with an API failure mapped to a backend error (naming a VMM that died).
+pub async fn checked<T>(r: std::result::Result<T, ApiError>, pid: Option<ProcessId>, layout: &Layout) -> Result<T> {
+    crate::backend::uds_http::checked(r, "Firecracker", pid, &layout.vmm_log).await
+}
+
+fn tail_suffix(tail: &str) -> String {
+    if tail.is_empty() { String::new() } else { format!(" ({tail})") }
+}
+
+/// Spawns Firecracker (directly or under the jailer), waits for its API and
+/// sends the pre-boot configuration. On failure nothing is left running.
+pub async fn start(
+    settings: &FirecrackerSettings,
+    binary: &Path,
+    jailer: Option<&Path>,
+    vm: &VmContext<'_>,
+    layout: &Layout,
+) -> Result<Started> {
+    if layout.socket.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(BackendError::Unavailable(format!(
+            "API socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter UNKEY_METALD_DATA_DIR \
+             or UNKEY_METALD_JAILER_CHROOT_DIR",
+            layout.socket.display()
+        )));
+    }
+    let plan = Plan::new(vm.spec, layout);
+    remove_quiet(&layout.socket);
+    let (program, args): (&Path, Vec<OsString>) = match (&layout.jail, settings.jailer.as_ref(), jailer) {
+        (Some(jail), Some(js), Some(jailer)) => {
+            jail.prepare(js, &plan.jail_files, &[LOG_FILE, METRICS_FILE])?;
+            (jailer, jail.args(js, binary, vm.spec))
+        }
+        _ => {
+            for f in [LOG_FILE, METRICS_FILE] {
+                let p = layout.host_file(f);
+                std::fs::File::create(&p).map_err(|e| BackendError::io(format!("creating {}", p.display()), e))?;
+            }
+            let args = vec!["--api-sock".into(), layout.socket.clone().into(), "--id".into(), vm.id.as_str().into()];
+            (binary, args)
+        }
+    };
+    let printable: Vec<String> = std::iter::once(program.display().to_string())
+        .chain(args.iter().map(|a| a.to_string_lossy().into_owned()))
+        .collect();
+    let args_file = layout.dir.join("firecracker.args");
+    std::fs::write(&args_file, serde_json::to_string(&printable).unwrap_or_default())
+        .map_err(|e| BackendError::io(format!("writing {}", args_file.display()), e))?;
+
+    let mut child = process::spawn_detached_split(program, &args, &layout.dir, &layout.console_log, &layout.vmm_log)?;
+    let result = async {
+        let pid = child.id().ok_or_else(|| BackendError::Failed("Firecracker exited at once".into()))?;
+        let pid = ProcessId::of(pid).map_err(|e| BackendError::io(format!("reading /proc/{pid}/stat"), e))?;
+        let client = layout.client(settings.api_timeout);
+        wait_for_api(&mut child, &client, layout).await?;
+        let info = checked(configure(&client, &plan).await, Some(pid), layout).await?;
+        Ok((pid, info))
+    }
+    .await;
+    match result {
+        Ok((pid, info)) => {
+            debug!(vm_id = %vm.id, pid = pid.pid, version = %info.vmm_version, "Firecracker configured");
+            Ok(Started { child, pid, info })
+        }
+        Err(e) => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            remove_quiet(&layout.socket);
+            if let Some(j) = &layout.jail {
+                j.remove();
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Polls until `GET /` answers; fails early when the process exits.
+async fn wait_for_api(child: &mut Child, client: &UdsClient, layout: &Layout) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    let probe = client.with_timeout(Duration::from_secs(1));
+    let mut last = String::from("socket not created");
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(BackendError::Failed(format!(
+                "Firecracker exited during start ({status}){}",
+                tail_suffix(&log_tail(&layout.vmm_log, 5))
+            )));
+        }
+        if layout.socket.exists() {
+            match probe.get::<InstanceInfo>("/").await {
+                Ok(_) => return Ok(()),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(BackendError::Timeout(format!(
+                "Firecracker did not serve its API within {} s ({last}){}",
+                START_TIMEOUT.as_secs(),
+                tail_suffix(&log_tail(&layout.vmm_log, 5))
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Sends the plan, then reads back `GET /vm/config` and `GET /`.
+async fn configure(client: &UdsClient, plan: &Plan) -> std::result::Result<InstanceInfo, ApiError> {
+    client.put("/logger", &plan.logger).await?;
+    client.put("/metrics", &plan.metrics).await?;
+    client.put("/machine-config", &plan.machine).await?;
+    client.put("/boot-source", &plan.boot).await?;
+    for d in &plan.drives {
+        client.put(&format!("/drives/{}", d.drive_id), d).await?;
+    }
+    for n in &plan.nics {
+        client.put(&format!("/network-interfaces/{}", n.iface_id), n).await?;
+    }
+    let applied: FullVmConfiguration = client.get("/vm/config").await?;
+    let machine = applied.machine_config.as_ref().map(|m| (m.vcpu_count, m.mem_size_mib));
+    if machine != Some((plan.machine.vcpu_count, plan.machine.mem_size_mib))
+        || applied.drives.len() != plan.drives.len()
+        || applied.network_interfaces.len() != plan.nics.len()
+    {
+        warn!(?applied, "Firecracker reports a configuration different from the one sent");
+    }
+    client.get("/").await
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn required_boot_args_are_added_once() {
+        assert_eq!(boot_args(""), "console=ttyS0 reboot=k panic=1");
+        assert_eq!(boot_args("quiet console=hvc0 panic=5"), "quiet console=hvc0 panic=5 reboot=k");
+    }
+}

@@ -1,0 +1,360 @@
+//! VMM process helpers shared by the hypervisor backends (QEMU now,
+//! Firecracker and Cloud Hypervisor later).
+//!
+//! - [`ProcessId`]: a pid together with its start time from
+//!   `/proc/<pid>/stat`, so a recycled pid is never mistaken for our VMM;
+//!   liveness, signals and bounded waits go through it.
+//! - [`spawn_detached`]: starts a VMM in its own process group with stdin
+//!   closed and stdout/stderr appended to a log file. A new process group is
+//!   enough for VMs to outlive metald: a terminal's Ctrl-C (SIGINT to the
+//!   foreground group) and metald's own exit do not reach them. (Under
+//!   systemd the unit needs `KillMode=process`, otherwise stopping metald
+//!   kills its whole cgroup, VMs included.)
+//! - [`watch_exit`]: a task that reports a VMM's end on the [`ExitSink`]
+//!   within ~250 ms — by `wait()`ing on a child we spawned, or by polling
+//!   `/proc` for a process found again after a metald restart (not our
+//!   child, so it cannot be waited on; pidfds would need `unsafe` here).
+//! - Usage from procfs: [`cpu_time_ns`], [`rss_bytes`].
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use nix::unistd::{Pid, SysconfVar, sysconf};
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::{BackendError, ExitEvent, ExitSink, Runtime};
+use crate::core::spec::VmId;
+
+/// How often a non-child process is checked for having ended.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The fields of `/proc/<pid>/stat` metald uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStat {
+    /// Field 3: R, S, D, Z (zombie), X (dead), ...
+    pub state: char,
+    /// Field 14, clock ticks in user mode.
+    pub utime: u64,
+    /// Field 15, clock ticks in kernel mode.
+    pub stime: u64,
+    /// Field 22, start time in clock ticks since boot.
+    pub start_ticks: u64,
+}
+
+impl ProcStat {
+    /// Whether the process has ended (a zombie counts: it runs no more).
+    pub fn is_dead(&self) -> bool {
+        matches!(self.state, 'Z' | 'X' | 'x')
+    }
+}
+
+/// Parses the text of `/proc/<pid>/stat`. The command name (field 2) may
+/// contain spaces and parentheses, so fields are counted after its last `)`.
+pub fn parse_stat(text: &str) -> Option<ProcStat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    // `rest` starts at field 3.
+    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
+    let field = |n: usize| fields.get(n - 3).copied();
+    Some(ProcStat {
+        state: field(3)?.chars().next()?,
+        utime: field(14)?.parse().ok()?,
+        stime: field(15)?.parse().ok()?,
+        start_ticks: field(22)?.parse().ok()?,
+    })
+}
+
+pub fn read_stat(pid: u32) -> std::io::Result<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_stat(&text).ok_or_else(|| std::io::Error::other(format!("unparsable /proc/{pid}/stat")))
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
+pub fn clk_tck() -> u64 {
+    static TCK: OnceLock<u64> = OnceLock::new();
+    *TCK.get_or_init(|| sysconf_u64(SysconfVar::CLK_TCK).unwrap_or(100))
+}
+
+fn page_size() -> u64 {
+    static PAGE: OnceLock<u64> = OnceLock::new();
+    *PAGE.get_or_init(|| sysconf_u64(SysconfVar::PAGE_SIZE).unwrap_or(4096))
+}
+
+fn sysconf_u64(var: SysconfVar) -> Option<u64> {
+    sysconf(var).ok().flatten().and_then(|v| u64::try_from(v).ok()).filter(|v| *v > 0)
+}
+
+/// User plus system CPU time of a process, in nanoseconds.
+pub fn cpu_time_ns(stat: &ProcStat) -> u64 {
+    let ticks = u128::from(stat.utime) + u128::from(stat.stime);
+    u64::try_from(ticks * 1_000_000_000 / u128::from(clk_tck())).unwrap_or(u64::MAX)
+}
+
+/// Resident set size of a process, from `/proc/<pid>/statm`.
+pub fn rss_bytes(pid: u32) -> std::io::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/statm"))?;
+    let pages: u64 = text
+        .split_ascii_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("unparsable /proc/{pid}/statm")))?;
+    Ok(pages.saturating_mul(page_size()))
+}
+
+/// A process identified by pid and start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessId {
+    pub pid: u32,
+    pub start_ticks: u64,
+}
+
+impl ProcessId {
+    /// Identifies the live process `pid`.
+    pub fn of(pid: u32) -> std::io::Result<ProcessId> {
+        let stat = read_stat(pid)?;
+        Ok(ProcessId { pid, start_ticks: stat.start_ticks })
+    }
+
+    /// The VMM recorded in a runtime, when both pid and start time are known.
+    pub fn from_runtime(rt: &Runtime) -> Option<ProcessId> {
+        Some(ProcessId { pid: rt.pid?, start_ticks: rt.pid_start_ticks? })
+    }
+
+    /// Current stat of this very process; `None` once it ended or the pid
+    /// belongs to another process.
+    pub fn stat(&self) -> Option<ProcStat> {
+        read_stat(self.pid).ok().filter(|s| s.start_ticks == self.start_ticks && !s.is_dead())
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.stat().is_some()
+    }
+
+    /// Sends `sig` if the process is still ours and alive; returns whether
+    /// it was sent.
+    pub fn signal(&self, sig: Signal) -> bool {
+        if !self.is_alive() {
+            return false;
+        }
+        let Ok(pid) = i32::try_from(self.pid) else { return false };
+        nix::sys::signal::kill(Pid::from_raw(pid), sig).is_ok()
+    }
+
+    /// Waits up to `timeout` for the process to end; returns whether it did.
+    pub async fn wait_gone(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if !self.is_alive() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILLs the process and waits for it to be gone.
+    pub async fn kill(&self) -> Result<(), BackendError> {
+        self.signal(Signal::SIGKILL);
+        if self.wait_gone(Duration::from_secs(10)).await {
+            Ok(())
+        } else {
+            Err(BackendError::Failed(format!("process {} survived SIGKILL for 10 s", self.pid)))
+        }
+    }
+}
+
+/// Finds an executable: `name` itself when it contains a `/`, otherwise
+/// the first match in `PATH`.
+pub fn resolve_binary(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable =
+        |p: &Path| std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false);
+    if name.contains('/') {
+        let p = PathBuf::from(name);
+        return executable(&p).then_some(p);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| executable(p))
+}
+
+/// Starts `program` in `cwd` in a new process group, stdin from /dev/null,
+/// stdout and stderr appended to `log`.
+pub fn spawn_detached(program: &Path, args: &[OsString], cwd: &Path, log: &Path) -> Result<Child, BackendError> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| BackendError::io(format!("opening {}", log.display()), e))?;
+    let err = out.try_clone().map_err(|e| BackendError::io(format!("opening {}", log.display()), e))?;
+    Command::new(program)
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .process_group(0)
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|e| BackendError::io(format!("starting {}", program.display()), e))
+}
+
+/// Like [`spawn_detached`], but stdout and stderr are appended to separate
+/// files (Firecracker writes the guest's serial console to its stdout).
+pub fn spawn_detached_split(
+    program: &Path,
+    args: &[OsString],
+    cwd: &Path,
+    stdout: &Path,
+    stderr: &Path,
+) -> Result<Child, BackendError> {
+    let open = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map_err(|e| BackendError::io(format!("opening {}", p.display()), e))
+    };
+    Command::new(program)
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(open(stdout)?))
+        .stderr(Stdio::from(open(stderr)?))
+        .process_group(0)
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|e| BackendError::io(format!("starting {}", program.display()), e))
+}
+
+/// The last `max_lines` non-empty lines of a log file, joined with "; ",
+/// for error messages. Empty when the file is missing.
+pub fn log_tail(path: &Path, max_lines: usize) -> String {
+    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    lines[lines.len().saturating_sub(max_lines)..].join("; ")
+}
+
+/// Removes a file, ignoring "not found"; other errors are logged.
+pub fn remove_quiet(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        debug!(path = %path.display(), error = %e, "could not remove file");
+    }
+}
+
+/// How a watcher learns that a VMM ended.
+pub enum Watched {
+    /// A process we spawned: `wait()` on it (this also reaps it).
+    Child(Child),
+    /// A process found again after a restart: poll `/proc`.
+    Pid(ProcessId),
+}
+
+/// Reports the end of a VMM on `sink` as `ExitEvent { vm_id, pid }`.
+/// Stops silently when `stop` is cancelled (daemon shutdown); the child, if
+/// any, is left running.
+pub fn watch_exit(vm_id: VmId, pid: u32, watched: Watched, sink: ExitSink, stop: CancellationToken) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let detail = match watched {
+            Watched::Child(mut child) => tokio::select! {
+                _ = stop.cancelled() => return,
+                status = child.wait() => match status {
+                    Ok(s) => format!("VMM process {pid} ended ({s})"),
+                    Err(e) => format!("VMM process {pid}: wait failed: {e}"),
+                },
+            },
+            Watched::Pid(id) => loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(POLL_INTERVAL) => {}
+                }
+                if !id.is_alive() {
+                    break format!("VMM process {pid} ended");
+                }
+            },
+        };
+        debug!(vm_id = %vm_id, pid, detail = %detail, "VMM exit noticed");
+        // The receiver is gone only when the daemon is shutting down.
+        let _ = sink.send(ExitEvent { vm_id, pid: Some(pid), detail });
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_with_awkward_command_names() {
+        let line = "4242 (qemu (x) 1) S 1 4242 4242 0 -1 4194560 100 0 0 0 \
+                    250 50 0 0 20 0 3 0 987654 1000 100 18446744073709551615";
+        let s = parse_stat(line).unwrap();
+        assert_eq!(s, ProcStat { state: 'S', utime: 250, stime: 50, start_ticks: 987_654 });
+        assert!(!s.is_dead());
+        assert!(parse_stat("1 (x) Z 1 2").is_none());
+        assert!(parse_stat("garbage").is_none());
+    }
+
+    #[test]
+    fn own_process_is_identified_and_alive() {
+        let me = ProcessId::of(std::process::id()).unwrap();
+        assert!(me.is_alive());
+        let recycled = ProcessId { start_ticks: me.start_ticks + 1, ..me };
+        assert!(!recycled.is_alive(), "a different start time is another process");
+        assert!(rss_bytes(me.pid).unwrap() > 0);
+        assert!(clk_tck() > 0);
+    }
+
+    #[test]
+    fn binaries_are_resolved_in_path_or_as_given() {
+        assert!(resolve_binary("sh").is_some());
+        assert_eq!(resolve_binary("/bin/sh"), Some(PathBuf::from("/bin/sh")));
+        assert!(resolve_binary("metald-no-such-binary").is_none());
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"x").unwrap();
+        assert!(resolve_binary(plain.to_str().unwrap()).is_none(), "not executable");
+    }
+
+    #[test]
+    fn log_tail_keeps_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log");
+        std::fs::write(&p, "a\n\nb\nc\nd\n").unwrap();
+        assert_eq!(log_tail(&p, 2), "c; d");
+        assert_eq!(log_tail(&dir.path().join("none"), 2), "");
+    }
+
+    #[tokio::test]
+    async fn watcher_reports_child_exit_and_pid_exit() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let id = VmId::parse("w").unwrap();
+
+        let child = spawn_detached(Path::new("sleep"), &["0.2".into()], dir.path(), &log).unwrap();
+        let pid = child.id().unwrap();
+        watch_exit(id.clone(), pid, Watched::Child(child), tx.clone(), CancellationToken::new());
+        let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+        assert_eq!((ev.vm_id, ev.pid), (id.clone(), Some(pid)));
+
+        // A process we do not wait on: killed, then noticed by polling.
+        let mut child = spawn_detached(Path::new("sleep"), &["30".into()], dir.path(), &log).unwrap();
+        let pid = child.id().unwrap();
+        let pid_id = ProcessId::of(pid).unwrap();
+        watch_exit(id.clone(), pid, Watched::Pid(pid_id), tx, CancellationToken::new());
+        pid_id.kill().await.unwrap();
+        let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+        assert_eq!(ev.pid, Some(pid));
+        let _ = child.wait().await;
+    }
+}

@@ -1,0 +1,478 @@
+//! The QEMU `-M microvm` backend (`UNKEY_METALD_BACKEND=qemu`).
+//!
+//! One QEMU process per VM, started paused (`-S`) at create in its own
+//! process group, driven over its QMP socket `<vm dir>/qmp.sock`:
+//!
+//! | operation         | QMP                                                   |
+//! |-------------------|-------------------------------------------------------|
+//! | boot, resume      | `cont`                                                |
+//! | pause             | `stop`                                                |
+//! | reboot            | `system_reset`, forced or not: QMP has no ACPI reboot; the guest restarts and prints its ready marker again |
+//! | graceful shutdown | `system_powerdown` (ACPI power button; a paused guest is resumed first so it can react), wait for the process to exit up to the timeout, then force |
+//! | forced shutdown   | `quit`, SIGKILL if still alive after 3 s               |
+//! | delete            | SIGKILL                                               |
+//!
+//! A guest power-off ends the QEMU process (no `-no-shutdown`), a guest
+//! reset reboots it (no `-no-reboot`). A watcher task per VM reports the
+//! process's end on the exit sink; the core ignores exits it caused itself.
+//! Files per VM: `console.log` (serial), `qemu.log` (QEMU's stdout/stderr),
+//! `qemu.args` (the command line, JSON), `qmp.sock`, `qemu.pid`.
+
+pub mod accel;
+pub mod cmdline;
+pub mod qmp;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::process::Child;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use self::accel::AccelDecision;
+use self::cmdline::VmPaths;
+use self::qmp::{
+    Cont, Qmp, QmpCommand, QmpError, QmpEvent, QueryBlockstats, QueryStatus, Quit, Stop, SystemPowerdown, SystemReset,
+};
+use super::kernel;
+use super::process::{self, ProcessId, Watched, log_tail, remove_quiet, watch_exit};
+use super::{Backend, BackendError, BackendHealth, BackendKind, ExitSink, Result, Runtime, StopMode, Usage, VmContext};
+use crate::config::QemuSettings;
+use crate::core::spec::{VmId, VmSpec};
+use crate::util::unix_now;
+
+/// Bound of every QMP request (and of connecting).
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new QEMU may take to open its QMP socket.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long `quit` may take before SIGKILL.
+const QUIT_GRACE: Duration = Duration::from_secs(3);
+/// `sun_path` holds 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// A VM's QEMU process and its (lazily re-established) QMP connection.
+struct Conn {
+    pid: ProcessId,
+    socket: PathBuf,
+    qmp: tokio::sync::Mutex<Option<Arc<Qmp>>>,
+}
+
+type Conns = Arc<Mutex<HashMap<VmId, Arc<Conn>>>>;
+
+fn lock(c: &Conns) -> std::sync::MutexGuard<'_, HashMap<VmId, Arc<Conn>>> {
+    // Entries are inserted and removed whole; a poisoned map is still valid.
+    c.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub struct QemuBackend {
+    binary: PathBuf,
+    version: String,
+    accel: AccelDecision,
+    exits: ExitSink,
+    /// Cancelled at daemon shutdown: watchers stop, QMP connections close
+    /// (QEMU serves one QMP client at a time, so a successor metald can
+    /// connect); the QEMU processes keep running.
+    stop: CancellationToken,
+    conns: Conns,
+}
+
+fn qmp_error(e: QmpError) -> BackendError {
+    match e {
+        QmpError::Timeout(what) => BackendError::Timeout(format!("QMP {what}")),
+        e => BackendError::Failed(e.to_string()),
+    }
+}
+
+impl QemuBackend {
+    /// Finds QEMU, reads its version and decides the accelerator (which may
+    /// boot a KVM probe guest, see [`accel`]). `work_dir` holds the probe.
+    pub async fn start(
+        settings: &QemuSettings,
+        asset_dirs: &[PathBuf],
+        work_dir: &Path,
+        exits: ExitSink,
+        stop: CancellationToken,
+    ) -> std::result::Result<QemuBackend, String> {
+        let binary = process::resolve_binary(&settings.binary).ok_or_else(|| {
+            format!(
+                "QEMU binary {:?} not found (install qemu-system-x86, or set UNKEY_METALD_QEMU_BINARY)",
+                settings.binary
+            )
+        })?;
+        let version = accel::qemu_version(&binary).await?;
+        let accel = accel::decide(settings, &binary, asset_dirs, work_dir).await;
+        let conns: Conns = Arc::default();
+        let (c, s) = (conns.clone(), stop.clone());
+        tokio::spawn(async move {
+            s.cancelled().await;
+            lock(&c).clear();
+        });
+        info!(binary = %binary.display(), version = %version, accel = accel.accel.name(), "QEMU backend ready");
+        Ok(QemuBackend { binary, version, accel, exits, stop, conns })
+    }
+
+    pub fn accel(&self) -> &AccelDecision {
+        &self.accel
+    }
+
+    /// The QMP connection of the VM's current process, connecting if needed.
+    async fn qmp(&self, vm: &VmId, rt: &Runtime) -> Result<Arc<Qmp>> {
+        let pid = ProcessId::from_runtime(rt)
+            .ok_or_else(|| BackendError::Failed(format!("no QEMU process recorded for VM {vm}")))?;
+        let socket =
+            rt.api_socket.clone().ok_or_else(|| BackendError::Failed(format!("no QMP socket recorded for VM {vm}")))?;
+        let conn = {
+            let mut m = lock(&self.conns);
+            match m.get(vm) {
+                Some(c) if c.pid == pid => c.clone(),
+                _ => {
+                    let c = Arc::new(Conn { pid, socket, qmp: tokio::sync::Mutex::new(None) });
+                    m.insert(vm.clone(), c.clone());
+                    c
+                }
+            }
+        };
+        let mut slot = conn.qmp.lock().await;
+        if let Some(q) = slot.as_ref().filter(|q| !q.is_closed()) {
+            return Ok(q.clone());
+        }
+        if !pid.is_alive() {
+            return Err(BackendError::Failed(format!("QEMU process {} has exited", pid.pid)));
+        }
+        let (q, events) = Qmp::connect(&conn.socket, QMP_TIMEOUT).await.map_err(qmp_error)?;
+        log_events(vm.clone(), events);
+        let q = Arc::new(q);
+        *slot = Some(q.clone());
+        Ok(q)
+    }
+
+    async fn command<C: QmpCommand>(&self, vm: &VmId, rt: &Runtime, cmd: &C) -> Result<C::Reply> {
+        self.qmp(vm, rt).await?.execute(cmd).await.map_err(qmp_error)
+    }
+
+    /// Removes the process's files and forgets its connection.
+    fn release(&self, vm: &VmId, dir: &Path) {
+        lock(&self.conns).remove(vm);
+        let paths = VmPaths::new(dir);
+        remove_quiet(&paths.qmp_socket);
+        remove_quiet(&paths.pidfile);
+    }
+
+    /// Waits for a freshly spawned QEMU to serve QMP; on failure the error
+    /// carries the end of `qemu.log`.
+    async fn wait_for_qmp(child: &mut Child, paths: &VmPaths) -> Result<(Qmp, mpsc::UnboundedReceiver<QmpEvent>)> {
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        let mut last_err = String::from("socket not created");
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(BackendError::Failed(format!(
+                    "QEMU exited during start ({status}): {}",
+                    log_tail(&paths.qemu_log, 5)
+                )));
+            }
+            if paths.qmp_socket.exists() {
+                match Qmp::connect(&paths.qmp_socket, QMP_TIMEOUT).await {
+                    Ok(q) => return Ok(q),
+                    Err(e) => last_err = e.to_string(),
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(BackendError::Timeout(format!(
+                    "QEMU did not serve QMP within {} s ({last_err}): {}",
+                    START_TIMEOUT.as_secs(),
+                    log_tail(&paths.qemu_log, 5)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// `quit`, then SIGKILL if the process outlives [`QUIT_GRACE`].
+    async fn force_stop(&self, vm: &VmId, rt: &Runtime, pid: ProcessId) -> Result<()> {
+        if let Err(e) = self.command(vm, rt, &Quit).await {
+            // Usual: QEMU may hang up before its reply arrives.
+            debug!(vm_id = %vm, error = %e, "quit got no reply");
+        }
+        if pid.wait_gone(QUIT_GRACE).await {
+            return Ok(());
+        }
+        warn!(vm_id = %vm, pid = pid.pid, "QEMU did not quit; sending SIGKILL");
+        pid.kill().await
+    }
+}
+
+/// Logs a VM's QMP events until its connection closes. Guest-triggered
+/// events (resets, power-offs) stay at debug: a guest can loop them.
+fn log_events(vm: VmId, mut events: mpsc::UnboundedReceiver<QmpEvent>) {
+    tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            debug!(vm_id = %vm, event = ?ev, "QMP event");
+        }
+    });
+}
+
+/// Refuses specs QEMU microvm cannot run, naming the field to change.
+fn check_spec(spec: &VmSpec) -> Result<()> {
+    let kernel = &spec.boot.kernel;
+    match kernel::detect(kernel) {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return Err(BackendError::Unsupported(format!(
+                "config.boot.kernel_path: {} is neither an ELF vmlinux nor a bzImage, the formats QEMU microvm boots",
+                kernel.display()
+            )));
+        }
+        Err(e) => {
+            return Err(BackendError::Unsupported(format!(
+                "config.boot.kernel_path: cannot read {}: {e}",
+                kernel.display()
+            )));
+        }
+    }
+    if !spec.network.is_empty() {
+        return Err(BackendError::Unsupported(
+            "config.network: the qemu backend does not support network interfaces yet; remove them".into(),
+        ));
+    }
+    if spec.cpu.max_vcpus > spec.cpu.vcpus {
+        return Err(BackendError::Unsupported(
+            "config.cpu.max_vcpu_count: QEMU microvm cannot hotplug vCPUs; set it to 0 or to vcpu_count".into(),
+        ));
+    }
+    if spec.memory.hotplug {
+        return Err(BackendError::Unsupported(
+            "config.memory.hotplug_enabled: QEMU microvm cannot hotplug memory; set it to false".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Backend for QemuBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qemu
+    }
+
+    fn check(&self, spec: &VmSpec) -> Result<()> {
+        check_spec(spec)
+    }
+
+    async fn create(&self, vm: &VmContext<'_>) -> Result<Runtime> {
+        let paths = VmPaths::new(&vm.dir);
+        if paths.qmp_socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(BackendError::Unavailable(format!(
+                "QMP socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter UNKEY_METALD_DATA_DIR",
+                paths.qmp_socket.display()
+            )));
+        }
+        remove_quiet(&paths.qmp_socket);
+        remove_quiet(&paths.pidfile);
+        let args = cmdline::qemu_args(vm.spec, &self.accel.accel, &paths);
+        let printable: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        let json = serde_json::to_string(&printable).unwrap_or_default();
+        std::fs::write(&paths.args_file, json)
+            .map_err(|e| BackendError::io(format!("writing {}", paths.args_file.display()), e))?;
+
+        let mut child = process::spawn_detached(&self.binary, &args, &vm.dir, &paths.qemu_log)?;
+        let pid = child.id().ok_or_else(|| BackendError::Failed("QEMU exited at once".into()))?;
+        let started = match ProcessId::of(pid).map_err(|e| BackendError::io(format!("reading /proc/{pid}/stat"), e)) {
+            Ok(id) => Self::wait_for_qmp(&mut child, &paths).await.map(|q| (id, q)),
+            Err(e) => Err(e),
+        };
+        let (ident, (qmp, events)) = match started {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                self.release(vm.id, &vm.dir);
+                return Err(e);
+            }
+        };
+        log_events(vm.id.clone(), events);
+        let version = qmp.version;
+        lock(&self.conns).insert(
+            vm.id.clone(),
+            Arc::new(Conn {
+                pid: ident,
+                socket: paths.qmp_socket.clone(),
+                qmp: tokio::sync::Mutex::new(Some(Arc::new(qmp))),
+            }),
+        );
+        watch_exit(vm.id.clone(), pid, Watched::Child(child), self.exits.clone(), self.stop.clone());
+        debug!(vm_id = %vm.id, pid, "QEMU started");
+
+        let mut extra = BTreeMap::new();
+        extra.insert("accel".into(), self.accel.accel.name().into());
+        extra.insert("accel_reason".into(), self.accel.reason.clone());
+        extra.insert("qemu_version".into(), format!("{}.{}.{}", version.major, version.minor, version.micro));
+        extra.insert("qemu_log".into(), paths.qemu_log.display().to_string());
+        Ok(Runtime {
+            pid: Some(pid),
+            pid_start_ticks: Some(ident.start_ticks),
+            api_socket: Some(paths.qmp_socket),
+            console_log: Some(paths.console_log),
+            booted_at: None,
+            extra,
+        })
+    }
+
+    async fn boot(&self, vm: &VmContext<'_>, rt: &mut Runtime) -> Result<()> {
+        self.command(vm.id, rt, &Cont).await?;
+        rt.booted_at = Some(unix_now());
+        Ok(())
+    }
+
+    async fn pause(&self, vm: &VmContext<'_>, rt: &mut Runtime) -> Result<()> {
+        self.command(vm.id, rt, &Stop).await.map(|_| ())
+    }
+
+    async fn resume(&self, vm: &VmContext<'_>, rt: &mut Runtime) -> Result<()> {
+        self.command(vm.id, rt, &Cont).await.map(|_| ())
+    }
+
+    async fn reboot(&self, vm: &VmContext<'_>, rt: &mut Runtime, _force: bool) -> Result<()> {
+        // QMP offers no ACPI reboot, so a graceful reboot is a reset too.
+        self.command(vm.id, rt, &SystemReset).await?;
+        rt.booted_at = Some(unix_now());
+        Ok(())
+    }
+
+    async fn shutdown(&self, vm: &VmContext<'_>, rt: &Runtime, mode: StopMode) -> Result<()> {
+        let Some(pid) = ProcessId::from_runtime(rt).filter(ProcessId::is_alive) else {
+            self.release(vm.id, &vm.dir);
+            return Ok(());
+        };
+        let result = match mode {
+            StopMode::Force => self.force_stop(vm.id, rt, pid).await,
+            StopMode::Graceful { timeout } => {
+                let asked = async {
+                    if !self.command(vm.id, rt, &QueryStatus).await?.running {
+                        self.command(vm.id, rt, &Cont).await?;
+                    }
+                    self.command(vm.id, rt, &SystemPowerdown).await
+                }
+                .await;
+                match asked {
+                    Ok(_) if pid.wait_gone(timeout).await => Ok(()),
+                    Ok(_) => {
+                        info!(vm_id = %vm.id, timeout_secs = timeout.as_secs(), "guest did not power off in time; forcing");
+                        self.force_stop(vm.id, rt, pid).await
+                    }
+                    Err(e) => {
+                        warn!(vm_id = %vm.id, error = %e, "could not press the power button; forcing");
+                        self.force_stop(vm.id, rt, pid).await
+                    }
+                }
+            }
+        };
+        self.release(vm.id, &vm.dir);
+        result
+    }
+
+    async fn delete(&self, vm: &VmContext<'_>, rt: Option<&Runtime>) -> Result<()> {
+        lock(&self.conns).remove(vm.id);
+        let result = match rt.and_then(ProcessId::from_runtime) {
+            Some(pid) => pid.kill().await,
+            None => Ok(()),
+        };
+        self.release(vm.id, &vm.dir);
+        result
+    }
+
+    async fn reap(&self, vm: &VmContext<'_>, _rt: &Runtime) -> Result<()> {
+        self.release(vm.id, &vm.dir);
+        Ok(())
+    }
+
+    async fn usage(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<Usage> {
+        let pid = ProcessId::from_runtime(rt)
+            .ok_or_else(|| BackendError::Failed(format!("no QEMU process recorded for VM {}", vm.id)))?;
+        let stat = pid.stat().ok_or_else(|| BackendError::Failed(format!("QEMU process {} has exited", pid.pid)))?;
+        let memory_bytes =
+            process::rss_bytes(pid.pid).map_err(|e| BackendError::io(format!("reading /proc/{}/statm", pid.pid), e))?;
+        let mut usage = Usage { cpu_time_ns: process::cpu_time_ns(&stat), memory_bytes, ..Usage::default() };
+        // No QMP round trip for VMs without disks (most of the metering loop).
+        if !vm.spec.storage.is_empty() {
+            for b in self.command(vm.id, rt, &QueryBlockstats).await? {
+                usage.disk_read_bytes += b.stats.rd_bytes;
+                usage.disk_write_bytes += b.stats.wr_bytes;
+                usage.disk_read_ops += b.stats.rd_operations;
+                usage.disk_write_ops += b.stats.wr_operations;
+            }
+        }
+        Ok(usage)
+    }
+
+    async fn reattach(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<bool> {
+        let Some(pid) = ProcessId::from_runtime(rt).filter(ProcessId::is_alive) else {
+            return Ok(false);
+        };
+        // Start time already rules out a recycled pid; also require that the
+        // process is the QEMU of this VM (its command line names the VM dir).
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.pid)).unwrap_or_default();
+        let dir = vm.dir.as_os_str().as_encoded_bytes();
+        if !cmdline.windows(dir.len()).any(|w| w == dir) {
+            warn!(vm_id = %vm.id, pid = pid.pid, "recorded pid runs something else; not reattaching");
+            return Ok(false);
+        }
+        if let Err(e) = self.qmp(vm.id, rt).await {
+            // Keep the VM: operations reconnect on demand.
+            warn!(vm_id = %vm.id, error = %e, "reattached to QEMU, but QMP is not reachable yet");
+        }
+        watch_exit(vm.id.clone(), pid.pid, Watched::Pid(pid), self.exits.clone(), self.stop.clone());
+        debug!(vm_id = %vm.id, pid = pid.pid, "reattached to QEMU");
+        Ok(true)
+    }
+
+    async fn health(&self) -> BackendHealth {
+        let ok = self.binary.is_file();
+        BackendHealth {
+            ok,
+            version: self.version.clone(),
+            detail: if ok {
+                format!("{} (accel {}: {})", self.binary.display(), self.accel.accel.name(), self.accel.reason)
+            } else {
+                format!("{} is gone", self.binary.display())
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_refuses_what_microvm_cannot_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("vmlinux");
+        std::fs::write(&good, b"\x7fELF\x02\x01\x01\x00").unwrap();
+        let bad = dir.path().join("script");
+        std::fs::write(&bad, b"#!/bin/sh\n").unwrap();
+        let mut spec = VmSpec::default();
+        spec.cpu.vcpus = 1;
+        spec.boot.kernel = good.clone();
+        assert!(check_spec(&spec).is_ok());
+
+        let mut s = spec.clone();
+        s.boot.kernel = bad;
+        let e = check_spec(&s).unwrap_err();
+        assert!(e.to_string().contains("neither an ELF vmlinux nor a bzImage"), "{e}");
+        assert_eq!(e.code(), crate::error::Code::InvalidArgument);
+
+        let mut s = spec.clone();
+        s.network.push(Default::default());
+        assert!(check_spec(&s).unwrap_err().to_string().starts_with("config.network"));
+        let mut s = spec.clone();
+        s.cpu.max_vcpus = 2;
+        assert!(check_spec(&s).unwrap_err().to_string().starts_with("config.cpu.max_vcpu_count"));
+        let mut s = spec;
+        s.memory.hotplug = true;
+        assert!(check_spec(&s).unwrap_err().to_string().starts_with("config.memory.hotplug_enabled"));
+    }
+}

@@ -1,0 +1,662 @@
+//! Sends spooled records to the billing service, per VM strictly in order.
+//!
+//! The sender owns, per VM, the queue of committed chunk ids (from the spool
+//! writer). A VM is *due* when a notice is queued, when `batch_size` samples
+//! wait, or when its oldest record is `flush` old. At most one call per VM is
+//! in flight, so a newer batch can never overtake an older one; a failed
+//! call is retried (capped exponential back-off with jitter) before anything
+//! after it. Records are acknowledged to the spool — and only then deleted —
+//! once the service answered `success = true`. Heartbeats are sent at start
+//! and every `heartbeat`. When the spool exceeds its limit the oldest unsent
+//! chunks are thinned.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use connectrpc::client::{ClientConfig, HttpClient};
+use connectrpc::{CodecFormat, Protocol};
+use rusqlite::Connection;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, debug_span, info, warn};
+
+use super::spool::{self, ChunkMeta, Kind, Notice, Record, SpoolHandle};
+use super::{BillingConfig, BillingError, BillingMetrics, Clock, MeterSet, Shared};
+use crate::pb::billing::v1 as pb;
+
+/// One call to the billing service.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    Batch { vm: Arc<str>, customer: Arc<str>, samples: Vec<Record> },
+    Started { vm: Arc<str>, customer: Arc<str>, ts: i64 },
+    Stopped { vm: Arc<str>, ts: i64 },
+    Gap { vm: Arc<str>, last_sent: i64, resume: i64 },
+    Heartbeat { instance: String, vms: Vec<String> },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("billing call failed")]
+    Rpc(#[from] connectrpc::ConnectError),
+    #[error("billing service did not accept the call: {0}")]
+    Refused(String),
+    #[error("reading the spool")]
+    Spool(#[from] spool::SpoolError),
+    #[error("spool read task: {0}")]
+    Task(String),
+}
+
+/// Where requests go: the Connect client, the mock logger, or a test double.
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    async fn call(&self, req: &Request) -> Result<(), SendError>;
+}
+
+/// The ConnectRPC `billing.v1.BillingService` client.
+pub struct ConnectTransport {
+    client: pb::BillingServiceClient<HttpClient>,
+}
+
+fn timestamp(ns: i64) -> buffa_types::google::protobuf::Timestamp {
+    buffa_types::google::protobuf::Timestamp {
+        seconds: ns.div_euclid(1_000_000_000),
+        nanos: i32::try_from(ns.rem_euclid(1_000_000_000)).unwrap_or(0),
+        ..Default::default()
+    }
+}
+
+fn ok(success: bool, message: &str) -> Result<(), SendError> {
+    if success {
+        Ok(())
+    } else {
+        Err(SendError::Refused(if message.is_empty() { "success=false".into() } else { message.into() }))
+    }
+}
+
+#[async_trait]
+impl Transport for ConnectTransport {
+    async fn call(&self, req: &Request) -> Result<(), SendError> {
+        let c = &self.client;
+        match req {
+            Request::Batch { vm, customer, samples } => {
+                let metrics = samples
+                    .iter()
+                    .map(|s| pb::VMMetrics {
+                        timestamp: timestamp(s.ts_ns).into(),
+                        cpu_time_nanos: s.v[0],
+                        memory_usage_bytes: s.v[1],
+                        disk_read_bytes: s.v[2],
+                        disk_write_bytes: s.v[3],
+                        network_rx_bytes: s.v[4],
+                        network_tx_bytes: s.v[5],
+                        ..Default::default()
+                    })
+                    .collect();
+                let r = c
+                    .send_metrics_batch(pb::SendMetricsBatchRequest {
+                        vm_id: vm.to_string(),
+                        customer_id: customer.to_string(),
+                        metrics,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_owned();
+                ok(r.success, &r.message)
+            }
+            Request::Started { vm, customer, ts } => {
+                let r = c
+                    .notify_vm_started(pb::NotifyVmStartedRequest {
+                        vm_id: vm.to_string(),
+                        customer_id: customer.to_string(),
+                        start_time: *ts,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_owned();
+                ok(r.success, "")
+            }
+            Request::Stopped { vm, ts } => {
+                let r = c
+                    .notify_vm_stopped(pb::NotifyVmStoppedRequest {
+                        vm_id: vm.to_string(),
+                        stop_time: *ts,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_owned();
+                ok(r.success, "")
+            }
+            Request::Gap { vm, last_sent, resume } => {
+                let r = c
+                    .notify_possible_gap(pb::NotifyPossibleGapRequest {
+                        vm_id: vm.to_string(),
+                        last_sent: *last_sent,
+                        resume_time: *resume,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_owned();
+                ok(r.success, "")
+            }
+            Request::Heartbeat { instance, vms } => {
+                let r = c
+                    .send_heartbeat(pb::SendHeartbeatRequest {
+                        instance_id: instance.clone(),
+                        active_vms: vms.clone(),
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_owned();
+                ok(r.success, "")
+            }
+        }
+    }
+}
+
+/// `UNKEY_METALD_BILLING_MOCK_MODE`: logs what would be sent, acknowledges.
+pub struct MockTransport;
+
+#[async_trait]
+impl Transport for MockTransport {
+    async fn call(&self, req: &Request) -> Result<(), SendError> {
+        match req {
+            Request::Batch { vm, customer, samples } => info!(
+                vm_id = %vm,
+                customer_id = %customer,
+                samples = samples.len(),
+                first_ts = samples.first().map(|s| s.ts_ns).unwrap_or(0),
+                last_cpu_ns = samples.last().map(|s| s.v[0]).unwrap_or(0),
+                "billing mock: metrics batch"
+            ),
+            Request::Heartbeat { vms, .. } => debug!(vms = vms.len(), "billing mock: heartbeat"),
+            other => info!(request = ?other, "billing mock: notice"),
+        }
+        Ok(())
+    }
+}
+
+/// The transport `cfg` asks for.
+pub fn transport(cfg: &BillingConfig) -> Result<Arc<dyn Transport>, BillingError> {
+    if cfg.mock_mode {
+        return Ok(Arc::new(MockTransport));
+    }
+    let uri: http::Uri = cfg.endpoint.parse().map_err(|e: http::uri::InvalidUri| BillingError::Endpoint {
+        endpoint: cfg.endpoint.clone(),
+        message: e.to_string(),
+    })?;
+    let config = ClientConfig::new(uri)
+        .with_default_timeout(cfg.rpc_timeout)
+        .with_protocol(Protocol::Connect)
+        .with_codec_format(CodecFormat::Proto);
+    Ok(Arc::new(ConnectTransport { client: pb::BillingServiceClient::new(HttpClient::plaintext(), config) }))
+}
+
+/// Delay before retry number `attempt` (1-based): `min·2^(attempt-1)`
+/// capped at `max`, then jittered into its upper half (`jitter` in [0, 1)).
+pub fn backoff(attempt: u32, min: Duration, max: Duration, jitter: f64) -> Duration {
+    let exp = min.saturating_mul(1u32 << attempt.saturating_sub(1).min(20)).min(max);
+    exp.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0)).min(max)
+}
+
+/// What the next call of a VM is, given its unsent records in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Plan {
+    Notice(Record),
+    /// Up to `batch_size` samples, never across a notice.
+    Batch(Vec<Record>),
+}
+
+pub fn plan(records: &[Record], batch_size: usize) -> Option<Plan> {
+    let first = records.first()?;
+    if first.kind != Kind::Sample {
+        return Some(Plan::Notice(*first));
+    }
+    let n = records.iter().take(batch_size).take_while(|r| r.kind == Kind::Sample).count();
+    Some(Plan::Batch(records[..n].to_vec()))
+}
+
+#[derive(Default)]
+struct VmQueue {
+    chunks: VecDeque<ChunkMeta>,
+    /// Unsent records and notices among them.
+    records: u64,
+    events: u64,
+    in_flight: bool,
+    attempts: u32,
+    retry_at: Option<Instant>,
+    thin_pending: u32,
+}
+
+struct Outcome {
+    vm: Arc<str>,
+    consumed: u64,
+    events: u64,
+    samples: u64,
+    result: Result<(), SendError>,
+}
+
+enum Done {
+    Vm(Outcome),
+    Heartbeat(Result<(), SendError>),
+}
+
+/// The sender task's state.
+pub struct Sender {
+    transport: Arc<dyn Transport>,
+    reader: Arc<Mutex<Connection>>,
+    spool: SpoolHandle,
+    set: Arc<MeterSet>,
+    metrics: Arc<dyn BillingMetrics>,
+    shared: Arc<Shared>,
+    clock: Clock,
+    batch_size: usize,
+    flush_ns: i64,
+    heartbeat: Duration,
+    retry: (Duration, Duration),
+    max_bytes: u64,
+    instance_id: String,
+    concurrency: usize,
+    queues: HashMap<Arc<str>, VmQueue>,
+    /// VMs found due while every call slot was taken.
+    ready: VecDeque<Arc<str>>,
+    total_bytes: u64,
+    total_chunks: u64,
+    heartbeat_in_flight: bool,
+}
+
+/// Calls in flight at once, over all VMs.
+pub const DEFAULT_CONCURRENCY: usize = 32;
+
+impl Sender {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: &BillingConfig,
+        transport: Arc<dyn Transport>,
+        spool_path: PathBuf,
+        spool: SpoolHandle,
+        set: Arc<MeterSet>,
+        metrics: Arc<dyn BillingMetrics>,
+        shared: Arc<Shared>,
+        clock: Clock,
+        backlog: Vec<ChunkMeta>,
+    ) -> Result<Sender, BillingError> {
+        let reader = spool::open(&spool_path)
+            .map_err(|source| BillingError::Spool { path: spool_path.display().to_string(), source })?;
+        let mut s = Sender {
+            transport,
+            reader: Arc::new(Mutex::new(reader)),
+            spool,
+            set,
+            metrics,
+            shared,
+            clock,
+            batch_size: cfg.batch_size,
+            flush_ns: i64::try_from(cfg.flush.as_nanos()).unwrap_or(i64::MAX),
+            heartbeat: cfg.heartbeat,
+            retry: (cfg.retry_min, cfg.retry_max),
+            max_bytes: cfg.spool_max_bytes,
+            instance_id: cfg.instance_id.clone(),
+            concurrency: DEFAULT_CONCURRENCY,
+            queues: HashMap::new(),
+            ready: VecDeque::new(),
+            total_bytes: 0,
+            total_chunks: 0,
+            heartbeat_in_flight: false,
+        };
+        if !backlog.is_empty() {
+            info!(chunks = backlog.len(), "billing: delivering records spooled before the restart");
+        }
+        s.absorb(Notice::Committed(backlog));
+        Ok(s)
+    }
+
+    fn absorb(&mut self, n: Notice) {
+        match n {
+            Notice::Committed(chunks) => {
+                for c in chunks {
+                    self.total_bytes += c.bytes;
+                    self.total_chunks += 1;
+                    let q = self.queues.entry(c.vm.clone()).or_default();
+                    q.records += u64::from(c.records.saturating_sub(c.skip));
+                    q.events += u64::from(c.events);
+                    q.chunks.push_back(c);
+                }
+            }
+            Notice::Thinned(chunks) => {
+                for c in chunks {
+                    let Some(q) = self.queues.get_mut(&c.vm) else { continue };
+                    q.thin_pending = q.thin_pending.saturating_sub(1);
+                    if let Some(old) = q.chunks.iter_mut().find(|o| o.id == c.id) {
+                        q.records = q.records + u64::from(c.records.saturating_sub(c.skip))
+                            - u64::from(old.records.saturating_sub(old.skip));
+                        q.events = q.events + u64::from(c.events) - u64::from(old.events);
+                        self.total_bytes = self.total_bytes + c.bytes - old.bytes;
+                        *old = c;
+                    }
+                }
+            }
+        }
+        self.publish_health();
+    }
+
+    fn due(&self, q: &VmQueue, now: Instant, now_ns: i64) -> bool {
+        let Some(front) = q.chunks.front() else { return false };
+        !q.in_flight
+            && q.thin_pending == 0
+            && q.retry_at.is_none_or(|t| now >= t)
+            && (q.events > 0
+                || q.records.saturating_sub(q.events) >= self.batch_size as u64
+                || now_ns.saturating_sub(front.first_ts) >= self.flush_ns)
+    }
+
+    /// Finds every due VM (on each tick) and starts calls up to the limit.
+    fn scan(&mut self, jobs: &mut JoinSet<Done>) {
+        let (now, now_ns) = (Instant::now(), self.clock.unix_ns());
+        self.ready.clear();
+        for (vm, q) in &self.queues {
+            if self.due(q, now, now_ns) {
+                self.ready.push_back(vm.clone());
+            }
+        }
+        self.drain_ready(jobs);
+    }
+
+    /// Starts calls of the ready VMs while slots are free.
+    fn drain_ready(&mut self, jobs: &mut JoinSet<Done>) {
+        let (now, now_ns) = (Instant::now(), self.clock.unix_ns());
+        while jobs.len() < self.concurrency {
+            let Some(vm) = self.ready.pop_front() else { break };
+            self.try_launch(&vm, jobs, now, now_ns);
+        }
+    }
+
+    /// Starts `vm`'s next call if it is due and a slot is free; queues it
+    /// as ready when only the slot is missing.
+    fn try_launch(&mut self, vm: &Arc<str>, jobs: &mut JoinSet<Done>, now: Instant, now_ns: i64) {
+        let Some(q) = self.queues.get(vm) else { return };
+        if !self.due(q, now, now_ns) {
+            return;
+        }
+        if jobs.len() >= self.concurrency {
+            self.ready.push_back(vm.clone());
+            return;
+        }
+        let Some(q) = self.queues.get_mut(vm) else { return };
+        q.in_flight = true;
+        // Chunks enough for one batch or up to the first notice.
+        let mut ids = Vec::new();
+        let mut samples = 0u64;
+        for c in &q.chunks {
+            ids.push((c.id, c.skip, c.records, c.events));
+            samples += u64::from(c.records.saturating_sub(c.skip));
+            if c.events > 0 || samples >= self.batch_size as u64 {
+                break;
+            }
+        }
+        let customer = q.chunks.front().map(|c| c.customer.clone()).unwrap_or_else(|| Arc::from(""));
+        let transport = self.transport.clone();
+        let reader = self.reader.clone();
+        let batch = self.batch_size;
+        let vm = vm.clone();
+        let span = debug_span!("billing.send", vm_id = %vm);
+        jobs.spawn(
+            async move { Done::Vm(send_one(transport, reader, vm, customer, ids, batch).await) }.instrument(span),
+        );
+    }
+
+    fn complete(&mut self, o: Outcome) {
+        let Some(q) = self.queues.get_mut(&o.vm) else { return };
+        q.in_flight = false;
+        match o.result {
+            Ok(()) => {
+                if self.shared.endpoint_down.swap(false, Ordering::Relaxed) {
+                    info!("billing service reachable again; delivering the spool");
+                }
+                q.attempts = 0;
+                q.retry_at = None;
+                let mut left = o.consumed;
+                let mut delete = Vec::new();
+                let mut partial = None;
+                while left > 0 {
+                    let Some(front) = q.chunks.front_mut() else { break };
+                    let avail = u64::from(front.records.saturating_sub(front.skip));
+                    if left >= avail {
+                        left -= avail;
+                        delete.push(front.id);
+                        self.total_bytes = self.total_bytes.saturating_sub(front.bytes);
+                        self.total_chunks = self.total_chunks.saturating_sub(1);
+                        q.chunks.pop_front();
+                    } else {
+                        front.skip += u32::try_from(left).unwrap_or(u32::MAX);
+                        partial = Some((front.id, front.skip));
+                        left = 0;
+                    }
+                }
+                // A partly sent chunk deleted later must not be skipped twice.
+                if let Some((id, _)) = partial
+                    && delete.contains(&id)
+                {
+                    partial = None;
+                }
+                q.records = q.records.saturating_sub(o.consumed);
+                q.events = q.events.saturating_sub(o.events);
+                if o.samples > 0 {
+                    self.shared.bump(&o.vm, |c| c.delivered += o.samples);
+                    if let Ok(id) = crate::core::spec::VmId::parse(&o.vm) {
+                        self.metrics.batch_sent(&id);
+                    }
+                }
+                self.spool.ack(o.vm.clone(), delete, partial);
+                if q.chunks.is_empty() {
+                    self.queues.remove(&o.vm);
+                }
+            }
+            Err(e) => {
+                q.attempts += 1;
+                let delay = backoff(q.attempts, self.retry.0, self.retry.1, rand::random::<f64>());
+                q.retry_at = Some(Instant::now() + delay);
+                let msg = super::chain(&e);
+                if !self.shared.endpoint_down.swap(true, Ordering::Relaxed) {
+                    warn!(error = %msg, "billing service unavailable; spooling samples and retrying");
+                } else {
+                    debug!(vm_id = %o.vm, attempt = q.attempts, retry_ms = delay.as_millis(), error = %msg, "billing send failed");
+                }
+            }
+        }
+        self.publish_health();
+    }
+
+    /// Thins the oldest unsent chunks when the spool is over its limit.
+    fn maybe_thin(&mut self) {
+        if self.total_bytes <= self.max_bytes {
+            return;
+        }
+        let target = self.total_bytes - self.max_bytes * 9 / 10;
+        let mut candidates: Vec<(i64, Arc<str>, u64)> = Vec::new();
+        for (vm, q) in &self.queues {
+            if q.in_flight {
+                continue;
+            }
+            for c in q.chunks.iter().skip(1) {
+                let samples = c.records.saturating_sub(c.events);
+                if !c.thinned && c.skip == 0 && samples > 3 {
+                    candidates.push((c.id, vm.clone(), u64::from(samples - 3) * spool::RECORD_BYTES as u64));
+                }
+            }
+        }
+        candidates.sort_unstable_by_key(|c| c.0);
+        let mut saved = 0u64;
+        let mut ids = Vec::new();
+        for (id, vm, gain) in candidates {
+            if saved >= target {
+                break;
+            }
+            saved += gain;
+            ids.push(id);
+            if let Some(q) = self.queues.get_mut(&vm) {
+                q.thin_pending += 1;
+                if let Some(c) = q.chunks.iter_mut().find(|c| c.id == id) {
+                    c.thinned = true;
+                }
+            }
+        }
+        if !ids.is_empty() {
+            warn!(
+                spool_bytes = self.total_bytes,
+                limit_bytes = self.max_bytes,
+                chunks = ids.len(),
+                "billing spool over its limit: thinning the oldest unsent samples (gap notices follow)"
+            );
+            self.spool.thin(ids);
+        }
+    }
+
+    fn publish_health(&self) {
+        self.shared.spool_bytes.store(self.total_bytes, Ordering::Relaxed);
+        self.shared.spool_chunks.store(self.total_chunks, Ordering::Relaxed);
+    }
+
+    fn publish_oldest(&self) {
+        let oldest = self.queues.values().filter_map(|q| q.chunks.front()).map(|c| c.first_ts).min().unwrap_or(0);
+        self.shared.oldest_unsent_ns.store(u64::try_from(oldest).unwrap_or(0), Ordering::Relaxed);
+    }
+}
+
+/// Reads a VM's next records and makes one call.
+async fn send_one(
+    transport: Arc<dyn Transport>,
+    reader: Arc<Mutex<Connection>>,
+    vm: Arc<str>,
+    customer: Arc<str>,
+    ids: Vec<(i64, u32, u32, u32)>,
+    batch: usize,
+) -> Outcome {
+    let mut out = Outcome { vm: vm.clone(), consumed: 0, events: 0, samples: 0, result: Ok(()) };
+    let vm_for_log = vm.clone();
+    // `(records, (records, notices) of leading chunks that are gone)`.
+    let loaded = tokio::task::spawn_blocking(move || -> Result<(Vec<Record>, (u64, u64)), SendError> {
+        let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+        let mut records = Vec::new();
+        let mut gone = (0u64, 0u64);
+        for (id, skip, n, events) in ids {
+            match spool::load_chunk(&conn, id)? {
+                Some(rs) => records.extend(rs.into_iter().skip(usize::try_from(skip).unwrap_or(usize::MAX))),
+                // Cannot happen while this process is the only writer; keep
+                // the accounting right and move on rather than stall the VM.
+                None if records.is_empty() => {
+                    warn!(vm_id = %vm_for_log, chunk = id, "billing spool chunk vanished; skipping it");
+                    gone.0 += u64::from(n.saturating_sub(skip));
+                    gone.1 += u64::from(events);
+                }
+                None => break,
+            }
+        }
+        Ok((records, gone))
+    })
+    .await
+    .map_err(|e| SendError::Task(e.to_string()))
+    .and_then(|r| r);
+    let (records, gone) = match loaded {
+        Ok(r) => r,
+        Err(e) => {
+            out.result = Err(e);
+            return out;
+        }
+    };
+    (out.consumed, out.events) = gone;
+    let Some(p) = plan(&records, batch) else { return out };
+    let req = match &p {
+        Plan::Batch(s) => Request::Batch { vm: vm.clone(), customer, samples: s.clone() },
+        Plan::Notice(r) => match r.kind {
+            Kind::Started => Request::Started { vm: vm.clone(), customer, ts: r.ts_ns },
+            Kind::Stopped => Request::Stopped { vm: vm.clone(), ts: r.ts_ns },
+            Kind::Gap | Kind::Sample => Request::Gap { vm: vm.clone(), last_sent: r.v[0], resume: r.ts_ns },
+        },
+    };
+    out.result = transport.call(&req).await;
+    match p {
+        Plan::Batch(s) => {
+            out.consumed += s.len() as u64;
+            out.samples = s.len() as u64;
+        }
+        Plan::Notice(_) => {
+            out.consumed += 1;
+            out.events += 1;
+        }
+    }
+    out
+}
+
+/// Runs until `stop` fires. Calls in flight are abandoned; their records
+/// stay in the spool and are sent again after the next start.
+pub async fn run(mut s: Sender, mut notices: mpsc::UnboundedReceiver<Notice>, stop: CancellationToken) {
+    let mut jobs: JoinSet<Done> = JoinSet::new();
+    // Flush deadlines and retries are found by a scan of every queue; new
+    // records and finished calls are looked at as they come.
+    let scan_every = (s.flush_ns / 10)
+        .min(i64::try_from(s.retry.0.as_nanos() / 2).unwrap_or(i64::MAX))
+        .clamp(10_000_000, 1_000_000_000);
+    let mut tick = tokio::time::interval(Duration::from_nanos(u64::try_from(scan_every).unwrap_or(1_000_000_000)));
+    let mut housekeeping = Instant::now();
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heartbeat = tokio::time::interval(s.heartbeat);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            Some(n) = notices.recv() => {
+                let vms: Vec<Arc<str>> = match &n {
+                    Notice::Committed(c) | Notice::Thinned(c) => c.iter().map(|c| c.vm.clone()).collect(),
+                };
+                s.absorb(n);
+                let (now, now_ns) = (Instant::now(), s.clock.unix_ns());
+                for vm in vms {
+                    s.try_launch(&vm, &mut jobs, now, now_ns);
+                }
+            }
+            Some(done) = jobs.join_next(), if !jobs.is_empty() => match done {
+                Ok(Done::Vm(o)) => {
+                    let vm = o.vm.clone();
+                    s.complete(o);
+                    s.try_launch(&vm, &mut jobs, Instant::now(), s.clock.unix_ns());
+                    s.drain_ready(&mut jobs);
+                }
+                Ok(Done::Heartbeat(r)) => {
+                    s.heartbeat_in_flight = false;
+                    match r {
+                        Ok(()) => s.metrics.heartbeat_sent(),
+                        Err(e) => debug!(error = %super::chain(&e), "billing heartbeat failed"),
+                    }
+                }
+                Err(e) => warn!(error = %e, "billing send task failed"),
+            },
+            _ = tick.tick() => {
+                s.scan(&mut jobs);
+                if housekeeping.elapsed() >= Duration::from_secs(1) {
+                    housekeeping = Instant::now();
+                    s.maybe_thin();
+                    s.publish_oldest();
+                }
+            }
+            _ = heartbeat.tick() => {
+                if !s.heartbeat_in_flight {
+                    s.heartbeat_in_flight = true;
+                    let req = Request::Heartbeat { instance: s.instance_id.clone(), vms: s.set.ids() };
+                    let t = s.transport.clone();
+                    jobs.spawn(async move { Done::Heartbeat(t.call(&req).await) });
+                }
+            }
+        }
+    }
+    jobs.shutdown().await;
+}
+
+#[cfg(test)]
+#[path = "sender_tests.rs"]
+mod tests;

@@ -1,0 +1,357 @@
+//! metald's own metrics, registered once at start with help text and typed
+//! label values. Every handle is a cheap clone and a no-op when telemetry is
+//! disabled, so callers never check a flag.
+//!
+//! Instrument names are OpenTelemetry names; the Prometheus exporter (and
+//! any OTLP→Prometheus translation) adds the unit and `_total` suffixes, so
+//! `metald_vm_operations` is scraped as `metald_vm_operations_total` and
+//! `metald_vm_operation_duration` (unit `s`) as
+//! `metald_vm_operation_duration_seconds`. docs/METRICS.md lists them all.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram, Meter, ObservableCounter, UpDownCounter};
+
+use crate::core::spec::VmId;
+
+/// Buckets of `metald_vm_operation_duration_seconds` and
+/// `rpc.server.duration`: 0.5 ms to 60 s.
+pub const OPERATION_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+/// Buckets of `http.server.request.duration` (semconv advice, seconds).
+pub const HTTP_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0];
+/// The VM operations counted by `metald_vm_operations_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    Create,
+    Boot,
+    Pause,
+    Resume,
+    Reboot,
+    Shutdown,
+    Delete,
+    Info,
+    List,
+}
+
+impl Operation {
+    pub const ALL: [Operation; 9] = [
+        Operation::Create,
+        Operation::Boot,
+        Operation::Pause,
+        Operation::Resume,
+        Operation::Reboot,
+        Operation::Shutdown,
+        Operation::Delete,
+        Operation::Info,
+        Operation::List,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Create => "create",
+            Operation::Boot => "boot",
+            Operation::Pause => "pause",
+            Operation::Resume => "resume",
+            Operation::Reboot => "reboot",
+            Operation::Shutdown => "shutdown",
+            Operation::Delete => "delete",
+            Operation::Info => "info",
+            Operation::List => "list",
+        }
+    }
+
+    /// The operation served by a `VmService` method, by its RPC name.
+    pub fn from_rpc_method(method: &str) -> Option<Operation> {
+        Some(match method {
+            "CreateVm" => Operation::Create,
+            "BootVm" => Operation::Boot,
+            "PauseVm" => Operation::Pause,
+            "ResumeVm" => Operation::Resume,
+            "RebootVm" => Operation::Reboot,
+            "ShutdownVm" => Operation::Shutdown,
+            "DeleteVm" => Operation::Delete,
+            "GetVmInfo" => Operation::Info,
+            "ListVms" => Operation::List,
+            _ => return None,
+        })
+    }
+}
+
+/// Handle to every metald metric; `Metrics::default()` is the disabled one.
+#[derive(Clone, Default)]
+pub struct Metrics {
+    inner: Option<Arc<Instruments>>,
+    billing: BillingMetrics,
+}
+
+struct Instruments {
+    operations: Counter<u64>,
+    operation_duration: Histogram<f64>,
+    rpc_duration: Histogram<f64>,
+    http_duration: Histogram<f64>,
+    http_active: UpDownCounter<i64>,
+}
+
+impl Metrics {
+    /// Registers every instrument on `meter`.
+    pub fn register(meter: &Meter) -> Metrics {
+        let inner = Instruments {
+            operations: meter
+                .u64_counter("metald_vm_operations")
+                .with_description(
+                    "VM operations served, by operation and outcome (status success|error, code = Connect code)",
+                )
+                .build(),
+            operation_duration: meter
+                .f64_histogram("metald_vm_operation_duration")
+                .with_unit("s")
+                .with_description("Time to serve a VM operation, from request decoded to response ready")
+                .with_boundaries(OPERATION_BUCKETS.to_vec())
+                .build(),
+            rpc_duration: meter
+                .f64_histogram("rpc.server.duration")
+                // Seconds, not the older semconv's ms: Prometheus wants base units.
+                .with_unit("s")
+                .with_description("Duration of inbound RPCs (OpenTelemetry RPC semantic conventions)")
+                .with_boundaries(OPERATION_BUCKETS.to_vec())
+                .build(),
+            http_duration: meter
+                .f64_histogram("http.server.request.duration")
+                .with_unit("s")
+                .with_description("Duration of HTTP server requests (OpenTelemetry HTTP semantic conventions)")
+                .with_boundaries(HTTP_BUCKETS.to_vec())
+                .build(),
+            http_active: meter
+                .i64_up_down_counter("http.server.active_requests")
+                .with_unit("{request}")
+                .with_description("Number of HTTP server requests in flight")
+                .build(),
+        };
+        Metrics { inner: Some(Arc::new(inner)), billing: BillingMetrics::register(meter) }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// The counters the billing collector increments.
+    pub fn billing(&self) -> &BillingMetrics {
+        &self.billing
+    }
+
+    /// Counts one VM operation. `code` is `None` on success, else the
+    /// Connect error code (`not_found`, `internal`, ...).
+    pub fn operation(&self, op: Operation, code: Option<&'static str>, elapsed: Duration) {
+        let Some(i) = &self.inner else { return };
+        let status = if code.is_some() { "error" } else { "success" };
+        i.operations.add(
+            1,
+            &[
+                KeyValue::new("operation", op.as_str()),
+                KeyValue::new("status", status),
+                KeyValue::new("code", code.unwrap_or("ok")),
+            ],
+        );
+        i.operation_duration.record(elapsed.as_secs_f64(), &[KeyValue::new("operation", op.as_str())]);
+    }
+
+    /// Records one inbound RPC (`rpc.server.duration`).
+    pub fn rpc(&self, attrs: &[KeyValue], elapsed: Duration) {
+        if let Some(i) = &self.inner {
+            i.rpc_duration.record(elapsed.as_secs_f64(), attrs);
+        }
+    }
+
+    pub(crate) fn http_started(&self, attrs: &[KeyValue]) {
+        if let Some(i) = &self.inner {
+            i.http_active.add(1, attrs);
+        }
+    }
+
+    pub(crate) fn http_active_done(&self, attrs: &[KeyValue]) {
+        if let Some(i) = &self.inner {
+            i.http_active.add(-1, attrs);
+        }
+    }
+
+    pub(crate) fn http_duration(&self, attrs: &[KeyValue], elapsed: Duration) {
+        if let Some(i) = &self.inner {
+            i.http_duration.record(elapsed.as_secs_f64(), attrs);
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct VmCounts {
+    samples: u64,
+    batches: u64,
+}
+
+/// How many deleted VM ids are remembered (see [`PerVm::gone`]).
+const GONE_CAP: usize = 4096;
+
+#[derive(Default)]
+struct PerVm {
+    counts: HashMap<String, VmCounts>,
+    /// Recently deleted VMs: a collector round or a final batch that races
+    /// with the delete must not bring their series back. Cleared for an id
+    /// when a VM of that id is created again.
+    gone: HashSet<String>,
+    gone_order: VecDeque<String>,
+}
+
+/// Per-VM billing counters. The counts live in a map read by observable
+/// counters, so [`BillingMetrics::forget_vm`] removes a deleted VM's series
+/// from the next export: cardinality stays bounded by the live VMs.
+#[derive(Clone, Default)]
+pub struct BillingMetrics {
+    inner: Option<Arc<BillingInner>>,
+}
+
+struct BillingInner {
+    per_vm: Arc<Mutex<PerVm>>,
+    heartbeats: Counter<u64>,
+    // Held so the callbacks live as long as the handle.
+    _samples: ObservableCounter<u64>,
+    _batches: ObservableCounter<u64>,
+}
+
+impl BillingMetrics {
+    fn register(meter: &Meter) -> BillingMetrics {
+        let per_vm: Arc<Mutex<PerVm>> = Arc::default();
+        let observe = |pick: fn(&VmCounts) -> u64| {
+            let map = per_vm.clone();
+            move |o: &dyn opentelemetry::metrics::AsyncInstrument<u64>| {
+                let map = map.lock().unwrap_or_else(|p| p.into_inner());
+                for (vm, c) in map.counts.iter() {
+                    o.observe(pick(c), &[KeyValue::new("vm_id", vm.clone())]);
+                }
+            }
+        };
+        let samples = meter
+            .u64_observable_counter("metald_metrics_collected")
+            .with_description("Usage samples collected from a VM by the billing collector")
+            .with_callback(observe(|c| c.samples))
+            .build();
+        let batches = meter
+            .u64_observable_counter("metald_billing_batches_sent")
+            .with_description("Billing batches of a VM sent to the billing service")
+            .with_callback(observe(|c| c.batches))
+            .build();
+        let heartbeats = meter
+            .u64_counter("metald_heartbeat_sent")
+            .with_description("Heartbeats sent to the billing service")
+            .build();
+        // Export the heartbeat series from the start (at 0).
+        heartbeats.add(0, &[]);
+        BillingMetrics {
+            inner: Some(Arc::new(BillingInner { per_vm, heartbeats, _samples: samples, _batches: batches })),
+        }
+    }
+
+    fn state(&self) -> Option<std::sync::MutexGuard<'_, PerVm>> {
+        self.inner.as_ref().map(|i| i.per_vm.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn with_vm(&self, vm_id: &VmId, f: impl FnOnce(&mut VmCounts)) {
+        let Some(mut st) = self.state() else { return };
+        if st.gone.contains(vm_id.as_str()) {
+            return;
+        }
+        match st.counts.get_mut(vm_id.as_str()) {
+            Some(c) => f(c),
+            None => f(st.counts.entry(vm_id.as_str().to_owned()).or_default()),
+        }
+    }
+
+    /// One usage sample collected from `vm_id` (`metald_metrics_collected_total`).
+    pub fn sample_collected(&self, vm_id: &VmId) {
+        self.with_vm(vm_id, |c| c.samples += 1);
+    }
+
+    /// One billing batch of `vm_id` sent (`metald_billing_batches_sent_total`).
+    pub fn batch_sent(&self, vm_id: &VmId) {
+        self.with_vm(vm_id, |c| c.batches += 1);
+    }
+
+    /// One heartbeat sent (`metald_heartbeat_sent_total`).
+    pub fn heartbeat_sent(&self) {
+        if let Some(i) = &self.inner {
+            i.heartbeats.add(1, &[]);
+        }
+    }
+
+    /// Drops the series of `vm_id` (the VM was deleted); later counts for
+    /// it are ignored until a VM with that id is created again.
+    pub fn forget_vm(&self, vm_id: &VmId) {
+        let Some(mut st) = self.state() else { return };
+        st.counts.remove(vm_id.as_str());
+        if st.gone.insert(vm_id.as_str().to_owned()) {
+            st.gone_order.push_back(vm_id.as_str().to_owned());
+            while st.gone_order.len() > GONE_CAP {
+                if let Some(old) = st.gone_order.pop_front() {
+                    st.gone.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// A VM with this id was created: count it again.
+    pub fn vm_created(&self, vm_id: &VmId) {
+        let Some(mut st) = self.state() else { return };
+        if st.gone.remove(vm_id.as_str()) {
+            st.gone_order.retain(|g| g != vm_id.as_str());
+        }
+    }
+
+    /// Number of VMs with series (for tests).
+    pub fn tracked_vms(&self) -> usize {
+        self.state().map_or(0, |st| st.counts.len())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_operation_has_its_rpc() {
+        let methods =
+            ["CreateVm", "BootVm", "PauseVm", "ResumeVm", "RebootVm", "ShutdownVm", "DeleteVm", "GetVmInfo", "ListVms"];
+        for (m, op) in methods.iter().zip(Operation::ALL) {
+            assert_eq!(Operation::from_rpc_method(m), Some(op));
+        }
+        assert_eq!(Operation::from_rpc_method("Other"), None);
+    }
+
+    #[test]
+    fn disabled_handles_are_no_ops() {
+        let m = Metrics::default();
+        let id = VmId::parse("vm-1").unwrap();
+        m.operation(Operation::Create, None, Duration::ZERO);
+        m.billing().sample_collected(&id);
+        m.billing().heartbeat_sent();
+        assert_eq!(m.billing().tracked_vms(), 0);
+        assert!(!m.is_enabled());
+    }
+
+    #[test]
+    fn deleted_vms_stay_gone_until_recreated() {
+        let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder().build();
+        let b = Metrics::register(&opentelemetry::metrics::MeterProvider::meter(&provider, "t")).billing().clone();
+        let id = VmId::parse("vm-1").unwrap();
+        b.sample_collected(&id);
+        assert_eq!(b.tracked_vms(), 1);
+        b.forget_vm(&id);
+        b.batch_sent(&id); // a late final batch
+        assert_eq!(b.tracked_vms(), 0);
+        b.vm_created(&id);
+        b.sample_collected(&id);
+        assert_eq!(b.tracked_vms(), 1);
+    }
+}

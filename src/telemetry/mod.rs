@@ -1,0 +1,244 @@
+//! OpenTelemetry for metald, as specified in `spec/observability.md`.
+//!
+//! [`Telemetry::start`] builds, from a [`TelemetryConfig`]:
+//! - one meter provider with two readers: OTLP/HTTP push to
+//!   `<endpoint>/v1/metrics` and the Prometheus exporter served at
+//!   `GET http://<address>:<prometheus port>/metrics` ([`export`]);
+//! - one tracer provider: OTLP/HTTP to `<endpoint>/v1/traces`, batched, with
+//!   parent-based ratio sampling that still exports error spans
+//!   ([`traces`]), fed by the process' `tracing` spans through [`layer`];
+//! - metald's metrics ([`metrics`]), process metrics ([`process`]) and the
+//!   per-RPC / per-HTTP-request instrumentation of the API port ([`rpc`]).
+//!
+//! Disabled, [`Telemetry::disabled`] holds nothing: no port, no exporter,
+//! no interceptor, and every metric handle is a no-op.
+
+pub mod config;
+pub mod export;
+pub mod metrics;
+pub mod process;
+pub mod rpc;
+pub mod traces;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::MeterProvider as _;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use config::TelemetryConfig;
+pub use metrics::{BillingMetrics, Metrics, Operation};
+pub use traces::{WithTraceIds, layer};
+
+use crate::core::{Observer, VmEvent};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("building the OTLP {signal} exporter for {url}")]
+    Exporter {
+        signal: &'static str,
+        url: String,
+        #[source]
+        source: opentelemetry_otlp::ExporterBuildError,
+    },
+    #[error("building the Prometheus exporter")]
+    Prometheus(#[source] opentelemetry_sdk::error::OTelSdkError),
+    #[error("binding the metrics port {addr} (UNKEY_METALD_OTEL_PROMETHEUS_PORT)")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Telemetry of one daemon; cheap handles are taken from it.
+pub struct Telemetry {
+    metrics: Metrics,
+    running: Option<Running>,
+}
+
+struct Running {
+    tracers: SdkTracerProvider,
+    meters: SdkMeterProvider,
+    tracer_token: u64,
+    metrics_addr: SocketAddr,
+    stop: CancellationToken,
+    server: Option<JoinHandle<std::io::Result<()>>>,
+    _process: process::ProcessMetrics,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        traces::deactivate(self.tracer_token);
+        self.stop.cancel();
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn resource(cfg: &TelemetryConfig) -> Resource {
+    let instance: u128 = rand::random();
+    Resource::builder()
+        .with_service_name(cfg.service_name.clone())
+        .with_attributes([
+            KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+            KeyValue::new("service.instance.id", format!("{instance:032x}")),
+            KeyValue::new("host.name", host_name()),
+        ])
+        .build()
+}
+
+impl Telemetry {
+    /// Telemetry switched off.
+    pub fn disabled() -> Telemetry {
+        Telemetry { metrics: Metrics::default(), running: None }
+    }
+
+    /// Starts exporting, and serves `/metrics` on `address:prometheus_port`
+    /// until `stop` fires or the telemetry is shut down.
+    pub async fn start(
+        cfg: &TelemetryConfig,
+        address: IpAddr,
+        stop: CancellationToken,
+    ) -> Result<Telemetry, TelemetryError> {
+        if !cfg.enabled {
+            return Ok(Telemetry::disabled());
+        }
+        let rt = tokio::runtime::Handle::current();
+        let client = export::RuntimeHttpClient::new(rt.clone());
+        let resource = resource(cfg);
+
+        let exporter_err = |signal, url: String| move |source| TelemetryError::Exporter { signal, url, source };
+        let span_exporter = export::span_exporter(&cfg.traces_url(), client.clone())
+            .map_err(exporter_err("traces", cfg.traces_url()))?;
+        let batch = BatchSpanProcessor::builder(span_exporter)
+            .with_batch_config(BatchConfigBuilder::default().with_scheduled_delay(cfg.traces_delay).build())
+            .build();
+        let tracers = SdkTracerProvider::builder()
+            .with_resource(resource.clone())
+            .with_sampler(traces::KeepErrorsSampler::new(cfg.sampling_rate))
+            .with_span_processor(traces::KeepErrors(batch))
+            .build();
+
+        let registry = prometheus::Registry::new();
+        let prom = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .build()
+            .map_err(TelemetryError::Prometheus)?;
+        let metric_exporter =
+            export::metric_exporter(&cfg.metrics_url(), client).map_err(exporter_err("metrics", cfg.metrics_url()))?;
+        let meters = SdkMeterProvider::builder()
+            .with_resource(resource)
+            .with_reader(prom)
+            .with_reader(PeriodicReader::builder(metric_exporter).with_interval(cfg.metrics_interval).build())
+            .build();
+        let meter = meters.meter("metald");
+        let metrics = Metrics::register(&meter);
+        let process = process::register(&meter, Some(rt));
+
+        let addr = SocketAddr::new(address, cfg.prometheus_port);
+        let (listener, metrics_addr) =
+            export::bind(addr).await.map_err(|source| TelemetryError::Bind { addr, source })?;
+        let server = tokio::spawn(export::serve_metrics(listener, registry, stop.clone()));
+
+        if !traces::layer_installed() {
+            warn!(
+                "telemetry is on but no tracing layer was installed (metald::telemetry::layer): no spans will be exported"
+            );
+        }
+        let tracer_token = traces::activate(tracers.tracer("metald"));
+        info!(
+            metrics = %format!("http://{metrics_addr}/metrics"),
+            otlp = %cfg.endpoint,
+            sampling_rate = cfg.sampling_rate,
+            "telemetry on: Prometheus endpoint and OTLP/HTTP export"
+        );
+        Ok(Telemetry {
+            metrics,
+            running: Some(Running {
+                tracers,
+                meters,
+                tracer_token,
+                metrics_addr,
+                stop,
+                server: Some(server),
+                _process: process,
+            }),
+        })
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.running.is_some()
+    }
+
+    /// Metric handles (no-ops when disabled).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Where `/metrics` is served, when enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.running.as_ref().map(|r| r.metrics_addr)
+    }
+
+    /// The per-RPC interceptor, when enabled.
+    pub fn rpc_interceptor(&self) -> Option<rpc::RpcInterceptor> {
+        self.is_enabled().then(|| rpc::RpcInterceptor::new(self.metrics.clone()))
+    }
+
+    /// Core observer that drops a deleted VM's metric series.
+    pub fn observer(&self) -> Arc<dyn Observer> {
+        Arc::new(ForgetDeletedVms(self.metrics.billing().clone()))
+    }
+
+    /// Flushes and stops exporting; waits at most `grace` for the exports.
+    pub async fn shutdown(mut self, grace: Duration) {
+        let Some(mut r) = self.running.take() else { return };
+        traces::deactivate(r.tracer_token);
+        r.stop.cancel();
+        if let Some(server) = r.server.take() {
+            let _ = server.await;
+        }
+        let (tracers, meters) = (r.tracers.clone(), r.meters.clone());
+        // The SDK blocks while its threads export through this runtime.
+        let flush = tokio::task::spawn_blocking(move || {
+            let t = tracers.shutdown_with_timeout(grace);
+            let m = meters.shutdown_with_timeout(grace);
+            (t, m)
+        });
+        match tokio::time::timeout(grace + Duration::from_secs(1), flush).await {
+            Ok(Ok((t, m))) => {
+                if let Err(e) = t.and(m) {
+                    warn!(error = %e, "telemetry did not shut down cleanly");
+                }
+            }
+            _ => warn!("telemetry flush did not finish in time"),
+        }
+    }
+}
+
+struct ForgetDeletedVms(BillingMetrics);
+
+impl Observer for ForgetDeletedVms {
+    fn on_event(&self, event: &VmEvent) {
+        match (event.from, event.to) {
+            (_, None) => self.0.forget_vm(&event.vm_id),
+            (None, Some(_)) => self.0.vm_created(&event.vm_id),
+            (Some(_), Some(_)) => {}
+        }
+    }
+}

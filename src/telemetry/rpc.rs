@@ -1,0 +1,230 @@
+//! Server-side instrumentation of the API port.
+//!
+//! - [`RpcInterceptor`], a ConnectRPC interceptor: one `SERVER` span per RPC
+//!   (continuing an incoming W3C `traceparent`), `rpc.server.duration`, and
+//!   `metald_vm_operations_total` / `metald_vm_operation_duration_seconds`.
+//!   It sees the RPC outcome, which an HTTP layer cannot (gRPC errors are
+//!   HTTP 200); any non-OK outcome sets the span status to Error.
+//! - [`http_metrics`], an axum middleware: `http.server.request.duration`
+//!   and `http.server.active_requests` for every HTTP request.
+
+use std::time::Instant;
+
+use connectrpc::interceptor::{UnaryRequest, UnaryResponse};
+use connectrpc::{ConnectError, Interceptor, Next, Protocol};
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::{Status, TraceContextExt};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use super::metrics::{Metrics, Operation};
+
+struct Headers<'a>(&'a http::HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// The remote parent carried by `traceparent`/`tracestate`, if valid.
+pub fn remote_parent(headers: &http::HeaderMap) -> Option<Context> {
+    let cx = TraceContextPropagator::new().extract(&Headers(headers));
+    cx.span().span_context().is_valid().then_some(cx)
+}
+
+/// Makes `span` continue the trace of an incoming `traceparent`.
+pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
+    if let Some(cx) = remote_parent(headers) {
+        // Fails only when the span is disabled (telemetry off): nothing to do.
+        let _ = span.set_parent(cx);
+    }
+}
+
+/// Names of a procedure, as static strings: no allocation per call, and a
+/// label set bounded by the API (an unknown path is `unknown`).
+struct Procedure {
+    name: &'static str,
+    service: &'static str,
+    method: &'static str,
+}
+
+const SERVICE: &str = "vmprovisioner.v1.VmService";
+
+fn procedure(path: &str) -> Procedure {
+    macro_rules! known {
+        ($($m:literal),*) => {
+            match path.strip_prefix("/vmprovisioner.v1.VmService/") {
+                $(Some($m) => Procedure { name: concat!("vmprovisioner.v1.VmService/", $m), service: SERVICE, method: $m },)*
+                _ => Procedure { name: "unknown", service: "unknown", method: "unknown" },
+            }
+        };
+    }
+    known!("CreateVm", "DeleteVm", "BootVm", "ShutdownVm", "PauseVm", "ResumeVm", "RebootVm", "GetVmInfo", "ListVms")
+}
+
+/// Name of the per-RPC server span (the API records `vm_id` on it).
+pub const SERVER_SPAN: &str = "rpc.server";
+
+/// Per-RPC spans and metrics.
+pub struct RpcInterceptor {
+    metrics: Metrics,
+}
+
+impl RpcInterceptor {
+    pub fn new(metrics: Metrics) -> Self {
+        RpcInterceptor { metrics }
+    }
+}
+
+#[connectrpc::async_trait]
+impl Interceptor for RpcInterceptor {
+    async fn intercept_unary(&self, req: UnaryRequest, next: Next<'_>) -> Result<UnaryResponse, ConnectError> {
+        let Procedure { name, service, method } = procedure(req.ctx.path().unwrap_or_default());
+        let system = match req.ctx.protocol() {
+            Some(Protocol::Grpc | Protocol::GrpcWeb) => "grpc",
+            _ => "connect_rpc",
+        };
+        let span = tracing::info_span!(
+            "rpc.server",
+            vm_id = tracing::field::Empty,
+            otel.name = name,
+            otel.kind = "server",
+            rpc.system = system,
+            rpc.service = service,
+            rpc.method = method,
+            rpc.grpc.status_code = tracing::field::Empty,
+            rpc.connect_rpc.error_code = tracing::field::Empty,
+        );
+        continue_trace(&span, req.ctx.headers());
+        let started = Instant::now();
+        let result = next.run(req).instrument(span.clone()).await;
+        let elapsed = started.elapsed();
+        let code = result.as_ref().err().map(|e| e.code);
+        let grpc_code = code.map_or(0, |c| c.grpc_code());
+        span.record("rpc.grpc.status_code", grpc_code);
+        if let Err(e) = &result {
+            span.record("rpc.connect_rpc.error_code", e.code.as_str());
+            let text = match &e.message {
+                Some(m) => format!("{}: {m}", e.code.as_str()),
+                None => e.code.as_str().to_owned(),
+            };
+            span.set_status(Status::error(text));
+        }
+        self.metrics.rpc(
+            &[
+                KeyValue::new("rpc.system", system),
+                KeyValue::new("rpc.service", service),
+                KeyValue::new("rpc.method", method),
+                KeyValue::new("rpc.grpc.status_code", i64::from(grpc_code)),
+            ],
+            elapsed,
+        );
+        if let Some(op) = Operation::from_rpc_method(method) {
+            self.metrics.operation(op, code.map(|c| c.as_str()), elapsed);
+        }
+        result
+    }
+}
+
+/// The request method as semconv wants it: known methods, else `_OTHER`.
+fn method_label(m: &http::Method) -> &'static str {
+    match *m {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        http::Method::PATCH => "PATCH",
+        http::Method::CONNECT => "CONNECT",
+        http::Method::TRACE => "TRACE",
+        _ => "_OTHER",
+    }
+}
+
+fn protocol_version(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_09 => "0.9",
+        http::Version::HTTP_10 => "1.0",
+        http::Version::HTTP_11 => "1.1",
+        http::Version::HTTP_2 => "2",
+        http::Version::HTTP_3 => "3",
+        _ => "_OTHER",
+    }
+}
+
+/// Decrements the in-flight gauge even when the request is cancelled.
+struct InFlight {
+    metrics: Metrics,
+    attrs: [KeyValue; 2],
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.metrics.http_active_done(&self.attrs);
+    }
+}
+
+/// axum middleware recording the HTTP server metrics.
+pub async fn http_metrics(
+    axum::extract::State(metrics): axum::extract::State<Metrics>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let method = method_label(req.method());
+    let version = protocol_version(req.version());
+    let active = [KeyValue::new("http.request.method", method), KeyValue::new("url.scheme", "http")];
+    metrics.http_started(&active);
+    let _in_flight = InFlight { metrics: metrics.clone(), attrs: active };
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    metrics.http_duration(
+        &[
+            KeyValue::new("http.request.method", method),
+            KeyValue::new("url.scheme", "http"),
+            KeyValue::new("http.response.status_code", i64::from(resp.status().as_u16())),
+            KeyValue::new("network.protocol.version", version),
+        ],
+        started.elapsed(),
+    );
+    resp
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_is_extracted() {
+        let mut h = http::HeaderMap::new();
+        assert!(remote_parent(&h).is_none());
+        h.insert("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".parse().unwrap());
+        let cx = remote_parent(&h).unwrap();
+        let sc = cx.span().span_context().clone();
+        assert_eq!(sc.trace_id().to_string(), "0af7651916cd43dd8448eb211c80319c");
+        assert!(sc.is_sampled() && sc.is_remote());
+        h.insert("traceparent", "garbage".parse().unwrap());
+        assert!(remote_parent(&h).is_none());
+    }
+
+    #[test]
+    fn procedures_are_static_and_bounded() {
+        let p = procedure("/vmprovisioner.v1.VmService/BootVm");
+        assert_eq!((p.name, p.service, p.method), ("vmprovisioner.v1.VmService/BootVm", SERVICE, "BootVm"));
+        assert_eq!(procedure("/x.Y/Z").method, "unknown");
+    }
+
+    #[test]
+    fn method_labels_are_bounded() {
+        assert_eq!(method_label(&http::Method::GET), "GET");
+        assert_eq!(method_label(&http::Method::from_bytes(b"BREW").unwrap()), "_OTHER");
+    }
+}

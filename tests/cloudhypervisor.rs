@@ -1,0 +1,335 @@
+//! Cloud Hypervisor backend tests (the daemon in-process with
+//! `UNKEY_METALD_BACKEND=cloudhypervisor` and the
+//! `metald-fake-cloud-hypervisor` test double as its binary), plus the
+//! `auto` backend selection. Request sequences are checked field by field
+//! against Cloud Hypervisor's OpenAPI definitions; error injection goes
+//! through a `fake-control.json` in each test's own temp dir.
+//!
+//! `real_cloud_hypervisor_end_to_end` runs against a real binary only when
+//! `METALD_TEST_CLOUD_HYPERVISOR` names one (and KVM works).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod vmm_support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{TOKEN_A, TestDaemon};
+use connectrpc::ErrorCode;
+use metald::config::Config;
+use metald::pb::vmprovisioner::v1 as pb;
+use serde_json::{Value, json};
+use vmm_support::{
+    KillOnDrop, calls, count_lines, http_get, process_exists, processes_under, requests, set_control, wait_until,
+    without_usage,
+};
+
+const FAKE_CH: &str = env!("CARGO_BIN_EXE_metald-fake-cloud-hypervisor");
+const FAKE_FC: &str = env!("CARGO_BIN_EXE_metald-fake-firecracker");
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn start(extra: &[(&str, &str)]) -> (TestDaemon, KillOnDrop) {
+    let mut env = vec![("BACKEND", "cloudhypervisor"), ("CLOUD_HYPERVISOR_BINARY", FAKE_CH)];
+    env.extend_from_slice(extra);
+    let t = common::start(&env).await;
+    std::fs::write(t.assets().join("initrd.img"), b"fake initramfs").unwrap();
+    let guard = KillOnDrop(t.tmp.path().to_path_buf());
+    (t, guard)
+}
+
+fn canon(p: PathBuf) -> String {
+    std::fs::canonicalize(p).unwrap().display().to_string()
+}
+
+fn full_config(t: &TestDaemon) -> pb::VmConfig {
+    let mut c = t.config(&t.kernel());
+    c.cpu = pb::CpuConfig { vcpu_count: 2, max_vcpu_count: 4, ..Default::default() }.into();
+    c.boot = pb::BootConfig {
+        kernel_path: t.kernel(),
+        initrd_path: t.assets().join("initrd.img").display().to_string(),
+        kernel_args: "quiet".into(),
+        ..Default::default()
+    }
+    .into();
+    c.storage = vec![pb::StorageDevice {
+        id: "root".into(),
+        path: t.assets().join("rootfs.ext4").display().to_string(),
+        is_root_device: true,
+        read_only: true,
+        ..Default::default()
+    }];
+    c.network = vec![pb::NetworkInterface {
+        id: "eth0".into(),
+        mac_address: "02:00:00:00:00:02".into(),
+        tap_device: "tap-c0".into(),
+        tx_rate_limit: pb::RateLimit { bandwidth: 2_000_000, refill_time: 0, burst: 0, ..Default::default() }.into(),
+        ..Default::default()
+    }];
+    c
+}
+
+async fn create(
+    t: &TestDaemon,
+    id: &str,
+    config: pb::VmConfig,
+) -> Result<pb::CreateVmResponse, connectrpc::ConnectError> {
+    let c = t.client(TOKEN_A);
+    c.create_vm(pb::CreateVmRequest { vm_id: id.into(), config: config.into(), ..Default::default() })
+        .await
+        .map(|r| r.into_owned())
+}
+
+async fn info(t: &TestDaemon, id: &str) -> pb::GetVmInfoResponse {
+    let c = t.client(TOKEN_A);
+    c.get_vm_info(pb::GetVmInfoRequest { vm_id: id.into(), ..Default::default() }).await.unwrap().into_owned()
+}
+
+fn vm_dir(t: &TestDaemon, id: &str) -> PathBuf {
+    t.data_dir().join("vms").join(id)
+}
+
+fn assert_requests(got: &[Value], want: &[Value]) {
+    assert_eq!(calls(got), calls(want));
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g["body"], w["body"], "body of {} {}", w["method"], w["path"]);
+        assert!(g["status"].as_u64().is_some_and(|s| s < 300), "{g}");
+    }
+}
+
+fn put(path: &str) -> Value {
+    json!({"method": "PUT", "path": format!("/api/v1/{path}"), "body": null})
+}
+
+fn get(path: &str) -> Value {
+    json!({"method": "GET", "path": format!("/api/v1/{path}"), "body": null})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_lifecycle_sends_the_documented_requests() {
+    let (t, _g) = start(&[]).await;
+    let c = t.client(TOKEN_A);
+    let dir = vm_dir(&t, "ch1");
+    create(&t, "ch1", full_config(&t)).await.unwrap();
+    let console = dir.join("console.log");
+    let create_body = json!({
+        "cpus": {"boot_vcpus": 2, "max_vcpus": 4},
+        "memory": {"size": 128u64 << 20},
+        "payload": {
+            "kernel": canon(t.assets().join("vmlinux")),
+            "cmdline": "quiet console=ttyS0",
+            "initramfs": canon(t.assets().join("initrd.img"))
+        },
+        "disks": [{"path": canon(t.assets().join("rootfs.ext4")), "readonly": true, "id": "root"}],
+        "net": [{"tap": "tap-c0", "mac": "02:00:00:00:00:02", "id": "eth0",
+                 "rate_limiter_config": {"bandwidth": {"size": 2_000_000, "refill_time": 1000}}}],
+        "serial": {"mode": "File", "file": console},
+        "console": {"mode": "Off"}
+    });
+    let mut want = vec![get("vmm.ping"), json!({"method": "PUT", "path": "/api/v1/vm.create", "body": create_body})];
+    assert_requests(&requests(&dir), &want);
+    let bi = info(&t, "ch1").await.backend_info;
+    assert_eq!(bi["backend"], "cloudhypervisor");
+    assert_eq!(bi["cloud_hypervisor_version"], "v40.0.0");
+    let pid: i32 = bi["pid"].parse().unwrap();
+
+    c.boot_vm(pb::BootVmRequest { vm_id: "ch1".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(count_lines(&console, "METALD_GUEST_READY"), 1);
+    let m = info(&t, "ch1").await.metrics;
+    assert_eq!((m.storage_stats.bytes_read, m.storage_stats.write_operations), (8192, 1));
+    assert_eq!((m.network_stats.bytes_transmitted, m.network_stats.packets_received), (500, 10));
+    c.pause_vm(pb::PauseVmRequest { vm_id: "ch1".into(), ..Default::default() }).await.unwrap();
+    c.resume_vm(pb::ResumeVmRequest { vm_id: "ch1".into(), ..Default::default() }).await.unwrap();
+    c.reboot_vm(pb::RebootVmRequest { vm_id: "ch1".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(count_lines(&console, "METALD_GUEST_READY"), 2);
+    assert_eq!(info(&t, "ch1").await.backend_info["pid"], pid.to_string(), "reboot stays in-process");
+    c.pause_vm(pb::PauseVmRequest { vm_id: "ch1".into(), ..Default::default() }).await.unwrap();
+    let r = c
+        .shutdown_vm(pb::ShutdownVmRequest { vm_id: "ch1".into(), timeout_seconds: 5, ..Default::default() })
+        .await
+        .unwrap()
+        .into_owned();
+    assert_eq!(r.state.as_known(), Some(pb::VmState::VM_STATE_SHUTDOWN));
+    assert!(!process_exists(pid), "power button ended the VMM");
+    want.extend([
+        put("vm.boot"),
+        put("vm.pause"),
+        put("vm.resume"),
+        put("vm.reboot"),
+        put("vm.pause"),
+        get("vm.info"),
+        put("vm.resume"),
+        put("vm.power-button"),
+    ]);
+    let reqs = requests(&dir);
+    assert!(calls(&reqs).contains(&"GET /api/v1/vm.counters".to_owned()));
+    assert_requests(&without_usage(reqs), &want);
+    c.delete_vm(pb::DeleteVmRequest { vm_id: "ch1".into(), ..Default::default() }).await.unwrap();
+    assert!(!dir.exists());
+    assert!(processes_under(t.tmp.path()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_shutdown_and_errors() {
+    let (t, _g) = start(&[("CLOUD_HYPERVISOR_API_TIMEOUT_MS", "500")]).await;
+    let c = t.client(TOKEN_A);
+    let tmp = t.tmp.path();
+
+    set_control(tmp, Some(json!({"fail": "vm.create"})));
+    let e = create(&t, "e1", full_config(&t)).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::Internal);
+    let msg = e.message.unwrap_or_default();
+    assert!(msg.contains("cloud-hypervisor API PUT /api/v1/vm.create: 500: injected failure at"), "{msg}");
+    assert!(!vm_dir(&t, "e1").exists());
+    wait_until("no processes", WAIT, || async { processes_under(tmp).is_empty() }).await;
+
+    set_control(tmp, Some(json!({"exit": "vm.create"})));
+    let e = create(&t, "e2", full_config(&t)).await.unwrap_err();
+    assert!(e.message.unwrap_or_default().contains("the Cloud Hypervisor process exited"));
+    wait_until("no processes", WAIT, || async { processes_under(tmp).is_empty() }).await;
+
+    set_control(tmp, None);
+    create(&t, "e3", t.config(&t.kernel())).await.unwrap();
+    c.boot_vm(pb::BootVmRequest { vm_id: "e3".into(), ..Default::default() }).await.unwrap();
+    set_control(tmp, Some(json!({"hang": "vm.pause"})));
+    let e = c.pause_vm(pb::PauseVmRequest { vm_id: "e3".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::DeadlineExceeded);
+    set_control(tmp, None);
+    let pid: i32 = info(&t, "e3").await.backend_info["pid"].parse().unwrap();
+    c.shutdown_vm(pb::ShutdownVmRequest { vm_id: "e3".into(), force: true, ..Default::default() }).await.unwrap();
+    assert!(!process_exists(pid));
+    let reqs = requests(&vm_dir(&t, "e3"));
+    let tail: Vec<String> = calls(&reqs).split_off(reqs.len() - 2);
+    assert_eq!(tail, ["PUT /api/v1/vm.shutdown", "PUT /api/v1/vmm.shutdown"]);
+    c.delete_vm(pb::DeleteVmRequest { vm_id: "e3".into(), ..Default::default() }).await.unwrap();
+    assert!(processes_under(tmp).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_cloud_hypervisor_enforces_the_api_ordering() {
+    use metald::backend::uds_http::{UdsClient, text_error_body};
+    let tmp = tempfile::tempdir().unwrap();
+    let _g = KillOnDrop(tmp.path().to_path_buf());
+    let sock = tmp.path().join("ch.sock");
+    let mut child = std::process::Command::new(FAKE_CH)
+        .arg("--api-socket")
+        .arg(format!("path={}", sock.display()))
+        .spawn()
+        .unwrap();
+    wait_until("socket", WAIT, || async { sock.exists() }).await;
+    let c = UdsClient::new(&sock, "cloud-hypervisor", Duration::from_secs(5), text_error_body);
+    wait_until("vmm.ping", WAIT, || async { c.get::<Value>("/api/v1/vmm.ping").await.is_ok() }).await;
+    assert_eq!(c.put_empty("/api/v1/vm.boot").await.unwrap_err().status(), Some(404), "boot before create");
+    let kernel = tmp.path().join("vmlinux");
+    std::fs::write(&kernel, b"\x7fELF").unwrap();
+    c.put("/api/v1/vm.create", &json!({"payload": {"kernel": kernel}})).await.unwrap();
+    assert_eq!(c.put_empty("/api/v1/vm.pause").await.unwrap_err().status(), Some(405), "pause before boot");
+    c.put_empty("/api/v1/vm.boot").await.unwrap();
+    let i: Value = c.get("/api/v1/vm.info").await.unwrap();
+    assert_eq!(i["state"], "Running");
+    assert_eq!(c.put_empty("/api/v1/vm.resume").await.unwrap_err().status(), Some(405), "resume while running");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_that_is_not_a_kernel_is_refused() {
+    let (t, _g) = start(&[]).await;
+    std::fs::write(t.assets().join("notes.txt"), b"hello").unwrap();
+    let e = create(&t, "nk", t.config(&t.assets().join("notes.txt").display().to_string())).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidArgument);
+    assert!(e.message.unwrap_or_default().contains("neither an ELF vmlinux (PVH) nor a bzImage"));
+}
+
+/// Starts a daemon with `BACKEND=auto` and the given binaries; returns the
+/// chosen backend's health or the start error.
+async fn auto(fc: &str, ch: &str, qemu: &str) -> Result<Value, String> {
+    let tmp = tempfile::tempdir().unwrap();
+    let env = [
+        ("BACKEND", "auto"),
+        ("FIRECRACKER_BINARY", fc),
+        ("CLOUD_HYPERVISOR_BINARY", ch),
+        ("QEMU_BINARY", qemu),
+        ("AUTH_DEV_TOKENS", "true"),
+        ("ADDRESS", "127.0.0.1"),
+        ("PORT", "0"),
+        ("DATA_DIR", &tmp.path().join("data").display().to_string()),
+        ("ASSET_DIRS", &tmp.path().join("assets").display().to_string()),
+    ];
+    let env = env.iter().map(|(k, v)| (format!("UNKEY_METALD_{k}"), v.to_string())).collect();
+    let d = metald::daemon::start(Config::from_source(&env).unwrap()).await.map_err(|e| e.to_string())?;
+    let (_, h) = http_get(&d.addr, "/_/health").await;
+    d.shutdown();
+    Ok(h)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_prefers_firecracker_then_cloud_hypervisor_then_qemu() {
+    let none = "/nonexistent/metald-test-binary";
+    let h = auto(FAKE_FC, FAKE_CH, none).await.unwrap();
+    assert_eq!(h["backend"], "firecracker");
+    assert!(h["kvm"].is_boolean());
+    let h = auto(none, FAKE_CH, none).await.unwrap();
+    assert_eq!(h["backend"], "cloudhypervisor");
+    assert_eq!(h["backend_version"], "cloud-hypervisor v40.0.0 (metald fake)");
+    let e = auto(none, none, none).await.unwrap_err();
+    assert!(e.contains("no hypervisor found") && e.contains("Firecracker") && e.contains("QEMU"), "{e}");
+}
+
+/// The lifecycle against a real Cloud Hypervisor: set
+/// `METALD_TEST_CLOUD_HYPERVISOR` to its path (KVM must work).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_cloud_hypervisor_end_to_end() {
+    let Some(binary) = std::env::var_os("METALD_TEST_CLOUD_HYPERVISOR") else {
+        eprintln!("note: METALD_TEST_CLOUD_HYPERVISOR is unset; skipping the real-Cloud-Hypervisor lifecycle test");
+        return;
+    };
+    let image = vmm_support::guest_image();
+    let binary = binary.to_string_lossy().into_owned();
+    let dirs = image.display().to_string();
+    let (t, _g) = start(&[("CLOUD_HYPERVISOR_BINARY", &binary), ("ASSET_DIRS", &dirs)]).await;
+    let c = t.client(TOKEN_A);
+    let mut config = t.config(&image.join("vmlinux").display().to_string());
+    config.boot = pb::BootConfig {
+        kernel_path: image.join("vmlinux").display().to_string(),
+        initrd_path: image.join("initramfs.cpio.gz").display().to_string(),
+        kernel_args: "console=ttyS0 quiet".into(),
+        ..Default::default()
+    }
+    .into();
+    create(&t, "real", config).await.unwrap();
+    c.boot_vm(pb::BootVmRequest { vm_id: "real".into(), ..Default::default() }).await.unwrap();
+    let console = PathBuf::from(&info(&t, "real").await.backend_info["console_log"]);
+    let boot = Duration::from_secs(90);
+    wait_until("guest ready", boot, || async { count_lines(&console, "METALD_GUEST_READY") >= 1 }).await;
+    c.pause_vm(pb::PauseVmRequest { vm_id: "real".into(), ..Default::default() }).await.unwrap();
+    c.resume_vm(pb::ResumeVmRequest { vm_id: "real".into(), ..Default::default() }).await.unwrap();
+    c.reboot_vm(pb::RebootVmRequest { vm_id: "real".into(), ..Default::default() }).await.unwrap();
+    wait_until("guest ready again", boot, || async { count_lines(&console, "METALD_GUEST_READY") >= 2 }).await;
+    c.shutdown_vm(pb::ShutdownVmRequest { vm_id: "real".into(), timeout_seconds: 30, ..Default::default() })
+        .await
+        .unwrap();
+    c.delete_vm(pb::DeleteVmRequest { vm_id: "real".into(), ..Default::default() }).await.unwrap();
+    assert!(processes_under(Path::new(t.tmp.path())).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_vms_survive_a_daemon_restart() {
+    let (mut t, _g) = start(&[]).await;
+    create(&t, "rs", t.config(&t.kernel())).await.unwrap();
+    let c = t.client(TOKEN_A);
+    c.boot_vm(pb::BootVmRequest { vm_id: "rs".into(), ..Default::default() }).await.unwrap();
+    let pid: i32 = info(&t, "rs").await.backend_info["pid"].parse().unwrap();
+    t.restart().await;
+    let c = t.client(TOKEN_A);
+    let i = info(&t, "rs").await;
+    assert_eq!(i.state.as_known(), Some(pb::VmState::VM_STATE_RUNNING));
+    assert_eq!(i.backend_info["pid"], pid.to_string());
+    c.shutdown_vm(pb::ShutdownVmRequest { vm_id: "rs".into(), timeout_seconds: 5, ..Default::default() })
+        .await
+        .unwrap();
+    assert!(!process_exists(pid));
+    c.delete_vm(pb::DeleteVmRequest { vm_id: "rs".into(), ..Default::default() }).await.unwrap();
+    assert!(processes_under(t.tmp.path()).is_empty());
+}

@@ -1,0 +1,503 @@
+//! End-to-end tests against real guests: metald in-process with the QEMU
+//! backend under TCG, driven through the generated Connect client, booting
+//! the guest image of `scripts/guest-image.sh` (built on first use and
+//! cached in `target/guest-image`, or `METALD_GUEST_IMAGE_DIR`).
+//!
+//! The guest's init prints `METALD_GUEST_READY`, then `METALD_TICK <n>`
+//! every second, and `METALD_GUEST_POWEROFF` before it powers off; the tests
+//! read those markers from the console log named in `backend_info`.
+//! Waits are generous (TCG on a loaded 2-core machine); every QEMU process
+//! a test started is killed when the test ends, pass or fail.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use metald::client::{VmClient, WireProtocol, vm_client};
+use metald::config::Config;
+use metald::daemon::Daemon;
+use metald::pb::vmprovisioner::v1 as pb;
+
+const TOKEN: &str = "dev_customer_acme";
+/// Upper bound for a guest to boot under TCG with other guests running.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+/// Upper bound for metald to notice a VMM exit (the goal is < 1 s).
+const EXIT_NOTICE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Builds (or reuses) the guest image once per test process.
+fn guest_image() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::var_os("METALD_GUEST_IMAGE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo().join("target/guest-image"));
+        let status = std::process::Command::new("bash")
+            .arg(repo().join("scripts/guest-image.sh"))
+            .arg(&dir)
+            .status()
+            .expect("running scripts/guest-image.sh");
+        assert!(status.success(), "scripts/guest-image.sh failed: {status}");
+        std::fs::canonicalize(dir).unwrap()
+    })
+}
+
+/// Kills every process whose command line mentions `dir` (the test's QEMUs).
+fn kill_processes_under(dir: &Path) -> usize {
+    let needle = dir.as_os_str().as_encoded_bytes().to_vec();
+    let mut killed = 0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if cmdline.windows(needle.len()).any(|w| w == needle.as_slice()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            killed += 1;
+        }
+    }
+    killed
+}
+
+/// One metald with the QEMU backend on a temp data dir.
+struct Env {
+    daemon: Option<Daemon>,
+    env: HashMap<String, String>,
+    tmp: tempfile::TempDir,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(d) = &self.daemon {
+            d.shutdown();
+        }
+        kill_processes_under(self.tmp.path());
+    }
+}
+
+impl Env {
+    async fn start() -> Env {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let image = guest_image();
+        let tmp = tempfile::Builder::new().prefix("metald-e2e-").tempdir().unwrap();
+        let assets = tmp.path().join("assets");
+        std::fs::create_dir_all(&assets).unwrap();
+        let env: HashMap<String, String> = [
+            ("BACKEND", "qemu".to_owned()),
+            ("QEMU_ACCEL", "tcg".to_owned()),
+            ("AUTH_DEV_TOKENS", "true".to_owned()),
+            ("ADDRESS", "127.0.0.1".to_owned()),
+            ("PORT", "0".to_owned()),
+            ("DATA_DIR", tmp.path().join("data").display().to_string()),
+            ("ASSET_DIRS", format!("{}:{}", assets.display(), image.display())),
+            ("SHUTDOWN_GRACE_SECONDS", "5".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (format!("UNKEY_METALD_{k}"), v))
+        .collect();
+        let daemon = metald::daemon::start(Config::from_source(&env).unwrap()).await.unwrap();
+        Env { daemon: Some(daemon), env, tmp }
+    }
+
+    fn client(&self) -> VmClient {
+        let addr = self.daemon.as_ref().unwrap().addr;
+        vm_client(&format!("http://{addr}"), TOKEN, WireProtocol::ConnectProto, Duration::from_secs(120)).unwrap()
+    }
+
+    /// Stops metald gracefully (its VMs keep running) and starts a new one
+    /// on the same data directory.
+    async fn restart(&mut self) {
+        let d = self.daemon.take().unwrap();
+        d.shutdown();
+        d.wait().await.unwrap();
+        let cfg = Config::from_source(&self.env).unwrap();
+        self.daemon = Some(metald::daemon::start(cfg).await.unwrap());
+    }
+
+    /// A private writable copy of the ext4 root filesystem.
+    fn rootfs_copy(&self, name: &str) -> PathBuf {
+        let p = self.tmp.path().join("assets").join(name);
+        std::fs::copy(guest_image().join("rootfs.ext4"), &p).unwrap();
+        p
+    }
+}
+
+fn config(kernel: &str, kernel_args: &str) -> pb::VmConfig {
+    config_at(&guest_image().join(kernel), kernel_args)
+}
+
+fn config_at(kernel: &Path, kernel_args: &str) -> pb::VmConfig {
+    pb::VmConfig {
+        cpu: pb::CpuConfig { vcpu_count: 1, ..Default::default() }.into(),
+        memory: pb::MemoryConfig { size_bytes: 128 << 20, ..Default::default() }.into(),
+        boot: pb::BootConfig {
+            kernel_path: kernel.display().to_string(),
+            initrd_path: guest_image().join("initramfs.cpio.gz").display().to_string(),
+            kernel_args: kernel_args.into(),
+            ..Default::default()
+        }
+        .into(),
+        ..Default::default()
+    }
+}
+
+/// A VM seen through the API.
+struct Vm<'a> {
+    c: &'a VmClient,
+    id: String,
+}
+
+impl<'a> Vm<'a> {
+    async fn create(c: &'a VmClient, id: &str, config: pb::VmConfig) -> Vm<'a> {
+        let r = c
+            .create_vm(pb::CreateVmRequest { vm_id: id.into(), config: config.into(), ..Default::default() })
+            .await
+            .unwrap_or_else(|e| panic!("create {id}: {e:?}"))
+            .into_owned();
+        assert_eq!(r.state.as_known(), Some(pb::VmState::VM_STATE_CREATED));
+        Vm { c, id: id.into() }
+    }
+
+    async fn info(&self) -> pb::GetVmInfoResponse {
+        self.c
+            .get_vm_info(pb::GetVmInfoRequest { vm_id: self.id.clone(), ..Default::default() })
+            .await
+            .unwrap_or_else(|e| panic!("info {}: {e:?}", self.id))
+            .into_owned()
+    }
+
+    async fn state(&self) -> pb::VmState {
+        self.info().await.state.as_known().unwrap()
+    }
+
+    async fn backend(&self, key: &str) -> String {
+        self.info().await.backend_info.get(key).cloned().unwrap_or_else(|| panic!("no backend_info[{key}]"))
+    }
+
+    async fn pid(&self) -> i32 {
+        self.backend("pid").await.parse().unwrap()
+    }
+
+    async fn boot(&self) {
+        let r = self.c.boot_vm(pb::BootVmRequest { vm_id: self.id.clone(), ..Default::default() }).await;
+        let r = r.unwrap_or_else(|e| panic!("boot {}: {e:?}", self.id)).into_owned();
+        assert_eq!(r.state.as_known(), Some(pb::VmState::VM_STATE_RUNNING));
+    }
+
+    async fn pause(&self) {
+        let r = self.c.pause_vm(pb::PauseVmRequest { vm_id: self.id.clone(), ..Default::default() }).await;
+        assert_eq!(r.unwrap().into_owned().state.as_known(), Some(pb::VmState::VM_STATE_PAUSED));
+    }
+
+    async fn resume(&self) {
+        let r = self.c.resume_vm(pb::ResumeVmRequest { vm_id: self.id.clone(), ..Default::default() }).await;
+        assert_eq!(r.unwrap().into_owned().state.as_known(), Some(pb::VmState::VM_STATE_RUNNING));
+    }
+
+    async fn delete_force(&self) {
+        let r =
+            self.c.delete_vm(pb::DeleteVmRequest { vm_id: self.id.clone(), force: true, ..Default::default() }).await;
+        assert!(r.unwrap().into_owned().success);
+    }
+
+    async fn console(&self) -> Console {
+        Console(PathBuf::from(self.backend("console_log").await))
+    }
+
+    async fn wait_state(&self, want: pb::VmState, timeout: Duration) -> Duration {
+        let start = Instant::now();
+        wait_until(&format!("{} to be {want:?}", self.id), timeout, || async { self.state().await == want }).await;
+        start.elapsed()
+    }
+}
+
+/// The guest's serial console log.
+struct Console(PathBuf);
+
+impl Console {
+    fn text(&self) -> String {
+        std::fs::read(&self.0).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    }
+
+    fn count(&self, marker: &str) -> usize {
+        self.text().lines().filter(|l| l.trim() == marker).count()
+    }
+
+    fn last_tick(&self) -> Option<u64> {
+        self.text().lines().filter_map(|l| l.trim().strip_prefix("METALD_TICK ")?.parse().ok()).next_back()
+    }
+
+    async fn wait_count(&self, marker: &str, n: usize, timeout: Duration) {
+        wait_until(&format!("{marker} x{n} in {}", self.0.display()), timeout, || async { self.count(marker) >= n })
+            .await;
+    }
+
+    /// Waits for a tick newer than `after` and returns it.
+    async fn wait_tick_after(&self, after: Option<u64>, timeout: Duration) -> u64 {
+        wait_until("a new METALD_TICK", timeout, || async { self.last_tick() > after }).await;
+        self.last_tick().unwrap()
+    }
+}
+
+async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn process_exists(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+async fn wait_process_gone(pid: i32) {
+    wait_until(&format!("process {pid} to be gone"), Duration::from_secs(10), || async { !process_exists(pid) }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_lifecycle_of_a_real_guest() {
+    let env = Env::start().await;
+    let c = env.client();
+    let vm = Vm::create(&c, "life", config("vmlinux", "quiet")).await;
+    let console = vm.console().await;
+    let socket = PathBuf::from(vm.backend("api_socket").await);
+    let info = vm.info().await;
+    assert_eq!(info.backend_info.get("backend").map(String::as_str), Some("qemu"));
+    assert_eq!(info.backend_info.get("accel").map(String::as_str), Some("tcg"));
+    let first_pid = vm.pid().await;
+    assert!(process_exists(first_pid));
+
+    // Boot.
+    vm.boot().await;
+    console.wait_count("METALD_GUEST_READY", 1, BOOT_TIMEOUT).await;
+    let m = vm.info().await.metrics;
+    assert!(m.is_set() && m.memory_usage_bytes > 0, "live metrics of a running guest: {m:?}");
+
+    // Pause: the guest makes no progress.
+    let tick = console.wait_tick_after(None, BOOT_TIMEOUT).await;
+    vm.pause().await;
+    let frozen = console.last_tick();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(console.last_tick(), frozen, "ticks advanced while paused");
+    assert!(frozen >= Some(tick));
+
+    // Resume: it advances again.
+    vm.resume().await;
+    console.wait_tick_after(frozen, Duration::from_secs(30)).await;
+
+    // Reboot: the guest comes up a second time in the same QEMU.
+    let r = c.reboot_vm(pb::RebootVmRequest { vm_id: vm.id.clone(), ..Default::default() }).await.unwrap().into_owned();
+    assert_eq!(r.state.as_known(), Some(pb::VmState::VM_STATE_RUNNING));
+    console.wait_count("METALD_GUEST_READY", 2, BOOT_TIMEOUT).await;
+    assert_eq!(vm.pid().await, first_pid);
+
+    // Graceful shutdown: clean power-off, no QEMU left.
+    let r = c
+        .shutdown_vm(pb::ShutdownVmRequest { vm_id: vm.id.clone(), timeout_seconds: 60, ..Default::default() })
+        .await
+        .unwrap()
+        .into_owned();
+    assert_eq!(r.state.as_known(), Some(pb::VmState::VM_STATE_SHUTDOWN));
+    assert_eq!(console.count("METALD_GUEST_POWEROFF"), 1, "{}", console.text());
+    wait_process_gone(first_pid).await;
+    assert!(!socket.exists(), "QMP socket left behind");
+
+    // Boot again: a new QEMU process.
+    vm.boot().await;
+    console.wait_count("METALD_GUEST_READY", 3, BOOT_TIMEOUT).await;
+    let second_pid = vm.pid().await;
+    assert_ne!(second_pid, first_pid);
+
+    // Delete with force: process, socket and files gone.
+    let dir = socket.parent().unwrap().to_path_buf();
+    vm.delete_force().await;
+    wait_process_gone(second_pid).await;
+    assert!(!dir.exists(), "VM directory {} left behind", dir.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_poweroff_and_killed_vmm_become_shutdown() {
+    let env = Env::start().await;
+    let c = env.client();
+    let selfoff = Vm::create(&c, "selfoff", config("vmlinux", "quiet metald.poweroff_after=3")).await;
+    let victim = Vm::create(&c, "victim", config("vmlinux", "quiet")).await;
+    let (off_console, victim_console) = (selfoff.console().await, victim.console().await);
+    let off_pid = selfoff.pid().await;
+    selfoff.boot().await;
+    victim.boot().await;
+
+    // The guest powers itself off: QEMU exits, metald notices.
+    off_console.wait_count("METALD_GUEST_POWEROFF", 1, BOOT_TIMEOUT).await;
+    let took = selfoff.wait_state(pb::VmState::VM_STATE_SHUTDOWN, EXIT_NOTICE_TIMEOUT).await;
+    eprintln!("guest power-off noticed {took:?} after the marker was seen");
+    wait_process_gone(off_pid).await;
+
+    // SIGKILL of the QEMU process: metald notices and cleans up.
+    victim_console.wait_count("METALD_GUEST_READY", 1, BOOT_TIMEOUT).await;
+    let pid = victim.pid().await;
+    let socket = PathBuf::from(victim.backend("api_socket").await);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let took = victim.wait_state(pb::VmState::VM_STATE_SHUTDOWN, EXIT_NOTICE_TIMEOUT).await;
+    eprintln!("kill -9 noticed within {took:?}");
+    wait_process_gone(pid).await;
+    assert!(!socket.exists(), "QMP socket of a killed VMM left behind");
+
+    // Both can be deleted (nothing to kill any more).
+    selfoff.delete_force().await;
+    victim.delete_force().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_guests_at_once_one_on_an_ext4_root() {
+    let env = Env::start().await;
+    let c = env.client();
+    let mut rooted = config("bzImage", "quiet");
+    rooted.storage.push(pb::StorageDevice {
+        id: "root".into(),
+        path: env.rootfs_copy("root.ext4").display().to_string(),
+        is_root_device: true,
+        ..Default::default()
+    });
+    let vms = [
+        Vm::create(&c, "one", config("vmlinux", "quiet")).await,
+        Vm::create(&c, "two", config("bzImage", "quiet")).await,
+        Vm::create(&c, "rooted", rooted).await,
+    ];
+    for vm in &vms {
+        vm.boot().await;
+    }
+    for vm in &vms {
+        vm.console().await.wait_count("METALD_GUEST_READY", 1, BOOT_TIMEOUT).await;
+        assert_eq!(vm.state().await, pb::VmState::VM_STATE_RUNNING);
+    }
+    let root_console = vms[2].console().await;
+    assert_eq!(root_console.count("METALD_GUEST_ROOT=ext4"), 1, "{}", root_console.text());
+    assert_eq!(vms[0].console().await.count("METALD_GUEST_ROOT=initramfs"), 1);
+    // Disk counters come from QMP query-blockstats.
+    let m = vms[2].info().await.metrics;
+    assert!(m.storage_stats.bytes_read > 0, "disk reads of the ext4 guest: {m:?}");
+    let pids = [vms[0].pid().await, vms[1].pid().await, vms[2].pid().await];
+
+    // Forced shutdown (QMP `quit`) of one of them.
+    let two_console = vms[1].console().await;
+    let r = c
+        .shutdown_vm(pb::ShutdownVmRequest { vm_id: "two".into(), force: true, ..Default::default() })
+        .await
+        .unwrap()
+        .into_owned();
+    assert_eq!(r.state.as_known(), Some(pb::VmState::VM_STATE_SHUTDOWN));
+    wait_process_gone(pids[1]).await;
+    assert_eq!(two_console.count("METALD_GUEST_POWEROFF"), 0, "a forced stop is not a clean power-off");
+
+    for vm in &vms {
+        vm.delete_force().await;
+    }
+    for pid in pids {
+        wait_process_gone(pid).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_qemu_start_is_reported_and_leaves_nothing() {
+    let env = Env::start().await;
+    let c = env.client();
+    let bad = env.tmp.path().join("assets/broken-vmlinux");
+    std::fs::write(&bad, b"\x7fELF but not a kernel").unwrap();
+    let cfg = config_at(&bad, "");
+    let e = c
+        .create_vm(pb::CreateVmRequest { vm_id: "broken".into(), config: cfg.into(), ..Default::default() })
+        .await
+        .expect_err("QEMU cannot load this kernel");
+    let msg = e.message.clone().unwrap_or_default();
+    assert!(msg.contains("Error while loading elf kernel"), "QEMU's own words reach the caller: {e:?}");
+    let e = c.get_vm_info(pb::GetVmInfoRequest { vm_id: "broken".into(), ..Default::default() }).await;
+    assert_eq!(e.expect_err("no record").code, connectrpc::ErrorCode::NotFound);
+    assert!(!env.tmp.path().join("data/vms/broken").exists());
+    assert_eq!(kill_processes_under(env.tmp.path()), 0, "no QEMU left running");
+
+    // A file that is no kernel at all is refused before QEMU starts.
+    let text = env.tmp.path().join("assets/readme");
+    std::fs::write(&text, b"hello").unwrap();
+    let cfg = config_at(&text, "");
+    let e = c
+        .create_vm(pb::CreateVmRequest { vm_id: "text".into(), config: cfg.into(), ..Default::default() })
+        .await
+        .expect_err("not a kernel");
+    assert_eq!(e.code, connectrpc::ErrorCode::InvalidArgument, "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_survive_a_daemon_restart() {
+    let mut env = Env::start().await;
+    let id = "survivor";
+    let (pid, console) = {
+        let c = env.client();
+        let vm = Vm::create(&c, id, config("vmlinux", "quiet")).await;
+        vm.boot().await;
+        let console = vm.console().await;
+        console.wait_count("METALD_GUEST_READY", 1, BOOT_TIMEOUT).await;
+        (vm.pid().await, console)
+    };
+
+    env.restart().await;
+    assert!(process_exists(pid), "the guest must outlive metald");
+    let c = env.client();
+    let vm = Vm { c: &c, id: id.into() };
+    assert_eq!(vm.state().await, pb::VmState::VM_STATE_RUNNING);
+    assert_eq!(vm.pid().await, pid);
+
+    // QMP works through the new daemon.
+    let before = console.wait_tick_after(console.last_tick(), Duration::from_secs(30)).await;
+    vm.pause().await;
+    let frozen = console.last_tick();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(console.last_tick(), frozen);
+    assert!(frozen >= Some(before));
+    vm.resume().await;
+    console.wait_tick_after(frozen, Duration::from_secs(30)).await;
+
+    // The reattached process is watched too (by polling /proc: it is no
+    // longer a child of this daemon's backend).
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    vm.wait_state(pb::VmState::VM_STATE_SHUTDOWN, EXIT_NOTICE_TIMEOUT).await;
+    vm.delete_force().await;
+}
+
+/// `UNKEY_METALD_QEMU_ACCEL=auto` runs a KVM probe guest. Where KVM works it
+/// must reach userspace; where it does not (these CI machines: nested KVM
+/// dies with "KVM internal error") the decision must fall back to TCG and
+/// say why. Either way the reason is explained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_accel_is_decided_by_a_probe_guest() {
+    use metald::backend::qemu::accel::decide;
+    use metald::backend::qemu::cmdline::Accel;
+    use metald::config::{AccelChoice, QemuSettings};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let settings = QemuSettings { accel: AccelChoice::Auto, probe_timeout_secs: 30, ..Default::default() };
+    let qemu = metald::backend::process::resolve_binary(&settings.binary).expect("qemu-system-x86_64");
+    let started = Instant::now();
+    let d = decide(&settings, &qemu, &[guest_image().to_path_buf()], tmp.path()).await;
+    eprintln!("auto accel: {} in {:?}: {}", d.accel.name(), started.elapsed(), d.reason);
+    match d.accel {
+        Accel::Kvm => assert!(d.reason.contains("reached userspace"), "{}", d.reason),
+        Accel::Tcg { tsc_khz, .. } => {
+            assert!(!d.reason.is_empty());
+            assert!(tsc_khz.is_some(), "TCG guests need tsc_early_khz");
+        }
+    }
+    assert!(!tmp.path().join("kvm-probe").exists(), "probe files are removed");
+    assert_eq!(kill_processes_under(tmp.path()), 0, "probe QEMU is gone");
+}
