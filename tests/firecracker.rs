@@ -264,7 +264,7 @@ async fn injected_faults_become_clear_errors_and_leave_nothing() {
     let e = create(&t, "f2", full_config(&t)).await.unwrap_err();
     assert_eq!(e.code, ErrorCode::DeadlineExceeded, "{e:?}");
     assert!(e.message.clone().unwrap_or_default().contains("PUT /boot-source: no answer within 500 ms"), "{e:?}");
-    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(30), "the timeout bounds the call");
     assert_nothing_left(&t, "f2").await;
 
     // The VMM exits mid-call.

@@ -49,6 +49,8 @@ struct Shared {
     fail_next: HashMap<&'static str, String>,
     /// Artificial latency for every operation.
     delay: Duration,
+    /// When set, every call waits here until as many calls have arrived.
+    barrier: Option<Arc<tokio::sync::Barrier>>,
     calls: Vec<(String, &'static str)>,
     /// Reported by `health()`; tests flip it to check `/_/health` answers 503.
     unhealthy: Option<String>,
@@ -70,6 +72,12 @@ impl FakeControl {
     /// Every backend call takes at least `d`.
     pub fn set_delay(&self, d: Duration) {
         lock(&self.shared).delay = d;
+    }
+
+    /// Every backend call waits until `n` calls are inside the backend at
+    /// once (tests prove concurrency with it: serialised calls would hang).
+    pub fn set_barrier(&self, n: Option<usize>) {
+        lock(&self.shared).barrier = n.map(|n| Arc::new(tokio::sync::Barrier::new(n)));
     }
 
     /// Makes the VM's "process" exit as if the guest powered off.
@@ -150,11 +158,14 @@ impl FakeBackend {
     }
 
     async fn enter_inner(&self, vm: &VmId, op: &'static str) -> Result<()> {
-        let (delay, fail) = {
+        let (delay, fail, barrier) = {
             let mut s = lock(&self.shared);
             s.calls.push((vm.to_string(), op));
-            (s.delay, s.fail_next.remove(op))
+            (s.delay, s.fail_next.remove(op), s.barrier.clone())
         };
+        if let Some(b) = barrier {
+            b.wait().await;
+        }
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
