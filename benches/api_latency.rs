@@ -62,8 +62,14 @@ async fn health_once(addr: std::net::SocketAddr, conn: &mut Option<hyper::client
 
 #[tokio::main]
 async fn main() {
+    // `cargo test --all-targets` runs this too (without `--bench`): a short smoke run then.
+    let full = std::env::args().any(|a| a == "--bench");
+    if !full {
+        println!("smoke run (use `cargo bench` for the real figures)");
+    }
     let vms: usize = std::env::var("METALD_BENCH_VMS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
-    let calls: usize = std::env::var("METALD_BENCH_CALLS").ok().and_then(|v| v.parse().ok()).unwrap_or(3_000);
+    let calls: usize =
+        std::env::var("METALD_BENCH_CALLS").ok().and_then(|v| v.parse().ok()).unwrap_or(if full { 3_000 } else { 300 });
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let assets = tmp.path().join("assets");

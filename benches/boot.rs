@@ -171,8 +171,13 @@ fn free_port() -> u16 {
 
 #[tokio::main]
 async fn main() {
-    let rounds: usize = env_or("METALD_BENCH_ROUNDS", 10);
-    let nvms: usize = env_or("METALD_BENCH_VMS", 10);
+    // `cargo test --all-targets` runs this too (without `--bench`): a short smoke run then.
+    let full = std::env::args().any(|a| a == "--bench");
+    if !full {
+        println!("smoke run (use `cargo bench` for the real figures)");
+    }
+    let rounds: usize = env_or("METALD_BENCH_ROUNDS", if full { 10 } else { 2 });
+    let nvms: usize = env_or("METALD_BENCH_VMS", if full { 10 } else { 2 });
     let accel: String = env_or("METALD_BENCH_ACCEL", "tcg".to_owned());
     let image = guest_image();
     let qemu = metald::backend::process::resolve_binary("qemu-system-x86_64").expect("qemu-system-x86_64 in PATH");

@@ -120,9 +120,14 @@ async fn main() {
         use tracing_subscriber::util::SubscriberInitExt;
         tracing_subscriber::registry().with(metald::telemetry::layer()).init();
     }
+    // `cargo test --all-targets` runs this too (without `--bench`): a short smoke run then.
+    let full = std::env::args().any(|a| a == "--bench");
+    if !full {
+        println!("smoke run (use `cargo bench` for the real figures)");
+    }
     let vms = env_or("METALD_BENCH_VMS", 1000);
-    let calls = env_or("METALD_BENCH_CALLS", 4000);
-    let rounds = env_or("METALD_BENCH_ROUNDS", 3);
+    let calls = env_or("METALD_BENCH_CALLS", if full { 4000 } else { 400 });
+    let rounds = env_or("METALD_BENCH_ROUNDS", if full { 3 } else { 1 });
     let clients = env_or("METALD_BENCH_CLIENTS", 4);
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
