@@ -23,6 +23,7 @@ stop() {
     for id in $(ctl list --json 2>/dev/null | python3 -c 'import json,sys; print(" ".join(v["vm_id"] for v in json.load(sys.stdin)["vms"]))' 2>/dev/null); do
       ctl delete "$id" --force >/dev/null && echo "deleted VM $id"
     done
+    sleep 3 # let the final batches and stop notices reach the billing service
     kill "$(cat "$DEMO/metald.pid")" && echo "metald stopped"
     rm -f "$DEMO/metald.pid"
   else

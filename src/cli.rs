@@ -222,6 +222,14 @@ fn create_request(a: &CreateArgs) -> Result<pb::CreateVmRequest, CliError> {
     })
 }
 
+/// Shortens a long value for a table cell (`--json` prints it whole).
+fn clip(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
 fn print_json(v: serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
 }
@@ -367,7 +375,7 @@ async fn info(client: &VmClient, id: &str, json: bool) -> Result<(), CliError> {
     let mut keys: Vec<_> = r.backend_info.keys().cloned().collect();
     keys.sort();
     for k in keys {
-        t.add_row(vec![k.clone(), r.backend_info[&k].clone()]);
+        t.add_row(vec![k.clone(), clip(&r.backend_info[&k], 100)]);
     }
     println!("{t}");
     Ok(())
