@@ -171,6 +171,21 @@ impl ProcessId {
     }
 }
 
+/// `sun_path` holds 108 bytes including the terminating NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Refuses a Unix socket path the kernel cannot bind; `hint` names the
+/// setting to shorten.
+pub fn check_socket_path(what: &str, path: &Path, hint: &str) -> Result<(), BackendError> {
+    if path.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(BackendError::Unavailable(format!(
+            "{what} path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter {hint}",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Finds an executable: `name` itself when it contains a `/`, otherwise
 /// the first match in `PATH`.
 pub fn resolve_binary(name: &str) -> Option<PathBuf> {

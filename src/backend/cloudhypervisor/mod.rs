@@ -48,7 +48,6 @@ use crate::util::unix_now;
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `vmm.shutdown` may take before SIGKILL.
 const QUIT_GRACE: Duration = Duration::from_secs(3);
-const MAX_SOCKET_PATH: usize = 107;
 const API: &str = "/api/v1";
 /// Block/net counters are refreshed at most this often.
 const COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
@@ -260,12 +259,7 @@ impl Backend for CloudHypervisorBackend {
 
     async fn create(&self, vm: &VmContext<'_>) -> Result<Runtime> {
         let paths = Paths::new(&vm.dir);
-        if paths.socket.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(BackendError::Unavailable(format!(
-                "API socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter UNKEY_METALD_DATA_DIR",
-                paths.socket.display()
-            )));
-        }
+        process::check_socket_path("API socket", &paths.socket, "UNKEY_METALD_DATA_DIR")?;
         remove_quiet(&paths.socket);
         let mut api_socket = OsString::from("path=");
         api_socket.push(&paths.socket);

@@ -25,8 +25,6 @@ use crate::core::spec::VmSpec;
 
 /// How long a new Firecracker may take to serve its API.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
-/// `sun_path` holds 108 bytes including the terminating NUL.
-const MAX_SOCKET_PATH: usize = 107;
 /// Boot arguments Firecracker guests need: the serial console (Firecracker
 /// writes it to its stdout), `reboot=k` so a guest reboot ends the VMM,
 /// `panic=1` so a panicking guest reboots (and so ends) at once.
@@ -193,13 +191,11 @@ pub async fn start(
     vm: &VmContext<'_>,
     layout: &Layout,
 ) -> Result<Started> {
-    if layout.socket.as_os_str().len() > MAX_SOCKET_PATH {
-        return Err(BackendError::Unavailable(format!(
-            "API socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter UNKEY_METALD_DATA_DIR \
-             or UNKEY_METALD_JAILER_CHROOT_DIR",
-            layout.socket.display()
-        )));
-    }
+    process::check_socket_path(
+        "API socket",
+        &layout.socket,
+        "UNKEY_METALD_DATA_DIR or UNKEY_METALD_JAILER_CHROOT_DIR",
+    )?;
     let plan = Plan::new(vm.spec, layout);
     remove_quiet(&layout.socket);
     let (program, args): (&Path, Vec<OsString>) = match (&layout.jail, settings.jailer.as_ref(), jailer) {

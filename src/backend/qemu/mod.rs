@@ -51,8 +51,6 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long `quit` may take before SIGKILL.
 const QUIT_GRACE: Duration = Duration::from_secs(3);
-/// `sun_path` holds 108 bytes including the terminating NUL.
-const MAX_SOCKET_PATH: usize = 107;
 
 /// A VM's QEMU process and its (lazily re-established) QMP connection.
 struct Conn {
@@ -263,12 +261,7 @@ impl Backend for QemuBackend {
 
     async fn create(&self, vm: &VmContext<'_>) -> Result<Runtime> {
         let paths = VmPaths::new(&vm.dir);
-        if paths.qmp_socket.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(BackendError::Unavailable(format!(
-                "QMP socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter UNKEY_METALD_DATA_DIR",
-                paths.qmp_socket.display()
-            )));
-        }
+        process::check_socket_path("QMP socket", &paths.qmp_socket, "UNKEY_METALD_DATA_DIR")?;
         remove_quiet(&paths.qmp_socket);
         remove_quiet(&paths.pidfile);
         let args = cmdline::qemu_args(vm.spec, &self.accel.accel, &paths);
