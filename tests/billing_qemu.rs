@@ -8,31 +8,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod guest_support;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use guest_support::guest_image;
 use metald::client::{WireProtocol, vm_client};
 use metald::config::Config;
 use metald::pb::vmprovisioner::v1 as pb;
 use tokio_util::sync::CancellationToken;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn guest_image() -> PathBuf {
-    let dir = std::env::var_os("METALD_GUEST_IMAGE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/guest-image"));
-    let status = std::process::Command::new("bash")
-        .arg(repo().join("scripts/guest-image.sh"))
-        .arg(&dir)
-        .status()
-        .expect("running scripts/guest-image.sh");
-    assert!(status.success(), "scripts/guest-image.sh failed: {status}");
-    std::fs::canonicalize(dir).unwrap()
-}
 
 /// CPU time (user + system) of a process, from /proc/<pid>/stat.
 fn process_cpu_ns(pid: u32) -> i64 {

@@ -11,11 +11,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod guest_support;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use guest_support::guest_image;
 use metald::client::{VmClient, WireProtocol, vm_client};
 use metald::config::Config;
 use metald::daemon::Daemon;
@@ -26,27 +28,6 @@ const TOKEN: &str = "dev_customer_acme";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 /// Upper bound for metald to notice a VMM exit (the goal is < 1 s).
 const EXIT_NOTICE_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Builds (or reuses) the guest image once per test process.
-fn guest_image() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = std::env::var_os("METALD_GUEST_IMAGE_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo().join("target/guest-image"));
-        let status = std::process::Command::new("bash")
-            .arg(repo().join("scripts/guest-image.sh"))
-            .arg(&dir)
-            .status()
-            .expect("running scripts/guest-image.sh");
-        assert!(status.success(), "scripts/guest-image.sh failed: {status}");
-        std::fs::canonicalize(dir).unwrap()
-    })
-}
 
 /// Kills every process whose command line mentions `dir` (the test's QEMUs).
 fn kill_processes_under(dir: &Path) -> usize {
