@@ -22,8 +22,8 @@ use metald::config::Config;
 use metald::pb::vmprovisioner::v1 as pb;
 use serde_json::{Value, json};
 use vmm_support::{
-    KillOnDrop, calls, count_lines, http_get, process_exists, processes_under, requests, set_control, wait_until,
-    without_usage,
+    KillOnDrop, calls, canon, count_lines, http_get, process_exists, processes_under, requests, set_control,
+    wait_until, without_usage,
 };
 
 const FAKE_CH: &str = env!("CARGO_BIN_EXE_metald-fake-cloud-hypervisor");
@@ -31,16 +31,7 @@ const FAKE_FC: &str = env!("CARGO_BIN_EXE_metald-fake-firecracker");
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn start(extra: &[(&str, &str)]) -> (TestDaemon, KillOnDrop) {
-    let mut env = vec![("BACKEND", "cloudhypervisor"), ("CLOUD_HYPERVISOR_BINARY", FAKE_CH)];
-    env.extend_from_slice(extra);
-    let t = common::start(&env).await;
-    std::fs::write(t.assets().join("initrd.img"), b"fake initramfs").unwrap();
-    let guard = KillOnDrop(t.tmp.path().to_path_buf());
-    (t, guard)
-}
-
-fn canon(p: PathBuf) -> String {
-    std::fs::canonicalize(p).unwrap().display().to_string()
+    vmm_support::start_with(&[("BACKEND", "cloudhypervisor"), ("CLOUD_HYPERVISOR_BINARY", FAKE_CH)], extra).await
 }
 
 fn full_config(t: &TestDaemon) -> pb::VmConfig {

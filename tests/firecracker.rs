@@ -23,8 +23,8 @@ use connectrpc::ErrorCode;
 use metald::pb::vmprovisioner::v1 as pb;
 use serde_json::{Value, json};
 use vmm_support::{
-    KillOnDrop, calls, count_lines, http_get, process_exists, processes_under, requests, set_control, wait_until,
-    without_usage,
+    KillOnDrop, calls, canon, count_lines, http_get, process_exists, processes_under, requests, set_control,
+    wait_until, without_usage,
 };
 
 const FAKE_FC: &str = env!("CARGO_BIN_EXE_metald-fake-firecracker");
@@ -32,16 +32,7 @@ const FAKE_JAILER: &str = env!("CARGO_BIN_EXE_metald-fake-jailer");
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn start(extra: &[(&str, &str)]) -> (TestDaemon, KillOnDrop) {
-    let mut env = vec![("BACKEND", "firecracker"), ("FIRECRACKER_BINARY", FAKE_FC)];
-    env.extend_from_slice(extra);
-    let t = common::start(&env).await;
-    std::fs::write(t.assets().join("initrd.img"), b"fake initramfs").unwrap();
-    let guard = KillOnDrop(t.tmp.path().to_path_buf());
-    (t, guard)
-}
-
-fn canon(p: PathBuf) -> String {
-    std::fs::canonicalize(p).unwrap().display().to_string()
+    vmm_support::start_with(&[("BACKEND", "firecracker"), ("FIRECRACKER_BINARY", FAKE_FC)], extra).await
 }
 
 fn boot_config(kernel: &str, initrd: &Path) -> buffa::MessageField<pb::BootConfig, buffa::Inline<pb::BootConfig>> {

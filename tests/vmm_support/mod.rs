@@ -11,6 +11,23 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// Starts the daemon (fake API tokens, temp dirs) with `backend` env vars
+/// plus `extra`, an `initrd.img` asset, and a guard that kills the test's
+/// VMM processes when dropped.
+pub async fn start_with(backend: &[(&str, &str)], extra: &[(&str, &str)]) -> (super::common::TestDaemon, KillOnDrop) {
+    let mut env = backend.to_vec();
+    env.extend_from_slice(extra);
+    let t = super::common::start(&env).await;
+    std::fs::write(t.assets().join("initrd.img"), b"fake initramfs").unwrap();
+    let guard = KillOnDrop(t.tmp.path().to_path_buf());
+    (t, guard)
+}
+
+/// The canonical form of an asset path, as metald stores it.
+pub fn canon(p: PathBuf) -> String {
+    std::fs::canonicalize(p).unwrap().display().to_string()
+}
+
 /// The requests a fake VMM recorded next to its socket.
 pub fn requests(socket_dir: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(socket_dir.join("fake-requests.jsonl")).unwrap_or_default();
