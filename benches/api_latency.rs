@@ -12,16 +12,13 @@
     clippy::cast_possible_wrap
 )]
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use metald::backend::Runtime;
+mod support;
+
 use metald::client::{WireProtocol, vm_client};
 use metald::config::Config;
-use metald::core::spec::{BootSpec, CpuSpec, CustomerId, MemorySpec, VmId, VmSpec};
-use metald::core::state::VmState;
 use metald::pb::vmprovisioner::v1 as pb;
-use metald::store::{Store, VmRow};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -70,57 +67,13 @@ async fn main() {
     let vms: usize = std::env::var("METALD_BENCH_VMS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
     let calls: usize =
         std::env::var("METALD_BENCH_CALLS").ok().and_then(|v| v.parse().ok()).unwrap_or(if full { 3_000 } else { 300 });
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    let assets = tmp.path().join("assets");
-    std::fs::create_dir_all(&data).unwrap();
-    std::fs::create_dir_all(&assets).unwrap();
-    std::fs::write(assets.join("vmlinux"), b"k").unwrap();
-    let kernel = std::fs::canonicalize(assets.join("vmlinux")).unwrap();
+    let host = support::Host::new();
 
     // Seed the store directly (one transaction) with 10,000 VMs of one
     // customer, a quarter of them running, as a busy host would have.
     let t0 = Instant::now();
-    {
-        let store = Store::open(&data.join("metald.db")).unwrap();
-        let spec = VmSpec {
-            cpu: CpuSpec { vcpus: 2, ..Default::default() },
-            memory: MemorySpec { size_bytes: 256 << 20, ..Default::default() },
-            boot: BootSpec { kernel: kernel.clone(), kernel_args: "console=ttyS0".into(), ..Default::default() },
-            ..Default::default()
-        };
-        let rows: Vec<VmRow> = (0..vms)
-            .map(|i| {
-                let running = i % 4 == 0;
-                VmRow {
-                    id: VmId::parse(&format!("vm-{i:05}")).unwrap(),
-                    customer: CustomerId("bench".into()),
-                    state: if running { VmState::Running } else { VmState::Created },
-                    spec: spec.clone(),
-                    runtime: Some(Runtime {
-                        pid: Some(1_000_000 + i as u32),
-                        booted_at: running.then(metald::util::unix_now),
-                        ..Default::default()
-                    }),
-                    created_at: metald::util::unix_now(),
-                    modified_at: metald::util::unix_now(),
-                }
-            })
-            .collect();
-        store.insert_batch(&rows).unwrap();
-    }
-    let env: HashMap<String, String> = [
-        ("ADDRESS", "127.0.0.1".to_string()),
-        ("PORT", "0".into()),
-        ("DATA_DIR", data.display().to_string()),
-        ("ASSET_DIRS", assets.display().to_string()),
-        ("BACKEND", "fake".into()),
-        ("AUTH_DEV_TOKENS", "true".into()),
-        ("MAX_VMS", (vms + 10).to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (format!("UNKEY_METALD_{k}"), v))
-    .collect();
+    host.seed(vms, |i| i % 4 == 0);
+    let env = host.env(vms, &[]);
     let daemon = metald::daemon::start(Config::from_source(&env).unwrap()).await.unwrap();
     println!("seeded and recovered {vms} VMs in {:.2} s", t0.elapsed().as_secs_f64());
     let client = vm_client(

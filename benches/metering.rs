@@ -16,14 +16,11 @@
 // Bench arithmetic on small counts and durations.
 #![allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use metald::backend::Runtime;
+mod support;
+
 use metald::config::Config;
-use metald::core::spec::{BootSpec, CpuSpec, CustomerId, MemorySpec, VmId, VmSpec};
-use metald::core::state::VmState;
-use metald::store::{Store, VmRow};
 
 /// CPU seconds (user + system) of this process so far.
 fn cpu_seconds() -> f64 {
@@ -66,49 +63,9 @@ struct Figures {
 }
 
 async fn run(vms: usize, secs: u64, warmup: Duration, metering: bool) -> Figures {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    let assets = tmp.path().join("assets");
-    std::fs::create_dir_all(&data).unwrap();
-    std::fs::create_dir_all(&assets).unwrap();
-    std::fs::write(assets.join("vmlinux"), b"k").unwrap();
-    let kernel = std::fs::canonicalize(assets.join("vmlinux")).unwrap();
-    {
-        let store = Store::open(&data.join("metald.db")).unwrap();
-        let spec = VmSpec {
-            cpu: CpuSpec { vcpus: 1, ..Default::default() },
-            memory: MemorySpec { size_bytes: 128 << 20, ..Default::default() },
-            boot: BootSpec { kernel: kernel.clone(), ..Default::default() },
-            ..Default::default()
-        };
-        let now = metald::util::unix_now();
-        let rows: Vec<VmRow> = (0..vms)
-            .map(|i| VmRow {
-                id: VmId::parse(&format!("vm-{i:05}")).unwrap(),
-                customer: CustomerId("bench".into()),
-                state: VmState::Running,
-                spec: spec.clone(),
-                runtime: Some(Runtime { pid: Some(1_000_000 + i as u32), booted_at: Some(now), ..Default::default() }),
-                created_at: now,
-                modified_at: now,
-            })
-            .collect();
-        store.insert_batch(&rows).unwrap();
-    }
-    let env: HashMap<String, String> = [
-        ("ADDRESS", "127.0.0.1".to_string()),
-        ("PORT", "0".into()),
-        ("DATA_DIR", data.display().to_string()),
-        ("ASSET_DIRS", assets.display().to_string()),
-        ("BACKEND", "fake".into()),
-        ("AUTH_DEV_TOKENS", "true".into()),
-        ("MAX_VMS", (vms + 10).to_string()),
-        ("BILLING_ENABLED", metering.to_string()),
-        ("BILLING_MOCK_MODE", "true".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (format!("UNKEY_METALD_{k}"), v))
-    .collect();
+    let host = support::Host::new();
+    host.seed(vms, |_| true);
+    let env = host.env(vms, &[("BILLING_ENABLED", metering.to_string()), ("BILLING_MOCK_MODE", "true".into())]);
     let daemon = metald::daemon::start(Config::from_source(&env).unwrap()).await.unwrap();
     // Warm-up: first rounds, page cache, SQLite.
     tokio::time::sleep(warmup).await;

@@ -10,43 +10,18 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use metald::backend::Runtime;
+mod support;
+
 use metald::client::{WireProtocol, vm_client};
 use metald::config::Config;
-use metald::core::spec::{BootSpec, CpuSpec, CustomerId, MemorySpec, VmId, VmSpec};
-use metald::core::state::VmState;
 use metald::pb::vmprovisioner::v1 as pb;
-use metald::store::{Store, VmRow};
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn seed(data: &Path, kernel: &Path, vms: usize) {
-    let store = Store::open(&data.join("metald.db")).unwrap();
-    let spec = VmSpec {
-        cpu: CpuSpec { vcpus: 2, ..Default::default() },
-        memory: MemorySpec { size_bytes: 256 << 20, ..Default::default() },
-        boot: BootSpec { kernel: kernel.to_path_buf(), kernel_args: "console=ttyS0".into(), ..Default::default() },
-        ..Default::default()
-    };
-    let rows: Vec<VmRow> = (0..vms)
-        .map(|i| VmRow {
-            id: VmId::parse(&format!("vm-{i:05}")).unwrap(),
-            customer: CustomerId("bench".into()),
-            state: VmState::Created,
-            spec: spec.clone(),
-            runtime: Some(Runtime { pid: Some(1_000_000 + u32::try_from(i).unwrap()), ..Default::default() }),
-            created_at: metald::util::unix_now(),
-            modified_at: metald::util::unix_now(),
-        })
-        .collect();
-    store.insert_batch(&rows).unwrap();
 }
 
 /// An OTLP/HTTP endpoint that accepts and discards everything.
@@ -129,28 +104,12 @@ async fn main() {
     let calls = env_or("METALD_BENCH_CALLS", if full { 4000 } else { 400 });
     let rounds = env_or("METALD_BENCH_ROUNDS", if full { 3 } else { 1 });
     let clients = env_or("METALD_BENCH_CLIENTS", 4);
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    let assets = tmp.path().join("assets");
-    std::fs::create_dir_all(&data).unwrap();
-    std::fs::create_dir_all(&assets).unwrap();
-    std::fs::write(assets.join("vmlinux"), b"k").unwrap();
-    seed(&data, &std::fs::canonicalize(assets.join("vmlinux")).unwrap(), vms);
+    let host = support::Host::new();
+    host.seed(vms, |_| false);
     let (otlp, hits) = sink().await;
     let rate = std::env::var("METALD_BENCH_RATE").unwrap_or_else(|_| "1.0".into());
 
-    let base: HashMap<String, String> = [
-        ("ADDRESS", "127.0.0.1".to_string()),
-        ("PORT", "0".into()),
-        ("DATA_DIR", data.display().to_string()),
-        ("ASSET_DIRS", assets.display().to_string()),
-        ("BACKEND", "fake".into()),
-        ("AUTH_DEV_TOKENS", "true".into()),
-        ("MAX_VMS", (vms + 10).to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (format!("UNKEY_METALD_{k}"), v))
-    .collect();
+    let base = host.env(vms, &[]);
     let mut enabled = base.clone();
     for (k, v) in [
         ("OTEL_ENABLED", "true"),

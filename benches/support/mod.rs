@@ -1,0 +1,89 @@
+//! Shared by the benches: a temp host with a fake kernel, VMs seeded straight
+//! into the store (one transaction), and the daemon environment for the fake
+//! backend. Included with `mod support;` (a directory, so cargo does not
+//! build it as a bench of its own).
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use metald::backend::Runtime;
+use metald::core::spec::{BootSpec, CpuSpec, CustomerId, MemorySpec, VmId, VmSpec};
+use metald::core::state::VmState;
+use metald::store::{Store, VmRow};
+
+/// A data dir and an asset dir holding a (fake) kernel, under a temp dir.
+pub struct Host {
+    pub tmp: tempfile::TempDir,
+    pub data: PathBuf,
+    pub assets: PathBuf,
+    pub kernel: PathBuf,
+}
+
+impl Host {
+    pub fn new() -> Host {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let assets = tmp.path().join("assets");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::create_dir_all(&assets).unwrap();
+        std::fs::write(assets.join("vmlinux"), b"k").unwrap();
+        let kernel = std::fs::canonicalize(assets.join("vmlinux")).unwrap();
+        Host { tmp, data, assets, kernel }
+    }
+
+    /// Inserts `vms` VMs `vm-00000`.. of customer `bench`; those for which
+    /// `running(i)` holds are stored RUNNING (the fake backend reattaches
+    /// them as running), the others CREATED.
+    pub fn seed(&self, vms: usize, running: impl Fn(usize) -> bool) {
+        seed(&self.data, &self.kernel, vms, running);
+    }
+
+    /// The daemon environment: loopback, port 0, fake backend, dev tokens,
+    /// room for `vms`, plus `extra` (names without the prefix).
+    pub fn env(&self, vms: usize, extra: &[(&str, String)]) -> HashMap<String, String> {
+        let mut env: Vec<(&str, String)> = vec![
+            ("ADDRESS", "127.0.0.1".to_string()),
+            ("PORT", "0".into()),
+            ("DATA_DIR", self.data.display().to_string()),
+            ("ASSET_DIRS", self.assets.display().to_string()),
+            ("BACKEND", "fake".into()),
+            ("AUTH_DEV_TOKENS", "true".into()),
+            ("MAX_VMS", (vms + 10).to_string()),
+        ];
+        env.extend(extra.iter().cloned());
+        env.into_iter().map(|(k, v)| (format!("UNKEY_METALD_{k}"), v)).collect()
+    }
+}
+
+/// See [`Host::seed`].
+pub fn seed(data: &Path, kernel: &Path, vms: usize, running: impl Fn(usize) -> bool) {
+    let store = Store::open(&data.join("metald.db")).unwrap();
+    let spec = VmSpec {
+        cpu: CpuSpec { vcpus: 2, ..Default::default() },
+        memory: MemorySpec { size_bytes: 256 << 20, ..Default::default() },
+        boot: BootSpec { kernel: kernel.to_path_buf(), kernel_args: "console=ttyS0".into(), ..Default::default() },
+        ..Default::default()
+    };
+    let now = metald::util::unix_now();
+    let rows: Vec<VmRow> = (0..vms)
+        .map(|i| {
+            let run = running(i);
+            VmRow {
+                id: VmId::parse(&format!("vm-{i:05}")).unwrap(),
+                customer: CustomerId("bench".into()),
+                state: if run { VmState::Running } else { VmState::Created },
+                spec: spec.clone(),
+                runtime: Some(Runtime {
+                    pid: Some(1_000_000 + u32::try_from(i).unwrap()),
+                    booted_at: run.then_some(now),
+                    ..Default::default()
+                }),
+                created_at: now,
+                modified_at: now,
+            }
+        })
+        .collect();
+    store.insert_batch(&rows).unwrap();
+}
