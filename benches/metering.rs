@@ -33,6 +33,21 @@ fn cpu_seconds() -> f64 {
     ticks as f64 / hz as f64
 }
 
+/// CPU seconds per thread name (tokio workers, the spool writer, ...).
+fn cpu_by_thread() -> std::collections::BTreeMap<String, f64> {
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    let mut out = std::collections::BTreeMap::new();
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let name = stat[open + 1..close].to_string();
+        let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let ticks = f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+        *out.entry(name).or_insert(0.0) += ticks as f64 / hz;
+    }
+    out
+}
+
 fn rss_mb() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let kb: f64 = status
@@ -60,6 +75,8 @@ struct Figures {
     max: Duration,
     samples_per_s: f64,
     spool_mb: f64,
+    /// CPU % of one core per thread name.
+    threads: Vec<(String, f64)>,
 }
 
 async fn run(vms: usize, secs: u64, warmup: Duration, metering: bool) -> Figures {
@@ -73,9 +90,14 @@ async fn run(vms: usize, secs: u64, warmup: Duration, metering: bool) -> Figures
     let collected = |s: &Option<metald::billing::BillingStatus>| {
         s.as_ref().map_or(0, |s| s.counters().values().map(|c| c.collected).sum::<u64>())
     };
-    let (c0, n0, t0) = (cpu_seconds(), collected(&status), Instant::now());
+    let (c0, n0, t0, th0) = (cpu_seconds(), collected(&status), Instant::now(), cpu_by_thread());
     tokio::time::sleep(Duration::from_secs(secs)).await;
-    let (c1, n1, wall) = (cpu_seconds(), collected(&status), t0.elapsed().as_secs_f64());
+    let (c1, n1, wall, th1) = (cpu_seconds(), collected(&status), t0.elapsed().as_secs_f64(), cpu_by_thread());
+    let threads = th1
+        .iter()
+        .map(|(k, v)| (k.clone(), (v - th0.get(k).copied().unwrap_or(0.0)) / wall * 100.0))
+        .filter(|(_, pct)| *pct >= 0.05)
+        .collect();
     let mut late = status.as_ref().map(|s| s.tick_lateness()).unwrap_or_default();
     let keep = late.len().min((secs * 10) as usize);
     late = late.split_off(late.len() - keep);
@@ -89,6 +111,7 @@ async fn run(vms: usize, secs: u64, warmup: Duration, metering: bool) -> Figures
         max: late.last().copied().unwrap_or_default(),
         samples_per_s: (n1 - n0) as f64 / wall,
         spool_mb,
+        threads,
     };
     daemon.shutdown();
     daemon.wait().await.unwrap();
@@ -128,6 +151,8 @@ fn main() {
                 f.rss_mb,
                 f.spool_mb
             );
+            let by: Vec<String> = f.threads.iter().map(|(k, v)| format!("{k} {v:.2}%")).collect();
+            println!("{:>17} by thread: {}", "", if by.is_empty() { "-".into() } else { by.join(", ") });
         }
     }
 }

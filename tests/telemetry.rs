@@ -469,9 +469,8 @@ async fn prometheus_scrapes_the_spec_metrics_and_promtool_accepts_them() {
     // What the billing collector does.
     let billing = t.d().metrics().billing().clone();
     let (p1, p2) = (VmId::parse("vm-p1").unwrap(), VmId::parse("vm-p2").unwrap());
-    billing.sample_collected(&p1);
-    billing.sample_collected(&p1);
-    billing.sample_collected(&p2);
+    billing.samples_collected(p1.as_str(), 2);
+    billing.samples_collected(p2.as_str(), 1);
     billing.batch_sent(&p1);
     billing.heartbeat_sent();
 

@@ -15,8 +15,9 @@ pub mod process;
 pub mod qemu;
 pub mod uds_http;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -70,9 +71,20 @@ pub struct Runtime {
 pub struct VmContext<'a> {
     pub id: &'a VmId,
     pub spec: &'a VmSpec,
-    /// `<data dir>/vms/<id>`, created by the core, owned by this VM.
-    pub dir: PathBuf,
+    /// `<data dir>/vms/<id>`, created by the core, owned by this VM
+    /// (borrowed on the metering path, which builds thousands per tick).
+    pub dir: Cow<'a, Path>,
 }
+
+/// One VM of a [`Backend::usage_many`] call.
+#[derive(Debug, Clone)]
+pub struct UsageTarget<'a> {
+    pub vm: VmContext<'a>,
+    pub rt: &'a Runtime,
+}
+
+/// A usage sample and the time it was taken (see [`Backend::usage_many`]).
+pub type Stamped = (i64, Result<Usage>);
 
 /// How to stop a guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,6 +222,46 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Current usage of a VM whose VMM is running.
     async fn usage(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<Usage>;
+
+    /// Usage of many running VMs: the billing collector's call every
+    /// interval. `out[k]` gets `vms[k]`'s usage and the value `stamp()` gave
+    /// right before that VM was measured (so a slow VM's sample carries its
+    /// own time). The default asks [`Backend::usage`] for each: every call is
+    /// polled once inline (most answer from `/proc` or memory at once) and
+    /// only calls that wait are parked, at most `concurrency` at a time.
+    /// Backends that answer from memory override it with a plain loop.
+    async fn usage_many(
+        &self,
+        vms: &[UsageTarget<'_>],
+        concurrency: usize,
+        stamp: &(dyn Fn() -> i64 + Send + Sync),
+        out: &mut Vec<Stamped>,
+    ) {
+        use futures::FutureExt;
+        use futures::stream::{FuturesUnordered, StreamExt};
+        out.clear();
+        let mut waiting = FuturesUnordered::new();
+        for (k, t) in vms.iter().enumerate() {
+            let ts = stamp();
+            let mut call = self.usage(&t.vm, t.rt);
+            match (&mut call).now_or_never() {
+                Some(r) => out.push((ts, r)),
+                None => {
+                    // A placeholder, replaced when the parked call ends.
+                    out.push((ts, Err(BackendError::Timeout("usage".into()))));
+                    waiting.push(call.map(move |r| (k, r)));
+                    if waiting.len() >= concurrency.max(1)
+                        && let Some((k, r)) = waiting.next().await
+                    {
+                        out[k].1 = r;
+                    }
+                }
+            }
+        }
+        while let Some((k, r)) = waiting.next().await {
+            out[k].1 = r;
+        }
+    }
 
     /// After a metald restart: is this VM's VMM still alive and ours?
     /// When it is, the backend resumes watching it for exits.

@@ -1,6 +1,6 @@
 //! The collector: ONE tokio task that, every interval, samples every metered
-//! VM through the backend (bounded concurrency) into the VM's sample buffer,
-//! which the spool writer drains at each group commit.
+//! VM through the backend (bounded concurrency) and queues the round's
+//! samples as one vector, which the spool writer takes at each group commit.
 //!
 //! Ticks use tokio's clock (`MissedTickBehavior::Skip`): a late tick is
 //! measured (its lateness is recorded) and each sample carries the time it
@@ -10,15 +10,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span};
 
 use super::spool::Record;
-use super::{BillingMetrics, Clock, MeterSet, Metered, Shared};
-use crate::backend::{Backend, VmContext};
+use super::{Clock, MeterSet, Round, Shared};
+use crate::backend::{Backend, Stamped, UsageTarget, VmContext};
 
 /// Backend `usage` calls in flight at once.
 pub const DEFAULT_CONCURRENCY: usize = 64;
@@ -26,62 +24,47 @@ pub const DEFAULT_CONCURRENCY: usize = 64;
 pub struct Collector {
     pub backend: Arc<dyn Backend>,
     pub set: Arc<MeterSet>,
-    pub metrics: Arc<dyn BillingMetrics>,
     pub shared: Arc<Shared>,
     pub clock: Clock,
     pub interval: Duration,
     pub concurrency: usize,
 }
 
-/// Takes one sample of `m` into its buffer; whether one was taken.
-async fn sample(backend: Arc<dyn Backend>, metrics: Arc<dyn BillingMetrics>, clock: Clock, m: Arc<Metered>) -> bool {
-    let ctx = VmContext { id: &m.id, spec: &m.spec, dir: m.dir.clone() };
-    let ts = clock.unix_ns();
-    match backend.usage(&ctx, &m.rt).await {
-        Ok(u) => {
-            // A run that stopped meanwhile does not take the sample.
-            let taken = m.push(Record::sample(ts, &u));
-            if taken {
-                metrics.sample_collected(&m.id);
-            }
-            taken
-        }
-        Err(e) => {
-            // Usually a VM that stopped between snapshot and call.
-            debug!(vm_id = %m.id, error = %e, "usage sample failed");
-            false
-        }
-    }
-}
-
 impl Collector {
-    async fn round(&self) {
+    /// One collection round: every metered VM through ONE
+    /// [`Backend::usage_many`] call; the samples are queued as one [`Round`]
+    /// for the spool writer.
+    /// `scratch` is the results buffer, reused between rounds.
+    async fn round(&self, scratch: &mut Vec<Stamped>) {
         let vms = self.set.snapshot();
         if vms.is_empty() {
             return;
         }
-        // Most backends answer from memory or /proc without waiting: poll
-        // each call once inline and only park the ones that wait, at most
-        // `concurrency` at a time.
+        let targets: Vec<UsageTarget<'_>> = vms
+            .iter()
+            .map(|m| UsageTarget { vm: VmContext { id: &m.id, spec: &m.spec, dir: m.dir.as_path().into() }, rt: &m.rt })
+            .collect();
+        let clock = self.clock;
+        let stamp = move || clock.unix_ns();
+        self.backend.usage_many(&targets, self.concurrency, &stamp, scratch).await;
+        drop(targets);
         let mut samples = 0usize;
-        let mut waiting = FuturesUnordered::new();
-        for m in vms.iter() {
-            let mut call = Box::pin(sample(self.backend.clone(), self.metrics.clone(), self.clock, m.clone()));
-            match (&mut call).now_or_never() {
-                Some(taken) => samples += usize::from(taken),
-                None => {
-                    waiting.push(call);
-                    if waiting.len() >= self.concurrency.max(1)
-                        && let Some(taken) = waiting.next().await
-                    {
-                        samples += usize::from(taken);
-                    }
+        let taken: Vec<Option<Record>> = vms
+            .iter()
+            .zip(scratch.drain(..))
+            .map(|(m, (ts, r))| match r {
+                Ok(u) => {
+                    samples += 1;
+                    Some(Record::sample(ts, &u))
                 }
-            }
-        }
-        while let Some(taken) = waiting.next().await {
-            samples += usize::from(taken);
-        }
+                Err(e) => {
+                    // Usually a VM that stopped between snapshot and call.
+                    debug!(vm_id = %m.id, error = %e, "usage sample failed");
+                    None
+                }
+            })
+            .collect();
+        self.set.push_round(Round { vms: vms.clone(), samples: taken });
         debug!(vms = vms.len(), samples, "billing collection round");
     }
 }
@@ -89,6 +72,7 @@ impl Collector {
 /// Samples every metered VM each interval until `stop` fires.
 pub async fn run(c: Collector, stop: CancellationToken) {
     let mut ticks = tokio::time::interval(c.interval);
+    let mut scratch = Vec::new();
     ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
     loop {
         let scheduled = tokio::select! {
@@ -96,7 +80,7 @@ pub async fn run(c: Collector, stop: CancellationToken) {
             t = ticks.tick() => t,
         };
         c.shared.record_lateness(Instant::now().saturating_duration_since(scheduled));
-        c.round().instrument(debug_span!("billing.collect")).await;
+        c.round(&mut scratch).instrument(debug_span!("billing.collect")).await;
     }
 }
 
@@ -110,7 +94,7 @@ mod tests {
 
     use super::*;
     use crate::backend::{BackendError, BackendHealth, BackendKind, Runtime, StopMode, Usage};
-    use crate::billing::NoopMetrics;
+    use crate::billing::Metered;
     use crate::billing::spool::Kind;
     use crate::core::spec::{VmId, VmSpec};
 
@@ -169,6 +153,7 @@ mod tests {
 
     struct Rig {
         vms: Vec<Arc<Metered>>,
+        set: Arc<MeterSet>,
         shared: Arc<Shared>,
         backend: Arc<SlowUsage>,
         stop: CancellationToken,
@@ -188,7 +173,6 @@ mod tests {
                 rt: Runtime::default(),
                 dir: std::path::PathBuf::from("/nonexistent"),
                 generation: k as u64,
-                buf: Arc::default(),
             });
             set.lock().vms.insert(id, m.clone());
             vms.push(m);
@@ -197,23 +181,28 @@ mod tests {
         let stop = CancellationToken::new();
         let c = Collector {
             backend: backend.clone(),
-            set,
-            metrics: Arc::new(NoopMetrics),
+            set: set.clone(),
             shared: shared.clone(),
             clock: Clock::new(),
             interval: Duration::from_millis(100),
             concurrency: 4,
         };
         tokio::spawn(run(c, stop.clone()));
-        Rig { vms, shared, backend, stop }
+        Rig { vms, set, shared, backend, stop }
     }
 
-    /// Sample timestamps each VM's buffer holds.
-    fn stamps(m: &Metered) -> Vec<i64> {
-        let mut out = Vec::new();
-        m.drain_into(&mut out);
-        assert!(out.iter().all(|r| r.kind == Kind::Sample));
-        out.iter().map(|r| r.ts_ns).collect()
+    /// Takes the queued rounds: the sample timestamps of each VM, by name.
+    fn stamps(set: &MeterSet) -> BTreeMap<String, Vec<i64>> {
+        let mut out: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+        for r in set.take_rounds() {
+            assert_eq!(r.vms.len(), r.samples.len());
+            for (m, s) in r.vms.iter().zip(&r.samples) {
+                let s = s.unwrap();
+                assert_eq!(s.kind, Kind::Sample);
+                out.entry(m.key.to_string()).or_default().push(s.ts_ns);
+            }
+        }
+        out
     }
 
     #[tokio::test(start_paused = true)]
@@ -221,19 +210,22 @@ mod tests {
         let r = rig(&["a", "b", "c"]);
         // Ticks at 0, 100, ..., 1000 ms.
         tokio::time::sleep(Duration::from_millis(1050)).await;
-        for m in &r.vms {
-            let ts = stamps(m);
-            assert_eq!(ts.len(), 11, "{}", m.key);
+        let all = stamps(&r.set);
+        assert_eq!(all.len(), 3);
+        for (vm, ts) in &all {
+            assert_eq!(ts.len(), 11, "{vm}");
             for w in ts.windows(2) {
                 assert_eq!(w[1] - w[0], 100_000_000, "cadence {ts:?}");
             }
         }
         assert_eq!(r.shared.lateness.lock().unwrap().iter().max(), Some(&Duration::ZERO));
-        // A stopped run takes no more samples.
-        assert!(r.vms[0].close().is_empty());
+        // A VM no longer metered is no longer sampled.
+        r.set.lock().vms.remove(&r.vms[0].id);
+        r.set.lock().snapshot = None;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(stamps(&r.vms[0]).is_empty());
-        assert_eq!(stamps(&r.vms[1]).len(), 3);
+        let all = stamps(&r.set);
+        assert!(!all.contains_key("a"));
+        assert_eq!(all["b"].len(), 3);
         r.stop.cancel();
     }
 
@@ -245,7 +237,7 @@ mod tests {
         *r.backend.delay.lock().unwrap() = Duration::from_millis(250);
         tokio::time::sleep(Duration::from_millis(1000)).await;
         r.stop.cancel();
-        let ts = stamps(&r.vms[0]);
+        let ts = stamps(&r.set).remove("a").unwrap();
         let gaps: Vec<i64> = ts.windows(2).map(|w| (w[1] - w[0]) / 1_000_000).collect();
         // Ticks 0..300 on time; the round at 300 is the first slow one.
         assert_eq!(&gaps[..3], &[100, 100, 100], "{gaps:?}");

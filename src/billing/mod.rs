@@ -42,8 +42,9 @@ pub use config::BillingConfig;
 /// Counters the billing pipeline reports. The telemetry module implements
 /// this with the `metald_*` metrics; [`NoopMetrics`] is the default.
 pub trait BillingMetrics: Send + Sync + 'static {
-    /// `metald_metrics_collected_total{vm_id}`: one usage sample taken.
-    fn sample_collected(&self, vm: &VmId);
+    /// `metald_metrics_collected_total{vm_id}`: `n` usage samples of `vm`
+    /// spooled (reported once per VM per group commit, not per sample).
+    fn samples_collected(&self, vm: &str, n: u64);
     /// `metald_billing_batches_sent_total{vm_id}`: one batch acknowledged.
     fn batch_sent(&self, vm: &VmId);
     /// `metald_heartbeat_sent_total`: one heartbeat acknowledged.
@@ -55,15 +56,15 @@ pub trait BillingMetrics: Send + Sync + 'static {
 pub struct NoopMetrics;
 
 impl BillingMetrics for NoopMetrics {
-    fn sample_collected(&self, _vm: &VmId) {}
+    fn samples_collected(&self, _vm: &str, _n: u64) {}
     fn batch_sent(&self, _vm: &VmId) {}
     fn heartbeat_sent(&self) {}
 }
 
 /// The telemetry module's counters (no-ops when telemetry is off).
 impl BillingMetrics for crate::telemetry::BillingMetrics {
-    fn sample_collected(&self, vm: &VmId) {
-        crate::telemetry::BillingMetrics::sample_collected(self, vm);
+    fn samples_collected(&self, vm: &str, n: u64) {
+        crate::telemetry::BillingMetrics::samples_collected(self, vm, n);
     }
     fn batch_sent(&self, vm: &VmId) {
         crate::telemetry::BillingMetrics::batch_sent(self, vm);
@@ -127,7 +128,9 @@ pub struct VmCounters {
 /// State shared by the pipeline stages and read by `/_/health`.
 #[derive(Default)]
 pub struct Shared {
+    /// Delivered and thinned per VM (`collected` lives in `collected`).
     counters: Mutex<HashMap<String, VmCounters>>,
+    collected: Mutex<HashMap<String, Arc<AtomicU64>>>,
     spool_bytes: AtomicU64,
     spool_chunks: AtomicU64,
     /// Unix ns of the oldest unsent record, 0 when none.
@@ -141,12 +144,23 @@ pub struct Shared {
 const LATENESS_WINDOW: usize = 4096;
 
 impl Shared {
-    fn counters(&self) -> std::sync::MutexGuard<'_, HashMap<String, VmCounters>> {
-        self.counters.lock().unwrap_or_else(|p| p.into_inner())
+    /// Every VM's counters now.
+    fn counters(&self) -> HashMap<String, VmCounters> {
+        let mut out = self.counters.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for (vm, n) in self.collected.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            out.entry(vm.clone()).or_default().collected = n.load(Ordering::Relaxed);
+        }
+        out
+    }
+
+    /// The spool writer's `collected` counter of `vm` (it keeps the `Arc`,
+    /// so each commit adds without a map lookup).
+    fn collected_cell(&self, vm: &str) -> Arc<AtomicU64> {
+        self.collected.lock().unwrap_or_else(|p| p.into_inner()).entry(vm.to_owned()).or_default().clone()
     }
 
     fn bump(&self, vm: &str, f: impl FnOnce(&mut VmCounters)) {
-        let mut c = self.counters();
+        let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
         match c.get_mut(vm) {
             Some(v) => f(v),
             None => f(c.entry(vm.to_owned()).or_default()),
@@ -187,44 +201,16 @@ pub struct Metered {
     pub dir: PathBuf,
     /// Metering run; samples of an older run are dropped by the spool.
     pub generation: u64,
-    /// Samples taken since the spool writer last drained them. The
-    /// collector appends here (an uncontended per-VM lock, no channel
-    /// message and no map lookup per sample); the writer drains it at each
-    /// group commit; stopping closes it and hands the rest to the stop.
-    buf: Arc<Mutex<MeterBuf>>,
 }
 
-#[derive(Debug, Default)]
-struct MeterBuf {
-    records: Vec<spool::Record>,
-    closed: bool,
-}
-
-impl Metered {
-    /// Appends a sample unless metering of this run has stopped.
-    pub fn push(&self, r: spool::Record) -> bool {
-        let mut b = self.buf.lock().unwrap_or_else(|p| p.into_inner());
-        if !b.closed {
-            b.records.push(r);
-        }
-        !b.closed
-    }
-
-    /// Moves the buffered samples to `out`; returns how many.
-    pub(crate) fn drain_into(&self, out: &mut Vec<spool::Record>) -> usize {
-        let mut b = self.buf.lock().unwrap_or_else(|p| p.into_inner());
-        out.extend_from_slice(&b.records);
-        let n = b.records.len();
-        b.records.clear();
-        n
-    }
-
-    /// Stops accepting samples and returns the ones not yet drained.
-    fn close(&self) -> Vec<spool::Record> {
-        let mut b = self.buf.lock().unwrap_or_else(|p| p.into_inner());
-        b.closed = true;
-        std::mem::take(&mut b.records)
-    }
+/// One collection round: `samples[k]` is `vms[k]`'s sample (`None` when
+/// the backend could not measure it). The collector queues whole rounds —
+/// one dense vector a tick, no per-VM buffer or lock — and the spool
+/// writer reads them VM by VM at each group commit.
+#[derive(Debug)]
+pub(crate) struct Round {
+    pub vms: Arc<Vec<Arc<Metered>>>,
+    pub samples: Vec<Option<spool::Record>>,
 }
 
 /// The set of metered VMs, with a snapshot the collector reuses between
@@ -232,6 +218,8 @@ impl Metered {
 #[derive(Default)]
 pub struct MeterSet {
     inner: Mutex<MeterSetInner>,
+    /// Rounds collected since the spool writer last took them.
+    rounds: Mutex<Vec<Round>>,
 }
 
 #[derive(Default)]
@@ -258,6 +246,35 @@ impl MeterSet {
 
     pub fn len(&self) -> usize {
         self.lock().vms.len()
+    }
+
+    fn rounds(&self) -> std::sync::MutexGuard<'_, Vec<Round>> {
+        self.rounds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn push_round(&self, r: Round) {
+        self.rounds().push(r);
+    }
+
+    pub(crate) fn take_rounds(&self) -> Vec<Round> {
+        std::mem::take(&mut *self.rounds())
+    }
+
+    /// Takes the queued samples of run `generation` of `key` out of the
+    /// rounds (a stop hands them over ahead of its notice), in order.
+    pub(crate) fn take_samples(&self, key: &Arc<str>, generation: u64) -> Vec<spool::Record> {
+        let mut out = Vec::new();
+        for r in self.rounds().iter_mut() {
+            // A run's key is one shared `Arc` from start to stop.
+            let at = r.vms.iter().position(|m| Arc::ptr_eq(&m.key, key));
+            if let Some(k) = at
+                && r.vms[k].generation == generation
+                && let Some(s) = r.samples[k].take()
+            {
+                out.push(s);
+            }
+        }
+        out
     }
 
     pub fn is_empty(&self) -> bool {
@@ -305,7 +322,6 @@ impl BillingObserver {
                         rt: rt.clone(),
                         dir: self.vms_dir.join(id.as_str()),
                         generation,
-                        buf: Arc::default(),
                     }),
                 );
                 g.snapshot = None;
@@ -320,7 +336,6 @@ impl BillingObserver {
                     spec: m.spec.clone(),
                     dir: m.dir.clone(),
                     generation: m.generation,
-                    buf: m.buf.clone(),
                 };
                 g.vms.insert(id.clone(), Arc::new(updated));
                 g.snapshot = None;
@@ -328,8 +343,7 @@ impl BillingObserver {
             (Some(m), false, _) | (Some(m), true, None) => {
                 g.vms.remove(id);
                 g.snapshot = None;
-                let rest = m.close();
-                self.spool.stop(m.key.clone(), self.clock.unix_ns(), rest);
+                self.spool.stop(m.key.clone(), self.clock.unix_ns());
             }
             _ => {}
         }
@@ -372,7 +386,7 @@ impl BillingStatus {
 
     /// Per-VM collected/delivered/thinned counters since this start.
     pub fn counters(&self) -> HashMap<String, VmCounters> {
-        self.shared.counters().clone()
+        self.shared.counters()
     }
 
     /// Lateness of recent collection ticks (newest last).
@@ -415,7 +429,7 @@ impl Billing {
         let path = data_dir.join("billing.db");
         let set = Arc::new(MeterSet::default());
         let (spool, writer, committed, backlog) =
-            spool::start(&path, cfg.commit_interval, set.clone(), shared.clone())?;
+            spool::start(&path, cfg.commit_interval, set.clone(), shared.clone(), metrics.clone())?;
         let observer = Arc::new(BillingObserver {
             set: set.clone(),
             spool: spool.clone(),
@@ -446,7 +460,6 @@ impl Billing {
         let collector = collector::Collector {
             backend,
             set: set.clone(),
-            metrics,
             shared: shared.clone(),
             clock,
             interval: cfg.interval,

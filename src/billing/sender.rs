@@ -486,7 +486,9 @@ impl Sender {
             for c in q.chunks.iter().skip(1) {
                 let samples = c.records.saturating_sub(c.events);
                 if !c.thinned && c.skip == 0 && samples > 3 {
-                    candidates.push((c.id, vm.clone(), u64::from(samples - 3) * spool::RECORD_BYTES as u64));
+                    // Thinning keeps three records of the run: estimate the rest's share.
+                    let gain = c.bytes * u64::from(samples - 3) / u64::from(c.records.max(1));
+                    candidates.push((c.id, vm.clone(), gain));
                 }
             }
         }

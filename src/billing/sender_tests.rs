@@ -197,8 +197,8 @@ async fn over_the_spool_limit_old_chunks_are_thinned_and_gaps_reported() {
     let path = tmp.path().join("billing.db");
     let shared = Arc::new(Shared::default());
     let (spool, writer, notices, _) =
-        spool::start(&path, Duration::from_millis(20), Arc::default(), shared.clone()).unwrap();
-    // Five chunks of 50 samples (16 KB) against a 4 KB limit.
+        spool::start(&path, Duration::from_millis(20), Arc::default(), shared.clone(), Arc::new(NoopMetrics)).unwrap();
+    // Five chunks of 50 samples (~2 KB) against a 512-byte limit.
     let conn = spool::open(&path).unwrap();
     let backlog: Vec<ChunkMeta> = (0..5)
         .map(|c| {
@@ -209,7 +209,7 @@ async fn over_the_spool_limit_old_chunks_are_thinned_and_gaps_reported() {
     let script = Arc::new(Script::default());
     script.fail_a.store(u32::MAX, Ordering::SeqCst); // the service is down
     let cfg = BillingConfig {
-        spool_max_bytes: 4096,
+        spool_max_bytes: 512,
         retry_min: Duration::from_millis(20),
         retry_max: Duration::from_millis(50),
         ..cfg(100, 0)

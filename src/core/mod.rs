@@ -271,7 +271,7 @@ impl Manager {
     }
 
     fn ctx<'a>(&self, slot: &'a Slot) -> VmContext<'a> {
-        VmContext { id: &slot.id, spec: &slot.spec, dir: self.vm_dir(&slot.id) }
+        VmContext { id: &slot.id, spec: &slot.spec, dir: self.vm_dir(&slot.id).into() }
     }
 
     async fn store_call<T: Send + 'static>(
@@ -335,7 +335,7 @@ impl Manager {
             let _ = std::fs::remove_dir_all(&dir);
         }
         std::fs::create_dir_all(&dir).map_err(|e| Error::Internal(format!("creating {}: {e}", dir.display())))?;
-        let ctx = VmContext { id: &id, spec: &spec, dir: dir.clone() };
+        let ctx = VmContext { id: &id, spec: &spec, dir: dir.as_path().into() };
         let rt = match self.inner.backend.create(&ctx).instrument(info_span!("backend.create", vm_id = %id)).await {
             Ok(rt) => rt,
             Err(e) => {

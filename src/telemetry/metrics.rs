@@ -257,25 +257,25 @@ impl BillingMetrics {
         self.inner.as_ref().map(|i| i.per_vm.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    fn with_vm(&self, vm_id: &VmId, f: impl FnOnce(&mut VmCounts)) {
+    fn with_vm(&self, vm_id: &str, f: impl FnOnce(&mut VmCounts)) {
         let Some(mut st) = self.state() else { return };
-        if st.gone.contains(vm_id.as_str()) {
+        if st.gone.contains(vm_id) {
             return;
         }
-        match st.counts.get_mut(vm_id.as_str()) {
+        match st.counts.get_mut(vm_id) {
             Some(c) => f(c),
-            None => f(st.counts.entry(vm_id.as_str().to_owned()).or_default()),
+            None => f(st.counts.entry(vm_id.to_owned()).or_default()),
         }
     }
 
-    /// One usage sample collected from `vm_id` (`metald_metrics_collected_total`).
-    pub fn sample_collected(&self, vm_id: &VmId) {
-        self.with_vm(vm_id, |c| c.samples += 1);
+    /// `n` usage samples collected from `vm_id` (`metald_metrics_collected_total`).
+    pub fn samples_collected(&self, vm_id: &str, n: u64) {
+        self.with_vm(vm_id, |c| c.samples += n);
     }
 
     /// One billing batch of `vm_id` sent (`metald_billing_batches_sent_total`).
     pub fn batch_sent(&self, vm_id: &VmId) {
-        self.with_vm(vm_id, |c| c.batches += 1);
+        self.with_vm(vm_id.as_str(), |c| c.batches += 1);
     }
 
     /// One heartbeat sent (`metald_heartbeat_sent_total`).
@@ -334,7 +334,7 @@ mod tests {
         let m = Metrics::default();
         let id = VmId::parse("vm-1").unwrap();
         m.operation(Operation::Create, None, Duration::ZERO);
-        m.billing().sample_collected(&id);
+        m.billing().samples_collected(id.as_str(), 1);
         m.billing().heartbeat_sent();
         assert_eq!(m.billing().tracked_vms(), 0);
         assert!(!m.is_enabled());
@@ -345,13 +345,13 @@ mod tests {
         let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder().build();
         let b = Metrics::register(&opentelemetry::metrics::MeterProvider::meter(&provider, "t")).billing().clone();
         let id = VmId::parse("vm-1").unwrap();
-        b.sample_collected(&id);
+        b.samples_collected(id.as_str(), 1);
         assert_eq!(b.tracked_vms(), 1);
         b.forget_vm(&id);
         b.batch_sent(&id); // a late final batch
         assert_eq!(b.tracked_vms(), 0);
         b.vm_created(&id);
-        b.sample_collected(&id);
+        b.samples_collected(id.as_str(), 1);
         assert_eq!(b.tracked_vms(), 1);
     }
 }

@@ -55,7 +55,7 @@ impl Layout {
             None => vm.dir.join("firecracker.sock"),
         };
         Layout {
-            dir: vm.dir.clone(),
+            dir: vm.dir.to_path_buf(),
             socket,
             console_log: vm.dir.join("console.log"),
             vmm_log: vm.dir.join("vmm.log"),
