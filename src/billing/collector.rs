@@ -49,21 +49,18 @@ impl Collector {
         self.backend.usage_many(&targets, self.concurrency, &stamp, scratch).await;
         drop(targets);
         let mut samples = 0usize;
-        let taken: Vec<Option<Record>> = vms
-            .iter()
-            .zip(scratch.drain(..))
-            .map(|(m, (ts, r))| match r {
-                Ok(u) => {
-                    samples += 1;
-                    Some(Record::sample(ts, &u))
-                }
-                Err(e) => {
-                    // Usually a VM that stopped between snapshot and call.
-                    debug!(vm_id = %m.id, error = %e, "usage sample failed");
-                    None
-                }
-            })
-            .collect();
+        let mut taken = self.set.sample_vec();
+        taken.extend(vms.iter().zip(scratch.drain(..)).map(|(m, (ts, r))| match r {
+            Ok(u) => {
+                samples += 1;
+                Some(Record::sample(ts, &u))
+            }
+            Err(e) => {
+                // Usually a VM that stopped between snapshot and call.
+                debug!(vm_id = %m.id, error = %e, "usage sample failed");
+                None
+            }
+        }));
         self.set.push_round(Round { vms: vms.clone(), samples: taken });
         debug!(vms = vms.len(), samples, "billing collection round");
     }

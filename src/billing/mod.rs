@@ -220,7 +220,13 @@ pub struct MeterSet {
     inner: Mutex<MeterSetInner>,
     /// Rounds collected since the spool writer last took them.
     rounds: Mutex<Vec<Round>>,
+    /// Sample vectors the writer is done with, for the next rounds (at
+    /// 10,000 VMs a round is ~700 KB: reusing it saves the page faults).
+    spare: Mutex<Vec<Vec<Option<spool::Record>>>>,
 }
+
+/// Sample vectors kept for reuse (a commit's worth of rounds and some).
+const SPARE_ROUNDS: usize = 16;
 
 #[derive(Default)]
 struct MeterSetInner {
@@ -258,6 +264,23 @@ impl MeterSet {
 
     pub(crate) fn take_rounds(&self) -> Vec<Round> {
         std::mem::take(&mut *self.rounds())
+    }
+
+    /// An empty sample vector, reused when one is spare.
+    pub(crate) fn sample_vec(&self) -> Vec<Option<spool::Record>> {
+        self.spare.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default()
+    }
+
+    /// Gives the sample vectors of processed rounds back for reuse.
+    pub(crate) fn recycle(&self, rounds: Vec<Round>) {
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        for mut r in rounds {
+            if spare.len() >= SPARE_ROUNDS {
+                break;
+            }
+            r.samples.clear();
+            spare.push(r.samples);
+        }
     }
 
     /// Takes the queued samples of run `generation` of `key` out of the

@@ -10,7 +10,8 @@
 //! and every `heartbeat`. When the spool exceeds its limit the oldest unsent
 //! chunks are thinned.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -50,6 +51,15 @@ pub enum SendError {
     Spool(#[from] spool::SpoolError),
     #[error("spool read task: {0}")]
     Task(String),
+}
+
+impl SendError {
+    /// The billing service could not be reached (as opposed to a call it
+    /// answered with an error): the whole endpoint backs off.
+    pub fn is_outage(&self) -> bool {
+        use connectrpc::ErrorCode;
+        matches!(self, SendError::Rpc(e) if matches!(e.code, ErrorCode::Unavailable | ErrorCode::DeadlineExceeded))
+    }
 }
 
 /// Where requests go: the Connect client, the mock logger, or a test double.
@@ -231,6 +241,8 @@ struct VmQueue {
     attempts: u32,
     retry_at: Option<Instant>,
     thin_pending: u32,
+    /// In `Sender::ready` already.
+    queued: bool,
 }
 
 struct Outcome {
@@ -265,6 +277,17 @@ pub struct Sender {
     queues: HashMap<Arc<str>, VmQueue>,
     /// VMs found due while every call slot was taken.
     ready: VecDeque<Arc<str>>,
+    /// Time-based wake-ups, earliest first: a front chunk's flush deadline
+    /// or a retry. Armed when a queue's front chunk changes or a retry is
+    /// scheduled, so a tick looks only at what is due instead of scanning
+    /// every queue (10,000 at scale). Stale entries are harmless: a launch
+    /// checks again.
+    timers: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
+    /// While the billing service is down: failed probes in a row and when
+    /// the next probe may go (capped exponential back-off with jitter, for
+    /// the endpoint as a whole on top of each VM's own).
+    endpoint_attempts: u32,
+    endpoint_retry_at: Option<Instant>,
     total_bytes: u64,
     total_chunks: u64,
     heartbeat_in_flight: bool,
@@ -305,6 +328,9 @@ impl Sender {
             concurrency: DEFAULT_CONCURRENCY,
             queues: HashMap::new(),
             ready: VecDeque::new(),
+            timers: BinaryHeap::new(),
+            endpoint_attempts: 0,
+            endpoint_retry_at: None,
             total_bytes: 0,
             total_chunks: 0,
             heartbeat_in_flight: false,
@@ -317,6 +343,7 @@ impl Sender {
     }
 
     fn absorb(&mut self, n: Notice) {
+        let (now, now_ns) = (Instant::now(), self.clock.unix_ns());
         match n {
             Notice::Committed(chunks) => {
                 for c in chunks {
@@ -325,6 +352,10 @@ impl Sender {
                     let q = self.queues.entry(c.vm.clone()).or_default();
                     q.records += u64::from(c.records.saturating_sub(c.skip));
                     q.events += u64::from(c.events);
+                    if q.chunks.is_empty() {
+                        let at = flush_at(self.flush_ns, c.first_ts, now, now_ns);
+                        self.timers.push(Reverse((at, c.vm.clone())));
+                    }
                     q.chunks.push_back(c);
                 }
             }
@@ -355,23 +386,62 @@ impl Sender {
                 || now_ns.saturating_sub(front.first_ts) >= self.flush_ns)
     }
 
-    /// Finds every due VM (on each tick) and starts calls up to the limit.
+    /// Starts the calls whose timers are due (on each tick), and a probe
+    /// when the endpoint-wide back-off is over.
+    fn fire_timers(&mut self, jobs: &mut JoinSet<Done>) {
+        let (now, now_ns) = (Instant::now(), self.clock.unix_ns());
+        if self.endpoint_retry_at.is_some() && !self.gated(now) {
+            self.drain_ready(jobs);
+        }
+        while let Some(Reverse((at, _))) = self.timers.peek()
+            && *at <= now
+        {
+            let Some(Reverse((_, vm))) = self.timers.pop() else { break };
+            self.try_launch(&vm, jobs, now, now_ns);
+        }
+    }
+
+    /// Finds every due VM by looking at every queue: the safety net under
+    /// the timers (housekeeping runs it every few seconds).
     fn scan(&mut self, jobs: &mut JoinSet<Done>) {
         let (now, now_ns) = (Instant::now(), self.clock.unix_ns());
-        self.ready.clear();
-        for (vm, q) in &self.queues {
-            if self.due(q, now, now_ns) {
-                self.ready.push_back(vm.clone());
-            }
+        let due: Vec<Arc<str>> =
+            self.queues.iter().filter(|(_, q)| self.due(q, now, now_ns)).map(|(vm, _)| vm.clone()).collect();
+        for vm in due {
+            self.try_launch(&vm, jobs, now, now_ns);
         }
-        self.drain_ready(jobs);
+    }
+
+    /// Queues `vm` to start when a call slot frees (once).
+    fn mark_ready(&mut self, vm: &Arc<str>) {
+        if let Some(q) = self.queues.get_mut(vm)
+            && !q.queued
+        {
+            q.queued = true;
+            self.ready.push_back(vm.clone());
+        }
+    }
+
+    /// Call slots now: all of them, or one (a probe) while the billing
+    /// service is down, so an outage costs one failing call at a time, not
+    /// one per VM.
+    fn slots(&self) -> usize {
+        if self.endpoint_retry_at.is_some() { 1 } else { self.concurrency }
+    }
+
+    /// Whether the endpoint-wide back-off holds every call back now.
+    fn gated(&self, now: Instant) -> bool {
+        self.endpoint_retry_at.is_some_and(|at| now < at)
     }
 
     /// Starts calls of the ready VMs while slots are free.
     fn drain_ready(&mut self, jobs: &mut JoinSet<Done>) {
         let (now, now_ns) = (Instant::now(), self.clock.unix_ns());
-        while jobs.len() < self.concurrency {
+        while jobs.len() < self.slots() && !self.gated(now) {
             let Some(vm) = self.ready.pop_front() else { break };
+            if let Some(q) = self.queues.get_mut(&vm) {
+                q.queued = false;
+            }
             self.try_launch(&vm, jobs, now, now_ns);
         }
     }
@@ -383,8 +453,8 @@ impl Sender {
         if !self.due(q, now, now_ns) {
             return;
         }
-        if jobs.len() >= self.concurrency {
-            self.ready.push_back(vm.clone());
+        if jobs.len() >= self.slots() || self.gated(now) {
+            self.mark_ready(vm);
             return;
         }
         let Some(q) = self.queues.get_mut(vm) else { return };
@@ -415,6 +485,8 @@ impl Sender {
         q.in_flight = false;
         match o.result {
             Ok(()) => {
+                let recovered = self.endpoint_retry_at.take().is_some();
+                self.endpoint_attempts = 0;
                 if self.shared.endpoint_down.swap(false, Ordering::Relaxed) {
                     info!("billing service reachable again; delivering the spool");
                 }
@@ -453,14 +525,45 @@ impl Sender {
                     }
                 }
                 self.spool.ack(o.vm.clone(), delete, partial);
-                if q.chunks.is_empty() {
-                    self.queues.remove(&o.vm);
+                match q.chunks.front() {
+                    None => {
+                        self.queues.remove(&o.vm);
+                    }
+                    Some(front) => {
+                        let at = flush_at(self.flush_ns, front.first_ts, Instant::now(), self.clock.unix_ns());
+                        self.timers.push(Reverse((at, o.vm.clone())));
+                    }
+                }
+                if recovered {
+                    // Every VM waiting out a back-off may go now.
+                    let waiting: Vec<Arc<str>> = self
+                        .queues
+                        .iter_mut()
+                        .filter(|(_, q)| q.retry_at.is_some())
+                        .map(|(vm, q)| {
+                            q.retry_at = None;
+                            vm.clone()
+                        })
+                        .collect();
+                    for vm in waiting {
+                        self.mark_ready(&vm);
+                    }
                 }
             }
             Err(e) => {
                 q.attempts += 1;
                 let delay = backoff(q.attempts, self.retry.0, self.retry.1, rand::random::<f64>());
-                q.retry_at = Some(Instant::now() + delay);
+                let now = Instant::now();
+                let at = now + delay;
+                q.retry_at = Some(at);
+                self.timers.push(Reverse((at, o.vm.clone())));
+                // Calls that were in flight when the outage began fail
+                // together: only a probe's failure lengthens the back-off.
+                if e.is_outage() && self.endpoint_retry_at.is_none_or(|at| now >= at) {
+                    self.endpoint_attempts += 1;
+                    let wait = backoff(self.endpoint_attempts, self.retry.0, self.retry.1, rand::random::<f64>());
+                    self.endpoint_retry_at = Some(now + wait);
+                }
                 let msg = super::chain(&e);
                 if !self.shared.endpoint_down.swap(true, Ordering::Relaxed) {
                     warn!(error = %msg, "billing service unavailable; spooling samples and retrying");
@@ -595,6 +698,13 @@ async fn send_one(
     out
 }
 
+/// When a front chunk whose first record is at `first_ts` is due by the
+/// flush deadline, on tokio's clock.
+fn flush_at(flush_ns: i64, first_ts: i64, now: Instant, now_ns: i64) -> Instant {
+    let left = flush_ns.saturating_sub(now_ns.saturating_sub(first_ts)).max(0);
+    now + Duration::from_nanos(u64::try_from(left).unwrap_or(0))
+}
+
 /// Runs until `stop` fires. Calls in flight are abandoned; their records
 /// stay in the spool and are sent again after the next start.
 pub async fn run(mut s: Sender, mut notices: mpsc::UnboundedReceiver<Notice>, stop: CancellationToken) {
@@ -606,6 +716,9 @@ pub async fn run(mut s: Sender, mut notices: mpsc::UnboundedReceiver<Notice>, st
         .clamp(10_000_000, 1_000_000_000);
     let mut tick = tokio::time::interval(Duration::from_nanos(u64::try_from(scan_every).unwrap_or(1_000_000_000)));
     let mut housekeeping = Instant::now();
+    let mut rounds = 0u64;
+    // Chunks left from before a restart may be due at once.
+    s.scan(&mut jobs);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut heartbeat = tokio::time::interval(s.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -639,11 +752,15 @@ pub async fn run(mut s: Sender, mut notices: mpsc::UnboundedReceiver<Notice>, st
                 Err(e) => warn!(error = %e, "billing send task failed"),
             },
             _ = tick.tick() => {
-                s.scan(&mut jobs);
+                s.fire_timers(&mut jobs);
                 if housekeeping.elapsed() >= Duration::from_secs(1) {
                     housekeeping = Instant::now();
                     s.maybe_thin();
                     s.publish_oldest();
+                    rounds += 1;
+                    if rounds % 5 == 0 {
+                        s.scan(&mut jobs);
+                    }
                 }
             }
             _ = heartbeat.tick() => {

@@ -15,11 +15,17 @@ struct Script {
     calls: Mutex<Vec<(Instant, Request, bool)>>,
     /// Calls for VM "a" that fail before it succeeds again.
     fail_a: AtomicU32,
+    /// The whole service is unreachable (every call fails `unavailable`).
+    outage: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
 impl Transport for Arc<Script> {
     async fn call(&self, req: &Request) -> Result<(), SendError> {
+        if self.outage.load(Ordering::SeqCst) {
+            self.calls.lock().unwrap().push((Instant::now(), req.clone(), false));
+            return Err(SendError::Rpc(connectrpc::ConnectError::unavailable("connection refused")));
+        }
         let vm_a = matches!(req, Request::Batch { vm, .. } if &**vm == "a");
         let fail = vm_a && self.fail_a.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
         self.calls.lock().unwrap().push((Instant::now(), req.clone(), !fail));
@@ -188,6 +194,34 @@ async fn failures_back_off_and_never_reorder_a_vm() {
     assert_eq!(b.len(), 2);
     let b_done = all.iter().filter(|c| matches!(&c.1, Request::Batch { vm, .. } if &**vm == "b")).map(|c| c.0).max();
     assert!(b_done.unwrap() < a[4].0, "b finished before a recovered");
+    r.stop.cancel();
+}
+
+/// An unreachable service costs one probe per endpoint back-off, not one
+/// call per VM per back-off; when it is back, everything goes at once.
+#[tokio::test(start_paused = true)]
+async fn an_outage_is_probed_by_one_call_at_a_time() {
+    let clock = Clock::new();
+    let t0 = clock.unix_ns();
+    let script = Arc::new(Script::default());
+    script.outage.store(true, Ordering::SeqCst);
+    let names: Vec<String> = (0..50).map(|k| format!("vm-{k}")).collect();
+    let chunks: Vec<(&str, Vec<Record>)> =
+        names.iter().map(|n| (n.as_str(), (0..5).map(|k| sample(t0 + k, k)).collect())).collect();
+    let r = rig(cfg(5, 60), clock, chunks, script.clone());
+    // 60 s of outage: retry_min 500 ms doubling to retry_max 8 s.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let failed = script.calls.lock().unwrap().iter().filter(|c| matches!(c.1, Request::Batch { .. })).count();
+    // The first wave (up to the concurrency) fails together; after it, one
+    // probe per back-off: well under one call per VM per back-off period
+    // (50 VMs × ~10 retries each would be ~500).
+    assert!(failed <= DEFAULT_CONCURRENCY + 20, "{failed} calls during the outage");
+    script.outage.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let ok = script.ok_calls();
+    for n in &names {
+        assert_eq!(batches(&ok, n).len(), 1, "{n} delivered once");
+    }
     r.stop.cancel();
 }
 
