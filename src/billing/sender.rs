@@ -758,7 +758,7 @@ pub async fn run(mut s: Sender, mut notices: mpsc::UnboundedReceiver<Notice>, st
                     s.maybe_thin();
                     s.publish_oldest();
                     rounds += 1;
-                    if rounds % 5 == 0 {
+                    if rounds.is_multiple_of(5) {
                         s.scan(&mut jobs);
                     }
                 }
