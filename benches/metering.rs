@@ -8,7 +8,7 @@
 //! measured is collection, spooling (SQLite group commits) and batching.
 //!
 //! Run: `cargo bench --bench metering` (env `METALD_BENCH_VMS`, a comma
-//! list, default `1000,10000`; `METALD_BENCH_SECS`, default 20). Without
+//! list, default `1000,10000`; `METALD_BENCH_SECS`, default 30). Without
 //! `--bench` (as `cargo test --all-targets` runs it) it does a 2 s smoke
 //! run with 200 VMs.
 
@@ -82,7 +82,17 @@ struct Figures {
 async fn run(vms: usize, secs: u64, warmup: Duration, metering: bool) -> Figures {
     let host = support::Host::new();
     host.seed(vms, |_| true);
-    let env = host.env(vms, &[("BILLING_ENABLED", metering.to_string()), ("BILLING_MOCK_MODE", "true".into())]);
+    // Batches of 100 samples (10 s): the measured window includes steady-state
+    // sending (chunk reads, acknowledgements, deletes), which with the default
+    // 600 (60 s) would only start after it.
+    let env = host.env(
+        vms,
+        &[
+            ("BILLING_ENABLED", metering.to_string()),
+            ("BILLING_MOCK_MODE", "true".into()),
+            ("BILLING_BATCH_SIZE", "100".into()),
+        ],
+    );
     let daemon = metald::daemon::start(Config::from_source(&env).unwrap()).await.unwrap();
     // Warm-up: first rounds, page cache, SQLite.
     tokio::time::sleep(warmup).await;
@@ -126,7 +136,7 @@ fn main() {
         .filter_map(|v| v.trim().parse().ok())
         .collect();
     let secs: u64 =
-        std::env::var("METALD_BENCH_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(if bench { 20 } else { 1 });
+        std::env::var("METALD_BENCH_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(if bench { 30 } else { 1 });
     let warmup = if bench { Duration::from_secs(2) } else { Duration::from_millis(500) };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     println!("metering bench: fake backend, 100 ms interval, {secs} s per run, mock billing peer");

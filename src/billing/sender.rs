@@ -471,13 +471,11 @@ impl Sender {
         }
         let customer = q.chunks.front().map(|c| c.customer.clone()).unwrap_or_else(|| Arc::from(""));
         let transport = self.transport.clone();
-        let reader = self.reader.clone();
         let batch = self.batch_size;
         let vm = vm.clone();
         let span = debug_span!("billing.send", vm_id = %vm);
-        jobs.spawn(
-            async move { Done::Vm(send_one(transport, reader, vm, customer, ids, batch).await) }.instrument(span),
-        );
+        let loaded = span.in_scope(|| read_batch(&self.reader, &vm, ids));
+        jobs.spawn(async move { Done::Vm(send_one(transport, vm, customer, loaded, batch).await) }.instrument(span));
     }
 
     fn complete(&mut self, o: Outcome) {
@@ -633,40 +631,46 @@ impl Sender {
     }
 }
 
-/// Reads a VM's next records and makes one call.
+/// Records of a batch: `(records, (records, notices) of leading chunks
+/// that are gone)`.
+type Loaded = Result<(Vec<Record>, (u64, u64)), SendError>;
+
+/// Reads the chunks `ids` of `vm` (skipping what was sent of each) in one
+/// read transaction. Runs on the sender task itself: a few KB just written
+/// are in the page cache, so this takes microseconds, and a thread hop per
+/// batch (a blocking-pool task) cost more in wake-ups than the read.
+fn read_batch(reader: &Mutex<Connection>, vm: &str, ids: Vec<(i64, u32, u32, u32)>) -> Loaded {
+    let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+    // One WAL snapshot and one set of file locks for the whole batch;
+    // dropped (rolled back) at the end: it only reads.
+    let tx = conn.unchecked_transaction().map_err(spool::SpoolError::from)?;
+    let mut records = Vec::new();
+    let mut gone = (0u64, 0u64);
+    for (id, skip, n, events) in ids {
+        match spool::load_chunk(&tx, id)? {
+            Some(rs) => records.extend(rs.into_iter().skip(usize::try_from(skip).unwrap_or(usize::MAX))),
+            // Cannot happen while this process is the only writer; keep
+            // the accounting right and move on rather than stall the VM.
+            None if records.is_empty() => {
+                warn!(vm_id = %vm, chunk = id, "billing spool chunk vanished; skipping it");
+                gone.0 += u64::from(n.saturating_sub(skip));
+                gone.1 += u64::from(events);
+            }
+            None => break,
+        }
+    }
+    Ok((records, gone))
+}
+
+/// Makes one call with a VM's next records.
 async fn send_one(
     transport: Arc<dyn Transport>,
-    reader: Arc<Mutex<Connection>>,
     vm: Arc<str>,
     customer: Arc<str>,
-    ids: Vec<(i64, u32, u32, u32)>,
+    loaded: Loaded,
     batch: usize,
 ) -> Outcome {
     let mut out = Outcome { vm: vm.clone(), consumed: 0, events: 0, samples: 0, result: Ok(()) };
-    let vm_for_log = vm.clone();
-    // `(records, (records, notices) of leading chunks that are gone)`.
-    let loaded = tokio::task::spawn_blocking(move || -> Result<(Vec<Record>, (u64, u64)), SendError> {
-        let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-        let mut records = Vec::new();
-        let mut gone = (0u64, 0u64);
-        for (id, skip, n, events) in ids {
-            match spool::load_chunk(&conn, id)? {
-                Some(rs) => records.extend(rs.into_iter().skip(usize::try_from(skip).unwrap_or(usize::MAX))),
-                // Cannot happen while this process is the only writer; keep
-                // the accounting right and move on rather than stall the VM.
-                None if records.is_empty() => {
-                    warn!(vm_id = %vm_for_log, chunk = id, "billing spool chunk vanished; skipping it");
-                    gone.0 += u64::from(n.saturating_sub(skip));
-                    gone.1 += u64::from(events);
-                }
-                None => break,
-            }
-        }
-        Ok((records, gone))
-    })
-    .await
-    .map_err(|e| SendError::Task(e.to_string()))
-    .and_then(|r| r);
     let (records, gone) = match loaded {
         Ok(r) => r,
         Err(e) => {

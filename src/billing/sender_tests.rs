@@ -42,7 +42,7 @@ impl Script {
 
 struct Rig {
     script: Arc<Script>,
-    acks: std::sync::mpsc::Receiver<Msg>,
+    acks: Arc<Mutex<Vec<Msg>>>,
     stop: CancellationToken,
     _notices: mpsc::UnboundedSender<Notice>,
     _tmp: tempfile::TempDir,
@@ -150,7 +150,7 @@ async fn batches_of_batch_size_then_on_the_flush_interval() {
     assert_eq!(cpu, (0..1300).collect::<Vec<_>>(), "every sample once, in order");
     // The spool was told to delete every chunk.
     let mut deleted = Vec::new();
-    while let Ok(m) = r.acks.try_recv() {
+    for m in std::mem::take(&mut *r.acks.lock().unwrap()) {
         if let Msg::Ack { delete, .. } = m {
             deleted.extend(delete);
         }
