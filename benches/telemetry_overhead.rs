@@ -101,8 +101,10 @@ async fn main() {
         println!("smoke run (use `cargo bench` for the real figures)");
     }
     let vms = env_or("METALD_BENCH_VMS", 1000);
-    let calls = env_or("METALD_BENCH_CALLS", if full { 4000 } else { 400 });
-    let rounds = env_or("METALD_BENCH_ROUNDS", if full { 3 } else { 1 });
+    // Rounds of ~1 s each, alternating, many of them: on a shared machine
+    // a 0.1 s round measures the neighbours more than metald.
+    let calls = env_or("METALD_BENCH_CALLS", if full { 40_000 } else { 400 });
+    let rounds = env_or("METALD_BENCH_ROUNDS", if full { 7 } else { 1 });
     let clients = env_or("METALD_BENCH_CLIENTS", 4);
     let host = support::Host::new();
     host.seed(vms, |_| false);
@@ -121,7 +123,7 @@ async fn main() {
         enabled.insert(format!("UNKEY_METALD_{k}"), v.to_string());
     }
 
-    let (mut off, mut on) = (Vec::new(), Vec::new());
+    let (mut off, mut on, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..rounds {
         // METALD_BENCH_PROFILE=enabled runs only the enabled side (for perf).
         let profile_enabled = std::env::var("METALD_BENCH_PROFILE").is_ok_and(|v| v == "enabled");
@@ -130,16 +132,17 @@ async fn main() {
         println!("round {r}: disabled {a:>8.0} calls/s | enabled {b:>8.0} calls/s | ratio {:.3}", b / a);
         off.push(a);
         on.push(b);
+        ratios.push(b / a);
     }
-    let (a, b) = (median(off), median(on));
+    let (a, b, ratio) = (median(off), median(on), median(ratios));
     println!(
         "GetVmInfo throughput, {clients} clients, {calls} calls/round, {vms} VMs, medians of {rounds} rounds: \
          disabled {a:.0}/s, enabled (rate {rate}, OTLP export) {b:.0}/s"
     );
     println!(
-        "ratio enabled/disabled = {:.3} (goal >= 0.9: {}); OTLP requests received by the sink: {}",
-        b / a,
-        if b / a >= 0.9 { "met" } else { "MISSED" },
+        "ratio enabled/disabled (median of the rounds' ratios) = {ratio:.3} (goal >= 0.9: {}); \
+         OTLP requests received by the sink: {}",
+        if ratio >= 0.9 { "met" } else { "MISSED" },
         hits.load(Ordering::Relaxed)
     );
 }
