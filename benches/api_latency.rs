@@ -2,7 +2,8 @@
 //! p50/p99, beside the latency of `GET /_/health` measured in the same run as
 //! the baseline. Goal: GetVmInfo p99 < 1 ms, ListVms p99 < 5 ms.
 //!
-//! Run: `cargo bench --bench api_latency` (env `METALD_BENCH_VMS`, `METALD_BENCH_CALLS`).
+//! Run: `cargo bench --bench api_latency` (env `METALD_BENCH_VMS`, `METALD_BENCH_CALLS`;
+//! `METALD_BENCH_BILLING=unreachable` meters against a closed port instead of the mock peer).
 
 #![allow(
     clippy::unwrap_used,
@@ -82,7 +83,16 @@ async fn measure(vms: usize, calls: usize, metering: bool) {
     // customer, a quarter of them running, as a busy host would have.
     let t0 = Instant::now();
     host.seed(vms, |i| i % 4 == 0);
-    let env = host.env(vms, &[("BILLING_ENABLED", metering.to_string()), ("BILLING_MOCK_MODE", "true".into())]);
+    // METALD_BENCH_BILLING=unreachable: the metering pass sends to a closed
+    // port instead of the mock peer (the API under a billing outage).
+    let outage = std::env::var("METALD_BENCH_BILLING").is_ok_and(|v| v == "unreachable");
+    let mut extra = vec![("BILLING_ENABLED", metering.to_string()), ("BILLING_MOCK_MODE", (!outage).to_string())];
+    if outage {
+        extra.push(("BILLING_ENDPOINT", "http://127.0.0.1:9".into()));
+        // Batches fall due within the run, so the outage is exercised.
+        extra.push(("BILLING_FLUSH_MS", "1000".into()));
+    }
+    let env = host.env(vms, &extra);
     let daemon = metald::daemon::start(Config::from_source(&env).unwrap()).await.unwrap();
     println!("seeded and recovered {vms} VMs in {:.2} s", t0.elapsed().as_secs_f64());
     let client = vm_client(
