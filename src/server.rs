@@ -104,10 +104,7 @@ pub fn app(
         .with_state(HealthState { manager, billing })
         .fallback_service(connect);
     if telemetry.is_enabled() {
-        router.layer(axum::middleware::from_fn_with_state(
-            telemetry.metrics().clone(),
-            crate::telemetry::rpc::http_metrics,
-        ))
+        router.layer(crate::telemetry::rpc::HttpMetricsLayer::new(telemetry.metrics().clone()))
     } else {
         router
     }

@@ -5,7 +5,7 @@
 //!   `metald_vm_operations_total` / `metald_vm_operation_duration_seconds`.
 //!   It sees the RPC outcome, which an HTTP layer cannot (gRPC errors are
 //!   HTTP 200); any non-OK outcome sets the span status to Error.
-//! - [`http_metrics`], an axum middleware: `http.server.request.duration`
+//! - [`HttpMetricsLayer`], a tower layer: `http.server.request.duration`
 //!   and `http.server.active_requests` for every HTTP request.
 
 use std::time::Instant;
@@ -172,29 +172,101 @@ impl Drop for InFlight {
     }
 }
 
-/// axum middleware recording the HTTP server metrics.
-pub async fn http_metrics(
-    axum::extract::State(metrics): axum::extract::State<Metrics>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let method = method_label(req.method());
-    let version = protocol_version(req.version());
-    let active = [KeyValue::new("http.request.method", method), KeyValue::new("url.scheme", "http")];
-    metrics.http_started(&active);
-    let _in_flight = InFlight { metrics: metrics.clone(), attrs: active };
-    let started = Instant::now();
-    let resp = next.run(req).await;
-    metrics.http_duration(
-        &[
-            KeyValue::new("http.request.method", method),
-            KeyValue::new("url.scheme", "http"),
-            KeyValue::new("http.response.status_code", i64::from(resp.status().as_u16())),
-            KeyValue::new("network.protocol.version", version),
-        ],
-        started.elapsed(),
-    );
-    resp
+/// Tower layer recording the HTTP server metrics
+/// (`http.server.request.duration`, `http.server.active_requests`) for
+/// every request. Hand-written rather than `axum::middleware::from_fn`:
+/// that boxes the inner service and its future on every request, which
+/// the telemetry bench measured at ~10 % of GetVmInfo throughput; this is a
+/// plain wrapper around the inner future.
+#[derive(Clone)]
+pub struct HttpMetricsLayer {
+    metrics: Metrics,
+}
+
+impl HttpMetricsLayer {
+    pub fn new(metrics: Metrics) -> Self {
+        HttpMetricsLayer { metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for HttpMetricsLayer {
+    type Service = HttpMetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        HttpMetricsService { inner, metrics: self.metrics.clone() }
+    }
+}
+
+/// See [`HttpMetricsLayer`].
+#[derive(Clone)]
+pub struct HttpMetricsService<S> {
+    inner: S,
+    metrics: Metrics,
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for HttpMetricsService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = HttpMetricsFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let method = method_label(req.method());
+        let version = protocol_version(req.version());
+        let active = [KeyValue::new("http.request.method", method), KeyValue::new("url.scheme", "http")];
+        self.metrics.http_started(&active);
+        HttpMetricsFuture {
+            inner: self.inner.call(req),
+            in_flight: Some(InFlight { metrics: self.metrics.clone(), attrs: active }),
+            started: Instant::now(),
+            method,
+            version,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Records the duration when the response (head) is ready.
+    pub struct HttpMetricsFuture<F> {
+        #[pin]
+        inner: F,
+        in_flight: Option<InFlight>,
+        started: Instant,
+        method: &'static str,
+        version: &'static str,
+    }
+}
+
+impl<F, RB, E> std::future::Future for HttpMetricsFuture<F>
+where
+    F: std::future::Future<Output = Result<http::Response<RB>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.inner.poll(cx));
+        if let (Ok(resp), Some(in_flight)) = (&out, this.in_flight.as_ref()) {
+            in_flight.metrics.http_duration(
+                &[
+                    KeyValue::new("http.request.method", *this.method),
+                    KeyValue::new("url.scheme", "http"),
+                    KeyValue::new("http.response.status_code", i64::from(resp.status().as_u16())),
+                    KeyValue::new("network.protocol.version", *this.version),
+                ],
+                this.started.elapsed(),
+            );
+        }
+        // The request is no longer in flight.
+        this.in_flight.take();
+        std::task::Poll::Ready(out)
+    }
 }
 
 #[cfg(test)]
