@@ -495,6 +495,13 @@ async fn prometheus_scrapes_the_spec_metrics_and_promtool_accepts_them() {
     ] {
         assert!(text.contains(needle), "scrape lacks {needle:?}:\n{text}");
     }
+    // Every API request (POST) has ended: none is counted in flight.
+    let active: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("http_server_active_requests{") && l.contains(r#"http_request_method="POST""#))
+        .collect();
+    assert_eq!(active.len(), 1, "one POST series of http_server_active_requests:\n{text}");
+    assert!(active[0].ends_with(" 0"), "requests still counted in flight: {}", active[0]);
     check_documented(&text);
     let promtool = Command::new("promtool")
         .args(["check", "metrics"])

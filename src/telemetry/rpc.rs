@@ -19,7 +19,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use super::metrics::{Metrics, Operation};
+use super::metrics::{HTTP_METHODS, Metrics, Operation};
 
 struct Headers<'a>(&'a http::HeaderMap);
 
@@ -133,20 +133,26 @@ impl Interceptor for RpcInterceptor {
     }
 }
 
-/// The request method as semconv wants it: known methods, else `_OTHER`.
-fn method_label(m: &http::Method) -> &'static str {
+/// The request method's index in [`HTTP_METHODS`]: known methods, else `_OTHER`.
+fn method_index(m: &http::Method) -> usize {
     match *m {
-        http::Method::GET => "GET",
-        http::Method::POST => "POST",
-        http::Method::PUT => "PUT",
-        http::Method::DELETE => "DELETE",
-        http::Method::HEAD => "HEAD",
-        http::Method::OPTIONS => "OPTIONS",
-        http::Method::PATCH => "PATCH",
-        http::Method::CONNECT => "CONNECT",
-        http::Method::TRACE => "TRACE",
-        _ => "_OTHER",
+        http::Method::GET => 0,
+        http::Method::POST => 1,
+        http::Method::PUT => 2,
+        http::Method::DELETE => 3,
+        http::Method::HEAD => 4,
+        http::Method::OPTIONS => 5,
+        http::Method::PATCH => 6,
+        http::Method::CONNECT => 7,
+        http::Method::TRACE => 8,
+        _ => 9,
     }
+}
+
+/// The request method as semconv wants it: known methods, else `_OTHER`.
+#[cfg(test)]
+fn method_label(m: &http::Method) -> &'static str {
+    HTTP_METHODS[method_index(m)]
 }
 
 fn protocol_version(v: http::Version) -> &'static str {
@@ -163,12 +169,12 @@ fn protocol_version(v: http::Version) -> &'static str {
 /// Decrements the in-flight gauge even when the request is cancelled.
 struct InFlight {
     metrics: Metrics,
-    attrs: [KeyValue; 2],
+    method: usize,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.metrics.http_active_done(&self.attrs);
+        self.metrics.http_active_done(self.method);
     }
 }
 
@@ -217,13 +223,13 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let method = method_label(req.method());
+        let index = method_index(req.method());
+        let method = HTTP_METHODS[index];
         let version = protocol_version(req.version());
-        let active = [KeyValue::new("http.request.method", method), KeyValue::new("url.scheme", "http")];
-        self.metrics.http_started(&active);
+        self.metrics.http_started(index);
         HttpMetricsFuture {
             inner: self.inner.call(req),
-            in_flight: Some(InFlight { metrics: self.metrics.clone(), attrs: active }),
+            in_flight: Some(InFlight { metrics: self.metrics.clone(), method: index }),
             started: Instant::now(),
             method,
             version,
