@@ -29,7 +29,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -39,8 +38,8 @@ use self::api::{
 };
 use self::config::CloudHypervisorSettings;
 use super::kernel;
-use super::process::{self, ProcessId, Watched, log_tail, remove_quiet, watch_exit};
-use super::uds_http::{ApiError, UdsClient, checked, text_error_body};
+use super::process::{self, ProcessId, Watched, remove_quiet, watch_exit};
+use super::uds_http::{ApiError, ApiWait, UdsClient, checked, text_error_body, wait_for_api};
 use super::{Backend, BackendError, BackendHealth, BackendKind, ExitSink, Result, Runtime, StopMode, Usage, VmContext};
 use crate::core::spec::{VmId, VmSpec};
 use crate::util::unix_now;
@@ -203,34 +202,6 @@ impl CloudHypervisorBackend {
         self.checked(r, rt, &vm.dir).await
     }
 
-    async fn wait_for_api(&self, child: &mut Child, paths: &Paths, client: &UdsClient) -> Result<VmmPingResponse> {
-        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
-        let probe = client.with_timeout(Duration::from_secs(1));
-        let mut last = String::from("socket not created");
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(BackendError::Failed(format!(
-                    "Cloud Hypervisor exited during start ({status}): {}",
-                    log_tail(&paths.vmm_log, 5)
-                )));
-            }
-            if paths.socket.exists() {
-                match probe.get::<VmmPingResponse>(&format!("{API}/vmm.ping")).await {
-                    Ok(p) => return Ok(p),
-                    Err(e) => last = e.to_string(),
-                }
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(BackendError::Timeout(format!(
-                    "Cloud Hypervisor did not serve its API within {} s ({last}): {}",
-                    START_TIMEOUT.as_secs(),
-                    log_tail(&paths.vmm_log, 5)
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
     /// `vm.shutdown` + `vmm.shutdown`, then SIGKILL after [`QUIT_GRACE`].
     async fn force_stop(&self, vm: &VmContext<'_>, pid: ProcessId) -> Result<()> {
         let client = self.client(&vm.dir).with_timeout(QUIT_GRACE);
@@ -269,7 +240,14 @@ impl Backend for CloudHypervisorBackend {
         let result = async {
             let pid = child.id().ok_or_else(|| BackendError::Failed("Cloud Hypervisor exited at once".into()))?;
             let pid = ProcessId::of(pid).map_err(|e| BackendError::io(format!("reading /proc/{pid}/stat"), e))?;
-            let ping = self.wait_for_api(&mut child, &paths, &client).await?;
+            let wait = ApiWait {
+                vmm: "Cloud Hypervisor",
+                socket: &paths.socket,
+                probe_path: &format!("{API}/vmm.ping"),
+                log: &paths.vmm_log,
+                timeout: START_TIMEOUT,
+            };
+            let ping: VmmPingResponse = wait_for_api(&mut child, &client, &wait).await?;
             let rt = Runtime {
                 pid: Some(pid.pid),
                 pid_start_ticks: Some(pid.start_ticks),

@@ -18,8 +18,8 @@ use super::api::{
 };
 use super::config::FirecrackerSettings;
 use super::jailer::{JAILED_SOCKET, Jail};
-use crate::backend::process::{self, ProcessId, log_tail, remove_quiet};
-use crate::backend::uds_http::{ApiError, UdsClient};
+use crate::backend::process::{self, ProcessId, remove_quiet};
+use crate::backend::uds_http::{ApiError, ApiWait, UdsClient, wait_for_api};
 use crate::backend::{BackendError, Result, VmContext};
 use crate::core::spec::VmSpec;
 
@@ -178,10 +178,6 @@ pub async fn checked<T>(r: std::result::Result<T, ApiError>, pid: Option<Process
     crate::backend::uds_http::checked(r, "Firecracker", pid, &layout.vmm_log).await
 }
 
-fn tail_suffix(tail: &str) -> String {
-    if tail.is_empty() { String::new() } else { format!(" ({tail})") }
-}
-
 /// Spawns Firecracker (directly or under the jailer), waits for its API and
 /// sends the pre-boot configuration. On failure nothing is left running.
 pub async fn start(
@@ -224,7 +220,14 @@ pub async fn start(
         let pid = child.id().ok_or_else(|| BackendError::Failed("Firecracker exited at once".into()))?;
         let pid = ProcessId::of(pid).map_err(|e| BackendError::io(format!("reading /proc/{pid}/stat"), e))?;
         let client = layout.client(settings.api_timeout);
-        wait_for_api(&mut child, &client, layout).await?;
+        let wait = ApiWait {
+            vmm: "Firecracker",
+            socket: &layout.socket,
+            probe_path: "/",
+            log: &layout.vmm_log,
+            timeout: START_TIMEOUT,
+        };
+        wait_for_api::<InstanceInfo>(&mut child, &client, &wait).await?;
         let info = checked(configure(&client, &plan).await, Some(pid), layout).await?;
         Ok((pid, info))
     }
@@ -243,35 +246,6 @@ pub async fn start(
             }
             Err(e)
         }
-    }
-}
-
-/// Polls until `GET /` answers; fails early when the process exits.
-async fn wait_for_api(child: &mut Child, client: &UdsClient, layout: &Layout) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
-    let probe = client.with_timeout(Duration::from_secs(1));
-    let mut last = String::from("socket not created");
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(BackendError::Failed(format!(
-                "Firecracker exited during start ({status}){}",
-                tail_suffix(&log_tail(&layout.vmm_log, 5))
-            )));
-        }
-        if layout.socket.exists() {
-            match probe.get::<InstanceInfo>("/").await {
-                Ok(_) => return Ok(()),
-                Err(e) => last = e.to_string(),
-            }
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(BackendError::Timeout(format!(
-                "Firecracker did not serve its API within {} s ({last}){}",
-                START_TIMEOUT.as_secs(),
-                tail_suffix(&log_tail(&layout.vmm_log, 5))
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
