@@ -19,6 +19,7 @@
 pub mod collector;
 pub mod config;
 pub mod devserver;
+pub mod log;
 pub mod sender;
 pub mod spool;
 
@@ -449,10 +450,9 @@ impl Billing {
     ) -> Result<Billing, BillingError> {
         let clock = Clock::new();
         let shared = Arc::new(Shared::default());
-        let path = data_dir.join("billing.db");
         let set = Arc::new(MeterSet::default());
-        let (spool, writer, committed, backlog) =
-            spool::start(&path, cfg.commit_interval, set.clone(), shared.clone(), metrics.clone())?;
+        let (spool, writer, committed, backlog, reader) =
+            spool::start(data_dir, cfg.commit_interval, set.clone(), shared.clone(), metrics.clone())?;
         let observer = Arc::new(BillingObserver {
             set: set.clone(),
             spool: spool.clone(),
@@ -472,7 +472,7 @@ impl Billing {
         let sender = sender::Sender::new(
             &cfg,
             transport,
-            path,
+            reader,
             spool.clone(),
             set.clone(),
             metrics.clone(),

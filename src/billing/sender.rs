@@ -12,15 +12,13 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use connectrpc::client::{ClientConfig, HttpClient};
 use connectrpc::{CodecFormat, Protocol};
-use rusqlite::Connection;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -261,7 +259,7 @@ enum Done {
 /// The sender task's state.
 pub struct Sender {
     transport: Arc<dyn Transport>,
-    reader: Arc<Mutex<Connection>>,
+    reader: spool::Reader,
     spool: SpoolHandle,
     set: Arc<MeterSet>,
     metrics: Arc<dyn BillingMetrics>,
@@ -274,7 +272,8 @@ pub struct Sender {
     max_bytes: u64,
     instance_id: String,
     concurrency: usize,
-    queues: HashMap<Arc<str>, VmQueue>,
+    /// Keyed by VM id (metald's own VMs, at most `MAX_VMS`): a fast hash.
+    queues: HashMap<Arc<str>, VmQueue, foldhash::fast::RandomState>,
     /// VMs found due while every call slot was taken.
     ready: VecDeque<Arc<str>>,
     /// Time-based wake-ups, earliest first: a front chunk's flush deadline
@@ -301,7 +300,7 @@ impl Sender {
     pub fn new(
         cfg: &BillingConfig,
         transport: Arc<dyn Transport>,
-        spool_path: PathBuf,
+        reader: spool::Reader,
         spool: SpoolHandle,
         set: Arc<MeterSet>,
         metrics: Arc<dyn BillingMetrics>,
@@ -309,11 +308,9 @@ impl Sender {
         clock: Clock,
         backlog: Vec<ChunkMeta>,
     ) -> Result<Sender, BillingError> {
-        let reader = spool::open(&spool_path)
-            .map_err(|source| BillingError::Spool { path: spool_path.display().to_string(), source })?;
         let mut s = Sender {
             transport,
-            reader: Arc::new(Mutex::new(reader)),
+            reader,
             spool,
             set,
             metrics,
@@ -326,7 +323,7 @@ impl Sender {
             max_bytes: cfg.spool_max_bytes,
             instance_id: cfg.instance_id.clone(),
             concurrency: DEFAULT_CONCURRENCY,
-            queues: HashMap::new(),
+            queues: HashMap::default(),
             ready: VecDeque::new(),
             timers: BinaryHeap::new(),
             endpoint_attempts: 0,
@@ -635,20 +632,20 @@ impl Sender {
 /// that are gone)`.
 type Loaded = Result<(Vec<Record>, (u64, u64)), SendError>;
 
-/// Reads the chunks `ids` of `vm` (skipping what was sent of each) in one
-/// read transaction. Runs on the sender task itself: a few KB just written
-/// are in the page cache, so this takes microseconds, and a thread hop per
-/// batch (a blocking-pool task) cost more in wake-ups than the read.
-fn read_batch(reader: &Mutex<Connection>, vm: &str, ids: Vec<(i64, u32, u32, u32)>) -> Loaded {
-    let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-    // One WAL snapshot and one set of file locks for the whole batch;
-    // dropped (rolled back) at the end: it only reads.
-    let tx = conn.unchecked_transaction().map_err(spool::SpoolError::from)?;
+/// Reads the chunks `ids` of `vm` (skipping what was sent of each). Runs
+/// on the sender task itself: a few KB just written are in the page cache,
+/// so this takes microseconds, and a thread hop per batch (a blocking-pool
+/// task) cost more in wake-ups than the read.
+fn read_batch(reader: &spool::Reader, vm: &str, ids: Vec<(i64, u32, u32, u32)>) -> Loaded {
+    let blobs = reader.read(&ids.iter().map(|c| c.0).collect::<Vec<_>>()).map_err(spool::SpoolError::from)?;
     let mut records = Vec::new();
     let mut gone = (0u64, 0u64);
-    for (id, skip, n, events) in ids {
-        match spool::load_chunk(&tx, id)? {
-            Some(rs) => records.extend(rs.into_iter().skip(usize::try_from(skip).unwrap_or(usize::MAX))),
+    for ((id, skip, n, events), blob) in ids.into_iter().zip(blobs) {
+        match blob {
+            Some(b) => {
+                let rs = Record::decode_all(&b).ok_or(spool::SpoolError::Corrupt(id))?;
+                records.extend(rs.into_iter().skip(usize::try_from(skip).unwrap_or(usize::MAX)));
+            }
             // Cannot happen while this process is the only writer; keep
             // the accounting right and move on rather than stall the VM.
             None if records.is_empty() => {

@@ -55,15 +55,14 @@ fn sample(ts: i64, cpu: i64) -> Record {
 /// Spools `chunks` (vm, records) and starts a sender on them.
 fn rig(cfg: BillingConfig, clock: Clock, chunks: Vec<(&str, Vec<Record>)>, script: Arc<Script>) -> Rig {
     let tmp = tempfile::tempdir().unwrap();
-    let path = tmp.path().join("billing.db");
-    let conn = spool::open(&path).unwrap();
-    let backlog: Vec<ChunkMeta> =
-        chunks.iter().map(|(vm, rs)| spool::insert_chunk(&conn, vm, "cust", rs).unwrap()).collect();
+    let chunks: Vec<(&str, &str, Vec<Record>)> = chunks.into_iter().map(|(vm, rs)| (vm, "cust", rs)).collect();
+    let backlog: Vec<ChunkMeta> = spool::seed(tmp.path(), &chunks).unwrap();
+    let (log, _) = crate::billing::log::Log::open(&spool::spool_dir(tmp.path())).unwrap();
     let (handle, acks) = SpoolHandle::detached();
     let s = Sender::new(
         &cfg,
         Arc::new(script.clone()),
-        path,
+        log.reader(),
         handle,
         Arc::new(MeterSet::default()),
         Arc::new(NoopMetrics),
@@ -228,18 +227,14 @@ async fn an_outage_is_probed_by_one_call_at_a_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_the_spool_limit_old_chunks_are_thinned_and_gaps_reported() {
     let tmp = tempfile::tempdir().unwrap();
-    let path = tmp.path().join("billing.db");
     let shared = Arc::new(Shared::default());
-    let (spool, writer, notices, _) =
-        spool::start(&path, Duration::from_millis(20), Arc::default(), shared.clone(), Arc::new(NoopMetrics)).unwrap();
     // Five chunks of 50 samples (~2 KB) against a 512-byte limit.
-    let conn = spool::open(&path).unwrap();
-    let backlog: Vec<ChunkMeta> = (0..5)
-        .map(|c| {
-            let rs: Vec<Record> = (0..50).map(|k| sample(1_000 + c * 50 + k, c * 50 + k)).collect();
-            spool::insert_chunk(&conn, "a", "cust", &rs).unwrap()
-        })
-        .collect();
+    let chunks: Vec<(&str, &str, Vec<Record>)> =
+        (0..5).map(|c| ("a", "cust", (0..50).map(|k| sample(1_000 + c * 50 + k, c * 50 + k)).collect())).collect();
+    spool::seed(tmp.path(), &chunks).unwrap();
+    let (spool, writer, notices, backlog, reader) =
+        spool::start(tmp.path(), Duration::from_millis(20), Arc::default(), shared.clone(), Arc::new(NoopMetrics))
+            .unwrap();
     let script = Arc::new(Script::default());
     script.fail_a.store(u32::MAX, Ordering::SeqCst); // the service is down
     let cfg = BillingConfig {
@@ -251,7 +246,7 @@ async fn over_the_spool_limit_old_chunks_are_thinned_and_gaps_reported() {
     let s = Sender::new(
         &cfg,
         Arc::new(script.clone()),
-        path.clone(),
+        reader,
         spool.clone(),
         Arc::new(MeterSet::default()),
         Arc::new(NoopMetrics),

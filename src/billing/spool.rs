@@ -1,33 +1,38 @@
-//! The durable billing spool: `<data dir>/billing.db` (SQLite, WAL,
-//! `synchronous=NORMAL`), owned by one dedicated writer thread.
+//! The durable billing spool: an append-only log in
+//! `<data dir>/billing-spool/` ([`super::log`]), owned by one dedicated
+//! writer thread.
 //!
-//! Layout: every group commit (≤ 1 s) writes ONE row per VM into `chunks`
-//! holding all records of that VM since the previous commit (samples and
-//! start/stop/gap notices), delta-encoded ([`Record::encode_all`]). At
-//! 10,000 VMs and 100 ms that is 10,000 appends of ~130 bytes per second
-//! instead of 100,000 row inserts, and no secondary index: the sender keeps the chunk
-//! ids per VM in memory and reads blobs by rowid. Chunk ids grow, so per VM
-//! the id order is the record order. `vm_meter` remembers which VMs were
-//! being metered and the time of their last spooled record, which is what a
-//! gap notice after a crash or restart reports.
+//! Every group commit (≤ 1 s) appends ONE frame holding, per VM, one chunk
+//! with all records of that VM since the previous commit (samples and
+//! start/stop/gap notices), delta-encoded ([`Record::encode_all`]), plus the
+//! acknowledgements the sender reported. At 10,000 VMs and 100 ms that is
+//! one ~1.3 MB write and one `fdatasync` a second. Chunk ids grow, so per
+//! VM the id order is the record order; the sender keeps the chunk ids per
+//! VM in memory and reads chunks through a [`Reader`]. The log also
+//! remembers which VMs were being metered and the time of their last
+//! spooled record, which is what a gap notice after a crash or restart
+//! reports.
 //!
 //! The sender acknowledges records: fully sent chunks are deleted, a partly
 //! sent one gets its `skip` count. Thinning rewrites an old chunk keeping the
 //! first and last sample of each run plus a gap notice for the removed span;
 //! counters are cumulative, so totals stay exact.
+//!
+//! A spool of the SQLite format (`<data dir>/billing.db`, before the log)
+//! is imported once at start, so an upgrade loses no unsent usage.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, OptionalExtension, params};
-use rusqlite_migration::{M, Migrations};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use super::{BillingError, BillingMetrics, MeterSet, Shared};
+pub use super::log::Reader;
+use super::log::{ChunkHead, Frame, Log, LogError};
+use super::{BillingError, BillingMetrics, MeterSet, Metered, Shared};
 use crate::backend::Usage;
 
 /// Bytes of one record in the first (fixed) blob format.
@@ -35,12 +40,24 @@ const RECORD_BYTES: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
-    #[error("sqlite")]
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("importing the old SQLite spool")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("migrating the schema")]
-    Migration(#[from] rusqlite_migration::Error),
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("chunk {0} is corrupt")]
     Corrupt(i64),
+}
+
+/// Where the spool lives under the data dir.
+pub fn spool_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("billing-spool")
 }
 
 /// What a spooled record is.
@@ -121,18 +138,23 @@ impl Record {
     /// general codec would not know to take differences.)
     pub fn encode_all(records: &[Record]) -> Vec<u8> {
         let mut out = Vec::with_capacity(8 + records.len() * 16);
+        Record::encode_into(records, &mut out);
+        out
+    }
+
+    /// [`Record::encode_all`], appended to `out`.
+    pub fn encode_into(records: &[Record], out: &mut Vec<u8>) {
         out.push(FORMAT_DELTA);
-        put_varint(records.len() as u64, &mut out);
+        put_varint(records.len() as u64, out);
         let mut prev = (0i64, [0i64; 6]);
         for r in records {
             out.push(r.kind.code().to_le_bytes()[0]);
-            put_varint(zigzag(r.ts_ns.wrapping_sub(prev.0)), &mut out);
+            put_varint(zigzag(r.ts_ns.wrapping_sub(prev.0)), out);
             for (x, p) in r.v.iter().zip(prev.1) {
-                put_varint(zigzag(x.wrapping_sub(p)), &mut out);
+                put_varint(zigzag(x.wrapping_sub(p)), out);
             }
             prev = (r.ts_ns, r.v);
         }
-        out
     }
 
     /// Decodes a chunk blob of either format (`None`: corrupt).
@@ -151,7 +173,7 @@ const FORMAT_DELTA: u8 = 0x81;
 /// LEB128, as protobuf and prost write it; inlined here because it runs
 /// 700,000 times a second at 10,000 VMs (prost's `decode_varint` reads it).
 #[inline]
-fn put_varint(mut v: u64, out: &mut Vec<u8>) {
+pub(super) fn put_varint(mut v: u64, out: &mut Vec<u8>) {
     while v >= 0x80 {
         out.push(v.to_le_bytes()[0] | 0x80);
         v >>= 7;
@@ -356,50 +378,108 @@ impl SpoolHandle {
     }
 }
 
-fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(
-        "CREATE TABLE chunks (
-            id          INTEGER PRIMARY KEY,
-            vm_id       TEXT NOT NULL,
-            customer_id TEXT NOT NULL,
-            records     INTEGER NOT NULL,
-            events      INTEGER NOT NULL,
-            first_ts    INTEGER NOT NULL,
-            last_ts     INTEGER NOT NULL,
-            skip        INTEGER NOT NULL DEFAULT 0,
-            thinned     INTEGER NOT NULL DEFAULT 0,
-            data        BLOB NOT NULL
-        ) STRICT;
-        CREATE TABLE vm_meter (
-            vm_id       TEXT PRIMARY KEY NOT NULL,
-            customer_id TEXT NOT NULL,
-            last_ts     INTEGER NOT NULL
-        ) STRICT, WITHOUT ROWID;",
-    )])
-}
-
-/// Opens (and migrates) the spool database.
-pub fn open(path: &Path) -> Result<Connection, SpoolError> {
-    let mut conn = Connection::open(path)?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    // The sender reads chunks written seconds ago; through a memory map that
-    // is a page-cache hit, not a `pread` per B-tree page (the writer's
-    // commits invalidate SQLite's own cache between reads).
-    conn.pragma_update(None, "mmap_size", 1i64 << 30)?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    migrations().to_latest(&mut conn)?;
-    Ok(conn)
-}
-
-/// Reads one chunk's records (skipping none) and its customer.
-pub fn load_chunk(conn: &Connection, id: i64) -> Result<Option<Vec<Record>>, SpoolError> {
-    let blob: Option<Vec<u8>> =
-        conn.prepare_cached("SELECT data FROM chunks WHERE id = ?1")?.query_row([id], |r| r.get(0)).optional()?;
-    match blob {
-        None => Ok(None),
-        Some(b) => Record::decode_all(&b).map(Some).ok_or(SpoolError::Corrupt(id)),
+/// The old spool (`billing.db`, one SQLite row per VM per commit): its
+/// unsent chunks and metered VMs are copied into a fresh log, which then
+/// takes the log's place in one rename; only after that is the database
+/// removed. A crash at any point imports again from scratch or finds the
+/// import done.
+fn import_sqlite(data_dir: &Path) -> Result<(), SpoolError> {
+    let db = data_dir.join("billing.db");
+    let dir = spool_dir(data_dir);
+    let remove_db = || {
+        for suffix in ["", "-wal", "-shm"] {
+            let p = data_dir.join(format!("billing.db{suffix}"));
+            if let Err(e) = std::fs::remove_file(&p)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                warn!(path = %p.display(), error = %e, "removing the imported SQLite spool failed");
+            }
+        }
+    };
+    if !db.exists() {
+        return Ok(());
     }
+    if dir.exists() {
+        remove_db();
+        return Ok(());
+    }
+    let io = |op: &'static str, p: &Path| {
+        let path = p.display().to_string();
+        move |source| SpoolError::Io { op, path, source }
+    };
+    let conn = rusqlite::Connection::open(&db)?;
+    let tables: i64 = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('chunks', 'vm_meter')",
+        [],
+        |r| r.get(0),
+    )?;
+    if tables != 2 {
+        warn!(path = %db.display(), "billing.db is not an old billing spool; leaving it alone");
+        return Ok(());
+    }
+    let tmp = data_dir.join("billing-spool.import");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io("removing", &tmp))?;
+    }
+    let (mut log, _) = Log::open(&tmp)?;
+    let mut frame = Frame::new();
+    let max_id: i64 = conn.query_row("SELECT coalesce(max(id), 0) FROM chunks", [], |r| r.get(0))?;
+    frame.checkpoint(max_id + 1);
+    let mut st = conn.prepare("SELECT vm_id, customer_id, last_ts FROM vm_meter")?;
+    let mut rows = st.query([])?;
+    while let Some(r) = rows.next()? {
+        frame.meter(&r.get::<_, String>(0)?, &r.get::<_, String>(1)?, r.get(2)?);
+    }
+    let mut st = conn.prepare(
+        "SELECT id, vm_id, customer_id, records, events, first_ts, last_ts, skip, thinned, data FROM chunks ORDER BY id",
+    )?;
+    let mut rows = st.query([])?;
+    let mut n = 0usize;
+    while let Some(r) = rows.next()? {
+        let (vm, customer, data): (String, String, Vec<u8>) = (r.get(1)?, r.get(2)?, r.get(9)?);
+        let head = ChunkHead {
+            id: r.get(0)?,
+            vm: vm.as_str(),
+            customer: customer.as_str(),
+            records: r.get(3)?,
+            events: r.get(4)?,
+            first_ts: r.get(5)?,
+            last_ts: r.get(6)?,
+            skip: r.get(7)?,
+            thinned: r.get::<_, i64>(8)? != 0,
+        };
+        frame.chunk(&head, |b| b.extend_from_slice(&data));
+        n += 1;
+    }
+    log.append(frame)?;
+    drop(log);
+    std::fs::rename(&tmp, &dir).map_err(io("renaming", &tmp))?;
+    std::fs::File::open(data_dir).and_then(|d| d.sync_all()).map_err(io("syncing", data_dir))?;
+    info!(chunks = n, "billing: imported the SQLite spool into the log");
+    remove_db();
+    Ok(())
+}
+
+/// Appends chunks straight to the spool of `data_dir` while no writer runs
+/// (tests and benches seed spools with it). Returns them as the sender
+/// tracks them.
+pub fn seed(data_dir: &Path, chunks: &[(&str, &str, Vec<Record>)]) -> Result<Vec<ChunkMeta>, SpoolError> {
+    let (mut log, _) = Log::open(&spool_dir(data_dir))?;
+    let mut frame = Frame::new();
+    if log.needs_checkpoint() {
+        frame.checkpoint(log.peek_next_id());
+    }
+    let mut out = Vec::new();
+    for (vm, customer, records) in chunks {
+        let id = log.next_id();
+        let data = Record::encode_all(records);
+        let m = meta(id, Arc::from(*vm), Arc::from(*customer), records, data.len(), false);
+        let last_ts = records.iter().map(|r| r.ts_ns).max().unwrap_or(0);
+        frame.chunk(&head(&m, vm, customer, last_ts), |b| b.extend_from_slice(&data));
+        out.push(m);
+    }
+    log.append(frame)?;
+    Ok(out)
 }
 
 fn meta(id: i64, vm: Arc<str>, customer: Arc<str>, records: &[Record], bytes: usize, thinned: bool) -> ChunkMeta {
@@ -416,20 +496,22 @@ fn meta(id: i64, vm: Arc<str>, customer: Arc<str>, records: &[Record], bytes: us
     }
 }
 
-/// Inserts one chunk directly (tests and benches seed spools with it).
-pub fn insert_chunk(conn: &Connection, vm: &str, customer: &str, records: &[Record]) -> Result<ChunkMeta, SpoolError> {
-    let data = Record::encode_all(records);
-    let m = meta(0, Arc::from(vm), Arc::from(customer), records, data.len(), false);
-    let last_ts = records.iter().map(|r| r.ts_ns).max().unwrap_or(0);
-    conn.prepare_cached(
-        "INSERT INTO chunks (vm_id, customer_id, records, events, first_ts, last_ts, data)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?
-    .execute(params![vm, customer, m.records, m.events, m.first_ts, last_ts, data])?;
-    Ok(ChunkMeta { id: conn.last_insert_rowid(), ..m })
+fn head<'a>(m: &ChunkMeta, vm: &'a str, customer: &'a str, last_ts: i64) -> ChunkHead<&'a str> {
+    ChunkHead {
+        id: m.id,
+        vm,
+        customer,
+        records: m.records,
+        events: m.events,
+        first_ts: m.first_ts,
+        last_ts,
+        skip: m.skip,
+        thinned: m.thinned,
+    }
 }
 
 struct VmW {
+    key: Arc<str>,
     customer: Arc<str>,
     /// Run being metered now.
     generation: Option<u64>,
@@ -439,10 +521,10 @@ struct VmW {
     pending: Vec<Record>,
     /// `pending` holds records to write.
     dirty: bool,
-    /// Metering started or stopped: the `vm_meter` row is written or deleted.
+    /// Metering started or stopped: the metered-VM entry is written.
     meter_dirty: bool,
-    /// Chunks were acknowledged: `vm_meter.last_ts` is brought up to date
-    /// (chunks hold the latest times until they are deleted).
+    /// Chunks were acknowledged: the metered-VM entry's time is brought up
+    /// to date (chunks hold the latest times until they are deleted).
     acked: bool,
     /// Samples accepted since the last commit (published to the counters
     /// after it, so the 100 ms path takes no shared lock).
@@ -452,8 +534,9 @@ struct VmW {
 }
 
 impl VmW {
-    fn new(customer: Arc<str>) -> VmW {
+    fn new(key: Arc<str>, customer: Arc<str>) -> VmW {
         VmW {
+            key,
             customer,
             generation: None,
             was_metered: false,
@@ -472,11 +555,105 @@ impl VmW {
         self.pending.push(r);
         self.dirty = true;
     }
+
+    fn metered(&self) -> bool {
+        self.generation.is_some() || self.was_metered
+    }
+}
+
+/// A round snapshot, the slab layout, and each snapshot VM's slot.
+type Positions = (Arc<Vec<Arc<Metered>>>, u64, Vec<Option<usize>>);
+
+/// The writer's per-VM state: a slab, so the per-commit pass over the
+/// queued rounds indexes it by position instead of hashing 10,000 VM ids
+/// a second; `by_key` finds a VM's slot for messages.
+#[derive(Default)]
+struct Vms {
+    slots: Vec<Option<VmW>>,
+    by_key: HashMap<Arc<str>, usize, foldhash::fast::RandomState>,
+    free: Vec<usize>,
+    /// Bumped whenever a slot is taken or freed (invalidates `positions`).
+    layout: u64,
+    /// The slot of each VM of the last round snapshot seen, and the
+    /// snapshot and layout it was computed for.
+    positions: Option<Positions>,
+}
+
+impl Vms {
+    fn get_mut(&mut self, key: &str) -> Option<&mut VmW> {
+        let i = *self.by_key.get(key)?;
+        self.slots.get_mut(i)?.as_mut()
+    }
+
+    fn entry(&mut self, key: Arc<str>, customer: &str) -> &mut VmW {
+        let i = match self.by_key.get(&key) {
+            Some(&i) => i,
+            None => {
+                let w = VmW::new(key.clone(), Arc::from(customer));
+                let i = match self.free.pop() {
+                    Some(i) => {
+                        self.slots[i] = Some(w);
+                        i
+                    }
+                    None => {
+                        self.slots.push(Some(w));
+                        self.slots.len() - 1
+                    }
+                };
+                self.by_key.insert(key, i);
+                self.layout += 1;
+                i
+            }
+        };
+        self.slots[i].get_or_insert_with(unreachable_slot)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &VmW> {
+        self.slots.iter().flatten()
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut VmW> {
+        self.slots.iter_mut().flatten()
+    }
+
+    /// Frees the slots of VMs neither metered nor waiting to be settled.
+    fn retain_metered(&mut self) {
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if slot.as_ref().is_some_and(|w| !w.metered() && !w.dirty)
+                && let Some(w) = slot.take()
+            {
+                self.by_key.remove(&w.key);
+                self.free.push(i);
+                self.layout += 1;
+            }
+        }
+    }
+
+    /// Each VM of `snapshot`'s slot (computed once per snapshot and layout).
+    fn positions(&mut self, snapshot: &Arc<Vec<Arc<Metered>>>) -> Vec<Option<usize>> {
+        if let Some((s, layout, p)) = self.positions.take()
+            && Arc::ptr_eq(&s, snapshot)
+            && layout == self.layout
+        {
+            return p;
+        }
+        snapshot.iter().map(|m| self.by_key.get(&m.key).copied()).collect()
+    }
+
+    fn keep_positions(&mut self, snapshot: Arc<Vec<Arc<Metered>>>, p: Vec<Option<usize>>) {
+        self.positions = Some((snapshot, self.layout, p));
+    }
+}
+
+/// `Vms::entry` just filled the slot; this is never called.
+#[cold]
+fn unreachable_slot() -> VmW {
+    VmW::new(Arc::from(""), Arc::from(""))
 }
 
 struct Writer {
-    conn: Connection,
-    vms: VmMap,
+    log: Log,
+    vms: Vms,
     deletes: Vec<i64>,
     partials: Vec<(i64, u32)>,
     thin: Vec<i64>,
@@ -490,25 +667,31 @@ struct Writer {
 }
 
 /// What [`start`] returns: the handle, the writer thread, the receiver of
-/// commit notices and the chunks left unsent by a previous run (id order).
-pub(crate) type Started = (SpoolHandle, std::thread::JoinHandle<()>, mpsc::UnboundedReceiver<Notice>, Vec<ChunkMeta>);
+/// commit notices, the chunks left unsent by a previous run (id order) and
+/// a reader of chunks for the sender.
+pub(crate) type Started =
+    (SpoolHandle, std::thread::JoinHandle<()>, mpsc::UnboundedReceiver<Notice>, Vec<ChunkMeta>, Reader);
 
-/// Opens the spool and starts its writer thread.
+/// Opens the spool of `data_dir` (importing an old SQLite one) and starts
+/// its writer thread.
 pub(crate) fn start(
-    path: &Path,
+    data_dir: &Path,
     commit_every: Duration,
     set: Arc<MeterSet>,
     shared: Arc<Shared>,
     metrics: Arc<dyn BillingMetrics>,
 ) -> Result<Started, BillingError> {
-    let err = |source| BillingError::Spool { path: path.display().to_string(), source };
-    let conn = open(path).map_err(err)?;
-    let (vms, backlog) = load(&conn).map_err(err)?;
+    let dir = spool_dir(data_dir);
+    let err = |source| BillingError::Spool { path: dir.display().to_string(), source };
+    import_sqlite(data_dir).map_err(err)?;
+    let (log, recovered) = Log::open(&dir).map_err(|e| err(e.into()))?;
+    let (vms, backlog) = load(recovered);
+    let reader = log.reader();
     let (wake, woken) = std_mpsc::channel();
     let inbox = Inbox::default();
     let (ntx, nrx) = mpsc::unbounded_channel();
     let mut w = Writer {
-        conn,
+        log,
         vms,
         deletes: Vec::new(),
         partials: Vec::new(),
@@ -527,59 +710,39 @@ pub(crate) fn start(
             move || w.run(&inbox, &woken, commit_every)
         })
         .map_err(BillingError::Thread)?;
-    Ok((SpoolHandle { inbox, wake }, thread, nrx, backlog))
+    Ok((SpoolHandle { inbox, wake }, thread, nrx, backlog, reader))
 }
 
-/// The writer's per-VM state. Looked up once per VM per commit (10,000 a
-/// second at scale): a fast seeded hash; keys are VM ids, at most
-/// `MAX_VMS` of them.
-type VmMap = HashMap<Arc<str>, VmW, foldhash::fast::RandomState>;
-
-type Loaded = (VmMap, Vec<ChunkMeta>);
-
-fn load(conn: &Connection) -> Result<Loaded, SpoolError> {
-    let mut vms = VmMap::default();
-    let mut st = conn.prepare("SELECT vm_id, customer_id, last_ts FROM vm_meter")?;
-    let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))?;
-    for row in rows {
-        let (vm, customer, last_ts) = row?;
-        let mut w = VmW::new(Arc::from(customer.as_str()));
+fn load(rec: super::log::Recovered) -> (Vms, Vec<ChunkMeta>) {
+    let mut vms = Vms::default();
+    for (vm, (customer, last_ts)) in &rec.meter {
+        let w = vms.entry(Arc::from(vm.as_str()), customer);
         w.was_metered = true;
-        w.last_ts = last_ts;
-        vms.insert(Arc::from(vm.as_str()), w);
-    }
-    // Unsent chunks hold the latest times (vm_meter is brought up to date
-    // when chunks are acknowledged, not at every commit).
-    let mut st = conn.prepare("SELECT vm_id, max(last_ts) FROM chunks GROUP BY vm_id")?;
-    let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-    for row in rows {
-        let (vm, last_ts) = row?;
-        if let Some(w) = vms.get_mut(vm.as_str()) {
-            w.last_ts = w.last_ts.max(last_ts);
-        }
+        w.last_ts = *last_ts;
     }
     let mut interned: HashMap<String, Arc<str>> = HashMap::new();
-    let mut intern = |s: String| interned.entry(s.clone()).or_insert_with(|| Arc::from(s.as_str())).clone();
-    let mut st = conn.prepare(
-        "SELECT id, vm_id, customer_id, records, events, first_ts, skip, thinned, length(data) FROM chunks ORDER BY id",
-    )?;
-    let mut backlog = Vec::new();
-    let mut rows = st.query([])?;
-    while let Some(r) = rows.next()? {
-        let records: u32 = r.get(3)?;
+    let mut intern = |s: &str| interned.entry(s.to_owned()).or_insert_with(|| Arc::from(s)).clone();
+    let mut backlog = Vec::with_capacity(rec.chunks.len());
+    for (id, c) in rec.chunks {
+        // Unsent chunks hold the latest times (the metered-VM entry is
+        // brought up to date when chunks are acknowledged, not at every
+        // commit).
+        if let Some(w) = vms.get_mut(&c.head.vm) {
+            w.last_ts = w.last_ts.max(c.head.last_ts);
+        }
         backlog.push(ChunkMeta {
-            id: r.get(0)?,
-            vm: intern(r.get(1)?),
-            customer: intern(r.get(2)?),
-            records,
-            events: r.get(4)?,
-            first_ts: r.get(5)?,
-            bytes: u64::try_from(r.get::<_, i64>(8)?).unwrap_or(0),
-            skip: r.get(6)?,
-            thinned: r.get::<_, i64>(7)? != 0,
+            id,
+            vm: intern(&c.head.vm),
+            customer: intern(&c.head.customer),
+            records: c.head.records,
+            events: c.head.events,
+            first_ts: c.head.first_ts,
+            bytes: c.bytes,
+            skip: c.head.skip,
+            thinned: c.head.thinned,
         });
     }
-    Ok((vms, backlog))
+    (vms, backlog)
 }
 
 impl Writer {
@@ -616,7 +779,7 @@ impl Writer {
     fn handle(&mut self, m: Msg) {
         match m {
             Msg::Start { vm, customer, generation, recovered, ts } => {
-                let w = self.vms.entry(vm).or_insert_with(|| VmW::new(Arc::from(customer.as_str())));
+                let w = self.vms.entry(vm, &customer);
                 if *w.customer != *customer {
                     w.customer = Arc::from(customer.as_str());
                 }
@@ -636,7 +799,7 @@ impl Writer {
                 w.meter_dirty = true;
             }
             Msg::Stop { vm, ts } => {
-                let rest = match self.vms.get(&vm).and_then(|w| w.generation) {
+                let rest = match self.vms.get_mut(&vm).and_then(|w| w.generation) {
                     Some(generation) => self.set.take_samples(&vm, generation),
                     None => Vec::new(),
                 };
@@ -652,7 +815,7 @@ impl Writer {
                 }
             }
             Msg::Reconcile { ts } => {
-                for w in self.vms.values_mut().filter(|w| w.was_metered) {
+                for w in self.vms.iter_mut().filter(|w| w.was_metered) {
                     w.was_metered = false;
                     let last = w.last_ts;
                     w.push(Record::gap(last, ts));
@@ -674,8 +837,8 @@ impl Writer {
 
     /// Moves the samples of the queued collection rounds into the VMs'
     /// pending records (only for runs whose start this thread has seen).
-    /// Consecutive rounds over the same snapshot are read VM by VM: one map
-    /// lookup per VM per commit, not one per sample.
+    /// Consecutive rounds over the same snapshot are read VM by VM, and
+    /// VMs are found by position in the slab, not by hashing their ids.
     fn drain_rounds(&mut self) {
         let rounds = self.set.take_rounds();
         let mut from = 0;
@@ -683,8 +846,9 @@ impl Writer {
             let vms = &rounds[from].vms;
             let to = from + rounds[from..].iter().take_while(|r| Arc::ptr_eq(&r.vms, vms)).count();
             let group = &rounds[from..to];
-            for (k, m) in vms.iter().enumerate() {
-                let Some(w) = self.vms.get_mut(&m.key) else { continue };
+            let positions = self.vms.positions(vms);
+            for (k, (m, slot)) in vms.iter().zip(&positions).enumerate() {
+                let Some(w) = slot.and_then(|i| self.vms.slots.get_mut(i)).and_then(Option::as_mut) else { continue };
                 if w.generation != Some(m.generation) {
                     continue;
                 }
@@ -694,6 +858,7 @@ impl Writer {
                 }
                 w.collected += (w.pending.len() - before) as u64;
             }
+            self.vms.keep_positions(vms.clone(), positions);
             from = to;
         }
         self.set.recycle(rounds);
@@ -707,7 +872,7 @@ impl Writer {
                     self.failing = false;
                     warn!("billing spool writes work again");
                 }
-                for (vm, w) in self.vms.iter_mut() {
+                for w in self.vms.iter_mut() {
                     if w.dirty {
                         w.pending.clear();
                         w.dirty = false;
@@ -715,18 +880,20 @@ impl Writer {
                     w.meter_dirty = false;
                     w.acked = false;
                     if w.collected > 0 {
-                        self.metrics.samples_collected(vm, w.collected);
+                        self.metrics.samples_collected(&w.key, w.collected);
                         let shared = &self.shared;
+                        let key = &w.key;
                         w.collected_total
-                            .get_or_insert_with(|| shared.collected_cell(vm))
+                            .get_or_insert_with(|| shared.collected_cell(key))
                             .fetch_add(w.collected, std::sync::atomic::Ordering::Relaxed);
                         w.collected = 0;
                     }
                 }
-                self.vms.retain(|_, w| w.generation.is_some() || w.was_metered);
+                self.vms.retain_metered();
                 self.deletes.clear();
                 self.partials.clear();
                 self.thin.clear();
+                self.log.collect();
                 if !committed.is_empty() {
                     let _ = self.notify.send(Notice::Committed(committed));
                 }
@@ -748,74 +915,76 @@ impl Writer {
     }
 
     fn try_commit(&mut self) -> Result<(Vec<ChunkMeta>, Vec<ChunkMeta>), SpoolError> {
-        let dirty = self.vms.values().any(|w| w.dirty || w.meter_dirty || w.acked);
+        let dirty = self.vms.iter().any(|w| w.dirty || w.meter_dirty || w.acked);
         if !dirty && self.deletes.is_empty() && self.partials.is_empty() && self.thin.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
         let started = Instant::now();
-        let tx = self.conn.transaction()?;
-        let mut committed = Vec::new();
-        let mut thinned = Vec::new();
-        {
-            let mut ins = tx.prepare_cached(
-                "INSERT INTO chunks (vm_id, customer_id, records, events, first_ts, last_ts, data)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?;
-            let mut touch = tx.prepare_cached("UPDATE vm_meter SET last_ts = ?2 WHERE vm_id = ?1")?;
-            let mut upsert = tx.prepare_cached(
-                "INSERT INTO vm_meter (vm_id, customer_id, last_ts) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (vm_id) DO UPDATE SET customer_id = excluded.customer_id, last_ts = excluded.last_ts",
-            )?;
-            let mut unmeter = tx.prepare_cached("DELETE FROM vm_meter WHERE vm_id = ?1")?;
-            for (vm, w) in self.vms.iter().filter(|(_, w)| w.dirty || w.meter_dirty || w.acked) {
-                if !w.pending.is_empty() {
-                    let data = Record::encode_all(&w.pending);
-                    let m = meta(0, vm.clone(), w.customer.clone(), &w.pending, data.len(), false);
-                    ins.execute(params![&**vm, &*w.customer, m.records, m.events, m.first_ts, w.last_ts, data])?;
-                    committed.push(ChunkMeta { id: tx.last_insert_rowid(), ..m });
-                }
-                let metered = w.generation.is_some() || w.was_metered;
-                if w.meter_dirty && metered {
-                    upsert.execute(params![&**vm, &*w.customer, w.last_ts])?;
-                } else if w.meter_dirty {
-                    unmeter.execute([&**vm])?;
-                } else if w.acked {
-                    touch.execute(params![&**vm, w.last_ts])?;
-                }
-            }
-            let mut del = tx.prepare_cached("DELETE FROM chunks WHERE id = ?1")?;
-            for id in &self.deletes {
-                del.execute([id])?;
-            }
-            let mut skip = tx.prepare_cached("UPDATE chunks SET skip = ?2 WHERE id = ?1")?;
-            for (id, n) in &self.partials {
-                skip.execute(params![id, n])?;
-            }
-            let mut read = tx.prepare_cached("SELECT vm_id, customer_id, data, skip FROM chunks WHERE id = ?1")?;
-            let mut rewrite = tx.prepare_cached(
-                "UPDATE chunks SET data = ?2, records = ?3, events = ?4, first_ts = ?5, thinned = 1 WHERE id = ?1",
-            )?;
-            for id in &self.thin {
-                let row: Option<(String, String, Vec<u8>, u32)> =
-                    read.query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).optional()?;
-                let Some((vm, customer, data, skip)) = row else { continue };
-                let records = Record::decode_all(&data).ok_or(SpoolError::Corrupt(*id))?;
-                if skip != 0 {
-                    continue;
-                }
-                let (kept, removed) = thin(&records);
-                let data = Record::encode_all(&kept);
-                let m = meta(*id, Arc::from(vm.as_str()), Arc::from(customer.as_str()), &kept, data.len(), true);
-                rewrite.execute(params![id, data, m.records, m.events, m.first_ts])?;
-                self.shared.bump(&vm, |c| c.thinned += removed);
-                thinned.push(m);
+        if self.log.should_roll() {
+            self.log.roll()?;
+        }
+        let mut frame = Frame::new();
+        if self.log.needs_checkpoint() {
+            // A new segment starts with the whole metered-VM table, so older
+            // segments can go; this commit's own changes follow it.
+            frame.checkpoint(self.log.peek_next_id());
+            for w in self.vms.iter().filter(|w| w.metered()) {
+                frame.meter(&w.key, &w.customer, w.last_ts);
             }
         }
-        tx.commit()?;
+        let mut committed = Vec::new();
+        for w in self.vms.iter().filter(|w| w.dirty || w.meter_dirty || w.acked) {
+            if !w.pending.is_empty() {
+                let id = self.log.next_id();
+                let mut m = meta(id, w.key.clone(), w.customer.clone(), &w.pending, 0, false);
+                let mut bytes = 0;
+                frame.chunk(&head(&m, &w.key, &w.customer, w.last_ts), |b| {
+                    let at = b.len();
+                    Record::encode_into(&w.pending, b);
+                    bytes = b.len() - at;
+                });
+                m.bytes = bytes as u64;
+                committed.push(m);
+            }
+            if w.meter_dirty && w.metered() {
+                frame.meter(&w.key, &w.customer, w.last_ts);
+            } else if w.meter_dirty {
+                frame.unmeter(&w.key);
+            } else if w.acked {
+                frame.touch(&w.key, w.last_ts);
+            }
+        }
+        for id in &self.deletes {
+            frame.delete(*id);
+        }
+        for (id, n) in &self.partials {
+            frame.skip(*id, *n);
+        }
+        let mut thinned = Vec::new();
+        let mut removed_by_vm = Vec::new();
+        for id in &self.thin {
+            let Some((h, data)) = self.log.read_chunk(*id)? else { continue };
+            if h.skip != 0 {
+                continue;
+            }
+            let records = Record::decode_all(&data).ok_or(SpoolError::Corrupt(*id))?;
+            let (kept, removed) = thin(&records);
+            let data = Record::encode_all(&kept);
+            let m = meta(*id, Arc::from(h.vm.as_str()), Arc::from(h.customer.as_str()), &kept, data.len(), true);
+            frame.chunk(&head(&m, &h.vm, &h.customer, h.last_ts), |b| b.extend_from_slice(&data));
+            removed_by_vm.push((h.vm, removed));
+            thinned.push(m);
+        }
+        let moved = self.log.compact_into(&mut frame)?;
+        self.log.append(frame)?;
+        for (vm, removed) in removed_by_vm {
+            self.shared.bump(&vm, |c| c.thinned += removed);
+        }
         debug!(
             chunks = committed.len(),
             deleted = self.deletes.len(),
             thinned = thinned.len(),
+            moved,
             took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             "billing spool commit"
         );
@@ -904,11 +1073,11 @@ mod tests {
     #[tokio::test]
     async fn writer_commits_orders_and_recovers() {
         let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("billing.db");
+        let path = tmp.path();
         let shared = Arc::new(Shared::default());
         let set = Arc::new(MeterSet::default());
-        let (h, t, mut notices, backlog) =
-            start(&path, Duration::from_secs(60), set.clone(), shared.clone(), Arc::new(NoopMetrics)).unwrap();
+        let (h, t, mut notices, backlog, reader) =
+            start(path, Duration::from_secs(60), set.clone(), shared.clone(), Arc::new(NoopMetrics)).unwrap();
         assert!(backlog.is_empty());
         let vm: Arc<str> = Arc::from("vm-a");
         let metered = |generation| {
@@ -934,26 +1103,76 @@ mod tests {
         h.flush().await;
         let Some(Notice::Committed(c)) = notices.recv().await else { panic!("no commit") };
         assert_eq!((c.len(), c[0].records, c[0].events), (1, 3, 1));
-        let conn = open(&path).unwrap();
-        let recs = load_chunk(&conn, c[0].id).unwrap().unwrap();
+        let load = |r: &Reader, id| r.read(&[id]).unwrap()[0].as_ref().map(|b| Record::decode_all(b).unwrap());
+        let recs = load(&reader, c[0].id).unwrap();
         assert_eq!(recs, vec![Record::notice(Kind::Started, 100), s(110, 1), s(120, 3)]);
         assert_eq!(shared.counters()["vm-a"].collected, 2);
         h.close();
         t.join().unwrap();
         // Restart: the VM was metered; it is gone now → gap + stop.
-        let (h, t, mut notices, backlog) =
-            start(&path, Duration::from_secs(60), Arc::default(), shared, Arc::new(NoopMetrics)).unwrap();
+        let (h, t, mut notices, backlog, reader) =
+            start(path, Duration::from_secs(60), Arc::default(), shared, Arc::new(NoopMetrics)).unwrap();
         assert_eq!(backlog.len(), 1);
         h.reconcile(500);
         h.flush().await;
         let Some(Notice::Committed(c)) = notices.recv().await else { panic!("no commit") };
-        let recs = load_chunk(&conn, c[0].id).unwrap().unwrap();
+        let recs = load(&reader, c[0].id).unwrap();
         assert_eq!(recs, vec![Record::gap(120, 500), Record::notice(Kind::Stopped, 500)]);
         h.ack(vm.clone(), vec![backlog[0].id], None);
         h.close();
         t.join().unwrap();
-        assert!(load_chunk(&conn, backlog[0].id).unwrap().is_none());
-        let n: i64 = conn.query_row("SELECT count(*) FROM vm_meter", [], |r| r.get(0)).unwrap();
-        assert_eq!(n, 0);
+        assert!(load(&reader, backlog[0].id).is_none());
+        // Nothing is metered any more, and the acknowledged chunk stays gone.
+        let (_, rec) = Log::open(&spool_dir(path)).unwrap();
+        assert!(rec.meter.is_empty(), "{:?}", rec.meter);
+        assert_eq!(rec.chunks.keys().copied().collect::<Vec<_>>(), vec![c[0].id]);
+    }
+
+    /// A spool of the SQLite format (before the log) is imported once:
+    /// its unsent chunks are the backlog, its metered VMs get gap notices,
+    /// and the database is gone afterwards.
+    #[tokio::test]
+    async fn old_sqlite_spool_is_imported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = tmp.path().join("billing.db");
+        {
+            let conn = rusqlite::Connection::open(&db).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE chunks (
+                    id INTEGER PRIMARY KEY, vm_id TEXT NOT NULL, customer_id TEXT NOT NULL,
+                    records INTEGER NOT NULL, events INTEGER NOT NULL, first_ts INTEGER NOT NULL,
+                    last_ts INTEGER NOT NULL, skip INTEGER NOT NULL DEFAULT 0,
+                    thinned INTEGER NOT NULL DEFAULT 0, data BLOB NOT NULL) STRICT;
+                 CREATE TABLE vm_meter (vm_id TEXT PRIMARY KEY NOT NULL, customer_id TEXT NOT NULL,
+                    last_ts INTEGER NOT NULL) STRICT, WITHOUT ROWID;
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+            let rs = [s(10, 1), s(20, 2), s(30, 3)];
+            conn.execute(
+                "INSERT INTO chunks (id, vm_id, customer_id, records, events, first_ts, last_ts, skip, data)
+                 VALUES (7, 'vm-a', 'cust', 3, 0, 10, 30, 1, ?1)",
+                [Record::encode_all(&rs)],
+            )
+            .unwrap();
+            conn.execute("INSERT INTO vm_meter VALUES ('vm-a', 'cust', 5)", []).unwrap();
+        }
+        let (h, t, mut notices, backlog, reader) =
+            start(tmp.path(), Duration::from_secs(60), Arc::default(), Arc::default(), Arc::new(NoopMetrics)).unwrap();
+        assert!(!db.exists(), "the imported database is removed");
+        assert_eq!(backlog.len(), 1);
+        let c = &backlog[0];
+        assert_eq!((c.id, &*c.vm, c.records, c.skip, c.bytes > 0), (7, "vm-a", 3, 1, true));
+        let blob = reader.read(&[7]).unwrap().remove(0).unwrap();
+        assert_eq!(Record::decode_all(&blob).unwrap(), vec![s(10, 1), s(20, 2), s(30, 3)]);
+        // Metered before: the gap starts at its last spooled record.
+        h.reconcile(100);
+        h.flush().await;
+        let Some(Notice::Committed(c)) = notices.recv().await else { panic!("no commit") };
+        assert!(c[0].id > 7, "new chunk ids follow the imported ones");
+        let blob = reader.read(&[c[0].id]).unwrap().remove(0).unwrap();
+        assert_eq!(Record::decode_all(&blob).unwrap(), vec![Record::gap(30, 100), Record::notice(Kind::Stopped, 100)]);
+        h.close();
+        t.join().unwrap();
     }
 }
