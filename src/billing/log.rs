@@ -8,7 +8,7 @@
 //! `pwrite` of one frame plus one `fdatasync`, acknowledgements are a few
 //! bytes in the next frame, and space comes back by unlinking whole
 //! segments. (Hand-written: no crate offers a crash-safe multi-file log
-//! with per-entry deletion; the format is ~200 lines.)
+//! with per-entry deletion.)
 //!
 //! Frame: `u32 LE payload length | u32 LE CRC-32 of the payload | payload`,
 //! the payload a sequence of entries (see [`Frame`]): chunks (one VM's
@@ -22,10 +22,10 @@
 //! leaves at most the last frame torn; it is cut off). Segments roll at
 //! [`SEGMENT_BYTES`]; each starts with a checkpoint of the metered-VM table
 //! and the next chunk id, so old segments can go. A segment is removed
-//! when it is the oldest and holds no live chunk — always the oldest, so
-//! a deletion or acknowledgement entry never outlives a segment it
-//! refers to... in the wrong order: a chunk's later entries are always in
-//! the same or younger segments. Live chunks of the oldest segment are
+//! when it is the oldest and holds no live chunk. Only the oldest goes: a
+//! chunk's deletion and acknowledgement entries are in its own or younger
+//! segments, so they never outlive the chunk they cancel. Live chunks of
+//! the oldest segment are
 //! copied forward when the log holds more than twice the live data (a VM
 //! whose batches stall must not pin every segment after its oldest chunk).
 

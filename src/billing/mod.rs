@@ -7,9 +7,10 @@
 //! - [`collector`]: ONE tokio task ticks every interval and samples every
 //!   metered VM through [`crate::backend::Backend::usage`] into the VM's
 //!   sample buffer (no channel message, no map lookup per sample);
-//! - [`spool`]: a dedicated OS thread owns `<data dir>/billing.db`; at each
-//!   group commit it drains the buffers and writes samples and
-//!   start/stop/gap notices, one chunk per VM per commit, in per-VM order;
+//! - [`spool`]: a dedicated OS thread owns the append-only log
+//!   `<data dir>/billing-spool/` ([`log`]); at each group commit it drains
+//!   the queued rounds and appends samples and start/stop/gap notices, one
+//!   chunk per VM per commit, in per-VM order, as one frame;
 //! - [`sender`]: reads committed chunks per VM strictly in order, sends them
 //!   as batches or notices, and deletes them only once acknowledged.
 //!
