@@ -664,6 +664,8 @@ struct Writer {
     shared: Arc<Shared>,
     metrics: Arc<dyn BillingMetrics>,
     failing: bool,
+    /// Size of the last frame: the next one is allocated that big at once.
+    frame_hint: usize,
 }
 
 /// What [`start`] returns: the handle, the writer thread, the receiver of
@@ -702,6 +704,7 @@ pub(crate) fn start(
         shared,
         metrics,
         failing: false,
+        frame_hint: 0,
     };
     let thread = std::thread::Builder::new()
         .name("billing-spool".into())
@@ -923,7 +926,7 @@ impl Writer {
         if self.log.should_roll() {
             self.log.roll()?;
         }
-        let mut frame = Frame::new();
+        let mut frame = Frame::with_capacity(self.frame_hint);
         if self.log.needs_checkpoint() {
             // A new segment starts with the whole metered-VM table, so older
             // segments can go; this commit's own changes follow it.
@@ -976,6 +979,7 @@ impl Writer {
             thinned.push(m);
         }
         let moved = self.log.compact_into(&mut frame)?;
+        self.frame_hint = frame.len() + frame.len() / 8;
         self.log.append(frame)?;
         for (vm, removed) in removed_by_vm {
             self.shared.bump(&vm, |c| c.thinned += removed);
