@@ -102,10 +102,10 @@ fn batches(calls: &[Request], vm: &str) -> Vec<Vec<Record>> {
 fn plan_stops_at_notices_and_batch_size() {
     let start = Record::notice(Kind::Started, 1);
     let rs = [start, sample(2, 1), sample(3, 2), Record::notice(Kind::Stopped, 4), sample(5, 0)];
-    assert_eq!(plan(&rs, 10), Some(Plan::Notice(start)));
-    assert_eq!(plan(&rs[1..], 10), Some(Plan::Batch(vec![sample(2, 1), sample(3, 2)])));
-    assert_eq!(plan(&rs[1..], 1), Some(Plan::Batch(vec![sample(2, 1)])));
-    assert_eq!(plan(&[], 1), None);
+    assert_eq!(plan(rs.to_vec(), 10), Some(Plan::Notice(start)));
+    assert_eq!(plan(rs[1..].to_vec(), 10), Some(Plan::Batch(vec![sample(2, 1), sample(3, 2)])));
+    assert_eq!(plan(rs[1..].to_vec(), 1), Some(Plan::Batch(vec![sample(2, 1)])));
+    assert_eq!(plan(Vec::new(), 1), None);
 }
 
 #[test]
