@@ -146,15 +146,23 @@ impl Record {
     pub fn encode_into(records: &[Record], out: &mut Vec<u8>) {
         out.push(FORMAT_DELTA);
         put_varint(records.len() as u64, out);
-        let mut prev = (0i64, [0i64; 6]);
+        let mut prev = Prev::default();
         for r in records {
-            out.push(r.kind.code().to_le_bytes()[0]);
-            put_varint(zigzag(r.ts_ns.wrapping_sub(prev.0)), out);
-            for (x, p) in r.v.iter().zip(prev.1) {
-                put_varint(zigzag(x.wrapping_sub(p)), out);
-            }
-            prev = (r.ts_ns, r.v);
+            r.encode_after(&mut prev, out);
         }
+    }
+
+    /// Appends this record's kind and its differences from `prev` (the
+    /// previous record of the blob; zeros before the first), then makes it
+    /// the previous one.
+    #[inline]
+    fn encode_after(&self, prev: &mut Prev, out: &mut Vec<u8>) {
+        out.push(self.kind.code().to_le_bytes()[0]);
+        put_varint(zigzag(self.ts_ns.wrapping_sub(prev.0)), out);
+        for (x, p) in self.v.iter().zip(prev.1) {
+            put_varint(zigzag(x.wrapping_sub(p)), out);
+        }
+        *prev = (self.ts_ns, self.v);
     }
 
     /// Decodes a chunk blob of either format (`None`: corrupt).
@@ -174,6 +182,9 @@ impl Record {
         Some(())
     }
 }
+
+/// The previous record's time and counters while delta-encoding.
+type Prev = (i64, [i64; 6]);
 
 /// First byte of a delta-encoded blob. Fixed-format blobs (written before
 /// it) start with a kind code 0–3, so the two never collide.
@@ -529,8 +540,18 @@ struct VmW {
     /// Metered when the previous metald stopped, not settled yet.
     was_metered: bool,
     last_ts: i64,
-    pending: Vec<Record>,
-    /// `pending` holds records to write.
+    /// Records to write, delta-encoded as they arrive (a chunk blob
+    /// without its format byte and count): ~13 bytes a sample stay in
+    /// memory until the commit instead of a 64-byte record that would be
+    /// read again to encode it.
+    enc: Vec<u8>,
+    /// Records in `enc`, notices among them, the first one's time, and the
+    /// last one (the base of the next difference).
+    records: u32,
+    events: u32,
+    first_ts: i64,
+    prev: Prev,
+    /// `enc` holds records to write.
     dirty: bool,
     /// Metering started or stopped: the metered-VM entry is written.
     meter_dirty: bool,
@@ -552,7 +573,11 @@ impl VmW {
             generation: None,
             was_metered: false,
             last_ts: 0,
-            pending: Vec::new(),
+            enc: Vec::new(),
+            records: 0,
+            events: 0,
+            first_ts: 0,
+            prev: Prev::default(),
             dirty: false,
             meter_dirty: false,
             acked: false,
@@ -562,9 +587,23 @@ impl VmW {
     }
 
     fn push(&mut self, r: Record) {
+        if self.records == 0 {
+            self.first_ts = r.ts_ns;
+            self.prev = Prev::default();
+        }
         self.last_ts = self.last_ts.max(r.ts_ns);
-        self.pending.push(r);
+        r.encode_after(&mut self.prev, &mut self.enc);
+        self.records += 1;
+        self.events += u32::from(r.kind != Kind::Sample);
         self.dirty = true;
+    }
+
+    /// After a commit wrote the records.
+    fn written(&mut self) {
+        self.enc.clear();
+        self.records = 0;
+        self.events = 0;
+        self.dirty = false;
     }
 
     fn metered(&self) -> bool {
@@ -869,11 +908,11 @@ impl Writer {
                 if w.generation != Some(generation) {
                     continue;
                 }
-                let before = w.pending.len();
+                let before = w.records;
                 for s in group.iter().filter_map(|r| r.samples[k]) {
                     w.push(s);
                 }
-                w.collected += (w.pending.len() - before) as u64;
+                w.collected += u64::from(w.records - before);
             }
             self.vms.keep_positions(vms.clone(), positions);
             from = to;
@@ -891,8 +930,7 @@ impl Writer {
                 }
                 for w in self.vms.iter_mut() {
                     if w.dirty {
-                        w.pending.clear();
-                        w.dirty = false;
+                        w.written();
                     }
                     w.meter_dirty = false;
                     w.acked = false;
@@ -951,13 +989,24 @@ impl Writer {
         }
         let mut committed = Vec::new();
         for w in self.vms.iter().filter(|w| w.dirty || w.meter_dirty || w.acked) {
-            if !w.pending.is_empty() {
-                let id = self.log.next_id();
-                let mut m = meta(id, w.key.clone(), w.customer.clone(), &w.pending, 0, false);
+            if w.records > 0 {
+                let mut m = ChunkMeta {
+                    id: self.log.next_id(),
+                    vm: w.key.clone(),
+                    customer: w.customer.clone(),
+                    records: w.records,
+                    events: w.events,
+                    first_ts: w.first_ts,
+                    bytes: 0,
+                    skip: 0,
+                    thinned: false,
+                };
                 let mut bytes = 0;
                 frame.chunk(&head(&m, &w.key, &w.customer, w.last_ts), |b| {
                     let at = b.len();
-                    Record::encode_into(&w.pending, b);
+                    b.push(FORMAT_DELTA);
+                    put_varint(u64::from(w.records), b);
+                    b.extend_from_slice(&w.enc);
                     bytes = b.len() - at;
                 });
                 m.bytes = bytes as u64;
