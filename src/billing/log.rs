@@ -447,26 +447,41 @@ pub struct Reader {
 impl Reader {
     /// The records blob of each chunk of `ids` (`None`: not in the log).
     pub fn read(&self, ids: &[i64]) -> Result<Vec<Option<Vec<u8>>>, LogError> {
+        let mut out = Vec::with_capacity(ids.len());
+        self.read_with(ids, |_, b| {
+            out.push(b.map(<[u8]>::to_vec));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` with each chunk of `ids` in order and its records blob
+    /// (`None`: not in the log), straight from the segment's memory map.
+    pub fn read_with<E: From<LogError>>(
+        &self,
+        ids: &[i64],
+        mut f: impl FnMut(i64, Option<&[u8]>) -> Result<(), E>,
+    ) -> Result<(), E> {
         let found: Vec<Option<(Arc<SegFile>, Loc)>> = {
             let ix = self.index.lock().unwrap_or_else(|p| p.into_inner());
             ids.iter().map(|id| ix.locs.get(id).and_then(|l| Some((ix.files.get(&l.seg)?.clone(), *l)))).collect()
         };
-        found
-            .into_iter()
-            .zip(ids)
-            .map(|(f, id)| {
-                let Some((seg, loc)) = f else { return Ok(None) };
-                let (from, to) = (loc.off + u64::from(loc.data_off), loc.off + u64::from(loc.len));
-                let err = |source| LogError::Io { op: "reading chunk", path: format!("chunk {id}"), source };
-                let view = seg.view(to).map_err(err)?;
-                let data = usize::try_from(from)
-                    .ok()
-                    .zip(usize::try_from(to).ok())
-                    .and_then(|(a, b)| view.get(a..b))
-                    .ok_or(LogError::Corrupt(*id))?;
-                Ok(Some(data.to_vec()))
-            })
-            .collect()
+        for (found, &id) in found.into_iter().zip(ids) {
+            let Some((seg, loc)) = found else {
+                f(id, None)?;
+                continue;
+            };
+            let (from, to) = (loc.off + u64::from(loc.data_off), loc.off + u64::from(loc.len));
+            let err = |source| LogError::Io { op: "reading chunk", path: format!("chunk {id}"), source };
+            let view = seg.view(to).map_err(err)?;
+            let data = usize::try_from(from)
+                .ok()
+                .zip(usize::try_from(to).ok())
+                .and_then(|(a, b)| view.get(a..b))
+                .ok_or(LogError::Corrupt(id))?;
+            f(id, Some(data))?;
+        }
+        Ok(())
     }
 }
 

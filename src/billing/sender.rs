@@ -640,25 +640,33 @@ type Loaded = Result<(Vec<Record>, (u64, u64)), SendError>;
 /// so this takes microseconds, and a thread hop per batch (a blocking-pool
 /// task) cost more in wake-ups than the read.
 fn read_batch(reader: &spool::Reader, vm: &str, ids: Vec<(i64, u32, u32, u32)>) -> Loaded {
-    let blobs = reader.read(&ids.iter().map(|c| c.0).collect::<Vec<_>>()).map_err(spool::SpoolError::from)?;
     let mut records = Vec::new();
     let mut gone = (0u64, 0u64);
-    for ((id, skip, n, events), blob) in ids.into_iter().zip(blobs) {
+    let mut k = 0;
+    let mut stop = false;
+    reader.read_with(&ids.iter().map(|c| c.0).collect::<Vec<_>>(), |id, blob| {
+        let (_, skip, n, events) = ids[k];
+        k += 1;
+        if stop {
+            return Ok(());
+        }
         match blob {
-            Some(b) => {
-                Record::decode_into(&b, usize::try_from(skip).unwrap_or(usize::MAX), &mut records)
-                    .ok_or(spool::SpoolError::Corrupt(id))?;
-            }
+            Some(b) => Record::decode_into(b, usize::try_from(skip).unwrap_or(usize::MAX), &mut records)
+                .ok_or(spool::SpoolError::Corrupt(id)),
             // Cannot happen while this process is the only writer; keep
             // the accounting right and move on rather than stall the VM.
             None if records.is_empty() => {
                 warn!(vm_id = %vm, chunk = id, "billing spool chunk vanished; skipping it");
                 gone.0 += u64::from(n.saturating_sub(skip));
                 gone.1 += u64::from(events);
+                Ok(())
             }
-            None => break,
+            None => {
+                stop = true;
+                Ok(())
+            }
         }
-    }
+    })?;
     Ok((records, gone))
 }
 
