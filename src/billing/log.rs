@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex};
 use prost::encoding::decode_varint;
 use tracing::warn;
 
-use super::spool::put_varint;
+use super::spool::{put_varint, unzigzag as unzz, zigzag as zz};
 
 /// A segment is closed once it is this big (about 13 s of samples at
 /// 10,000 VMs; smaller segments give space back sooner).
@@ -94,6 +94,22 @@ pub struct ChunkHead<S> {
     pub thinned: bool,
 }
 
+impl ChunkHead<&str> {
+    fn owned(&self) -> ChunkHead<String> {
+        ChunkHead {
+            id: self.id,
+            vm: self.vm.to_owned(),
+            customer: self.customer.to_owned(),
+            records: self.records,
+            events: self.events,
+            first_ts: self.first_ts,
+            last_ts: self.last_ts,
+            skip: self.skip,
+            thinned: self.thinned,
+        }
+    }
+}
+
 /// The entries of one group commit, encoded as they are added.
 pub struct Frame {
     buf: Vec<u8>,
@@ -114,17 +130,6 @@ impl Default for Frame {
 fn put_str(s: &str, out: &mut Vec<u8>) {
     put_varint(s.len() as u64, out);
     out.extend_from_slice(s.as_bytes());
-}
-
-// Zigzag keeps small negative numbers small; the casts reinterpret bits.
-#[allow(clippy::cast_sign_loss)]
-fn zz(v: i64) -> u64 {
-    ((v << 1) ^ (v >> 63)) as u64
-}
-
-#[allow(clippy::cast_possible_wrap)]
-fn unzz(v: u64) -> i64 {
-    ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
 
 impl Frame {
@@ -326,7 +331,6 @@ struct Locs {
     /// Id of `slots[0]`.
     base: i64,
     slots: std::collections::VecDeque<Option<Loc>>,
-    len: usize,
 }
 
 impl Locs {
@@ -359,19 +363,12 @@ impl Locs {
         if k >= self.slots.len() {
             self.slots.resize(k + 1, None);
         }
-        let old = self.slots[k].replace(loc);
-        if old.is_none() {
-            self.len += 1;
-        }
-        old
+        self.slots[k].replace(loc)
     }
 
     fn remove(&mut self, id: &i64) -> Option<Loc> {
         let k = self.slot(*id)?;
         let old = self.slots.get_mut(k)?.take();
-        if old.is_some() {
-            self.len -= 1;
-        }
         while let Some(None) = self.slots.front() {
             self.slots.pop_front();
             self.base += 1;
@@ -515,7 +512,6 @@ struct Seg {
 pub struct Log {
     dir: PathBuf,
     segment_bytes: u64,
-    cur: Arc<File>,
     cur_no: u64,
     segs: BTreeMap<u64, Seg>,
     index: Arc<Mutex<Index>>,
@@ -563,7 +559,6 @@ impl Log {
         let mut log = Log {
             dir: dir.to_path_buf(),
             segment_bytes,
-            cur: Arc::new(create_or_open(dir, last)?),
             cur_no: last,
             segs: BTreeMap::new(),
             index: Arc::default(),
@@ -575,16 +570,15 @@ impl Log {
         for &no in &nos {
             log.replay_segment(no, no == last, &mut rec)?;
         }
-        log.cur = log.file(last);
         if let Some((&max, _)) = rec.chunks.last_key_value() {
             log.next_id = log.next_id.max(max + 1);
         }
         Ok((log, rec))
     }
 
-    fn file(&self, no: u64) -> Arc<File> {
-        let ix = self.index.lock().unwrap_or_else(|p| p.into_inner());
-        ix.files.get(&no).map(|f| f.file.try_clone()).and_then(Result::ok).map_or_else(|| self.cur.clone(), Arc::new)
+    /// Open segment `no`.
+    fn seg(&self, no: u64) -> Option<Arc<SegFile>> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner()).files.get(&no).cloned()
     }
 
     fn replay_segment(&mut self, no: u64, last: bool, rec: &mut Recovered) -> Result<(), LogError> {
@@ -623,18 +617,7 @@ impl Log {
                         let s = segs.entry(no).or_default();
                         s.live += 1;
                         s.live_bytes += loc.data_len();
-                        let h = ChunkHead {
-                            id: head.id,
-                            vm: head.vm.to_owned(),
-                            customer: head.customer.to_owned(),
-                            records: head.records,
-                            events: head.events,
-                            first_ts: head.first_ts,
-                            last_ts: head.last_ts,
-                            skip: head.skip,
-                            thinned: head.thinned,
-                        };
-                        rec.chunks.insert(head.id, Replayed { head: h, bytes: loc.data_len() });
+                        rec.chunks.insert(head.id, Replayed { head: head.owned(), bytes: loc.data_len() });
                         self.next_id = self.next_id.max(head.id + 1);
                     }
                     Entry::Delete(id) => {
@@ -715,14 +698,9 @@ impl Log {
     /// Starts a new segment.
     pub fn roll(&mut self) -> Result<(), LogError> {
         let no = self.cur_no + 1;
-        let file = Arc::new(create_segment(&self.dir, no)?);
-        let seg = SegFile::new(
-            file.try_clone().map_err(io_err("opening", &seg_path(&self.dir, no)))?,
-            2 * self.segment_bytes,
-        );
+        let seg = SegFile::new(create_segment(&self.dir, no)?, 2 * self.segment_bytes);
         self.index.lock().unwrap_or_else(|p| p.into_inner()).files.insert(no, Arc::new(seg));
         self.segs.insert(no, Seg::default());
-        self.cur = file;
         self.cur_no = no;
         self.needs_checkpoint = true;
         self.broken = false;
@@ -742,9 +720,14 @@ impl Log {
         let crc = crc32fast::hash(&frame.buf[HEADER..]);
         frame.buf[..4].copy_from_slice(&len.to_le_bytes());
         frame.buf[4..8].copy_from_slice(&crc.to_le_bytes());
-        let written = self.cur.write_all_at(&frame.buf, at).and_then(|()| self.cur.sync_data());
+        let Some(cur) = self.seg(self.cur_no) else {
+            self.broken = true;
+            return Err(io_err("writing", &path)(io::Error::from(io::ErrorKind::NotFound)));
+        };
+        let cur = &cur.file;
+        let written = cur.write_all_at(&frame.buf, at).and_then(|()| cur.sync_data());
         if let Err(e) = written {
-            if self.cur.set_len(at).and_then(|()| self.cur.sync_data()).is_err() {
+            if cur.set_len(at).and_then(|()| cur.sync_data()).is_err() {
                 self.broken = true;
             }
             return Err(io_err("writing", &path)(e));
@@ -782,22 +765,12 @@ impl Log {
 
     /// A live chunk's head and records (thinning reads it back).
     pub fn read_chunk(&self, id: i64) -> Result<Option<Chunk>, LogError> {
-        let Some((file, loc)) = self.locate(id) else { return Ok(None) };
-        let entry = read_entry(&file, &loc, id)?;
+        let Some((seg, loc)) = self.locate(id) else { return Ok(None) };
+        let entry = read_entry(&seg.file, &loc, id)?;
         let mut b = entry.as_slice();
         match next_entry(&mut b) {
             Some(Entry::Chunk { head, data_off, len }) => {
-                let h = ChunkHead {
-                    id,
-                    vm: head.vm.to_owned(),
-                    customer: head.customer.to_owned(),
-                    records: head.records,
-                    events: head.events,
-                    first_ts: head.first_ts,
-                    last_ts: head.last_ts,
-                    skip: loc.skip,
-                    thinned: head.thinned,
-                };
+                let h = ChunkHead { id, skip: loc.skip, ..head.owned() };
                 let data = entry.get(data_off as usize..len as usize).ok_or(LogError::Corrupt(id))?.to_vec();
                 Ok(Some((h, data)))
             }
@@ -805,10 +778,10 @@ impl Log {
         }
     }
 
-    fn locate(&self, id: i64) -> Option<(Arc<File>, Loc)> {
+    fn locate(&self, id: i64) -> Option<(Arc<SegFile>, Loc)> {
         let ix = self.index.lock().unwrap_or_else(|p| p.into_inner());
         let loc = *ix.locs.get(&id)?;
-        Some((Arc::new(ix.files.get(&loc.seg)?.file.try_clone().ok()?), loc))
+        Some((ix.files.get(&loc.seg)?.clone(), loc))
     }
 
     /// Removes the oldest segments while they hold no live chunk (never the
@@ -848,19 +821,15 @@ impl Log {
             ix.locs.iter().filter(|(_, l)| l.seg == oldest).map(|(id, l)| (id, *l)).collect()
         };
         moving.sort_unstable_by_key(|m| m.0);
-        let file = self.file(oldest);
+        let Some(seg) = self.seg(oldest) else { return Ok(0) };
         for (id, loc) in &moving {
-            let entry = read_entry(&file, loc, *id)?;
+            let entry = read_entry(&seg.file, loc, *id)?;
             frame.raw_chunk(*id, &entry, loc.data_off, loc.skip);
         }
         Ok(moving.len())
     }
 
-    /// Bytes of the segment files.
-    pub fn disk_bytes(&self) -> u64 {
-        self.segs.values().map(|s| s.len).sum()
-    }
-
+    /// Segment files now.
     pub fn segments(&self) -> usize {
         self.segs.len()
     }
@@ -873,11 +842,6 @@ fn create_segment(dir: &Path, no: u64) -> Result<File, LogError> {
         OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io_err("creating", &path))?;
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("syncing", dir))?;
     Ok(file)
-}
-
-fn create_or_open(dir: &Path, no: u64) -> Result<File, LogError> {
-    let path = seg_path(dir, no);
-    OpenOptions::new().read(true).write(true).open(&path).map_err(io_err("opening", &path))
 }
 
 fn read_entry(file: &File, loc: &Loc, id: i64) -> Result<Vec<u8>, LogError> {
@@ -934,7 +898,7 @@ mod tests {
         assert!(l.insert(7, loc(1)).is_none());
         assert_eq!(l.insert(5, loc(2)).map(|o| o.seg), Some(1));
         assert!(l.insert(3, loc(3)).is_none());
-        assert_eq!(l.len, 3);
+        assert_eq!(l.iter().count(), 3);
         assert_eq!(l.remove(&3).map(|o| o.seg), Some(3));
         assert!(l.remove(&3).is_none() && l.get(&4).is_none() && l.get(&100).is_none());
         assert_eq!(l.base, 5, "dead ids at the front are dropped");
@@ -943,7 +907,7 @@ mod tests {
         assert_eq!(l.get(&7).unwrap().skip, 4);
         l.remove(&5);
         l.remove(&7);
-        assert!(l.slots.is_empty() && l.len == 0);
+        assert!(l.slots.is_empty());
     }
 
     #[test]

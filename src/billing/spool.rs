@@ -204,12 +204,12 @@ pub(super) fn put_varint(mut v: u64, out: &mut Vec<u8>) {
 // Zigzag maps small negative and positive differences to small unsigned
 // numbers; the casts reinterpret bits on purpose.
 #[allow(clippy::cast_sign_loss)]
-fn zigzag(v: i64) -> u64 {
+pub(super) fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64
 }
 
 #[allow(clippy::cast_possible_wrap)]
-fn unzigzag(v: u64) -> i64 {
+pub(super) fn unzigzag(v: u64) -> i64 {
     ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
 
