@@ -45,9 +45,18 @@ async fn sink() -> (String, Arc<AtomicUsize>) {
     (format!("http://{addr}"), hits)
 }
 
+/// CPU time this process has used (user + system).
+fn cpu_time() -> Duration {
+    let ru = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).unwrap();
+    let tv = |t: nix::sys::time::TimeVal| {
+        Duration::from_micros(u64::try_from(t.tv_sec() * 1_000_000 + t.tv_usec()).unwrap_or(0))
+    };
+    tv(ru.user_time()) + tv(ru.system_time())
+}
+
 /// Starts a daemon, runs `calls` GetVmInfo over `clients` connections,
-/// stops it; returns calls per second.
-async fn round(env: &HashMap<String, String>, vms: usize, calls: usize, clients: usize) -> f64 {
+/// stops it; returns calls per second and CPU per call.
+async fn round(env: &HashMap<String, String>, vms: usize, calls: usize, clients: usize) -> (f64, Duration) {
     let daemon = metald::daemon::start(Config::from_source(env).unwrap()).await.unwrap();
     let endpoint = format!("http://{}", daemon.addr);
     let per_client = calls / clients;
@@ -72,13 +81,15 @@ async fn round(env: &HashMap<String, String>, vms: usize, calls: usize, clients:
     }
     go.wait().await;
     let t = Instant::now();
+    let cpu = cpu_time();
     for w in workers {
         w.await.unwrap();
     }
+    let cpu = (cpu_time() - cpu).div_f64((per_client * clients) as f64);
     let rate = (per_client * clients) as f64 / t.elapsed().as_secs_f64();
     daemon.shutdown();
     daemon.wait().await.unwrap();
-    rate
+    (rate, cpu)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -125,11 +136,18 @@ async fn main() {
 
     let (mut off, mut on, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..rounds {
-        // METALD_BENCH_PROFILE=enabled runs only the enabled side (for perf).
-        let profile_enabled = std::env::var("METALD_BENCH_PROFILE").is_ok_and(|v| v == "enabled");
-        let a = if profile_enabled { f64::NAN } else { round(&base, vms, calls, clients).await };
-        let b = round(&enabled, vms, calls, clients).await;
-        println!("round {r}: disabled {a:>8.0} calls/s | enabled {b:>8.0} calls/s | ratio {:.3}", b / a);
+        // METALD_BENCH_PROFILE=enabled|disabled runs only that side (for perf).
+        let only = std::env::var("METALD_BENCH_PROFILE").ok();
+        let skip = (f64::NAN, Duration::ZERO);
+        let (a, ca) = if only.as_deref() == Some("enabled") { skip } else { round(&base, vms, calls, clients).await };
+        let (b, cb) =
+            if only.as_deref() == Some("disabled") { skip } else { round(&enabled, vms, calls, clients).await };
+        println!(
+            "round {r}: disabled {a:>8.0} calls/s {:>5.1} µs CPU/call | enabled {b:>8.0} calls/s {:>5.1} µs CPU/call | ratio {:.3}",
+            ca.as_secs_f64() * 1e6,
+            cb.as_secs_f64() * 1e6,
+            b / a
+        );
         off.push(a);
         on.push(b);
         ratios.push(b / a);

@@ -108,20 +108,16 @@ fn stop_mode(force: bool, timeout_seconds: i32) -> Result<StopMode, Error> {
     Ok(StopMode::Graceful { timeout })
 }
 
-/// The span an API call runs in: with telemetry on, the RPC server span
-/// (the VM id is recorded on it) so that each call exports one span for
-/// the RPC; otherwise an `rpc` span that gives log lines their context.
+/// The span an API call runs in, for log lines (`rpc.method`, `vm_id`).
+/// It is not exported: with telemetry on, the RPC interceptor's server span
+/// is the call's span, and the VM id is recorded on it here.
 fn call_span(method: &'static str, id: Option<&VmId>) -> tracing::Span {
-    let current = tracing::Span::current();
-    if current.metadata().is_some_and(|m| m.name() == crate::telemetry::rpc::SERVER_SPAN) {
-        if let Some(id) = id {
-            current.record("vm_id", tracing::field::display(id));
-        }
-        return current;
-    }
     match id {
-        Some(id) => info_span!("rpc", rpc.method = method, vm_id = %id),
-        None => info_span!("rpc", rpc.method = method),
+        Some(id) => {
+            crate::telemetry::rpc::record_vm_id(id);
+            info_span!(target: crate::telemetry::LOG_ONLY, "rpc", rpc.method = method, vm_id = %id)
+        }
+        None => info_span!(target: crate::telemetry::LOG_ONLY, "rpc", rpc.method = method),
     }
 }
 

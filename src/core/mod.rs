@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use opentelemetry::context::FutureExt as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -308,7 +309,11 @@ impl Manager {
         &self,
         fut: impl std::future::Future<Output = Result<T, Error>> + Send + 'static,
     ) -> Result<T, Error> {
-        tokio::spawn(fut.in_current_span()).await.map_err(|e| Error::Internal(format!("operation task: {e}")))?
+        // The task keeps the caller's span and trace context (its spans
+        // are children of the RPC's server span).
+        tokio::spawn(fut.in_current_span().with_current_context())
+            .await
+            .map_err(|e| Error::Internal(format!("operation task: {e}")))?
     }
 
     // ---- create -----------------------------------------------------------

@@ -36,7 +36,7 @@ use tracing::{info, warn};
 
 pub use config::TelemetryConfig;
 pub use metrics::{BillingMetrics, Metrics, Operation};
-pub use traces::{WithTraceIds, layer};
+pub use traces::{LOG_ONLY, WithTraceIds, layer};
 
 use crate::core::{Observer, VmEvent};
 
@@ -197,7 +197,8 @@ impl Telemetry {
 
     /// The per-RPC interceptor, when enabled.
     pub fn rpc_interceptor(&self) -> Option<rpc::RpcInterceptor> {
-        self.is_enabled().then(|| rpc::RpcInterceptor::new(self.metrics.clone()))
+        let r = self.running.as_ref()?;
+        Some(rpc::RpcInterceptor::new(self.metrics.clone(), r.tracers.tracer("metald")))
     }
 
     /// Core observer that drops a deleted VM's metric series.

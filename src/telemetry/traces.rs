@@ -142,17 +142,27 @@ impl Tracer for ActiveTracer {
     }
 }
 
+/// Target of spans that give log lines context and are never exported
+/// (the API's per-call `rpc` span: the RPC's server span is built apart).
+pub const LOG_ONLY: &str = "metald::log";
+
 /// Enables the OpenTelemetry layer only while a daemon exports, and only
-/// for spans at INFO or above.
+/// for spans at INFO or above that are not [`LOG_ONLY`].
 struct WhileActive;
+
+impl WhileActive {
+    fn exported(meta: &tracing::Metadata<'_>) -> bool {
+        *meta.level() <= tracing::Level::INFO && meta.target() != LOG_ONLY
+    }
+}
 
 impl<S> Filter<S> for WhileActive {
     fn enabled(&self, meta: &tracing::Metadata<'_>, _: &LayerContext<'_, S>) -> bool {
-        ACTIVE.load(Ordering::Acquire) && *meta.level() <= tracing::Level::INFO
+        ACTIVE.load(Ordering::Acquire) && Self::exported(meta)
     }
 
     fn callsite_enabled(&self, meta: &'static tracing::Metadata<'static>) -> tracing::subscriber::Interest {
-        if *meta.level() <= tracing::Level::INFO {
+        if Self::exported(meta) {
             tracing::subscriber::Interest::sometimes()
         } else {
             tracing::subscriber::Interest::never()
@@ -179,15 +189,20 @@ where
         .with_filter(WhileActive)
 }
 
-/// The trace and span id of the current span, when one is being traced.
+/// The trace and span id of the current span, when one is being traced:
+/// the current `tracing` span's, else the current OpenTelemetry context's
+/// (an RPC's server span, see `rpc::RpcInterceptor`).
 pub fn current_ids() -> Option<(String, String)> {
     if !ACTIVE.load(Ordering::Relaxed) {
         return None;
     }
-    let cx = tracing_opentelemetry::OpenTelemetrySpanExt::context(&tracing::Span::current());
-    let span = cx.span();
-    let sc = span.span_context();
-    sc.is_valid().then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
+    let ids = |cx: &Context| {
+        let span = cx.span();
+        let sc = span.span_context();
+        sc.is_valid().then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
+    };
+    ids(&tracing_opentelemetry::OpenTelemetrySpanExt::context(&tracing::Span::current()))
+        .or_else(|| Context::map_current(ids))
 }
 
 /// Wraps a log event format so lines emitted inside a traced span end with
