@@ -84,19 +84,6 @@ impl RuntimeHttpClient {
     }
 }
 
-pub fn span_exporter(
-    url: &str,
-    client: RuntimeHttpClient,
-) -> Result<opentelemetry_otlp::SpanExporter, opentelemetry_otlp::ExporterBuildError> {
-    opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_protocol(Protocol::HttpBinary)
-        .with_endpoint(url)
-        .with_timeout(EXPORT_TIMEOUT)
-        .with_http_client(client)
-        .build()
-}
-
 pub fn metric_exporter(
     url: &str,
     client: RuntimeHttpClient,

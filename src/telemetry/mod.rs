@@ -18,6 +18,7 @@ pub mod export;
 pub mod metrics;
 pub mod process;
 pub mod rpc;
+pub mod spans;
 pub mod traces;
 
 use std::net::{IpAddr, SocketAddr};
@@ -29,7 +30,7 @@ use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
-use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -49,6 +50,14 @@ pub enum TelemetryError {
         #[source]
         source: opentelemetry_otlp::ExporterBuildError,
     },
+    #[error("the OTLP traces URL {url} is not a valid URL (UNKEY_METALD_OTEL_ENDPOINT)")]
+    TracesUrl {
+        url: String,
+        #[source]
+        source: http::uri::InvalidUri,
+    },
+    #[error("starting the span export thread")]
+    Thread(#[source] std::io::Error),
     #[error("building the Prometheus exporter")]
     Prometheus(#[source] opentelemetry_sdk::error::OTelSdkError),
     #[error("binding the metrics port {addr} (UNKEY_METALD_OTEL_PROMETHEUS_PORT)")]
@@ -123,15 +132,19 @@ impl Telemetry {
         let resource = resource(cfg);
 
         let exporter_err = |signal, url: String| move |source| TelemetryError::Exporter { signal, url, source };
-        let span_exporter = export::span_exporter(&cfg.traces_url(), client.clone())
-            .map_err(exporter_err("traces", cfg.traces_url()))?;
-        let batch = BatchSpanProcessor::builder(span_exporter)
-            .with_batch_config(BatchConfigBuilder::default().with_scheduled_delay(cfg.traces_delay).build())
-            .build();
+        let traces_url = cfg.traces_url();
+        let url = traces_url.parse().map_err(|source| TelemetryError::TracesUrl { url: traces_url.clone(), source })?;
+        let spans = spans::OtlpSpanProcessor::start(spans::Sink {
+            url,
+            client: client.clone(),
+            rt: rt.clone(),
+            delay: cfg.traces_delay,
+        })
+        .map_err(TelemetryError::Thread)?;
         let tracers = SdkTracerProvider::builder()
             .with_resource(resource.clone())
             .with_sampler(traces::KeepErrorsSampler::new(cfg.sampling_rate))
-            .with_span_processor(traces::KeepErrors(batch))
+            .with_span_processor(spans)
             .build();
 
         let registry = prometheus::Registry::new();

@@ -4,8 +4,8 @@
 //! **Sampling.** [`KeepErrorsSampler`] is parent-based (an incoming or local
 //! parent's sampled flag decides, both ways) with a trace-id ratio for
 //! roots, but where a plain sampler would *drop* it answers *record only*:
-//! the span is still built, so [`KeepErrors`] can export it at its end when
-//! its status is Error. That is how "errors are always captured" holds at
+//! the span is still built, so the export processor (`spans`) can export it
+//! at its end when its status is Error. That is how "errors are always captured" holds at
 //! any rate, 0.0 included.
 //!
 //! **One process, one tracing subscriber.** `tracing`'s subscriber is
@@ -18,11 +18,9 @@
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use opentelemetry::trace::{SpanKind, Status, TraceContextExt, TraceId, Tracer, TracerProvider as _};
+use opentelemetry::trace::{SpanKind, TraceContextExt, TraceId, Tracer, TracerProvider as _};
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_sdk::trace::{
-    Sampler, SamplingDecision, SamplingResult, SdkTracer, SdkTracerProvider, ShouldSample, SpanData, SpanProcessor,
-};
+use opentelemetry_sdk::trace::{Sampler, SamplingDecision, SamplingResult, SdkTracer, SdkTracerProvider, ShouldSample};
 use tracing::Subscriber;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
@@ -64,35 +62,6 @@ impl ShouldSample for KeepErrorsSampler {
             attributes: Vec::new(),
             trace_state: parent.map(|cx| cx.span().span_context().trace_state().clone()).unwrap_or_default(),
         }
-    }
-}
-
-/// Wraps a processor (the batch one): passes sampled spans, and spans that
-/// were not sampled but ended with Error status; drops the rest.
-#[derive(Debug)]
-pub struct KeepErrors<P>(pub P);
-
-impl<P: SpanProcessor> SpanProcessor for KeepErrors<P> {
-    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &Context) {
-        self.0.on_start(span, cx);
-    }
-
-    fn on_end(&self, span: SpanData) {
-        if span.span_context.is_sampled() || matches!(span.status, Status::Error { .. }) {
-            self.0.on_end(span);
-        }
-    }
-
-    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
-        self.0.force_flush()
-    }
-
-    fn shutdown_with_timeout(&self, timeout: std::time::Duration) -> opentelemetry_sdk::error::OTelSdkResult {
-        self.0.shutdown_with_timeout(timeout)
-    }
-
-    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
-        self.0.set_resource(resource);
     }
 }
 
