@@ -243,7 +243,8 @@ pub async fn start(cfg: Config) -> Result<Daemon, StartError> {
         manager.add_observer(telemetry.observer());
     }
     let app = crate::server::app(manager.clone(), VmApi::new(manager.clone(), auth), &telemetry, billing.clone());
-    let server = tokio::spawn(crate::server::serve(listener, app, shutdown.clone()));
+    let http_metrics = telemetry.http_layer();
+    let server = tokio::spawn(crate::server::serve(listener, app, http_metrics, shutdown.clone()));
     Ok(Daemon {
         addr,
         manager,

@@ -87,8 +87,8 @@ async fn health_inner(st: HealthState) -> impl IntoResponse {
     (code, Json(body))
 }
 
-/// The complete HTTP application; with telemetry on, every RPC and HTTP
-/// request is traced and measured.
+/// The complete HTTP application; with telemetry on, every RPC is traced
+/// and measured (HTTP requests are measured by [`serve`]).
 pub fn app(
     manager: Manager,
     api: VmApi,
@@ -99,23 +99,32 @@ pub fn app(
     if let Some(interceptor) = telemetry.rpc_interceptor() {
         connect = connect.with_interceptor(interceptor);
     }
-    let router = axum::Router::new()
+    axum::Router::new()
         .route("/_/health", get(health))
         .with_state(HealthState { manager, billing })
-        .fallback_service(connect);
-    if telemetry.is_enabled() {
-        router.layer(crate::telemetry::rpc::HttpMetricsLayer::new(telemetry.metrics().clone()))
-    } else {
-        router
-    }
+        .fallback_service(connect)
 }
 
 /// Serves `app` on `listener` until `shutdown` is cancelled, then stops
-/// accepting and lets in-flight calls finish.
-pub async fn serve(listener: TcpListener, app: axum::Router, shutdown: CancellationToken) -> std::io::Result<()> {
+/// accepting and lets in-flight calls finish. With `http_metrics`, every
+/// HTTP request is measured: the layer wraps the whole router, once
+/// (axum's `Router::layer` would wrap every route and the fallback, which
+/// costs a boxed service clone more per request).
+pub async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    http_metrics: Option<crate::telemetry::rpc::HttpMetricsLayer>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    use tower::Layer as _;
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     info!(address = ?addr, "serving the VM API (Connect, gRPC, gRPC-Web) and /_/health");
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let stop = async move { shutdown.cancelled().await };
+    match http_metrics {
+        Some(layer) => {
+            let app = tower::make::Shared::new(layer.layer(app));
+            axum::serve(listener, app).with_graceful_shutdown(stop).await
+        }
+        None => axum::serve(listener, app).with_graceful_shutdown(stop).await,
+    }
 }

@@ -214,6 +214,11 @@ impl Telemetry {
         Some(rpc::RpcInterceptor::new(self.metrics.clone(), r.tracers.tracer("metald")))
     }
 
+    /// The HTTP server metrics layer, when enabled.
+    pub fn http_layer(&self) -> Option<rpc::HttpMetricsLayer> {
+        self.is_enabled().then(|| rpc::HttpMetricsLayer::new(self.metrics.clone()))
+    }
+
     /// Core observer that drops a deleted VM's metric series.
     pub fn observer(&self) -> Arc<dyn Observer> {
         Arc::new(ForgetDeletedVms(self.metrics.billing().clone()))
