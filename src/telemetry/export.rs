@@ -1,12 +1,12 @@
 //! Where telemetry leaves the process: the OTLP/HTTP exporters (traces and
 //! metrics, protobuf) and the Prometheus scrape endpoint.
 //!
-//! The SDK's batch span processor and periodic metric reader export from
-//! their own threads, outside tokio, while hyper needs the runtime: so
-//! [`RuntimeHttpClient`] runs every request as a task on the daemon's
-//! runtime and hands the answer back.
+//! The span processor exports from its own thread, outside tokio, while
+//! hyper needs the runtime: so [`RuntimeHttpClient`] runs every request as
+//! a task on the daemon's runtime and hands the answer back.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{StatusCode, header};
@@ -18,6 +18,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use opentelemetry_http::{HttpClient, HttpError, Request, Response};
 use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::metrics::data::ResourceMetrics;
+use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
+use opentelemetry_sdk::metrics::reader::MetricReader;
+use opentelemetry_sdk::metrics::{InstrumentKind, Pipeline, Temporality};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -130,4 +135,66 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)
     let l = TcpListener::bind(addr).await?;
     let bound = l.local_addr()?;
     Ok((l, bound))
+}
+
+/// The meter provider's one reader: the Prometheus exporter, shared with
+/// [`push_metrics`] so that the OTLP push collects from the same
+/// aggregation. Each reader of a meter provider keeps its own aggregation
+/// of every instrument, so a second (periodic) reader doubled the cost of
+/// every measurement on the RPC path.
+#[derive(Debug, Clone)]
+pub struct SharedReader(Arc<opentelemetry_prometheus::PrometheusExporter>);
+
+impl SharedReader {
+    pub fn new(exporter: opentelemetry_prometheus::PrometheusExporter) -> Self {
+        SharedReader(Arc::new(exporter))
+    }
+}
+
+impl MetricReader for SharedReader {
+    fn register_pipeline(&self, pipeline: std::sync::Weak<Pipeline>) {
+        self.0.register_pipeline(pipeline);
+    }
+
+    fn collect(&self, rm: &mut ResourceMetrics) -> OTelSdkResult {
+        self.0.collect(rm)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.0.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+
+    fn temporality(&self, kind: InstrumentKind) -> Temporality {
+        self.0.temporality(kind)
+    }
+}
+
+/// Pushes the metrics to the OTLP endpoint every `interval`, and once more
+/// when `stop` fires. Failures are logged by the HTTP client.
+pub async fn push_metrics(
+    reader: SharedReader,
+    exporter: opentelemetry_otlp::MetricExporter,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let last = tokio::select! {
+            _ = tick.tick() => false,
+            () = stop.cancelled() => true,
+        };
+        let mut rm = ResourceMetrics::default();
+        if reader.collect(&mut rm).is_ok() {
+            let _ = exporter.export(&rm).await;
+        }
+        if last {
+            let _ = exporter.shutdown();
+            return;
+        }
+    }
 }

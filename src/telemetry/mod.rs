@@ -1,10 +1,12 @@
 //! OpenTelemetry for metald, as specified in `spec/observability.md`.
 //!
 //! [`Telemetry::start`] builds, from a [`TelemetryConfig`]:
-//! - one meter provider with two readers: OTLP/HTTP push to
-//!   `<endpoint>/v1/metrics` and the Prometheus exporter served at
-//!   `GET http://<address>:<prometheus port>/metrics` ([`export`]);
-//! - one tracer provider: OTLP/HTTP to `<endpoint>/v1/traces`, batched, with
+//! - one meter provider, one aggregation, two exports: the Prometheus
+//!   exporter served at `GET http://<address>:<prometheus port>/metrics`
+//!   and a periodic OTLP/HTTP push to `<endpoint>/v1/metrics` collected
+//!   from the same reader ([`export`]);
+//! - one tracer provider: OTLP/HTTP to `<endpoint>/v1/traces`, batched
+//!   ([`spans`]), with
 //!   parent-based ratio sampling that still exports error spans
 //!   ([`traces`]), fed by the process' `tracing` spans through [`layer`];
 //! - metald's metrics ([`metrics`]), process metrics ([`process`]) and the
@@ -29,7 +31,7 @@ use opentelemetry::KeyValue;
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -81,6 +83,8 @@ struct Running {
     metrics_addr: SocketAddr,
     stop: CancellationToken,
     server: Option<JoinHandle<std::io::Result<()>>>,
+    /// The OTLP metrics push (a last one when `stop` fires).
+    push: Option<JoinHandle<()>>,
     _process: process::ProcessMetrics,
 }
 
@@ -154,11 +158,9 @@ impl Telemetry {
             .map_err(TelemetryError::Prometheus)?;
         let metric_exporter =
             export::metric_exporter(&cfg.metrics_url(), client).map_err(exporter_err("metrics", cfg.metrics_url()))?;
-        let meters = SdkMeterProvider::builder()
-            .with_resource(resource)
-            .with_reader(prom)
-            .with_reader(PeriodicReader::builder(metric_exporter).with_interval(cfg.metrics_interval).build())
-            .build();
+        let reader = export::SharedReader::new(prom);
+        let meters = SdkMeterProvider::builder().with_resource(resource).with_reader(reader.clone()).build();
+        let push = tokio::spawn(export::push_metrics(reader, metric_exporter, cfg.metrics_interval, stop.clone()));
         let meter = meters.meter("metald");
         let metrics = Metrics::register(&meter);
         let process = process::register(&meter, Some(rt));
@@ -189,6 +191,7 @@ impl Telemetry {
                 metrics_addr,
                 stop,
                 server: Some(server),
+                push: Some(push),
                 _process: process,
             }),
         })
@@ -231,6 +234,11 @@ impl Telemetry {
         r.stop.cancel();
         if let Some(server) = r.server.take() {
             let _ = server.await;
+        }
+        if let Some(push) = r.push.take()
+            && tokio::time::timeout(grace, push).await.is_err()
+        {
+            warn!("the last OTLP metrics push did not finish in time");
         }
         let (tracers, meters) = (r.tracers.clone(), r.meters.clone());
         // The SDK blocks while its threads export through this runtime.
