@@ -95,10 +95,7 @@ pub fn app(
     telemetry: &Telemetry,
     billing: Option<crate::billing::BillingStatus>,
 ) -> axum::Router {
-    let mut connect = Arc::new(api).register(connectrpc::Router::new()).into_axum_service();
-    if let Some(interceptor) = telemetry.rpc_interceptor() {
-        connect = connect.with_interceptor(interceptor);
-    }
+    let connect = Arc::new(api.with_telemetry(telemetry.rpc())).register(connectrpc::Router::new()).into_axum_service();
     axum::Router::new()
         .route("/_/health", get(health))
         .with_state(HealthState { manager, billing })

@@ -19,6 +19,8 @@ use crate::core::spec::{CustomerId, VmId};
 use crate::core::{DEFAULT_SHUTDOWN_TIMEOUT, ListQuery, MAX_SHUTDOWN_TIMEOUT, Manager};
 use crate::error::{Code, Error};
 use crate::pb::vmprovisioner::v1 as pb;
+use crate::telemetry::Operation;
+use crate::telemetry::rpc::RpcTelemetry;
 use auth::Authenticator;
 use convert::{info_out, spec_in, state_in, state_out, summary_out};
 
@@ -55,11 +57,31 @@ pub fn to_connect(e: Error) -> ConnectError {
 pub struct VmApi {
     manager: Manager,
     auth: Arc<Authenticator>,
+    telemetry: Option<RpcTelemetry>,
 }
 
 impl VmApi {
     pub fn new(manager: Manager, auth: Arc<Authenticator>) -> Self {
-        VmApi { manager, auth }
+        VmApi { manager, auth, telemetry: None }
+    }
+
+    /// Traces and measures every RPC (see [`RpcTelemetry`]).
+    pub fn with_telemetry(mut self, telemetry: Option<RpcTelemetry>) -> Self {
+        self.telemetry = telemetry;
+        self
+    }
+
+    /// Runs one RPC's handler, traced and measured when telemetry is on.
+    async fn observed<T>(
+        &self,
+        ctx: &RequestContext,
+        op: Operation,
+        call: impl Future<Output = Result<T, ConnectError>>,
+    ) -> Result<T, ConnectError> {
+        match &self.telemetry {
+            Some(t) => t.observe(ctx, op, call).await,
+            None => call.await,
+        }
     }
 
     fn caller(&self, ctx: &RequestContext) -> Result<CustomerId, ConnectError> {
@@ -136,7 +158,93 @@ impl pb::VmService for VmApi {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::CreateVmRequest>,
     ) -> ServiceResult<pb::CreateVmResponse> {
-        let caller = self.caller(&ctx)?;
+        self.observed(&ctx, Operation::Create, Handlers(self).create_vm(&ctx, request)).await
+    }
+
+    async fn delete_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::DeleteVmRequest>,
+    ) -> ServiceResult<pb::DeleteVmResponse> {
+        self.observed(&ctx, Operation::Delete, Handlers(self).delete_vm(&ctx, request)).await
+    }
+
+    async fn boot_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::BootVmRequest>,
+    ) -> ServiceResult<pb::BootVmResponse> {
+        self.observed(&ctx, Operation::Boot, Handlers(self).boot_vm(&ctx, request)).await
+    }
+
+    async fn shutdown_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::ShutdownVmRequest>,
+    ) -> ServiceResult<pb::ShutdownVmResponse> {
+        self.observed(&ctx, Operation::Shutdown, Handlers(self).shutdown_vm(&ctx, request)).await
+    }
+
+    async fn pause_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::PauseVmRequest>,
+    ) -> ServiceResult<pb::PauseVmResponse> {
+        self.observed(&ctx, Operation::Pause, Handlers(self).pause_vm(&ctx, request)).await
+    }
+
+    async fn resume_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::ResumeVmRequest>,
+    ) -> ServiceResult<pb::ResumeVmResponse> {
+        self.observed(&ctx, Operation::Resume, Handlers(self).resume_vm(&ctx, request)).await
+    }
+
+    async fn reboot_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::RebootVmRequest>,
+    ) -> ServiceResult<pb::RebootVmResponse> {
+        self.observed(&ctx, Operation::Reboot, Handlers(self).reboot_vm(&ctx, request)).await
+    }
+
+    async fn get_vm_info(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::GetVmInfoRequest>,
+    ) -> ServiceResult<pb::GetVmInfoResponse> {
+        self.observed(&ctx, Operation::Info, Handlers(self).get_vm_info(&ctx, request)).await
+    }
+
+    async fn list_vms(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::ListVmsRequest>,
+    ) -> ServiceResult<pb::ListVmsResponse> {
+        self.observed(&ctx, Operation::List, Handlers(self).list_vms(&ctx, request)).await
+    }
+}
+
+/// The RPC handlers proper; [`VmApi`]'s `VmService` methods run them
+/// observed (see [`VmApi::observed`]).
+struct Handlers<'a>(&'a VmApi);
+
+impl std::ops::Deref for Handlers<'_> {
+    type Target = VmApi;
+
+    fn deref(&self) -> &VmApi {
+        self.0
+    }
+}
+
+impl Handlers<'_> {
+    async fn create_vm(
+        &self,
+        ctx: &RequestContext,
+        request: ServiceRequest<'_, pb::CreateVmRequest>,
+    ) -> ServiceResult<pb::CreateVmResponse> {
+        let caller = self.caller(ctx)?;
         let req = request.to_owned_message();
         if !req.customer_id.is_empty() && req.customer_id != caller.0 {
             return Err(to_connect(Error::PermissionDenied(
@@ -157,10 +265,10 @@ impl pb::VmService for VmApi {
 
     async fn delete_vm(
         &self,
-        ctx: RequestContext,
+        ctx: &RequestContext,
         request: ServiceRequest<'_, pb::DeleteVmRequest>,
     ) -> ServiceResult<pb::DeleteVmResponse> {
-        let caller = self.caller(&ctx)?;
+        let caller = self.caller(ctx)?;
         let req = request.to_owned_message();
         let id = vm_id(&req.vm_id)?;
         self.manager.delete(&caller, &id, req.force).instrument(rpc_span!("DeleteVm", id)).await.map_err(to_connect)?;
@@ -169,10 +277,10 @@ impl pb::VmService for VmApi {
 
     async fn boot_vm(
         &self,
-        ctx: RequestContext,
+        ctx: &RequestContext,
         request: ServiceRequest<'_, pb::BootVmRequest>,
     ) -> ServiceResult<pb::BootVmResponse> {
-        let caller = self.caller(&ctx)?;
+        let caller = self.caller(ctx)?;
         let id = vm_id(&request.to_owned_message().vm_id)?;
         let state = self.manager.boot(&caller, &id).instrument(rpc_span!("BootVm", id)).await.map_err(to_connect)?;
         Response::ok(pb::BootVmResponse { success: true, state: state_out(state).into(), ..Default::default() })
@@ -180,10 +288,10 @@ impl pb::VmService for VmApi {
 
     async fn shutdown_vm(
         &self,
-        ctx: RequestContext,
+        ctx: &RequestContext,
         request: ServiceRequest<'_, pb::ShutdownVmRequest>,
     ) -> ServiceResult<pb::ShutdownVmResponse> {
-        let caller = self.caller(&ctx)?;
+        let caller = self.caller(ctx)?;
         let req = request.to_owned_message();
         let id = vm_id(&req.vm_id)?;
         let mode = stop_mode(req.force, req.timeout_seconds).map_err(to_connect)?;
@@ -198,10 +306,10 @@ impl pb::VmService for VmApi {
 
     async fn pause_vm(
         &self,
-        ctx: RequestContext,
+        ctx: &RequestContext,
         request: ServiceRequest<'_, pb::PauseVmRequest>,
     ) -> ServiceResult<pb::PauseVmResponse> {
-        let caller = self.caller(&ctx)?;
+        let caller = self.caller(ctx)?;
         let id = vm_id(&request.to_owned_message().vm_id)?;
         let state = self.manager.pause(&caller, &id).instrument(rpc_span!("PauseVm", id)).await.map_err(to_connect)?;
         Response::ok(pb::PauseVmResponse { success: true, state: state_out(state).into(), ..Default::default() })
@@ -209,10 +317,10 @@ impl pb::VmService for VmApi {
 
     async fn resume_vm(
         &self,
-        ctx: RequestContext,
+        ctx: &RequestContext,
         request: ServiceRequest<'_, pb::ResumeVmRequest>,
     ) -> ServiceResult<pb::ResumeVmResponse> {
-        let caller = self.caller(&ctx)?;
+        let caller = self.caller(ctx)?;
         let id = vm_id(&request.to_owned_message().vm_id)?;
         let state =
             self.manager.resume(&caller, &id).instrument(rpc_span!("ResumeVm", id)).await.map_err(to_connect)?;
@@ -221,10 +329,10 @@ impl pb::VmService for VmApi {
 
     async fn reboot_vm(
         &self,
-        ctx: RequestContext,
+        ctx: &RequestContext,
         request: ServiceRequest<'_, pb::RebootVmRequest>,
     ) -> ServiceResult<pb::RebootVmResponse> {
-        let caller = self.caller(&ctx)?;
+        let caller = self.caller(ctx)?;
         let req = request.to_owned_message();
         let id = vm_id(&req.vm_id)?;
         let state = self
@@ -238,10 +346,10 @@ impl pb::VmService for VmApi {
 
     async fn get_vm_info(
         &self,
-        ctx: RequestContext,
+        ctx: &RequestContext,
         request: ServiceRequest<'_, pb::GetVmInfoRequest>,
     ) -> ServiceResult<pb::GetVmInfoResponse> {
-        let caller = self.caller(&ctx)?;
+        let caller = self.caller(ctx)?;
         let id = vm_id(&request.to_owned_message().vm_id)?;
         let details =
             self.manager.info(&caller, &id).instrument(rpc_span!("GetVmInfo", id)).await.map_err(to_connect)?;
@@ -250,10 +358,10 @@ impl pb::VmService for VmApi {
 
     async fn list_vms(
         &self,
-        ctx: RequestContext,
+        ctx: &RequestContext,
         request: ServiceRequest<'_, pb::ListVmsRequest>,
     ) -> ServiceResult<pb::ListVmsResponse> {
-        let caller = self.caller(&ctx)?;
+        let caller = self.caller(ctx)?;
         let req = request.to_owned_message();
         let states = req.state_filter.iter().map(state_in).collect::<Result<Vec<_>, _>>().map_err(to_connect)?;
         let page_size = match req.page_size {

@@ -68,20 +68,24 @@ impl Operation {
         }
     }
 
-    /// The operation served by a `VmService` method, by its RPC name.
-    pub fn from_rpc_method(method: &str) -> Option<Operation> {
-        Some(match method {
-            "CreateVm" => Operation::Create,
-            "BootVm" => Operation::Boot,
-            "PauseVm" => Operation::Pause,
-            "ResumeVm" => Operation::Resume,
-            "RebootVm" => Operation::Reboot,
-            "ShutdownVm" => Operation::Shutdown,
-            "DeleteVm" => Operation::Delete,
-            "GetVmInfo" => Operation::Info,
-            "ListVms" => Operation::List,
-            _ => return None,
-        })
+    /// The `VmService` method serving the operation (`rpc.method`).
+    pub fn rpc_method(self) -> &'static str {
+        self.rpc_name().trim_start_matches("vmprovisioner.v1.VmService/")
+    }
+
+    /// The RPC's full name, `<service>/<method>` (its server span's name).
+    pub fn rpc_name(self) -> &'static str {
+        match self {
+            Operation::Create => "vmprovisioner.v1.VmService/CreateVm",
+            Operation::Boot => "vmprovisioner.v1.VmService/BootVm",
+            Operation::Pause => "vmprovisioner.v1.VmService/PauseVm",
+            Operation::Resume => "vmprovisioner.v1.VmService/ResumeVm",
+            Operation::Reboot => "vmprovisioner.v1.VmService/RebootVm",
+            Operation::Shutdown => "vmprovisioner.v1.VmService/ShutdownVm",
+            Operation::Delete => "vmprovisioner.v1.VmService/DeleteVm",
+            Operation::Info => "vmprovisioner.v1.VmService/GetVmInfo",
+            Operation::List => "vmprovisioner.v1.VmService/ListVms",
+        }
     }
 }
 
@@ -97,7 +101,7 @@ pub struct Metrics {
 const OUTCOMES: usize = 17;
 
 /// Number of label sets of `rpc.server.duration` bound (see `rpc::RpcKey`).
-pub(crate) const RPC_KEYS: usize = 2 * 10 * OUTCOMES;
+pub(crate) const RPC_KEYS: usize = 2 * Operation::ALL.len() * OUTCOMES;
 /// Number of label sets of `http.server.request.duration` bound (see
 /// `rpc::http_key`); other (rare) status codes are recorded unbound.
 pub(crate) const HTTP_KEYS: usize = 10 * 6 * 16;
@@ -421,9 +425,11 @@ mod tests {
         let methods =
             ["CreateVm", "BootVm", "PauseVm", "ResumeVm", "RebootVm", "ShutdownVm", "DeleteVm", "GetVmInfo", "ListVms"];
         for (m, op) in methods.iter().zip(Operation::ALL) {
-            assert_eq!(Operation::from_rpc_method(m), Some(op));
+            assert_eq!(op.rpc_method(), *m);
+            assert_eq!(op.rpc_name(), format!("vmprovisioner.v1.VmService/{m}"));
         }
-        assert_eq!(Operation::from_rpc_method("Other"), None);
+        // `ALL` lists the variants in declaration order (their index).
+        assert!(Operation::ALL.iter().enumerate().all(|(i, op)| *op as usize == i));
     }
 
     #[test]

@@ -211,10 +211,10 @@ impl Telemetry {
         self.running.as_ref().map(|r| r.metrics_addr)
     }
 
-    /// The per-RPC interceptor, when enabled.
-    pub fn rpc_interceptor(&self) -> Option<rpc::RpcInterceptor> {
+    /// The per-RPC spans and metrics, when enabled.
+    pub fn rpc(&self) -> Option<rpc::RpcTelemetry> {
         let r = self.running.as_ref()?;
-        Some(rpc::RpcInterceptor::new(self.metrics.clone(), r.tracers.tracer("metald")))
+        Some(rpc::RpcTelemetry::new(self.metrics.clone(), r.tracers.tracer("metald")))
     }
 
     /// The HTTP server metrics layer, when enabled.

@@ -160,7 +160,7 @@ where
 
 /// The trace and span id of the current span, when one is being traced:
 /// the current `tracing` span's, else the current OpenTelemetry context's
-/// (an RPC's server span, see `rpc::RpcInterceptor`).
+/// (an RPC's server span, see `rpc::RpcTelemetry`).
 pub fn current_ids() -> Option<(String, String)> {
     if !ACTIVE.load(Ordering::Relaxed) {
         return None;
