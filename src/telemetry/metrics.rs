@@ -263,7 +263,10 @@ impl Metrics {
         if let Some(i) = &self.inner
             && method < HTTP_METHODS.len()
         {
-            i.http_active.seen[method].store(true, Ordering::Relaxed);
+            // Read first: a store on every request would bounce the line between cores.
+            if !i.http_active.seen[method].load(Ordering::Relaxed) {
+                i.http_active.seen[method].store(true, Ordering::Relaxed);
+            }
             i.http_active.n[method].fetch_add(1, Ordering::Relaxed);
         }
     }

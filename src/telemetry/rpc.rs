@@ -9,6 +9,7 @@
 //! - [`HttpMetricsLayer`], a tower layer: `http.server.request.duration`
 //!   and `http.server.active_requests` for every HTTP request.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use connectrpc::{ConnectError, Protocol, RequestContext};
@@ -203,7 +204,7 @@ fn http_key(method: usize, version: usize, status: u16) -> Option<usize> {
 
 /// Decrements the in-flight gauge even when the request is cancelled.
 struct InFlight {
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
     method: usize,
 }
 
@@ -221,12 +222,12 @@ impl Drop for InFlight {
 /// plain wrapper around the inner future.
 #[derive(Clone)]
 pub struct HttpMetricsLayer {
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
 }
 
 impl HttpMetricsLayer {
     pub fn new(metrics: Metrics) -> Self {
-        HttpMetricsLayer { metrics }
+        HttpMetricsLayer { metrics: Arc::new(metrics) }
     }
 }
 
@@ -242,7 +243,8 @@ impl<S> tower::Layer<S> for HttpMetricsLayer {
 #[derive(Clone)]
 pub struct HttpMetricsService<S> {
     inner: S,
-    metrics: Metrics,
+    // One reference count per clone (hyper clones the service per request).
+    metrics: Arc<Metrics>,
 }
 
 impl<S, B, RB> tower::Service<http::Request<B>> for HttpMetricsService<S>
