@@ -92,9 +92,14 @@ async fn round(env: &HashMap<String, String>, vms: usize, calls: usize, clients:
     (rate, cpu)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+fn median(v: &[f64]) -> f64 {
+    percentile(v, 50)
+}
+
+fn percentile(v: &[f64], p: usize) -> f64 {
+    let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    v[(v.len() - 1) * p / 100]
 }
 
 #[tokio::main]
@@ -112,10 +117,12 @@ async fn main() {
         println!("smoke run (use `cargo bench` for the real figures)");
     }
     let vms = env_or("METALD_BENCH_VMS", 1000);
-    // Rounds of ~1 s each, alternating, many of them: on a shared machine
-    // a 0.1 s round measures the neighbours more than metald.
-    let calls = env_or("METALD_BENCH_CALLS", if full { 40_000 } else { 400 });
-    let rounds = env_or("METALD_BENCH_ROUNDS", if full { 7 } else { 1 });
+    // Many short rounds (~0.3 s), alternating: this shared machine's speed
+    // swings by half over a few seconds, so a long round often straddles
+    // a swing; a short pair mostly sees one. The median of the pairs'
+    // ratios is the figure, the quartiles show the spread.
+    let calls = env_or("METALD_BENCH_CALLS", if full { 10_000 } else { 400 });
+    let rounds = env_or("METALD_BENCH_ROUNDS", if full { 31 } else { 1 });
     let clients = env_or("METALD_BENCH_CLIENTS", 4);
     let host = support::Host::new();
     host.seed(vms, |_| false);
@@ -135,6 +142,7 @@ async fn main() {
     }
 
     let (mut off, mut on, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut cpu_off, mut cpu_on) = (Vec::new(), Vec::new());
     for r in 0..rounds {
         // METALD_BENCH_PROFILE=enabled|disabled runs only that side (for perf).
         let only = std::env::var("METALD_BENCH_PROFILE").ok();
@@ -151,15 +159,21 @@ async fn main() {
         off.push(a);
         on.push(b);
         ratios.push(b / a);
+        cpu_off.push(ca.as_secs_f64() * 1e6);
+        cpu_on.push(cb.as_secs_f64() * 1e6);
     }
-    let (a, b, ratio) = (median(off), median(on), median(ratios));
+    let (a, b, ratio) = (median(&off), median(&on), median(&ratios));
+    let (cpu_off, cpu_on) = (median(&cpu_off), median(&cpu_on));
     println!(
         "GetVmInfo throughput, {clients} clients, {calls} calls/round, {vms} VMs, medians of {rounds} rounds: \
-         disabled {a:.0}/s, enabled (rate {rate}, OTLP export) {b:.0}/s"
+         disabled {a:.0}/s ({cpu_off:.1} µs CPU/call, client included), \
+         enabled (rate {rate}, OTLP export) {b:.0}/s ({cpu_on:.1} µs CPU/call)"
     );
     println!(
-        "ratio enabled/disabled (median of the rounds' ratios) = {ratio:.3} (goal >= 0.9: {}); \
-         OTLP requests received by the sink: {}",
+        "ratio enabled/disabled (median of the rounds' ratios) = {ratio:.3}, quartiles {:.3}..{:.3} \
+         (goal >= 0.9: {}); OTLP requests received by the sink: {}",
+        percentile(&ratios, 25),
+        percentile(&ratios, 75),
         if ratio >= 0.9 { "met" } else { "MISSED" },
         hits.load(Ordering::Relaxed)
     );
