@@ -534,6 +534,52 @@ mod tests {
         assert_eq!(ours.resource_spans[0].scope_spans[0].spans.len(), 2);
     }
 
+    /// Sampled spans and failed unsampled ones reach the collector on a
+    /// flush; an unsampled span that did not fail does not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn exports_sampled_and_failed_spans_on_flush() {
+        let got: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink = got.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| async move {
+                let req = ExportTraceServiceRequest::decode(body).unwrap();
+                for rs in req.resource_spans {
+                    for ss in rs.scope_spans {
+                        lock(&sink).extend(ss.spans.into_iter().map(|s| s.name));
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1/traces", listener.local_addr().unwrap()).parse().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let rt = tokio::runtime::Handle::current();
+        let client = RuntimeHttpClient::new(rt.clone());
+        let p = OtlpSpanProcessor::start(Sink { url, client, rt, delay: Duration::from_secs(600) }).unwrap();
+
+        let scope = InstrumentationScope::builder("metald").build();
+        let unsampled = |name, status| {
+            let mut s = span(name, &scope, status, 0, false);
+            let c = &s.span_context;
+            s.span_context =
+                SpanContext::new(c.trace_id(), c.span_id(), TraceFlags::default(), false, c.trace_state().clone());
+            s
+        };
+        p.on_end(span("sampled", &scope, Status::Unset, 0, false));
+        p.on_end(unsampled("quiet", Status::Ok));
+        p.on_end(unsampled("failed", Status::error("internal")));
+        let p = tokio::task::spawn_blocking(move || {
+            p.force_flush().unwrap();
+            p
+        })
+        .await
+        .unwrap();
+        assert_eq!(*lock(&got), ["sampled", "failed"]);
+        assert_eq!(p.dropped(), 0);
+        tokio::task::spawn_blocking(move || p.shutdown_with_timeout(Duration::from_secs(5))).await.unwrap().unwrap();
+    }
+
     #[test]
     fn long_messages_get_a_wide_length_prefix() {
         for len in [0usize, 1, 127, 128, 300, 20_000] {
