@@ -68,9 +68,11 @@ impl Operation {
         }
     }
 
-    /// The `VmService` method serving the operation (`rpc.method`).
+    /// The `VmService` method serving the operation (`rpc.method`): the
+    /// part of [`Operation::rpc_name`] after the slash.
     pub fn rpc_method(self) -> &'static str {
-        self.rpc_name().trim_start_matches("vmprovisioner.v1.VmService/")
+        let name = self.rpc_name();
+        &name["vmprovisioner.v1.VmService/".len()..]
     }
 
     /// The RPC's full name, `<service>/<method>` (its server span's name).
