@@ -128,7 +128,12 @@ impl RpcTelemetry {
         let code = result.as_ref().err().map(|e| e.code);
         let grpc_code = code.map_or(0, |c| c.grpc_code());
         let span = cx.span();
-        span.set_attribute(KeyValue::new("rpc.grpc.status_code", i64::from(grpc_code)));
+        // Per the RPC conventions: the gRPC status code on gRPC spans, the
+        // Connect error code on failed Connect spans (the metric below
+        // carries the status code for both).
+        if system_index == 1 {
+            span.set_attribute(KeyValue::new("rpc.grpc.status_code", i64::from(grpc_code)));
+        }
         if let Err(e) = &result {
             span.set_attribute(KeyValue::new("rpc.connect_rpc.error_code", e.code.as_str()));
             let text = match &e.message {

@@ -34,12 +34,13 @@ use prost::encoding::{WireType, encode_key, encode_varint};
 
 use super::export::RuntimeHttpClient;
 
-/// Spans that make an export due before its delay is up (the SDK batch
-/// processor's default batch size).
-pub const BATCH: usize = 512;
-/// Spans held at most while the collector is slow or away; more are
-/// dropped and counted (the SDK batch processor's default queue size).
-pub const QUEUE: usize = 2048;
+/// Spans that make an export due before its delay is up: four times the
+/// SDK batch processor's default, as a request costs per request as well
+/// as per byte (about 500 KB a request, well under collectors' limits).
+pub const BATCH: usize = 2048;
+/// Spans held at most while the collector is slow or away (about 2 MB);
+/// more are dropped and counted.
+pub const QUEUE: usize = 8192;
 
 // ---- protobuf encoding -------------------------------------------------
 
@@ -221,24 +222,48 @@ fn encode_resource(resource: &Resource) -> Vec<u8> {
     buf
 }
 
-/// An `ExportTraceServiceRequest` of the encoded spans of each scope.
+/// Writes the key and length of a length-delimited field of `len` bytes.
+fn len_prefix(buf: &mut Vec<u8>, tag: u32, len: usize) {
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint(len as u64, buf);
+}
+
+/// Bytes of a length-delimited field `tag` of `len` bytes, key included.
+fn framed_len(tag: u32, len: usize) -> usize {
+    prost::encoding::key_len(tag) + prost::encoding::encoded_len_varint(len as u64) + len
+}
+
+/// An `ExportTraceServiceRequest` of the encoded spans of each scope. The
+/// lengths are computed first so that the spans, the bulk of the body, are
+/// copied once (not moved again by [`message`] widening a length).
 fn encode_request(resource: &[u8], scopes: &[(InstrumentationScope, Vec<u8>)]) -> Vec<u8> {
-    let size = scopes.iter().map(|(_, s)| s.len() + 64).sum::<usize>() + resource.len() + 16;
-    let mut out = Vec::with_capacity(size);
-    message(&mut out, 1, |buf| {
-        buf.extend_from_slice(resource);
-        for (scope, spans) in scopes {
-            message(buf, 2, |buf| {
-                message(buf, 1, |buf| {
-                    bytes_field(buf, 1, scope.name().as_bytes());
-                    bytes_field(buf, 2, scope.version().unwrap_or_default().as_bytes());
-                    scope.attributes().for_each(|kv| key_value(buf, 3, kv));
-                });
-                buf.extend_from_slice(spans);
-                bytes_field(buf, 3, scope.schema_url().unwrap_or_default().as_bytes());
+    let scope_bodies: Vec<(Vec<u8>, usize)> = scopes
+        .iter()
+        .map(|(scope, spans)| {
+            let mut head = Vec::new();
+            message(&mut head, 1, |buf| {
+                bytes_field(buf, 1, scope.name().as_bytes());
+                bytes_field(buf, 2, scope.version().unwrap_or_default().as_bytes());
+                scope.attributes().for_each(|kv| key_value(buf, 3, kv));
             });
-        }
-    });
+            let schema = scope.schema_url().unwrap_or_default().len();
+            let schema = if schema == 0 { 0 } else { framed_len(3, schema) };
+            let len = head.len() + spans.len() + schema;
+            (head, len)
+        })
+        .collect();
+    let resource_spans = resource.len() + scope_bodies.iter().map(|(_, len)| framed_len(2, *len)).sum::<usize>();
+    let total = framed_len(1, resource_spans);
+    let mut out = Vec::with_capacity(total);
+    len_prefix(&mut out, 1, resource_spans);
+    out.extend_from_slice(resource);
+    for ((scope, spans), (head, len)) in scopes.iter().zip(&scope_bodies) {
+        len_prefix(&mut out, 2, *len);
+        out.extend_from_slice(head);
+        out.extend_from_slice(spans);
+        bytes_field(&mut out, 3, scope.schema_url().unwrap_or_default().as_bytes());
+    }
+    debug_assert_eq!(out.len(), total);
     out
 }
 
