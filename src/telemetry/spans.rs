@@ -130,9 +130,14 @@ fn any_value(buf: &mut Vec<u8>, v: &Value) {
 }
 
 fn key_value(buf: &mut Vec<u8>, tag: u32, kv: &KeyValue) {
+    pair(buf, tag, kv.key.as_str(), &kv.value);
+}
+
+/// A `KeyValue` message.
+fn pair(buf: &mut Vec<u8>, tag: u32, key: &str, value: &Value) {
     message(buf, tag, |buf| {
-        bytes_field(buf, 1, kv.key.as_str().as_bytes());
-        message(buf, 2, |buf| any_value(buf, &kv.value));
+        bytes_field(buf, 1, key.as_bytes());
+        message(buf, 2, |buf| any_value(buf, value));
     });
 }
 
@@ -211,12 +216,7 @@ fn encode_span(buf: &mut Vec<u8>, s: &SpanData) {
 fn encode_resource(resource: &Resource) -> Vec<u8> {
     let mut buf = Vec::new();
     message(&mut buf, 1, |buf| {
-        for (k, v) in resource.iter() {
-            message(buf, 1, |buf| {
-                bytes_field(buf, 1, k.as_str().as_bytes());
-                message(buf, 2, |buf| any_value(buf, v));
-            });
-        }
+        resource.iter().for_each(|(k, v)| pair(buf, 1, k.as_str(), v));
     });
     bytes_field(&mut buf, 3, resource.schema_url().unwrap_or_default().as_bytes());
     buf
