@@ -131,7 +131,7 @@ fn stop_mode(force: bool, timeout_seconds: i32) -> Result<StopMode, Error> {
 }
 
 /// The span an API call runs in, for log lines (`rpc.method`, `vm_id`).
-/// It is not exported: with telemetry on, the RPC interceptor's server span
+/// It is not exported: with telemetry on, the RPC's server span (`RpcTelemetry`)
 /// is the call's span, and the VM id is recorded on it here.
 fn call_span(method: &'static str, id: Option<&VmId>) -> tracing::Span {
     match id {

@@ -13,7 +13,7 @@
 //!   per-RPC / per-HTTP-request instrumentation of the API port ([`rpc`]).
 //!
 //! Disabled, [`Telemetry::disabled`] holds nothing: no port, no exporter,
-//! no interceptor, and every metric handle is a no-op.
+//! no RPC telemetry, and every metric handle is a no-op.
 
 pub mod config;
 pub mod export;
