@@ -136,7 +136,7 @@ fn stop_mode(force: bool, timeout_seconds: i32) -> Result<StopMode, Error> {
 fn call_span(method: &'static str, id: Option<&VmId>) -> tracing::Span {
     match id {
         Some(id) => {
-            crate::telemetry::rpc::record_vm_id(id);
+            crate::telemetry::rpc::record_vm_id(id.as_str());
             info_span!(target: crate::telemetry::LOG_ONLY, "rpc", rpc.method = method, vm_id = %id)
         }
         None => info_span!(target: crate::telemetry::LOG_ONLY, "rpc", rpc.method = method),

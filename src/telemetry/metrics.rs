@@ -102,7 +102,7 @@ pub struct Metrics {
 /// gRPC status code.
 const OUTCOMES: usize = 17;
 
-/// Number of label sets of `rpc.server.duration` bound (see `rpc::RpcKey`).
+/// Number of label sets of `rpc.server.duration` bound (see `rpc::rpc_key`).
 pub(crate) const RPC_KEYS: usize = 2 * Operation::ALL.len() * OUTCOMES;
 /// Number of label sets of `http.server.request.duration` bound (see
 /// `rpc::http_key`); other (rare) status codes are recorded unbound.

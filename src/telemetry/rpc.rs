@@ -59,10 +59,10 @@ const SERVICE: &str = "vmprovisioner.v1.VmService";
 
 /// Records the VM an RPC acts on, as `vm_id` on its server span (a no-op
 /// outside one, e.g. with telemetry off).
-pub fn record_vm_id(id: &dyn std::fmt::Display) {
+pub fn record_vm_id(id: &str) {
     Context::map_current(|cx| {
         if cx.has_active_span() {
-            cx.span().set_attribute(KeyValue::new("vm_id", id.to_string()));
+            cx.span().set_attribute(KeyValue::new("vm_id", id.to_owned()));
         }
     });
 }
