@@ -402,7 +402,10 @@ impl SpanProcessor for OtlpSpanProcessor {
             buf.clear();
             encode_span(buf, &span);
             let mut p = lock(&self.shared.pending);
-            if p.spans >= QUEUE || p.stopped {
+            if p.stopped {
+                return;
+            }
+            if p.spans >= QUEUE {
                 drop(p);
                 if self.shared.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
                     tracing::warn!(
