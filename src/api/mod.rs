@@ -149,80 +149,36 @@ macro_rules! rpc_span {
     };
 }
 
+/// The `VmService` methods: each runs its handler in [`Handlers`],
+/// observed as its [`Operation`].
+macro_rules! observed_methods {
+    ($($method:ident($req:ident) -> $resp:ident as $op:ident;)*) => {
+        $(
+            async fn $method(
+                &self,
+                ctx: RequestContext,
+                request: ServiceRequest<'_, pb::$req>,
+            ) -> ServiceResult<pb::$resp> {
+                self.observed(&ctx, Operation::$op, Handlers(self).$method(&ctx, request)).await
+            }
+        )*
+    };
+}
+
 // Returning the concrete message type is more precise than the trait's
 // `impl Encodable`, which is what the generated trait intends.
 #[allow(refining_impl_trait)]
 impl pb::VmService for VmApi {
-    async fn create_vm(
-        &self,
-        ctx: RequestContext,
-        request: ServiceRequest<'_, pb::CreateVmRequest>,
-    ) -> ServiceResult<pb::CreateVmResponse> {
-        self.observed(&ctx, Operation::Create, Handlers(self).create_vm(&ctx, request)).await
-    }
-
-    async fn delete_vm(
-        &self,
-        ctx: RequestContext,
-        request: ServiceRequest<'_, pb::DeleteVmRequest>,
-    ) -> ServiceResult<pb::DeleteVmResponse> {
-        self.observed(&ctx, Operation::Delete, Handlers(self).delete_vm(&ctx, request)).await
-    }
-
-    async fn boot_vm(
-        &self,
-        ctx: RequestContext,
-        request: ServiceRequest<'_, pb::BootVmRequest>,
-    ) -> ServiceResult<pb::BootVmResponse> {
-        self.observed(&ctx, Operation::Boot, Handlers(self).boot_vm(&ctx, request)).await
-    }
-
-    async fn shutdown_vm(
-        &self,
-        ctx: RequestContext,
-        request: ServiceRequest<'_, pb::ShutdownVmRequest>,
-    ) -> ServiceResult<pb::ShutdownVmResponse> {
-        self.observed(&ctx, Operation::Shutdown, Handlers(self).shutdown_vm(&ctx, request)).await
-    }
-
-    async fn pause_vm(
-        &self,
-        ctx: RequestContext,
-        request: ServiceRequest<'_, pb::PauseVmRequest>,
-    ) -> ServiceResult<pb::PauseVmResponse> {
-        self.observed(&ctx, Operation::Pause, Handlers(self).pause_vm(&ctx, request)).await
-    }
-
-    async fn resume_vm(
-        &self,
-        ctx: RequestContext,
-        request: ServiceRequest<'_, pb::ResumeVmRequest>,
-    ) -> ServiceResult<pb::ResumeVmResponse> {
-        self.observed(&ctx, Operation::Resume, Handlers(self).resume_vm(&ctx, request)).await
-    }
-
-    async fn reboot_vm(
-        &self,
-        ctx: RequestContext,
-        request: ServiceRequest<'_, pb::RebootVmRequest>,
-    ) -> ServiceResult<pb::RebootVmResponse> {
-        self.observed(&ctx, Operation::Reboot, Handlers(self).reboot_vm(&ctx, request)).await
-    }
-
-    async fn get_vm_info(
-        &self,
-        ctx: RequestContext,
-        request: ServiceRequest<'_, pb::GetVmInfoRequest>,
-    ) -> ServiceResult<pb::GetVmInfoResponse> {
-        self.observed(&ctx, Operation::Info, Handlers(self).get_vm_info(&ctx, request)).await
-    }
-
-    async fn list_vms(
-        &self,
-        ctx: RequestContext,
-        request: ServiceRequest<'_, pb::ListVmsRequest>,
-    ) -> ServiceResult<pb::ListVmsResponse> {
-        self.observed(&ctx, Operation::List, Handlers(self).list_vms(&ctx, request)).await
+    observed_methods! {
+        create_vm(CreateVmRequest) -> CreateVmResponse as Create;
+        delete_vm(DeleteVmRequest) -> DeleteVmResponse as Delete;
+        boot_vm(BootVmRequest) -> BootVmResponse as Boot;
+        shutdown_vm(ShutdownVmRequest) -> ShutdownVmResponse as Shutdown;
+        pause_vm(PauseVmRequest) -> PauseVmResponse as Pause;
+        resume_vm(ResumeVmRequest) -> ResumeVmResponse as Resume;
+        reboot_vm(RebootVmRequest) -> RebootVmResponse as Reboot;
+        get_vm_info(GetVmInfoRequest) -> GetVmInfoResponse as Info;
+        list_vms(ListVmsRequest) -> ListVmsResponse as List;
     }
 }
 
