@@ -72,14 +72,16 @@ impl VmApi {
     }
 
     /// Runs one RPC's handler, traced and measured when telemetry is on.
+    /// `vm_id` is the VM the request names ("" for none), for the span.
     async fn observed<T>(
         &self,
         ctx: &RequestContext,
         op: Operation,
+        vm_id: &str,
         call: impl Future<Output = Result<T, ConnectError>>,
     ) -> Result<T, ConnectError> {
         match &self.telemetry {
-            Some(t) => t.observe(ctx, op, call).await,
+            Some(t) => t.observe(ctx, op, vm_id, call).await,
             None => call.await,
         }
     }
@@ -132,14 +134,44 @@ fn stop_mode(force: bool, timeout_seconds: i32) -> Result<StopMode, Error> {
 
 /// The span an API call runs in, for log lines (`rpc.method`, `vm_id`).
 /// It is not exported: with telemetry on, the RPC's server span (`RpcTelemetry`)
-/// is the call's span, and the VM id is recorded on it here.
+/// is the call's span.
 fn call_span(method: &'static str, id: Option<&VmId>) -> tracing::Span {
     match id {
-        Some(id) => {
-            crate::telemetry::rpc::record_vm_id(id.as_str());
-            info_span!(target: crate::telemetry::LOG_ONLY, "rpc", rpc.method = method, vm_id = %id)
-        }
+        Some(id) => info_span!(target: crate::telemetry::LOG_ONLY, "rpc", rpc.method = method, vm_id = %id),
         None => info_span!(target: crate::telemetry::LOG_ONLY, "rpc", rpc.method = method),
+    }
+}
+
+/// The VM a request names, as sent ("" for none): recorded on the RPC's
+/// server span when it is a valid id.
+trait NamedVm {
+    fn named_vm(&self) -> &str;
+}
+
+macro_rules! named_vm {
+    ($($view:ident),*) => {
+        $(impl NamedVm for pb::$view<'_> {
+            fn named_vm(&self) -> &str {
+                self.vm_id
+            }
+        })*
+    };
+}
+
+named_vm!(
+    CreateVmRequestView,
+    DeleteVmRequestView,
+    BootVmRequestView,
+    ShutdownVmRequestView,
+    PauseVmRequestView,
+    ResumeVmRequestView,
+    RebootVmRequestView,
+    GetVmInfoRequestView
+);
+
+impl NamedVm for pb::ListVmsRequestView<'_> {
+    fn named_vm(&self) -> &str {
+        ""
     }
 }
 
@@ -159,7 +191,8 @@ macro_rules! observed_methods {
                 ctx: RequestContext,
                 request: ServiceRequest<'_, pb::$req>,
             ) -> ServiceResult<pb::$resp> {
-                self.observed(&ctx, Operation::$op, Handlers(self).$method(&ctx, request)).await
+                let vm_id = request.view().named_vm();
+                self.observed(&ctx, Operation::$op, vm_id, Handlers(self).$method(&ctx, request)).await
             }
         )*
     };

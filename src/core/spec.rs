@@ -32,17 +32,30 @@ pub struct VmId(String);
 
 impl VmId {
     pub fn parse(s: &str) -> Result<Self, Error> {
-        let bad = |why: &str| Error::invalid("vm_id", format!("{s:?} {why}"));
+        match Self::problem(s) {
+            Some(why) => Err(Error::invalid("vm_id", format!("{s:?} {why}"))),
+            None => Ok(VmId(s.to_owned())),
+        }
+    }
+
+    /// Whether `s` is a valid id (what [`VmId::parse`] accepts), without
+    /// building one.
+    pub fn is_valid(s: &str) -> bool {
+        Self::problem(s).is_none()
+    }
+
+    /// What is wrong with `s` as an id, if anything.
+    fn problem(s: &str) -> Option<&'static str> {
         if s.is_empty() {
-            return Err(bad("is empty"));
+            return Some("is empty");
         }
         if s.len() > 63 {
-            return Err(bad("is longer than 63 characters"));
+            return Some("is longer than 63 characters");
         }
         if !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
-            return Err(bad("may only contain lowercase letters, digits and '-'"));
+            return Some("may only contain lowercase letters, digits and '-'");
         }
-        Ok(VmId(s.to_owned()))
+        None
     }
 
     /// A fresh random id, `vm-` followed by 32 hex digits.

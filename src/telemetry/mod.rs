@@ -78,6 +78,9 @@ pub struct Telemetry {
 
 struct Running {
     tracers: SdkTracerProvider,
+    /// RPC server spans go here, outside the SDK (see `rpc::RpcTelemetry`).
+    span_queue: spans::SpanQueue,
+    sampler: traces::KeepErrorsSampler,
     meters: SdkMeterProvider,
     tracer_token: u64,
     metrics_addr: SocketAddr,
@@ -94,6 +97,9 @@ impl Drop for Running {
         self.stop.cancel();
     }
 }
+
+/// The name of metald's tracer (its instrumentation scope).
+const TRACER: &str = "metald";
 
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -136,18 +142,18 @@ impl Telemetry {
         let resource = resource(cfg);
 
         let exporter_err = |signal, url: String| move |source| TelemetryError::Exporter { signal, url, source };
+        let sampler = traces::KeepErrorsSampler::new(cfg.sampling_rate);
         let traces_url = cfg.traces_url();
         let url = traces_url.parse().map_err(|source| TelemetryError::TracesUrl { url: traces_url.clone(), source })?;
-        let spans = spans::OtlpSpanProcessor::start(spans::Sink {
-            url,
-            client: client.clone(),
-            rt: rt.clone(),
-            delay: cfg.traces_delay,
-        })
+        let spans = spans::OtlpSpanProcessor::start(
+            spans::Sink { url, client: client.clone(), rt: rt.clone(), delay: cfg.traces_delay },
+            TRACER,
+        )
         .map_err(TelemetryError::Thread)?;
+        let span_queue = spans.queue();
         let tracers = SdkTracerProvider::builder()
             .with_resource(resource.clone())
-            .with_sampler(traces::KeepErrorsSampler::new(cfg.sampling_rate))
+            .with_sampler(sampler.clone())
             .with_span_processor(spans)
             .build();
 
@@ -175,7 +181,7 @@ impl Telemetry {
                 "telemetry is on but no tracing layer was installed (metald::telemetry::layer): no spans will be exported"
             );
         }
-        let tracer_token = traces::activate(tracers.tracer("metald"));
+        let tracer_token = traces::activate(tracers.tracer(TRACER));
         info!(
             metrics = %format!("http://{metrics_addr}/metrics"),
             otlp = %cfg.endpoint,
@@ -186,6 +192,8 @@ impl Telemetry {
             metrics,
             running: Some(Running {
                 tracers,
+                span_queue,
+                sampler,
                 meters,
                 tracer_token,
                 metrics_addr,
@@ -214,7 +222,7 @@ impl Telemetry {
     /// The per-RPC spans and metrics, when enabled.
     pub fn rpc(&self) -> Option<rpc::RpcTelemetry> {
         let r = self.running.as_ref()?;
-        Some(rpc::RpcTelemetry::new(self.metrics.clone(), r.tracers.tracer("metald")))
+        Some(rpc::RpcTelemetry::new(self.metrics.clone(), r.span_queue.clone(), r.sampler.clone()))
     }
 
     /// The HTTP server metrics layer, when enabled.

@@ -13,15 +13,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use connectrpc::{ConnectError, Protocol, RequestContext};
-use opentelemetry::context::FutureExt as _;
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
-use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer as _};
+use opentelemetry::trace::{SpanContext, SpanKind, TraceContextExt, TraceFlags};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracer;
+use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SamplingDecision, ShouldSample};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::metrics::{HTTP_METHODS, Metrics, Operation};
+use super::spans::{ServerSpan, SpanQueue, server_span_head};
+use super::traces::KeepErrorsSampler;
+use crate::core::spec::VmId;
 
 struct Headers<'a>(&'a http::HeaderMap);
 
@@ -57,15 +59,8 @@ pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
 
 const SERVICE: &str = "vmprovisioner.v1.VmService";
 
-/// Records the VM an RPC acts on, as `vm_id` on its server span (a no-op
-/// outside one, e.g. with telemetry off).
-pub fn record_vm_id(id: &str) {
-    Context::map_current(|cx| {
-        if cx.has_active_span() {
-            cx.span().set_attribute(KeyValue::new("vm_id", id.to_owned()));
-        }
-    });
-}
+/// Protocol families of `rpc.system`, indexed as in [`rpc_key`].
+const SYSTEMS: [&str; 2] = ["connect_rpc", "grpc"];
 
 /// Per-RPC spans and metrics, applied by the API around each handler
 /// (`api::VmApi::observed`).
@@ -77,81 +72,118 @@ pub fn record_vm_id(id: &str) {
 /// unknown method) get no RPC span or operation count; the HTTP metrics
 /// count them.
 ///
-/// The server span is built with the OpenTelemetry SDK directly rather than
-/// as a `tracing` span bridged by `tracing-opentelemetry`: the bridge copies
-/// every field into owned strings and keeps a builder per span. Here the
-/// name and attributes are static strings. The span is the current
-/// OpenTelemetry context while the handler runs, so the lifecycle steps'
-/// `tracing` spans (and log lines) find it as their parent.
+/// The server span is recorded by metald, not built as an SDK span (see
+/// [`ServerSpan`] for why): ids from the SDK's id generator, the sampling
+/// decision from the same [`KeepErrorsSampler`] the SDK tracer uses, and
+/// the encoding from a template per method. While the handler runs, the
+/// span's context is the current OpenTelemetry context, so the lifecycle
+/// steps' `tracing` spans (SDK spans) find it as their parent and log lines
+/// carry its ids.
 #[derive(Clone)]
 pub struct RpcTelemetry {
     metrics: Metrics,
-    tracer: SdkTracer,
+    spans: SpanQueue,
+    sampler: KeepErrorsSampler,
+    ids: RandomIdGenerator,
+    /// [`server_span_head`] of each (system, operation), by [`head_key`].
+    heads: Arc<[Vec<u8>]>,
+}
+
+fn head_key(system: usize, op: Operation) -> usize {
+    system * Operation::ALL.len() + op as usize
 }
 
 impl RpcTelemetry {
-    pub fn new(metrics: Metrics, tracer: SdkTracer) -> Self {
-        RpcTelemetry { metrics, tracer }
+    pub fn new(metrics: Metrics, spans: SpanQueue, sampler: KeepErrorsSampler) -> Self {
+        let heads = SYSTEMS
+            .iter()
+            .flat_map(|system| {
+                Operation::ALL.iter().map(move |op| {
+                    server_span_head(
+                        op.rpc_name(),
+                        &SpanKind::Server,
+                        &[
+                            KeyValue::new("rpc.system", *system),
+                            KeyValue::new("rpc.service", SERVICE),
+                            KeyValue::new("rpc.method", op.rpc_method()),
+                        ],
+                    )
+                })
+            })
+            .collect();
+        RpcTelemetry { metrics, spans, sampler, ids: RandomIdGenerator::default(), heads }
     }
 
     /// Runs `call`, the handler of `op`, in its server span and records
-    /// its outcome.
+    /// its outcome. `vm_id` is the VM the request names (recorded on the
+    /// span when it is a valid id).
     pub async fn observe<T>(
         &self,
         ctx: &RequestContext,
         op: Operation,
+        vm_id: &str,
         call: impl Future<Output = Result<T, ConnectError>>,
     ) -> Result<T, ConnectError> {
-        let (name, method) = (op.rpc_name(), op.rpc_method());
-        let (system_index, system) = match ctx.protocol() {
-            Some(Protocol::Grpc | Protocol::GrpcWeb) => (1, "grpc"),
-            _ => (0, "connect_rpc"),
+        let system = match ctx.protocol() {
+            Some(Protocol::Grpc | Protocol::GrpcWeb) => 1,
+            _ => 0,
         };
-        let parent = remote_parent(ctx.headers()).unwrap_or_default();
-        // Room for the status code, the error code and `vm_id`, added later.
-        let mut attributes = Vec::with_capacity(7);
-        attributes.extend([
-            KeyValue::new("rpc.system", system),
-            KeyValue::new("rpc.service", SERVICE),
-            KeyValue::new("rpc.method", method),
-        ]);
-        let span = self
-            .tracer
-            .span_builder(name)
-            .with_kind(SpanKind::Server)
-            .with_attributes(attributes)
-            .start_with_context(&self.tracer, &parent);
-        let cx = parent.with_span(span);
+        let parent = remote_parent(ctx.headers());
+        let parent_sc = parent.as_ref().map(|cx| cx.span().span_context().clone());
+        // As the SDK tracer does: the parent's trace, or a new one; the
+        // sampler decides (parent-based, ratio for roots, never Drop).
+        let trace_id = parent_sc.as_ref().map_or_else(|| self.ids.new_trace_id(), SpanContext::trace_id);
+        let sampling =
+            self.sampler.should_sample(parent.as_ref(), trace_id, op.rpc_name(), &SpanKind::Server, &[], &[]);
+        let sampled = sampling.decision == SamplingDecision::RecordAndSample;
+        let flags = parent_sc.as_ref().map_or(TraceFlags::default(), SpanContext::trace_flags).with_sampled(sampled);
+        let sc = SpanContext::new(trace_id, self.ids.new_span_id(), flags, false, sampling.trace_state);
+        // A span context without a recording span: children take their
+        // parent ids and sampled flag from it (`is_remote` false, as for a
+        // local parent).
+        let cx = parent.unwrap_or_default().with_remote_span_context(sc);
+        let start = opentelemetry::time::now();
         let started = Instant::now();
-        let result = call.with_context(cx.clone()).await;
+        // Polled in place with the span's context attached (what
+        // `FutureExt::with_context` does, without moving the handler's
+        // large future into a wrapper).
+        let mut call = std::pin::pin!(call);
+        let result = std::future::poll_fn(|task| {
+            let _attached = cx.clone().attach();
+            call.as_mut().poll(task)
+        })
+        .await;
         let elapsed = started.elapsed();
         let code = result.as_ref().err().map(|e| e.code);
         let grpc_code = code.map_or(0, |c| c.grpc_code());
+        let error = result.as_ref().err().map(|e| match &e.message {
+            Some(m) => format!("{}: {m}", e.code.as_str()),
+            None => e.code.as_str().to_owned(),
+        });
         let span = cx.span();
-        // Per the RPC conventions: the gRPC status code on gRPC spans, the
-        // Connect error code on failed Connect spans (the metric below
-        // carries the status code for both).
-        if system_index == 1 {
-            span.set_attribute(KeyValue::new("rpc.grpc.status_code", i64::from(grpc_code)));
-        }
-        if let Err(e) = &result {
-            span.set_attribute(KeyValue::new("rpc.connect_rpc.error_code", e.code.as_str()));
-            let text = match &e.message {
-                Some(m) => format!("{}: {m}", e.code.as_str()),
-                None => e.code.as_str().to_owned(),
-            };
-            span.set_status(Status::error(text));
-        }
-        span.end();
+        self.spans.push(&ServerSpan {
+            context: span.span_context(),
+            parent: parent_sc.as_ref(),
+            head: &self.heads[head_key(system, op)],
+            start,
+            end: start + elapsed,
+            vm_id: VmId::is_valid(vm_id).then_some(vm_id),
+            // Per the RPC conventions: the gRPC status code on gRPC spans,
+            // the Connect error code on failed spans (the metric below
+            // carries the status code for both).
+            grpc_status_code: (system == 1).then_some(i64::from(grpc_code)),
+            connect_error_code: code.map(|c| c.as_str()),
+            error: error.as_deref(),
+        });
         let attrs = || {
             vec![
-                KeyValue::new("rpc.system", system),
+                KeyValue::new("rpc.system", SYSTEMS[system]),
                 KeyValue::new("rpc.service", SERVICE),
-                KeyValue::new("rpc.method", method),
+                KeyValue::new("rpc.method", op.rpc_method()),
                 KeyValue::new("rpc.grpc.status_code", i64::from(grpc_code)),
             ]
         };
-        self.metrics.rpc(rpc_key(system_index, op, grpc_code), &attrs, elapsed);
+        self.metrics.rpc(rpc_key(system, op, grpc_code), &attrs, elapsed);
         self.metrics.operation(op, code, elapsed);
         result
     }
