@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod convert;
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,12 +74,14 @@ impl VmApi {
 
     /// Runs one RPC's handler, traced and measured when telemetry is on.
     /// `vm_id` is the VM the request names ("" for none), for the span.
+    /// The handler's future is pinned where it was made and polled there
+    /// (it is large; moving it through each layer costs copies per call).
     async fn observed<T>(
         &self,
         ctx: &RequestContext,
         op: Operation,
         vm_id: &str,
-        call: impl Future<Output = Result<T, ConnectError>>,
+        call: Pin<&mut impl Future<Output = Result<T, ConnectError>>>,
     ) -> Result<T, ConnectError> {
         match &self.telemetry {
             Some(t) => t.observe(ctx, op, vm_id, call).await,
@@ -192,7 +195,9 @@ macro_rules! observed_methods {
                 request: ServiceRequest<'_, pb::$req>,
             ) -> ServiceResult<pb::$resp> {
                 let vm_id = request.view().named_vm();
-                self.observed(&ctx, Operation::$op, vm_id, Handlers(self).$method(&ctx, request)).await
+                let handlers = Handlers(self);
+                let call = std::pin::pin!(handlers.$method(&ctx, request));
+                self.observed(&ctx, Operation::$op, vm_id, call).await
             }
         )*
     };

@@ -122,7 +122,7 @@ impl RpcTelemetry {
         ctx: &RequestContext,
         op: Operation,
         vm_id: &str,
-        call: impl Future<Output = Result<T, ConnectError>>,
+        mut call: std::pin::Pin<&mut impl Future<Output = Result<T, ConnectError>>>,
     ) -> Result<T, ConnectError> {
         let system = match ctx.protocol() {
             Some(Protocol::Grpc | Protocol::GrpcWeb) => 1,
@@ -147,7 +147,6 @@ impl RpcTelemetry {
         // Polled in place with the span's context attached (what
         // `FutureExt::with_context` does, without moving the handler's
         // large future into a wrapper).
-        let mut call = std::pin::pin!(call);
         let result = std::future::poll_fn(|task| {
             let _attached = cx.clone().attach();
             call.as_mut().poll(task)

@@ -339,11 +339,13 @@ fn framed_len(tag: u32, len: usize) -> usize {
     prost::encoding::key_len(tag) + prost::encoding::encoded_len_varint(len as u64) + len
 }
 
-/// An `ExportTraceServiceRequest` of the encoded spans of each scope. The
-/// lengths are computed first so that the spans, the bulk of the body, are
-/// copied once (not moved again by [`message`] widening a length).
-fn encode_request(resource: &[u8], scopes: &[(&InstrumentationScope, &[u8])]) -> Vec<u8> {
-    let scope_bodies: Vec<(Vec<u8>, usize)> = scopes
+/// The framing of an `ExportTraceServiceRequest` holding, for each
+/// `(scope, n)` of `scopes`, `n` bytes of encoded spans of that scope: the
+/// request is `frames[0], spans[0], frames[1], spans[1], …, frames[n]`.
+/// Lengths are computed first, so the spans, the bulk of the body, are
+/// never moved to widen a length.
+fn request_frames(resource: &[u8], scopes: &[(&InstrumentationScope, usize)]) -> Vec<Vec<u8>> {
+    let heads: Vec<(Vec<u8>, usize)> = scopes
         .iter()
         .map(|(scope, spans)| {
             let mut head = Vec::new();
@@ -354,23 +356,55 @@ fn encode_request(resource: &[u8], scopes: &[(&InstrumentationScope, &[u8])]) ->
             });
             let schema = scope.schema_url().unwrap_or_default().len();
             let schema = if schema == 0 { 0 } else { framed_len(3, schema) };
-            let len = head.len() + spans.len() + schema;
+            let len = head.len() + spans + schema;
             (head, len)
         })
         .collect();
-    let resource_spans = resource.len() + scope_bodies.iter().map(|(_, len)| framed_len(2, *len)).sum::<usize>();
-    let total = framed_len(1, resource_spans);
-    let mut out = Vec::with_capacity(total);
-    len_prefix(&mut out, 1, resource_spans);
-    out.extend_from_slice(resource);
-    for ((scope, spans), (head, len)) in scopes.iter().zip(&scope_bodies) {
-        len_prefix(&mut out, 2, *len);
-        out.extend_from_slice(head);
-        out.extend_from_slice(spans);
-        bytes_field(&mut out, 3, scope.schema_url().unwrap_or_default().as_bytes());
+    let resource_spans = resource.len() + heads.iter().map(|(_, len)| framed_len(2, *len)).sum::<usize>();
+    let mut frame = Vec::new();
+    len_prefix(&mut frame, 1, resource_spans);
+    frame.extend_from_slice(resource);
+    let mut frames = Vec::with_capacity(scopes.len() + 1);
+    for ((scope, _), (head, len)) in scopes.iter().zip(&heads) {
+        len_prefix(&mut frame, 2, *len);
+        frame.extend_from_slice(head);
+        frames.push(std::mem::take(&mut frame));
+        // The scope's schema URL follows its spans.
+        bytes_field(&mut frame, 3, scope.schema_url().unwrap_or_default().as_bytes());
     }
-    debug_assert_eq!(out.len(), total);
+    frames.push(frame);
+    frames
+}
+
+/// An `ExportTraceServiceRequest` of the encoded spans of each scope.
+fn encode_request(resource: &[u8], scopes: &[(&InstrumentationScope, &[u8])]) -> Vec<u8> {
+    let sizes: Vec<_> = scopes.iter().map(|(scope, spans)| (*scope, spans.len())).collect();
+    let frames = request_frames(resource, &sizes);
+    let total = frames.iter().map(Vec::len).sum::<usize>() + sizes.iter().map(|(_, n)| n).sum::<usize>();
+    let mut out = Vec::with_capacity(total);
+    for (frame, spans) in frames.iter().zip(scopes.iter().map(|(_, spans)| Some(*spans)).chain([None])) {
+        out.extend_from_slice(frame);
+        out.extend_from_slice(spans.unwrap_or_default());
+    }
     out
+}
+
+/// The request of one scope's spans built around them: `buf` holds
+/// `headroom` spare bytes then the spans; the framing is written into the
+/// end of the headroom and after the spans, so the spans are not copied.
+/// `None` (and `buf` untouched) when the framing does not fit.
+fn request_in_place(
+    resource: &[u8],
+    scope: &InstrumentationScope,
+    mut buf: Vec<u8>,
+    headroom: usize,
+) -> Result<Bytes, Vec<u8>> {
+    let frames = request_frames(resource, &[(scope, buf.len() - headroom)]);
+    let [head, tail] = &frames[..] else { return Err(buf) };
+    let Some(start) = headroom.checked_sub(head.len()) else { return Err(buf) };
+    buf[start..headroom].copy_from_slice(head);
+    buf.extend_from_slice(tail);
+    Ok(Bytes::from(buf).slice(start..))
 }
 
 // ---- batching ----------------------------------------------------------
@@ -379,8 +413,10 @@ fn encode_request(resource: &[u8], scopes: &[(&InstrumentationScope, &[u8])]) ->
 #[derive(Default)]
 struct Batch {
     /// Spans of metald's own scope (the tracer `metald`, and the RPC
-    /// server spans), the great majority.
+    /// server spans), the great majority, after `headroom` spare bytes
+    /// where the request's framing is written at export.
     main: Vec<u8>,
+    headroom: usize,
     /// Spans of any other instrumentation scope.
     others: Vec<(InstrumentationScope, Vec<u8>)>,
     spans: usize,
@@ -392,6 +428,9 @@ struct Pending {
     /// Bytes of metald's spans in the last batch: the next one is
     /// allocated that big at once rather than grown by doubling.
     last_main: usize,
+    /// Room for the request's framing (resource, scope, lengths) at the
+    /// front of a batch of metald's spans (see [`request_in_place`]).
+    headroom: usize,
     /// Flush requests made, and flushes done (generations).
     flush_asked: u64,
     flushed: u64,
@@ -426,12 +465,14 @@ impl Shared {
             }
             return;
         }
-        let last_main = p.last_main;
+        let (last_main, headroom) = (p.last_main, p.headroom);
         let batch = &mut p.batch;
         let buf = match scope {
             None => {
-                if batch.main.capacity() == 0 {
-                    batch.main.reserve(last_main);
+                if batch.main.is_empty() {
+                    batch.main.reserve(last_main.max(headroom + body.len() + 4));
+                    batch.main.resize(headroom, 0);
+                    batch.headroom = headroom;
                 }
                 &mut batch.main
             }
@@ -561,10 +602,7 @@ fn export_loop(shared: &Shared, sink: &Sink) {
         };
         due = Instant::now() + sink.delay;
         if batch.spans > 0 {
-            let main = (!batch.main.is_empty()).then_some((&shared.main_scope, &batch.main[..]));
-            let scopes: Vec<_> = main.into_iter().chain(batch.others.iter().map(|(s, b)| (s, &b[..]))).collect();
-            let body = encode_request(&lock(&shared.resource), &scopes);
-            drop(batch);
+            let body = request(shared, batch);
             send(sink, body);
         }
         let mut p = lock(&shared.pending);
@@ -577,10 +615,27 @@ fn export_loop(shared: &Shared, sink: &Sink) {
     }
 }
 
-fn send(sink: &Sink, body: Vec<u8>) {
-    let request = http::Request::post(sink.url.clone())
-        .header(http::header::CONTENT_TYPE, "application/x-protobuf")
-        .body(Bytes::from(body));
+/// The export request of `batch`: built around metald's spans when they
+/// are all there is (the usual case), else assembled by copying.
+fn request(shared: &Shared, batch: Batch) -> Bytes {
+    let resource = lock(&shared.resource);
+    let Batch { main, headroom, others, .. } = batch;
+    let main = if others.is_empty() {
+        match request_in_place(&resource, &shared.main_scope, main, headroom) {
+            Ok(body) => return body,
+            Err(main) => main,
+        }
+    } else {
+        main
+    };
+    let main = (main.len() > headroom).then(|| (&shared.main_scope, &main[headroom..]));
+    let scopes: Vec<_> = main.into_iter().chain(others.iter().map(|(s, b)| (s, &b[..]))).collect();
+    Bytes::from(encode_request(&resource, &scopes))
+}
+
+fn send(sink: &Sink, body: Bytes) {
+    let request =
+        http::Request::post(sink.url.clone()).header(http::header::CONTENT_TYPE, "application/x-protobuf").body(body);
     // Failures are logged by the client (once a minute); spans are not
     // retried, as the SDK's exporter does not retry them either.
     if let Ok(request) = request {
@@ -626,7 +681,12 @@ impl SpanProcessor for OtlpSpanProcessor {
     }
 
     fn set_resource(&mut self, resource: &Resource) {
-        *lock(&self.shared.resource) = encode_resource(resource);
+        let resource = encode_resource(resource);
+        // The framing of a request of metald's spans, with room for its two
+        // lengths to grow to their widest (10 bytes each).
+        let framing = request_frames(&resource, &[(&self.shared.main_scope, 0)])[0].len() + 20;
+        *lock(&self.shared.resource) = resource;
+        lock(&self.shared.pending).headroom = framing;
     }
 }
 
@@ -731,6 +791,41 @@ mod tests {
         assert_eq!(ours, theirs);
         assert_eq!(ours.resource_spans[0].scope_spans.len(), 2);
         assert_eq!(ours.resource_spans[0].scope_spans[0].spans.len(), 2);
+    }
+
+    #[test]
+    fn requests_built_in_place_equal_copied_ones() {
+        let resource = encode_resource(
+            &Resource::builder_empty()
+                .with_attributes([KeyValue::new("service.name", "metald")])
+                .with_schema_url([], "https://opentelemetry.io/schemas/1.26.0")
+                .build(),
+        );
+        let scope = InstrumentationScope::builder("metald").with_schema_url("https://example.com/s").build();
+        let mut spans = Vec::new();
+        for i in 0..40u64 {
+            let mut s = span("vmprovisioner.v1.VmService/GetVmInfo", &scope, Status::Unset, i, false);
+            s.span_context = SpanContext::new(
+                TraceId::from(u128::from(i) + 1),
+                SpanId::from(i + 1),
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::NONE,
+            );
+            encode_span(&mut spans, &s);
+        }
+        let copied = encode_request(&resource, &[(&scope, &spans[..])]);
+        let fits = request_frames(&resource, &[(&scope, spans.len())])[0].len();
+        for headroom in [fits, fits + 7, fits + 200] {
+            let mut buf = vec![0xEE; headroom];
+            buf.extend_from_slice(&spans);
+            let body = request_in_place(&resource, &scope, buf, headroom).unwrap();
+            assert_eq!(&body[..], &copied[..], "headroom {headroom}");
+        }
+        let mut buf = vec![0; fits - 1];
+        buf.extend_from_slice(&spans);
+        assert_eq!(request_in_place(&resource, &scope, buf.clone(), fits - 1).unwrap_err(), buf, "does not fit");
+        ExportTraceServiceRequest::decode(&copied[..]).unwrap();
     }
 
     /// The span the SDK would have built for `s`, as `opentelemetry-proto`
