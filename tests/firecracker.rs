@@ -109,6 +109,60 @@ fn expected_configuration(t: &TestDaemon, dir: &Path) -> Vec<Value> {
     ]
 }
 
+/// A span seen in this test process: its name and fields, and its
+/// ancestors' (nearest first).
+#[derive(Clone, Debug)]
+struct SpanSeen {
+    name: &'static str,
+    fields: String,
+    ancestors: Vec<(&'static str, String)>,
+}
+
+/// Records every span opened in this test process (installed once as the
+/// process' subscriber; the tests run in parallel, so each looks for its
+/// own VM's spans).
+#[derive(Clone, Default)]
+struct SpanLog(std::sync::Arc<std::sync::Mutex<Vec<SpanSeen>>>);
+
+/// A span's recorded fields, kept in its registry extensions.
+struct Fields(String);
+
+impl<S> tracing_subscriber::Layer<S> for SpanLog
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        use std::fmt::Write as _;
+        let mut fields = String::new();
+        attrs.record(&mut |f: &tracing::field::Field, v: &dyn std::fmt::Debug| {
+            let _ = write!(fields, "{}={v:?} ", f.name());
+        });
+        let Some(span) = ctx.span(id) else { return };
+        let ancestors = span
+            .scope()
+            .skip(1)
+            .map(|a| (a.name(), a.extensions().get::<Fields>().map(|f| f.0.clone()).unwrap_or_default()))
+            .collect();
+        span.extensions_mut().insert(Fields(fields.clone()));
+        self.0.lock().unwrap().push(SpanSeen { name: span.name(), fields, ancestors });
+    }
+}
+
+fn span_log() -> &'static SpanLog {
+    static LOG: std::sync::OnceLock<SpanLog> = std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let log = SpanLog::default();
+        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(log.clone())).unwrap();
+        log
+    })
+}
+
 /// Compares recorded requests with expected `{method, path, body}` ones.
 fn assert_requests(got: &[Value], want: &[Value]) {
     assert_eq!(got.len(), want.len(), "requests: {:#?}", calls(got));
@@ -178,6 +232,36 @@ async fn full_lifecycle_sends_the_documented_requests() {
     c.delete_vm(pb::DeleteVmRequest { vm_id: "fc1".into(), ..Default::default() }).await.unwrap();
     assert!(!dir.exists());
     assert!(processes_under(t.tmp.path()).is_empty());
+}
+
+/// The NICs are configured in the VM's `network` step: a child span of
+/// `backend.create` around the `PUT /network-interfaces/{id}` calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nic_configuration_is_the_network_step_of_create() {
+    let log = span_log();
+    let (t, _vmm) = start(&[]).await;
+    create(&t, "vm-netspan", full_config(&t)).await.unwrap();
+    let seen = log.0.lock().unwrap().clone();
+    let nic_call = seen
+        .iter()
+        .find(|s| {
+            s.name == "hypervisor.api"
+                && s.fields.contains("url.path=/network-interfaces/eth0")
+                && s.ancestors.iter().any(|(name, f)| *name == "backend.create" && f.contains("vm_id=vm-netspan"))
+        })
+        .unwrap_or_else(|| panic!("no NIC call span of vm-netspan in {seen:#?}"));
+    let names: Vec<_> = nic_call.ancestors.iter().map(|(name, _)| *name).collect();
+    assert_eq!(names[..2], ["network", "backend.create"], "{nic_call:#?}");
+    assert!(nic_call.ancestors[0].1.contains("nics=1"), "{nic_call:#?}");
+    // The other configuration calls are not part of it.
+    let drive = seen
+        .iter()
+        .find(|s| {
+            s.fields.contains("url.path=/drives/root")
+                && s.ancestors.iter().any(|(_, f)| f.contains("vm_id=vm-netspan"))
+        })
+        .unwrap();
+    assert_eq!(drive.ancestors[0].0, "backend.create", "{drive:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -42,20 +42,14 @@ impl std::io::Write for LogSink {
 }
 
 /// The process' subscriber, as `main` builds it: logs (captured) + OTel.
+/// Logs are at `warn` but for the core's: spans of other modules (the
+/// backend's `hypervisor.api`, billing) must be exported all the same.
 fn init_tracing() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        use tracing_subscriber::layer::SubscriberExt;
         use tracing_subscriber::util::SubscriberInitExt;
-        let logs = tracing_subscriber::fmt::layer()
-            .with_ansi(false)
-            .with_writer(|| LogSink)
-            .event_format(metald::telemetry::WithTraceIds::new(tracing_subscriber::fmt::format(), false));
-        tracing_subscriber::registry()
-            .with(tracing_subscriber::filter::LevelFilter::INFO)
-            .with(logs)
-            .with(metald::telemetry::layer())
-            .init();
+        let filter = tracing_subscriber::EnvFilter::new("warn,metald::core=info");
+        metald::telemetry::subscriber(metald::config::LogFormat::Text, filter, || LogSink, false).init();
     });
 }
 
@@ -307,9 +301,13 @@ fn value(sample: &serde_json::Value) -> f64 {
 // ---- daemons ---------------------------------------------------------------------
 
 async fn start_enabled(recv: &Receiver, rate: &str) -> common::TestDaemon {
+    start_enabled_with(recv, rate, &[]).await
+}
+
+async fn start_enabled_with(recv: &Receiver, rate: &str, extra: &[(&str, &str)]) -> common::TestDaemon {
     init_tracing();
     let endpoint = recv.endpoint();
-    start(&[
+    let mut env = vec![
         ("OTEL_ENABLED", "true"),
         ("OTEL_SAMPLING_RATE", rate),
         ("OTEL_ENDPOINT", &endpoint),
@@ -317,8 +315,9 @@ async fn start_enabled(recv: &Receiver, rate: &str) -> common::TestDaemon {
         ("OTEL_SERVICE_NAME", "metald-test"),
         ("OTEL_METRICS_INTERVAL_MS", "200"),
         ("OTEL_TRACES_DELAY_MS", "20"),
-    ])
-    .await
+    ];
+    env.extend_from_slice(extra);
+    start(&env).await
 }
 
 async fn create(t: &common::TestDaemon, id: &str) -> Result<(), connectrpc::ConnectError> {
@@ -450,6 +449,69 @@ async fn at_rate_zero_errors_and_sampled_parents_are_exported_and_nothing_else()
     assert_eq!(attr_str(&sampled.span.attributes, "vm_id").as_deref(), Some("vm-z2"));
     let backend = spans.iter().find(|g| g.span.name == "backend.create" && g.span.trace_id == sampled.span.trace_id);
     assert!(descends(&spans, &backend.expect("backend.create of the sampled call").span, &sampled.span));
+}
+
+/// Billing collection rounds and batch sends have spans (with their
+/// counts and outcome); the backend's per-sample calls inside a round do
+/// not (10 a second per VM would crowd out everything else).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn billing_rounds_and_sends_are_traced_but_not_each_sample() {
+    let _serial = SERIAL.lock().await;
+    let recv = Receiver::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let billing = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (db, stop2) = (tmp.path().join("billing.db"), stop.clone());
+    let server = tokio::spawn(async move { metald::billing::devserver::serve(listener, &db, stop2).await });
+    let t = start_enabled_with(
+        &recv,
+        "1.0",
+        &[
+            ("BILLING_ENDPOINT", &billing),
+            ("BILLING_INTERVAL_MS", "100"),
+            ("BILLING_BATCH_SIZE", "5"),
+            ("BILLING_COMMIT_MS", "100"),
+            ("BILLING_FLUSH_MS", "300"),
+        ],
+    )
+    .await;
+    create(&t, "vm-b1").await.unwrap();
+    boot(&t, "vm-b1").await;
+
+    let int = |g: &Got, key: &str| match attr(&g.span.attributes, key) {
+        Some(any_value::Value::IntValue(v)) => Some(*v),
+        _ => None,
+    };
+    let round = eventually("a billing.collect span of one VM", || {
+        recv.spans().into_iter().find(|g| g.span.name == "billing.collect" && int(g, "vms") == Some(1))
+    })
+    .await;
+    assert_eq!((int(&round, "samples"), int(&round, "failed")), (Some(1), Some(0)));
+    assert!(!is_error(&round.span));
+    let send = eventually("a billing.send span of the VM", || {
+        recv.spans().into_iter().find(|g| {
+            g.span.name == "billing.send" && attr_str(&g.span.attributes, "vm_id").as_deref() == Some("vm-b1")
+        })
+    })
+    .await;
+    assert_eq!(attr_str(&send.span.attributes, "outcome").as_deref(), Some("ok"));
+
+    // Lifecycle calls reach the fake's "hypervisor API" with spans; its
+    // usage call, made in every round, never shows up.
+    let spans = recv.spans();
+    let api = |method: &str| {
+        spans.iter().any(|g| {
+            g.span.name == "hypervisor.api" && attr_str(&g.span.attributes, "rpc.method").as_deref() == Some(method)
+        })
+    };
+    assert!(api("boot"), "the boot call's client span");
+    let rounds = spans.iter().filter(|g| g.span.name == "billing.collect").count();
+    assert!(rounds >= 1 && !api("usage"), "{rounds} rounds, and a usage call was exported");
+
+    drop(t);
+    stop.cancel();
+    server.await.unwrap().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, debug_span};
+use tracing::field::Empty;
+use tracing::{Instrument, debug, info_span};
 
 use super::spool::Record;
-use super::{Clock, MeterSet, Round, Shared};
+use super::{Clock, MeterSet, Metered, Round, Shared};
 use crate::backend::{Backend, Stamped, UsageTarget, VmContext};
 
 /// Backend `usage` calls in flight at once.
@@ -35,11 +36,33 @@ impl Collector {
     /// [`Backend::usage_many`] call; the samples are queued as one [`Round`]
     /// for the spool writer.
     /// `scratch` is the results buffer, reused between rounds.
+    ///
+    /// A round with VMs runs in a span (exported with telemetry on; the
+    /// backend calls inside it are not, see `telemetry::METERING_ROUND`)
+    /// that records the VMs measured, the samples taken and the failures
+    /// (which make it an Error span).
     async fn round(&self, scratch: &mut Vec<Stamped>) {
         let vms = self.set.snapshot();
         if vms.is_empty() {
             return;
         }
+        let span = info_span!(
+            crate::telemetry::METERING_ROUND,
+            vms = count(vms.len()),
+            samples = Empty,
+            failed = Empty,
+            otel.status_code = Empty
+        );
+        let samples = self.measure(vms.clone(), scratch).instrument(span.clone()).await;
+        let failed = vms.len() - samples;
+        span.record("samples", count(samples)).record("failed", count(failed));
+        if failed > 0 {
+            span.record("otel.status_code", "ERROR");
+        }
+    }
+
+    /// Samples `vms` and queues the round; returns the samples taken.
+    async fn measure(&self, vms: Arc<Vec<Arc<Metered>>>, scratch: &mut Vec<Stamped>) -> usize {
         let targets: Vec<UsageTarget<'_>> = vms
             .iter()
             .map(|m| UsageTarget { vm: VmContext { id: &m.id, spec: &m.spec, dir: m.dir.as_path().into() }, rt: &m.rt })
@@ -61,9 +84,16 @@ impl Collector {
                 None
             }
         }));
-        self.set.push_round(Round { vms: vms.clone(), samples: taken });
         debug!(vms = vms.len(), samples, "billing collection round");
+        self.set.push_round(Round { vms, samples: taken });
+        samples
     }
+}
+
+/// A count as a span attribute: an integer (`tracing-opentelemetry` turns
+/// unsigned fields into strings).
+fn count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// Samples every metered VM each interval until `stop` fires.
@@ -77,7 +107,7 @@ pub async fn run(c: Collector, stop: CancellationToken) {
             t = ticks.tick() => t,
         };
         c.shared.record_lateness(Instant::now().saturating_duration_since(scheduled));
-        c.round(&mut scratch).instrument(debug_span!("billing.collect")).await;
+        c.round(&mut scratch).await;
     }
 }
 

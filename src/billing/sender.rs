@@ -23,7 +23,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, debug_span, info, warn};
+use tracing::field::Empty;
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::spool::{self, ChunkMeta, Kind, Notice, Record, SpoolHandle};
 use super::{BillingConfig, BillingError, BillingMetrics, Clock, MeterSet, Shared};
@@ -473,9 +474,20 @@ impl Sender {
         let transport = self.transport.clone();
         let batch = self.batch_size;
         let vm = vm.clone();
-        let span = debug_span!("billing.send", vm_id = %vm);
+        // Exported with telemetry on (one per batch or notice; a failed send
+        // is an Error span, kept at any sampling rate).
+        let span = info_span!("billing.send", vm_id = %vm, outcome = Empty, otel.status_code = Empty);
         let loaded = span.in_scope(|| read_batch(&self.reader, &vm, ids));
-        jobs.spawn(async move { Done::Vm(send_one(transport, vm, customer, loaded, batch).await) }.instrument(span));
+        let job = async move {
+            let done = send_one(transport, vm, customer, loaded, batch).await;
+            let span = tracing::Span::current();
+            match &done.result {
+                Ok(()) => span.record("outcome", "ok"),
+                Err(_) => span.record("outcome", "error").record("otel.status_code", "ERROR"),
+            };
+            Done::Vm(done)
+        };
+        jobs.spawn(job.instrument(span));
     }
 
     fn complete(&mut self, o: Outcome) {

@@ -4,30 +4,16 @@
 use std::process::ExitCode;
 
 use metald::config::{Config, LogFormat};
-use metald::telemetry::WithTraceIds;
 use tracing_subscriber::EnvFilter;
 
 /// Logs to stderr (lines inside a traced span carry `trace_id`/`span_id`)
 /// and feeds spans to OpenTelemetry when telemetry is on.
 fn init_logging(format: LogFormat) {
-    use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::{Layer, fmt};
 
     let filter = EnvFilter::try_from_env("UNKEY_METALD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = match format {
-        LogFormat::Json => fmt::layer()
-            .with_writer(std::io::stderr)
-            .event_format(WithTraceIds::new(fmt::format().json(), true))
-            .fmt_fields(fmt::format::JsonFields::new())
-            .boxed(),
-        LogFormat::Text => fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .event_format(WithTraceIds::new(fmt::format(), false))
-            .boxed(),
-    };
-    tracing_subscriber::registry().with(filter).with(logs).with(metald::telemetry::layer()).init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    metald::telemetry::subscriber(format, filter, std::io::stderr, ansi).init();
 }
 
 async fn wait_for_signal() {

@@ -39,7 +39,7 @@ use tracing::{info, warn};
 
 pub use config::TelemetryConfig;
 pub use metrics::{BillingMetrics, Metrics, Operation};
-pub use traces::{LOG_ONLY, WithTraceIds, layer};
+pub use traces::{LOG_ONLY, METERING_ROUND, WithTraceIds, layer};
 
 use crate::core::{Observer, VmEvent};
 
@@ -96,6 +96,38 @@ impl Drop for Running {
         traces::deactivate(self.tracer_token);
         self.stop.cancel();
     }
+}
+
+/// The process' `tracing` subscriber, as `main` installs it: log lines in
+/// `format` to `writer`, filtered by `filter` (`UNKEY_METALD_LOG`), and the
+/// OpenTelemetry [`layer`] beside them with its own filter, so the log
+/// level never decides what is traced (with `warn` logs, the lifecycle and
+/// hypervisor spans are still exported).
+pub fn subscriber<W>(
+    format: crate::config::LogFormat,
+    filter: tracing_subscriber::EnvFilter,
+    writer: W,
+    ansi: bool,
+) -> impl tracing::Subscriber + Send + Sync
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::{Layer, fmt};
+
+    let logs = match format {
+        crate::config::LogFormat::Json => fmt::layer()
+            .with_writer(writer)
+            .event_format(WithTraceIds::new(fmt::format().json(), true))
+            .fmt_fields(fmt::format::JsonFields::new())
+            .boxed(),
+        crate::config::LogFormat::Text => fmt::layer()
+            .with_writer(writer)
+            .with_ansi(ansi)
+            .event_format(WithTraceIds::new(fmt::format(), false))
+            .boxed(),
+    };
+    tracing_subscriber::registry().with(logs.with_filter(filter)).with(layer())
 }
 
 /// The name of metald's tracer (its instrumentation scope).

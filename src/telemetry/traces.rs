@@ -115,8 +115,17 @@ impl Tracer for ActiveTracer {
 /// (the API's per-call `rpc` span: the RPC's server span is built apart).
 pub const LOG_ONLY: &str = "metald::log";
 
+/// Name of the billing collector's round span. It is exported, with the
+/// round's counts; spans opened inside it are not: they are the hypervisor
+/// calls that take usage samples (a QMP `query-blockstats` per VM with
+/// disks, 10 a second per VM), which would swamp the export queue and
+/// crowd out the RPC spans. A round whose samples fail ends in Error, so
+/// failures are still captured at any sampling rate.
+pub const METERING_ROUND: &str = "billing.collect";
+
 /// Enables the OpenTelemetry layer only while a daemon exports, and only
-/// for spans at INFO or above that are not [`LOG_ONLY`].
+/// for spans at INFO or above that are not [`LOG_ONLY`] and not opened
+/// inside a [`METERING_ROUND`].
 struct WhileActive;
 
 impl WhileActive {
@@ -125,9 +134,15 @@ impl WhileActive {
     }
 }
 
-impl<S> Filter<S> for WhileActive {
-    fn enabled(&self, meta: &tracing::Metadata<'_>, _: &LayerContext<'_, S>) -> bool {
-        ACTIVE.load(Ordering::Acquire) && Self::exported(meta)
+impl<S> Filter<S> for WhileActive
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn enabled(&self, meta: &tracing::Metadata<'_>, cx: &LayerContext<'_, S>) -> bool {
+        ACTIVE.load(Ordering::Acquire)
+            && Self::exported(meta)
+            // Events are not spans: only span creation is filtered here.
+            && !(meta.is_span() && cx.lookup_current().is_some_and(|parent| parent.name() == METERING_ROUND))
     }
 
     fn callsite_enabled(&self, meta: &'static tracing::Metadata<'static>) -> tracing::subscriber::Interest {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::process::Child;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
 use super::api::{
     BootSource, Drive, FullVmConfiguration, InstanceInfo, LogLevel, Logger, MachineConfiguration, Metrics,
@@ -258,8 +258,16 @@ async fn configure(client: &UdsClient, plan: &Plan) -> std::result::Result<Insta
     for d in &plan.drives {
         client.put(&format!("/drives/{}", d.drive_id), d).await?;
     }
-    for n in &plan.nics {
-        client.put(&format!("/network-interfaces/{}", n.iface_id), n).await?;
+    if !plan.nics.is_empty() {
+        // The VM's network step: its NICs, attached to their TAP devices.
+        let nics = async {
+            for n in &plan.nics {
+                client.put(&format!("/network-interfaces/{}", n.iface_id), n).await?;
+            }
+            Ok::<_, ApiError>(())
+        };
+        let count = i64::try_from(plan.nics.len()).unwrap_or(i64::MAX);
+        nics.instrument(info_span!("network", nics = count)).await?;
     }
     let applied: FullVmConfiguration = client.get("/vm/config").await?;
     let machine = applied.machine_config.as_ref().map(|m| (m.vcpu_count, m.mem_size_mib));
