@@ -451,6 +451,42 @@ async fn at_rate_zero_errors_and_sampled_parents_are_exported_and_nothing_else()
     assert!(descends(&spans, &backend.expect("backend.create of the sampled call").span, &sampled.span));
 }
 
+/// A call dropped unfinished (here: its deadline passes while the backend
+/// is slow) still has its server span, as an error kept at rate 0.0, and
+/// counts as `deadline_exceeded`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_dropped_at_their_deadline_are_recorded_as_errors() {
+    let _serial = SERIAL.lock().await;
+    let recv = Receiver::start().await;
+    let t = start_enabled(&recv, "0.0").await;
+    create(&t, "vm-slow").await.unwrap();
+    t.d().fake.as_ref().unwrap().set_delay(Duration::from_millis(1500));
+    let impatient = metald::client::vm_client(
+        &t.endpoint(),
+        TOKEN_A,
+        metald::client::WireProtocol::ConnectProto,
+        Duration::from_millis(300),
+    )
+    .unwrap();
+    let err = impatient.boot_vm(pb::BootVmRequest { vm_id: "vm-slow".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code, connectrpc::ErrorCode::DeadlineExceeded, "{err:?}");
+
+    let boot =
+        eventually("the abandoned BootVm span", || server_span(&recv.spans(), "BootVm").into_iter().next()).await;
+    assert!(is_error(&boot.span));
+    assert_eq!(attr_str(&boot.span.attributes, "rpc.connect_rpc.error_code").as_deref(), Some("deadline_exceeded"));
+    assert_eq!(attr_str(&boot.span.attributes, "vm_id").as_deref(), Some("vm-slow"));
+    let text = scrape(t.d().metrics_addr.unwrap()).await;
+    assert!(
+        text.lines().any(|l| l.starts_with("metald_vm_operations_total{")
+            && l.contains(r#"code="deadline_exceeded""#)
+            && l.contains(r#"operation="boot""#)
+            && l.ends_with(" 1")),
+        "{text}"
+    );
+    t.d().fake.as_ref().unwrap().set_delay(Duration::ZERO);
+}
+
 /// Billing collection rounds and batch sends have spans (with their
 /// counts and outcome); the backend's per-sample calls inside a round do
 /// not (10 a second per VM would crowd out everything else).

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use connectrpc::{ConnectError, Protocol, RequestContext};
+use connectrpc::{ConnectError, ErrorCode, Protocol, RequestContext};
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{SpanContext, SpanKind, TraceContextExt, TraceFlags};
 use opentelemetry::{Context, KeyValue};
@@ -116,7 +116,9 @@ impl RpcTelemetry {
 
     /// Runs `call`, the handler of `op`, in its server span and records
     /// its outcome. `vm_id` is the VM the request names (recorded on the
-    /// span when it is a valid id).
+    /// span when it is a valid id). A call dropped before it finishes (its
+    /// deadline passed, or the client went away) is recorded too, as
+    /// `deadline_exceeded` or `canceled`.
     pub async fn observe<T>(
         &self,
         ctx: &RequestContext,
@@ -138,41 +140,76 @@ impl RpcTelemetry {
         let sampled = sampling.decision == SamplingDecision::RecordAndSample;
         let flags = parent_sc.as_ref().map_or(TraceFlags::default(), SpanContext::trace_flags).with_sampled(sampled);
         let sc = SpanContext::new(trace_id, self.ids.new_span_id(), flags, false, sampling.trace_state);
-        // A span context without a recording span: children take their
-        // parent ids and sampled flag from it (`is_remote` false, as for a
-        // local parent).
-        let cx = parent.unwrap_or_default().with_remote_span_context(sc);
-        let start = opentelemetry::time::now();
-        let started = Instant::now();
+        let mut observed = Observed {
+            telemetry: self,
+            op,
+            system,
+            vm_id,
+            // A span context without a recording span: children take their
+            // parent ids and sampled flag from it (`is_remote` false, as for
+            // a local parent).
+            cx: parent.unwrap_or_default().with_remote_span_context(sc),
+            parent: parent_sc,
+            deadline: ctx.deadline(),
+            start: opentelemetry::time::now(),
+            started: Instant::now(),
+            ended: false,
+        };
         // Polled in place with the span's context attached (what
         // `FutureExt::with_context` does, without moving the handler's
         // large future into a wrapper).
         let result = std::future::poll_fn(|task| {
-            let _attached = cx.clone().attach();
+            let _attached = observed.cx.clone().attach();
             call.as_mut().poll(task)
         })
         .await;
-        let elapsed = started.elapsed();
-        let code = result.as_ref().err().map(|e| e.code);
+        observed.end(result.as_ref().err());
+        result
+    }
+}
+
+/// An RPC being observed; recorded once, when it ends or is dropped.
+struct Observed<'a> {
+    telemetry: &'a RpcTelemetry,
+    op: Operation,
+    system: usize,
+    vm_id: &'a str,
+    /// The current context while the handler runs: the server span's.
+    cx: Context,
+    parent: Option<SpanContext>,
+    deadline: Option<std::time::Instant>,
+    start: std::time::SystemTime,
+    started: Instant,
+    ended: bool,
+}
+
+impl Observed<'_> {
+    /// Exports the server span (when sampled or failed) and records the
+    /// RPC and operation metrics.
+    fn end(&mut self, error: Option<&ConnectError>) {
+        self.ended = true;
+        let elapsed = self.started.elapsed();
+        let (t, system, op) = (self.telemetry, self.system, self.op);
+        let code = error.map(|e| e.code);
         let grpc_code = code.map_or(0, |c| c.grpc_code());
-        let error = result.as_ref().err().map(|e| match &e.message {
+        let description = error.map(|e| match &e.message {
             Some(m) => format!("{}: {m}", e.code.as_str()),
             None => e.code.as_str().to_owned(),
         });
-        let span = cx.span();
-        self.spans.push(&ServerSpan {
+        let span = self.cx.span();
+        t.spans.push(&ServerSpan {
             context: span.span_context(),
-            parent: parent_sc.as_ref(),
-            head: &self.heads[head_key(system, op)],
-            start,
-            end: start + elapsed,
-            vm_id: VmId::is_valid(vm_id).then_some(vm_id),
+            parent: self.parent.as_ref(),
+            head: &t.heads[head_key(system, op)],
+            start: self.start,
+            end: self.start + elapsed,
+            vm_id: VmId::is_valid(self.vm_id).then_some(self.vm_id),
             // Per the RPC conventions: the gRPC status code on gRPC spans,
             // the Connect error code on failed spans (the metric below
             // carries the status code for both).
             grpc_status_code: (system == 1).then_some(i64::from(grpc_code)),
             connect_error_code: code.map(|c| c.as_str()),
-            error: error.as_deref(),
+            error: description.as_deref(),
         });
         let attrs = || {
             vec![
@@ -182,9 +219,24 @@ impl RpcTelemetry {
                 KeyValue::new("rpc.grpc.status_code", i64::from(grpc_code)),
             ]
         };
-        self.metrics.rpc(rpc_key(system, op, grpc_code), &attrs, elapsed);
-        self.metrics.operation(op, code, elapsed);
-        result
+        t.metrics.rpc(rpc_key(system, op, grpc_code), &attrs, elapsed);
+        t.metrics.operation(op, code, elapsed);
+    }
+}
+
+impl Drop for Observed<'_> {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        // The handler was dropped unfinished: ConnectRPC answers a passed
+        // deadline with `deadline_exceeded`; otherwise the client left.
+        let error = if self.deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            ConnectError::new(ErrorCode::DeadlineExceeded, "the request's deadline passed before it finished")
+        } else {
+            ConnectError::new(ErrorCode::Canceled, "the client went away before the response")
+        };
+        self.end(Some(&error));
     }
 }
 
