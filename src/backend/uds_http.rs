@@ -173,7 +173,8 @@ impl UdsClient {
                 }
                 Ok(Ok(r)) => r,
             };
-            span.record("http.status_code", status.as_u16());
+            // As an integer: `tracing-opentelemetry` exports unsigned fields as strings.
+            span.record("http.status_code", i64::from(status.as_u16()));
             if status.is_success() {
                 span.record("outcome", "ok");
                 Ok(bytes)
@@ -412,8 +413,20 @@ mod tests {
         let p = dir.path().join("s.sock");
         serve(&p, Some("HTTP/1.1 400 Bad Request\r\nContent-Length: 2\r\n\r\nno"));
         let c = UdsClient::new(&p, "firecracker", Duration::from_secs(2), text_error_body);
-        assert!(c.put("/drives/root", &1).await.is_err());
-        let all = spans.0.lock().unwrap().clone();
+        // Other tests hit the same span callsite on other threads with no
+        // subscriber; a first hit racing with `set_default` above can leave
+        // its cached interest at "never" (tracing-core registers callsites
+        // lazily). A rebuild after that race fixes it: call again then.
+        let mut all = Default::default();
+        for _ in 0..20 {
+            assert!(c.put("/drives/root", &1).await.is_err());
+            all = spans.0.lock().unwrap().clone();
+            if !all.is_empty() {
+                break;
+            }
+            tracing::callsite::rebuild_interest_cache();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let (name, f) = all.values().next().unwrap();
         assert_eq!(name, "hypervisor.api");
         assert_eq!(f["rpc.system"], "firecracker");
