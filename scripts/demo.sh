@@ -63,7 +63,11 @@ UNKEY_METALD_BILLING_ENDPOINT=http://127.0.0.1:$BILLING_PORT \
 UNKEY_METALD_BILLING_FLUSH_MS=5000 \
   setsid "$ROOT/build/metald" >"$DEMO/metald.log" 2>&1 < /dev/null &
 echo $! > "$DEMO/metald.pid"
-for _ in $(seq 1 100); do
+# Up to a minute: with the auto backend, QEMU first proves KVM with a probe
+# guest, which on hosts where KVM is broken (nested) waits out its timeout
+# (UNKEY_METALD_QEMU_PROBE_TIMEOUT_SECONDS, 20 s) before falling back to TCG.
+echo "    waiting for metald (a first start may spend up to 20 s probing KVM)"
+for _ in $(seq 1 600); do
   if curl -fsS "$ENDPOINT/_/health" >/dev/null 2>&1; then break; fi
   if ! kill -0 "$(cat "$DEMO/metald.pid")" 2>/dev/null; then
     echo "metald exited; its log:"; cat "$DEMO/metald.log"; exit 1
