@@ -243,7 +243,7 @@ impl Drop for Observed<'_> {
 /// Dense index of an RPC's `rpc.server.duration` label set among
 /// `metrics::RPC_KEYS`.
 fn rpc_key(system: usize, op: Operation, grpc_code: u32) -> usize {
-    (system * Operation::ALL.len() + op as usize) * 17 + grpc_code as usize
+    head_key(system, op) * 17 + grpc_code as usize
 }
 
 /// The request method's index in [`HTTP_METHODS`]: known methods, else `_OTHER`.

@@ -196,14 +196,29 @@ fn encode_span(buf: &mut Vec<u8>, s: &SpanData) {
     framed(buf, 2, &body);
 }
 
+/// `Span` fields 1–4: trace id, span id, trace state, parent span id.
+fn span_ids(buf: &mut Vec<u8>, sc: &SpanContext, parent: SpanId) {
+    bytes_field(buf, 1, &sc.trace_id().to_bytes());
+    bytes_field(buf, 2, &sc.span_id().to_bytes());
+    bytes_field(buf, 3, sc.trace_state().header().as_bytes());
+    if parent != SpanId::INVALID {
+        bytes_field(buf, 4, &parent.to_bytes());
+    }
+}
+
+/// `Span` fields 15 and 16: the status (code 0 unset, 1 ok, 2 error, with
+/// its description) and the flags.
+fn span_status_and_flags(buf: &mut Vec<u8>, code: u64, description: &str, flags: u32) {
+    message(buf, 15, |buf| {
+        bytes_field(buf, 2, description.as_bytes());
+        varint_field(buf, 3, code);
+    });
+    fixed32_field(buf, 16, flags);
+}
+
 /// The fields of the `Span` message of `s`.
 fn encode_span_body(buf: &mut Vec<u8>, s: &SpanData) {
-    bytes_field(buf, 1, &s.span_context.trace_id().to_bytes());
-    bytes_field(buf, 2, &s.span_context.span_id().to_bytes());
-    bytes_field(buf, 3, s.span_context.trace_state().header().as_bytes());
-    if s.parent_span_id != SpanId::INVALID {
-        bytes_field(buf, 4, &s.parent_span_id.to_bytes());
-    }
+    span_ids(buf, &s.span_context, s.parent_span_id);
     bytes_field(buf, 5, s.name.as_bytes());
     varint_field(buf, 6, kind(&s.span_kind));
     fixed64_field(buf, 7, nanos(s.start_time));
@@ -230,18 +245,12 @@ fn encode_span_body(buf: &mut Vec<u8>, s: &SpanData) {
         });
     }
     varint_field(buf, 14, u64::from(s.links.dropped_count));
-    message(buf, 15, |buf| {
-        let code = match &s.status {
-            Status::Unset => 0,
-            Status::Ok => 1,
-            Status::Error { description } => {
-                bytes_field(buf, 2, description.as_bytes());
-                2
-            }
-        };
-        varint_field(buf, 3, code);
-    });
-    fixed32_field(buf, 16, flags(s.parent_span_is_remote, s.span_context.trace_flags()));
+    let (code, description) = match &s.status {
+        Status::Unset => (0, ""),
+        Status::Ok => (1, ""),
+        Status::Error { description } => (2, description.as_ref()),
+    };
+    span_status_and_flags(buf, code, description, flags(s.parent_span_is_remote, s.span_context.trace_flags()));
 }
 
 // ---- RPC server spans --------------------------------------------------
@@ -288,13 +297,7 @@ impl ServerSpan<'_> {
 
     /// The fields of its `Span` message.
     fn encode_body(&self, buf: &mut Vec<u8>) {
-        let sc = self.context;
-        bytes_field(buf, 1, &sc.trace_id().to_bytes());
-        bytes_field(buf, 2, &sc.span_id().to_bytes());
-        bytes_field(buf, 3, sc.trace_state().header().as_bytes());
-        if let Some(parent) = self.parent {
-            bytes_field(buf, 4, &parent.span_id().to_bytes());
-        }
+        span_ids(buf, self.context, self.parent.map_or(SpanId::INVALID, SpanContext::span_id));
         buf.extend_from_slice(self.head);
         fixed64_field(buf, 7, nanos(self.start));
         fixed64_field(buf, 8, nanos(self.end));
@@ -307,14 +310,12 @@ impl ServerSpan<'_> {
         if let Some(code) = self.connect_error_code {
             str_pair(buf, 9, "rpc.connect_rpc.error_code", code);
         }
-        message(buf, 15, |buf| {
-            if let Some(description) = self.error {
-                bytes_field(buf, 2, description.as_bytes());
-                varint_field(buf, 3, 2);
-            }
-        });
         let parent_is_remote = self.parent.is_some_and(SpanContext::is_remote);
-        fixed32_field(buf, 16, flags(parent_is_remote, sc.trace_flags()));
+        let flags = flags(parent_is_remote, self.context.trace_flags());
+        match self.error {
+            Some(description) => span_status_and_flags(buf, 2, description, flags),
+            None => span_status_and_flags(buf, 0, "", flags),
+        }
     }
 }
 
