@@ -1,25 +1,12 @@
-//! The core error type and the one table that maps it to RPC codes.
+//! The core error type and the one table that maps every error metald
+//! answers with to an RPC [`Code`].
 //!
 //! Messages never repeat their cause; the API edge prints the chain once.
 
 use crate::backend::BackendError;
-use crate::core::state::InvalidTransition;
+pub use crate::model::Code;
+use crate::model::{Invalid, InvalidTransition};
 use crate::store::StoreError;
-
-/// The RPC status codes metald answers with (a subset of gRPC/Connect codes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Code {
-    InvalidArgument,
-    NotFound,
-    AlreadyExists,
-    FailedPrecondition,
-    PermissionDenied,
-    Unauthenticated,
-    ResourceExhausted,
-    Unavailable,
-    DeadlineExceeded,
-    Internal,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -53,6 +40,12 @@ pub enum Error {
     Internal(String),
 }
 
+impl From<Invalid> for Error {
+    fn from(e: Invalid) -> Self {
+        Error::InvalidArgument { field: e.field, reason: e.reason }
+    }
+}
+
 impl Error {
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::InvalidArgument { field: field.into(), reason: reason.into() }
@@ -76,18 +69,7 @@ impl Error {
 
     /// The full chain, `outer: inner: innermost`, for the wire and logs.
     pub fn chain(&self) -> String {
-        let mut out = self.to_string();
-        let mut src = std::error::Error::source(self);
-        while let Some(s) = src {
-            let text = s.to_string();
-            // Variants that embed their source in Display must not repeat it.
-            if !out.ends_with(&text) {
-                out.push_str(": ");
-                out.push_str(&text);
-            }
-            src = s.source();
-        }
-        out
+        crate::util::chain(self)
     }
 }
 
@@ -95,12 +77,13 @@ impl Error {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::core::state::{Op, VmState};
+    use crate::model::{Op, VmId, VmState};
 
     #[test]
     fn every_variant_maps_to_its_code() {
         let cases: Vec<(Error, Code)> = vec![
             (Error::invalid("f", "r"), Code::InvalidArgument),
+            (Error::from(VmId::parse("Bad Id").unwrap_err()), Code::InvalidArgument),
             (Error::NotFound("x".into()), Code::NotFound),
             (Error::AlreadyExists("x".into()), Code::AlreadyExists),
             (

@@ -19,6 +19,7 @@ pub mod config;
 pub mod core;
 pub mod daemon;
 pub mod error;
+pub mod model;
 pub mod server;
 pub mod store;
 pub mod telemetry;

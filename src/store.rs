@@ -11,9 +11,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::{M, Migrations};
 
-use crate::backend::Runtime;
-use crate::core::spec::{CustomerId, VmId, VmSpec};
-use crate::core::state::VmState;
+use crate::model::{CustomerId, Runtime, ValidSpec, VmId, VmState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -33,7 +31,7 @@ pub struct VmRow {
     pub id: VmId,
     pub customer: CustomerId,
     pub state: VmState,
-    pub spec: VmSpec,
+    pub spec: ValidSpec,
     pub runtime: Option<Runtime>,
     pub created_at: i64,
     pub modified_at: i64,
@@ -225,7 +223,7 @@ mod tests {
             id: VmId::parse(id).unwrap(),
             customer: CustomerId("c1".into()),
             state: VmState::Created,
-            spec: VmSpec::default(),
+            spec: ValidSpec::unchecked(crate::model::VmSpec::default()),
             runtime: Some(Runtime { pid: Some(42), ..Default::default() }),
             created_at: 1,
             modified_at: 1,

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use metald::backend::Runtime;
-use metald::core::spec::{BootSpec, CpuSpec, CustomerId, MemorySpec, VmId, VmSpec};
+use metald::core::spec::{BootSpec, CpuSpec, CustomerId, Limits, MemorySpec, VmId, VmSpec, validate};
 use metald::core::state::VmState;
 use metald::store::{Store, VmRow};
 
@@ -66,6 +66,9 @@ pub fn seed(data: &Path, kernel: &Path, vms: usize, running: impl Fn(usize) -> b
         boot: BootSpec { kernel: kernel.to_path_buf(), kernel_args: "console=ttyS0".into(), ..Default::default() },
         ..Default::default()
     };
+    let assets = kernel.parent().unwrap().to_path_buf();
+    let limits = Limits { max_vcpus: 32, max_memory_mb: 65536, asset_dirs: vec![assets] };
+    let spec = validate(spec, &limits).unwrap();
     let now = metald::util::unix_now();
     let rows: Vec<VmRow> = (0..vms)
         .map(|i| {

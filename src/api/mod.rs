@@ -98,7 +98,7 @@ fn vm_id(s: &str) -> Result<VmId, ConnectError> {
     if s.is_empty() {
         return Err(to_connect(Error::invalid("vm_id", "is required")));
     }
-    VmId::parse(s).map_err(to_connect)
+    VmId::parse(s).map_err(|e| to_connect(e.into()))
 }
 
 pub fn encode_page_token(after: &VmId) -> String {

@@ -498,7 +498,7 @@ mod tests {
         let b = FakeBackend::new(tx);
         let tmp = tempfile::tempdir().unwrap();
         let id = VmId::parse("a").unwrap();
-        let spec = VmSpec::default();
+        let spec = crate::model::ValidSpec::unchecked(VmSpec::default());
         let ctx = VmContext { id: &id, spec: &spec, dir: tmp.path().into() };
         let mut rt = b.create(&ctx).await.unwrap();
         assert_eq!(b.usage(&ctx, &rt).await.unwrap().cpu_time_ns, 0);
@@ -517,7 +517,7 @@ mod tests {
         let b = FakeBackend::new(tx);
         let tmp = tempfile::tempdir().unwrap();
         let id = VmId::parse("a").unwrap();
-        let spec = VmSpec::default();
+        let spec = crate::model::ValidSpec::unchecked(VmSpec::default());
         let ctx = VmContext { id: &id, spec: &spec, dir: tmp.path().into() };
         b.control().fail_next("create", "boom");
         let e = b.create(&ctx).await.unwrap_err();

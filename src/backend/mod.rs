@@ -17,60 +17,20 @@ pub mod uds_http;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::core::spec::{VmId, VmSpec};
-use crate::error::Code;
-
-/// Which hypervisor a backend drives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendKind {
-    Fake,
-    Qemu,
-    Firecracker,
-    CloudHypervisor,
-}
-
-impl BackendKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BackendKind::Fake => "fake",
-            BackendKind::Qemu => "qemu",
-            BackendKind::Firecracker => "firecracker",
-            BackendKind::CloudHypervisor => "cloudhypervisor",
-        }
-    }
-}
-
-/// Persisted handle to a VM's hypervisor process.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Runtime {
-    /// Process id of the VMM.
-    pub pid: Option<u32>,
-    /// Process start time (clock ticks since boot, from `/proc/<pid>/stat`) so
-    /// a recycled pid is never mistaken for our VMM.
-    pub pid_start_ticks: Option<u64>,
-    /// The VMM's control socket (QMP, Firecracker or Cloud Hypervisor API).
-    pub api_socket: Option<PathBuf>,
-    /// Where the guest's serial console is written.
-    pub console_log: Option<PathBuf>,
-    /// Unix seconds when the guest was last booted (for uptime).
-    pub booted_at: Option<i64>,
-    /// Backend-specific facts (tap names, chroot, accelerator, ...).
-    pub extra: BTreeMap<String, String>,
-}
+pub use crate::model::{BackendKind, Runtime, StopMode, Usage};
+use crate::model::{Code, ValidSpec, VmId};
 
 /// What a backend gets to know about the VM it acts on.
 #[derive(Debug, Clone)]
 pub struct VmContext<'a> {
     pub id: &'a VmId,
-    pub spec: &'a VmSpec,
+    pub spec: &'a ValidSpec,
     /// `<data dir>/vms/<id>`, created by the core, owned by this VM
     /// (borrowed on the metering path, which builds thousands per tick).
     pub dir: Cow<'a, Path>,
@@ -85,30 +45,6 @@ pub struct UsageTarget<'a> {
 
 /// A usage sample and the time it was taken (see [`Backend::usage_many`]).
 pub type Stamped = (i64, Result<Usage>);
-
-/// How to stop a guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopMode {
-    /// Ask the guest to power off, wait up to the timeout, then force.
-    Graceful { timeout: Duration },
-    /// Stop at once.
-    Force,
-}
-
-/// Resource usage of a VM, counters cumulative since its VMM started.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Usage {
-    pub cpu_time_ns: u64,
-    pub memory_bytes: u64,
-    pub disk_read_bytes: u64,
-    pub disk_write_bytes: u64,
-    pub disk_read_ops: u64,
-    pub disk_write_ops: u64,
-    pub net_rx_bytes: u64,
-    pub net_tx_bytes: u64,
-    pub net_rx_packets: u64,
-    pub net_tx_packets: u64,
-}
 
 /// Health of the backend itself.
 #[derive(Debug, Clone, Serialize)]
@@ -173,7 +109,7 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Backend-specific checks of a validated spec (kernel format, ...),
     /// run before anything is created.
-    fn check(&self, _spec: &VmSpec) -> Result<()> {
+    fn check(&self, _spec: &ValidSpec) -> Result<()> {
         Ok(())
     }
 

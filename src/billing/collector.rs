@@ -123,7 +123,7 @@ mod tests {
     use crate::backend::{BackendError, BackendHealth, BackendKind, Runtime, StopMode, Usage};
     use crate::billing::Metered;
     use crate::billing::spool::Kind;
-    use crate::core::spec::{VmId, VmSpec};
+    use crate::core::spec::{ValidSpec, VmId, VmSpec};
 
     /// A backend whose `usage` takes a settable time (on tokio's clock).
     #[derive(Default)]
@@ -189,7 +189,7 @@ mod tests {
     fn rig(names: &[&str]) -> Rig {
         let backend = Arc::new(SlowUsage::default());
         let set = Arc::new(MeterSet::default());
-        let spec = Arc::new(VmSpec::default());
+        let spec = Arc::new(ValidSpec::unchecked(VmSpec::default()));
         let mut vms = Vec::new();
         for (k, name) in names.iter().enumerate() {
             let id = VmId::parse(name).unwrap();

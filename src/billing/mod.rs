@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::backend::{Backend, Runtime};
-use crate::core::spec::{VmId, VmSpec};
+use crate::core::spec::{ValidSpec, VmId};
 use crate::core::state::VmState;
 use crate::core::{Cause, Manager, Observer, VmEvent};
 pub use config::BillingConfig;
@@ -198,7 +198,7 @@ pub struct BillingHealth {
 pub struct Metered {
     pub id: VmId,
     pub key: Arc<str>,
-    pub spec: Arc<VmSpec>,
+    pub spec: Arc<ValidSpec>,
     pub rt: Runtime,
     pub dir: PathBuf,
     /// Metering run; samples of an older run are dropped by the spool.
@@ -327,7 +327,7 @@ impl BillingObserver {
         &self,
         id: &VmId,
         customer: &str,
-        spec: &Arc<VmSpec>,
+        spec: &Arc<ValidSpec>,
         rt: Option<&Runtime>,
         running: bool,
         recovered: bool,

@@ -1155,7 +1155,7 @@ mod tests {
             Arc::new(crate::billing::Metered {
                 id: crate::core::spec::VmId::parse("vm-a").unwrap(),
                 key: vm.clone(),
-                spec: Arc::default(),
+                spec: Arc::new(crate::model::ValidSpec::unchecked(crate::model::VmSpec::default())),
                 rt: crate::backend::Runtime::default(),
                 dir: std::path::PathBuf::new(),
                 generation,

@@ -8,8 +8,14 @@
 //! publish it to observers (metering, telemetry). Mutating operations run in
 //! their own task so a client that disconnects cannot cut one in half.
 
-pub mod spec;
-pub mod state;
+/// Moved to [`crate::model`]; these paths go once every module imports it.
+pub mod spec {
+    pub use crate::model::*;
+}
+/// Moved to [`crate::model::state`]; see [`spec`].
+pub mod state {
+    pub use crate::model::state::*;
+}
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
@@ -22,12 +28,14 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::backend::{Backend, ExitEvent, Runtime, StopMode, Usage, VmContext};
+use crate::backend::{Backend, ExitEvent, VmContext};
 use crate::error::Error;
+use crate::model::{
+    CustomerId, Limits, Op, Plan, Runtime, Status, StopMode, Target, Usage, ValidSpec, VmId, VmSpec, VmState, plan,
+    transition,
+};
 use crate::store::{Store, VmRow};
 use crate::util::unix_now;
-use spec::{CustomerId, Limits, VmId, VmSpec};
-use state::{Op, Target, VmState, transition};
 
 /// Default wait for a graceful shutdown before forcing.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -39,44 +47,6 @@ pub struct ManagerConfig {
     pub data_dir: PathBuf,
     pub limits: Limits,
     pub max_vms: usize,
-}
-
-/// A VM's lifecycle state together with the runtime handle it owns: a VM
-/// with a hypervisor process cannot be expressed without its runtime.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Status {
-    Created(Runtime),
-    Running(Runtime),
-    Paused(Runtime),
-    Shutdown,
-}
-
-impl Status {
-    pub fn state(&self) -> VmState {
-        match self {
-            Status::Created(_) => VmState::Created,
-            Status::Running(_) => VmState::Running,
-            Status::Paused(_) => VmState::Paused,
-            Status::Shutdown => VmState::Shutdown,
-        }
-    }
-
-    pub fn runtime(&self) -> Option<&Runtime> {
-        match self {
-            Status::Created(rt) | Status::Running(rt) | Status::Paused(rt) => Some(rt),
-            Status::Shutdown => None,
-        }
-    }
-
-    fn from_parts(state: VmState, rt: Option<Runtime>) -> Option<Status> {
-        match (state, rt) {
-            (VmState::Created, Some(rt)) => Some(Status::Created(rt)),
-            (VmState::Running, Some(rt)) => Some(Status::Running(rt)),
-            (VmState::Paused, Some(rt)) => Some(Status::Paused(rt)),
-            (VmState::Shutdown, _) => Some(Status::Shutdown),
-            (_, None) => None,
-        }
-    }
 }
 
 /// What caused a [`VmEvent`].
@@ -98,7 +68,7 @@ pub struct VmEvent {
     /// `None` when the VM was deleted.
     pub to: Option<VmState>,
     pub runtime: Option<Runtime>,
-    pub spec: Arc<VmSpec>,
+    pub spec: Arc<ValidSpec>,
 }
 
 /// Hooks called synchronously after each commit; must not block.
@@ -111,7 +81,7 @@ pub trait Observer: Send + Sync {
 pub struct VmView {
     pub id: VmId,
     pub customer: CustomerId,
-    pub spec: Arc<VmSpec>,
+    pub spec: Arc<ValidSpec>,
     pub status: Status,
     pub created_at: i64,
     pub modified_at: i64,
@@ -167,7 +137,7 @@ struct Cell {
 struct Slot {
     id: VmId,
     customer: CustomerId,
-    spec: Arc<VmSpec>,
+    spec: Arc<ValidSpec>,
     created_at: i64,
     /// Serialises mutating operations on this VM.
     op: tokio::sync::Mutex<()>,
@@ -325,8 +295,8 @@ impl Manager {
     }
 
     async fn create_inner(&self, caller: CustomerId, id: Option<VmId>, spec: VmSpec) -> Result<VmView, Error> {
-        let spec = info_span!("validate").in_scope(|| -> Result<VmSpec, Error> {
-            let spec = spec::validate(spec, &self.inner.cfg.limits)?;
+        let spec = info_span!("validate").in_scope(|| -> Result<ValidSpec, Error> {
+            let spec = crate::model::validate(spec, &self.inner.cfg.limits)?;
             self.inner.backend.check(&spec)?;
             Ok(spec)
         })?;
@@ -413,36 +383,37 @@ impl Manager {
     // ---- lifecycle operations --------------------------------------------
 
     pub async fn boot(&self, caller: &CustomerId, id: &VmId) -> Result<VmState, Error> {
-        self.operate(caller, id, Op::Boot, OpArgs::None).await
+        self.operate(caller, id, Op::Boot).await
     }
 
     pub async fn pause(&self, caller: &CustomerId, id: &VmId) -> Result<VmState, Error> {
-        self.operate(caller, id, Op::Pause, OpArgs::None).await
+        self.operate(caller, id, Op::Pause).await
     }
 
     pub async fn resume(&self, caller: &CustomerId, id: &VmId) -> Result<VmState, Error> {
-        self.operate(caller, id, Op::Resume, OpArgs::None).await
+        self.operate(caller, id, Op::Resume).await
     }
 
     pub async fn reboot(&self, caller: &CustomerId, id: &VmId, force: bool) -> Result<VmState, Error> {
-        self.operate(caller, id, Op::Reboot, OpArgs::Reboot { force }).await
+        self.operate(caller, id, Op::Reboot { force }).await
     }
 
     pub async fn shutdown(&self, caller: &CustomerId, id: &VmId, mode: StopMode) -> Result<VmState, Error> {
-        self.operate(caller, id, Op::Shutdown, OpArgs::Stop(mode)).await
+        self.operate(caller, id, Op::Shutdown { mode }).await
     }
 
     pub async fn delete(&self, caller: &CustomerId, id: &VmId, force: bool) -> Result<(), Error> {
-        self.operate(caller, id, Op::Delete { force }, OpArgs::None).await.map(|_| ())
+        self.operate(caller, id, Op::Delete { force }).await.map(|_| ())
     }
 
-    async fn operate(&self, caller: &CustomerId, id: &VmId, op: Op, args: OpArgs) -> Result<VmState, Error> {
+    /// Carries out `op` on the caller's VM.
+    pub async fn operate(&self, caller: &CustomerId, id: &VmId, op: Op) -> Result<VmState, Error> {
         let slot = self.lookup(caller, id)?;
         let this = self.clone();
-        self.detached(async move { this.operate_locked(slot, op, args).await }).await
+        self.detached(async move { this.operate_locked(slot, op).await }).await
     }
 
-    async fn operate_locked(&self, slot: Arc<Slot>, op: Op, args: OpArgs) -> Result<VmState, Error> {
+    async fn operate_locked(&self, slot: Arc<Slot>, op: Op) -> Result<VmState, Error> {
         let _op = slot.op.lock().await;
         let (status, deleted) = {
             let c = slot.cell();
@@ -452,60 +423,10 @@ impl Manager {
             return Err(Error::NotFound(slot.id.to_string()));
         }
         let from = status.state();
-        let target = transition(from, op).map_err(|source| Error::WrongState { vm_id: slot.id.to_string(), source })?;
-        let ctx = self.ctx(&slot);
-        let backend = &self.inner.backend;
+        let plan = plan(&status, op).map_err(|source| Error::WrongState { vm_id: slot.id.to_string(), source })?;
+        let target = plan.target();
         let span = info_span!("backend.call", vm_id = %slot.id, op = op.name());
-        let new_status = async {
-            match (op, status) {
-                (Op::Boot, Status::Created(mut rt)) => {
-                    backend.boot(&ctx, &mut rt).await?;
-                    Ok(Status::Running(rt))
-                }
-                (Op::Boot, Status::Shutdown) => {
-                    let mut rt = backend.create(&ctx).await?;
-                    if let Err(e) = backend.boot(&ctx, &mut rt).await {
-                        // Shutdown owns no process: release the one just made.
-                        let _ = backend.delete(&ctx, Some(&rt)).await;
-                        return Err(e.into());
-                    }
-                    Ok(Status::Running(rt))
-                }
-                (Op::Pause, Status::Running(mut rt)) => {
-                    backend.pause(&ctx, &mut rt).await?;
-                    Ok(Status::Paused(rt))
-                }
-                (Op::Resume, Status::Paused(mut rt)) => {
-                    backend.resume(&ctx, &mut rt).await?;
-                    Ok(Status::Running(rt))
-                }
-                (Op::Reboot, Status::Running(mut rt)) => {
-                    let force = matches!(args, OpArgs::Reboot { force: true });
-                    backend.reboot(&ctx, &mut rt, force).await?;
-                    Ok(Status::Running(rt))
-                }
-                (Op::Shutdown, Status::Running(rt) | Status::Paused(rt)) => {
-                    let mode = match args {
-                        OpArgs::Stop(m) => m,
-                        _ => StopMode::Graceful { timeout: DEFAULT_SHUTDOWN_TIMEOUT },
-                    };
-                    backend.shutdown(&ctx, &rt, mode).await?;
-                    Ok(Status::Shutdown)
-                }
-                (Op::Delete { .. }, status) => {
-                    backend.delete(&ctx, status.runtime()).await?;
-                    Ok(Status::Shutdown)
-                }
-                (op, status) => Err(Error::Internal(format!(
-                    "transition table allowed {} in {} without an implementation",
-                    op.name(),
-                    status.state()
-                ))),
-            }
-        }
-        .instrument(span)
-        .await?;
-
+        let new_status = self.carry_out(&slot, plan).instrument(span).await?;
         match target {
             Target::Deleted => {
                 self.commit_delete(&slot, op, from).await?;
@@ -513,6 +434,51 @@ impl Manager {
             }
             Target::State(_) => self.commit(&slot, Cause::Op(op), from, new_status).await,
         }
+    }
+
+    /// The backend side of a plan: one arm per [`Plan`], no other case.
+    async fn carry_out(&self, slot: &Slot, plan: Plan) -> Result<Status, Error> {
+        let ctx = self.ctx(slot);
+        let backend = &self.inner.backend;
+        Ok(match plan {
+            Plan::Boot(mut rt) => {
+                backend.boot(&ctx, &mut rt).await?;
+                Status::Running(rt)
+            }
+            Plan::Start => {
+                let mut rt = backend.create(&ctx).await?;
+                if let Err(e) = backend.boot(&ctx, &mut rt).await {
+                    // Shutdown owns no process: release the one just made.
+                    let _ = backend.delete(&ctx, Some(&rt)).await;
+                    return Err(e.into());
+                }
+                Status::Running(rt)
+            }
+            Plan::Pause(mut rt) => {
+                backend.pause(&ctx, &mut rt).await?;
+                Status::Paused(rt)
+            }
+            Plan::Resume(mut rt) => {
+                backend.resume(&ctx, &mut rt).await?;
+                Status::Running(rt)
+            }
+            Plan::Reboot { mut rt, force } => {
+                backend.reboot(&ctx, &mut rt, force).await?;
+                Status::Running(rt)
+            }
+            Plan::Shutdown { rt, mode } => {
+                backend.shutdown(&ctx, &rt, mode).await?;
+                Status::Shutdown
+            }
+            Plan::Delete(rt) => {
+                backend.delete(&ctx, rt.as_ref()).await?;
+                Status::Shutdown
+            }
+            Plan::Reap(rt) => {
+                backend.reap(&ctx, &rt).await?;
+                Status::Shutdown
+            }
+        })
     }
 
     /// Persists and publishes a new status. The in-memory state always
@@ -776,12 +742,6 @@ impl Manager {
     pub fn active(&self) -> Vec<VmView> {
         self.index().by_id.values().map(|s| s.view()).filter(|v| v.status.runtime().is_some()).collect()
     }
-}
-
-enum OpArgs {
-    None,
-    Reboot { force: bool },
-    Stop(StopMode),
 }
 
 /// Holds an id while its VM is being created; released on drop.

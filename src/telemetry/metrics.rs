@@ -19,7 +19,8 @@ use opentelemetry::metrics::{
     BoundCounter, BoundHistogram, Counter, Histogram, Meter, ObservableCounter, ObservableUpDownCounter,
 };
 
-use crate::core::spec::VmId;
+pub use crate::model::Operation;
+use crate::model::VmId;
 
 /// Buckets of `metald_vm_operation_duration_seconds` and
 /// `rpc.server.duration`: 0.5 ms to 60 s.
@@ -27,70 +28,6 @@ pub const OPERATION_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 /// Buckets of `http.server.request.duration` (semconv advice, seconds).
 pub const HTTP_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0];
-/// The VM operations counted by `metald_vm_operations_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Operation {
-    Create,
-    Boot,
-    Pause,
-    Resume,
-    Reboot,
-    Shutdown,
-    Delete,
-    Info,
-    List,
-}
-
-impl Operation {
-    pub const ALL: [Operation; 9] = [
-        Operation::Create,
-        Operation::Boot,
-        Operation::Pause,
-        Operation::Resume,
-        Operation::Reboot,
-        Operation::Shutdown,
-        Operation::Delete,
-        Operation::Info,
-        Operation::List,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Operation::Create => "create",
-            Operation::Boot => "boot",
-            Operation::Pause => "pause",
-            Operation::Resume => "resume",
-            Operation::Reboot => "reboot",
-            Operation::Shutdown => "shutdown",
-            Operation::Delete => "delete",
-            Operation::Info => "info",
-            Operation::List => "list",
-        }
-    }
-
-    /// The `VmService` method serving the operation (`rpc.method`): the
-    /// part of [`Operation::rpc_name`] after the slash.
-    pub fn rpc_method(self) -> &'static str {
-        let name = self.rpc_name();
-        &name["vmprovisioner.v1.VmService/".len()..]
-    }
-
-    /// The RPC's full name, `<service>/<method>` (its server span's name).
-    pub fn rpc_name(self) -> &'static str {
-        match self {
-            Operation::Create => "vmprovisioner.v1.VmService/CreateVm",
-            Operation::Boot => "vmprovisioner.v1.VmService/BootVm",
-            Operation::Pause => "vmprovisioner.v1.VmService/PauseVm",
-            Operation::Resume => "vmprovisioner.v1.VmService/ResumeVm",
-            Operation::Reboot => "vmprovisioner.v1.VmService/RebootVm",
-            Operation::Shutdown => "vmprovisioner.v1.VmService/ShutdownVm",
-            Operation::Delete => "vmprovisioner.v1.VmService/DeleteVm",
-            Operation::Info => "vmprovisioner.v1.VmService/GetVmInfo",
-            Operation::List => "vmprovisioner.v1.VmService/ListVms",
-        }
-    }
-}
-
 /// Handle to every metald metric; `Metrics::default()` is the disabled one.
 #[derive(Clone, Default)]
 pub struct Metrics {
@@ -244,12 +181,12 @@ impl Metrics {
                 KeyValue::new("code", code.map_or("ok", |c| c.as_str())),
             ]
         };
-        match i.operations_bound.slots.get(op as usize * OUTCOMES + outcome) {
+        match i.operations_bound.slots.get(op.index() * OUTCOMES + outcome) {
             Some(slot) => slot.get_or_init(|| i.operations.bind(&attrs())).add(1),
             None => i.operations.add(1, &attrs()),
         }
         let attrs = || vec![KeyValue::new("operation", op.as_str())];
-        record(&i.operation_duration, &i.operation_duration_bound, Some(op as usize), &attrs, elapsed.as_secs_f64());
+        record(&i.operation_duration, &i.operation_duration_bound, Some(op.index()), &attrs, elapsed.as_secs_f64());
     }
 
     /// Records one inbound RPC (`rpc.server.duration`); `key` indexes its
@@ -434,7 +371,7 @@ mod tests {
             assert_eq!(op.rpc_name(), format!("vmprovisioner.v1.VmService/{m}"));
         }
         // `ALL` lists the variants in declaration order (their index).
-        assert!(Operation::ALL.iter().enumerate().all(|(i, op)| *op as usize == i));
+        assert!(Operation::ALL.iter().enumerate().all(|(i, op)| op.index() == i));
     }
 
     #[test]

@@ -90,7 +90,7 @@ pub struct RpcTelemetry {
 }
 
 fn head_key(system: usize, op: Operation) -> usize {
-    system * Operation::ALL.len() + op as usize
+    system * Operation::ALL.len() + op.index()
 }
 
 impl RpcTelemetry {

@@ -41,7 +41,7 @@ use super::kernel;
 use super::process::{self, ProcessId, Watched, remove_quiet, watch_exit};
 use super::uds_http::{ApiError, ApiWait, UdsClient, checked, text_error_body, wait_for_api};
 use super::{Backend, BackendError, BackendHealth, BackendKind, ExitSink, Result, Runtime, StopMode, Usage, VmContext};
-use crate::core::spec::{VmId, VmSpec};
+use crate::core::spec::{ValidSpec, VmId, VmSpec};
 use crate::util::unix_now;
 
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -224,7 +224,7 @@ impl Backend for CloudHypervisorBackend {
         BackendKind::CloudHypervisor
     }
 
-    fn check(&self, spec: &VmSpec) -> Result<()> {
+    fn check(&self, spec: &ValidSpec) -> Result<()> {
         check_spec(spec)
     }
 

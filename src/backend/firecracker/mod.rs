@@ -42,7 +42,7 @@ use self::vmm::{Layout, METRICS_FILE, checked};
 use super::kernel::{self, KernelFormat};
 use super::process::{self, ProcessId, Watched, remove_quiet, watch_exit};
 use super::{Backend, BackendError, BackendHealth, BackendKind, ExitSink, Result, Runtime, StopMode, Usage, VmContext};
-use crate::core::spec::{VmId, VmSpec};
+use crate::core::spec::{ValidSpec, VmId, VmSpec};
 use crate::util::unix_now;
 
 /// How long a guest gets to reboot after Ctrl+Alt+Del before SIGKILL.
@@ -293,7 +293,7 @@ impl Backend for FirecrackerBackend {
         BackendKind::Firecracker
     }
 
-    fn check(&self, spec: &VmSpec) -> Result<()> {
+    fn check(&self, spec: &ValidSpec) -> Result<()> {
         check_spec(spec)
     }
 

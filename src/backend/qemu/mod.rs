@@ -42,7 +42,7 @@ use super::kernel;
 use super::process::{self, ProcessId, Watched, log_tail, remove_quiet, watch_exit};
 use super::{Backend, BackendError, BackendHealth, BackendKind, ExitSink, Result, Runtime, StopMode, Usage, VmContext};
 use crate::config::QemuSettings;
-use crate::core::spec::{VmId, VmSpec};
+use crate::core::spec::{ValidSpec, VmId, VmSpec};
 use crate::util::unix_now;
 
 /// Bound of every QMP request (and of connecting).
@@ -255,7 +255,7 @@ impl Backend for QemuBackend {
         BackendKind::Qemu
     }
 
-    fn check(&self, spec: &VmSpec) -> Result<()> {
+    fn check(&self, spec: &ValidSpec) -> Result<()> {
         check_spec(spec)
     }
 

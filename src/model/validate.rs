@@ -1,17 +1,12 @@
-//! Domain types of a VM's configuration and their validation.
-//!
-//! The API layer converts wire messages into a [`VmSpec`] as given; [`validate`]
-//! then checks it against the host's [`Limits`] and confines every host path to
-//! the configured asset directories, returning a spec whose paths are canonical.
-//! Backends only ever see validated specs.
+//! Validation: checks a requested [`VmSpec`] against the host's [`Limits`]
+//! and confines every host path to the configured asset directories. The
+//! result is a [`ValidSpec`] with canonical paths; nothing else makes one.
+//! Errors name the field and say what to change.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
-use crate::error::Error;
+use super::{Invalid, ValidSpec, VmSpec};
 
 const MIB: i64 = 1024 * 1024;
 /// Smallest guest memory we accept: below this no Linux guest boots.
@@ -25,193 +20,6 @@ pub const MAX_METADATA_KEY_LEN: usize = 128;
 pub const MAX_METADATA_VALUE_LEN: usize = 1024;
 pub const MAX_OPTION_ENTRIES: usize = 32;
 
-/// A VM identifier: 1–63 of lowercase ASCII letters, digits and `-`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct VmId(String);
-
-impl VmId {
-    pub fn parse(s: &str) -> Result<Self, Error> {
-        match Self::problem(s) {
-            Some(why) => Err(Error::invalid("vm_id", format!("{s:?} {why}"))),
-            None => Ok(VmId(s.to_owned())),
-        }
-    }
-
-    /// Whether `s` is a valid id (what [`VmId::parse`] accepts), without
-    /// building one.
-    pub fn is_valid(s: &str) -> bool {
-        Self::problem(s).is_none()
-    }
-
-    /// What is wrong with `s` as an id, if anything.
-    fn problem(s: &str) -> Option<&'static str> {
-        if s.is_empty() {
-            return Some("is empty");
-        }
-        if s.len() > 63 {
-            return Some("is longer than 63 characters");
-        }
-        if !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
-            return Some("may only contain lowercase letters, digits and '-'");
-        }
-        None
-    }
-
-    /// A fresh random id, `vm-` followed by 32 hex digits.
-    pub fn generate() -> Self {
-        VmId(format!("vm-{:032x}", rand::random::<u128>()))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for VmId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl TryFrom<String> for VmId {
-    type Error = Error;
-    fn try_from(s: String) -> Result<Self, Error> {
-        VmId::parse(&s)
-    }
-}
-
-impl From<VmId> for String {
-    fn from(id: VmId) -> String {
-        id.0
-    }
-}
-
-/// The authenticated owner of a VM.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct CustomerId(pub String);
-
-impl fmt::Display for CustomerId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct VmSpec {
-    pub cpu: CpuSpec,
-    pub memory: MemorySpec,
-    pub boot: BootSpec,
-    pub storage: Vec<DiskSpec>,
-    pub network: Vec<NicSpec>,
-    pub console: Option<ConsoleSpec>,
-    pub metadata: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct CpuSpec {
-    pub vcpus: i64,
-    /// Hotplug ceiling; 0 means the same as `vcpus`.
-    pub max_vcpus: i64,
-    pub topology: Option<Topology>,
-    pub features: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct Topology {
-    pub sockets: i64,
-    pub cores_per_socket: i64,
-    pub threads_per_core: i64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct MemorySpec {
-    pub size_bytes: i64,
-    pub hotplug: bool,
-    pub max_size_bytes: i64,
-    pub backing: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct BootSpec {
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    pub kernel_args: String,
-    pub options: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct DiskSpec {
-    pub id: String,
-    pub path: PathBuf,
-    pub read_only: bool,
-    pub is_root: bool,
-    pub interface: String,
-    pub options: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct NicSpec {
-    pub id: String,
-    pub mac: String,
-    pub tap: String,
-    pub interface: String,
-    pub options: BTreeMap<String, String>,
-    pub ipv4: Option<Ipv4Spec>,
-    pub ipv6: Option<Ipv6Spec>,
-    /// Wire value of `NetworkMode`.
-    pub mode: i32,
-    pub rx_rate_limit: Option<RateLimit>,
-    pub tx_rate_limit: Option<RateLimit>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct Ipv4Spec {
-    pub address: String,
-    pub netmask: String,
-    pub gateway: String,
-    pub dns_servers: Vec<String>,
-    pub dhcp: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct Ipv6Spec {
-    pub address: String,
-    pub prefix_length: i64,
-    pub gateway: String,
-    pub dns_servers: Vec<String>,
-    pub slaac: bool,
-    pub privacy_extensions: bool,
-    pub link_local: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct RateLimit {
-    pub bandwidth: i64,
-    pub refill_time_ms: i64,
-    pub burst: i64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct ConsoleSpec {
-    pub enabled: bool,
-    pub output: String,
-    pub input: String,
-    pub console_type: String,
-}
-
-impl VmSpec {
-    pub fn memory_bytes(&self) -> u64 {
-        u64::try_from(self.memory.size_bytes).unwrap_or(0)
-    }
-    pub fn vcpus(&self) -> u32 {
-        u32::try_from(self.cpu.vcpus).unwrap_or(0)
-    }
-    pub fn root_disk(&self) -> Option<&DiskSpec> {
-        self.storage.iter().find(|d| d.is_root)
-    }
-}
-
 /// Host limits a request is checked against.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -224,24 +32,24 @@ pub struct Limits {
 /// Checks `spec` against `limits` and returns it with canonical host paths.
 ///
 /// Errors name the field and say what to change.
-pub fn validate(mut spec: VmSpec, limits: &Limits) -> Result<VmSpec, Error> {
+pub fn validate(mut spec: VmSpec, limits: &Limits) -> Result<ValidSpec, Invalid> {
     // CPU
     let max_vcpus = i64::from(limits.max_vcpus);
     if spec.cpu.vcpus < 1 || spec.cpu.vcpus > max_vcpus {
-        return Err(Error::invalid(
+        return Err(Invalid::new(
             "config.cpu.vcpu_count",
             format!("is {}, must be between 1 and {max_vcpus}", spec.cpu.vcpus),
         ));
     }
     if spec.cpu.max_vcpus != 0 {
         if spec.cpu.max_vcpus < spec.cpu.vcpus {
-            return Err(Error::invalid(
+            return Err(Invalid::new(
                 "config.cpu.max_vcpu_count",
                 format!("is {}, must be at least vcpu_count ({}) or 0", spec.cpu.max_vcpus, spec.cpu.vcpus),
             ));
         }
         if spec.cpu.max_vcpus > max_vcpus {
-            return Err(Error::invalid(
+            return Err(Invalid::new(
                 "config.cpu.max_vcpu_count",
                 format!("is {}, must be at most {max_vcpus}", spec.cpu.max_vcpus),
             ));
@@ -250,14 +58,14 @@ pub fn validate(mut spec: VmSpec, limits: &Limits) -> Result<VmSpec, Error> {
     if let Some(t) = spec.cpu.topology {
         let product = t.sockets.saturating_mul(t.cores_per_socket).saturating_mul(t.threads_per_core);
         if t.sockets < 1 || t.cores_per_socket < 1 || t.threads_per_core < 1 {
-            return Err(Error::invalid(
+            return Err(Invalid::new(
                 "config.cpu.topology",
                 "sockets, cores_per_socket and threads_per_core must all be at least 1",
             ));
         }
         let ceiling = spec.cpu.max_vcpus.max(spec.cpu.vcpus);
         if product != ceiling {
-            return Err(Error::invalid(
+            return Err(Invalid::new(
                 "config.cpu.topology",
                 format!("describes {product} vCPUs, but the VM has {ceiling}"),
             ));
@@ -269,7 +77,7 @@ pub fn validate(mut spec: VmSpec, limits: &Limits) -> Result<VmSpec, Error> {
     let max_mem = i64::try_from(limits.max_memory_mb).unwrap_or(i64::MAX).saturating_mul(MIB);
     let min_mem = MIN_MEMORY_BYTES;
     if spec.memory.size_bytes < min_mem || spec.memory.size_bytes > max_mem {
-        return Err(Error::invalid(
+        return Err(Invalid::new(
             "config.memory.size_bytes",
             format!(
                 "is {}, must be between {min_mem} (16 MiB) and {max_mem} ({} MiB)",
@@ -278,7 +86,7 @@ pub fn validate(mut spec: VmSpec, limits: &Limits) -> Result<VmSpec, Error> {
         ));
     }
     if spec.memory.size_bytes % MIB != 0 {
-        return Err(Error::invalid(
+        return Err(Invalid::new(
             "config.memory.size_bytes",
             format!("is {}, must be a whole number of MiB", spec.memory.size_bytes),
         ));
@@ -287,7 +95,7 @@ pub fn validate(mut spec: VmSpec, limits: &Limits) -> Result<VmSpec, Error> {
         && spec.memory.max_size_bytes != 0
         && (spec.memory.max_size_bytes < spec.memory.size_bytes || spec.memory.max_size_bytes > max_mem)
     {
-        return Err(Error::invalid(
+        return Err(Invalid::new(
             "config.memory.max_size_bytes",
             format!("is {}, must be between size_bytes and {max_mem}", spec.memory.max_size_bytes),
         ));
@@ -296,33 +104,33 @@ pub fn validate(mut spec: VmSpec, limits: &Limits) -> Result<VmSpec, Error> {
 
     // Boot
     if spec.boot.kernel.as_os_str().is_empty() {
-        return Err(Error::invalid("config.boot.kernel_path", "is required"));
+        return Err(Invalid::new("config.boot.kernel_path", "is required"));
     }
     spec.boot.kernel = confine("config.boot.kernel_path", &spec.boot.kernel, limits, false)?;
     if let Some(initrd) = spec.boot.initrd.take() {
         spec.boot.initrd = Some(confine("config.boot.initrd_path", &initrd, limits, false)?);
     }
     if spec.boot.kernel_args.len() > MAX_KERNEL_ARGS_LEN {
-        return Err(Error::invalid(
+        return Err(Invalid::new(
             "config.boot.kernel_args",
             format!("is {} bytes long, at most {MAX_KERNEL_ARGS_LEN} are allowed", spec.boot.kernel_args.len()),
         ));
     }
     if spec.boot.kernel_args.contains(['\n', '\0']) {
-        return Err(Error::invalid("config.boot.kernel_args", "must not contain newlines or NUL bytes"));
+        return Err(Invalid::new("config.boot.kernel_args", "must not contain newlines or NUL bytes"));
     }
     check_map("config.boot.boot_options", &spec.boot.options, MAX_OPTION_ENTRIES)?;
 
     // Storage
     if spec.storage.len() > MAX_DISKS {
-        return Err(Error::invalid(
+        return Err(Invalid::new(
             "config.storage",
             format!("has {} devices, at most {MAX_DISKS} are allowed", spec.storage.len()),
         ));
     }
     let roots = spec.storage.iter().filter(|d| d.is_root).count();
     if roots > 1 {
-        return Err(Error::invalid(
+        return Err(Invalid::new(
             "config.storage",
             format!("marks {roots} devices as is_root_device, at most one may be"),
         ));
@@ -335,17 +143,17 @@ pub fn validate(mut spec: VmSpec, limits: &Limits) -> Result<VmSpec, Error> {
         }
         check_device_id(&format!("{field}.id"), &disk.id)?;
         if !ids.insert(disk.id.clone()) {
-            return Err(Error::invalid(format!("{field}.id"), format!("{:?} is used twice", disk.id)));
+            return Err(Invalid::new(format!("{field}.id"), format!("{:?} is used twice", disk.id)));
         }
         if disk.path.as_os_str().is_empty() {
-            return Err(Error::invalid(format!("{field}.path"), "is required"));
+            return Err(Invalid::new(format!("{field}.path"), "is required"));
         }
         disk.path = confine(&format!("{field}.path"), &disk.path, limits, true)?;
         match disk.interface.as_str() {
             "" => disk.interface = "virtio-blk".into(),
             "virtio-blk" => {}
             other => {
-                return Err(Error::invalid(
+                return Err(Invalid::new(
                     format!("{field}.interface_type"),
                     format!("{other:?} is not supported; use \"virtio-blk\""),
                 ));
@@ -356,7 +164,7 @@ pub fn validate(mut spec: VmSpec, limits: &Limits) -> Result<VmSpec, Error> {
 
     // Network
     if spec.network.len() > MAX_NICS {
-        return Err(Error::invalid(
+        return Err(Invalid::new(
             "config.network",
             format!("has {} interfaces, at most {MAX_NICS} are allowed", spec.network.len()),
         ));
@@ -369,16 +177,16 @@ pub fn validate(mut spec: VmSpec, limits: &Limits) -> Result<VmSpec, Error> {
         }
         check_device_id(&format!("{field}.id"), &nic.id)?;
         if !ids.insert(nic.id.clone()) {
-            return Err(Error::invalid(format!("{field}.id"), format!("{:?} is used twice", nic.id)));
+            return Err(Invalid::new(format!("{field}.id"), format!("{:?} is used twice", nic.id)));
         }
         if !nic.mac.is_empty() && !is_unicast_mac(&nic.mac) {
-            return Err(Error::invalid(
+            return Err(Invalid::new(
                 format!("{field}.mac_address"),
                 format!("{:?} is not a unicast MAC address like 02:00:00:00:00:01", nic.mac),
             ));
         }
         if !nic.tap.is_empty() && !is_valid_ifname(&nic.tap) {
-            return Err(Error::invalid(
+            return Err(Invalid::new(
                 format!("{field}.tap_device"),
                 format!("{:?} is not a valid interface name (1-15 of letters, digits, '-', '_', '.')", nic.tap),
             ));
@@ -387,7 +195,7 @@ pub fn validate(mut spec: VmSpec, limits: &Limits) -> Result<VmSpec, Error> {
             "" => nic.interface = "virtio-net".into(),
             "virtio-net" => {}
             other => {
-                return Err(Error::invalid(
+                return Err(Invalid::new(
                     format!("{field}.interface_type"),
                     format!("{other:?} is not supported; use \"virtio-net\""),
                 ));
@@ -397,33 +205,33 @@ pub fn validate(mut spec: VmSpec, limits: &Limits) -> Result<VmSpec, Error> {
             if let Some(rl) = rl
                 && (rl.bandwidth < 0 || rl.refill_time_ms < 0 || rl.burst < 0)
             {
-                return Err(Error::invalid(format!("{field}.{name}"), "values must not be negative"));
+                return Err(Invalid::new(format!("{field}.{name}"), "values must not be negative"));
             }
         }
         check_map(&format!("{field}.options"), &nic.options, MAX_OPTION_ENTRIES)?;
     }
 
     check_map("config.metadata", &spec.metadata, MAX_METADATA_ENTRIES)?;
-    Ok(spec)
+    Ok(ValidSpec::accepted(spec))
 }
 
-fn check_device_id(field: &str, id: &str) -> Result<(), Error> {
+fn check_device_id(field: &str, id: &str) -> Result<(), Invalid> {
     if id.len() > 32 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-        return Err(Error::invalid(field, format!("{id:?} must be 1-32 of letters, digits, '-' and '_'")));
+        return Err(Invalid::new(field, format!("{id:?} must be 1-32 of letters, digits, '-' and '_'")));
     }
     Ok(())
 }
 
-fn check_map(field: &str, map: &BTreeMap<String, String>, max_entries: usize) -> Result<(), Error> {
+fn check_map(field: &str, map: &BTreeMap<String, String>, max_entries: usize) -> Result<(), Invalid> {
     if map.len() > max_entries {
-        return Err(Error::invalid(field, format!("has {} entries, at most {max_entries} are allowed", map.len())));
+        return Err(Invalid::new(field, format!("has {} entries, at most {max_entries} are allowed", map.len())));
     }
     for (k, v) in map {
         if k.is_empty() || k.len() > MAX_METADATA_KEY_LEN {
-            return Err(Error::invalid(field, format!("key {k:?} must be 1-{MAX_METADATA_KEY_LEN} bytes")));
+            return Err(Invalid::new(field, format!("key {k:?} must be 1-{MAX_METADATA_KEY_LEN} bytes")));
         }
         if v.len() > MAX_METADATA_VALUE_LEN {
-            return Err(Error::invalid(
+            return Err(Invalid::new(
                 field,
                 format!("value of {k:?} is {} bytes, at most {MAX_METADATA_VALUE_LEN} are allowed", v.len()),
             ));
@@ -450,15 +258,15 @@ fn is_valid_ifname(s: &str) -> bool {
 /// Resolves `path` (following symlinks and `..`) and requires the result to be
 /// inside one of the asset directories and to be a regular file (or, for
 /// disks, a block device).
-pub fn confine(field: &str, path: &Path, limits: &Limits, allow_block: bool) -> Result<PathBuf, Error> {
+pub fn confine(field: &str, path: &Path, limits: &Limits, allow_block: bool) -> Result<PathBuf, Invalid> {
     if !path.is_absolute() {
-        return Err(Error::invalid(field, format!("{} is not an absolute path", path.display())));
+        return Err(Invalid::new(field, format!("{} is not an absolute path", path.display())));
     }
     let real = std::fs::canonicalize(path)
-        .map_err(|e| Error::invalid(field, format!("{} cannot be resolved: {e}", path.display())))?;
+        .map_err(|e| Invalid::new(field, format!("{} cannot be resolved: {e}", path.display())))?;
     if !limits.asset_dirs.iter().any(|dir| real.starts_with(dir)) {
         let dirs: Vec<String> = limits.asset_dirs.iter().map(|d| d.display().to_string()).collect();
-        return Err(Error::invalid(
+        return Err(Invalid::new(
             field,
             format!(
                 "{} resolves to {}, which is outside the asset directories ({}); place the file there or add its directory to UNKEY_METALD_ASSET_DIRS",
@@ -468,11 +276,11 @@ pub fn confine(field: &str, path: &Path, limits: &Limits, allow_block: bool) -> 
             ),
         ));
     }
-    let meta = std::fs::metadata(&real).map_err(|e| Error::invalid(field, format!("{}: {e}", real.display())))?;
+    let meta = std::fs::metadata(&real).map_err(|e| Invalid::new(field, format!("{}: {e}", real.display())))?;
     let ft = meta.file_type();
     use std::os::unix::fs::FileTypeExt;
     if !(ft.is_file() || (allow_block && ft.is_block_device())) {
-        return Err(Error::invalid(
+        return Err(Invalid::new(
             field,
             format!("{} is not a regular file{}", real.display(), if allow_block { " or block device" } else { "" }),
         ));
@@ -484,7 +292,7 @@ pub fn confine(field: &str, path: &Path, limits: &Limits, allow_block: bool) -> 
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::error::Code;
+    use crate::model::{BootSpec, CpuSpec, DiskSpec, MemorySpec, NicSpec, VmId};
 
     struct Fixture {
         _tmp: tempfile::TempDir,
@@ -517,12 +325,8 @@ mod tests {
         }
     }
 
-    fn field_of(err: Error) -> String {
-        assert_eq!(err.code(), Code::InvalidArgument, "{err}");
-        match err {
-            Error::InvalidArgument { field, .. } => field,
-            other => panic!("unexpected {other:?}"),
-        }
+    fn field_of(err: Invalid) -> String {
+        err.field
     }
 
     #[test]
@@ -674,7 +478,7 @@ mod tests {
         }
         for bad in ["", "A", "vm_1", "vm 1", "vm/1", "é", &"a".repeat(64)] {
             let e = VmId::parse(bad).unwrap_err();
-            assert_eq!(e.code(), Code::InvalidArgument, "{bad}");
+            assert_eq!(e.field, "vm_id", "{bad}");
         }
         let g = VmId::generate();
         assert!(VmId::parse(g.as_str()).is_ok());

@@ -1,0 +1,42 @@
+//! The vocabulary every layer shares: ids, the requested and the validated
+//! VM spec, lifecycle states and changes, the operation list, the error
+//! [`Code`], and the persisted [`Runtime`] of a VM's hypervisor process.
+//!
+//! A leaf: it imports nothing else of the crate, so the core, the backends,
+//! the store and the API can all speak it without importing each other.
+
+mod code;
+mod id;
+mod operation;
+mod runtime;
+mod spec;
+pub mod state;
+mod validate;
+
+pub use code::Code;
+pub use id::{CustomerId, VmId};
+pub use operation::Operation;
+pub use runtime::{BackendKind, Runtime, StopMode, Usage};
+pub use spec::{
+    BootSpec, ConsoleSpec, CpuSpec, DiskSpec, Ipv4Spec, Ipv6Spec, MemorySpec, NicSpec, RateLimit, Topology, ValidSpec,
+    VmSpec,
+};
+pub use state::{InvalidTransition, Op, Plan, Status, Target, VmState, plan, transition};
+pub use validate::{
+    Limits, MAX_DISKS, MAX_KERNEL_ARGS_LEN, MAX_METADATA_ENTRIES, MAX_METADATA_KEY_LEN, MAX_METADATA_VALUE_LEN,
+    MAX_NICS, MAX_OPTION_ENTRIES, MIN_MEMORY_BYTES, confine, validate,
+};
+
+/// A value refused by parsing or validation: which field, and what to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field}: {reason}")]
+pub struct Invalid {
+    pub field: String,
+    pub reason: String,
+}
+
+impl Invalid {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Invalid { field: field.into(), reason: reason.into() }
+    }
+}
