@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 mod support;
 
 use metald::client::{WireProtocol, vm_client};
-use metald::config::Config;
+use metald::daemon::Config;
 use metald::pb::vmprovisioner::v1 as pb;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

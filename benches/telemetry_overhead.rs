@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 mod support;
 
 use metald::client::{WireProtocol, vm_client};
-use metald::config::Config;
+use metald::daemon::Config;
 use metald::pb::vmprovisioner::v1 as pb;
 
 fn env_or(name: &str, default: usize) -> usize {

@@ -13,6 +13,7 @@ use connectrpc::ConnectError;
 use serde_json::json;
 
 use crate::client::{VmClient, WireProtocol, vm_client};
+use crate::model::Operation;
 use crate::pb::vmprovisioner::v1 as pb;
 
 #[derive(Parser, Debug)]
@@ -96,6 +97,41 @@ pub enum Command {
     BillingServer(crate::billing::devserver::ServerArgs),
     /// Print per-VM usage totals from a development billing service's database.
     BillingReport(crate::billing::devserver::ReportArgs),
+}
+
+impl Command {
+    /// The API operation a subcommand calls (`None` for the local tools).
+    pub fn operation(&self) -> Option<Operation> {
+        match self {
+            Command::Create(_) => Some(Operation::Create),
+            Command::Boot { .. } => Some(Operation::Boot),
+            Command::Pause { .. } => Some(Operation::Pause),
+            Command::Resume { .. } => Some(Operation::Resume),
+            Command::Reboot { .. } => Some(Operation::Reboot),
+            Command::Shutdown { .. } => Some(Operation::Shutdown),
+            Command::Delete { .. } => Some(Operation::Delete),
+            Command::Info { .. } => Some(Operation::Info),
+            Command::List { .. } => Some(Operation::List),
+            Command::BillingServer(_) | Command::BillingReport(_) => None,
+        }
+    }
+}
+
+/// The subcommand that calls each API operation. Exhaustive: a new
+/// [`Operation`] does not compile until the CLI says how it is reached (and
+/// the test below checks the subcommand exists and calls it).
+pub fn verb(op: Operation) -> &'static str {
+    match op {
+        Operation::Create => "create",
+        Operation::Boot => "boot",
+        Operation::Pause => "pause",
+        Operation::Resume => "resume",
+        Operation::Reboot => "reboot",
+        Operation::Shutdown => "shutdown",
+        Operation::Delete => "delete",
+        Operation::Info => "info",
+        Operation::List => "list",
+    }
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
@@ -439,6 +475,22 @@ async fn list(client: &VmClient, states: Vec<StateArg>, page_size: i32, all: boo
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn every_operation_has_its_subcommand() {
+        for op in Operation::ALL {
+            let verb = verb(op);
+            assert!(Cli::command().find_subcommand(verb).is_some(), "no subcommand {verb} for {op:?}");
+            let mut args = vec!["metaldctl", verb];
+            if op == Operation::Create {
+                args.extend(["--kernel", "/k"]);
+            } else if op != Operation::List {
+                args.push("vm-1");
+            }
+            let cli = Cli::try_parse_from(&args).unwrap();
+            assert_eq!(cli.command.operation(), Some(op), "{args:?}");
+        }
+    }
 
     #[test]
     fn command_line_definition_is_consistent() {

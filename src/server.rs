@@ -58,7 +58,7 @@ async fn health(State(st): State<HealthState>, headers: axum::http::HeaderMap) -
 }
 
 async fn health_inner(st: HealthState) -> impl IntoResponse {
-    use crate::core::state::VmState;
+    use crate::model::VmState;
     let store = st.manager.store().clone();
     let store_ok = tokio::task::spawn_blocking(move || store.ping().is_ok()).await.unwrap_or(false);
     let backend = st.manager.backend().health().await;

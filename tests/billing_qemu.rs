@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use guest_support::guest_image;
 use metald::client::{WireProtocol, vm_client};
-use metald::config::Config;
+use metald::daemon::Config;
 use metald::pb::vmprovisioner::v1 as pb;
 use tokio_util::sync::CancellationToken;
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use common::{TOKEN_A, TestDaemon};
 use connectrpc::ErrorCode;
-use metald::config::Config;
+use metald::daemon::Config;
 use metald::pb::vmprovisioner::v1 as pb;
 use serde_json::{Value, json};
 use vmm_support::{

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use guest_support::guest_image;
 use metald::client::{VmClient, WireProtocol, vm_client};
-use metald::config::Config;
+use metald::daemon::Config;
 use metald::daemon::Daemon;
 use metald::pb::vmprovisioner::v1 as pb;
 
@@ -464,7 +464,7 @@ async fn guests_survive_a_daemon_restart() {
 async fn auto_accel_is_decided_by_a_probe_guest() {
     use metald::backend::qemu::accel::decide;
     use metald::backend::qemu::cmdline::Accel;
-    use metald::config::{AccelChoice, QemuSettings};
+    use metald::backend::qemu::config::{AccelChoice, QemuSettings};
 
     let tmp = tempfile::tempdir().unwrap();
     let settings = QemuSettings { accel: AccelChoice::Auto, probe_timeout_secs: 30, ..Default::default() };

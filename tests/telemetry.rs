@@ -49,7 +49,7 @@ fn init_tracing() {
     ONCE.call_once(|| {
         use tracing_subscriber::util::SubscriberInitExt;
         let filter = tracing_subscriber::EnvFilter::new("warn,metald::core=info");
-        metald::telemetry::subscriber(metald::config::LogFormat::Text, filter, || LogSink, false).init();
+        metald::telemetry::subscriber(metald::telemetry::LogFormat::Text, filter, || LogSink, false).init();
     });
 }
 

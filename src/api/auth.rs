@@ -11,8 +11,8 @@ use std::path::Path;
 
 use http::HeaderMap;
 
-use crate::core::spec::CustomerId;
 use crate::error::Error;
+use crate::model::CustomerId;
 
 pub const DEV_TOKEN_PREFIX: &str = "dev_customer_";
 const MAX_CUSTOMER_ID_LEN: usize = 128;

@@ -5,12 +5,12 @@ use std::path::PathBuf;
 
 use buffa::{EnumValue, MessageField};
 
-use crate::core::spec::{
-    BootSpec, ConsoleSpec, CpuSpec, DiskSpec, Ipv4Spec, Ipv6Spec, MemorySpec, NicSpec, RateLimit, Topology, VmSpec,
-};
-use crate::core::state::VmState;
 use crate::core::{LiveMetrics, VmDetails, VmView};
 use crate::error::Error;
+use crate::model::VmState;
+use crate::model::{
+    BootSpec, ConsoleSpec, CpuSpec, DiskSpec, Ipv4Spec, Ipv6Spec, MemorySpec, NicSpec, RateLimit, Topology, VmSpec,
+};
 use crate::pb::vmprovisioner::v1 as pb;
 
 type PbMap = buffa::__private::HashMap<String, String>;

@@ -15,12 +15,11 @@ use base64::Engine;
 use connectrpc::{ConnectError, ErrorCode, RequestContext, Response, ServiceRequest, ServiceResult};
 use tracing::{Instrument, error, info_span};
 
-use crate::backend::StopMode;
-use crate::core::spec::{CustomerId, VmId};
 use crate::core::{DEFAULT_SHUTDOWN_TIMEOUT, ListQuery, MAX_SHUTDOWN_TIMEOUT, Manager};
 use crate::error::{Code, Error};
+use crate::model::{CustomerId, Operation, StopMode, VmId};
 use crate::pb::vmprovisioner::v1 as pb;
-use crate::telemetry::Operation;
+
 use crate::telemetry::rpc::RpcTelemetry;
 use auth::Authenticator;
 use convert::{info_out, spec_in, state_in, state_out, summary_out};

@@ -3,7 +3,8 @@
 
 use std::process::ExitCode;
 
-use metald::config::{Config, LogFormat};
+use metald::daemon::Config;
+use metald::telemetry::LogFormat;
 use tracing_subscriber::EnvFilter;
 
 /// Logs to stderr (lines inside a traced span carry `trace_id`/`span_id`)

@@ -4,8 +4,8 @@
 
 use super::*;
 use crate::backend::fake::{FakeBackend, FakeControl};
-use crate::core::spec::{BootSpec, CpuSpec, MemorySpec};
 use crate::error::Code;
+use crate::model::{BootSpec, CpuSpec, MemorySpec};
 
 struct Env {
     _tmp: tempfile::TempDir,

@@ -6,6 +6,13 @@ use std::time::Duration;
 
 use crate::config::Reader;
 
+/// How log lines are written (`UNKEY_METALD_LOG_FORMAT`: text or json).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 /// Validated telemetry settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TelemetryConfig {

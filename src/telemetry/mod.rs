@@ -37,7 +37,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use config::TelemetryConfig;
+pub use config::{LogFormat, TelemetryConfig};
 pub use metrics::{BillingMetrics, Metrics, Operation};
 pub use traces::{LOG_ONLY, METERING_ROUND, WithTraceIds, layer};
 
@@ -104,7 +104,7 @@ impl Drop for Running {
 /// level never decides what is traced (with `warn` logs, the lifecycle and
 /// hypervisor spans are still exported).
 pub fn subscriber<W>(
-    format: crate::config::LogFormat,
+    format: LogFormat,
     filter: tracing_subscriber::EnvFilter,
     writer: W,
     ansi: bool,
@@ -116,12 +116,12 @@ where
     use tracing_subscriber::{Layer, fmt};
 
     let logs = match format {
-        crate::config::LogFormat::Json => fmt::layer()
+        LogFormat::Json => fmt::layer()
             .with_writer(writer)
             .event_format(WithTraceIds::new(fmt::format().json(), true))
             .fmt_fields(fmt::format::JsonFields::new())
             .boxed(),
-        crate::config::LogFormat::Text => fmt::layer()
+        LogFormat::Text => fmt::layer()
             .with_writer(writer)
             .with_ansi(ansi)
             .event_format(WithTraceIds::new(fmt::format(), false))

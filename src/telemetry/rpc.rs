@@ -23,7 +23,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use super::metrics::{HTTP_METHODS, Metrics, Operation};
 use super::spans::{ServerSpan, SpanQueue, server_span_head};
 use super::traces::KeepErrorsSampler;
-use crate::core::spec::VmId;
+use crate::model::VmId;
 
 struct Headers<'a>(&'a http::HeaderMap);
 

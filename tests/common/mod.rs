@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use metald::client::{VmClient, WireProtocol, vm_client};
-use metald::config::Config;
+use metald::daemon::Config;
 use metald::daemon::Daemon;
 use metald::pb::vmprovisioner::v1 as pb;
 

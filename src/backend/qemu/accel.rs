@@ -15,8 +15,8 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::cmdline::{Accel, accel_args};
+use super::config::{AccelChoice, QemuSettings};
 use crate::backend::process::{ProcessId, log_tail, spawn_detached};
-use crate::config::{AccelChoice, QemuSettings};
 
 /// Console lines that prove a probe guest reached userspace: the kernel's
 /// own line before it executes init (any kernel), or the metald guest

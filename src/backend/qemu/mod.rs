@@ -20,6 +20,7 @@
 
 pub mod accel;
 pub mod cmdline;
+pub mod config;
 pub mod qmp;
 
 use std::collections::{BTreeMap, HashMap};
@@ -35,13 +36,13 @@ use tracing::{debug, info, warn};
 
 use self::accel::AccelDecision;
 use self::cmdline::VmPaths;
+use self::config::QemuSettings;
 use self::qmp::{
     Cont, Qmp, QmpCommand, QmpError, QmpEvent, QueryBlockstats, QueryStatus, Quit, Stop, SystemPowerdown, SystemReset,
 };
 use super::kernel;
 use super::process::{self, ProcessId, Watched, log_tail, remove_quiet, watch_exit};
 use super::{Backend, BackendError, BackendHealth, BackendKind, ExitSink, Result, Runtime, StopMode, Usage, VmContext};
-use crate::config::QemuSettings;
 use crate::core::spec::{ValidSpec, VmId, VmSpec};
 use crate::util::unix_now;
 

@@ -1,6 +1,8 @@
 //! Wires configuration, store, backend, manager and server into a running
 //! daemon. `main` and the API tests both start metald through [`start`].
 
+pub mod config;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,11 +17,11 @@ use crate::api::auth::Authenticator;
 use crate::backend::fake::{FakeBackend, FakeControl};
 use crate::backend::qemu::QemuBackend;
 use crate::backend::{Backend, ExitEvent};
-use crate::config::{BackendChoice, Config};
-use crate::core::spec::Limits;
 use crate::core::{Manager, ManagerConfig};
+use crate::model::Limits;
 use crate::store::Store;
 use crate::telemetry::Telemetry;
+pub use config::{BackendChoice, Config};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
