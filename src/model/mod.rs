@@ -7,6 +7,7 @@
 
 mod code;
 mod id;
+mod invalid;
 mod operation;
 mod runtime;
 mod spec;
@@ -15,6 +16,7 @@ mod validate;
 
 pub use code::Code;
 pub use id::{CustomerId, VmId};
+pub use invalid::Invalid;
 pub use operation::Operation;
 pub use runtime::{BackendKind, Runtime, StopMode, Usage};
 pub use spec::{
@@ -26,17 +28,3 @@ pub use validate::{
     Limits, MAX_DISKS, MAX_KERNEL_ARGS_LEN, MAX_METADATA_ENTRIES, MAX_METADATA_KEY_LEN, MAX_METADATA_VALUE_LEN,
     MAX_NICS, MAX_OPTION_ENTRIES, MIN_MEMORY_BYTES, confine, validate,
 };
-
-/// A value refused by parsing or validation: which field, and what to change.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {field}: {reason}")]
-pub struct Invalid {
-    pub field: String,
-    pub reason: String,
-}
-
-impl Invalid {
-    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Invalid { field: field.into(), reason: reason.into() }
-    }
-}

@@ -9,7 +9,8 @@
 
 use std::fmt;
 
-use super::{Operation, Runtime, StopMode};
+use super::operation::Operation;
+use super::runtime::{Runtime, StopMode};
 
 /// Lifecycle state of a VM as persisted and reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

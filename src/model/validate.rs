@@ -6,7 +6,8 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use super::{Invalid, ValidSpec, VmSpec};
+use super::invalid::Invalid;
+use super::spec::{ValidSpec, VmSpec};
 
 const MIB: i64 = 1024 * 1024;
 /// Smallest guest memory we accept: below this no Linux guest boots.
