@@ -137,7 +137,8 @@ fn stop_mode(force: bool, timeout_seconds: i32) -> Result<StopMode, Error> {
 /// The span an API call runs in, for log lines (`rpc.method`, `vm_id`).
 /// It is not exported: with telemetry on, the RPC's server span (`RpcTelemetry`)
 /// is the call's span.
-fn call_span(method: &'static str, id: Option<&VmId>) -> tracing::Span {
+fn call_span(op: Operation, id: Option<&VmId>) -> tracing::Span {
+    let method = op.rpc_method();
     match id {
         Some(id) => info_span!(target: crate::telemetry::LOG_ONLY, "rpc", rpc.method = method, vm_id = %id),
         None => info_span!(target: crate::telemetry::LOG_ONLY, "rpc", rpc.method = method),
@@ -178,8 +179,8 @@ impl NamedVm for pb::ListVmsRequestView<'_> {
 }
 
 macro_rules! rpc_span {
-    ($method:literal, $id:expr) => {
-        call_span($method, Some(&$id))
+    ($op:ident, $id:expr) => {
+        call_span(Operation::$op, Some(&$id))
     };
 }
 
@@ -247,7 +248,7 @@ impl Handlers<'_> {
         let id = if req.vm_id.is_empty() { None } else { Some(vm_id(&req.vm_id)?) };
         let config = req.config.as_option().ok_or_else(|| to_connect(Error::invalid("config", "is required")))?;
         let spec = spec_in(config);
-        let span = call_span("CreateVm", id.as_ref());
+        let span = call_span(Operation::Create, id.as_ref());
         let view = self.manager.create(&caller, id, spec).instrument(span).await.map_err(to_connect)?;
         Response::ok(pb::CreateVmResponse {
             vm_id: view.id.to_string(),
@@ -264,7 +265,7 @@ impl Handlers<'_> {
         let caller = self.caller(ctx)?;
         let req = request.to_owned_message();
         let id = vm_id(&req.vm_id)?;
-        self.manager.delete(&caller, &id, req.force).instrument(rpc_span!("DeleteVm", id)).await.map_err(to_connect)?;
+        self.manager.delete(&caller, &id, req.force).instrument(rpc_span!(Delete, id)).await.map_err(to_connect)?;
         Response::ok(pb::DeleteVmResponse { success: true, ..Default::default() })
     }
 
@@ -275,7 +276,7 @@ impl Handlers<'_> {
     ) -> ServiceResult<pb::BootVmResponse> {
         let caller = self.caller(ctx)?;
         let id = vm_id(&request.to_owned_message().vm_id)?;
-        let state = self.manager.boot(&caller, &id).instrument(rpc_span!("BootVm", id)).await.map_err(to_connect)?;
+        let state = self.manager.boot(&caller, &id).instrument(rpc_span!(Boot, id)).await.map_err(to_connect)?;
         Response::ok(pb::BootVmResponse { success: true, state: state_out(state).into(), ..Default::default() })
     }
 
@@ -288,12 +289,8 @@ impl Handlers<'_> {
         let req = request.to_owned_message();
         let id = vm_id(&req.vm_id)?;
         let mode = stop_mode(req.force, req.timeout_seconds).map_err(to_connect)?;
-        let state = self
-            .manager
-            .shutdown(&caller, &id, mode)
-            .instrument(rpc_span!("ShutdownVm", id))
-            .await
-            .map_err(to_connect)?;
+        let state =
+            self.manager.shutdown(&caller, &id, mode).instrument(rpc_span!(Shutdown, id)).await.map_err(to_connect)?;
         Response::ok(pb::ShutdownVmResponse { success: true, state: state_out(state).into(), ..Default::default() })
     }
 
@@ -304,7 +301,7 @@ impl Handlers<'_> {
     ) -> ServiceResult<pb::PauseVmResponse> {
         let caller = self.caller(ctx)?;
         let id = vm_id(&request.to_owned_message().vm_id)?;
-        let state = self.manager.pause(&caller, &id).instrument(rpc_span!("PauseVm", id)).await.map_err(to_connect)?;
+        let state = self.manager.pause(&caller, &id).instrument(rpc_span!(Pause, id)).await.map_err(to_connect)?;
         Response::ok(pb::PauseVmResponse { success: true, state: state_out(state).into(), ..Default::default() })
     }
 
@@ -315,8 +312,7 @@ impl Handlers<'_> {
     ) -> ServiceResult<pb::ResumeVmResponse> {
         let caller = self.caller(ctx)?;
         let id = vm_id(&request.to_owned_message().vm_id)?;
-        let state =
-            self.manager.resume(&caller, &id).instrument(rpc_span!("ResumeVm", id)).await.map_err(to_connect)?;
+        let state = self.manager.resume(&caller, &id).instrument(rpc_span!(Resume, id)).await.map_err(to_connect)?;
         Response::ok(pb::ResumeVmResponse { success: true, state: state_out(state).into(), ..Default::default() })
     }
 
@@ -328,12 +324,8 @@ impl Handlers<'_> {
         let caller = self.caller(ctx)?;
         let req = request.to_owned_message();
         let id = vm_id(&req.vm_id)?;
-        let state = self
-            .manager
-            .reboot(&caller, &id, req.force)
-            .instrument(rpc_span!("RebootVm", id))
-            .await
-            .map_err(to_connect)?;
+        let state =
+            self.manager.reboot(&caller, &id, req.force).instrument(rpc_span!(Reboot, id)).await.map_err(to_connect)?;
         Response::ok(pb::RebootVmResponse { success: true, state: state_out(state).into(), ..Default::default() })
     }
 
@@ -344,8 +336,7 @@ impl Handlers<'_> {
     ) -> ServiceResult<pb::GetVmInfoResponse> {
         let caller = self.caller(ctx)?;
         let id = vm_id(&request.to_owned_message().vm_id)?;
-        let details =
-            self.manager.info(&caller, &id).instrument(rpc_span!("GetVmInfo", id)).await.map_err(to_connect)?;
+        let details = self.manager.info(&caller, &id).instrument(rpc_span!(Info, id)).await.map_err(to_connect)?;
         Response::ok(info_out(&details))
     }
 
