@@ -47,13 +47,7 @@ async fn main() -> ExitCode {
     let daemon = match metald::daemon::start(cfg).await {
         Ok(d) => d,
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(": ");
-                msg.push_str(&s.to_string());
-                src = s.source();
-            }
+            let msg = metald::util::chain(&e);
             tracing::error!(error = %msg, "metald failed to start");
             eprintln!("metald: {msg}");
             return ExitCode::FAILURE;
