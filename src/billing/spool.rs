@@ -17,9 +17,6 @@
 //! sent one gets its `skip` count. Thinning rewrites an old chunk keeping the
 //! first and last sample of each run plus a gap notice for the removed span;
 //! counters are cumulative, so totals stay exact.
-//!
-//! A spool of the SQLite format (`<data dir>/billing.db`, before the log)
-//! is imported once at start, so an upgrade loses no unsent usage.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -28,29 +25,17 @@ use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 pub use super::log::Reader;
 use super::log::{ChunkHead, Frame, Log, LogError};
 use super::{BillingError, BillingMetrics, MeterSet, Metered, Shared};
 use crate::backend::Usage;
 
-/// Bytes of one record in the first (fixed) blob format.
-const RECORD_BYTES: usize = 64;
-
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     #[error(transparent)]
     Log(#[from] LogError),
-    #[error("importing the old SQLite spool")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("{op} {path}")]
-    Io {
-        op: &'static str,
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("chunk {0} is corrupt")]
     Corrupt(i64),
 }
@@ -165,7 +150,7 @@ impl Record {
         *prev = (self.ts_ns, self.v);
     }
 
-    /// Decodes a chunk blob of either format (`None`: corrupt).
+    /// Decodes a chunk blob (`None`: corrupt).
     pub fn decode_all(b: &[u8]) -> Option<Vec<Record>> {
         let mut out = Vec::new();
         Record::decode_into(b, 0, &mut out)?;
@@ -175,19 +160,17 @@ impl Record {
     /// Decodes a chunk blob, appending its records after the first `skip`
     /// to `out` (`None`: corrupt; `out` may then hold part of the chunk).
     pub fn decode_into(b: &[u8], skip: usize, out: &mut Vec<Record>) -> Option<()> {
-        if b.first() == Some(&FORMAT_DELTA) {
-            return decode_delta(&b[1..], skip, out);
+        match b.split_first() {
+            Some((&FORMAT_DELTA, rest)) => decode_delta(rest, skip, out),
+            _ => None,
         }
-        out.extend(decode_fixed(b)?.into_iter().skip(skip));
-        Some(())
     }
 }
 
 /// The previous record's time and counters while delta-encoding.
 type Prev = (i64, [i64; 6]);
 
-/// First byte of a delta-encoded blob. Fixed-format blobs (written before
-/// it) start with a kind code 0–3, so the two never collide.
+/// First byte of a chunk blob (the delta format).
 const FORMAT_DELTA: u8 = 0x81;
 
 /// LEB128, as protobuf and prost write it; inlined here because it runs
@@ -234,25 +217,6 @@ fn decode_delta(mut b: &[u8], skip: usize, out: &mut Vec<Record>) -> Option<()> 
         }
     }
     b.is_empty().then_some(())
-}
-
-/// The first format: fixed 64-byte records of eight little-endian words.
-fn decode_fixed(b: &[u8]) -> Option<Vec<Record>> {
-    if !b.len().is_multiple_of(RECORD_BYTES) {
-        return None;
-    }
-    let word =
-        |c: &[u8], k: usize| -> Option<i64> { Some(i64::from_le_bytes(c.get(k * 8..k * 8 + 8)?.try_into().ok()?)) };
-    b.chunks_exact(RECORD_BYTES)
-        .map(|c| {
-            let kind = Kind::from_code(word(c, 0)?)?;
-            let mut v = [0i64; 6];
-            for (k, x) in v.iter_mut().enumerate() {
-                *x = word(c, k + 2)?;
-            }
-            Some(Record { kind, ts_ns: word(c, 1)?, v })
-        })
-        .collect()
 }
 
 /// Keeps every notice and the first and last sample of each run of samples;
@@ -398,88 +362,6 @@ impl SpoolHandle {
         let inbox = Inbox::default();
         (SpoolHandle { inbox: inbox.clone(), wake }, inbox)
     }
-}
-
-/// The old spool (`billing.db`, one SQLite row per VM per commit): its
-/// unsent chunks and metered VMs are copied into a fresh log, which then
-/// takes the log's place in one rename; only after that is the database
-/// removed. A crash at any point imports again from scratch or finds the
-/// import done.
-fn import_sqlite(data_dir: &Path) -> Result<(), SpoolError> {
-    let db = data_dir.join("billing.db");
-    let dir = spool_dir(data_dir);
-    let remove_db = || {
-        for suffix in ["", "-wal", "-shm"] {
-            let p = data_dir.join(format!("billing.db{suffix}"));
-            if let Err(e) = std::fs::remove_file(&p)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                warn!(path = %p.display(), error = %e, "removing the imported SQLite spool failed");
-            }
-        }
-    };
-    if !db.exists() {
-        return Ok(());
-    }
-    if dir.exists() {
-        remove_db();
-        return Ok(());
-    }
-    let io = |op: &'static str, p: &Path| {
-        let path = p.display().to_string();
-        move |source| SpoolError::Io { op, path, source }
-    };
-    let conn = rusqlite::Connection::open(&db)?;
-    let tables: i64 = conn.query_row(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('chunks', 'vm_meter')",
-        [],
-        |r| r.get(0),
-    )?;
-    if tables != 2 {
-        warn!(path = %db.display(), "billing.db is not an old billing spool; leaving it alone");
-        return Ok(());
-    }
-    let tmp = data_dir.join("billing-spool.import");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io("removing", &tmp))?;
-    }
-    let (mut log, _) = Log::open(&tmp)?;
-    let mut frame = Frame::new();
-    let max_id: i64 = conn.query_row("SELECT coalesce(max(id), 0) FROM chunks", [], |r| r.get(0))?;
-    frame.checkpoint(max_id + 1);
-    let mut st = conn.prepare("SELECT vm_id, customer_id, last_ts FROM vm_meter")?;
-    let mut rows = st.query([])?;
-    while let Some(r) = rows.next()? {
-        frame.meter(&r.get::<_, String>(0)?, &r.get::<_, String>(1)?, r.get(2)?);
-    }
-    let mut st = conn.prepare(
-        "SELECT id, vm_id, customer_id, records, events, first_ts, last_ts, skip, thinned, data FROM chunks ORDER BY id",
-    )?;
-    let mut rows = st.query([])?;
-    let mut n = 0usize;
-    while let Some(r) = rows.next()? {
-        let (vm, customer, data): (String, String, Vec<u8>) = (r.get(1)?, r.get(2)?, r.get(9)?);
-        let head = ChunkHead {
-            id: r.get(0)?,
-            vm: vm.as_str(),
-            customer: customer.as_str(),
-            records: r.get(3)?,
-            events: r.get(4)?,
-            first_ts: r.get(5)?,
-            last_ts: r.get(6)?,
-            skip: r.get(7)?,
-            thinned: r.get::<_, i64>(8)? != 0,
-        };
-        frame.chunk(&head, |b| b.extend_from_slice(&data));
-        n += 1;
-    }
-    log.append(frame)?;
-    drop(log);
-    std::fs::rename(&tmp, &dir).map_err(io("renaming", &tmp))?;
-    std::fs::File::open(data_dir).and_then(|d| d.sync_all()).map_err(io("syncing", data_dir))?;
-    info!(chunks = n, "billing: imported the SQLite spool into the log");
-    remove_db();
-    Ok(())
 }
 
 /// Appends chunks straight to the spool of `data_dir` while no writer runs
@@ -726,8 +608,7 @@ struct Writer {
 pub(crate) type Started =
     (SpoolHandle, std::thread::JoinHandle<()>, mpsc::UnboundedReceiver<Notice>, Vec<ChunkMeta>, Reader);
 
-/// Opens the spool of `data_dir` (importing an old SQLite one) and starts
-/// its writer thread.
+/// Opens the spool of `data_dir` and starts its writer thread.
 pub(crate) fn start(
     data_dir: &Path,
     commit_every: Duration,
@@ -737,7 +618,6 @@ pub(crate) fn start(
 ) -> Result<Started, BillingError> {
     let dir = spool_dir(data_dir);
     let err = |source| BillingError::Spool { path: dir.display().to_string(), source };
-    import_sqlite(data_dir).map_err(err)?;
     let (log, recovered) = Log::open(&dir).map_err(|e| err(e.into()))?;
     let (vms, backlog) = load(recovered);
     let reader = log.reader();
@@ -1103,19 +983,6 @@ mod tests {
         assert!(Record::decode_all(&[0u8; 63]).is_none());
     }
 
-    /// Spools written before the delta format still decode.
-    #[test]
-    fn fixed_format_blobs_still_decode() {
-        let rs = vec![s(7, 10), Record::gap(3, 4)];
-        let mut blob = Vec::new();
-        for r in &rs {
-            for w in [r.kind.code(), r.ts_ns].into_iter().chain(r.v) {
-                blob.extend_from_slice(&w.to_le_bytes());
-            }
-        }
-        assert_eq!(Record::decode_all(&blob).unwrap(), rs);
-    }
-
     /// Ten 100 ms samples of a VM take ~12 bytes each, not 64.
     #[test]
     fn delta_format_is_compact() {
@@ -1197,53 +1064,5 @@ mod tests {
         let (_, rec) = Log::open(&spool_dir(path)).unwrap();
         assert!(rec.meter.is_empty(), "{:?}", rec.meter);
         assert_eq!(rec.chunks.keys().copied().collect::<Vec<_>>(), vec![c[0].id]);
-    }
-
-    /// A spool of the SQLite format (before the log) is imported once:
-    /// its unsent chunks are the backlog, its metered VMs get gap notices,
-    /// and the database is gone afterwards.
-    #[tokio::test]
-    async fn old_sqlite_spool_is_imported() {
-        let tmp = tempfile::tempdir().unwrap();
-        let db = tmp.path().join("billing.db");
-        {
-            let conn = rusqlite::Connection::open(&db).unwrap();
-            conn.execute_batch(
-                "CREATE TABLE chunks (
-                    id INTEGER PRIMARY KEY, vm_id TEXT NOT NULL, customer_id TEXT NOT NULL,
-                    records INTEGER NOT NULL, events INTEGER NOT NULL, first_ts INTEGER NOT NULL,
-                    last_ts INTEGER NOT NULL, skip INTEGER NOT NULL DEFAULT 0,
-                    thinned INTEGER NOT NULL DEFAULT 0, data BLOB NOT NULL) STRICT;
-                 CREATE TABLE vm_meter (vm_id TEXT PRIMARY KEY NOT NULL, customer_id TEXT NOT NULL,
-                    last_ts INTEGER NOT NULL) STRICT, WITHOUT ROWID;
-                 PRAGMA user_version = 1;",
-            )
-            .unwrap();
-            let rs = [s(10, 1), s(20, 2), s(30, 3)];
-            conn.execute(
-                "INSERT INTO chunks (id, vm_id, customer_id, records, events, first_ts, last_ts, skip, data)
-                 VALUES (7, 'vm-a', 'cust', 3, 0, 10, 30, 1, ?1)",
-                [Record::encode_all(&rs)],
-            )
-            .unwrap();
-            conn.execute("INSERT INTO vm_meter VALUES ('vm-a', 'cust', 5)", []).unwrap();
-        }
-        let (h, t, mut notices, backlog, reader) =
-            start(tmp.path(), Duration::from_secs(60), Arc::default(), Arc::default(), Arc::new(NoopMetrics)).unwrap();
-        assert!(!db.exists(), "the imported database is removed");
-        assert_eq!(backlog.len(), 1);
-        let c = &backlog[0];
-        assert_eq!((c.id, &*c.vm, c.records, c.skip, c.bytes > 0), (7, "vm-a", 3, 1, true));
-        let blob = reader.read(&[7]).unwrap().remove(0).unwrap();
-        assert_eq!(Record::decode_all(&blob).unwrap(), vec![s(10, 1), s(20, 2), s(30, 3)]);
-        // Metered before: the gap starts at its last spooled record.
-        h.reconcile(100);
-        h.flush().await;
-        let Some(Notice::Committed(c)) = notices.recv().await else { panic!("no commit") };
-        assert!(c[0].id > 7, "new chunk ids follow the imported ones");
-        let blob = reader.read(&[c[0].id]).unwrap().remove(0).unwrap();
-        assert_eq!(Record::decode_all(&blob).unwrap(), vec![Record::gap(30, 100), Record::notice(Kind::Stopped, 100)]);
-        h.close();
-        t.join().unwrap();
     }
 }
