@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::field::Empty;
 use tracing::{Instrument, debug, info_span};
 
-use super::spool::Record;
+use super::codec::Record;
 use super::{Clock, MeterSet, Metered, Round, Shared};
 use crate::backend::{Backend, Stamped, UsageTarget, VmContext};
 
@@ -122,7 +122,7 @@ mod tests {
     use super::*;
     use crate::backend::{BackendError, BackendHealth, BackendKind, Runtime, StopMode, Usage};
     use crate::billing::Metered;
-    use crate::billing::spool::Kind;
+    use crate::billing::codec::Kind;
     use crate::core::spec::{VmId, VmSpec};
 
     /// A backend whose `usage` takes a settable time (on tokio's clock).

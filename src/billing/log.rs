@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex};
 use prost::encoding::decode_varint;
 use tracing::warn;
 
-use super::spool::{put_varint, unzigzag as unzz, zigzag as zz};
+use super::codec::{put_varint, unzigzag as unzz, zigzag as zz};
 
 /// A segment is closed once it is this big (about 13 s of samples at
 /// 10,000 VMs; smaller segments give space back sooner).

@@ -17,6 +17,7 @@
 //! Configuration lives in [`config`]; a development billing service that
 //! stores what it receives is in [`devserver`].
 
+pub mod codec;
 pub mod collector;
 pub mod config;
 pub mod devserver;
@@ -212,7 +213,7 @@ pub struct Metered {
 #[derive(Debug)]
 pub(crate) struct Round {
     pub vms: Arc<Vec<Arc<Metered>>>,
-    pub samples: Vec<Option<spool::Record>>,
+    pub samples: Vec<Option<codec::Record>>,
 }
 
 /// The set of metered VMs, with a snapshot the collector reuses between
@@ -224,7 +225,7 @@ pub struct MeterSet {
     rounds: Mutex<Vec<Round>>,
     /// Sample vectors the writer is done with, for the next rounds (at
     /// 10,000 VMs a round is ~700 KB: reusing it saves the page faults).
-    spare: Mutex<Vec<Vec<Option<spool::Record>>>>,
+    spare: Mutex<Vec<Vec<Option<codec::Record>>>>,
 }
 
 /// Sample vectors kept for reuse (a commit's worth of rounds and some).
@@ -269,7 +270,7 @@ impl MeterSet {
     }
 
     /// An empty sample vector, reused when one is spare.
-    pub(crate) fn sample_vec(&self) -> Vec<Option<spool::Record>> {
+    pub(crate) fn sample_vec(&self) -> Vec<Option<codec::Record>> {
         self.spare.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default()
     }
 
@@ -287,7 +288,7 @@ impl MeterSet {
 
     /// Takes the queued samples of run `generation` of `key` out of the
     /// rounds (a stop hands them over ahead of its notice), in order.
-    pub(crate) fn take_samples(&self, key: &Arc<str>, generation: u64) -> Vec<spool::Record> {
+    pub(crate) fn take_samples(&self, key: &Arc<str>, generation: u64) -> Vec<codec::Record> {
         let mut out = Vec::new();
         for r in self.rounds().iter_mut() {
             // A run's key is one shared `Arc` from start to stop.

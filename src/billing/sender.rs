@@ -26,7 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::field::Empty;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::spool::{self, ChunkMeta, Kind, Notice, Record, SpoolHandle};
+use super::codec::{Kind, Record};
+use super::spool::{self, ChunkMeta, Notice, SpoolHandle};
 use super::{BillingConfig, BillingError, BillingMetrics, Clock, MeterSet, Shared};
 use crate::pb::billing::v1 as pb;
 
