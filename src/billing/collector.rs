@@ -16,7 +16,8 @@ use tracing::field::Empty;
 use tracing::{Instrument, debug, info_span};
 
 use super::codec::Record;
-use super::{Clock, MeterSet, Metered, Round, Shared};
+use super::counters::Shared;
+use super::meter::{Clock, MeterSet, Metered, Round};
 use crate::backend::{Backend, Stamped, UsageTarget, VmContext};
 
 /// Backend `usage` calls in flight at once.
@@ -121,8 +122,8 @@ mod tests {
 
     use super::*;
     use crate::backend::{BackendError, BackendHealth, BackendKind, Runtime, StopMode, Usage};
-    use crate::billing::Metered;
     use crate::billing::codec::Kind;
+    use crate::billing::meter::Metered;
     use crate::core::spec::{VmId, VmSpec};
 
     /// A backend whose `usage` takes a settable time (on tokio's clock).

@@ -27,8 +27,11 @@ use tracing::field::Empty;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::codec::{Kind, Record};
+use super::config::BillingConfig;
+use super::counters::{BillingMetrics, Shared};
+use super::error::{BillingError, SpoolError, chain};
+use super::meter::{Clock, MeterSet};
 use super::spool::{self, ChunkMeta, Notice, SpoolHandle};
-use super::{BillingConfig, BillingError, BillingMetrics, Clock, MeterSet, Shared};
 use crate::pb::billing::v1 as pb;
 
 /// One call to the billing service.
@@ -48,7 +51,7 @@ pub enum SendError {
     #[error("billing service did not accept the call: {0}")]
     Refused(String),
     #[error("reading the spool")]
-    Spool(#[from] spool::SpoolError),
+    Spool(#[from] SpoolError),
     #[error("spool read task: {0}")]
     Task(String),
 }
@@ -575,7 +578,7 @@ impl Sender {
                     let wait = backoff(self.endpoint_attempts, self.retry.0, self.retry.1, rand::random::<f64>());
                     self.endpoint_retry_at = Some(now + wait);
                 }
-                let msg = super::chain(&e);
+                let msg = chain(&e);
                 if !self.shared.endpoint_down.swap(true, Ordering::Relaxed) {
                     warn!(error = %msg, "billing service unavailable; spooling samples and retrying");
                 } else {
@@ -665,7 +668,7 @@ fn read_batch(reader: &spool::Reader, vm: &str, ids: Vec<(i64, u32, u32, u32)>) 
         }
         match blob {
             Some(b) => Record::decode_into(b, usize::try_from(skip).unwrap_or(usize::MAX), &mut records)
-                .ok_or(spool::SpoolError::Corrupt(id)),
+                .ok_or(SpoolError::Corrupt(id)),
             // Cannot happen while this process is the only writer; keep
             // the accounting right and move on rather than stall the VM.
             None if records.is_empty() => {
@@ -774,7 +777,7 @@ pub async fn run(mut s: Sender, mut notices: mpsc::UnboundedReceiver<Notice>, st
                     s.heartbeat_in_flight = false;
                     match r {
                         Ok(()) => s.metrics.heartbeat_sent(),
-                        Err(e) => debug!(error = %super::chain(&e), "billing heartbeat failed"),
+                        Err(e) => debug!(error = %chain(&e), "billing heartbeat failed"),
                     }
                 }
                 Err(e) => warn!(error = %e, "billing send task failed"),

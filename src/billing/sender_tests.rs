@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::*;
-use crate::billing::NoopMetrics;
+use crate::billing::counters::NoopMetrics;
 use crate::billing::spool::Msg;
 
 #[derive(Default)]

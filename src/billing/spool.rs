@@ -29,17 +29,11 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use super::codec::{FORMAT_DELTA, Kind, Prev, Record, put_varint, thin};
+use super::counters::{BillingMetrics, Shared};
+use super::error::{BillingError, SpoolError, chain};
 pub use super::log::Reader;
-use super::log::{ChunkHead, Frame, Log, LogError};
-use super::{BillingError, BillingMetrics, MeterSet, Metered, Shared};
-
-#[derive(Debug, thiserror::Error)]
-pub enum SpoolError {
-    #[error(transparent)]
-    Log(#[from] LogError),
-    #[error("chunk {0} is corrupt")]
-    Corrupt(i64),
-}
+use super::log::{ChunkHead, Frame, Log, Recovered};
+use super::meter::{MeterSet, Metered};
 
 /// Where the spool lives under the data dir.
 pub fn spool_dir(data_dir: &Path) -> PathBuf {
@@ -445,7 +439,7 @@ pub(crate) fn start(
     Ok((SpoolHandle { inbox, wake }, thread, nrx, backlog, reader))
 }
 
-fn load(rec: super::log::Recovered) -> (Vms, Vec<ChunkMeta>) {
+fn load(rec: Recovered) -> (Vms, Vec<ChunkMeta>) {
     let mut vms = Vms::default();
     for (vm, (customer, last_ts)) in &rec.meter {
         let w = vms.entry(Arc::from(vm.as_str()), customer);
@@ -637,7 +631,7 @@ impl Writer {
                 // Records stay in memory and are retried at the next commit.
                 if !self.failing {
                     self.failing = true;
-                    warn!(error = %super::chain(&e), "billing spool commit failed; keeping records in memory");
+                    warn!(error = %chain(&e), "billing spool commit failed; keeping records in memory");
                 }
             }
         }
@@ -740,7 +734,8 @@ impl Writer {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::billing::NoopMetrics;
+    use crate::billing::counters::NoopMetrics;
+    use crate::billing::meter::{Metered, Round};
 
     fn s(ts: i64, cpu: i64) -> Record {
         Record { kind: Kind::Sample, ts_ns: ts, v: [cpu, 1, 2, 3, 4, 5] }
@@ -757,7 +752,7 @@ mod tests {
         assert!(backlog.is_empty());
         let vm: Arc<str> = Arc::from("vm-a");
         let metered = |generation| {
-            Arc::new(crate::billing::Metered {
+            Arc::new(Metered {
                 id: crate::core::spec::VmId::parse("vm-a").unwrap(),
                 key: vm.clone(),
                 spec: Arc::default(),
@@ -767,10 +762,7 @@ mod tests {
             })
         };
         // A sample of another run (generation 6) is dropped.
-        let round = |m: &Arc<crate::billing::Metered>, r: Record| crate::billing::Round {
-            vms: Arc::new(vec![m.clone()]),
-            samples: vec![Some(r)],
-        };
+        let round = |m: &Arc<Metered>, r: Record| Round { vms: Arc::new(vec![m.clone()]), samples: vec![Some(r)] };
         let (m6, m7) = (metered(6), metered(7));
         h.start(vm.clone(), "cust".into(), 7, false, 100);
         set.push_round(round(&m7, s(110, 1)));
