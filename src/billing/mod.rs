@@ -23,6 +23,7 @@ pub mod config;
 pub mod counters;
 pub mod devserver;
 pub mod error;
+pub mod frame;
 pub mod log;
 pub mod meter;
 pub mod observer;

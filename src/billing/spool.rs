@@ -31,8 +31,9 @@ use tracing::{debug, warn};
 use super::codec::{FORMAT_DELTA, Kind, Prev, Record, put_varint, thin};
 use super::counters::{BillingMetrics, Shared};
 use super::error::{BillingError, SpoolError, chain};
+use super::frame::{ChunkHead, Frame};
 pub use super::log::Reader;
-use super::log::{ChunkHead, Frame, Log, Recovered};
+use super::log::{Log, Recovered};
 use super::meter::{MeterSet, Metered};
 
 /// Where the spool lives under the data dir.
