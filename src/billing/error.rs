@@ -1,9 +1,22 @@
-//! The errors billing's stages return ([`SpoolError`], [`BillingError`])
-//! and [`chain`], which prints an error with its sources. Imports only
-//! [`super::log`] (whose [`LogError`] a spool error wraps).
+//! The errors billing's stages return ([`LogError`], [`SpoolError`],
+//! [`BillingError`]) and [`chain`], which prints an error with its sources.
+//! A leaf: it imports nothing of billing.
 
-use super::log::LogError;
+/// A failure of the spool's log (its segment files).
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("chunk {0} is corrupt")]
+    Corrupt(i64),
+}
 
+/// A failure of the spool: of its log, or a chunk that does not decode.
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     #[error(transparent)]
@@ -12,6 +25,7 @@ pub enum SpoolError {
     Corrupt(i64),
 }
 
+/// Why billing could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum BillingError {
     #[error("billing spool {path}")]

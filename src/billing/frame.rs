@@ -1,5 +1,5 @@
 //! The log's frame encoding: a [`Frame`] is the entries of one group
-//! commit, encoded as they are added; [`next_entry`] decodes them again on
+//! commit, encoded as they are added; `next_entry` decodes them again on
 //! replay and reads. Imports only [`super::codec`] (its varints).
 //!
 //! Frame: `u32 LE payload length | u32 LE CRC-32 of the payload | payload`,

@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex};
 
 use tracing::warn;
 
+use super::error::LogError;
 use super::frame::{ChunkHead, Frame};
 use super::frame::{Entry, HEADER, next_entry};
 
@@ -49,19 +50,6 @@ const COMPACT_SLACK_SEGMENTS: u64 = 4;
 
 /// No frame is this big (a commit of 10,000 VMs is ~1.5 MB).
 const MAX_FRAME: u64 = 1 << 30;
-
-#[derive(Debug, thiserror::Error)]
-pub enum LogError {
-    #[error("{op} {path}")]
-    Io {
-        op: &'static str,
-        path: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("chunk {0} is corrupt")]
-    Corrupt(i64),
-}
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> LogError {
     let path = path.display().to_string();

@@ -1,6 +1,6 @@
 //! What the stages share about metering itself: the set of metered VMs
 //! ([`MeterSet`], with the snapshot the collector samples), the collection
-//! [`Round`]s queued in it for the spool writer, and the [`Clock`] that
+//! `Round`s queued in it for the spool writer, and the [`Clock`] that
 //! stamps samples and notices. A leaf: it imports only [`super::codec`].
 
 use std::collections::HashMap;

@@ -1,21 +1,42 @@
 //! Billing: 100 ms metering of every running VM, streamed to the billing
-//! service (`billing.v1.BillingService`) with zero loss.
+//! service (`billing.v1.BillingService`) with zero loss. This file only wires
+//! the stages together ([`Billing::start`], [`Billing::wait`]) and holds the
+//! facade the daemon and `/_/health` use ([`BillingStatus`],
+//! [`BillingHealth`]); it re-exports the rest of the public API.
 //!
 //! Data flow (one direction, each stage owned by one task):
-//! - [`BillingObserver`] (a [`crate::core::Observer`]) turns committed VM
-//!   events into "start/stop metering" and keeps the set of metered VMs;
+//! - [`observer`] ([`BillingObserver`], a [`crate::core::Observer`]) turns
+//!   committed VM events into "start/stop metering" and keeps the set of
+//!   metered VMs ([`meter::MeterSet`]);
 //! - [`collector`]: ONE tokio task ticks every interval and samples every
-//!   metered VM through [`crate::backend::Backend::usage`] into the VM's
-//!   sample buffer (no channel message, no map lookup per sample);
-//! - [`spool`]: a dedicated OS thread owns the append-only log
-//!   `<data dir>/billing-spool/` ([`log`]); at each group commit it drains
-//!   the queued rounds and appends samples and start/stop/gap notices, one
-//!   chunk per VM per commit, in per-VM order, as one frame;
+//!   metered VM through [`crate::backend::Backend::usage`], queueing each
+//!   round as one dense vector (no channel message, no map lookup per
+//!   sample);
+//! - [`writer`]: a dedicated OS thread owns the append-only log
+//!   `<data dir>/billing-spool/` ([`log`], frames in [`frame`]); at each
+//!   group commit it drains the queued rounds and appends samples and
+//!   start/stop/gap notices ([`codec`]), one chunk per VM per commit, in
+//!   per-VM order, as one frame; the others reach it through [`spool`]'s
+//!   handle;
 //! - [`sender`]: reads committed chunks per VM strictly in order, sends them
-//!   as batches or notices, and deletes them only once acknowledged.
+//!   as batches or notices through a [`transport`], and deletes them only
+//!   once acknowledged.
 //!
-//! Configuration lives in [`config`]; a development billing service that
-//! stores what it receives is in [`devserver`].
+//! Imports go one way. Each file imports only files listed before it:
+//!
+//! 1. leaves: [`codec`] (records, varints, zigzag), [`config`],
+//!    [`counters`] (shared counters, metrics sink), [`error`], [`meter`]
+//!    (meter set, rounds, clock; imports `codec`);
+//! 2. [`collector`] (leaves only);
+//! 3. [`frame`] → [`log`] (the spool's storage);
+//! 4. [`spool`] (handle, notices, chunk metadata) → [`writer`] (the spool
+//!    writer thread);
+//! 5. [`observer`] (leaves and `spool`);
+//! 6. [`transport`] → [`sender`];
+//! 7. this file, which imports any of them; nothing imports it.
+//!
+//! [`devserver`], a development billing service that stores what it receives,
+//! stands apart (it imports none of the above).
 
 pub mod codec;
 pub mod collector;
@@ -29,6 +50,8 @@ pub mod meter;
 pub mod observer;
 pub mod sender;
 pub mod spool;
+pub mod transport;
+pub mod writer;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -136,7 +159,7 @@ impl Billing {
         let shared = Arc::new(Shared::default());
         let set = Arc::new(MeterSet::default());
         let (spool, writer, committed, backlog, reader) =
-            spool::start(data_dir, cfg.commit_interval, set.clone(), shared.clone(), metrics.clone())?;
+            writer::start(data_dir, cfg.commit_interval, set.clone(), shared.clone(), metrics.clone())?;
         let observer = Arc::new(BillingObserver::new(set.clone(), spool.clone(), clock, data_dir.join("vms")));
         manager.add_observer(observer.clone());
         for v in manager.active() {
@@ -146,7 +169,7 @@ impl Billing {
         }
         spool.reconcile(clock.unix_ns());
         let backend: Arc<dyn Backend> = manager.backend().clone();
-        let transport = sender::transport(&cfg)?;
+        let transport = transport::transport(&cfg)?;
         let sender = sender::Sender::new(
             &cfg,
             transport,
