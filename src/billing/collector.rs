@@ -15,8 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::field::Empty;
 use tracing::{Instrument, debug, info_span};
 
-use super::spool::Record;
-use super::{Clock, MeterSet, Metered, Round, Shared};
+use super::codec::Record;
+use super::counters::Shared;
+use super::meter::{Clock, MeterSet, Metered, Round};
 use crate::backend::{Backend, Stamped, UsageTarget, VmContext};
 
 /// Backend `usage` calls in flight at once.
@@ -121,9 +122,9 @@ mod tests {
 
     use super::*;
     use crate::backend::{BackendError, BackendHealth, BackendKind, Runtime, StopMode, Usage};
-    use crate::billing::Metered;
-    use crate::billing::spool::Kind;
-    use crate::core::spec::{ValidSpec, VmId, VmSpec};
+    use crate::billing::codec::Kind;
+    use crate::billing::meter::Metered;
+    use crate::model::{ValidSpec, VmId, VmSpec};
 
     /// A backend whose `usage` takes a settable time (on tokio's clock).
     #[derive(Default)]

@@ -10,13 +10,11 @@
 //! segments. (Hand-written: no crate offers a crash-safe multi-file log
 //! with per-entry deletion.)
 //!
-//! Frame: `u32 LE payload length | u32 LE CRC-32 of the payload | payload`,
-//! the payload a sequence of entries (see [`Frame`]): chunks (one VM's
-//! records since the previous commit, id-numbered, ids grow), deletions
-//! and partial acknowledgements of chunks, and the metered-VM table
-//! (meter / unmeter / touch). Replay applies entries in order; a later
-//! chunk entry with the same id replaces the earlier one (thinning and
-//! relocation rewrite chunks that way).
+//! A frame (one group commit) holds entries: chunks, deletions and partial
+//! acknowledgements of chunks, and the metered-VM table; its encoding is in
+//! [`super::frame`]. Replay applies entries in order; a later chunk entry
+//! with the same id replaces the earlier one (thinning and relocation
+//! rewrite chunks that way).
 //!
 //! A torn or corrupt frame ends its segment's replay (a crash mid-write
 //! leaves at most the last frame torn; it is cut off). Segments roll at
@@ -25,9 +23,9 @@
 //! when it is the oldest and holds no live chunk. Only the oldest goes: a
 //! chunk's deletion and acknowledgement entries are in its own or younger
 //! segments, so they never outlive the chunk they cancel. Live chunks of
-//! the oldest segment are
-//! copied forward when the log holds more than twice the live data (a VM
-//! whose batches stall must not pin every segment after its oldest chunk).
+//! the oldest segment are copied forward when the log holds more than twice
+//! the live data (a VM whose batches stall must not pin every segment after
+//! its oldest chunk).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -36,10 +34,11 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use prost::encoding::decode_varint;
 use tracing::warn;
 
-use super::spool::{put_varint, unzigzag as unzz, zigzag as zz};
+use super::error::LogError;
+use super::frame::{ChunkHead, Frame};
+use super::frame::{Entry, HEADER, next_entry};
 
 /// A segment is closed once it is this big (about 13 s of samples at
 /// 10,000 VMs; smaller segments give space back sooner).
@@ -49,259 +48,12 @@ pub const SEGMENT_BYTES: u64 = 16 << 20;
 /// segment's live chunks are copied forward.
 const COMPACT_SLACK_SEGMENTS: u64 = 4;
 
-const HEADER: usize = 8;
 /// No frame is this big (a commit of 10,000 VMs is ~1.5 MB).
 const MAX_FRAME: u64 = 1 << 30;
-
-const T_CHUNK: u8 = 1;
-const T_DELETE: u8 = 2;
-const T_SKIP: u8 = 3;
-const T_METER: u8 = 4;
-const T_UNMETER: u8 = 5;
-const T_TOUCH: u8 = 6;
-const T_NEXT_ID: u8 = 7;
-
-#[derive(Debug, thiserror::Error)]
-pub enum LogError {
-    #[error("{op} {path}")]
-    Io {
-        op: &'static str,
-        path: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("chunk {0} is corrupt")]
-    Corrupt(i64),
-}
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> LogError {
     let path = path.display().to_string();
     move |source| LogError::Io { op, path, source }
-}
-
-/// A chunk's description, as written before its records.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChunkHead<S> {
-    pub id: i64,
-    pub vm: S,
-    pub customer: S,
-    pub records: u32,
-    pub events: u32,
-    pub first_ts: i64,
-    pub last_ts: i64,
-    /// Records at the front already acknowledged.
-    pub skip: u32,
-    pub thinned: bool,
-}
-
-impl ChunkHead<&str> {
-    fn owned(&self) -> ChunkHead<String> {
-        ChunkHead {
-            id: self.id,
-            vm: self.vm.to_owned(),
-            customer: self.customer.to_owned(),
-            records: self.records,
-            events: self.events,
-            first_ts: self.first_ts,
-            last_ts: self.last_ts,
-            skip: self.skip,
-            thinned: self.thinned,
-        }
-    }
-}
-
-/// The entries of one group commit, encoded as they are added.
-pub struct Frame {
-    buf: Vec<u8>,
-    /// (id, entry start in `buf`, entry length, offset of the records in
-    /// the entry, skip).
-    chunks: Vec<(i64, usize, u32, u32, u32)>,
-    deletes: Vec<i64>,
-    skips: Vec<(i64, u32)>,
-    checkpoint: bool,
-}
-
-impl Default for Frame {
-    fn default() -> Self {
-        Frame::new()
-    }
-}
-
-fn put_str(s: &str, out: &mut Vec<u8>) {
-    put_varint(s.len() as u64, out);
-    out.extend_from_slice(s.as_bytes());
-}
-
-impl Frame {
-    pub fn new() -> Frame {
-        Frame { buf: vec![0; HEADER], chunks: Vec::new(), deletes: Vec::new(), skips: Vec::new(), checkpoint: false }
-    }
-
-    /// A frame with room for `bytes` (a writer passes the size of its last
-    /// frame: a 1.3 MB buffer grown by doubling is copied ~18 times).
-    pub fn with_capacity(bytes: usize) -> Frame {
-        let mut f = Frame::new();
-        f.buf.reserve(bytes);
-        f
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.buf.len() == HEADER
-    }
-
-    /// Encoded bytes so far.
-    pub fn len(&self) -> usize {
-        self.buf.len()
-    }
-
-    /// Appends a chunk whose records `encode` writes.
-    pub fn chunk(&mut self, h: &ChunkHead<&str>, encode: impl FnOnce(&mut Vec<u8>)) {
-        let start = self.buf.len();
-        let b = &mut self.buf;
-        b.push(T_CHUNK);
-        put_varint(zz(h.id), b);
-        put_str(h.vm, b);
-        put_str(h.customer, b);
-        put_varint(u64::from(h.records), b);
-        put_varint(u64::from(h.events), b);
-        put_varint(zz(h.first_ts), b);
-        put_varint(zz(h.last_ts), b);
-        put_varint(u64::from(h.skip), b);
-        b.push(u8::from(h.thinned));
-        let len_at = b.len();
-        b.extend_from_slice(&[0; 4]);
-        let data_at = b.len();
-        encode(b);
-        let data_len = u32::try_from(b.len() - data_at).unwrap_or(u32::MAX);
-        b[len_at..data_at].copy_from_slice(&data_len.to_le_bytes());
-        self.chunks.push((
-            h.id,
-            start,
-            u32::try_from(b.len() - start).unwrap_or(u32::MAX),
-            u32::try_from(data_at - start).unwrap_or(u32::MAX),
-            h.skip,
-        ));
-    }
-
-    /// Appends a chunk entry as read back from the log (relocation).
-    fn raw_chunk(&mut self, id: i64, entry: &[u8], data_off: u32, skip: u32) {
-        let start = self.buf.len();
-        self.buf.extend_from_slice(entry);
-        self.chunks.push((id, start, u32::try_from(entry.len()).unwrap_or(u32::MAX), data_off, skip));
-        if skip > 0 {
-            self.skip(id, skip);
-        }
-    }
-
-    pub fn delete(&mut self, id: i64) {
-        self.buf.push(T_DELETE);
-        put_varint(zz(id), &mut self.buf);
-        self.deletes.push(id);
-    }
-
-    pub fn skip(&mut self, id: i64, n: u32) {
-        self.buf.push(T_SKIP);
-        put_varint(zz(id), &mut self.buf);
-        put_varint(u64::from(n), &mut self.buf);
-        self.skips.push((id, n));
-    }
-
-    /// `vm` is metered (or was, and is not settled yet); its last record's time.
-    pub fn meter(&mut self, vm: &str, customer: &str, last_ts: i64) {
-        self.buf.push(T_METER);
-        put_str(vm, &mut self.buf);
-        put_str(customer, &mut self.buf);
-        put_varint(zz(last_ts), &mut self.buf);
-    }
-
-    pub fn unmeter(&mut self, vm: &str) {
-        self.buf.push(T_UNMETER);
-        put_str(vm, &mut self.buf);
-    }
-
-    /// A metered VM's last record time moved on.
-    pub fn touch(&mut self, vm: &str, last_ts: i64) {
-        self.buf.push(T_TOUCH);
-        put_str(vm, &mut self.buf);
-        put_varint(zz(last_ts), &mut self.buf);
-    }
-
-    /// Marks this frame as the segment's checkpoint: the writer put the
-    /// whole metered-VM table in it (see [`Log::needs_checkpoint`]).
-    pub fn checkpoint(&mut self, next_id: i64) {
-        self.buf.push(T_NEXT_ID);
-        put_varint(zz(next_id), &mut self.buf);
-        self.checkpoint = true;
-    }
-}
-
-/// One decoded entry.
-enum Entry<'a> {
-    Chunk { head: ChunkHead<&'a str>, data_off: u32, len: u32 },
-    Delete(i64),
-    Skip(i64, u32),
-    Meter(&'a str, &'a str, i64),
-    Unmeter(&'a str),
-    Touch(&'a str, i64),
-    NextId(i64),
-}
-
-fn get_u64(b: &mut &[u8]) -> Option<u64> {
-    decode_varint(b).ok()
-}
-
-fn get_u32(b: &mut &[u8]) -> Option<u32> {
-    u32::try_from(get_u64(b)?).ok()
-}
-
-fn get_i64(b: &mut &[u8]) -> Option<i64> {
-    Some(unzz(get_u64(b)?))
-}
-
-fn get_str<'a>(b: &mut &'a [u8]) -> Option<&'a str> {
-    let n = usize::try_from(get_u64(b)?).ok()?;
-    if b.len() < n {
-        return None;
-    }
-    let (s, rest) = b.split_at(n);
-    *b = rest;
-    std::str::from_utf8(s).ok()
-}
-
-/// Decodes the entry at the front of `b` and moves past it.
-fn next_entry<'a>(b: &mut &'a [u8]) -> Option<Entry<'a>> {
-    let whole = *b;
-    let (&tag, rest) = b.split_first()?;
-    *b = rest;
-    Some(match tag {
-        T_CHUNK => {
-            let id = get_i64(b)?;
-            let vm = get_str(b)?;
-            let customer = get_str(b)?;
-            let records = get_u32(b)?;
-            let events = get_u32(b)?;
-            let first_ts = get_i64(b)?;
-            let last_ts = get_i64(b)?;
-            let skip = get_u32(b)?;
-            let (&thinned, rest) = b.split_first()?;
-            let n = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
-            let data_off = whole.len() - rest.len() + 4;
-            let end = data_off.checked_add(usize::try_from(n).ok()?)?;
-            if end > whole.len() {
-                return None;
-            }
-            *b = &whole[end..];
-            let head = ChunkHead { id, vm, customer, records, events, first_ts, last_ts, skip, thinned: thinned != 0 };
-            Entry::Chunk { head, data_off: u32::try_from(data_off).ok()?, len: u32::try_from(end).ok()? }
-        }
-        T_DELETE => Entry::Delete(get_i64(b)?),
-        T_SKIP => Entry::Skip(get_i64(b)?, get_u32(b)?),
-        T_METER => Entry::Meter(get_str(b)?, get_str(b)?, get_i64(b)?),
-        T_UNMETER => Entry::Unmeter(get_str(b)?),
-        T_TOUCH => Entry::Touch(get_str(b)?, get_i64(b)?),
-        T_NEXT_ID => Entry::NextId(get_i64(b)?),
-        _ => return None,
-    })
 }
 
 /// Where a live chunk's entry is.
@@ -855,148 +607,5 @@ fn read_entry(file: &File, loc: &Loc, id: i64) -> Result<Vec<u8>, LogError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    fn head(id: i64, vm: &str) -> ChunkHead<&str> {
-        ChunkHead {
-            id,
-            vm,
-            customer: "cust",
-            records: 2,
-            events: 0,
-            first_ts: 10 * id,
-            last_ts: 10 * id + 5,
-            skip: 0,
-            thinned: false,
-        }
-    }
-
-    fn frame_with(log: &mut Log, chunks: &[(&str, &[u8])]) -> Vec<i64> {
-        let mut f = Frame::new();
-        if log.needs_checkpoint() {
-            f.checkpoint(log.peek_next_id());
-        }
-        let ids: Vec<i64> = chunks
-            .iter()
-            .map(|(vm, data)| {
-                let id = log.next_id();
-                f.chunk(&head(id, vm), |b| b.extend_from_slice(data));
-                id
-            })
-            .collect();
-        log.append(f).unwrap();
-        ids
-    }
-
-    #[test]
-    fn locs_are_a_sliding_window() {
-        let loc = |seg| Loc { seg, off: 0, len: 0, data_off: 0, skip: 0 };
-        let mut l = Locs::default();
-        assert!(l.insert(5, loc(1)).is_none());
-        assert!(l.insert(7, loc(1)).is_none());
-        assert_eq!(l.insert(5, loc(2)).map(|o| o.seg), Some(1));
-        assert!(l.insert(3, loc(3)).is_none());
-        assert_eq!(l.iter().count(), 3);
-        assert_eq!(l.remove(&3).map(|o| o.seg), Some(3));
-        assert!(l.remove(&3).is_none() && l.get(&4).is_none() && l.get(&100).is_none());
-        assert_eq!(l.base, 5, "dead ids at the front are dropped");
-        assert_eq!(l.iter().map(|(id, o)| (id, o.seg)).collect::<Vec<_>>(), vec![(5, 2), (7, 1)]);
-        l.get_mut(&7).unwrap().skip = 4;
-        assert_eq!(l.get(&7).unwrap().skip, 4);
-        l.remove(&5);
-        l.remove(&7);
-        assert!(l.slots.is_empty());
-    }
-
-    #[test]
-    fn chunks_deletes_skips_and_meters_replay() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (mut log, rec) = Log::open(tmp.path()).unwrap();
-        assert!(rec.chunks.is_empty() && log.needs_checkpoint());
-        let ids = frame_with(&mut log, &[("a", b"one"), ("b", b"two")]);
-        let mut f = Frame::new();
-        f.meter("a", "cust", 15);
-        f.meter("b", "cust", 25);
-        f.unmeter("b");
-        f.touch("a", 16);
-        f.delete(ids[1]);
-        f.skip(ids[0], 1);
-        log.append(f).unwrap();
-        let r = log.reader();
-        assert_eq!(r.read(&ids).unwrap(), vec![Some(b"one".to_vec()), None]);
-        drop(log);
-        let (mut log, rec) = Log::open(tmp.path()).unwrap();
-        assert_eq!(rec.chunks.keys().copied().collect::<Vec<_>>(), vec![ids[0]]);
-        let c = &rec.chunks[&ids[0]];
-        assert_eq!((c.head.vm.as_str(), c.head.skip, c.bytes), ("a", 1, 3));
-        assert_eq!(rec.meter.len(), 1);
-        assert_eq!(rec.meter["a"], ("cust".to_string(), 16));
-        assert_eq!(log.reader().read(&ids[..1]).unwrap(), vec![Some(b"one".to_vec())]);
-        // Ids keep growing across a restart.
-        assert!(log.next_id() > ids[1]);
-    }
-
-    #[test]
-    fn a_torn_tail_is_cut_off_and_appends_continue() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (mut log, _) = Log::open(tmp.path()).unwrap();
-        let ids = frame_with(&mut log, &[("a", b"kept")]);
-        frame_with(&mut log, &[("a", b"torn")]);
-        drop(log);
-        let seg = seg_path(tmp.path(), 1);
-        let len = std::fs::metadata(&seg).unwrap().len();
-        OpenOptions::new().write(true).open(&seg).unwrap().set_len(len - 2).unwrap();
-        let (mut log, rec) = Log::open(tmp.path()).unwrap();
-        assert_eq!(rec.chunks.keys().copied().collect::<Vec<_>>(), ids);
-        let more = frame_with(&mut log, &[("a", b"after")]);
-        drop(log);
-        let (log, rec) = Log::open(tmp.path()).unwrap();
-        assert_eq!(rec.chunks.len(), 2);
-        assert_eq!(log.reader().read(&more).unwrap(), vec![Some(b"after".to_vec())]);
-        // A flipped bit fails the checksum: the frame is not replayed.
-        drop(log);
-        let mut bytes = std::fs::read(&seg).unwrap();
-        let n = bytes.len();
-        bytes[n - 1] ^= 1;
-        std::fs::write(&seg, bytes).unwrap();
-        let (_, rec) = Log::open(tmp.path()).unwrap();
-        assert_eq!(rec.chunks.keys().copied().collect::<Vec<_>>(), ids);
-    }
-
-    #[test]
-    fn spent_segments_go_and_stragglers_are_copied_forward() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (mut log, _) = Log::open_with(tmp.path(), 64 << 10).unwrap();
-        let straggler = frame_with(&mut log, &[("slow", b"old data")])[0];
-        let big = vec![7u8; 16 << 10];
-        let mut gone = Vec::new();
-        // Fill segments with chunks that are then acknowledged.
-        while log.segments() < 8 {
-            if log.should_roll() {
-                log.roll().unwrap();
-            }
-            gone.extend(frame_with(&mut log, &[("fast", &big)]));
-        }
-        let mut f = Frame::new();
-        for id in &gone {
-            f.delete(*id);
-        }
-        log.append(f).unwrap();
-        log.collect();
-        // The straggler pins the first segment, and with it the rest.
-        assert_eq!(log.segments(), 8);
-        let mut f = Frame::new();
-        assert_eq!(log.compact_into(&mut f).unwrap(), 1);
-        log.append(f).unwrap();
-        log.collect();
-        assert_eq!(log.segments(), 1, "only the current segment is left");
-        assert_eq!(log.reader().read(&[straggler]).unwrap(), vec![Some(b"old data".to_vec())]);
-        drop(log);
-        let (log, rec) = Log::open(tmp.path()).unwrap();
-        assert_eq!(rec.chunks.keys().copied().collect::<Vec<_>>(), vec![straggler]);
-        assert_eq!(rec.chunks[&straggler].head.vm, "slow");
-        assert_eq!(log.reader().read(&[straggler]).unwrap(), vec![Some(b"old data".to_vec())]);
-    }
-}
+#[path = "log_tests.rs"]
+mod tests;

@@ -6,9 +6,12 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use async_trait::async_trait;
+
 use super::*;
-use crate::billing::NoopMetrics;
+use crate::billing::counters::NoopMetrics;
 use crate::billing::spool::Msg;
+use crate::billing::writer;
 
 #[derive(Default)]
 struct Script {
@@ -233,7 +236,7 @@ async fn over_the_spool_limit_old_chunks_are_thinned_and_gaps_reported() {
         (0..5).map(|c| ("a", "cust", (0..50).map(|k| sample(1_000 + c * 50 + k, c * 50 + k)).collect())).collect();
     spool::seed(tmp.path(), &chunks).unwrap();
     let (spool, writer, notices, backlog, reader) =
-        spool::start(tmp.path(), Duration::from_millis(20), Arc::default(), shared.clone(), Arc::new(NoopMetrics))
+        writer::start(tmp.path(), Duration::from_millis(20), Arc::default(), shared.clone(), Arc::new(NoopMetrics))
             .unwrap();
     let script = Arc::new(Script::default());
     script.fail_a.store(u32::MAX, Ordering::SeqCst); // the service is down
