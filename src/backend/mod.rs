@@ -13,6 +13,7 @@ pub mod host;
 pub mod kernel;
 pub mod process;
 pub mod qemu;
+pub mod restvmm;
 pub mod uds_http;
 
 use std::borrow::Cow;
