@@ -259,56 +259,6 @@ impl UdsClient {
     }
 }
 
-/// What a started VMM's API needs to be waited for (see [`wait_for_api`]).
-pub struct ApiWait<'a> {
-    /// The VMM's name in error messages ("Firecracker", ...).
-    pub vmm: &'a str,
-    pub socket: &'a Path,
-    /// The request that proves the API serves (`GET` of this path).
-    pub probe_path: &'a str,
-    /// The VMM's log, whose tail ends the error messages.
-    pub log: &'a Path,
-    pub timeout: Duration,
-}
-
-/// Polls `GET probe_path` on a freshly started VMM's socket until it
-/// answers; fails early when the process exits, and after the timeout.
-/// Shared by the Firecracker and Cloud Hypervisor backends.
-pub async fn wait_for_api<T: DeserializeOwned>(
-    child: &mut tokio::process::Child,
-    client: &UdsClient,
-    w: &ApiWait<'_>,
-) -> Result<T, super::BackendError> {
-    use super::BackendError;
-    let tail = || {
-        let t = super::process::log_tail(w.log, 5);
-        if t.is_empty() { String::new() } else { format!(" ({t})") }
-    };
-    let deadline = tokio::time::Instant::now() + w.timeout;
-    let probe = client.with_timeout(Duration::from_secs(1));
-    let mut last = String::from("socket not created");
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(BackendError::Failed(format!("{} exited during start ({status}){}", w.vmm, tail())));
-        }
-        if w.socket.exists() {
-            match probe.get::<T>(w.probe_path).await {
-                Ok(v) => return Ok(v),
-                Err(e) => last = e.to_string(),
-            }
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(BackendError::Timeout(format!(
-                "{} did not serve its API within {} s ({last}){}",
-                w.vmm,
-                w.timeout.as_secs(),
-                tail()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

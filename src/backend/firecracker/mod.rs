@@ -41,6 +41,7 @@ use self::config::FirecrackerSettings;
 use self::vmm::{Layout, METRICS_FILE, checked};
 use super::kernel::{self, KernelFormat};
 use super::process::{self, ProcessId, Watched, remove_quiet, watch_exit};
+use super::restvmm;
 use super::{Backend, BackendError, BackendHealth, BackendKind, ExitSink, Result, Runtime, StopMode, Usage, VmContext};
 use crate::core::spec::{VmId, VmSpec};
 use crate::util::unix_now;
@@ -180,23 +181,15 @@ impl FirecrackerBackend {
         let started = vmm::start(&self.settings, &self.binary, self.jailer.as_deref(), vm, layout).await?;
         let pid = started.pid;
         lock(&self.metrics).insert(vm.id.clone(), MetricsAcc { pid: pid.pid, ..MetricsAcc::default() });
-        watch_exit(vm.id.clone(), pid.pid, Watched::Child(started.child), self.exits.clone(), self.stop.clone());
+        let info = started.watch(vm.id, &self.exits, &self.stop);
         let mut extra = BTreeMap::new();
-        extra.insert("firecracker_version".into(), started.info.vmm_version.clone());
+        extra.insert("firecracker_version".into(), info.vmm_version.clone());
         extra.insert("vmm_log".into(), layout.vmm_log.display().to_string());
         extra.insert("metrics_file".into(), layout.host_file(METRICS_FILE).display().to_string());
         if let Some(j) = &layout.jail {
             extra.insert("jail_root".into(), j.root.display().to_string());
         }
-        let rt = Runtime {
-            pid: Some(pid.pid),
-            pid_start_ticks: Some(pid.start_ticks),
-            api_socket: Some(layout.socket.clone()),
-            console_log: Some(layout.console_log.clone()),
-            booted_at: None,
-            extra,
-        };
-        Ok((rt, started.info))
+        Ok((restvmm::runtime(pid, &layout.socket, &layout.console_log, extra), info))
     }
 
     /// Forgets a VM's process: socket, counters, jail and cgroups.
@@ -221,24 +214,14 @@ impl FirecrackerBackend {
         let Some(pid) = ProcessId::from_runtime(rt).filter(ProcessId::is_alive) else {
             return Ok(());
         };
-        if let Some(grace) = grace {
-            let asked = async {
-                let info: InstanceInfo = checked(self.client(layout).get("/").await, Some(pid), layout).await?;
-                if info.state == "Paused" {
-                    self.set_state(layout, rt, VmRunState::Resumed).await?;
-                }
-                self.action(layout, rt, ActionType::SendCtrlAltDel).await
+        let ask = async {
+            let info: InstanceInfo = checked(self.client(layout).get("/").await, Some(pid), layout).await?;
+            if info.state == "Paused" {
+                self.set_state(layout, rt, VmRunState::Resumed).await?;
             }
-            .await;
-            match asked {
-                Ok(()) if pid.wait_gone(grace).await => return Ok(()),
-                Ok(()) => {
-                    info!(vm_id = %vm.id, grace_secs = grace.as_secs(), "guest did not stop in time; killing Firecracker")
-                }
-                Err(e) => warn!(vm_id = %vm.id, error = %e, "could not send Ctrl+Alt+Del; killing Firecracker"),
-            }
-        }
-        pid.kill().await
+            self.action(layout, rt, ActionType::SendCtrlAltDel).await
+        };
+        restvmm::stop(vm.id, pid, grace, "send Ctrl+Alt+Del", ask, pid.kill()).await
     }
 
     /// Reads the metrics lines written since the last read.
@@ -339,10 +322,7 @@ impl Backend for FirecrackerBackend {
 
     async fn shutdown(&self, vm: &VmContext<'_>, rt: &Runtime, mode: StopMode) -> Result<()> {
         let layout = self.layout(vm);
-        let grace = match mode {
-            StopMode::Graceful { timeout } => Some(timeout),
-            StopMode::Force => None,
-        };
+        let grace = restvmm::grace(mode);
         let result = self.stop_process(vm, &layout, rt, grace).await;
         self.release(vm, &layout);
         result
