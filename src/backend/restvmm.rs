@@ -135,7 +135,7 @@ where
         Output::Split { stdout, stderr } => process::spawn_detached_split(l.program, l.args, l.cwd, stdout, stderr)?,
     };
     let result = async {
-        let pid = child.id().ok_or_else(|| BackendError::Failed(format!("{} exited at once", l.vmm)))?;
+        let pid = child.id().ok_or_else(|| BackendError::failed(format!("{} exited at once", l.vmm)))?;
         let pid = ProcessId::of(pid).map_err(|e| BackendError::io(format!("reading /proc/{pid}/stat"), e))?;
         let probed: P = wait_for_api(&mut child, client, l).await?;
         Ok((pid, configure(pid, probed).await?))
@@ -164,7 +164,7 @@ async fn wait_for_api<T: DeserializeOwned>(child: &mut Child, client: &UdsClient
     let mut last = String::from("socket not created");
     loop {
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(BackendError::Failed(format!("{} exited during start ({status}){}", l.vmm, tail())));
+            return Err(BackendError::failed(format!("{} exited during start ({status}){}", l.vmm, tail())));
         }
         if l.socket.exists() {
             match probe.get::<T>(l.probe_path).await {
@@ -173,7 +173,7 @@ async fn wait_for_api<T: DeserializeOwned>(child: &mut Child, client: &UdsClient
             }
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(BackendError::Timeout(format!(
+            return Err(BackendError::timeout(format!(
                 "{} did not serve its API within {} s ({last}){}",
                 l.vmm,
                 START_TIMEOUT.as_secs(),

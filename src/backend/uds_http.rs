@@ -83,15 +83,15 @@ pub async fn backend_error(
 ) -> crate::backend::BackendError {
     use crate::backend::BackendError;
     match &e.kind {
-        ApiErrorKind::Timeout(_) => BackendError::Timeout(e.to_string()),
-        ApiErrorKind::Status { .. } | ApiErrorKind::Decode(_) => BackendError::Failed(e.to_string()),
+        ApiErrorKind::Timeout(_) => BackendError::timeout(e.to_string()),
+        ApiErrorKind::Status { .. } | ApiErrorKind::Decode(_) => BackendError::failed(e.to_string()),
         ApiErrorKind::Connect { .. } | ApiErrorKind::Transport(_) => match pid {
             Some(p) if p.wait_gone(Duration::from_millis(250)).await => {
                 let tail = crate::backend::process::log_tail(log, 3);
                 let tail = if tail.is_empty() { String::new() } else { format!(" ({tail})") };
-                BackendError::Failed(format!("{e}; the {vmm} process exited{tail}"))
+                BackendError::failed(format!("{e}; the {vmm} process exited{tail}"))
             }
-            _ => BackendError::Unavailable(e.to_string()),
+            _ => BackendError::unavailable(e.to_string()),
         },
     }
 }

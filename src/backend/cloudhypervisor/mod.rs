@@ -115,13 +115,13 @@ pub fn check_spec(spec: &VmSpec) -> Result<()> {
     match kernel::detect(k) {
         Ok(Some(_)) => {}
         Ok(None) => {
-            return Err(BackendError::Unsupported(format!(
+            return Err(BackendError::unsupported(format!(
                 "config.boot.kernel_path: {} is neither an ELF vmlinux (PVH) nor a bzImage, the formats Cloud Hypervisor boots",
                 k.display()
             )));
         }
         Err(e) => {
-            return Err(BackendError::Unsupported(format!(
+            return Err(BackendError::unsupported(format!(
                 "config.boot.kernel_path: cannot read {}: {e}",
                 k.display()
             )));
@@ -129,14 +129,14 @@ pub fn check_spec(spec: &VmSpec) -> Result<()> {
     }
     for (i, n) in spec.network.iter().enumerate() {
         if n.tap.is_empty() {
-            return Err(BackendError::Unsupported(format!(
+            return Err(BackendError::unsupported(format!(
                 "config.network[{i}].tap_device: metald does not create TAP devices yet; name an existing one"
             )));
         }
         if let (Some(rx), Some(tx)) = (&n.rx_rate_limit, &n.tx_rate_limit)
             && rx != tx
         {
-            return Err(BackendError::Unsupported(format!(
+            return Err(BackendError::unsupported(format!(
                 "config.network[{i}]: Cloud Hypervisor applies one rate limit to both directions; \
                  make rx_rate_limit and tx_rate_limit equal or set only one"
             )));
@@ -322,10 +322,10 @@ impl Backend for CloudHypervisorBackend {
 
     async fn usage(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<Usage> {
         let pid = ProcessId::from_runtime(rt)
-            .ok_or_else(|| BackendError::Failed(format!("no Cloud Hypervisor process recorded for VM {}", vm.id)))?;
+            .ok_or_else(|| BackendError::failed(format!("no Cloud Hypervisor process recorded for VM {}", vm.id)))?;
         let stat = pid
             .stat()
-            .ok_or_else(|| BackendError::Failed(format!("Cloud Hypervisor process {} has exited", pid.pid)))?;
+            .ok_or_else(|| BackendError::failed(format!("Cloud Hypervisor process {} has exited", pid.pid)))?;
         let memory_bytes =
             process::rss_bytes(pid.pid).map_err(|e| BackendError::io(format!("reading /proc/{}/statm", pid.pid), e))?;
         let mut usage = Usage { cpu_time_ns: process::cpu_time_ns(&stat), memory_bytes, ..Usage::default() };

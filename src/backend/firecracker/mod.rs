@@ -83,40 +83,40 @@ pub fn check_spec(spec: &VmSpec) -> Result<()> {
     match kernel::detect(k) {
         Ok(Some(KernelFormat::Elf)) => {}
         Ok(Some(KernelFormat::BzImage)) => {
-            return Err(BackendError::Unsupported(format!(
+            return Err(BackendError::unsupported(format!(
                 "config.boot.kernel_path: {} is a bzImage; Firecracker boots only an uncompressed ELF vmlinux on x86_64",
                 k.display()
             )));
         }
         Ok(None) => {
-            return Err(BackendError::Unsupported(format!(
+            return Err(BackendError::unsupported(format!(
                 "config.boot.kernel_path: {} is not an ELF vmlinux, the format Firecracker boots",
                 k.display()
             )));
         }
         Err(e) => {
-            return Err(BackendError::Unsupported(format!(
+            return Err(BackendError::unsupported(format!(
                 "config.boot.kernel_path: cannot read {}: {e}",
                 k.display()
             )));
         }
     }
     if spec.cpu.vcpus > MAX_VCPUS {
-        return Err(BackendError::Unsupported(format!("config.cpu.vcpu_count: Firecracker runs at most {MAX_VCPUS}")));
+        return Err(BackendError::unsupported(format!("config.cpu.vcpu_count: Firecracker runs at most {MAX_VCPUS}")));
     }
     if spec.cpu.max_vcpus > spec.cpu.vcpus {
-        return Err(BackendError::Unsupported(
-            "config.cpu.max_vcpu_count: Firecracker cannot hotplug vCPUs; set it to 0 or to vcpu_count".into(),
+        return Err(BackendError::unsupported(
+            "config.cpu.max_vcpu_count: Firecracker cannot hotplug vCPUs; set it to 0 or to vcpu_count",
         ));
     }
     if spec.memory.hotplug {
-        return Err(BackendError::Unsupported(
-            "config.memory.hotplug_enabled: the firecracker backend does not hotplug memory; set it to false".into(),
+        return Err(BackendError::unsupported(
+            "config.memory.hotplug_enabled: the firecracker backend does not hotplug memory; set it to false",
         ));
     }
     for (i, n) in spec.network.iter().enumerate() {
         if n.tap.is_empty() {
-            return Err(BackendError::Unsupported(format!(
+            return Err(BackendError::unsupported(format!(
                 "config.network[{i}].tap_device: metald does not create TAP devices yet; name an existing one"
             )));
         }
@@ -345,9 +345,9 @@ impl Backend for FirecrackerBackend {
 
     async fn usage(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<Usage> {
         let pid = ProcessId::from_runtime(rt)
-            .ok_or_else(|| BackendError::Failed(format!("no Firecracker process recorded for VM {}", vm.id)))?;
+            .ok_or_else(|| BackendError::failed(format!("no Firecracker process recorded for VM {}", vm.id)))?;
         let stat =
-            pid.stat().ok_or_else(|| BackendError::Failed(format!("Firecracker process {} has exited", pid.pid)))?;
+            pid.stat().ok_or_else(|| BackendError::failed(format!("Firecracker process {} has exited", pid.pid)))?;
         let memory_bytes =
             process::rss_bytes(pid.pid).map_err(|e| BackendError::io(format!("reading /proc/{}/statm", pid.pid), e))?;
         let mut usage = Usage { cpu_time_ns: process::cpu_time_ns(&stat), memory_bytes, ..Usage::default() };
