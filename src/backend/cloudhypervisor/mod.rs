@@ -121,10 +121,9 @@ pub fn check_spec(spec: &VmSpec) -> Result<()> {
             )));
         }
         Err(e) => {
-            return Err(BackendError::unsupported(format!(
-                "config.boot.kernel_path: cannot read {}: {e}",
-                k.display()
-            )));
+            return Err(
+                BackendError::unsupported(format!("config.boot.kernel_path: cannot read {}", k.display())).caused_by(e)
+            );
         }
     }
     for (i, n) in spec.network.iter().enumerate() {

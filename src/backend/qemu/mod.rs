@@ -81,7 +81,7 @@ pub struct QemuBackend {
 fn qmp_error(e: QmpError) -> BackendError {
     match e {
         QmpError::Timeout(what) => BackendError::timeout(format!("QMP {what}")),
-        e => BackendError::failed(e.to_string()),
+        e => BackendError::failed_by(e),
     }
 }
 
@@ -226,9 +226,10 @@ fn check_spec(spec: &VmSpec) -> Result<()> {
         }
         Err(e) => {
             return Err(BackendError::unsupported(format!(
-                "config.boot.kernel_path: cannot read {}: {e}",
+                "config.boot.kernel_path: cannot read {}",
                 kernel.display()
-            )));
+            ))
+            .caused_by(e));
         }
     }
     if !spec.network.is_empty() {
