@@ -100,10 +100,10 @@ mod tests {
             (Error::Unavailable("x".into()), Code::Unavailable),
             (Error::Internal("x".into()), Code::Internal),
             (Error::Store(StoreError::Corrupt("x".into())), Code::Internal),
-            (Error::Backend(BackendError::Unavailable("x".into())), Code::Unavailable),
-            (Error::Backend(BackendError::Timeout("x".into())), Code::DeadlineExceeded),
-            (Error::Backend(BackendError::Failed("x".into())), Code::Internal),
-            (Error::Backend(BackendError::Unsupported("x".into())), Code::InvalidArgument),
+            (Error::Backend(BackendError::unavailable("x")), Code::Unavailable),
+            (Error::Backend(BackendError::timeout("x")), Code::DeadlineExceeded),
+            (Error::Backend(BackendError::failed("x")), Code::Internal),
+            (Error::Backend(BackendError::unsupported("x")), Code::InvalidArgument),
         ];
         for (err, code) in cases {
             assert_eq!(err.code(), code, "{err:?}");
@@ -112,7 +112,7 @@ mod tests {
 
     #[test]
     fn chain_prints_each_cause_once() {
-        let e = Error::Backend(BackendError::Failed("qmp: connection reset".into()));
+        let e = Error::Backend(BackendError::failed("qmp: connection reset"));
         assert_eq!(e.chain(), "hypervisor backend failed: qmp: connection reset");
         let e = Error::WrongState {
             vm_id: "a".into(),

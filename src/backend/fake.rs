@@ -259,14 +259,14 @@ impl FakeBackend {
             tokio::time::sleep(delay).await;
         }
         match fail {
-            Some(msg) => Err(BackendError::Failed(format!("fake {op}: {msg}"))),
+            Some(msg) => Err(BackendError::failed(format!("fake {op}: {msg}"))),
             None => Ok(()),
         }
     }
 
     fn with_vm<T>(&self, vm: &VmId, f: impl FnOnce(&mut FakeVm) -> Result<T>) -> Result<T> {
         let mut s = lock(&self.shared);
-        let v = s.vms.get_mut(vm).ok_or_else(|| BackendError::Failed(format!("fake: no process for {vm}")))?;
+        let v = s.vms.get_mut(vm).ok_or_else(|| BackendError::failed(format!("fake: no process for {vm}")))?;
         f(v)
     }
 }
@@ -277,7 +277,7 @@ fn usage_of(procs: &Procs, id: &VmId, pid: Option<u32>, now: Instant) -> Result<
     let v = pid
         .and_then(|pid| procs.by_pid(pid))
         .or_else(|| procs.pids.get(id).and_then(|pid| procs.by_pid(*pid)))
-        .ok_or_else(|| BackendError::Failed(format!("fake: no process for {id}")))?;
+        .ok_or_else(|| BackendError::failed(format!("fake: no process for {id}")))?;
     let cpu = v.cpu_at(now);
     let secs = cpu.as_secs();
     Ok(Usage {

@@ -13,6 +13,7 @@ pub mod host;
 pub mod kernel;
 pub mod process;
 pub mod qemu;
+pub mod restvmm;
 pub mod uds_http;
 
 use std::borrow::Cow;
@@ -65,18 +66,44 @@ pub struct ExitEvent {
 /// Where backends report VMM exits; the core turns them into `GuestExited`.
 pub type ExitSink = mpsc::UnboundedSender<ExitEvent>;
 
+/// The error that caused a [`BackendError`], kept as its `source()`.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a backend operation failed. Each kind carries a context (what was
+/// being done) and, when another error caused it, that error as its
+/// `source()`: the chain is rendered once, at the edge
+/// ([`crate::error::Error::chain`] prints `context: cause`). An error built
+/// from a cause alone ([`BackendError::failed_by`], ...) has no context of
+/// its own and shows the cause's message, for causes that already name
+/// what failed (an API call, a QMP command).
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     /// The request cannot be served by this backend (e.g. kernel format).
-    #[error("{0}")]
-    Unsupported(String),
+    #[error("{}", Message(.context, .source))]
+    Unsupported {
+        context: String,
+        #[source]
+        source: Option<Cause>,
+    },
     /// The hypervisor is not reachable or not installed.
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("timed out: {0}")]
-    Timeout(String),
-    #[error("{0}")]
-    Failed(String),
+    #[error("{}", Message(.context, .source))]
+    Unavailable {
+        context: String,
+        #[source]
+        source: Option<Cause>,
+    },
+    #[error("timed out: {}", Message(.context, .source))]
+    Timeout {
+        context: String,
+        #[source]
+        source: Option<Cause>,
+    },
+    #[error("{}", Message(.context, .source))]
+    Failed {
+        context: String,
+        #[source]
+        source: Option<Cause>,
+    },
     #[error("{context}")]
     Io {
         context: String,
@@ -85,17 +112,73 @@ pub enum BackendError {
     },
 }
 
+/// The context, or the cause's message when there is no context.
+struct Message<'a>(&'a str, &'a Option<Cause>);
+
+impl std::fmt::Display for Message<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.1 {
+            Some(cause) if self.0.is_empty() => cause.fmt(f),
+            _ => f.write_str(self.0),
+        }
+    }
+}
+
 impl BackendError {
+    pub fn unsupported(context: impl Into<String>) -> Self {
+        BackendError::Unsupported { context: context.into(), source: None }
+    }
+
+    pub fn unavailable(context: impl Into<String>) -> Self {
+        BackendError::Unavailable { context: context.into(), source: None }
+    }
+
+    pub fn timeout(context: impl Into<String>) -> Self {
+        BackendError::Timeout { context: context.into(), source: None }
+    }
+
+    pub fn failed(context: impl Into<String>) -> Self {
+        BackendError::Failed { context: context.into(), source: None }
+    }
+
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         BackendError::Io { context: context.into(), source }
     }
 
+    /// Unavailable because of `cause`, whose message says what failed.
+    pub fn unavailable_by(cause: impl Into<Cause>) -> Self {
+        BackendError::Unavailable { context: String::new(), source: Some(cause.into()) }
+    }
+
+    /// Timed out, as `cause` (whose message says what) reports.
+    pub fn timeout_by(cause: impl Into<Cause>) -> Self {
+        BackendError::Timeout { context: String::new(), source: Some(cause.into()) }
+    }
+
+    /// Failed because of `cause`, whose message says what failed.
+    pub fn failed_by(cause: impl Into<Cause>) -> Self {
+        BackendError::Failed { context: String::new(), source: Some(cause.into()) }
+    }
+
+    /// The same error, caused by `cause` (its `source()` from now on). An
+    /// `Io` error keeps its `std::io::Error` and ignores `cause`.
+    pub fn caused_by(mut self, cause: impl Into<Cause>) -> Self {
+        match &mut self {
+            BackendError::Unsupported { source, .. }
+            | BackendError::Unavailable { source, .. }
+            | BackendError::Timeout { source, .. }
+            | BackendError::Failed { source, .. } => *source = Some(cause.into()),
+            BackendError::Io { .. } => {}
+        }
+        self
+    }
+
     pub fn code(&self) -> Code {
         match self {
-            BackendError::Unsupported(_) => Code::InvalidArgument,
-            BackendError::Unavailable(_) => Code::Unavailable,
-            BackendError::Timeout(_) => Code::DeadlineExceeded,
-            BackendError::Failed(_) | BackendError::Io { .. } => Code::Internal,
+            BackendError::Unsupported { .. } => Code::InvalidArgument,
+            BackendError::Unavailable { .. } => Code::Unavailable,
+            BackendError::Timeout { .. } => Code::DeadlineExceeded,
+            BackendError::Failed { .. } | BackendError::Io { .. } => Code::Internal,
         }
     }
 }
@@ -184,7 +267,7 @@ pub trait Backend: Send + Sync + 'static {
                 Some(r) => out.push((ts, r)),
                 None => {
                     // A placeholder, replaced when the parked call ends.
-                    out.push((ts, Err(BackendError::Timeout("usage".into()))));
+                    out.push((ts, Err(BackendError::timeout("usage"))));
                     waiting.push(call.map(move |r| (k, r)));
                     if waiting.len() >= concurrency.max(1)
                         && let Some((k, r)) = waiting.next().await
@@ -204,4 +287,46 @@ pub trait Backend: Send + Sync + 'static {
     async fn reattach(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<bool>;
 
     async fn health(&self) -> BackendHealth;
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+
+    fn gone() -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::NotFound, "gone")
+    }
+
+    #[test]
+    fn a_cause_is_kept_as_source_and_printed_once_at_the_edge() {
+        let e = BackendError::unsupported("cannot read /k").caused_by(gone());
+        assert_eq!(e.to_string(), "cannot read /k");
+        let source = std::error::Error::source(&e).unwrap();
+        assert_eq!(source.downcast_ref::<std::io::Error>().unwrap().kind(), std::io::ErrorKind::NotFound);
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert_eq!(Error::Backend(e).chain(), "hypervisor backend failed: cannot read /k: gone");
+
+        let e = BackendError::timeout("vm.counters").caused_by(gone());
+        assert_eq!(Error::Backend(e).chain(), "hypervisor backend failed: timed out: vm.counters: gone");
+    }
+
+    #[test]
+    fn a_cause_without_context_speaks_for_itself() {
+        let cases = [
+            (BackendError::failed_by(gone()), "gone", Code::Internal),
+            (BackendError::unavailable_by(gone()), "gone", Code::Unavailable),
+            (BackendError::timeout_by(gone()), "timed out: gone", Code::DeadlineExceeded),
+        ];
+        for (e, text, code) in cases {
+            assert_eq!(e.to_string(), text);
+            assert_eq!(e.code(), code);
+            assert!(std::error::Error::source(&e).is_some());
+            assert_eq!(Error::Backend(e).chain(), format!("hypervisor backend failed: {text}"));
+        }
+        let plain = BackendError::failed("no process");
+        assert!(std::error::Error::source(&plain).is_none());
+        assert_eq!(Error::Backend(plain).chain(), "hypervisor backend failed: no process");
+    }
 }

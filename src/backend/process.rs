@@ -166,7 +166,7 @@ impl ProcessId {
         if self.wait_gone(Duration::from_secs(10)).await {
             Ok(())
         } else {
-            Err(BackendError::Failed(format!("process {} survived SIGKILL for 10 s", self.pid)))
+            Err(BackendError::failed(format!("process {} survived SIGKILL for 10 s", self.pid)))
         }
     }
 }
@@ -178,7 +178,7 @@ pub const MAX_SOCKET_PATH: usize = 107;
 /// setting to shorten.
 pub fn check_socket_path(what: &str, path: &Path, hint: &str) -> Result<(), BackendError> {
     if path.as_os_str().len() > MAX_SOCKET_PATH {
-        return Err(BackendError::Unavailable(format!(
+        return Err(BackendError::unavailable(format!(
             "{what} path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter {hint}",
             path.display()
         )));

@@ -72,9 +72,22 @@ pub fn text_error_body(body: &[u8]) -> String {
     if text.is_empty() { "(empty body)".to_owned() } else { text }
 }
 
-/// Maps a failed call to a backend error. A broken connection of a VMM
-/// that ended (checked for up to 250 ms: the socket closes before the
-/// process is gone) names the exit and the end of the VMM's log.
+/// An API call broke because the VMM process ended: the call's error, and
+/// the end of the VMM's log (the call's message leads, so it has no
+/// `source()` of its own).
+#[derive(Debug, thiserror::Error)]
+#[error("{call}; the {vmm} process exited{tail}")]
+pub struct VmmExited {
+    pub call: ApiError,
+    /// The VMM's name ("Firecracker", ...).
+    pub vmm: String,
+    /// ` (<last lines of the VMM's log>)`, or empty.
+    pub tail: String,
+}
+
+/// Maps a failed call to a backend error whose cause is the [`ApiError`]. A
+/// broken connection of a VMM that ended (checked for up to 250 ms: the
+/// socket closes before the process is gone) is a [`VmmExited`].
 pub async fn backend_error(
     e: ApiError,
     vmm: &str,
@@ -83,15 +96,15 @@ pub async fn backend_error(
 ) -> crate::backend::BackendError {
     use crate::backend::BackendError;
     match &e.kind {
-        ApiErrorKind::Timeout(_) => BackendError::Timeout(e.to_string()),
-        ApiErrorKind::Status { .. } | ApiErrorKind::Decode(_) => BackendError::Failed(e.to_string()),
+        ApiErrorKind::Timeout(_) => BackendError::timeout_by(e),
+        ApiErrorKind::Status { .. } | ApiErrorKind::Decode(_) => BackendError::failed_by(e),
         ApiErrorKind::Connect { .. } | ApiErrorKind::Transport(_) => match pid {
             Some(p) if p.wait_gone(Duration::from_millis(250)).await => {
                 let tail = crate::backend::process::log_tail(log, 3);
                 let tail = if tail.is_empty() { String::new() } else { format!(" ({tail})") };
-                BackendError::Failed(format!("{e}; the {vmm} process exited{tail}"))
+                BackendError::failed_by(VmmExited { call: e, vmm: vmm.to_owned(), tail })
             }
-            _ => BackendError::Unavailable(e.to_string()),
+            _ => BackendError::unavailable_by(e),
         },
     }
 }
@@ -259,56 +272,6 @@ impl UdsClient {
     }
 }
 
-/// What a started VMM's API needs to be waited for (see [`wait_for_api`]).
-pub struct ApiWait<'a> {
-    /// The VMM's name in error messages ("Firecracker", ...).
-    pub vmm: &'a str,
-    pub socket: &'a Path,
-    /// The request that proves the API serves (`GET` of this path).
-    pub probe_path: &'a str,
-    /// The VMM's log, whose tail ends the error messages.
-    pub log: &'a Path,
-    pub timeout: Duration,
-}
-
-/// Polls `GET probe_path` on a freshly started VMM's socket until it
-/// answers; fails early when the process exits, and after the timeout.
-/// Shared by the Firecracker and Cloud Hypervisor backends.
-pub async fn wait_for_api<T: DeserializeOwned>(
-    child: &mut tokio::process::Child,
-    client: &UdsClient,
-    w: &ApiWait<'_>,
-) -> Result<T, super::BackendError> {
-    use super::BackendError;
-    let tail = || {
-        let t = super::process::log_tail(w.log, 5);
-        if t.is_empty() { String::new() } else { format!(" ({t})") }
-    };
-    let deadline = tokio::time::Instant::now() + w.timeout;
-    let probe = client.with_timeout(Duration::from_secs(1));
-    let mut last = String::from("socket not created");
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(BackendError::Failed(format!("{} exited during start ({status}){}", w.vmm, tail())));
-        }
-        if w.socket.exists() {
-            match probe.get::<T>(w.probe_path).await {
-                Ok(v) => return Ok(v),
-                Err(e) => last = e.to_string(),
-            }
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(BackendError::Timeout(format!(
-                "{} did not serve its API within {} s ({last}){}",
-                w.vmm,
-                w.timeout.as_secs(),
-                tail()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -364,6 +327,53 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(e.kind, ApiErrorKind::Connect { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn backend_errors_keep_the_api_error_as_their_cause() {
+        use crate::backend::BackendError;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("vmm.log");
+        let hang = dir.path().join("hang.sock");
+        serve(&hang, None);
+        let e = UdsClient::new(&hang, "test", Duration::from_millis(100), text_error_body)
+            .put_empty("/z")
+            .await
+            .unwrap_err();
+        let e = backend_error(e, "Test", None, &log).await;
+        assert!(matches!(e, BackendError::Timeout { .. }), "{e:?}");
+        let cause = std::error::Error::source(&e).unwrap().downcast_ref::<ApiError>().unwrap();
+        assert!(matches!(cause.kind, ApiErrorKind::Timeout(100)));
+        assert_eq!(
+            crate::error::Error::Backend(e).chain(),
+            "hypervisor backend failed: timed out: test API PUT /z: no answer within 100 ms"
+        );
+
+        let e = UdsClient::new(dir.path().join("none.sock"), "test", Duration::from_secs(1), text_error_body)
+            .put_empty("/z")
+            .await
+            .unwrap_err();
+        let e = backend_error(e, "Test", None, &log).await;
+        assert!(matches!(e, BackendError::Unavailable { .. }), "{e:?}");
+        let chain = crate::error::Error::Backend(e).chain();
+        assert!(chain.starts_with("hypervisor backend failed: test API PUT /z: cannot connect to "), "{chain}");
+        assert_eq!(chain.matches("cannot connect").count(), 1, "{chain}");
+
+        // The same failure of a VMM that is gone (a start time that is not
+        // this process's) names the exit and the end of the log.
+        std::fs::write(&log, "starting\nout of memory\n").unwrap();
+        let gone = crate::backend::process::ProcessId { pid: std::process::id(), start_ticks: 0 };
+        let e = UdsClient::new(dir.path().join("none.sock"), "test", Duration::from_secs(1), text_error_body)
+            .put_empty("/z")
+            .await
+            .unwrap_err();
+        let e = backend_error(e, "Test", Some(gone), &log).await;
+        assert!(matches!(e, BackendError::Failed { .. }), "{e:?}");
+        let exited = std::error::Error::source(&e).unwrap().downcast_ref::<VmmExited>().unwrap();
+        assert!(matches!(exited.call.kind, ApiErrorKind::Connect { .. }));
+        let chain = crate::error::Error::Backend(e).chain();
+        assert!(chain.starts_with("hypervisor backend failed: test API PUT /z: cannot connect to "), "{chain}");
+        assert!(chain.ends_with("; the Test process exited (starting; out of memory)"), "{chain}");
     }
 
     /// Records every span's name and fields.

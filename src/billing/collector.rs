@@ -138,7 +138,7 @@ mod tests {
             BackendKind::Fake
         }
         async fn create(&self, _: &VmContext<'_>) -> crate::backend::Result<Runtime> {
-            Err(BackendError::Unsupported("test".into()))
+            Err(BackendError::unsupported("test"))
         }
         async fn boot(&self, _: &VmContext<'_>, _: &mut Runtime) -> crate::backend::Result<()> {
             Ok(())

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::core::spec::RateLimit;
+pub use crate::backend::restvmm::{RateLimiter, TokenBucket};
 
 /// `PUT /api/v1/vm.create` (`VmConfig`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,36 +67,9 @@ pub struct NetConfig {
     pub rate_limiter_config: Option<RateLimiterConfig>,
 }
 
-/// `RateLimiterConfig` (Cloud Hypervisor applies one limiter to both
-/// directions of a NIC).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RateLimiterConfig {
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub bandwidth: Option<TokenBucket>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub ops: Option<TokenBucket>,
-}
-
-/// `TokenBucket`: `size` tokens refilled every `refill_time` ms.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TokenBucket {
-    pub size: u64,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub one_time_burst: Option<u64>,
-    pub refill_time: u64,
-}
-
-impl RateLimiterConfig {
-    /// A bandwidth limiter from metald's `RateLimit`; `None` when unlimited.
-    pub fn from_spec(rl: Option<&RateLimit>) -> Option<RateLimiterConfig> {
-        let rl = rl?;
-        let bandwidth = u64::try_from(rl.bandwidth).ok().filter(|b| *b > 0)?;
-        let refill_time = u64::try_from(rl.refill_time_ms).ok().filter(|r| *r > 0).unwrap_or(1000);
-        let size = u64::try_from(u128::from(bandwidth) * u128::from(refill_time) / 1000).unwrap_or(u64::MAX).max(1);
-        let one_time_burst = u64::try_from(rl.burst).ok().filter(|b| *b > 0);
-        Some(RateLimiterConfig { bandwidth: Some(TokenBucket { size, one_time_burst, refill_time }), ops: None })
-    }
-}
+/// `RateLimiterConfig`: the same JSON as Firecracker's `RateLimiter`
+/// (Cloud Hypervisor applies one limiter to both directions of a NIC).
+pub type RateLimiterConfig = RateLimiter;
 
 /// `SerialConfig` / `ConsoleConfig`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -39,12 +39,12 @@ use self::api::{
 use self::config::CloudHypervisorSettings;
 use super::kernel;
 use super::process::{self, ProcessId, Watched, remove_quiet, watch_exit};
-use super::uds_http::{ApiError, ApiWait, UdsClient, checked, text_error_body, wait_for_api};
+use super::restvmm::{self, Launch, Output};
+use super::uds_http::{ApiError, UdsClient, checked, text_error_body};
 use super::{Backend, BackendError, BackendHealth, BackendKind, ExitSink, Result, Runtime, StopMode, Usage, VmContext};
 use crate::core::spec::{ValidSpec, VmId, VmSpec};
 use crate::util::unix_now;
 
-const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `vmm.shutdown` may take before SIGKILL.
 const QUIT_GRACE: Duration = Duration::from_secs(3);
 const API: &str = "/api/v1";
@@ -115,28 +115,27 @@ pub fn check_spec(spec: &VmSpec) -> Result<()> {
     match kernel::detect(k) {
         Ok(Some(_)) => {}
         Ok(None) => {
-            return Err(BackendError::Unsupported(format!(
+            return Err(BackendError::unsupported(format!(
                 "config.boot.kernel_path: {} is neither an ELF vmlinux (PVH) nor a bzImage, the formats Cloud Hypervisor boots",
                 k.display()
             )));
         }
         Err(e) => {
-            return Err(BackendError::Unsupported(format!(
-                "config.boot.kernel_path: cannot read {}: {e}",
-                k.display()
-            )));
+            return Err(
+                BackendError::unsupported(format!("config.boot.kernel_path: cannot read {}", k.display())).caused_by(e)
+            );
         }
     }
     for (i, n) in spec.network.iter().enumerate() {
         if n.tap.is_empty() {
-            return Err(BackendError::Unsupported(format!(
+            return Err(BackendError::unsupported(format!(
                 "config.network[{i}].tap_device: metald does not create TAP devices yet; name an existing one"
             )));
         }
         if let (Some(rx), Some(tx)) = (&n.rx_rate_limit, &n.tx_rate_limit)
             && rx != tx
         {
-            return Err(BackendError::Unsupported(format!(
+            return Err(BackendError::unsupported(format!(
                 "config.network[{i}]: Cloud Hypervisor applies one rate limit to both directions; \
                  make rx_rate_limit and tx_rate_limit equal or set only one"
             )));
@@ -230,54 +229,37 @@ impl Backend for CloudHypervisorBackend {
 
     async fn create(&self, vm: &VmContext<'_>) -> Result<Runtime> {
         let paths = Paths::new(&vm.dir);
-        process::check_socket_path("API socket", &paths.socket, "UNKEY_METALD_DATA_DIR")?;
-        remove_quiet(&paths.socket);
+        restvmm::prepare_socket(&paths.socket, "UNKEY_METALD_DATA_DIR")?;
         let mut api_socket = OsString::from("path=");
         api_socket.push(&paths.socket);
         let args = vec![OsString::from("--api-socket"), api_socket];
-        let mut child = process::spawn_detached(&self.binary, &args, &vm.dir, &paths.vmm_log)?;
+        let launch = Launch {
+            vmm: "Cloud Hypervisor",
+            program: &self.binary,
+            args: &args,
+            cwd: &vm.dir,
+            output: Output::Combined(&paths.vmm_log),
+            socket: &paths.socket,
+            probe_path: &format!("{API}/vmm.ping"),
+            log: &paths.vmm_log,
+        };
         let client = self.client(&vm.dir);
-        let result = async {
-            let pid = child.id().ok_or_else(|| BackendError::Failed("Cloud Hypervisor exited at once".into()))?;
-            let pid = ProcessId::of(pid).map_err(|e| BackendError::io(format!("reading /proc/{pid}/stat"), e))?;
-            let wait = ApiWait {
-                vmm: "Cloud Hypervisor",
-                socket: &paths.socket,
-                probe_path: &format!("{API}/vmm.ping"),
-                log: &paths.vmm_log,
-                timeout: START_TIMEOUT,
-            };
-            let ping: VmmPingResponse = wait_for_api(&mut child, &client, &wait).await?;
-            let rt = Runtime {
-                pid: Some(pid.pid),
-                pid_start_ticks: Some(pid.start_ticks),
-                api_socket: Some(paths.socket.clone()),
-                console_log: Some(paths.console_log.clone()),
-                booted_at: None,
-                extra: BTreeMap::from([
-                    ("cloud_hypervisor_version".to_owned(), ping.version.clone()),
-                    ("vmm_log".to_owned(), paths.vmm_log.display().to_string()),
-                ]),
-            };
-            let r = client.put(&format!("{API}/vm.create"), &vm_config(vm.spec, &paths.console_log)).await;
+        let (c, paths) = (&client, &paths);
+        let started = restvmm::launch(&launch, c, |pid, ping: VmmPingResponse| async move {
+            let extra = BTreeMap::from([
+                ("cloud_hypervisor_version".to_owned(), ping.version),
+                ("vmm_log".to_owned(), paths.vmm_log.display().to_string()),
+            ]);
+            let rt = restvmm::runtime(pid, &paths.socket, &paths.console_log, extra);
+            let r = c.put(&format!("{API}/vm.create"), &vm_config(vm.spec, &paths.console_log)).await;
             self.checked(r, &rt, &vm.dir).await?;
             Ok(rt)
-        }
-        .await;
-        match result {
-            Ok(rt) => {
-                let pid = rt.pid.unwrap_or_default();
-                watch_exit(vm.id.clone(), pid, Watched::Child(child), self.exits.clone(), self.stop.clone());
-                debug!(vm_id = %vm.id, pid, "Cloud Hypervisor started, VM created");
-                Ok(rt)
-            }
-            Err(e) => {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                remove_quiet(&paths.socket);
-                Err(e)
-            }
-        }
+        })
+        .await?;
+        let pid = started.pid.pid;
+        let rt = started.watch(vm.id, &self.exits, &self.stop);
+        debug!(vm_id = %vm.id, pid, "Cloud Hypervisor started, VM created");
+        Ok(rt)
     }
 
     async fn boot(&self, vm: &VmContext<'_>, rt: &mut Runtime) -> Result<()> {
@@ -307,31 +289,16 @@ impl Backend for CloudHypervisorBackend {
             remove_quiet(&paths.socket);
             return Ok(());
         };
-        let result = match mode {
-            StopMode::Force => self.force_stop(vm, pid).await,
-            StopMode::Graceful { timeout } => {
-                let asked = async {
-                    let r = self.client(&vm.dir).get::<VmInfo>(&format!("{API}/vm.info")).await;
-                    let info = self.checked(r, rt, &vm.dir).await?;
-                    if info.state == "Paused" {
-                        self.action(vm, rt, "vm.resume").await?;
-                    }
-                    self.action(vm, rt, "vm.power-button").await
-                }
-                .await;
-                match asked {
-                    Ok(()) if pid.wait_gone(timeout).await => Ok(()),
-                    Ok(()) => {
-                        info!(vm_id = %vm.id, timeout_secs = timeout.as_secs(), "guest did not power off in time; forcing");
-                        self.force_stop(vm, pid).await
-                    }
-                    Err(e) => {
-                        warn!(vm_id = %vm.id, error = %e, "could not press the power button; forcing");
-                        self.force_stop(vm, pid).await
-                    }
-                }
+        let grace = restvmm::grace(mode);
+        let ask = async {
+            let r = self.client(&vm.dir).get::<VmInfo>(&format!("{API}/vm.info")).await;
+            let info = self.checked(r, rt, &vm.dir).await?;
+            if info.state == "Paused" {
+                self.action(vm, rt, "vm.resume").await?;
             }
+            self.action(vm, rt, "vm.power-button").await
         };
+        let result = restvmm::stop(vm.id, pid, grace, "press the power button", ask, self.force_stop(vm, pid)).await;
         remove_quiet(&paths.socket);
         result
     }
@@ -354,10 +321,10 @@ impl Backend for CloudHypervisorBackend {
 
     async fn usage(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<Usage> {
         let pid = ProcessId::from_runtime(rt)
-            .ok_or_else(|| BackendError::Failed(format!("no Cloud Hypervisor process recorded for VM {}", vm.id)))?;
+            .ok_or_else(|| BackendError::failed(format!("no Cloud Hypervisor process recorded for VM {}", vm.id)))?;
         let stat = pid
             .stat()
-            .ok_or_else(|| BackendError::Failed(format!("Cloud Hypervisor process {} has exited", pid.pid)))?;
+            .ok_or_else(|| BackendError::failed(format!("Cloud Hypervisor process {} has exited", pid.pid)))?;
         let memory_bytes =
             process::rss_bytes(pid.pid).map_err(|e| BackendError::io(format!("reading /proc/{}/statm", pid.pid), e))?;
         let mut usage = Usage { cpu_time_ns: process::cpu_time_ns(&stat), memory_bytes, ..Usage::default() };

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::core::spec::RateLimit;
+pub use crate::backend::restvmm::{RateLimiter, TokenBucket};
 
 /// `PUT /machine-config` (`MachineConfiguration`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,37 +50,6 @@ pub struct NetworkInterface {
     pub rx_rate_limiter: Option<RateLimiter>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub tx_rate_limiter: Option<RateLimiter>,
-}
-
-/// `RateLimiter`: independent bytes/s and ops/s token buckets.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RateLimiter {
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub bandwidth: Option<TokenBucket>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub ops: Option<TokenBucket>,
-}
-
-/// `TokenBucket`: `size` tokens refilled every `refill_time` ms.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TokenBucket {
-    pub size: u64,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub one_time_burst: Option<u64>,
-    pub refill_time: u64,
-}
-
-impl RateLimiter {
-    /// A bandwidth limiter from metald's `RateLimit` (bytes per second,
-    /// refill period in ms, initial burst in bytes); `None` when unlimited.
-    pub fn from_spec(rl: Option<&RateLimit>) -> Option<RateLimiter> {
-        let rl = rl?;
-        let bandwidth = u64::try_from(rl.bandwidth).ok().filter(|b| *b > 0)?;
-        let refill_time = u64::try_from(rl.refill_time_ms).ok().filter(|r| *r > 0).unwrap_or(1000);
-        let size = u64::try_from(u128::from(bandwidth) * u128::from(refill_time) / 1000).unwrap_or(u64::MAX).max(1);
-        let one_time_burst = u64::try_from(rl.burst).ok().filter(|b| *b > 0);
-        Some(RateLimiter { bandwidth: Some(TokenBucket { size, one_time_burst, refill_time }), ops: None })
-    }
 }
 
 /// `PUT /logger` (`Logger`). The log file must exist (Firecracker does not
@@ -228,6 +197,7 @@ impl MetricsLine {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::core::spec::RateLimit;
     use serde_json::json;
 
     #[test]

@@ -63,7 +63,7 @@ impl Jail {
     /// name, writable)`) and the empty files in `empty` (jailed names).
     pub fn prepare(&self, settings: &JailerSettings, files: &[(PathBuf, String, bool)], empty: &[&str]) -> Result<()> {
         if !self.exec_name.contains("firecracker") {
-            return Err(BackendError::Unavailable(format!(
+            return Err(BackendError::unavailable(format!(
                 "the jailer only runs binaries whose file name contains \"firecracker\", not {:?}",
                 self.exec_name
             )));
@@ -71,7 +71,7 @@ impl Jail {
         if let Some(ns) = self.netns(settings)
             && !Path::new(&ns).exists()
         {
-            return Err(BackendError::Unavailable(format!(
+            return Err(BackendError::unavailable(format!(
                 "network namespace {ns} does not exist (UNKEY_METALD_JAILER_NETNS); create it before the VM"
             )));
         }

@@ -41,6 +41,7 @@ use self::config::FirecrackerSettings;
 use self::vmm::{Layout, METRICS_FILE, checked};
 use super::kernel::{self, KernelFormat};
 use super::process::{self, ProcessId, Watched, remove_quiet, watch_exit};
+use super::restvmm;
 use super::{Backend, BackendError, BackendHealth, BackendKind, ExitSink, Result, Runtime, StopMode, Usage, VmContext};
 use crate::core::spec::{ValidSpec, VmId, VmSpec};
 use crate::util::unix_now;
@@ -82,40 +83,39 @@ pub fn check_spec(spec: &VmSpec) -> Result<()> {
     match kernel::detect(k) {
         Ok(Some(KernelFormat::Elf)) => {}
         Ok(Some(KernelFormat::BzImage)) => {
-            return Err(BackendError::Unsupported(format!(
+            return Err(BackendError::unsupported(format!(
                 "config.boot.kernel_path: {} is a bzImage; Firecracker boots only an uncompressed ELF vmlinux on x86_64",
                 k.display()
             )));
         }
         Ok(None) => {
-            return Err(BackendError::Unsupported(format!(
+            return Err(BackendError::unsupported(format!(
                 "config.boot.kernel_path: {} is not an ELF vmlinux, the format Firecracker boots",
                 k.display()
             )));
         }
         Err(e) => {
-            return Err(BackendError::Unsupported(format!(
-                "config.boot.kernel_path: cannot read {}: {e}",
-                k.display()
-            )));
+            return Err(
+                BackendError::unsupported(format!("config.boot.kernel_path: cannot read {}", k.display())).caused_by(e)
+            );
         }
     }
     if spec.cpu.vcpus > MAX_VCPUS {
-        return Err(BackendError::Unsupported(format!("config.cpu.vcpu_count: Firecracker runs at most {MAX_VCPUS}")));
+        return Err(BackendError::unsupported(format!("config.cpu.vcpu_count: Firecracker runs at most {MAX_VCPUS}")));
     }
     if spec.cpu.max_vcpus > spec.cpu.vcpus {
-        return Err(BackendError::Unsupported(
-            "config.cpu.max_vcpu_count: Firecracker cannot hotplug vCPUs; set it to 0 or to vcpu_count".into(),
+        return Err(BackendError::unsupported(
+            "config.cpu.max_vcpu_count: Firecracker cannot hotplug vCPUs; set it to 0 or to vcpu_count",
         ));
     }
     if spec.memory.hotplug {
-        return Err(BackendError::Unsupported(
-            "config.memory.hotplug_enabled: the firecracker backend does not hotplug memory; set it to false".into(),
+        return Err(BackendError::unsupported(
+            "config.memory.hotplug_enabled: the firecracker backend does not hotplug memory; set it to false",
         ));
     }
     for (i, n) in spec.network.iter().enumerate() {
         if n.tap.is_empty() {
-            return Err(BackendError::Unsupported(format!(
+            return Err(BackendError::unsupported(format!(
                 "config.network[{i}].tap_device: metald does not create TAP devices yet; name an existing one"
             )));
         }
@@ -180,23 +180,15 @@ impl FirecrackerBackend {
         let started = vmm::start(&self.settings, &self.binary, self.jailer.as_deref(), vm, layout).await?;
         let pid = started.pid;
         lock(&self.metrics).insert(vm.id.clone(), MetricsAcc { pid: pid.pid, ..MetricsAcc::default() });
-        watch_exit(vm.id.clone(), pid.pid, Watched::Child(started.child), self.exits.clone(), self.stop.clone());
+        let info = started.watch(vm.id, &self.exits, &self.stop);
         let mut extra = BTreeMap::new();
-        extra.insert("firecracker_version".into(), started.info.vmm_version.clone());
+        extra.insert("firecracker_version".into(), info.vmm_version.clone());
         extra.insert("vmm_log".into(), layout.vmm_log.display().to_string());
         extra.insert("metrics_file".into(), layout.host_file(METRICS_FILE).display().to_string());
         if let Some(j) = &layout.jail {
             extra.insert("jail_root".into(), j.root.display().to_string());
         }
-        let rt = Runtime {
-            pid: Some(pid.pid),
-            pid_start_ticks: Some(pid.start_ticks),
-            api_socket: Some(layout.socket.clone()),
-            console_log: Some(layout.console_log.clone()),
-            booted_at: None,
-            extra,
-        };
-        Ok((rt, started.info))
+        Ok((restvmm::runtime(pid, &layout.socket, &layout.console_log, extra), info))
     }
 
     /// Forgets a VM's process: socket, counters, jail and cgroups.
@@ -221,24 +213,14 @@ impl FirecrackerBackend {
         let Some(pid) = ProcessId::from_runtime(rt).filter(ProcessId::is_alive) else {
             return Ok(());
         };
-        if let Some(grace) = grace {
-            let asked = async {
-                let info: InstanceInfo = checked(self.client(layout).get("/").await, Some(pid), layout).await?;
-                if info.state == "Paused" {
-                    self.set_state(layout, rt, VmRunState::Resumed).await?;
-                }
-                self.action(layout, rt, ActionType::SendCtrlAltDel).await
+        let ask = async {
+            let info: InstanceInfo = checked(self.client(layout).get("/").await, Some(pid), layout).await?;
+            if info.state == "Paused" {
+                self.set_state(layout, rt, VmRunState::Resumed).await?;
             }
-            .await;
-            match asked {
-                Ok(()) if pid.wait_gone(grace).await => return Ok(()),
-                Ok(()) => {
-                    info!(vm_id = %vm.id, grace_secs = grace.as_secs(), "guest did not stop in time; killing Firecracker")
-                }
-                Err(e) => warn!(vm_id = %vm.id, error = %e, "could not send Ctrl+Alt+Del; killing Firecracker"),
-            }
-        }
-        pid.kill().await
+            self.action(layout, rt, ActionType::SendCtrlAltDel).await
+        };
+        restvmm::stop(vm.id, pid, grace, "send Ctrl+Alt+Del", ask, pid.kill()).await
     }
 
     /// Reads the metrics lines written since the last read.
@@ -339,10 +321,7 @@ impl Backend for FirecrackerBackend {
 
     async fn shutdown(&self, vm: &VmContext<'_>, rt: &Runtime, mode: StopMode) -> Result<()> {
         let layout = self.layout(vm);
-        let grace = match mode {
-            StopMode::Graceful { timeout } => Some(timeout),
-            StopMode::Force => None,
-        };
+        let grace = restvmm::grace(mode);
         let result = self.stop_process(vm, &layout, rt, grace).await;
         self.release(vm, &layout);
         result
@@ -365,9 +344,9 @@ impl Backend for FirecrackerBackend {
 
     async fn usage(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<Usage> {
         let pid = ProcessId::from_runtime(rt)
-            .ok_or_else(|| BackendError::Failed(format!("no Firecracker process recorded for VM {}", vm.id)))?;
+            .ok_or_else(|| BackendError::failed(format!("no Firecracker process recorded for VM {}", vm.id)))?;
         let stat =
-            pid.stat().ok_or_else(|| BackendError::Failed(format!("Firecracker process {} has exited", pid.pid)))?;
+            pid.stat().ok_or_else(|| BackendError::failed(format!("Firecracker process {} has exited", pid.pid)))?;
         let memory_bytes =
             process::rss_bytes(pid.pid).map_err(|e| BackendError::io(format!("reading /proc/{}/statm", pid.pid), e))?;
         let mut usage = Usage { cpu_time_ns: process::cpu_time_ns(&stat), memory_bytes, ..Usage::default() };

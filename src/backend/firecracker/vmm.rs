@@ -1,7 +1,8 @@
 //! Starting and configuring one Firecracker process: where its files live
 //! ([`Layout`], jail-aware), the pre-boot requests derived from a VM spec
-//! ([`Plan`]), and [`start`], which spawns the process, waits for its API
-//! socket and sends the plan. Used at create and again at every reboot
+//! ([`Plan`]), and [`start`], which runs the shared REST-VMM launch
+//! ([`crate::backend::restvmm`]: spawn, wait for the API socket) and sends
+//! the plan. Used at create and again at every reboot
 //! (Firecracker exits when its guest reboots), so a restarted VMM gets
 //! exactly the same configuration.
 
@@ -9,7 +10,6 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::process::Child;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::api::{
@@ -18,13 +18,12 @@ use super::api::{
 };
 use super::config::FirecrackerSettings;
 use super::jailer::{JAILED_SOCKET, Jail};
-use crate::backend::process::{self, ProcessId, remove_quiet};
-use crate::backend::uds_http::{ApiError, ApiWait, UdsClient, wait_for_api};
+use crate::backend::process::ProcessId;
+use crate::backend::restvmm::{self, Launch, Output, Running};
+use crate::backend::uds_http::{ApiError, UdsClient};
 use crate::backend::{BackendError, Result, VmContext};
 use crate::core::spec::VmSpec;
 
-/// How long a new Firecracker may take to serve its API.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Boot arguments Firecracker guests need: the serial console (Firecracker
 /// writes it to its stdout), `reboot=k` so a guest reboot ends the VMM,
 /// `panic=1` so a panicking guest reboots (and so ends) at once.
@@ -166,12 +165,9 @@ impl Plan {
     }
 }
 
-/// A started and configured (not yet booted) Firecracker.
-pub struct Started {
-    pub child: Child,
-    pub pid: ProcessId,
-    pub info: InstanceInfo,
-}
+/// A started and configured (not yet booted) Firecracker; `configured` is
+/// its `GET /` answer.
+pub type Started = Running<InstanceInfo>;
 
 /// `r` with an API failure mapped to a backend error (naming a VMM that died).
 pub async fn checked<T>(r: std::result::Result<T, ApiError>, pid: Option<ProcessId>, layout: &Layout) -> Result<T> {
@@ -187,13 +183,8 @@ pub async fn start(
     vm: &VmContext<'_>,
     layout: &Layout,
 ) -> Result<Started> {
-    process::check_socket_path(
-        "API socket",
-        &layout.socket,
-        "UNKEY_METALD_DATA_DIR or UNKEY_METALD_JAILER_CHROOT_DIR",
-    )?;
+    restvmm::prepare_socket(&layout.socket, "UNKEY_METALD_DATA_DIR or UNKEY_METALD_JAILER_CHROOT_DIR")?;
     let plan = Plan::new(vm.spec, layout);
-    remove_quiet(&layout.socket);
     let (program, args): (&Path, Vec<OsString>) = match (&layout.jail, settings.jailer.as_ref(), jailer) {
         (Some(jail), Some(js), Some(jailer)) => {
             jail.prepare(js, &plan.jail_files, &[LOG_FILE, METRICS_FILE])?;
@@ -215,32 +206,28 @@ pub async fn start(
     std::fs::write(&args_file, serde_json::to_string(&printable).unwrap_or_default())
         .map_err(|e| BackendError::io(format!("writing {}", args_file.display()), e))?;
 
-    let mut child = process::spawn_detached_split(program, &args, &layout.dir, &layout.console_log, &layout.vmm_log)?;
-    let result = async {
-        let pid = child.id().ok_or_else(|| BackendError::Failed("Firecracker exited at once".into()))?;
-        let pid = ProcessId::of(pid).map_err(|e| BackendError::io(format!("reading /proc/{pid}/stat"), e))?;
-        let client = layout.client(settings.api_timeout);
-        let wait = ApiWait {
-            vmm: "Firecracker",
-            socket: &layout.socket,
-            probe_path: "/",
-            log: &layout.vmm_log,
-            timeout: START_TIMEOUT,
-        };
-        wait_for_api::<InstanceInfo>(&mut child, &client, &wait).await?;
-        let info = checked(configure(&client, &plan).await, Some(pid), layout).await?;
-        Ok((pid, info))
-    }
+    let launch = Launch {
+        vmm: "Firecracker",
+        program,
+        args: &args,
+        cwd: &layout.dir,
+        output: Output::Split { stdout: &layout.console_log, stderr: &layout.vmm_log },
+        socket: &layout.socket,
+        probe_path: "/",
+        log: &layout.vmm_log,
+    };
+    let client = layout.client(settings.api_timeout);
+    let c = &client;
+    let configured = restvmm::launch(&launch, c, |pid, _: InstanceInfo| async move {
+        checked(configure(c, &plan).await, Some(pid), layout).await
+    })
     .await;
-    match result {
-        Ok((pid, info)) => {
-            debug!(vm_id = %vm.id, pid = pid.pid, version = %info.vmm_version, "Firecracker configured");
-            Ok(Started { child, pid, info })
+    match configured {
+        Ok(started) => {
+            debug!(vm_id = %vm.id, pid = started.pid.pid, version = %started.configured.vmm_version, "Firecracker configured");
+            Ok(started)
         }
         Err(e) => {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-            remove_quiet(&layout.socket);
             if let Some(j) = &layout.jail {
                 j.remove();
             }

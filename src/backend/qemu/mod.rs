@@ -81,8 +81,8 @@ pub struct QemuBackend {
 
 fn qmp_error(e: QmpError) -> BackendError {
     match e {
-        QmpError::Timeout(what) => BackendError::Timeout(format!("QMP {what}")),
-        e => BackendError::Failed(e.to_string()),
+        QmpError::Timeout(what) => BackendError::timeout(format!("QMP {what}")),
+        e => BackendError::failed_by(e),
     }
 }
 
@@ -121,9 +121,9 @@ impl QemuBackend {
     /// The QMP connection of the VM's current process, connecting if needed.
     async fn qmp(&self, vm: &VmId, rt: &Runtime) -> Result<Arc<Qmp>> {
         let pid = ProcessId::from_runtime(rt)
-            .ok_or_else(|| BackendError::Failed(format!("no QEMU process recorded for VM {vm}")))?;
+            .ok_or_else(|| BackendError::failed(format!("no QEMU process recorded for VM {vm}")))?;
         let socket =
-            rt.api_socket.clone().ok_or_else(|| BackendError::Failed(format!("no QMP socket recorded for VM {vm}")))?;
+            rt.api_socket.clone().ok_or_else(|| BackendError::failed(format!("no QMP socket recorded for VM {vm}")))?;
         let conn = {
             let mut m = lock(&self.conns);
             match m.get(vm) {
@@ -140,7 +140,7 @@ impl QemuBackend {
             return Ok(q.clone());
         }
         if !pid.is_alive() {
-            return Err(BackendError::Failed(format!("QEMU process {} has exited", pid.pid)));
+            return Err(BackendError::failed(format!("QEMU process {} has exited", pid.pid)));
         }
         let (q, events) = Qmp::connect(&conn.socket, QMP_TIMEOUT).await.map_err(qmp_error)?;
         log_events(vm.clone(), events);
@@ -168,7 +168,7 @@ impl QemuBackend {
         let mut last_err = String::from("socket not created");
         loop {
             if let Ok(Some(status)) = child.try_wait() {
-                return Err(BackendError::Failed(format!(
+                return Err(BackendError::failed(format!(
                     "QEMU exited during start ({status}): {}",
                     log_tail(&paths.qemu_log, 5)
                 )));
@@ -180,7 +180,7 @@ impl QemuBackend {
                 }
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(BackendError::Timeout(format!(
+                return Err(BackendError::timeout(format!(
                     "QEMU did not serve QMP within {} s ({last_err}): {}",
                     START_TIMEOUT.as_secs(),
                     log_tail(&paths.qemu_log, 5)
@@ -220,31 +220,32 @@ fn check_spec(spec: &VmSpec) -> Result<()> {
     match kernel::detect(kernel) {
         Ok(Some(_)) => {}
         Ok(None) => {
-            return Err(BackendError::Unsupported(format!(
+            return Err(BackendError::unsupported(format!(
                 "config.boot.kernel_path: {} is neither an ELF vmlinux nor a bzImage, the formats QEMU microvm boots",
                 kernel.display()
             )));
         }
         Err(e) => {
-            return Err(BackendError::Unsupported(format!(
-                "config.boot.kernel_path: cannot read {}: {e}",
+            return Err(BackendError::unsupported(format!(
+                "config.boot.kernel_path: cannot read {}",
                 kernel.display()
-            )));
+            ))
+            .caused_by(e));
         }
     }
     if !spec.network.is_empty() {
-        return Err(BackendError::Unsupported(
-            "config.network: the qemu backend does not support network interfaces yet; remove them".into(),
+        return Err(BackendError::unsupported(
+            "config.network: the qemu backend does not support network interfaces yet; remove them",
         ));
     }
     if spec.cpu.max_vcpus > spec.cpu.vcpus {
-        return Err(BackendError::Unsupported(
-            "config.cpu.max_vcpu_count: QEMU microvm cannot hotplug vCPUs; set it to 0 or to vcpu_count".into(),
+        return Err(BackendError::unsupported(
+            "config.cpu.max_vcpu_count: QEMU microvm cannot hotplug vCPUs; set it to 0 or to vcpu_count",
         ));
     }
     if spec.memory.hotplug {
-        return Err(BackendError::Unsupported(
-            "config.memory.hotplug_enabled: QEMU microvm cannot hotplug memory; set it to false".into(),
+        return Err(BackendError::unsupported(
+            "config.memory.hotplug_enabled: QEMU microvm cannot hotplug memory; set it to false",
         ));
     }
     Ok(())
@@ -272,7 +273,7 @@ impl Backend for QemuBackend {
             .map_err(|e| BackendError::io(format!("writing {}", paths.args_file.display()), e))?;
 
         let mut child = process::spawn_detached(&self.binary, &args, &vm.dir, &paths.qemu_log)?;
-        let pid = child.id().ok_or_else(|| BackendError::Failed("QEMU exited at once".into()))?;
+        let pid = child.id().ok_or_else(|| BackendError::failed("QEMU exited at once"))?;
         let started = match ProcessId::of(pid).map_err(|e| BackendError::io(format!("reading /proc/{pid}/stat"), e)) {
             Ok(id) => Self::wait_for_qmp(&mut child, &paths).await.map(|q| (id, q)),
             Err(e) => Err(e),
@@ -384,8 +385,8 @@ impl Backend for QemuBackend {
 
     async fn usage(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<Usage> {
         let pid = ProcessId::from_runtime(rt)
-            .ok_or_else(|| BackendError::Failed(format!("no QEMU process recorded for VM {}", vm.id)))?;
-        let stat = pid.stat().ok_or_else(|| BackendError::Failed(format!("QEMU process {} has exited", pid.pid)))?;
+            .ok_or_else(|| BackendError::failed(format!("no QEMU process recorded for VM {}", vm.id)))?;
+        let stat = pid.stat().ok_or_else(|| BackendError::failed(format!("QEMU process {} has exited", pid.pid)))?;
         let memory_bytes =
             process::rss_bytes(pid.pid).map_err(|e| BackendError::io(format!("reading /proc/{}/statm", pid.pid), e))?;
         let mut usage = Usage { cpu_time_ns: process::cpu_time_ns(&stat), memory_bytes, ..Usage::default() };
