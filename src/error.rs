@@ -62,7 +62,7 @@ impl Error {
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Unavailable(_) => Code::Unavailable,
-            Error::Backend(e) => e.code(),
+            Error::Backend(e) => backend_code(e),
             Error::Store(_) | Error::Internal(_) => Code::Internal,
         }
     }
@@ -70,6 +70,17 @@ impl Error {
     /// The full chain, `outer: inner: innermost`, for the wire and logs.
     pub fn chain(&self) -> String {
         crate::util::chain(self)
+    }
+}
+
+/// What a backend failure means to the caller.
+fn backend_code(e: &BackendError) -> Code {
+    match e {
+        // The request asks for something this hypervisor cannot do.
+        BackendError::Unsupported { .. } => Code::InvalidArgument,
+        BackendError::Unavailable { .. } => Code::Unavailable,
+        BackendError::Timeout { .. } => Code::DeadlineExceeded,
+        BackendError::Failed { .. } | BackendError::Io { .. } => Code::Internal,
     }
 }
 

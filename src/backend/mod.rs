@@ -25,7 +25,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 pub use crate::model::{BackendKind, Runtime, StopMode, Usage};
-use crate::model::{Code, ValidSpec, VmId};
+use crate::model::{ValidSpec, VmId};
 
 /// What a backend gets to know about the VM it acts on.
 #[derive(Debug, Clone)]
@@ -172,15 +172,6 @@ impl BackendError {
         }
         self
     }
-
-    pub fn code(&self) -> Code {
-        match self {
-            BackendError::Unsupported { .. } => Code::InvalidArgument,
-            BackendError::Unavailable { .. } => Code::Unavailable,
-            BackendError::Timeout { .. } => Code::DeadlineExceeded,
-            BackendError::Failed { .. } | BackendError::Io { .. } => Code::Internal,
-        }
-    }
 }
 
 pub type Result<T> = std::result::Result<T, BackendError>;
@@ -293,7 +284,7 @@ pub trait Backend: Send + Sync + 'static {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::error::Error;
+    use crate::error::{Code, Error};
 
     fn gone() -> std::io::Error {
         std::io::Error::new(std::io::ErrorKind::NotFound, "gone")
@@ -305,8 +296,9 @@ mod tests {
         assert_eq!(e.to_string(), "cannot read /k");
         let source = std::error::Error::source(&e).unwrap();
         assert_eq!(source.downcast_ref::<std::io::Error>().unwrap().kind(), std::io::ErrorKind::NotFound);
+        let e = Error::Backend(e);
         assert_eq!(e.code(), Code::InvalidArgument);
-        assert_eq!(Error::Backend(e).chain(), "hypervisor backend failed: cannot read /k: gone");
+        assert_eq!(e.chain(), "hypervisor backend failed: cannot read /k: gone");
 
         let e = BackendError::timeout("vm.counters").caused_by(gone());
         assert_eq!(Error::Backend(e).chain(), "hypervisor backend failed: timed out: vm.counters: gone");
@@ -321,9 +313,10 @@ mod tests {
         ];
         for (e, text, code) in cases {
             assert_eq!(e.to_string(), text);
-            assert_eq!(e.code(), code);
             assert!(std::error::Error::source(&e).is_some());
-            assert_eq!(Error::Backend(e).chain(), format!("hypervisor backend failed: {text}"));
+            let e = Error::Backend(e);
+            assert_eq!(e.code(), code);
+            assert_eq!(e.chain(), format!("hypervisor backend failed: {text}"));
         }
         let plain = BackendError::failed("no process");
         assert!(std::error::Error::source(&plain).is_none());

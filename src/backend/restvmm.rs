@@ -219,7 +219,7 @@ pub async fn stop(
         match ask.await {
             Ok(()) if pid.wait_gone(grace).await => return Ok(()),
             Ok(()) => info!(vm_id = %vm_id, grace_secs = grace.as_secs(), "guest did not stop in time; forcing"),
-            Err(e) => warn!(vm_id = %vm_id, error = %e, "could not {request}; forcing"),
+            Err(e) => warn!(vm_id = %vm_id, error = %crate::util::chain(&e), "could not {request}; forcing"),
         }
     }
     force.await

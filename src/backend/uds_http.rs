@@ -201,7 +201,7 @@ impl UdsClient {
         if let Err(e) = &result {
             // Error status keeps the span at any sampling rate.
             outer.record("otel.status_code", "ERROR");
-            tracing::debug!(error = %e, "hypervisor API call failed");
+            tracing::debug!(error = %crate::util::chain(&e), "hypervisor API call failed");
         }
         result
     }

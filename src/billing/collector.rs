@@ -81,7 +81,7 @@ impl Collector {
             }
             Err(e) => {
                 // Usually a VM that stopped between snapshot and call.
-                debug!(vm_id = %m.id, error = %e, "usage sample failed");
+                debug!(vm_id = %m.id, error = %crate::util::chain(&e), "usage sample failed");
                 None
             }
         }));

@@ -586,7 +586,7 @@ impl Manager {
         info!(vm_id = %slot.id, detail = %ev.detail, "VMM exited on its own");
         let ctx = self.ctx(&slot);
         if let Err(e) = self.inner.backend.reap(&ctx, rt).await {
-            warn!(vm_id = %slot.id, error = %e, "cleanup after VMM exit failed");
+            warn!(vm_id = %slot.id, error = %crate::util::chain(&e), "cleanup after VMM exit failed");
         }
         if let Err(e) = self.commit(&slot, Cause::Op(Op::GuestExited), from, Status::Shutdown).await {
             warn!(vm_id = %slot.id, error = %e.chain(), "could not persist guest exit");
@@ -630,7 +630,7 @@ impl Manager {
             let alive = match self.inner.backend.reattach(&ctx, rt).await {
                 Ok(alive) => alive,
                 Err(e) => {
-                    warn!(vm_id = %row.id, error = %e, "could not reattach; treating the VMM as gone");
+                    warn!(vm_id = %row.id, error = %crate::util::chain(&e), "could not reattach; treating the VMM as gone");
                     false
                 }
             };
@@ -676,7 +676,7 @@ impl Manager {
                 let ctx = self.ctx(&slot);
                 match self.inner.backend.usage(&ctx, rt).await {
                     Ok(usage) => metrics = Some(self.live_metrics(&slot, rt, usage, view.state())),
-                    Err(e) => debug!(vm_id = %id, error = %e, "usage unavailable"),
+                    Err(e) => debug!(vm_id = %id, error = %crate::util::chain(&e), "usage unavailable"),
                 }
             }
         }

@@ -42,7 +42,7 @@ use super::process::{self, ProcessId, Watched, remove_quiet, watch_exit};
 use super::restvmm::{self, Launch, Output};
 use super::uds_http::{ApiError, UdsClient, checked, text_error_body};
 use super::{Backend, BackendError, BackendHealth, BackendKind, ExitSink, Result, Runtime, StopMode, Usage, VmContext};
-use crate::core::spec::{ValidSpec, VmId, VmSpec};
+use crate::model::{ValidSpec, VmId};
 use crate::util::unix_now;
 
 /// How long `vmm.shutdown` may take before SIGKILL.
@@ -69,7 +69,7 @@ impl Paths {
 }
 
 /// The `vm.create` body for a spec.
-pub fn vm_config(spec: &VmSpec, console_log: &Path) -> VmConfig {
+pub fn vm_config(spec: &ValidSpec, console_log: &Path) -> VmConfig {
     let mut cmdline = spec.boot.kernel_args.clone();
     if !cmdline.split_whitespace().any(|a| a.starts_with("console=")) {
         cmdline = format!("{cmdline} console=ttyS0").trim().to_owned();
@@ -110,7 +110,7 @@ pub fn vm_config(spec: &VmSpec, console_log: &Path) -> VmConfig {
 }
 
 /// Refuses specs Cloud Hypervisor cannot run.
-pub fn check_spec(spec: &VmSpec) -> Result<()> {
+pub fn check_spec(spec: &ValidSpec) -> Result<()> {
     let k = &spec.boot.kernel;
     match kernel::detect(k) {
         Ok(Some(_)) => {}
@@ -206,7 +206,7 @@ impl CloudHypervisorBackend {
         let client = self.client(&vm.dir).with_timeout(QUIT_GRACE);
         for name in ["vm.shutdown", "vmm.shutdown"] {
             if let Err(e) = client.put_empty(&format!("{API}/{name}")).await {
-                debug!(vm_id = %vm.id, error = %e, "{name} failed");
+                debug!(vm_id = %vm.id, error = %crate::util::chain(&e), "{name} failed");
             }
         }
         if pid.wait_gone(QUIT_GRACE).await {
@@ -370,7 +370,7 @@ impl Backend for CloudHypervisorBackend {
             return Ok(false);
         }
         if let Err(e) = self.client(&vm.dir).get::<VmmPingResponse>(&format!("{API}/vmm.ping")).await {
-            warn!(vm_id = %vm.id, error = %e, "reattached to Cloud Hypervisor, but vmm.ping fails");
+            warn!(vm_id = %vm.id, error = %crate::util::chain(&e), "reattached to Cloud Hypervisor, but vmm.ping fails");
         }
         watch_exit(vm.id.clone(), pid.pid, Watched::Pid(pid), self.exits.clone(), self.stop.clone());
         debug!(vm_id = %vm.id, pid = pid.pid, "reattached to Cloud Hypervisor");
@@ -392,6 +392,7 @@ impl Backend for CloudHypervisorBackend {
 mod tests {
     use super::*;
     use crate::core::spec::{NicSpec, RateLimit};
+    use crate::model::VmSpec;
 
     #[test]
     fn check_refuses_what_cloud_hypervisor_cannot_run() {
@@ -400,7 +401,7 @@ mod tests {
         std::fs::write(&bad, b"#!/bin/sh\n").unwrap();
         let mut spec = VmSpec::default();
         spec.boot.kernel = bad;
-        let e = check_spec(&spec).unwrap_err();
+        let e = check_spec(&ValidSpec::unchecked(spec.clone())).unwrap_err();
         assert!(e.to_string().contains("neither an ELF vmlinux"), "{e}");
         let good = dir.path().join("vmlinux");
         std::fs::write(&good, b"\x7fELF\x02").unwrap();
@@ -412,6 +413,6 @@ mod tests {
             tx_rate_limit: rl(2),
             ..Default::default()
         });
-        assert!(check_spec(&spec).unwrap_err().to_string().contains("one rate limit"));
+        assert!(check_spec(&ValidSpec::unchecked(spec.clone())).unwrap_err().to_string().contains("one rate limit"));
     }
 }

@@ -25,7 +25,7 @@ use tracing::debug;
 
 use super::config::JailerSettings;
 use crate::backend::{BackendError, Result};
-use crate::core::spec::{VmId, VmSpec};
+use crate::model::{ValidSpec, VmId};
 
 /// Path of the API socket inside the jail (`--api-sock`).
 pub const JAILED_SOCKET: &str = "/firecracker.sock";
@@ -92,7 +92,7 @@ impl Jail {
     }
 
     /// The jailer's command line: its options, then `--` and Firecracker's.
-    pub fn args(&self, settings: &JailerSettings, firecracker: &Path, spec: &VmSpec) -> Vec<OsString> {
+    pub fn args(&self, settings: &JailerSettings, firecracker: &Path, spec: &ValidSpec) -> Vec<OsString> {
         let mut a: Vec<OsString> = Vec::new();
         let mut push = |k: &str, v: OsString| {
             a.push(k.into());
@@ -153,7 +153,7 @@ impl Jail {
 
 /// `--cgroup <file>=<value>` limits: CPU quota of `vcpus` whole CPUs and
 /// guest memory plus the configured overhead.
-pub fn cgroup_limits(settings: &JailerSettings, spec: &VmSpec) -> Vec<String> {
+pub fn cgroup_limits(settings: &JailerSettings, spec: &ValidSpec) -> Vec<String> {
     let mut out = Vec::new();
     let v2 = settings.cgroup_version == 2;
     if settings.cpu_limit {
@@ -194,6 +194,7 @@ fn link_or_copy(src: &Path, dst: &Path, writable: bool, owner: Option<(u32, u32)
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::model::VmSpec;
 
     fn settings(base: &Path) -> JailerSettings {
         JailerSettings {
@@ -215,7 +216,7 @@ mod tests {
         spec.cpu.vcpus = 2;
         spec.memory.size_bytes = 256 << 20;
         let args: Vec<String> = jail
-            .args(&s, Path::new("/usr/bin/firecracker"), &spec)
+            .args(&s, Path::new("/usr/bin/firecracker"), &ValidSpec::unchecked(spec.clone()))
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
@@ -226,7 +227,10 @@ mod tests {
              --cgroup memory.limit_in_bytes=402653184 -- --api-sock /firecracker.sock"
         );
         let v2 = JailerSettings { cgroup_version: 2, ..s };
-        assert_eq!(cgroup_limits(&v2, &spec), vec!["cpu.max=200000 100000", "memory.max=402653184"]);
+        assert_eq!(
+            cgroup_limits(&v2, &ValidSpec::unchecked(spec.clone())),
+            vec!["cpu.max=200000 100000", "memory.max=402653184"]
+        );
     }
 
     #[test]

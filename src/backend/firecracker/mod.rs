@@ -43,7 +43,7 @@ use super::kernel::{self, KernelFormat};
 use super::process::{self, ProcessId, Watched, remove_quiet, watch_exit};
 use super::restvmm;
 use super::{Backend, BackendError, BackendHealth, BackendKind, ExitSink, Result, Runtime, StopMode, Usage, VmContext};
-use crate::core::spec::{ValidSpec, VmId, VmSpec};
+use crate::model::{ValidSpec, VmId};
 use crate::util::unix_now;
 
 /// How long a guest gets to reboot after Ctrl+Alt+Del before SIGKILL.
@@ -78,7 +78,7 @@ fn lock(m: &Mutex<HashMap<VmId, MetricsAcc>>) -> std::sync::MutexGuard<'_, HashM
 }
 
 /// Refuses specs Firecracker cannot run, naming the field to change.
-pub fn check_spec(spec: &VmSpec) -> Result<()> {
+pub fn check_spec(spec: &ValidSpec) -> Result<()> {
     let k = &spec.boot.kernel;
     match kernel::detect(k) {
         Ok(Some(KernelFormat::Elf)) => {}
@@ -415,6 +415,7 @@ impl Backend for FirecrackerBackend {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::model::VmSpec;
 
     #[test]
     fn check_refuses_what_firecracker_cannot_boot() {
@@ -428,15 +429,20 @@ mod tests {
         let mut spec = VmSpec::default();
         spec.cpu.vcpus = 1;
         spec.boot.kernel = elf;
-        assert!(check_spec(&spec).is_ok());
+        assert!(check_spec(&ValidSpec::unchecked(spec.clone())).is_ok());
         let mut s = spec.clone();
         s.boot.kernel = bz;
-        let e = check_spec(&s).unwrap_err();
+        let e = check_spec(&ValidSpec::unchecked(s.clone())).unwrap_err();
         assert!(e.to_string().contains("is a bzImage"), "{e}");
-        assert_eq!(e.code(), crate::error::Code::InvalidArgument);
+        assert_eq!(crate::error::Error::from(e).code(), crate::error::Code::InvalidArgument);
         let mut s = spec;
         s.network.push(Default::default());
-        assert!(check_spec(&s).unwrap_err().to_string().starts_with("config.network[0].tap_device"));
+        assert!(
+            check_spec(&ValidSpec::unchecked(s.clone()))
+                .unwrap_err()
+                .to_string()
+                .starts_with("config.network[0].tap_device")
+        );
     }
 
     #[test]

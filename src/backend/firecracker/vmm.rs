@@ -22,7 +22,7 @@ use crate::backend::process::ProcessId;
 use crate::backend::restvmm::{self, Launch, Output, Running};
 use crate::backend::uds_http::{ApiError, UdsClient};
 use crate::backend::{BackendError, Result, VmContext};
-use crate::core::spec::VmSpec;
+use crate::model::ValidSpec;
 
 /// Boot arguments Firecracker guests need: the serial console (Firecracker
 /// writes it to its stdout), `reboot=k` so a guest reboot ends the VMM,
@@ -110,7 +110,7 @@ pub fn boot_args(spec_args: &str) -> String {
 }
 
 impl Plan {
-    pub fn new(spec: &VmSpec, layout: &Layout) -> Plan {
+    pub fn new(spec: &ValidSpec, layout: &Layout) -> Plan {
         let mut jail_files = Vec::new();
         let mut place = |host: &Path, name: String, writable: bool| {
             jail_files.push((host.to_path_buf(), name.clone(), writable));

@@ -20,7 +20,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use crate::core::spec::VmSpec;
+use crate::model::ValidSpec;
 
 /// The accelerator a backend runs guests with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +81,7 @@ pub fn accel_args(accel: &Accel) -> Vec<String> {
 }
 
 /// The whole QEMU argument list (without the binary).
-pub fn qemu_args(spec: &VmSpec, accel: &Accel, paths: &VmPaths) -> Vec<OsString> {
+pub fn qemu_args(spec: &ValidSpec, accel: &Accel, paths: &VmPaths) -> Vec<OsString> {
     let mut a: Vec<String> = vec!["-M".into(), "microvm".into()];
     a.extend(accel_args(accel));
     a.extend(["-nodefaults", "-no-user-config", "-display", "none"].map(String::from));
@@ -133,7 +133,7 @@ pub fn qemu_args(spec: &VmSpec, accel: &Accel, paths: &VmPaths) -> Vec<OsString>
 }
 
 /// Disks in device order: the root device first so it is `/dev/vda`.
-fn ordered_disks(spec: &VmSpec) -> impl Iterator<Item = &crate::core::spec::DiskSpec> {
+fn ordered_disks(spec: &ValidSpec) -> impl Iterator<Item = &crate::core::spec::DiskSpec> {
     spec.storage.iter().filter(|d| d.is_root).chain(spec.storage.iter().filter(|d| !d.is_root))
 }
 
@@ -143,7 +143,7 @@ fn ordered_disks(spec: &VmSpec) -> impl Iterator<Item = &crate::core::spec::Disk
 /// `tsc_early_khz=` under TCG, and `root=/dev/vda rw|ro` when a root device
 /// is given (the guest image convention also honours `metald.root=`).
 /// Arguments after `--` (for init) stay last.
-pub fn kernel_cmdline(spec: &VmSpec, accel: &Accel) -> String {
+pub fn kernel_cmdline(spec: &ValidSpec, accel: &Accel) -> String {
     let user: Vec<&str> = spec.boot.kernel_args.split_whitespace().collect();
     let split = user.iter().position(|t| *t == "--").unwrap_or(user.len());
     let (kernel, init) = user.split_at(split);
@@ -175,6 +175,7 @@ pub fn kernel_cmdline(spec: &VmSpec, accel: &Accel) -> String {
 mod tests {
     use super::*;
     use crate::core::spec::DiskSpec;
+    use crate::model::VmSpec;
 
     fn spec(args: &str) -> VmSpec {
         let mut s = VmSpec::default();
@@ -190,14 +191,17 @@ mod tests {
 
     #[test]
     fn adds_console_and_tsc_but_never_twice() {
-        assert_eq!(kernel_cmdline(&spec("quiet"), &TCG), "quiet console=ttyS0 tsc_early_khz=2596140");
         assert_eq!(
-            kernel_cmdline(&spec("console=hvc0 tsc_early_khz=1 -- init-arg"), &TCG),
+            kernel_cmdline(&ValidSpec::unchecked(spec("quiet")), &TCG),
+            "quiet console=ttyS0 tsc_early_khz=2596140"
+        );
+        assert_eq!(
+            kernel_cmdline(&ValidSpec::unchecked(spec("console=hvc0 tsc_early_khz=1 -- init-arg")), &TCG),
             "console=hvc0 tsc_early_khz=1 -- init-arg"
         );
-        assert_eq!(kernel_cmdline(&spec(""), &Accel::Kvm), "console=ttyS0");
+        assert_eq!(kernel_cmdline(&ValidSpec::unchecked(spec("")), &Accel::Kvm), "console=ttyS0");
         // Init arguments stay behind `--`.
-        assert_eq!(kernel_cmdline(&spec("a -- b"), &Accel::Kvm), "a console=ttyS0 -- b");
+        assert_eq!(kernel_cmdline(&ValidSpec::unchecked(spec("a -- b")), &Accel::Kvm), "a console=ttyS0 -- b");
     }
 
     #[test]
@@ -213,14 +217,18 @@ mod tests {
                 ..Default::default()
             },
         ];
-        assert_eq!(kernel_cmdline(&s, &Accel::Kvm), "console=ttyS0 root=/dev/vda ro");
+        assert_eq!(kernel_cmdline(&ValidSpec::unchecked(s.clone()), &Accel::Kvm), "console=ttyS0 root=/dev/vda ro");
         s.boot.kernel_args = "metald.root=/dev/vda rw".into();
-        assert_eq!(kernel_cmdline(&s, &Accel::Kvm), "metald.root=/dev/vda rw console=ttyS0");
+        assert_eq!(
+            kernel_cmdline(&ValidSpec::unchecked(s.clone()), &Accel::Kvm),
+            "metald.root=/dev/vda rw console=ttyS0"
+        );
 
-        let args: Vec<String> = qemu_args(&s, &Accel::Kvm, &VmPaths::new(Path::new("/d")))
-            .into_iter()
-            .map(|a| a.into_string().unwrap())
-            .collect();
+        let args: Vec<String> =
+            qemu_args(&ValidSpec::unchecked(s.clone()), &Accel::Kvm, &VmPaths::new(Path::new("/d")))
+                .into_iter()
+                .map(|a| a.into_string().unwrap())
+                .collect();
         let drives: Vec<&String> = args.iter().filter(|a| a.starts_with("id=disk-")).collect();
         assert_eq!(
             drives,
@@ -234,7 +242,7 @@ mod tests {
     #[test]
     fn full_command_line() {
         let accel = Accel::Tcg { tb_size_mb: Some(64), tsc_khz: Some(1000) };
-        let args: Vec<String> = qemu_args(&spec("quiet"), &accel, &VmPaths::new(Path::new("/d")))
+        let args: Vec<String> = qemu_args(&ValidSpec::unchecked(spec("quiet")), &accel, &VmPaths::new(Path::new("/d")))
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect();

@@ -43,7 +43,7 @@ use self::qmp::{
 use super::kernel;
 use super::process::{self, ProcessId, Watched, log_tail, remove_quiet, watch_exit};
 use super::{Backend, BackendError, BackendHealth, BackendKind, ExitSink, Result, Runtime, StopMode, Usage, VmContext};
-use crate::core::spec::{ValidSpec, VmId, VmSpec};
+use crate::model::{ValidSpec, VmId};
 use crate::util::unix_now;
 
 /// Bound of every QMP request (and of connecting).
@@ -194,7 +194,7 @@ impl QemuBackend {
     async fn force_stop(&self, vm: &VmId, rt: &Runtime, pid: ProcessId) -> Result<()> {
         if let Err(e) = self.command(vm, rt, &Quit).await {
             // Usual: QEMU may hang up before its reply arrives.
-            debug!(vm_id = %vm, error = %e, "quit got no reply");
+            debug!(vm_id = %vm, error = %crate::util::chain(&e), "quit got no reply");
         }
         if pid.wait_gone(QUIT_GRACE).await {
             return Ok(());
@@ -215,7 +215,7 @@ fn log_events(vm: VmId, mut events: mpsc::UnboundedReceiver<QmpEvent>) {
 }
 
 /// Refuses specs QEMU microvm cannot run, naming the field to change.
-fn check_spec(spec: &VmSpec) -> Result<()> {
+fn check_spec(spec: &ValidSpec) -> Result<()> {
     let kernel = &spec.boot.kernel;
     match kernel::detect(kernel) {
         Ok(Some(_)) => {}
@@ -358,7 +358,7 @@ impl Backend for QemuBackend {
                         self.force_stop(vm.id, rt, pid).await
                     }
                     Err(e) => {
-                        warn!(vm_id = %vm.id, error = %e, "could not press the power button; forcing");
+                        warn!(vm_id = %vm.id, error = %crate::util::chain(&e), "could not press the power button; forcing");
                         self.force_stop(vm.id, rt, pid).await
                     }
                 }
@@ -416,7 +416,7 @@ impl Backend for QemuBackend {
         }
         if let Err(e) = self.qmp(vm.id, rt).await {
             // Keep the VM: operations reconnect on demand.
-            warn!(vm_id = %vm.id, error = %e, "reattached to QEMU, but QMP is not reachable yet");
+            warn!(vm_id = %vm.id, error = %crate::util::chain(&e), "reattached to QEMU, but QMP is not reachable yet");
         }
         watch_exit(vm.id.clone(), pid.pid, Watched::Pid(pid), self.exits.clone(), self.stop.clone());
         debug!(vm_id = %vm.id, pid = pid.pid, "reattached to QEMU");
@@ -441,6 +441,7 @@ impl Backend for QemuBackend {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::model::VmSpec;
 
     #[test]
     fn check_refuses_what_microvm_cannot_run() {
@@ -452,22 +453,32 @@ mod tests {
         let mut spec = VmSpec::default();
         spec.cpu.vcpus = 1;
         spec.boot.kernel = good.clone();
-        assert!(check_spec(&spec).is_ok());
+        assert!(check_spec(&ValidSpec::unchecked(spec.clone())).is_ok());
 
         let mut s = spec.clone();
         s.boot.kernel = bad;
-        let e = check_spec(&s).unwrap_err();
+        let e = check_spec(&ValidSpec::unchecked(s.clone())).unwrap_err();
         assert!(e.to_string().contains("neither an ELF vmlinux nor a bzImage"), "{e}");
-        assert_eq!(e.code(), crate::error::Code::InvalidArgument);
+        assert_eq!(crate::error::Error::from(e).code(), crate::error::Code::InvalidArgument);
 
         let mut s = spec.clone();
         s.network.push(Default::default());
-        assert!(check_spec(&s).unwrap_err().to_string().starts_with("config.network"));
+        assert!(check_spec(&ValidSpec::unchecked(s.clone())).unwrap_err().to_string().starts_with("config.network"));
         let mut s = spec.clone();
         s.cpu.max_vcpus = 2;
-        assert!(check_spec(&s).unwrap_err().to_string().starts_with("config.cpu.max_vcpu_count"));
+        assert!(
+            check_spec(&ValidSpec::unchecked(s.clone()))
+                .unwrap_err()
+                .to_string()
+                .starts_with("config.cpu.max_vcpu_count")
+        );
         let mut s = spec;
         s.memory.hotplug = true;
-        assert!(check_spec(&s).unwrap_err().to_string().starts_with("config.memory.hotplug_enabled"));
+        assert!(
+            check_spec(&ValidSpec::unchecked(s.clone()))
+                .unwrap_err()
+                .to_string()
+                .starts_with("config.memory.hotplug_enabled")
+        );
     }
 }
