@@ -34,6 +34,7 @@ test: deps guest-image lint test-rust doc
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) test --test layering
 
 test-rust:
 	METALD_GUEST_IMAGE_DIR=$(GUEST_DIR) $(CARGO) test --all-targets

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use metald::core::spec::{CustomerId, VmId};
 use metald::daemon::Config;
+use metald::model::{CustomerId, VmId};
 
 /// CPU seconds (user + system) of this process so far.
 fn cpu_seconds() -> f64 {

@@ -4,7 +4,7 @@
 //! Messages never repeat their cause; the API edge prints the chain once.
 
 use crate::backend::BackendError;
-pub use crate::model::Code;
+use crate::model::Code;
 use crate::model::{Invalid, InvalidTransition};
 use crate::store::StoreError;
 

@@ -1,14 +1,16 @@
 //! metald: the per-host daemon that runs multi-tenant microVMs.
 //!
-//! Module map (dependencies point down only):
+//! Module map (dependencies point down only; the exact table of allowed
+//! directions is in `docs/ARCHITECTURE.md`, checked by `tests/layering.rs`):
 //! - [`daemon`] wires everything; [`server`] serves HTTP; [`api`] converts
 //!   wire ⇄ domain and authenticates;
-//! - [`core`] owns VM state ([`core::Manager`], [`core::state`], [`core::spec`]);
-//! - [`backend`] drives hypervisors; [`store`] persists records;
 //! - [`billing`] meters running VMs (a core observer) and streams usage to
-//!   the billing service;
-//! - [`telemetry`] exports traces and metrics (OpenTelemetry, Prometheus);
-//! - [`config`], [`error`], [`util`] are shared leaves; [`pb`] is generated.
+//!   the billing service; [`telemetry`] exports traces and metrics;
+//! - [`core`] owns VM state changes ([`core::Manager`]); [`error`] maps every
+//!   error to its code;
+//! - [`backend`] drives hypervisors; [`store`] persists records;
+//! - [`model`] (the shared vocabulary), [`config`], [`util`] are leaves;
+//!   [`pb`] is generated.
 
 pub mod api;
 pub mod backend;

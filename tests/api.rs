@@ -529,7 +529,7 @@ async fn guest_exit_is_noticed() {
     .await
     .unwrap();
     c.boot_vm(pb::BootVmRequest { vm_id: "exiting".into(), ..Default::default() }).await.unwrap();
-    let id = metald::core::spec::VmId::parse("exiting").unwrap();
+    let id = metald::model::VmId::parse("exiting").unwrap();
     assert!(t.d().fake.as_ref().unwrap().simulate_exit(&id));
     let mut state = None;
     for _ in 0..200 {
@@ -588,9 +588,9 @@ async fn graceful_shutdown_finishes_in_flight_calls() {
     assert_eq!(r.into_owned().state.as_known(), Some(pb::VmState::VM_STATE_RUNNING));
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "no longer accepting");
     // The VM keeps running: shutdown of metald does not stop VMs.
-    let a = metald::core::spec::CustomerId("cust-a".into());
-    let id = metald::core::spec::VmId::parse("slow").unwrap();
-    assert_eq!(manager.get(&a, &id).unwrap().state(), metald::core::state::VmState::Running);
+    let a = metald::model::CustomerId("cust-a".into());
+    let id = metald::model::VmId::parse("slow").unwrap();
+    assert_eq!(manager.get(&a, &id).unwrap().state(), metald::model::VmState::Running);
 }
 
 #[tokio::test]

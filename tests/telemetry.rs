@@ -18,7 +18,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use common::{TOKEN_A, start};
 use http_body_util::{BodyExt, Full};
-use metald::core::spec::VmId;
+use metald::model::VmId;
 use metald::pb::vmprovisioner::v1 as pb;
 use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};

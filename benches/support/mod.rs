@@ -8,9 +8,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use metald::backend::Runtime;
-use metald::core::spec::{BootSpec, CpuSpec, CustomerId, Limits, MemorySpec, VmId, VmSpec, validate};
-use metald::core::state::VmState;
+use metald::model::Runtime;
+use metald::model::VmState;
+use metald::model::{BootSpec, CpuSpec, CustomerId, Limits, MemorySpec, VmId, VmSpec, validate};
 use metald::store::{Store, VmRow};
 
 /// A data dir and an asset dir holding a (fake) kernel, under a temp dir.

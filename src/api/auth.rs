@@ -116,7 +116,7 @@ pub fn parse_tokens(text: &str) -> Result<HashMap<String, CustomerId>, (usize, S
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::error::Code;
+    use crate::model::Code;
 
     fn headers(auth: Option<&str>) -> HeaderMap {
         let mut h = HeaderMap::new();

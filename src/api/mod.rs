@@ -16,7 +16,8 @@ use connectrpc::{ConnectError, ErrorCode, RequestContext, Response, ServiceReque
 use tracing::{Instrument, error, info_span};
 
 use crate::core::{DEFAULT_SHUTDOWN_TIMEOUT, ListQuery, MAX_SHUTDOWN_TIMEOUT, Manager};
-use crate::error::{Code, Error};
+use crate::error::Error;
+use crate::model::Code;
 use crate::model::{CustomerId, Operation, StopMode, VmId};
 use crate::pb::vmprovisioner::v1 as pb;
 

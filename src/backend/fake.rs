@@ -17,7 +17,7 @@ use super::{
     Backend, BackendError, BackendHealth, BackendKind, ExitEvent, ExitSink, Result, Runtime, Stamped, StopMode, Usage,
     UsageTarget, VmContext,
 };
-use crate::core::spec::VmId;
+use crate::model::VmId;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum FakeState {
@@ -456,7 +456,7 @@ impl Backend for FakeBackend {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::core::spec::VmSpec;
+    use crate::model::VmSpec;
 
     fn proc(pid: u32) -> FakeVm {
         FakeVm {

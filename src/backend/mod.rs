@@ -1,7 +1,7 @@
 //! The hypervisor backend trait: the only door between the core and a VMM.
 //!
 //! A backend drives one hypervisor process per VM. The core calls it only
-//! after [`crate::core::state::transition`] allowed the operation and commits
+//! after [`crate::model::transition`] allowed the operation and commits
 //! the new state only after the backend succeeded. Everything a backend needs
 //! to find a VM's process again after a metald restart is in [`Runtime`],
 //! which the core persists.
@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-pub use crate::model::{BackendKind, Runtime, StopMode, Usage};
+use crate::model::{BackendKind, Runtime, StopMode, Usage};
 use crate::model::{ValidSpec, VmId};
 
 /// What a backend gets to know about the VM it acts on.
@@ -284,7 +284,8 @@ pub trait Backend: Send + Sync + 'static {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::error::{Code, Error};
+    use crate::error::Error;
+    use crate::model::Code;
 
     fn gone() -> std::io::Error {
         std::io::Error::new(std::io::ErrorKind::NotFound, "gone")

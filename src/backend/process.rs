@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::{BackendError, ExitEvent, ExitSink, Runtime};
-use crate::core::spec::VmId;
+use crate::model::VmId;
 
 /// How often a non-child process is checked for having ended.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);

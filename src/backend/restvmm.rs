@@ -31,7 +31,7 @@ use tracing::{info, warn};
 use super::process::{self, ProcessId, Watched, remove_quiet, watch_exit};
 use super::uds_http::UdsClient;
 use super::{BackendError, ExitSink, Result, Runtime, StopMode};
-use crate::core::spec::{RateLimit, VmId};
+use crate::model::{RateLimit, VmId};
 
 /// How long a new VMM may take to serve its API.
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);

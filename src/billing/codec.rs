@@ -4,7 +4,7 @@
 //! previous record), the LEB128 varints and zigzag mapping the log's frames
 //! use too, and thinning ([`thin`]). A leaf: it imports nothing of billing.
 
-use crate::backend::Usage;
+use crate::model::Usage;
 
 /// What a spooled record is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

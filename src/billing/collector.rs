@@ -121,9 +121,10 @@ mod tests {
     use async_trait::async_trait;
 
     use super::*;
-    use crate::backend::{BackendError, BackendHealth, BackendKind, Runtime, StopMode, Usage};
+    use crate::backend::{BackendError, BackendHealth};
     use crate::billing::codec::Kind;
     use crate::billing::meter::Metered;
+    use crate::model::{BackendKind, Runtime, StopMode, Usage};
     use crate::model::{ValidSpec, VmId, VmSpec};
 
     /// A backend whose `usage` takes a settable time (on tokio's clock).

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::core::spec::VmId;
+use crate::model::VmId;
 
 /// Counters the billing pipeline reports. The telemetry module implements
 /// this with the `metald_*` metrics; [`NoopMetrics`] is the default.

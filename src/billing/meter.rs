@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use super::codec::Record;
-use crate::backend::Runtime;
+use crate::model::Runtime;
 use crate::model::{ValidSpec, VmId};
 
 /// Unix nanoseconds derived from tokio's clock, anchored once at start, so

@@ -66,7 +66,7 @@ use tracing::{info, warn};
 
 use crate::backend::Backend;
 use crate::core::Manager;
-use crate::core::state::VmState;
+use crate::model::VmState;
 pub use config::BillingConfig;
 pub use counters::{BillingMetrics, NoopMetrics, Shared, VmCounters};
 pub use error::BillingError;

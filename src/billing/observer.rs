@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::meter::{Clock, MeterSet, Metered};
 use super::spool::SpoolHandle;
-use crate::backend::Runtime;
-use crate::core::state::VmState;
 use crate::core::{Cause, Observer, VmEvent};
+use crate::model::Runtime;
+use crate::model::VmState;
 use crate::model::{ValidSpec, VmId};
 
 /// Turns committed VM events into metering starts and stops.

@@ -356,7 +356,7 @@ impl Sender {
                 q.events = q.events.saturating_sub(o.events);
                 if o.samples > 0 {
                     self.shared.bump(&o.vm, |c| c.delivered += o.samples);
-                    if let Ok(id) = crate::core::spec::VmId::parse(&o.vm) {
+                    if let Ok(id) = crate::model::VmId::parse(&o.vm) {
                         self.metrics.batch_sent(&id);
                     }
                 }

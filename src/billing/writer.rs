@@ -572,10 +572,10 @@ mod tests {
         let vm: Arc<str> = Arc::from("vm-a");
         let metered = |generation| {
             Arc::new(Metered {
-                id: crate::core::spec::VmId::parse("vm-a").unwrap(),
+                id: crate::model::VmId::parse("vm-a").unwrap(),
                 key: vm.clone(),
                 spec: Arc::new(crate::model::ValidSpec::unchecked(crate::model::VmSpec::default())),
-                rt: crate::backend::Runtime::default(),
+                rt: crate::model::Runtime::default(),
                 dir: std::path::PathBuf::new(),
                 generation,
             })

@@ -8,15 +8,6 @@
 //! publish it to observers (metering, telemetry). Mutating operations run in
 //! their own task so a client that disconnects cannot cut one in half.
 
-/// Moved to [`crate::model`]; these paths go once every module imports it.
-pub mod spec {
-    pub use crate::model::*;
-}
-/// Moved to [`crate::model::state`]; see [`spec`].
-pub mod state {
-    pub use crate::model::state::*;
-}
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
 use std::path::PathBuf;

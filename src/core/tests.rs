@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::backend::fake::{FakeBackend, FakeControl};
-use crate::error::Code;
+use crate::model::Code;
 use crate::model::{BootSpec, CpuSpec, MemorySpec};
 
 struct Env {

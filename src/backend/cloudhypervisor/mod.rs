@@ -391,8 +391,8 @@ impl Backend for CloudHypervisorBackend {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::core::spec::{NicSpec, RateLimit};
     use crate::model::VmSpec;
+    use crate::model::{NicSpec, RateLimit};
 
     #[test]
     fn check_refuses_what_cloud_hypervisor_cannot_run() {

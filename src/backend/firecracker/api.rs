@@ -197,7 +197,7 @@ impl MetricsLine {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::core::spec::RateLimit;
+    use crate::model::RateLimit;
     use serde_json::json;
 
     #[test]

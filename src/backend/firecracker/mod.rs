@@ -434,7 +434,7 @@ mod tests {
         s.boot.kernel = bz;
         let e = check_spec(&ValidSpec::unchecked(s.clone())).unwrap_err();
         assert!(e.to_string().contains("is a bzImage"), "{e}");
-        assert_eq!(crate::error::Error::from(e).code(), crate::error::Code::InvalidArgument);
+        assert_eq!(crate::error::Error::from(e).code(), crate::model::Code::InvalidArgument);
         let mut s = spec;
         s.network.push(Default::default());
         assert!(

@@ -133,7 +133,7 @@ pub fn qemu_args(spec: &ValidSpec, accel: &Accel, paths: &VmPaths) -> Vec<OsStri
 }
 
 /// Disks in device order: the root device first so it is `/dev/vda`.
-fn ordered_disks(spec: &ValidSpec) -> impl Iterator<Item = &crate::core::spec::DiskSpec> {
+fn ordered_disks(spec: &ValidSpec) -> impl Iterator<Item = &crate::model::DiskSpec> {
     spec.storage.iter().filter(|d| d.is_root).chain(spec.storage.iter().filter(|d| !d.is_root))
 }
 
@@ -174,7 +174,7 @@ pub fn kernel_cmdline(spec: &ValidSpec, accel: &Accel) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::core::spec::DiskSpec;
+    use crate::model::DiskSpec;
     use crate::model::VmSpec;
 
     fn spec(args: &str) -> VmSpec {

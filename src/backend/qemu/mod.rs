@@ -459,7 +459,7 @@ mod tests {
         s.boot.kernel = bad;
         let e = check_spec(&ValidSpec::unchecked(s.clone())).unwrap_err();
         assert!(e.to_string().contains("neither an ELF vmlinux nor a bzImage"), "{e}");
-        assert_eq!(crate::error::Error::from(e).code(), crate::error::Code::InvalidArgument);
+        assert_eq!(crate::error::Error::from(e).code(), crate::model::Code::InvalidArgument);
 
         let mut s = spec.clone();
         s.network.push(Default::default());
