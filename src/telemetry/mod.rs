@@ -18,6 +18,7 @@
 pub mod config;
 pub mod export;
 pub mod metrics;
+pub mod otlp;
 pub mod process;
 pub mod rpc;
 pub mod spans;

@@ -21,7 +21,8 @@ use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SamplingDecision,
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::metrics::{HTTP_METHODS, Metrics, Operation};
-use super::spans::{ServerSpan, SpanQueue, server_span_head};
+use super::otlp::{ServerSpan, server_span_head};
+use super::spans::SpanQueue;
 use super::traces::KeepErrorsSampler;
 use crate::model::VmId;
 
