@@ -15,6 +15,7 @@
 
 use std::time::{Duration, Instant};
 
+#[path = "../tests/support/mod.rs"]
 mod support;
 
 use metald::client::{WireProtocol, vm_client};

@@ -20,6 +20,7 @@
 
 use std::time::{Duration, Instant};
 
+#[path = "../tests/support/mod.rs"]
 mod support;
 
 use metald::config::Config;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+#[path = "../tests/support/mod.rs"]
 mod support;
 
 use metald::client::{WireProtocol, vm_client};

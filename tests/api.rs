@@ -4,12 +4,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+mod support;
 
-use common::{TOKEN_A, TOKEN_B, start, vm_config};
 use connectrpc::ErrorCode;
 use metald::client::WireProtocol;
 use metald::pb::vmprovisioner::v1 as pb;
+use support::{TOKEN_A, TOKEN_B, start, vm_config};
 
 fn code<T: std::fmt::Debug>(r: Result<T, connectrpc::ConnectError>) -> ErrorCode {
     r.expect_err("expected an error").code

@@ -11,17 +11,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+mod support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{TOKEN_A, start, vm_config};
 use metald::client::{VmClient, WireProtocol, vm_client};
 use metald::pb::vmprovisioner::v1 as pb;
 use rusqlite::Connection;
+use support::{TOKEN_A, start, vm_config};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 

@@ -8,16 +8,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod guest_support;
+mod support;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use guest_support::guest_image;
 use metald::client::{WireProtocol, vm_client};
 use metald::config::Config;
 use metald::pb::vmprovisioner::v1 as pb;
+use support::guest_image;
 use tokio_util::sync::CancellationToken;
 
 /// CPU time (user + system) of a process, from /proc/<pid>/stat.

@@ -10,20 +10,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod vmm_support;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{TOKEN_A, TestDaemon};
 use connectrpc::ErrorCode;
 use metald::config::Config;
 use metald::pb::vmprovisioner::v1 as pb;
 use serde_json::{Value, json};
-use vmm_support::{
-    KillOnDrop, calls, canon, count_lines, http_get, process_exists, processes_under, requests, set_control,
-    wait_until, without_usage,
+use support::{
+    KillOnDrop, TOKEN_A, TestDaemon, calls, canon, count_lines, http_get, process_exists, processes_under, requests,
+    set_control, wait_until, without_usage,
 };
 
 const FAKE_CH: &str = env!("CARGO_BIN_EXE_metald-fake-cloud-hypervisor");
@@ -31,7 +29,7 @@ const FAKE_FC: &str = env!("CARGO_BIN_EXE_metald-fake-firecracker");
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn start(extra: &[(&str, &str)]) -> (TestDaemon, KillOnDrop) {
-    vmm_support::start_with(&[("BACKEND", "cloudhypervisor"), ("CLOUD_HYPERVISOR_BINARY", FAKE_CH)], extra).await
+    support::start_with(&[("BACKEND", "cloudhypervisor"), ("CLOUD_HYPERVISOR_BINARY", FAKE_CH)], extra).await
 }
 
 fn full_config(t: &TestDaemon) -> pb::VmConfig {
@@ -276,7 +274,7 @@ async fn real_cloud_hypervisor_end_to_end() {
         eprintln!("note: METALD_TEST_CLOUD_HYPERVISOR is unset; skipping the real-Cloud-Hypervisor lifecycle test");
         return;
     };
-    let image = vmm_support::guest_image();
+    let image = support::guest_image();
     let binary = binary.to_string_lossy().into_owned();
     let dirs = image.display().to_string();
     let (t, _g) = start(&[("CLOUD_HYPERVISOR_BINARY", &binary), ("ASSET_DIRS", &dirs)]).await;

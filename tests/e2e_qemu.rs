@@ -11,17 +11,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod guest_support;
+mod support;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use guest_support::guest_image;
 use metald::client::{VmClient, WireProtocol, vm_client};
 use metald::config::Config;
 use metald::daemon::Daemon;
 use metald::pb::vmprovisioner::v1 as pb;
+use support::guest_image;
 
 const TOKEN: &str = "dev_customer_acme";
 /// Upper bound for a guest to boot under TCG with other guests running.

@@ -1,9 +1,8 @@
-//! Helpers shared by `tests/firecracker.rs` and `tests/cloudhypervisor.rs`:
-//! reading the fake VMMs' request logs, steering their error injection
-//! through a per-test `fake-control.json`, finding (and killing) the
-//! processes a test started, and a plain HTTP GET for `/_/health`.
-
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+//! The fake VMMs (`metald-fake-firecracker`, `metald-fake-cloud-hypervisor`)
+//! for `tests/firecracker.rs` and `tests/cloudhypervisor.rs`: a daemon with
+//! their backend, reading their request logs, steering their error
+//! injection through a per-test `fake-control.json`, finding (and killing)
+//! the processes a test started, and a plain HTTP GET for `/_/health`.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -14,10 +13,10 @@ use serde_json::Value;
 /// Starts the daemon (fake API tokens, temp dirs) with `backend` env vars
 /// plus `extra`, an `initrd.img` asset, and a guard that kills the test's
 /// VMM processes when dropped.
-pub async fn start_with(backend: &[(&str, &str)], extra: &[(&str, &str)]) -> (super::common::TestDaemon, KillOnDrop) {
+pub async fn start_with(backend: &[(&str, &str)], extra: &[(&str, &str)]) -> (super::daemon::TestDaemon, KillOnDrop) {
     let mut env = backend.to_vec();
     env.extend_from_slice(extra);
-    let t = super::common::start(&env).await;
+    let t = super::daemon::start(&env).await;
     std::fs::write(t.assets().join("initrd.img"), b"fake initramfs").unwrap();
     let guard = KillOnDrop(t.tmp.path().to_path_buf());
     (t, guard)
@@ -125,19 +124,4 @@ pub fn console(path: &Path) -> String {
 
 pub fn count_lines(path: &Path, marker: &str) -> usize {
     console(path).lines().filter(|l| l.trim() == marker).count()
-}
-
-/// Builds (or reuses) the guest image of `scripts/guest-image.sh`.
-pub fn guest_image() -> PathBuf {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let dir = std::env::var_os("METALD_GUEST_IMAGE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo.join("target/guest-image"));
-    let status = std::process::Command::new("bash")
-        .arg(repo.join("scripts/guest-image.sh"))
-        .arg(&dir)
-        .status()
-        .expect("running scripts/guest-image.sh");
-    assert!(status.success(), "scripts/guest-image.sh failed: {status}");
-    std::fs::canonicalize(dir).unwrap()
 }

@@ -1,9 +1,7 @@
-//! The real guest image for end-to-end tests (`tests/e2e_qemu.rs`,
-//! `tests/billing_qemu.rs`): built by `scripts/guest-image.sh` on first use
+//! The real guest image for end-to-end tests and benches (`tests/e2e_qemu.rs`,
+//! `tests/billing_qemu.rs`, the real-VMM tests, `benches/boot.rs`): built by `scripts/guest-image.sh` on first use
 //! into `target/guest-image`, or `METALD_GUEST_IMAGE_DIR` (`make test` points
 //! it at `build/guest`). The script is idempotent and cached.
-
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -1,9 +1,6 @@
-//! Shared by the benches: a temp host with a fake kernel, VMs seeded straight
-//! into the store (one transaction), and the daemon environment for the fake
-//! backend. Included with `mod support;` (a directory, so cargo does not
-//! build it as a bench of its own).
-
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+//! For the benches: a temp host with a fake kernel, VMs seeded straight into
+//! the store (one transaction), and the daemon environment for the fake
+//! backend.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

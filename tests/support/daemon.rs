@@ -1,7 +1,6 @@
-//! Shared helpers for API tests: a daemon on 127.0.0.1:0 with a temp data
-//! dir and the fake backend, plus typed clients.
-
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+//! The daemon under test, in-process: a daemon on 127.0.0.1:0 with a temp
+//! data dir, the fake backend and two customers' API tokens, plus typed
+//! clients and a minimal `VmConfig`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
