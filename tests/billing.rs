@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use metald::client::{VmClient, WireProtocol, vm_client};
 use metald::pb::vmprovisioner::v1 as pb;
 use rusqlite::Connection;
-use support::{TOKEN_A, start, vm_config};
+use support::{TOKEN_A, free_port, start, vm_config, wait_for};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -68,14 +68,6 @@ fn sample_ts(path: &Path, vm: &str) -> Vec<i64> {
     let c = db(path);
     let mut st = c.prepare("SELECT ts FROM samples WHERE vm_id = ?1 ORDER BY id").unwrap();
     st.query_map([vm], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
-}
-
-async fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !ok() {
-        assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn create_and_boot(c: &VmClient, kernel: &str, id: &str) {
@@ -214,10 +206,6 @@ fn spawn_metald(env: &HashMap<String, String>, log: &Path) -> Child {
         .spawn()
         .unwrap();
     Child(child)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 async fn wait_serving(c: &VmClient) {

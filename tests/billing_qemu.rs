@@ -11,13 +11,13 @@
 mod support;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use metald::client::{WireProtocol, vm_client};
 use metald::config::Config;
 use metald::pb::vmprovisioner::v1 as pb;
-use support::guest_image;
+use support::{KillOnDrop, guest_image};
 use tokio_util::sync::CancellationToken;
 
 /// CPU time (user + system) of a process, from /proc/<pid>/stat.
@@ -29,31 +29,11 @@ fn process_cpu_ns(pid: u32) -> i64 {
     ticks * (1_000_000_000 / hz)
 }
 
-/// Kills every process whose command line mentions `dir` (this test's QEMU).
-fn kill_processes_under(dir: &Path) {
-    let needle = dir.as_os_str().as_encoded_bytes().to_vec();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if cmdline.windows(needle.len()).any(|w| w == needle.as_slice()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-        }
-    }
-}
-
-struct Cleanup(PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        kill_processes_under(&self.0);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cpu_burning_guest_is_billed_its_vmm_cpu_time() {
     let image = guest_image();
     let tmp = tempfile::Builder::new().prefix("metald-billing-qemu-").tempdir().unwrap();
-    let _cleanup = Cleanup(tmp.path().to_path_buf());
+    let _cleanup = KillOnDrop(tmp.path().to_path_buf());
     let db = tmp.path().join("billing.db");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let billing_addr = listener.local_addr().unwrap();

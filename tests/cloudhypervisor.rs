@@ -20,7 +20,7 @@ use metald::config::Config;
 use metald::pb::vmprovisioner::v1 as pb;
 use serde_json::{Value, json};
 use support::{
-    KillOnDrop, TOKEN_A, TestDaemon, calls, canon, count_lines, http_get, process_exists, processes_under, requests,
+    KillOnDrop, TOKEN_A, TestDaemon, calls, canon, count_lines, http_get, process_alive, processes_under, requests,
     set_control, wait_until, without_usage,
 };
 
@@ -140,7 +140,7 @@ async fn full_lifecycle_sends_the_documented_requests() {
         .unwrap()
         .into_owned();
     assert_eq!(r.state.as_known(), Some(pb::VmState::VM_STATE_SHUTDOWN));
-    assert!(!process_exists(pid), "power button ended the VMM");
+    assert!(!process_alive(pid), "power button ended the VMM");
     want.extend([
         put("vm.boot"),
         put("vm.pause"),
@@ -187,7 +187,7 @@ async fn forced_shutdown_and_errors() {
     set_control(tmp, None);
     let pid: i32 = info(&t, "e3").await.backend_info["pid"].parse().unwrap();
     c.shutdown_vm(pb::ShutdownVmRequest { vm_id: "e3".into(), force: true, ..Default::default() }).await.unwrap();
-    assert!(!process_exists(pid));
+    assert!(!process_alive(pid));
     let reqs = requests(&vm_dir(&t, "e3"));
     let tail: Vec<String> = calls(&reqs).split_off(reqs.len() - 2);
     assert_eq!(tail, ["PUT /api/v1/vm.shutdown", "PUT /api/v1/vmm.shutdown"]);
@@ -318,7 +318,7 @@ async fn running_vms_survive_a_daemon_restart() {
     c.shutdown_vm(pb::ShutdownVmRequest { vm_id: "rs".into(), timeout_seconds: 5, ..Default::default() })
         .await
         .unwrap();
-    assert!(!process_exists(pid));
+    assert!(!process_alive(pid));
     c.delete_vm(pb::DeleteVmRequest { vm_id: "rs".into(), ..Default::default() }).await.unwrap();
     assert!(processes_under(t.tmp.path()).is_empty());
 }

@@ -21,7 +21,7 @@ use connectrpc::ErrorCode;
 use metald::pb::vmprovisioner::v1 as pb;
 use serde_json::{Value, json};
 use support::{
-    KillOnDrop, TOKEN_A, TestDaemon, calls, canon, count_lines, http_get, process_exists, processes_under, requests,
+    KillOnDrop, TOKEN_A, TestDaemon, calls, canon, count_lines, http_get, process_alive, processes_under, requests,
     set_control, wait_until, without_usage,
 };
 
@@ -187,7 +187,7 @@ async fn full_lifecycle_sends_the_documented_requests() {
     assert_eq!(bi["firecracker_version"], "1.10.1");
     assert_eq!(bi["api_socket"], dir.join("firecracker.sock").display().to_string());
     let pid: i32 = bi["pid"].parse().unwrap();
-    assert!(process_exists(pid));
+    assert!(process_alive(pid));
     let console = PathBuf::from(&bi["console_log"]);
 
     c.boot_vm(pb::BootVmRequest { vm_id: "fc1".into(), ..Default::default() }).await.unwrap();
@@ -212,7 +212,7 @@ async fn full_lifecycle_sends_the_documented_requests() {
         .unwrap()
         .into_owned();
     assert_eq!(r.state.as_known(), Some(pb::VmState::VM_STATE_SHUTDOWN));
-    assert!(!process_exists(pid), "Ctrl+Alt+Del ended Firecracker");
+    assert!(!process_alive(pid), "Ctrl+Alt+Del ended Firecracker");
     assert!(!dir.join("firecracker.sock").exists());
 
     let reqs = requests(&dir);
@@ -283,7 +283,7 @@ async fn reboot_restarts_firecracker_with_the_same_configuration() {
         let i = info(&t, "rb").await;
         let new: i32 = i.backend_info["pid"].parse().unwrap();
         assert_ne!(new, old, "a new Firecracker process");
-        assert!(!process_exists(old));
+        assert!(!process_alive(old));
         assert_eq!(i.backend_info["restarts"], n.to_string());
         assert_eq!(count_lines(&PathBuf::from(&i.backend_info["console_log"]), "METALD_GUEST_READY"), n + 1);
     }

@@ -24,7 +24,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest
 use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind, status::StatusCode};
 use prost::Message;
-use support::{TOKEN_A, start};
+use support::{TOKEN_A, free_port, start};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
@@ -223,10 +223,6 @@ async fn scrape(addr: SocketAddr) -> String {
     let (status, text) = http("GET", &format!("http://{addr}/metrics"), &[], "").await;
     assert_eq!(status, 200);
     text
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 // ---- Prometheus ----------------------------------------------------------------

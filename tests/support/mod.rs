@@ -7,7 +7,10 @@
 //! |--------------|----------------------------------------------------------------|
 //! | `daemon.rs`  | an in-process daemon with the fake backend, tokens, clients   |
 //! | `vmm.rs`     | the fake Firecracker / Cloud Hypervisor: request logs, faults |
-//! | `guest.rs`   | the real guest image of `scripts/guest-image.sh`               |
+//! | `guest.rs`   | the real guest image of `scripts/guest-image.sh`, console logs |
+//! | `process.rs` | `/proc`: live or unreaped pids, a test's processes, killing    |
+//! | `wait.rs`    | bounded polling (`wait_until`, `wait_for`)                     |
+//! | `net.rs`     | a free port, a bare HTTP GET                                   |
 //! | `bench.rs`   | a bench host: fake kernel, VMs seeded straight into the store |
 //!
 //! Everything is re-exported here: `support::start`, `support::wait_until`, ...
@@ -19,7 +22,10 @@
 pub mod bench;
 pub mod daemon;
 pub mod guest;
+pub mod net;
+pub mod process;
 pub mod vmm;
+pub mod wait;
 
 // Flat re-exports (`support::start`); a crate that uses nothing from one
 // submodule would otherwise be told its glob is unused.
@@ -30,4 +36,10 @@ pub use daemon::*;
 #[allow(unused_imports)]
 pub use guest::*;
 #[allow(unused_imports)]
+pub use net::*;
+#[allow(unused_imports)]
+pub use process::*;
+#[allow(unused_imports)]
 pub use vmm::*;
+#[allow(unused_imports)]
+pub use wait::*;
