@@ -10,24 +10,14 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use metald::client::{WireProtocol, vm_client};
 use metald::config::Config;
 use metald::pb::vmprovisioner::v1 as pb;
-use support::{KillOnDrop, guest_image};
+use support::{KillOnDrop, guest_image, metald_env, process_cpu_ns};
 use tokio_util::sync::CancellationToken;
-
-/// CPU time (user + system) of a process, from /proc/<pid>/stat.
-fn process_cpu_ns(pid: u32) -> i64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
-    let ticks: i64 = f[11].parse::<i64>().unwrap() + f[12].parse::<i64>().unwrap();
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100);
-    ticks * (1_000_000_000 / hz)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cpu_burning_guest_is_billed_its_vmm_cpu_time() {
@@ -42,7 +32,7 @@ async fn cpu_burning_guest_is_billed_its_vmm_cpu_time() {
         let (db, stop) = (db.clone(), stop.clone());
         async move { metald::billing::devserver::serve(listener, &db, stop).await }
     });
-    let env: HashMap<String, String> = [
+    let env = metald_env([
         ("BACKEND", "qemu".to_owned()),
         ("QEMU_ACCEL", "tcg".to_owned()),
         ("AUTH_DEV_TOKENS", "true".to_owned()),
@@ -55,10 +45,7 @@ async fn cpu_burning_guest_is_billed_its_vmm_cpu_time() {
         ("BILLING_BATCH_SIZE", "20".to_owned()),
         ("BILLING_FLUSH_MS", "1000".to_owned()),
         ("BILLING_COMMIT_MS", "100".to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (format!("UNKEY_METALD_{k}"), v))
-    .collect();
+    ]);
     let daemon = metald::daemon::start(Config::from_source(&env).unwrap()).await.unwrap();
     let c = vm_client(
         &format!("http://{}", daemon.addr),

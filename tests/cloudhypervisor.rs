@@ -20,8 +20,8 @@ use metald::config::Config;
 use metald::pb::vmprovisioner::v1 as pb;
 use serde_json::{Value, json};
 use support::{
-    KillOnDrop, TOKEN_A, TestDaemon, calls, canon, count_lines, http_get, process_alive, processes_under, requests,
-    set_control, wait_until, without_usage,
+    KillOnDrop, TOKEN_A, TestDaemon, calls, canon, count_lines, http_get, metald_env, process_alive, processes_under,
+    requests, set_control, wait_until, without_usage,
 };
 
 const FAKE_CH: &str = env!("CARGO_BIN_EXE_metald-fake-cloud-hypervisor");
@@ -246,7 +246,7 @@ async fn auto(fc: &str, ch: &str, qemu: &str) -> Result<Value, String> {
         ("DATA_DIR", &tmp.path().join("data").display().to_string()),
         ("ASSET_DIRS", &tmp.path().join("assets").display().to_string()),
     ];
-    let env = env.iter().map(|(k, v)| (format!("UNKEY_METALD_{k}"), v.to_string())).collect();
+    let env = metald_env(env);
     let d = metald::daemon::start(Config::from_source(&env).unwrap()).await.map_err(|e| e.to_string())?;
     let (_, h) = http_get(&d.addr, "/_/health").await;
     d.shutdown();

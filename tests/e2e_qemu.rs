@@ -21,7 +21,9 @@ use metald::client::{VmClient, WireProtocol, vm_client};
 use metald::config::Config;
 use metald::daemon::Daemon;
 use metald::pb::vmprovisioner::v1 as pb;
-use support::{console_text, count_lines, guest_image, kill_processes_under, proc_entry_exists, wait_until};
+use support::{
+    console_text, count_lines, guest_image, kill_processes_under, metald_env, proc_entry_exists, wait_until,
+};
 
 const TOKEN: &str = "dev_customer_acme";
 /// Upper bound for a guest to boot under TCG with other guests running.
@@ -55,7 +57,7 @@ impl Env {
         let tmp = tempfile::Builder::new().prefix("metald-e2e-").tempdir().unwrap();
         let assets = tmp.path().join("assets");
         std::fs::create_dir_all(&assets).unwrap();
-        let env: HashMap<String, String> = [
+        let env = metald_env([
             ("BACKEND", "qemu".to_owned()),
             ("QEMU_ACCEL", "tcg".to_owned()),
             ("AUTH_DEV_TOKENS", "true".to_owned()),
@@ -64,10 +66,7 @@ impl Env {
             ("DATA_DIR", tmp.path().join("data").display().to_string()),
             ("ASSET_DIRS", format!("{}:{}", assets.display(), image.display())),
             ("SHUTDOWN_GRACE_SECONDS", "5".to_owned()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (format!("UNKEY_METALD_{k}"), v))
-        .collect();
+        ]);
         let daemon = metald::daemon::start(Config::from_source(&env).unwrap()).await.unwrap();
         Env { daemon: Some(daemon), env, tmp }
     }

@@ -1,6 +1,7 @@
 //! Processes seen through `/proc`: whether a pid is alive or merely not yet
 //! reaped, the processes a test started under its temp dir, and killing
-//! them (a guard does it when a test ends, pass or fail).
+//! them (a guard does it when a test ends, pass or fail); a process' CPU
+//! time and RSS.
 
 use std::path::{Path, PathBuf};
 
@@ -64,4 +65,25 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         kill_processes_under(&self.0);
     }
+}
+
+/// CPU time (user + system) of a process in nanoseconds, from
+/// `/proc/<pid>/stat` (clock-tick resolution).
+pub fn process_cpu_ns(pid: u32) -> i64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
+    let ticks: i64 = f[11].parse::<i64>().unwrap() + f[12].parse::<i64>().unwrap();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100);
+    ticks * (1_000_000_000 / hz)
+}
+
+/// Resident set size of a process in KiB (`VmRSS`; 0 if unknown).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
