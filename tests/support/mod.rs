@@ -3,15 +3,16 @@
 //! with `#[path = "../tests/support/mod.rs"] mod support;` (a directory, so
 //! cargo builds it as neither a test nor a bench of its own).
 //!
-//! | file         | owns                                                           |
-//! |--------------|----------------------------------------------------------------|
-//! | `daemon.rs`  | an in-process daemon with the fake backend, tokens, clients   |
-//! | `vmm.rs`     | the fake Firecracker / Cloud Hypervisor: request logs, faults |
-//! | `guest.rs`   | the real guest image of `scripts/guest-image.sh`, console logs |
-//! | `process.rs` | `/proc`: live or unreaped pids, a test's processes, killing    |
-//! | `wait.rs`    | bounded polling (`wait_until`, `wait_for`)                     |
-//! | `net.rs`     | a free port, a bare HTTP GET                                   |
-//! | `bench.rs`   | a bench host: fake kernel, VMs seeded straight into the store |
+//! | file         | owns                                                              |
+//! |--------------|-------------------------------------------------------------------|
+//! | `daemon.rs`  | the daemon: in-process (fake backend, tokens, clients) or the     |
+//! |              | `metald` binary as a child; `UNKEY_METALD_*` environments         |
+//! | `vmm.rs`     | the fake Firecracker / Cloud Hypervisor: request logs, faults     |
+//! | `guest.rs`   | the real guest image of `scripts/guest-image.sh`, console logs    |
+//! | `process.rs` | `/proc`: live or unreaped pids, a test's processes, CPU and RSS   |
+//! | `wait.rs`    | bounded polling (`wait_until`, `wait_for`)                        |
+//! | `net.rs`     | a free port, a bare HTTP GET                                      |
+//! | `bench.rs`   | bench hosts (VMs seeded into the store), `METALD_BENCH_*`, stats  |
 //!
 //! Everything is re-exported here: `support::start`, `support::wait_until`, ...
 
