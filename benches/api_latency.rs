@@ -15,16 +15,13 @@
 
 use std::time::{Duration, Instant};
 
+#[path = "../tests/support/mod.rs"]
 mod support;
 
 use metald::client::{WireProtocol, vm_client};
 use metald::daemon::Config;
 use metald::pb::vmprovisioner::v1 as pb;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
+use support::{env_or, percentile};
 
 fn report(name: &str, mut samples: Vec<Duration>) -> (Duration, Duration) {
     samples.sort();
@@ -65,9 +62,8 @@ async fn main() {
     if !full {
         println!("smoke run (use `cargo bench` for the real figures)");
     }
-    let vms: usize = std::env::var("METALD_BENCH_VMS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
-    let calls: usize =
-        std::env::var("METALD_BENCH_CALLS").ok().and_then(|v| v.parse().ok()).unwrap_or(if full { 3_000 } else { 300 });
+    let vms: usize = env_or("METALD_BENCH_VMS", 10_000);
+    let calls: usize = env_or("METALD_BENCH_CALLS", if full { 3_000 } else { 300 });
     // First the API alone, then with the 2,500 running VMs metered every
     // 100 ms in the same process (billing spooling to a mock peer), as on a
     // production host.

@@ -15,75 +15,39 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
+
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use metald::client::{VmClient, WireProtocol, vm_client};
 use metald::pb::vmprovisioner::v1 as pb;
+use support::{
+    KillOnDrop, MetaldProcess, count_lines, env_or, free_port, guest_image, metald_env, rss_kib, spawn_metald,
+    wait_serving,
+};
 
 const READY: &str = "METALD_GUEST_READY";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 const KERNEL_ARGS: &str = "quiet";
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn guest_image() -> PathBuf {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let dir = std::env::var_os("METALD_GUEST_IMAGE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo.join("target/guest-image"));
-    let ok = Command::new("bash").arg(repo.join("scripts/guest-image.sh")).arg(&dir).status().unwrap().success();
-    assert!(ok, "scripts/guest-image.sh failed");
-    std::fs::canonicalize(dir).unwrap()
-}
-
-/// Kills metald and every QEMU under the bench's temp dir on the way out.
+/// Kills metald and every QEMU under the bench's temp dir on the way out
+/// (fields drop in order: metald first).
 struct Cleanup {
-    metald: Child,
-    dir: PathBuf,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = self.metald.kill();
-        let _ = self.metald.wait();
-        let needle = self.dir.as_os_str().as_encoded_bytes().to_vec();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            if cmdline.windows(needle.len()).any(|w| w == needle.as_slice()) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-            }
-        }
-    }
-}
-
-fn count_ready(console: &Path) -> usize {
-    std::fs::read(console)
-        .map(|b| String::from_utf8_lossy(&b).lines().filter(|l| l.trim() == READY).count())
-        .unwrap_or(0)
+    _metald: MetaldProcess,
+    _qemus: KillOnDrop,
 }
 
 async fn wait_ready(console: &Path, started: Instant) -> Duration {
     loop {
-        if count_ready(console) > 0 {
+        if count_lines(console, READY) > 0 {
             return started.elapsed();
         }
         assert!(started.elapsed() < BOOT_TIMEOUT, "no {READY} in {} within {BOOT_TIMEOUT:?}", console.display());
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 fn vm_config(image: &Path) -> pb::VmConfig {
@@ -165,10 +129,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 #[tokio::main]
 async fn main() {
     // `cargo test --all-targets` runs this too (without `--bench`): a short smoke run then.
@@ -184,22 +144,19 @@ async fn main() {
     let tmp = tempfile::Builder::new().prefix("metald-bench-").tempdir().unwrap();
     let data = tmp.path().join("data");
     let port = free_port();
-    let log = std::fs::File::create(tmp.path().join("metald.log")).unwrap();
-    let metald = Command::new(env!("CARGO_BIN_EXE_metald"))
-        .env("UNKEY_METALD_BACKEND", "qemu")
-        .env("UNKEY_METALD_QEMU_ACCEL", &accel)
-        .env("UNKEY_METALD_AUTH_DEV_TOKENS", "true")
-        .env("UNKEY_METALD_ADDRESS", "127.0.0.1")
-        .env("UNKEY_METALD_PORT", port.to_string())
-        .env("UNKEY_METALD_DATA_DIR", &data)
-        .env("UNKEY_METALD_ASSET_DIRS", &image)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let metald_pid = metald.id();
-    let _cleanup = Cleanup { metald, dir: tmp.path().to_path_buf() };
+    let log = tmp.path().join("metald.log");
+    let env = metald_env([
+        ("BACKEND", "qemu".to_owned()),
+        ("QEMU_ACCEL", accel.clone()),
+        ("AUTH_DEV_TOKENS", "true".to_owned()),
+        ("ADDRESS", "127.0.0.1".to_owned()),
+        ("PORT", port.to_string()),
+        ("DATA_DIR", data.display().to_string()),
+        ("ASSET_DIRS", image.display().to_string()),
+    ]);
+    let metald = spawn_metald(&env, &log);
+    let metald_pid = metald.pid();
+    let _cleanup = Cleanup { _metald: metald, _qemus: KillOnDrop(tmp.path().to_path_buf()) };
     let c = vm_client(
         &format!("http://127.0.0.1:{port}"),
         "dev_customer_bench",
@@ -207,26 +164,18 @@ async fn main() {
         Duration::from_secs(120),
     )
     .unwrap();
-    let t0 = Instant::now();
-    while c.list_vms(pb::ListVmsRequest::default()).await.is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "metald did not come up; see {}",
-            tmp.path().join("metald.log").display()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_serving(&c, Duration::from_secs(60), &log).await;
     let rss_idle = rss_kib(metald_pid);
 
     // Warm-up (page cache, first connections), not counted.
-    let (_, mut args) = run_metald(&c, &image, &data, "warmup").await;
+    let (_, mut args) = run_metald(&c, image, &data, "warmup").await;
     let mut metald_dir = data.join("vms/warmup").display().to_string();
     run_direct(&qemu, &args, &metald_dir, &tmp.path().join("direct-warmup")).await;
 
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for i in 0..rounds {
         let id = format!("a{i}");
-        let (took, new_args) = run_metald(&c, &image, &data, &id).await;
+        let (took, new_args) = run_metald(&c, image, &data, &id).await;
         a.push(took);
         (args, metald_dir) = (new_args, data.join("vms").join(&id).display().to_string());
         b.push(run_direct(&qemu, &args, &metald_dir, &tmp.path().join(format!("direct{i}"))).await);
@@ -244,7 +193,7 @@ async fn main() {
     // RSS with N VMs running.
     let ids: Vec<String> = (0..nvms).map(|i| format!("rss{i}")).collect();
     for id in &ids {
-        create_and_boot(&c, &image, id).await;
+        create_and_boot(&c, image, id).await;
     }
     let started = Instant::now();
     for id in &ids {

@@ -20,20 +20,20 @@
 
 use std::time::{Duration, Instant};
 
+#[path = "../tests/support/mod.rs"]
 mod support;
 
 use metald::daemon::Config;
 use metald::model::{CustomerId, VmId};
+use support::{env_or, percentile, process_cpu_ns, rss_kib};
 
 /// CPU seconds (user + system) of this process so far.
 fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    // Fields after the parenthesised command name; utime and stime are 14 and 15.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100);
-    ticks as f64 / hz as f64
+    process_cpu_ns(std::process::id()) as f64 / 1e9
+}
+
+fn rss_mb() -> f64 {
+    rss_kib(std::process::id()) as f64 / 1024.0
 }
 
 /// CPU seconds per thread (tid, name): tokio workers, the spool writer, ...
@@ -64,25 +64,6 @@ fn by_name(
         *sums.entry(k.1.clone()).or_default() += v - before.get(k).copied().unwrap_or(0.0);
     }
     sums.into_iter().map(|(k, v)| (k, v / wall * 100.0)).filter(|(_, pct)| *pct >= 0.05).collect()
-}
-
-fn rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    kb / 1024.0
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
 }
 
 struct Figures {
@@ -163,13 +144,11 @@ fn main() {
         .split(',')
         .filter_map(|v| v.trim().parse().ok())
         .collect();
-    let secs: u64 =
-        std::env::var("METALD_BENCH_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(if bench { 30 } else { 1 });
+    let secs: u64 = env_or("METALD_BENCH_SECS", if bench { 30 } else { 1 });
     // Samples per batch: the default (600, one batch a minute per VM);
     // smaller sizes send more often (a stress figure for the send path).
     // The smoke run uses 10 (a 1 s ramp).
-    let batch: usize =
-        std::env::var("METALD_BENCH_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(if bench { 600 } else { 10 });
+    let batch: usize = env_or("METALD_BENCH_BATCH", if bench { 600 } else { 10 });
     let warmup = if bench { Duration::from_secs(2) } else { Duration::from_millis(500) };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     println!(

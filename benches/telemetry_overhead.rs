@@ -14,15 +14,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+#[path = "../tests/support/mod.rs"]
 mod support;
 
 use metald::client::{WireProtocol, vm_client};
 use metald::daemon::Config;
 use metald::pb::vmprovisioner::v1 as pb;
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
+use support::{env_or, metald_env};
 
 /// An OTLP/HTTP endpoint that accepts and discards everything. It stands
 /// in for a collector on another host, so it reads the body as it arrives
@@ -139,15 +137,13 @@ async fn main() {
 
     let base = host.env(vms, &[]);
     let mut enabled = base.clone();
-    for (k, v) in [
+    enabled.extend(metald_env([
         ("OTEL_ENABLED", "true"),
         ("OTEL_SAMPLING_RATE", rate.as_str()),
         ("OTEL_ENDPOINT", otlp.as_str()),
         ("OTEL_PROMETHEUS_PORT", "0"),
         ("OTEL_METRICS_INTERVAL_MS", "1000"),
-    ] {
-        enabled.insert(format!("UNKEY_METALD_{k}"), v.to_string());
-    }
+    ]));
 
     let (mut off, mut on, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     let (mut cpu_off, mut cpu_on) = (Vec::new(), Vec::new());

@@ -4,12 +4,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+mod support;
 
-use common::{TOKEN_A, TOKEN_B, start, vm_config};
 use connectrpc::ErrorCode;
 use metald::client::WireProtocol;
 use metald::pb::vmprovisioner::v1 as pb;
+use support::{TOKEN_A, TOKEN_B, http_get_raw, start, vm_config};
 
 fn code<T: std::fmt::Debug>(r: Result<T, connectrpc::ConnectError>) -> ErrorCode {
     r.expect_err("expected an error").code
@@ -552,7 +552,7 @@ async fn health_reports_status_backend_and_counts() {
     let t = start(&[]).await;
     let c = t.client(TOKEN_A);
     c.create_vm(pb::CreateVmRequest { config: t.config(&t.kernel()).into(), ..Default::default() }).await.unwrap();
-    let body = http_get(&t.d().addr, "/_/health").await;
+    let body = http_get_raw(&t.d().addr, "/_/health").await;
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     let json: serde_json::Value = serde_json::from_str(body.split("\r\n\r\n").nth(1).unwrap()).unwrap();
     assert_eq!(json["status"], "ok");
@@ -597,21 +597,12 @@ async fn graceful_shutdown_finishes_in_flight_calls() {
 async fn health_is_503_when_the_backend_is_unusable() {
     let t = start(&[]).await;
     t.d().fake.as_ref().unwrap().set_unhealthy(Some("hypervisor binary vanished"));
-    let body = http_get(&t.d().addr, "/_/health").await;
+    let body = http_get_raw(&t.d().addr, "/_/health").await;
     assert!(body.starts_with("HTTP/1.1 503"), "{body}");
     let json: serde_json::Value = serde_json::from_str(body.split("\r\n\r\n").nth(1).unwrap()).unwrap();
     assert_eq!(json["status"], "unhealthy");
     assert_eq!(json["backend_ok"], false);
     assert_eq!(json["backend_detail"], "hypervisor binary vanished");
     t.d().fake.as_ref().unwrap().set_unhealthy(None);
-    assert!(http_get(&t.d().addr, "/_/health").await.starts_with("HTTP/1.1 200"));
-}
-
-async fn http_get(addr: &std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
+    assert!(http_get_raw(&t.d().addr, "/_/health").await.starts_with("HTTP/1.1 200"));
 }

@@ -11,17 +11,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+mod support;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{TOKEN_A, start, vm_config};
 use metald::client::{VmClient, WireProtocol, vm_client};
 use metald::pb::vmprovisioner::v1 as pb;
 use rusqlite::Connection;
+use support::{TOKEN_A, free_port, metald_env, spawn_metald, start, vm_config, wait_for, wait_serving};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -68,14 +67,6 @@ fn sample_ts(path: &Path, vm: &str) -> Vec<i64> {
     let c = db(path);
     let mut st = c.prepare("SELECT ts FROM samples WHERE vm_id = ?1 ORDER BY id").unwrap();
     st.query_map([vm], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
-}
-
-async fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !ok() {
-        assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn create_and_boot(c: &VmClient, kernel: &str, id: &str) {
@@ -195,42 +186,6 @@ async fn outage_loses_nothing_and_keeps_order() {
     server.stop().await;
 }
 
-/// Kills the child on drop (test failure included).
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_metald(env: &HashMap<String, String>, log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_metald"))
-        .envs(env)
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    Child(child)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-async fn wait_serving(c: &VmClient) {
-    let t0 = Instant::now();
-    loop {
-        if c.list_vms(pb::ListVmsRequest::default()).await.is_ok() {
-            return;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(30), "metald did not come up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_with_batches_pending_then_restart_delivers_and_reports_gaps() {
     let tmp = tempfile::tempdir().unwrap();
@@ -240,7 +195,7 @@ async fn kill_9_with_batches_pending_then_restart_delivers_and_reports_gaps() {
     std::fs::create_dir_all(&assets).unwrap();
     std::fs::write(assets.join("vmlinux"), b"\x7fELF fake kernel").unwrap();
     let port = free_port();
-    let mut env: HashMap<String, String> = [
+    let mut env = metald_env([
         ("ADDRESS", "127.0.0.1".to_string()),
         ("PORT", port.to_string()),
         ("DATA_DIR", tmp.path().join("data").display().to_string()),
@@ -254,10 +209,7 @@ async fn kill_9_with_batches_pending_then_restart_delivers_and_reports_gaps() {
         ("BILLING_COMMIT_MS", "100".into()),
         ("BILLING_RETRY_MIN_MS", "100".into()),
         ("LOG", "info".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (format!("UNKEY_METALD_{k}"), v))
-    .collect();
+    ]);
     let log = tmp.path().join("metald.log");
     let first = spawn_metald(&env, &log);
     let c = vm_client(
@@ -267,7 +219,7 @@ async fn kill_9_with_batches_pending_then_restart_delivers_and_reports_gaps() {
         Duration::from_secs(10),
     )
     .unwrap();
-    wait_serving(&c).await;
+    wait_serving(&c, Duration::from_secs(30), &log).await;
     let kernel = assets.join("vmlinux").display().to_string();
     let vms = ["crash-1", "crash-2"];
     for vm in vms {
@@ -284,7 +236,7 @@ async fn kill_9_with_batches_pending_then_restart_delivers_and_reports_gaps() {
     // Restart with a short flush so the pending samples go out at once.
     env.insert("UNKEY_METALD_BILLING_FLUSH_MS".into(), "200".into());
     let _second = spawn_metald(&env, &log);
-    wait_serving(&c).await;
+    wait_serving(&c, Duration::from_secs(30), &log).await;
     wait_for("gap notices and pre-crash samples", Duration::from_secs(20), || {
         vms.iter().all(|vm| {
             events(&dbp, vm).iter().any(|e| e.0 == "gap") && sample_ts(&dbp, vm).iter().any(|t| *t > killed_at)

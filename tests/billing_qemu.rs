@@ -8,52 +8,22 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod guest_support;
+mod support;
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use guest_support::guest_image;
 use metald::client::{WireProtocol, vm_client};
 use metald::daemon::Config;
 use metald::pb::vmprovisioner::v1 as pb;
+use support::{KillOnDrop, guest_image, metald_env, process_cpu_ns};
 use tokio_util::sync::CancellationToken;
-
-/// CPU time (user + system) of a process, from /proc/<pid>/stat.
-fn process_cpu_ns(pid: u32) -> i64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
-    let ticks: i64 = f[11].parse::<i64>().unwrap() + f[12].parse::<i64>().unwrap();
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100);
-    ticks * (1_000_000_000 / hz)
-}
-
-/// Kills every process whose command line mentions `dir` (this test's QEMU).
-fn kill_processes_under(dir: &Path) {
-    let needle = dir.as_os_str().as_encoded_bytes().to_vec();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if cmdline.windows(needle.len()).any(|w| w == needle.as_slice()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-        }
-    }
-}
-
-struct Cleanup(PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        kill_processes_under(&self.0);
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cpu_burning_guest_is_billed_its_vmm_cpu_time() {
     let image = guest_image();
     let tmp = tempfile::Builder::new().prefix("metald-billing-qemu-").tempdir().unwrap();
-    let _cleanup = Cleanup(tmp.path().to_path_buf());
+    let _cleanup = KillOnDrop(tmp.path().to_path_buf());
     let db = tmp.path().join("billing.db");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let billing_addr = listener.local_addr().unwrap();
@@ -62,7 +32,7 @@ async fn cpu_burning_guest_is_billed_its_vmm_cpu_time() {
         let (db, stop) = (db.clone(), stop.clone());
         async move { metald::billing::devserver::serve(listener, &db, stop).await }
     });
-    let env: HashMap<String, String> = [
+    let env = metald_env([
         ("BACKEND", "qemu".to_owned()),
         ("QEMU_ACCEL", "tcg".to_owned()),
         ("AUTH_DEV_TOKENS", "true".to_owned()),
@@ -75,10 +45,7 @@ async fn cpu_burning_guest_is_billed_its_vmm_cpu_time() {
         ("BILLING_BATCH_SIZE", "20".to_owned()),
         ("BILLING_FLUSH_MS", "1000".to_owned()),
         ("BILLING_COMMIT_MS", "100".to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (format!("UNKEY_METALD_{k}"), v))
-    .collect();
+    ]);
     let daemon = metald::daemon::start(Config::from_source(&env).unwrap()).await.unwrap();
     let c = vm_client(
         &format!("http://{}", daemon.addr),

@@ -3,11 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+mod support;
 
 use std::process::{Command, Output};
 
-use common::{TOKEN_A, start};
+use support::{TOKEN_A, start};
 
 fn ctl(endpoint: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_metaldctl"))

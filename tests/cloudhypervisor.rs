@@ -10,20 +10,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod vmm_support;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{TOKEN_A, TestDaemon};
 use connectrpc::ErrorCode;
 use metald::daemon::Config;
 use metald::pb::vmprovisioner::v1 as pb;
 use serde_json::{Value, json};
-use vmm_support::{
-    KillOnDrop, calls, canon, count_lines, http_get, process_exists, processes_under, requests, set_control,
-    wait_until, without_usage,
+use support::{
+    KillOnDrop, TOKEN_A, TestDaemon, calls, canon, count_lines, http_get, metald_env, process_alive, processes_under,
+    requests, set_control, wait_until, without_usage,
 };
 
 const FAKE_CH: &str = env!("CARGO_BIN_EXE_metald-fake-cloud-hypervisor");
@@ -31,7 +29,7 @@ const FAKE_FC: &str = env!("CARGO_BIN_EXE_metald-fake-firecracker");
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn start(extra: &[(&str, &str)]) -> (TestDaemon, KillOnDrop) {
-    vmm_support::start_with(&[("BACKEND", "cloudhypervisor"), ("CLOUD_HYPERVISOR_BINARY", FAKE_CH)], extra).await
+    support::start_with(&[("BACKEND", "cloudhypervisor"), ("CLOUD_HYPERVISOR_BINARY", FAKE_CH)], extra).await
 }
 
 fn full_config(t: &TestDaemon) -> pb::VmConfig {
@@ -142,7 +140,7 @@ async fn full_lifecycle_sends_the_documented_requests() {
         .unwrap()
         .into_owned();
     assert_eq!(r.state.as_known(), Some(pb::VmState::VM_STATE_SHUTDOWN));
-    assert!(!process_exists(pid), "power button ended the VMM");
+    assert!(!process_alive(pid), "power button ended the VMM");
     want.extend([
         put("vm.boot"),
         put("vm.pause"),
@@ -189,7 +187,7 @@ async fn forced_shutdown_and_errors() {
     set_control(tmp, None);
     let pid: i32 = info(&t, "e3").await.backend_info["pid"].parse().unwrap();
     c.shutdown_vm(pb::ShutdownVmRequest { vm_id: "e3".into(), force: true, ..Default::default() }).await.unwrap();
-    assert!(!process_exists(pid));
+    assert!(!process_alive(pid));
     let reqs = requests(&vm_dir(&t, "e3"));
     let tail: Vec<String> = calls(&reqs).split_off(reqs.len() - 2);
     assert_eq!(tail, ["PUT /api/v1/vm.shutdown", "PUT /api/v1/vmm.shutdown"]);
@@ -248,7 +246,7 @@ async fn auto(fc: &str, ch: &str, qemu: &str) -> Result<Value, String> {
         ("DATA_DIR", &tmp.path().join("data").display().to_string()),
         ("ASSET_DIRS", &tmp.path().join("assets").display().to_string()),
     ];
-    let env = env.iter().map(|(k, v)| (format!("UNKEY_METALD_{k}"), v.to_string())).collect();
+    let env = metald_env(env);
     let d = metald::daemon::start(Config::from_source(&env).unwrap()).await.map_err(|e| e.to_string())?;
     let (_, h) = http_get(&d.addr, "/_/health").await;
     d.shutdown();
@@ -276,7 +274,7 @@ async fn real_cloud_hypervisor_end_to_end() {
         eprintln!("note: METALD_TEST_CLOUD_HYPERVISOR is unset; skipping the real-Cloud-Hypervisor lifecycle test");
         return;
     };
-    let image = vmm_support::guest_image();
+    let image = support::guest_image();
     let binary = binary.to_string_lossy().into_owned();
     let dirs = image.display().to_string();
     let (t, _g) = start(&[("CLOUD_HYPERVISOR_BINARY", &binary), ("ASSET_DIRS", &dirs)]).await;
@@ -320,7 +318,7 @@ async fn running_vms_survive_a_daemon_restart() {
     c.shutdown_vm(pb::ShutdownVmRequest { vm_id: "rs".into(), timeout_seconds: 5, ..Default::default() })
         .await
         .unwrap();
-    assert!(!process_exists(pid));
+    assert!(!process_alive(pid));
     c.delete_vm(pb::DeleteVmRequest { vm_id: "rs".into(), ..Default::default() }).await.unwrap();
     assert!(processes_under(t.tmp.path()).is_empty());
 }

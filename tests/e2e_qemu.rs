@@ -11,38 +11,25 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod guest_support;
+mod support;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use guest_support::guest_image;
 use metald::client::{VmClient, WireProtocol, vm_client};
 use metald::daemon::Config;
 use metald::daemon::Daemon;
 use metald::pb::vmprovisioner::v1 as pb;
+use support::{
+    console_text, count_lines, guest_image, kill_processes_under, metald_env, proc_entry_exists, wait_until,
+};
 
 const TOKEN: &str = "dev_customer_acme";
 /// Upper bound for a guest to boot under TCG with other guests running.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 /// Upper bound for metald to notice a VMM exit (the goal is < 1 s).
 const EXIT_NOTICE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Kills every process whose command line mentions `dir` (the test's QEMUs).
-fn kill_processes_under(dir: &Path) -> usize {
-    let needle = dir.as_os_str().as_encoded_bytes().to_vec();
-    let mut killed = 0;
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if cmdline.windows(needle.len()).any(|w| w == needle.as_slice()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-            killed += 1;
-        }
-    }
-    killed
-}
 
 /// One metald with the QEMU backend on a temp data dir.
 struct Env {
@@ -70,7 +57,7 @@ impl Env {
         let tmp = tempfile::Builder::new().prefix("metald-e2e-").tempdir().unwrap();
         let assets = tmp.path().join("assets");
         std::fs::create_dir_all(&assets).unwrap();
-        let env: HashMap<String, String> = [
+        let env = metald_env([
             ("BACKEND", "qemu".to_owned()),
             ("QEMU_ACCEL", "tcg".to_owned()),
             ("AUTH_DEV_TOKENS", "true".to_owned()),
@@ -79,10 +66,7 @@ impl Env {
             ("DATA_DIR", tmp.path().join("data").display().to_string()),
             ("ASSET_DIRS", format!("{}:{}", assets.display(), image.display())),
             ("SHUTDOWN_GRACE_SECONDS", "5".to_owned()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (format!("UNKEY_METALD_{k}"), v))
-        .collect();
+        ]);
         let daemon = metald::daemon::start(Config::from_source(&env).unwrap()).await.unwrap();
         Env { daemon: Some(daemon), env, tmp }
     }
@@ -204,11 +188,11 @@ struct Console(PathBuf);
 
 impl Console {
     fn text(&self) -> String {
-        std::fs::read(&self.0).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+        console_text(&self.0)
     }
 
     fn count(&self, marker: &str) -> usize {
-        self.text().lines().filter(|l| l.trim() == marker).count()
+        count_lines(&self.0, marker)
     }
 
     fn last_tick(&self) -> Option<u64> {
@@ -227,24 +211,9 @@ impl Console {
     }
 }
 
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn process_exists(pid: i32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
-
 async fn wait_process_gone(pid: i32) {
-    wait_until(&format!("process {pid} to be gone"), Duration::from_secs(10), || async { !process_exists(pid) }).await;
+    wait_until(&format!("process {pid} to be gone"), Duration::from_secs(10), || async { !proc_entry_exists(pid) })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,7 +227,7 @@ async fn full_lifecycle_of_a_real_guest() {
     assert_eq!(info.backend_info.get("backend").map(String::as_str), Some("qemu"));
     assert_eq!(info.backend_info.get("accel").map(String::as_str), Some("tcg"));
     let first_pid = vm.pid().await;
-    assert!(process_exists(first_pid));
+    assert!(proc_entry_exists(first_pid));
 
     // Boot.
     vm.boot().await;
@@ -433,7 +402,7 @@ async fn guests_survive_a_daemon_restart() {
     };
 
     env.restart().await;
-    assert!(process_exists(pid), "the guest must outlive metald");
+    assert!(proc_entry_exists(pid), "the guest must outlive metald");
     let c = env.client();
     let vm = Vm { c: &c, id: id.into() };
     assert_eq!(vm.state().await, pb::VmState::VM_STATE_RUNNING);

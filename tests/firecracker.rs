@@ -11,20 +11,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod vmm_support;
+mod support;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{TOKEN_A, TestDaemon};
 use connectrpc::ErrorCode;
 use metald::pb::vmprovisioner::v1 as pb;
 use serde_json::{Value, json};
-use vmm_support::{
-    KillOnDrop, calls, canon, count_lines, http_get, process_exists, processes_under, requests, set_control,
-    wait_until, without_usage,
+use support::{
+    KillOnDrop, TOKEN_A, TestDaemon, calls, canon, count_lines, http_get, process_alive, processes_under, requests,
+    set_control, wait_until, without_usage,
 };
 
 const FAKE_FC: &str = env!("CARGO_BIN_EXE_metald-fake-firecracker");
@@ -32,7 +30,7 @@ const FAKE_JAILER: &str = env!("CARGO_BIN_EXE_metald-fake-jailer");
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn start(extra: &[(&str, &str)]) -> (TestDaemon, KillOnDrop) {
-    vmm_support::start_with(&[("BACKEND", "firecracker"), ("FIRECRACKER_BINARY", FAKE_FC)], extra).await
+    support::start_with(&[("BACKEND", "firecracker"), ("FIRECRACKER_BINARY", FAKE_FC)], extra).await
 }
 
 fn boot_config(kernel: &str, initrd: &Path) -> buffa::MessageField<pb::BootConfig, buffa::Inline<pb::BootConfig>> {
@@ -189,7 +187,7 @@ async fn full_lifecycle_sends_the_documented_requests() {
     assert_eq!(bi["firecracker_version"], "1.10.1");
     assert_eq!(bi["api_socket"], dir.join("firecracker.sock").display().to_string());
     let pid: i32 = bi["pid"].parse().unwrap();
-    assert!(process_exists(pid));
+    assert!(process_alive(pid));
     let console = PathBuf::from(&bi["console_log"]);
 
     c.boot_vm(pb::BootVmRequest { vm_id: "fc1".into(), ..Default::default() }).await.unwrap();
@@ -214,7 +212,7 @@ async fn full_lifecycle_sends_the_documented_requests() {
         .unwrap()
         .into_owned();
     assert_eq!(r.state.as_known(), Some(pb::VmState::VM_STATE_SHUTDOWN));
-    assert!(!process_exists(pid), "Ctrl+Alt+Del ended Firecracker");
+    assert!(!process_alive(pid), "Ctrl+Alt+Del ended Firecracker");
     assert!(!dir.join("firecracker.sock").exists());
 
     let reqs = requests(&dir);
@@ -285,7 +283,7 @@ async fn reboot_restarts_firecracker_with_the_same_configuration() {
         let i = info(&t, "rb").await;
         let new: i32 = i.backend_info["pid"].parse().unwrap();
         assert_ne!(new, old, "a new Firecracker process");
-        assert!(!process_exists(old));
+        assert!(!process_alive(old));
         assert_eq!(i.backend_info["restarts"], n.to_string());
         assert_eq!(count_lines(&PathBuf::from(&i.backend_info["console_log"]), "METALD_GUEST_READY"), n + 1);
     }
@@ -536,7 +534,7 @@ async fn real_firecracker_end_to_end() {
         eprintln!("note: METALD_TEST_FIRECRACKER is unset; skipping the real-Firecracker lifecycle test");
         return;
     };
-    let image = vmm_support::guest_image();
+    let image = support::guest_image();
     let binary = binary.to_string_lossy().into_owned();
     let dirs = format!("{}", image.display());
     let (t, _g) = start(&[("FIRECRACKER_BINARY", &binary), ("ASSET_DIRS", &dirs)]).await;

@@ -8,7 +8,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+mod support;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use common::{TOKEN_A, start};
 use http_body_util::{BodyExt, Full};
 use metald::model::VmId;
 use metald::pb::vmprovisioner::v1 as pb;
@@ -25,6 +24,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest
 use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind, status::StatusCode};
 use prost::Message;
+use support::{TOKEN_A, free_port, start};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
@@ -225,10 +225,6 @@ async fn scrape(addr: SocketAddr) -> String {
     text
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 // ---- Prometheus ----------------------------------------------------------------
 
 struct Prometheus {
@@ -300,11 +296,11 @@ fn value(sample: &serde_json::Value) -> f64 {
 
 // ---- daemons ---------------------------------------------------------------------
 
-async fn start_enabled(recv: &Receiver, rate: &str) -> common::TestDaemon {
+async fn start_enabled(recv: &Receiver, rate: &str) -> support::TestDaemon {
     start_enabled_with(recv, rate, &[]).await
 }
 
-async fn start_enabled_with(recv: &Receiver, rate: &str, extra: &[(&str, &str)]) -> common::TestDaemon {
+async fn start_enabled_with(recv: &Receiver, rate: &str, extra: &[(&str, &str)]) -> support::TestDaemon {
     init_tracing();
     let endpoint = recv.endpoint();
     let mut env = vec![
@@ -320,14 +316,14 @@ async fn start_enabled_with(recv: &Receiver, rate: &str, extra: &[(&str, &str)])
     start(&env).await
 }
 
-async fn create(t: &common::TestDaemon, id: &str) -> Result<(), connectrpc::ConnectError> {
+async fn create(t: &support::TestDaemon, id: &str) -> Result<(), connectrpc::ConnectError> {
     t.client(TOKEN_A)
         .create_vm(pb::CreateVmRequest { vm_id: id.into(), config: t.config(&t.kernel()).into(), ..Default::default() })
         .await
         .map(|_| ())
 }
 
-async fn boot(t: &common::TestDaemon, id: &str) {
+async fn boot(t: &support::TestDaemon, id: &str) {
     t.client(TOKEN_A).boot_vm(pb::BootVmRequest { vm_id: id.into(), ..Default::default() }).await.unwrap();
 }
 

@@ -1,12 +1,10 @@
-//! Shared by the benches: a temp host with a fake kernel, VMs seeded straight
-//! into the store (one transaction), and the daemon environment for the fake
-//! backend. Included with `mod support;` (a directory, so cargo does not
-//! build it as a bench of its own).
-
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+//! For the benches: a temp host with a fake kernel, VMs seeded straight into
+//! the store (one transaction), the daemon environment for the fake
+//! backend, settings from `METALD_BENCH_*` and percentiles.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use metald::model::Runtime;
 use metald::model::VmState;
@@ -53,7 +51,7 @@ impl Host {
             ("MAX_VMS", (vms + 10).to_string()),
         ];
         env.extend(extra.iter().cloned());
-        env.into_iter().map(|(k, v)| (format!("UNKEY_METALD_{k}"), v)).collect()
+        super::daemon::metald_env(env)
     }
 }
 
@@ -89,4 +87,20 @@ pub fn seed(data: &Path, kernel: &Path, vms: usize, running: impl Fn(usize) -> b
         })
         .collect();
     store.insert_batch(&rows).unwrap();
+}
+
+/// The environment variable `name` parsed, or `default` if unset or unparsable.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// The `p` quantile (0..=1, nearest rank, rounded) of `sorted`; zero when
+/// it is empty.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
 }

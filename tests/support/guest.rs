@@ -1,9 +1,8 @@
-//! The real guest image for end-to-end tests (`tests/e2e_qemu.rs`,
-//! `tests/billing_qemu.rs`): built by `scripts/guest-image.sh` on first use
+//! The real guest image for end-to-end tests and benches (`tests/e2e_qemu.rs`,
+//! `tests/billing_qemu.rs`, the real-VMM tests, `benches/boot.rs`): built by `scripts/guest-image.sh` on first use
 //! into `target/guest-image`, or `METALD_GUEST_IMAGE_DIR` (`make test` points
-//! it at `build/guest`). The script is idempotent and cached.
-
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+//! it at `build/guest`). The script is idempotent and cached. Also reading
+//! a guest's console log for the markers its init prints.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -27,4 +26,14 @@ pub fn guest_image() -> &'static Path {
         assert!(status.success(), "scripts/guest-image.sh failed: {status}");
         std::fs::canonicalize(dir).unwrap()
     })
+}
+
+/// The text of a console log so far (empty while it does not exist).
+pub fn console_text(path: &Path) -> String {
+    std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+}
+
+/// How many lines of a console log are `marker` (surrounding blanks ignored).
+pub fn count_lines(path: &Path, marker: &str) -> usize {
+    console_text(path).lines().filter(|l| l.trim() == marker).count()
 }

@@ -1,10 +1,11 @@
-//! Shared helpers for API tests: a daemon on 127.0.0.1:0 with a temp data
-//! dir and the fake backend, plus typed clients.
-
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+//! The daemon under test. In-process: a daemon on 127.0.0.1:0 with a temp
+//! data dir, the fake backend and two customers' API tokens, plus typed
+//! clients and a minimal `VmConfig`. As a child process: the real `metald`
+//! binary, killed when the test or bench ends. And the environment both
+//! read (`UNKEY_METALD_*`).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use metald::client::{VmClient, WireProtocol, vm_client};
@@ -83,7 +84,7 @@ pub async fn start(extra: &[(&str, &str)]) -> TestDaemon {
     let tokens = tmp.path().join("tokens");
     std::fs::write(&tokens, "# test tokens\ntoken-of-customer-a-0001 cust-a\ntoken-of-customer-b-0001 cust-b\n")
         .unwrap();
-    let mut env: HashMap<String, String> = [
+    let mut env = metald_env([
         ("ADDRESS", "127.0.0.1".to_string()),
         ("PORT", "0".to_string()),
         ("DATA_DIR", tmp.path().join("data").display().to_string()),
@@ -91,13 +92,8 @@ pub async fn start(extra: &[(&str, &str)]) -> TestDaemon {
         ("BACKEND", "fake".to_string()),
         ("AUTH_TOKENS_FILE", tokens.display().to_string()),
         ("SHUTDOWN_GRACE_SECONDS", "5".to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (format!("UNKEY_METALD_{k}"), v))
-    .collect();
-    for (k, v) in extra {
-        env.insert(format!("UNKEY_METALD_{k}"), v.to_string());
-    }
+    ]);
+    env.extend(metald_env(extra.iter().copied()));
     let cfg = Config::from_source(&env).unwrap();
     let daemon = metald::daemon::start(cfg).await.unwrap();
     TestDaemon { daemon: Some(daemon), tmp, env }
@@ -105,3 +101,49 @@ pub async fn start(extra: &[(&str, &str)]) -> TestDaemon {
 
 pub const TOKEN_A: &str = "token-of-customer-a-0001";
 pub const TOKEN_B: &str = "token-of-customer-b-0001";
+
+/// The daemon's environment from `(name, value)` pairs, each name given
+/// without its `UNKEY_METALD_` prefix.
+pub fn metald_env<K: std::fmt::Display, V: ToString>(
+    vars: impl IntoIterator<Item = (K, V)>,
+) -> HashMap<String, String> {
+    vars.into_iter().map(|(k, v)| (format!("UNKEY_METALD_{k}"), v.to_string())).collect()
+}
+
+/// The real `metald` binary as a child process; killed (and reaped) when
+/// dropped, test failure included.
+pub struct MetaldProcess(pub std::process::Child);
+
+impl MetaldProcess {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for MetaldProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the `metald` binary with `env` (full names) on top of this
+/// process' environment; stdout and stderr are appended to `log`.
+pub fn spawn_metald(env: &HashMap<String, String>, log: &Path) -> MetaldProcess {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_metald"))
+        .envs(env)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    MetaldProcess(child)
+}
+
+/// Waits until a daemon answers `ListVms` through `c` (`log`, its log file,
+/// is named in the failure).
+pub async fn wait_serving(c: &VmClient, timeout: Duration, log: &Path) {
+    let what = format!("metald to come up (log: {})", log.display());
+    super::wait::wait_until(&what, timeout, || async { c.list_vms(pb::ListVmsRequest::default()).await.is_ok() }).await;
+}

@@ -1,0 +1,46 @@
+//! The one support module of metald's integration tests (`tests/*.rs`) and
+//! benches (`benches/*.rs`). Tests include it with `mod support;`, benches
+//! with `#[path = "../tests/support/mod.rs"] mod support;` (a directory, so
+//! cargo builds it as neither a test nor a bench of its own).
+//!
+//! | file         | owns                                                              |
+//! |--------------|-------------------------------------------------------------------|
+//! | `daemon.rs`  | the daemon: in-process (fake backend, tokens, clients) or the     |
+//! |              | `metald` binary as a child; `UNKEY_METALD_*` environments         |
+//! | `vmm.rs`     | the fake Firecracker / Cloud Hypervisor: request logs, faults     |
+//! | `guest.rs`   | the real guest image of `scripts/guest-image.sh`, console logs    |
+//! | `process.rs` | `/proc`: live or unreaped pids, a test's processes, CPU and RSS   |
+//! | `wait.rs`    | bounded polling (`wait_until`, `wait_for`)                        |
+//! | `net.rs`     | a free port, a bare HTTP GET                                      |
+//! | `bench.rs`   | bench hosts (VMs seeded into the store), `METALD_BENCH_*`, stats  |
+//!
+//! Everything is re-exported here: `support::start`, `support::wait_until`, ...
+
+// Each test and bench crate compiles this module on its own and uses only
+// part of it; the rest would be dead code there. Test code may unwrap.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod bench;
+pub mod daemon;
+pub mod guest;
+pub mod net;
+pub mod process;
+pub mod vmm;
+pub mod wait;
+
+// Flat re-exports (`support::start`); a crate that uses nothing from one
+// submodule would otherwise be told its glob is unused.
+#[allow(unused_imports)]
+pub use bench::*;
+#[allow(unused_imports)]
+pub use daemon::*;
+#[allow(unused_imports)]
+pub use guest::*;
+#[allow(unused_imports)]
+pub use net::*;
+#[allow(unused_imports)]
+pub use process::*;
+#[allow(unused_imports)]
+pub use vmm::*;
+#[allow(unused_imports)]
+pub use wait::*;
