@@ -14,16 +14,15 @@
 //!   within ~250 ms — by `wait()`ing on a child we spawned, or by polling
 //!   `/proc` for a process found again after a metald restart (not our
 //!   child, so it cannot be waited on; pidfds would need `unsafe` here).
-//! - Usage from procfs: [`cpu_time_ns`], [`rss_bytes`].
+//! - `/proc` itself is read by [`crate::procfs`].
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use nix::unistd::{Pid, SysconfVar, sysconf};
+use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -31,81 +30,10 @@ use tracing::debug;
 
 use super::{BackendError, ExitEvent, ExitSink, Runtime};
 use crate::model::VmId;
+use crate::procfs::{self, Stat};
 
 /// How often a non-child process is checked for having ended.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
-
-/// The fields of `/proc/<pid>/stat` metald uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProcStat {
-    /// Field 3: R, S, D, Z (zombie), X (dead), ...
-    pub state: char,
-    /// Field 14, clock ticks in user mode.
-    pub utime: u64,
-    /// Field 15, clock ticks in kernel mode.
-    pub stime: u64,
-    /// Field 22, start time in clock ticks since boot.
-    pub start_ticks: u64,
-}
-
-impl ProcStat {
-    /// Whether the process has ended (a zombie counts: it runs no more).
-    pub fn is_dead(&self) -> bool {
-        matches!(self.state, 'Z' | 'X' | 'x')
-    }
-}
-
-/// Parses the text of `/proc/<pid>/stat`. The command name (field 2) may
-/// contain spaces and parentheses, so fields are counted after its last `)`.
-pub fn parse_stat(text: &str) -> Option<ProcStat> {
-    let rest = &text[text.rfind(')')? + 1..];
-    // `rest` starts at field 3.
-    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
-    let field = |n: usize| fields.get(n - 3).copied();
-    Some(ProcStat {
-        state: field(3)?.chars().next()?,
-        utime: field(14)?.parse().ok()?,
-        stime: field(15)?.parse().ok()?,
-        start_ticks: field(22)?.parse().ok()?,
-    })
-}
-
-pub fn read_stat(pid: u32) -> std::io::Result<ProcStat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    parse_stat(&text).ok_or_else(|| std::io::Error::other(format!("unparsable /proc/{pid}/stat")))
-}
-
-/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
-pub fn clk_tck() -> u64 {
-    static TCK: OnceLock<u64> = OnceLock::new();
-    *TCK.get_or_init(|| sysconf_u64(SysconfVar::CLK_TCK).unwrap_or(100))
-}
-
-fn page_size() -> u64 {
-    static PAGE: OnceLock<u64> = OnceLock::new();
-    *PAGE.get_or_init(|| sysconf_u64(SysconfVar::PAGE_SIZE).unwrap_or(4096))
-}
-
-fn sysconf_u64(var: SysconfVar) -> Option<u64> {
-    sysconf(var).ok().flatten().and_then(|v| u64::try_from(v).ok()).filter(|v| *v > 0)
-}
-
-/// User plus system CPU time of a process, in nanoseconds.
-pub fn cpu_time_ns(stat: &ProcStat) -> u64 {
-    let ticks = u128::from(stat.utime) + u128::from(stat.stime);
-    u64::try_from(ticks * 1_000_000_000 / u128::from(clk_tck())).unwrap_or(u64::MAX)
-}
-
-/// Resident set size of a process, from `/proc/<pid>/statm`.
-pub fn rss_bytes(pid: u32) -> std::io::Result<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/statm"))?;
-    let pages: u64 = text
-        .split_ascii_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("unparsable /proc/{pid}/statm")))?;
-    Ok(pages.saturating_mul(page_size()))
-}
 
 /// A process identified by pid and start time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,7 +45,7 @@ pub struct ProcessId {
 impl ProcessId {
     /// Identifies the live process `pid`.
     pub fn of(pid: u32) -> std::io::Result<ProcessId> {
-        let stat = read_stat(pid)?;
+        let stat = procfs::read_stat(pid)?;
         Ok(ProcessId { pid, start_ticks: stat.start_ticks })
     }
 
@@ -128,8 +56,8 @@ impl ProcessId {
 
     /// Current stat of this very process; `None` once it ended or the pid
     /// belongs to another process.
-    pub fn stat(&self) -> Option<ProcStat> {
-        read_stat(self.pid).ok().filter(|s| s.start_ticks == self.start_ticks && !s.is_dead())
+    pub fn stat(&self) -> Option<Stat> {
+        procfs::read_stat(self.pid).ok().filter(|s| s.start_ticks == self.start_ticks && !s.is_dead())
     }
 
     pub fn is_alive(&self) -> bool {
@@ -309,24 +237,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_stat_with_awkward_command_names() {
-        let line = "4242 (qemu (x) 1) S 1 4242 4242 0 -1 4194560 100 0 0 0 \
-                    250 50 0 0 20 0 3 0 987654 1000 100 18446744073709551615";
-        let s = parse_stat(line).unwrap();
-        assert_eq!(s, ProcStat { state: 'S', utime: 250, stime: 50, start_ticks: 987_654 });
-        assert!(!s.is_dead());
-        assert!(parse_stat("1 (x) Z 1 2").is_none());
-        assert!(parse_stat("garbage").is_none());
-    }
-
-    #[test]
     fn own_process_is_identified_and_alive() {
         let me = ProcessId::of(std::process::id()).unwrap();
         assert!(me.is_alive());
         let recycled = ProcessId { start_ticks: me.start_ticks + 1, ..me };
         assert!(!recycled.is_alive(), "a different start time is another process");
-        assert!(rss_bytes(me.pid).unwrap() > 0);
-        assert!(clk_tck() > 0);
+        assert!(procfs::rss_bytes(me.pid).unwrap() > 0);
+        assert!(procfs::clk_tck() > 0);
     }
 
     #[test]

@@ -52,11 +52,7 @@ impl Default for BillingConfig {
 }
 
 fn default_instance_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "metald".into())
+    crate::procfs::hostname().unwrap_or_else(|| "metald".into())
 }
 
 fn ms(r: &mut Reader<'_>, name: &str, default: Duration, min: u64, max: u64) -> Duration {

@@ -135,11 +135,7 @@ where
 const TRACER: &str = "metald";
 
 fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown".into())
+    crate::procfs::hostname().unwrap_or_else(|| "unknown".into())
 }
 
 fn resource(cfg: &TelemetryConfig) -> Resource {

@@ -7,7 +7,9 @@
 
 use opentelemetry::metrics::{AsyncInstrument, Meter, ObservableCounter, ObservableGauge};
 
-/// One reading of `/proc/self`.
+use crate::procfs::{self, Stat};
+
+/// One reading of `/proc/self`, in the units of the metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ProcStat {
     pub cpu_seconds: f64,
@@ -24,46 +26,34 @@ struct SysInfo {
 }
 
 fn sys_info() -> SysInfo {
-    use nix::unistd::{SysconfVar, sysconf};
-    let ticks = sysconf(SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100);
-    let page = sysconf(SysconfVar::PAGE_SIZE).ok().flatten().unwrap_or(4096);
-    let boot_time = std::fs::read_to_string("/proc/stat")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse::<f64>().ok())))
-        .unwrap_or(0.0);
-    SysInfo { ticks_per_sec: ticks as f64, page_size: u64::try_from(page).unwrap_or(4096), boot_time }
+    SysInfo {
+        ticks_per_sec: procfs::clk_tck() as f64,
+        page_size: procfs::page_size(),
+        boot_time: procfs::boot_time_secs().unwrap_or(0) as f64,
+    }
 }
 
-/// Parses `/proc/<pid>/stat` (the command may contain spaces and parens,
-/// so fields are counted after the last `)`).
-pub fn parse_stat(text: &str, ticks_per_sec: f64, page_size: u64, boot_time: f64) -> Option<ProcStat> {
-    let rest = &text[text.rfind(')')? + 1..];
-    // Fields after the command, starting at field 3 (state).
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let field = |n: usize| f.get(n - 3).and_then(|v| v.parse::<u64>().ok());
-    let (utime, stime) = (field(14)?, field(15)?);
-    Some(ProcStat {
-        cpu_seconds: (utime + stime) as f64 / ticks_per_sec,
-        threads: field(20)?,
-        start_time_seconds: boot_time + field(22)? as f64 / ticks_per_sec,
-        virtual_bytes: field(23)?,
-        resident_bytes: field(24)?.saturating_mul(page_size),
-    })
+/// Converts a `/proc/<pid>/stat` reading into the metrics' units.
+fn convert(st: &Stat, sys: &SysInfo) -> ProcStat {
+    ProcStat {
+        cpu_seconds: (st.utime + st.stime) as f64 / sys.ticks_per_sec,
+        threads: st.threads,
+        start_time_seconds: sys.boot_time + st.start_ticks as f64 / sys.ticks_per_sec,
+        virtual_bytes: st.vsize_bytes,
+        resident_bytes: st.rss_pages.saturating_mul(sys.page_size),
+    }
 }
 
 fn read_stat(sys: &SysInfo) -> Option<ProcStat> {
-    let text = std::fs::read_to_string("/proc/self/stat").ok()?;
-    parse_stat(&text, sys.ticks_per_sec, sys.page_size, sys.boot_time)
+    procfs::read_self_stat().ok().map(|st| convert(&st, sys))
 }
 
 fn open_fds() -> Option<u64> {
-    Some(std::fs::read_dir("/proc/self/fd").ok()?.count() as u64)
+    procfs::open_fds()
 }
 
 fn max_fds() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line.split_whitespace().nth(3)?.parse().ok()
+    procfs::max_fds()
 }
 
 /// Keeps the registered callbacks alive.
@@ -171,7 +161,8 @@ mod tests {
     #[test]
     fn parses_stat_with_odd_command_names() {
         let line = "4242 (my (odd) cmd) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 7 0 1000 123456789 300 18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0";
-        let st = parse_stat(line, 100.0, 4096, 1_700_000_000.0).unwrap();
+        let sys = SysInfo { ticks_per_sec: 100.0, page_size: 4096, boot_time: 1_700_000_000.0 };
+        let st = convert(&procfs::parse_stat(line).unwrap(), &sys);
         assert_eq!(st.cpu_seconds, 3.0);
         assert_eq!(st.threads, 7);
         assert_eq!(st.start_time_seconds, 1_700_000_010.0);

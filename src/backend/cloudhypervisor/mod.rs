@@ -325,9 +325,9 @@ impl Backend for CloudHypervisorBackend {
         let stat = pid
             .stat()
             .ok_or_else(|| BackendError::failed(format!("Cloud Hypervisor process {} has exited", pid.pid)))?;
-        let memory_bytes =
-            process::rss_bytes(pid.pid).map_err(|e| BackendError::io(format!("reading /proc/{}/statm", pid.pid), e))?;
-        let mut usage = Usage { cpu_time_ns: process::cpu_time_ns(&stat), memory_bytes, ..Usage::default() };
+        let memory_bytes = crate::procfs::rss_bytes(pid.pid)
+            .map_err(|e| BackendError::io(format!("reading /proc/{}/statm", pid.pid), e))?;
+        let mut usage = Usage { cpu_time_ns: stat.cpu_time_ns(), memory_bytes, ..Usage::default() };
         if rt.booted_at.is_some() && !(vm.spec.storage.is_empty() && vm.spec.network.is_empty()) {
             let cached = lock(&self.counters)
                 .get(vm.id)
@@ -363,7 +363,7 @@ impl Backend for CloudHypervisorBackend {
             return Ok(false);
         };
         let socket = Paths::new(&vm.dir).socket;
-        let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.pid)).unwrap_or_default();
+        let cmdline = crate::procfs::cmdline(pid.pid);
         let want = format!("path={}", socket.display());
         if !cmdline.split(|b| *b == 0).any(|a| a == want.as_bytes()) {
             warn!(vm_id = %vm.id, pid = pid.pid, "recorded pid runs something else; not reattaching");

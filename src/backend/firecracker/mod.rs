@@ -347,9 +347,9 @@ impl Backend for FirecrackerBackend {
             .ok_or_else(|| BackendError::failed(format!("no Firecracker process recorded for VM {}", vm.id)))?;
         let stat =
             pid.stat().ok_or_else(|| BackendError::failed(format!("Firecracker process {} has exited", pid.pid)))?;
-        let memory_bytes =
-            process::rss_bytes(pid.pid).map_err(|e| BackendError::io(format!("reading /proc/{}/statm", pid.pid), e))?;
-        let mut usage = Usage { cpu_time_ns: process::cpu_time_ns(&stat), memory_bytes, ..Usage::default() };
+        let memory_bytes = crate::procfs::rss_bytes(pid.pid)
+            .map_err(|e| BackendError::io(format!("reading /proc/{}/statm", pid.pid), e))?;
+        let mut usage = Usage { cpu_time_ns: stat.cpu_time_ns(), memory_bytes, ..Usage::default() };
         // Not booted: no devices run, and Firecracker refuses FlushMetrics.
         if rt.booted_at.is_some() && !(vm.spec.storage.is_empty() && vm.spec.network.is_empty()) {
             let m = self.device_counters(vm, &self.layout(vm), rt, pid.pid).await?;
@@ -372,7 +372,7 @@ impl Backend for FirecrackerBackend {
         // A live pid with the recorded start time is ours unless its command
         // line names another VM: Firecracker gets `--id <vm id>` (the jailer
         // passes `--id=<vm id>`).
-        let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.pid)).unwrap_or_default();
+        let cmdline = crate::procfs::cmdline(pid.pid);
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
         let id = vm.id.as_str().as_bytes();
         let joined = format!("--id={}", vm.id);

@@ -387,9 +387,9 @@ impl Backend for QemuBackend {
         let pid = ProcessId::from_runtime(rt)
             .ok_or_else(|| BackendError::failed(format!("no QEMU process recorded for VM {}", vm.id)))?;
         let stat = pid.stat().ok_or_else(|| BackendError::failed(format!("QEMU process {} has exited", pid.pid)))?;
-        let memory_bytes =
-            process::rss_bytes(pid.pid).map_err(|e| BackendError::io(format!("reading /proc/{}/statm", pid.pid), e))?;
-        let mut usage = Usage { cpu_time_ns: process::cpu_time_ns(&stat), memory_bytes, ..Usage::default() };
+        let memory_bytes = crate::procfs::rss_bytes(pid.pid)
+            .map_err(|e| BackendError::io(format!("reading /proc/{}/statm", pid.pid), e))?;
+        let mut usage = Usage { cpu_time_ns: stat.cpu_time_ns(), memory_bytes, ..Usage::default() };
         // No QMP round trip for VMs without disks (most of the metering loop).
         if !vm.spec.storage.is_empty() {
             for b in self.command(vm.id, rt, &QueryBlockstats).await? {
@@ -408,7 +408,7 @@ impl Backend for QemuBackend {
         };
         // Start time already rules out a recycled pid; also require that the
         // process is the QEMU of this VM (its command line names the VM dir).
-        let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.pid)).unwrap_or_default();
+        let cmdline = crate::procfs::cmdline(pid.pid);
         let dir = vm.dir.as_os_str().as_encoded_bytes();
         if !cmdline.windows(dir.len()).any(|w| w == dir) {
             warn!(vm_id = %vm.id, pid = pid.pid, "recorded pid runs something else; not reattaching");
