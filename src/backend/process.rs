@@ -29,11 +29,23 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::{BackendError, ExitEvent, ExitSink, Runtime};
-use crate::model::VmId;
+use crate::model::{Usage, VmId};
 use crate::procfs::{self, Stat};
 
 /// How often a non-child process is checked for having ended.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// CPU time and resident memory of the VMM recorded in `rt` (`vmm` names
+/// the hypervisor in messages): the part of a VM's usage every backend
+/// reads from `/proc`, before adding its device counters.
+pub fn vmm_usage(vm_id: &VmId, rt: &Runtime, vmm: &str) -> Result<(ProcessId, Usage), BackendError> {
+    let pid = ProcessId::from_runtime(rt)
+        .ok_or_else(|| BackendError::failed(format!("no {vmm} process recorded for VM {vm_id}")))?;
+    let stat = pid.stat().ok_or_else(|| BackendError::failed(format!("{vmm} process {} has exited", pid.pid)))?;
+    let memory_bytes =
+        procfs::rss_bytes(pid.pid).map_err(|e| BackendError::io(format!("reading /proc/{}/statm", pid.pid), e))?;
+    Ok((pid, Usage { cpu_time_ns: stat.cpu_time_ns(), memory_bytes, ..Usage::default() }))
+}
 
 /// A process identified by pid and start time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -320,14 +320,7 @@ impl Backend for CloudHypervisorBackend {
     }
 
     async fn usage(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<Usage> {
-        let pid = ProcessId::from_runtime(rt)
-            .ok_or_else(|| BackendError::failed(format!("no Cloud Hypervisor process recorded for VM {}", vm.id)))?;
-        let stat = pid
-            .stat()
-            .ok_or_else(|| BackendError::failed(format!("Cloud Hypervisor process {} has exited", pid.pid)))?;
-        let memory_bytes = crate::procfs::rss_bytes(pid.pid)
-            .map_err(|e| BackendError::io(format!("reading /proc/{}/statm", pid.pid), e))?;
-        let mut usage = Usage { cpu_time_ns: stat.cpu_time_ns(), memory_bytes, ..Usage::default() };
+        let (pid, mut usage) = process::vmm_usage(vm.id, rt, "Cloud Hypervisor")?;
         if rt.booted_at.is_some() && !(vm.spec.storage.is_empty() && vm.spec.network.is_empty()) {
             let cached = lock(&self.counters)
                 .get(vm.id)

@@ -384,12 +384,7 @@ impl Backend for QemuBackend {
     }
 
     async fn usage(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<Usage> {
-        let pid = ProcessId::from_runtime(rt)
-            .ok_or_else(|| BackendError::failed(format!("no QEMU process recorded for VM {}", vm.id)))?;
-        let stat = pid.stat().ok_or_else(|| BackendError::failed(format!("QEMU process {} has exited", pid.pid)))?;
-        let memory_bytes = crate::procfs::rss_bytes(pid.pid)
-            .map_err(|e| BackendError::io(format!("reading /proc/{}/statm", pid.pid), e))?;
-        let mut usage = Usage { cpu_time_ns: stat.cpu_time_ns(), memory_bytes, ..Usage::default() };
+        let (_, mut usage) = process::vmm_usage(vm.id, rt, "QEMU")?;
         // No QMP round trip for VMs without disks (most of the metering loop).
         if !vm.spec.storage.is_empty() {
             for b in self.command(vm.id, rt, &QueryBlockstats).await? {
