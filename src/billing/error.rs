@@ -1,5 +1,5 @@
 //! The errors billing's stages return ([`LogError`], [`SpoolError`],
-//! [`BillingError`]) and [`chain`], which prints an error with its sources.
+//! [`BillingError`]); `crate::util::chain` renders them with their sources.
 //! A leaf: it imports nothing of billing.
 
 /// A failure of the spool's log (its segment files).
