@@ -116,7 +116,26 @@ async fn invalid_requests_say_what_to_fix_and_create_nothing() {
     bad_max.cpu.get_or_insert_default().max_vcpu_count = 0;
     bad_max.cpu.get_or_insert_default().vcpu_count = 2;
     bad_max.cpu.get_or_insert_default().max_vcpu_count = 1;
+    let nic = |mac: &str, tap: &str| pb::NetworkInterface {
+        mac_address: mac.into(),
+        tap_device: tap.into(),
+        ..Default::default()
+    };
+    let mut same_mac = vm_config(&t.kernel());
+    same_mac.network = vec![nic("02:00:00:00:00:01", "tap-a"), nic("02:00:00:00:00:01", "tap-b")];
+    let mut same_tap = vm_config(&t.kernel());
+    same_tap.network = vec![nic("02:00:00:00:00:01", "tap-a"), nic("02:00:00:00:00:02", "tap-a")];
     let cases: Vec<(&str, pb::CreateVmRequest, &str)> = vec![
+        (
+            "same mac",
+            pb::CreateVmRequest { config: same_mac.into(), ..Default::default() },
+            "config.network[1].mac_address",
+        ),
+        (
+            "same tap",
+            pb::CreateVmRequest { config: same_tap.into(), ..Default::default() },
+            "config.network[1].tap_device",
+        ),
         ("no config", pb::CreateVmRequest::default(), "config"),
         ("cpus", pb::CreateVmRequest { config: too_many_cpus.into(), ..Default::default() }, "config.cpu.vcpu_count"),
         ("memory", pb::CreateVmRequest { config: tiny_mem.into(), ..Default::default() }, "config.memory.size_bytes"),

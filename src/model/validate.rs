@@ -171,6 +171,8 @@ pub fn validate(mut spec: VmSpec, limits: &Limits) -> Result<ValidSpec, Invalid>
         ));
     }
     let mut ids = HashSet::new();
+    let mut macs = HashSet::new();
+    let mut taps = HashSet::new();
     for (i, nic) in spec.network.iter_mut().enumerate() {
         let field = format!("config.network[{i}]");
         if nic.id.is_empty() {
@@ -186,10 +188,24 @@ pub fn validate(mut spec: VmSpec, limits: &Limits) -> Result<ValidSpec, Invalid>
                 format!("{:?} is not a unicast MAC address like 02:00:00:00:00:01", nic.mac),
             ));
         }
+        // Two NICs with one MAC confuse the guest's and the bridge's
+        // neighbour tables; two on one TAP device cannot both attach.
+        if !nic.mac.is_empty() && !macs.insert(nic.mac.to_ascii_lowercase()) {
+            return Err(Invalid::new(
+                format!("{field}.mac_address"),
+                format!("{:?} is used by another interface of this VM; give each its own", nic.mac),
+            ));
+        }
         if !nic.tap.is_empty() && !is_valid_ifname(&nic.tap) {
             return Err(Invalid::new(
                 format!("{field}.tap_device"),
                 format!("{:?} is not a valid interface name (1-15 of letters, digits, '-', '_', '.')", nic.tap),
+            ));
+        }
+        if !nic.tap.is_empty() && !taps.insert(nic.tap.clone()) {
+            return Err(Invalid::new(
+                format!("{field}.tap_device"),
+                format!("{:?} is used by another interface of this VM; give each its own", nic.tap),
             ));
         }
         match nic.interface.as_str() {
@@ -469,6 +485,24 @@ mod tests {
         assert_eq!(field_of(validate(s, &f.limits).unwrap_err()), "config.network[0].tap_device");
         let mut s = spec(&f);
         s.network.push(NicSpec { mac: "02:aa:bb:cc:dd:ee".into(), tap: "tap0".into(), ..Default::default() });
+        assert!(validate(s, &f.limits).is_ok());
+    }
+
+    #[test]
+    fn two_nics_may_not_share_a_mac_or_a_device() {
+        let f = fixture();
+        let nic = |mac: &str, tap: &str| NicSpec { mac: mac.into(), tap: tap.into(), ..Default::default() };
+        let mut s = spec(&f);
+        s.network = vec![nic("02:aa:bb:cc:dd:ee", "tap0"), nic("02:AA:BB:CC:DD:EE", "tap1")];
+        let e = validate(s, &f.limits).unwrap_err();
+        assert_eq!(e.field, "config.network[1].mac_address");
+        assert!(e.reason.contains("another interface"), "{e}");
+        let mut s = spec(&f);
+        s.network = vec![nic("02:aa:bb:cc:dd:01", "tap0"), nic("02:aa:bb:cc:dd:02", "tap0")];
+        assert_eq!(field_of(validate(s, &f.limits).unwrap_err()), "config.network[1].tap_device");
+        // Unset MACs and devices (chosen by the host) do not collide.
+        let mut s = spec(&f);
+        s.network = vec![nic("", ""), nic("", ""), nic("02:aa:bb:cc:dd:01", "tap0"), nic("02:aa:bb:cc:dd:02", "tap1")];
         assert!(validate(s, &f.limits).is_ok());
     }
 
