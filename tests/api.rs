@@ -421,6 +421,37 @@ async fn dev_tokens_work_when_enabled() {
 }
 
 #[tokio::test]
+async fn a_lost_store_beside_vm_directories_refuses_to_start() {
+    let mut t = start(&[]).await;
+    let c = t.client(TOKEN_A);
+    for id in ["lost-a", "lost-b"] {
+        let req = pb::CreateVmRequest { vm_id: id.into(), config: t.config(&t.kernel()).into(), ..Default::default() };
+        c.create_vm(req).await.unwrap();
+    }
+    let d = t.daemon.take().unwrap();
+    d.shutdown();
+    d.wait().await.unwrap();
+    for f in ["metald.db", "metald.db-wal", "metald.db-shm"] {
+        let _ = std::fs::remove_file(t.data_dir().join(f));
+    }
+    let cfg = metald::daemon::Config::from_source(&t.env).unwrap();
+    let e = metald::daemon::start(cfg).await.err().expect("start must be refused");
+    let msg = e.to_string();
+    assert!(msg.contains("lost-a, lost-b") && msg.contains("Restore metald.db"), "{msg}");
+    assert!(!t.data_dir().join("metald.db").exists(), "no new store was created");
+
+    // An empty file counts as lost too; with the directories moved away it starts.
+    std::fs::write(t.data_dir().join("metald.db"), b"").unwrap();
+    let cfg = metald::daemon::Config::from_source(&t.env).unwrap();
+    assert!(metald::daemon::start(cfg).await.is_err());
+    std::fs::rename(t.data_dir().join("vms"), t.tmp.path().join("vms-moved")).unwrap();
+    let cfg = metald::daemon::Config::from_source(&t.env).unwrap();
+    t.daemon = Some(metald::daemon::start(cfg).await.unwrap());
+    let l = t.client(TOKEN_A).list_vms(pb::ListVmsRequest::default()).await.unwrap().into_owned();
+    assert_eq!(l.total_count, 0);
+}
+
+#[tokio::test]
 async fn restart_keeps_vms_and_states() {
     let mut t = start(&[]).await;
     let c = t.client(TOKEN_A);

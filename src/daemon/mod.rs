@@ -31,6 +31,15 @@ pub enum StartError {
     AssetDir { path: String, source: std::io::Error },
     #[error("opening the state store")]
     Store(#[from] crate::store::StoreError),
+    #[error(
+        "the state store {db} is new or empty, but {vms} holds {} VM directories ({}): the store was lost \
+         or replaced while VMs existed, and starting would leave their guests unmanaged. Restore metald.db \
+         (with its -wal file) from a backup, or, if those VMs are gone, stop their hypervisor processes and \
+         move the directories away",
+        names.len(),
+        names.iter().take(5).cloned().collect::<Vec<_>>().join(", ") + if names.len() > 5 { ", ..." } else { "" }
+    )]
+    StoreLost { db: String, vms: String, names: Vec<String> },
     #[error("loading auth tokens")]
     Auth(#[from] crate::api::auth::TokensFileError),
     #[error("{0}")]
@@ -195,6 +204,27 @@ async fn cloud_hypervisor(
     Ok((Arc::new(b), None))
 }
 
+/// A new (missing or empty) `metald.db` beside VM directories means the
+/// store was lost or replaced while VMs existed: starting would leave their
+/// guests running unmanaged and their files behind. Refuse, and say what to
+/// do. (A store that exists, even with no rows, is trusted: a VM directory
+/// without a record there is a leftover of an interrupted create or delete.)
+fn refuse_orphaned_vm_dirs(db: &std::path::Path, vms: &std::path::Path) -> Result<(), StartError> {
+    let mut names: Vec<String> = match std::fs::read_dir(vms) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => return Ok(()),
+    };
+    if names.is_empty() {
+        return Ok(());
+    }
+    names.sort();
+    Err(StartError::StoreLost { db: db.display().to_string(), vms: vms.display().to_string(), names })
+}
+
 /// Starts metald: opens the store, recovers VMs, binds and serves.
 pub async fn start(cfg: Config) -> Result<Daemon, StartError> {
     std::fs::create_dir_all(&cfg.data_dir)
@@ -204,7 +234,14 @@ pub async fn start(cfg: Config) -> Result<Daemon, StartError> {
     if cfg.auth_dev_tokens {
         warn!("UNKEY_METALD_AUTH_DEV_TOKENS is on: anyone can act as any customer with 'dev_customer_<id>'");
     }
-    let store = Store::open(&cfg.data_dir.join("metald.db"))?;
+    let db = cfg.data_dir.join("metald.db");
+    // In WAL mode the records may all still be in `metald.db-wal`.
+    let empty = |p: &std::path::Path| std::fs::metadata(p).map_or(true, |m| m.len() == 0);
+    let fresh_store = empty(&db) && empty(&cfg.data_dir.join("metald.db-wal"));
+    if fresh_store {
+        refuse_orphaned_vm_dirs(&db, &cfg.data_dir.join("vms"))?;
+    }
+    let store = Store::open(&db)?;
     let (exit_tx, exit_rx) = tokio::sync::mpsc::unbounded_channel::<ExitEvent>();
     let shutdown = CancellationToken::new();
     // Before recovery, so that it is traced and counted too.
