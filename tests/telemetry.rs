@@ -483,6 +483,24 @@ async fn calls_dropped_at_their_deadline_are_recorded_as_errors() {
     t.d().fake.as_ref().unwrap().set_delay(Duration::ZERO);
 }
 
+/// `/metrics` (no credential, `vm_id` labels) can listen on its own
+/// address while the API listens on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_listen_on_their_own_address_when_asked() {
+    let _serial = SERIAL.lock().await;
+    let recv = Receiver::start().await;
+    let t = start_enabled_with(&recv, "1.0", &[("OTEL_PROMETHEUS_ADDRESS", "127.0.0.2")]).await;
+    let maddr = t.d().metrics_addr.expect("metrics port open");
+    assert_eq!(maddr.ip(), std::net::IpAddr::from([127, 0, 0, 2]));
+    assert_eq!(t.d().addr.ip(), std::net::IpAddr::from([127, 0, 0, 1]));
+    create(&t, "vm-m").await.unwrap();
+    let text = scrape(maddr).await;
+    assert!(text.contains("metald_vm_operations_total{"), "{text}");
+    // Nothing serves /metrics beside the API.
+    let beside = std::net::SocketAddr::new(t.d().addr.ip(), maddr.port());
+    assert!(tokio::net::TcpStream::connect(beside).await.is_err(), "{beside} should not be listening");
+}
+
 /// Billing collection rounds and batch sends have spans (with their
 /// counts and outcome); the backend's per-sample calls inside a round do
 /// not (10 a second per VM would crowd out everything else).

@@ -29,6 +29,11 @@ pub struct TelemetryConfig {
     pub endpoint: String,
     /// `UNKEY_METALD_OTEL_PROMETHEUS_PORT` (default 9464; 0 picks a free port).
     pub prometheus_port: u16,
+    /// `UNKEY_METALD_OTEL_PROMETHEUS_ADDRESS`: where `/metrics` listens
+    /// (unset: the API's `UNKEY_METALD_ADDRESS`). `/metrics` needs no
+    /// credential and carries `vm_id` labels, so an operator can keep it on
+    /// a private or loopback address while the API listens publicly.
+    pub prometheus_address: Option<std::net::IpAddr>,
     /// `UNKEY_METALD_OTEL_SERVICE_NAME` (default `metald`).
     pub service_name: String,
     /// `UNKEY_METALD_OTEL_METRICS_INTERVAL_MS`: OTLP metrics push period
@@ -48,6 +53,7 @@ impl Default for TelemetryConfig {
             sampling_rate: 1.0,
             endpoint: normalize_endpoint(DEFAULT_ENDPOINT).unwrap_or_default(),
             prometheus_port: 9464,
+            prometheus_address: None,
             service_name: "metald".into(),
             metrics_interval: Duration::from_secs(60),
             traces_delay: Duration::from_secs(5),
@@ -78,6 +84,13 @@ impl TelemetryConfig {
             }),
         };
         let prometheus_port = r.parse("OTEL_PROMETHEUS_PORT", d.prometheus_port, "a port number from 0 to 65535");
+        let prometheus_address = r.raw("OTEL_PROMETHEUS_ADDRESS").map(|_| {
+            r.parse(
+                "OTEL_PROMETHEUS_ADDRESS",
+                std::net::IpAddr::from([127, 0, 0, 1]),
+                "an IP address such as 127.0.0.1",
+            )
+        });
         let service_name = r.string("OTEL_SERVICE_NAME", &d.service_name);
         let metrics_interval = Duration::from_millis(r.range("OTEL_METRICS_INTERVAL_MS", 60_000u64, 100, 3_600_000));
         let traces_delay = Duration::from_millis(r.range("OTEL_TRACES_DELAY_MS", 5_000u64, 1, 600_000));
@@ -86,6 +99,7 @@ impl TelemetryConfig {
             sampling_rate,
             endpoint,
             prometheus_port,
+            prometheus_address,
             service_name,
             metrics_interval,
             traces_delay,
@@ -146,7 +160,16 @@ mod tests {
         assert_eq!(c.traces_url(), "http://localhost:4318/v1/traces");
         assert_eq!(c.metrics_url(), "http://localhost:4318/v1/metrics");
         assert_eq!(c.prometheus_port, 9464);
+        assert_eq!(c.prometheus_address, None, "unset: /metrics listens beside the API");
         assert_eq!(c.service_name, "metald");
+    }
+
+    #[test]
+    fn the_metrics_listener_may_have_its_own_address() {
+        let c = read(&[("OTEL_PROMETHEUS_ADDRESS", "127.0.0.2")]).unwrap();
+        assert_eq!(c.prometheus_address, Some(std::net::IpAddr::from([127, 0, 0, 2])));
+        let e = read(&[("OTEL_PROMETHEUS_ADDRESS", "localhost")]).unwrap_err();
+        assert!(e.contains("UNKEY_METALD_OTEL_PROMETHEUS_ADDRESS") && e.contains("an IP address"), "{e}");
     }
 
     #[test]

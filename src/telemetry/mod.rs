@@ -200,7 +200,7 @@ impl Telemetry {
         let metrics = Metrics::register(&meter);
         let process = process::register(&meter, Some(rt));
 
-        let addr = SocketAddr::new(address, cfg.prometheus_port);
+        let addr = SocketAddr::new(cfg.prometheus_address.unwrap_or(address), cfg.prometheus_port);
         let (listener, metrics_addr) =
             export::bind(addr).await.map_err(|source| TelemetryError::Bind { addr, source })?;
         let server = tokio::spawn(export::serve_metrics(listener, registry, stop.clone()));
