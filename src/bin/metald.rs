@@ -44,6 +44,11 @@ async fn main() -> ExitCode {
         }
     };
     init_logging(cfg.log_format);
+    match metald::daemon::raise_fd_limit() {
+        Ok((before, after)) if after > before => tracing::info!(before, after, "raised the open files limit"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
+    }
     let daemon = match metald::daemon::start(cfg).await {
         Ok(d) => d,
         Err(e) => {

@@ -204,6 +204,20 @@ async fn cloud_hypervisor(
     Ok((Arc::new(b), None))
 }
 
+/// Raises this process's soft limit on open files to its hard limit and
+/// returns `(before, after)`. The default soft limit (1024) is a few hundred
+/// VMs' sockets and logs, or a thousand idle connections, away from
+/// `Too many open files`; the hard limit is what the operator allows.
+pub fn raise_fd_limit() -> std::io::Result<(u64, u64)> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(std::io::Error::from)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(std::io::Error::from)?;
+    }
+    let (after, _) = getrlimit(Resource::RLIMIT_NOFILE).map_err(std::io::Error::from)?;
+    Ok((soft, after))
+}
+
 /// A new (missing or empty) `metald.db` beside VM directories means the
 /// store was lost or replaced while VMs existed: starting would leave their
 /// guests running unmanaged and their files behind. Refuse, and say what to
@@ -296,4 +310,16 @@ pub async fn start(cfg: Config) -> Result<Daemon, StartError> {
         server,
         grace: Duration::from_secs(cfg.shutdown_grace_secs),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_limit() {
+        use nix::sys::resource::{Resource, getrlimit};
+        let (before, after) = super::raise_fd_limit().expect("getrlimit/setrlimit");
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+        assert!(after >= before);
+        assert_eq!((after, soft), (hard, hard));
+    }
 }
