@@ -20,8 +20,8 @@ use metald::daemon::Config;
 use metald::pb::vmprovisioner::v1 as pb;
 use serde_json::{Value, json};
 use support::{
-    KillOnDrop, TOKEN_A, TestDaemon, calls, canon, count_lines, http_get, metald_env, process_alive, processes_under,
-    requests, set_control, wait_until, without_usage,
+    KillOnDrop, TOKEN_A, TestDaemon, assert_requests, calls, canon, count_lines, create, http_get, info, metald_env,
+    process_alive, processes_under, requests, set_control, vm_dir, wait_until, without_usage,
 };
 
 const FAKE_CH: &str = env!("CARGO_BIN_EXE_metald-fake-cloud-hypervisor");
@@ -57,34 +57,6 @@ fn full_config(t: &TestDaemon) -> pb::VmConfig {
         ..Default::default()
     }];
     c
-}
-
-async fn create(
-    t: &TestDaemon,
-    id: &str,
-    config: pb::VmConfig,
-) -> Result<pb::CreateVmResponse, connectrpc::ConnectError> {
-    let c = t.client(TOKEN_A);
-    c.create_vm(pb::CreateVmRequest { vm_id: id.into(), config: config.into(), ..Default::default() })
-        .await
-        .map(|r| r.into_owned())
-}
-
-async fn info(t: &TestDaemon, id: &str) -> pb::GetVmInfoResponse {
-    let c = t.client(TOKEN_A);
-    c.get_vm_info(pb::GetVmInfoRequest { vm_id: id.into(), ..Default::default() }).await.unwrap().into_owned()
-}
-
-fn vm_dir(t: &TestDaemon, id: &str) -> PathBuf {
-    t.data_dir().join("vms").join(id)
-}
-
-fn assert_requests(got: &[Value], want: &[Value]) {
-    assert_eq!(calls(got), calls(want));
-    for (g, w) in got.iter().zip(want) {
-        assert_eq!(g["body"], w["body"], "body of {} {}", w["method"], w["path"]);
-        assert!(g["status"].as_u64().is_some_and(|s| s < 300), "{g}");
-    }
 }
 
 fn put(path: &str) -> Value {

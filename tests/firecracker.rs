@@ -21,8 +21,8 @@ use connectrpc::ErrorCode;
 use metald::pb::vmprovisioner::v1 as pb;
 use serde_json::{Value, json};
 use support::{
-    KillOnDrop, TOKEN_A, TestDaemon, calls, canon, count_lines, http_get, process_alive, processes_under, requests,
-    set_control, wait_until, without_usage,
+    KillOnDrop, TOKEN_A, TestDaemon, assert_requests, calls, canon, count_lines, create, http_get, info, process_alive,
+    processes_under, requests, set_control, vm_dir, wait_until, without_usage,
 };
 
 const FAKE_FC: &str = env!("CARGO_BIN_EXE_metald-fake-firecracker");
@@ -62,26 +62,6 @@ fn full_config(t: &TestDaemon) -> pb::VmConfig {
         ..Default::default()
     }];
     c
-}
-
-async fn create(
-    t: &TestDaemon,
-    id: &str,
-    config: pb::VmConfig,
-) -> Result<pb::CreateVmResponse, connectrpc::ConnectError> {
-    let c = t.client(TOKEN_A);
-    c.create_vm(pb::CreateVmRequest { vm_id: id.into(), config: config.into(), ..Default::default() })
-        .await
-        .map(|r| r.into_owned())
-}
-
-async fn info(t: &TestDaemon, id: &str) -> pb::GetVmInfoResponse {
-    let c = t.client(TOKEN_A);
-    c.get_vm_info(pb::GetVmInfoRequest { vm_id: id.into(), ..Default::default() }).await.unwrap().into_owned()
-}
-
-fn vm_dir(t: &TestDaemon, id: &str) -> PathBuf {
-    t.data_dir().join("vms").join(id)
 }
 
 /// The pre-boot sequence metald sends for `full_config`.
@@ -159,17 +139,6 @@ fn span_log() -> &'static SpanLog {
         tracing::subscriber::set_global_default(tracing_subscriber::registry().with(log.clone())).unwrap();
         log
     })
-}
-
-/// Compares recorded requests with expected `{method, path, body}` ones.
-fn assert_requests(got: &[Value], want: &[Value]) {
-    assert_eq!(got.len(), want.len(), "requests: {:#?}", calls(got));
-    for (g, w) in got.iter().zip(want) {
-        for field in ["method", "path", "body"] {
-            assert_eq!(g[field], w[field], "{field} of {} {}", w["method"], w["path"]);
-        }
-        assert!(g["status"].as_u64().is_some_and(|s| s < 300), "{g}");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,12 +1,15 @@
 //! The fake VMMs (`metald-fake-firecracker`, `metald-fake-cloud-hypervisor`)
 //! for `tests/firecracker.rs` and `tests/cloudhypervisor.rs`: a daemon with
-//! their backend, reading their request logs, steering their error
-//! injection through a per-test `fake-control.json`.
+//! their backend, the calls both make through it (create, info, a VM's
+//! directory), reading and checking their request logs, steering their
+//! error injection through a per-test `fake-control.json`.
 
 use std::path::{Path, PathBuf};
 
+use metald::pb::vmprovisioner::v1 as pb;
 use serde_json::Value;
 
+use super::daemon::{TOKEN_A, TestDaemon};
 use super::process::KillOnDrop;
 
 /// Starts the daemon (fake API tokens, temp dirs) with `backend` env vars
@@ -19,6 +22,29 @@ pub async fn start_with(backend: &[(&str, &str)], extra: &[(&str, &str)]) -> (su
     std::fs::write(t.assets().join("initrd.img"), b"fake initramfs").unwrap();
     let guard = KillOnDrop(t.tmp.path().to_path_buf());
     (t, guard)
+}
+
+/// `CreateVm` of `id` as customer A.
+pub async fn create(
+    t: &TestDaemon,
+    id: &str,
+    config: pb::VmConfig,
+) -> Result<pb::CreateVmResponse, connectrpc::ConnectError> {
+    let c = t.client(TOKEN_A);
+    c.create_vm(pb::CreateVmRequest { vm_id: id.into(), config: config.into(), ..Default::default() })
+        .await
+        .map(|r| r.into_owned())
+}
+
+/// `GetVmInfo` of `id` as customer A (which must succeed).
+pub async fn info(t: &TestDaemon, id: &str) -> pb::GetVmInfoResponse {
+    let c = t.client(TOKEN_A);
+    c.get_vm_info(pb::GetVmInfoRequest { vm_id: id.into(), ..Default::default() }).await.unwrap().into_owned()
+}
+
+/// The directory metald keeps for VM `id` (socket, logs, request log).
+pub fn vm_dir(t: &TestDaemon, id: &str) -> PathBuf {
+    t.data_dir().join("vms").join(id)
 }
 
 /// The canonical form of an asset path, as metald stores it.
@@ -44,6 +70,17 @@ pub fn without_usage(reqs: Vec<Value>) -> Vec<Value> {
 /// `"<METHOD> <path>"` of each request.
 pub fn calls(reqs: &[Value]) -> Vec<String> {
     reqs.iter().map(|r| format!("{} {}", r["method"].as_str().unwrap(), r["path"].as_str().unwrap())).collect()
+}
+
+/// Asserts that the recorded requests `got` are the expected `want`
+/// (`{method, path, body}` each, in order) and that each one succeeded
+/// (status < 300).
+pub fn assert_requests(got: &[Value], want: &[Value]) {
+    assert_eq!(calls(got), calls(want));
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g["body"], w["body"], "body of {} {}", w["method"], w["path"]);
+        assert!(g["status"].as_u64().is_some_and(|s| s < 300), "{g}");
+    }
 }
 
 /// Error injection for every fake VMM started under `dir` (the test's
