@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use metald::client::{VmClient, WireProtocol, vm_client};
 use metald::pb::vmprovisioner::v1 as pb;
 use rusqlite::Connection;
-use support::{TOKEN_A, free_port, metald_env, spawn_metald, start, vm_config, wait_for, wait_serving};
+use support::{TOKEN_A, free_port, js_bin, js_dir, metald_env, spawn_metald, start, vm_config, wait_for, wait_serving};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -262,19 +262,13 @@ async fn kill_9_with_batches_pending_then_restart_delivers_and_reports_gaps() {
     server.stop().await;
 }
 
-fn tsx() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/js/node_modules/.bin/tsx");
-    assert!(p.exists(), "{} is missing: run `make deps` (npm install in tests/js)", p.display());
-    p
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_node_billing_service_decodes_our_batches() {
     use tokio::io::{AsyncBufReadExt, BufReader};
-    let js = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+    let js = js_dir();
     // node itself (tsx as its loader), so killing it leaves no orphan; it
     // also exits when its stdin closes.
-    tsx();
+    js_bin("tsx");
     let mut node = tokio::process::Command::new("node")
         .args(["--import", "tsx", "billing/server.ts", "0"])
         .current_dir(&js)

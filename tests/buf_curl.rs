@@ -6,22 +6,15 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::Command;
 
-use support::{TOKEN_A, start};
-
-fn buf() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/js/node_modules/.bin/buf");
-    assert!(p.exists(), "{} is missing: run `make deps` (npm install in tests/js)", p.display());
-    p
-}
+use support::{TOKEN_A, js_bin, repo_root, start};
 
 fn curl(addr: &std::net::SocketAddr, protocol: &str, method: &str, body: &str) -> serde_json::Value {
-    let mut cmd = Command::new(buf());
+    let mut cmd = Command::new(js_bin("buf"));
     cmd.arg("curl")
         .arg("--schema")
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("proto"))
+        .arg(repo_root().join("proto"))
         .args(["--protocol", protocol])
         .args(["-H", &format!("Authorization: Bearer {TOKEN_A}")])
         .args(["-d", body]);
@@ -83,8 +76,8 @@ async fn buf_curl_sees_error_codes() {
     let addr = t.d().addr;
     for protocol in ["connect", "grpc", "grpcweb"] {
         let out = tokio::task::spawn_blocking(move || {
-            let mut cmd = Command::new(buf());
-            cmd.arg("curl").arg("--schema").arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("proto")).args([
+            let mut cmd = Command::new(js_bin("buf"));
+            cmd.arg("curl").arg("--schema").arg(repo_root().join("proto")).args([
                 "--protocol",
                 protocol,
                 "-d",

@@ -24,7 +24,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest
 use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind, status::StatusCode};
 use prost::Message;
-use support::{TOKEN_A, free_port, start};
+use support::{TOKEN_A, free_port, repo_root, start};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
@@ -666,7 +666,7 @@ async fn prometheus_scrapes_the_spec_metrics_and_promtool_accepts_them() {
 /// Every metric in the scrape is in docs/METRICS.md and vice versa, and
 /// the Grafana dashboard uses only documented metrics.
 fn check_documented(scrape: &str) {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = repo_root();
     let doc = std::fs::read_to_string(root.join("docs/METRICS.md")).unwrap();
     let documented: std::collections::BTreeSet<String> = doc
         .lines()

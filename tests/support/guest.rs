@@ -7,9 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use super::repo::repo_root;
 
 /// Builds (or reuses) the guest image once per test process.
 pub fn guest_image() -> &'static Path {
@@ -17,9 +15,9 @@ pub fn guest_image() -> &'static Path {
     DIR.get_or_init(|| {
         let dir = std::env::var_os("METALD_GUEST_IMAGE_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|| repo().join("target/guest-image"));
+            .unwrap_or_else(|| repo_root().join("target/guest-image"));
         let status = std::process::Command::new("bash")
-            .arg(repo().join("scripts/guest-image.sh"))
+            .arg(repo_root().join("scripts/guest-image.sh"))
             .arg(&dir)
             .status()
             .expect("running scripts/guest-image.sh");

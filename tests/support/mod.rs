@@ -7,11 +7,13 @@
 //! |--------------|-------------------------------------------------------------------|
 //! | `daemon.rs`  | the daemon: in-process (fake backend, tokens, clients) or the     |
 //! |              | `metald` binary as a child; `UNKEY_METALD_*` environments         |
-//! | `vmm.rs`     | the fake Firecracker / Cloud Hypervisor: request logs, faults     |
+//! | `vmm.rs`     | the fake Firecracker / Cloud Hypervisor: their calls, request     |
+//! |              | logs, faults                                                      |
 //! | `guest.rs`   | the real guest image of `scripts/guest-image.sh`, console logs    |
 //! | `process.rs` | `/proc`: live or unreaped pids, a test's processes, CPU and RSS   |
 //! | `wait.rs`    | bounded polling (`wait_until`, `wait_for`)                        |
 //! | `net.rs`     | a free port, a bare HTTP GET                                      |
+//! | `repo.rs`    | paths in the checkout: its root, the npm peers in `tests/js`      |
 //! | `bench.rs`   | bench hosts (VMs seeded into the store), `METALD_BENCH_*`, stats  |
 //!
 //! Everything is re-exported here: `support::start`, `support::wait_until`, ...
@@ -25,6 +27,7 @@ pub mod daemon;
 pub mod guest;
 pub mod net;
 pub mod process;
+pub mod repo;
 pub mod vmm;
 pub mod wait;
 
@@ -40,6 +43,8 @@ pub use guest::*;
 pub use net::*;
 #[allow(unused_imports)]
 pub use process::*;
+#[allow(unused_imports)]
+pub use repo::*;
 #[allow(unused_imports)]
 pub use vmm::*;
 #[allow(unused_imports)]
