@@ -24,7 +24,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest
 use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind, status::StatusCode};
 use prost::Message;
-use support::{TOKEN_A, free_port, repo_root, start};
+use support::{TOKEN_A, eventually, free_port, repo_root, start};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
@@ -158,17 +158,6 @@ fn hex(b: &[u8]) -> String {
 
 fn is_error(s: &Span) -> bool {
     s.status.as_ref().is_some_and(|st| st.code == StatusCode::Error as i32)
-}
-
-/// Waits (bounded) until `f` finds something.
-async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    for _ in 0..600 {
-        if let Some(v) = f() {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 fn server_span(spans: &[Got], rpc: &str) -> Vec<Got> {
