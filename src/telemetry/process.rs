@@ -11,7 +11,7 @@ use crate::procfs::{self, Stat};
 
 /// One reading of `/proc/self`, in the units of the metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct ProcStat {
+pub struct ProcessSample {
     pub cpu_seconds: f64,
     pub threads: u64,
     pub start_time_seconds: f64,
@@ -34,8 +34,8 @@ fn sys_info() -> SysInfo {
 }
 
 /// Converts a `/proc/<pid>/stat` reading into the metrics' units.
-fn convert(st: &Stat, sys: &SysInfo) -> ProcStat {
-    ProcStat {
+fn convert(st: &Stat, sys: &SysInfo) -> ProcessSample {
+    ProcessSample {
         cpu_seconds: (st.utime + st.stime) as f64 / sys.ticks_per_sec,
         threads: st.threads,
         start_time_seconds: sys.boot_time + st.start_ticks as f64 / sys.ticks_per_sec,
@@ -44,7 +44,7 @@ fn convert(st: &Stat, sys: &SysInfo) -> ProcStat {
     }
 }
 
-fn read_stat(sys: &SysInfo) -> Option<ProcStat> {
+fn read_stat(sys: &SysInfo) -> Option<ProcessSample> {
     procfs::read_self_stat().ok().map(|st| convert(&st, sys))
 }
 
