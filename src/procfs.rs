@@ -1,11 +1,14 @@
 //! The one reader of `/proc`: a process's `stat` (state, CPU ticks, threads,
-//! start time, memory) and `statm`, the system's clock tick and page size,
-//! boot time, and metald's own open and maximum file descriptors. The
-//! backends use it to identify and meter VMM processes, the telemetry for
-//! the `process_*` metrics.
+//! start time, memory), `statm` and `cmdline`, the system's clock tick, page
+//! size, boot time and host name, and metald's own open and maximum file
+//! descriptors. The backends use it to identify and meter VMM processes, the
+//! telemetry for the `process_*` metrics and the resource's host name,
+//! billing for its default instance id. (`/proc/cpuinfo` is not here: the
+//! QEMU backend alone reads it, once at start, as its fallback for the host
+//! TSC frequency after sysfs; see `backend::qemu::accel`.)
 //!
 //! A leaf: it imports nothing of the crate. Hand-written: the fields needed
-//! are a handful of numbers in two text files, and the `procfs` crate would
+//! are a handful of values in a few text files, and the `procfs` crate would
 //! bring a large dependency tree for them.
 
 use std::io;
