@@ -34,7 +34,7 @@ pub enum Error {
     Unavailable(String),
     #[error("hypervisor backend failed")]
     Backend(#[from] BackendError),
-    #[error("state store failed")]
+    #[error("{}", store_context(.0))]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]
     Internal(String),
@@ -63,6 +63,8 @@ impl Error {
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Unavailable(_) => Code::Unavailable,
             Error::Backend(e) => backend_code(e),
+            // A full disk passes once the operator frees space: retry later.
+            Error::Store(e) if e.is_unwritable() => Code::Unavailable,
             Error::Store(_) | Error::Internal(_) => Code::Internal,
         }
     }
@@ -70,6 +72,15 @@ impl Error {
     /// The full chain, `outer: inner: innermost`, for the wire and logs.
     pub fn chain(&self) -> String {
         crate::util::chain(self)
+    }
+}
+
+/// What a store failure says before its cause.
+fn store_context(e: &StoreError) -> &'static str {
+    if e.is_unwritable() {
+        "the state store cannot be written (is the disk of UNKEY_METALD_DATA_DIR full or read-only?)"
+    } else {
+        "state store failed"
     }
 }
 

@@ -4,8 +4,19 @@
 //! after a restart: state, validated spec, runtime (pid, sockets, paths) and
 //! timestamps. WAL mode with `synchronous=FULL`: a state change is on disk
 //! before the RPC that made it returns.
+//!
+//! Beside the VMs, the `intents` table holds one row per operation in
+//! progress, written before the operation touches anything outside the
+//! store and removed in the same transaction that commits its outcome. A row
+//! found at start names an operation a crash interrupted; the core finishes
+//! or rolls it back (see `core::reconcile`).
+//!
+//! Every write is counted: [`Store::write_health`] says whether the last
+//! write failed (disk full, I/O error) and how many have failed, for
+//! `/_/health` and the metrics.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -25,6 +36,41 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+impl StoreError {
+    /// Whether this is a failure to write (full disk, I/O error, read-only
+    /// file system), which may pass once the operator frees space, rather
+    /// than a bug or a corrupt record.
+    pub fn is_unwritable(&self) -> bool {
+        use rusqlite::ErrorCode::*;
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                matches!(e.code, DiskFull | SystemIoFailure | ReadOnly | CannotOpen | DatabaseBusy | DatabaseLocked)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// An operation in progress on a VM, as written before it starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Intent {
+    pub vm_id: VmId,
+    pub customer: CustomerId,
+    /// `create`, or the name of the operation ([`crate::model::Op::name`]).
+    pub op: String,
+    pub started_at: i64,
+}
+
+/// Whether writes to the store succeed (see [`Store::write_health`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteHealth {
+    /// Unix seconds of the first failure of the current run of failures;
+    /// `None` when the last write succeeded.
+    pub failing_since: Option<i64>,
+    /// Writes that failed since start.
+    pub errors: u64,
+}
+
 /// A VM as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmRow {
@@ -38,8 +84,9 @@ pub struct VmRow {
 }
 
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(
-        "CREATE TABLE vms (
+    Migrations::new(vec![
+        M::up(
+            "CREATE TABLE vms (
             id          TEXT PRIMARY KEY NOT NULL,
             customer_id TEXT NOT NULL,
             state       TEXT NOT NULL,
@@ -49,7 +96,16 @@ fn migrations() -> Migrations<'static> {
             modified_at INTEGER NOT NULL
         ) STRICT;
         CREATE INDEX vms_by_customer ON vms (customer_id, id);",
-    )])
+        ),
+        M::up(
+            "CREATE TABLE intents (
+                vm_id       TEXT PRIMARY KEY NOT NULL,
+                customer_id TEXT NOT NULL,
+                op          TEXT NOT NULL,
+                started_at  INTEGER NOT NULL
+            ) STRICT;",
+        ),
+    ])
 }
 
 /// Handle to the store; cheap to clone. Calls block: run them off the async
@@ -57,6 +113,17 @@ fn migrations() -> Migrations<'static> {
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    writes: Arc<Writes>,
+}
+
+#[derive(Default)]
+struct Writes {
+    /// Unix seconds of the first failure of the current run; 0 when fine.
+    failing_since: AtomicI64,
+    errors: AtomicU64,
+    /// Test hook: every write fails as on a full disk.
+    #[cfg(test)]
+    fail: std::sync::atomic::AtomicBool,
 }
 
 impl Store {
@@ -75,7 +142,48 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrations().to_latest(&mut conn)?;
-        Ok(Store { conn: Arc::new(Mutex::new(conn)) })
+        Ok(Store { conn: Arc::new(Mutex::new(conn)), writes: Arc::default() })
+    }
+
+    /// Whether the last write succeeded, and how many failed.
+    pub fn write_health(&self) -> WriteHealth {
+        let since = self.writes.failing_since.load(Ordering::Relaxed);
+        WriteHealth { failing_since: (since != 0).then_some(since), errors: self.writes.errors.load(Ordering::Relaxed) }
+    }
+
+    /// Runs a write, keeping count of failures.
+    fn write<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        #[cfg(test)]
+        if self.writes.fail.load(Ordering::Relaxed) {
+            let full = rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL);
+            let e = StoreError::Sqlite(rusqlite::Error::SqliteFailure(full, Some("injected: disk full".into())));
+            return Err(self.note_failure(e));
+        }
+        let r = f(&mut self.conn());
+        match r {
+            Ok(v) => {
+                self.writes.failing_since.store(0, Ordering::Relaxed);
+                Ok(v)
+            }
+            Err(e) => Err(self.note_failure(e)),
+        }
+    }
+
+    fn note_failure(&self, e: StoreError) -> StoreError {
+        self.writes.errors.fetch_add(1, Ordering::Relaxed);
+        let _ = self.writes.failing_since.compare_exchange(
+            0,
+            crate::util::unix_now().max(1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        e
+    }
+
+    /// Test hook: make every write fail as on a full disk (or stop that).
+    #[cfg(test)]
+    pub fn inject_write_failure(&self, on: bool) {
+        self.writes.fail.store(on, Ordering::Relaxed);
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -84,20 +192,66 @@ impl Store {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Inserts a VM and, in the same transaction, ends its `create` intent.
     pub fn insert(&self, row: &VmRow) -> Result<()> {
         let spec = to_json(&row.spec)?;
         let rt = row.runtime.as_ref().map(to_json).transpose()?;
-        self.conn().execute(
-            "INSERT INTO vms (id, customer_id, state, spec, runtime, created_at, modified_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![row.id.as_str(), row.customer.0, row.state.as_str(), spec, rt, row.created_at, row.modified_at],
-        )?;
-        Ok(())
+        self.write(|conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "INSERT INTO vms (id, customer_id, state, spec, runtime, created_at, modified_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![row.id.as_str(), row.customer.0, row.state.as_str(), spec, rt, row.created_at, row.modified_at],
+            )?;
+            tx.execute("DELETE FROM intents WHERE vm_id = ?1", params![row.id.as_str()])?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Records an operation about to start on `intent.vm_id` (replacing a
+    /// previous one of the same VM).
+    pub fn begin(&self, intent: &Intent) -> Result<()> {
+        self.write(|conn| {
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO intents (vm_id, customer_id, op, started_at) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![intent.vm_id.as_str(), intent.customer.0, intent.op, intent.started_at])?;
+            Ok(())
+        })
+    }
+
+    /// Ends a VM's intent without changing the VM (an operation that
+    /// failed before it changed anything).
+    pub fn finish(&self, id: &VmId) -> Result<()> {
+        self.write(|conn| {
+            conn.prepare_cached("DELETE FROM intents WHERE vm_id = ?1")?.execute(params![id.as_str()])?;
+            Ok(())
+        })
+    }
+
+    /// Every intent, oldest first: operations a crash interrupted.
+    pub fn intents(&self) -> Result<Vec<Intent>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT vm_id, customer_id, op, started_at FROM intents ORDER BY started_at, vm_id")?;
+        let raws = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get(3)?)))?
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        raws.into_iter()
+            .map(|(id, customer, op, started_at)| {
+                let vm_id = VmId::parse(&id).map_err(|e| StoreError::Corrupt(format!("intent: {e}")))?;
+                Ok(Intent { vm_id, customer: CustomerId(customer), op, started_at })
+            })
+            .collect()
     }
 
     /// Inserts many rows in one transaction (bulk import, benchmarks).
     pub fn insert_batch(&self, rows: &[VmRow]) -> Result<()> {
-        let mut conn = self.conn();
+        self.write(|conn| Self::insert_batch_tx(conn, rows))
+    }
+
+    fn insert_batch_tx(conn: &mut Connection, rows: &[VmRow]) -> Result<()> {
         let tx = conn.transaction()?;
         {
             let mut stmt = tx.prepare(
@@ -122,22 +276,34 @@ impl Store {
         Ok(())
     }
 
-    /// Persists a state change and the runtime that goes with it.
+    /// Persists a state change and the runtime that goes with it, and ends
+    /// the VM's intent, in one transaction.
     pub fn update_state(&self, id: &VmId, state: VmState, runtime: Option<&Runtime>, modified_at: i64) -> Result<()> {
         let rt = runtime.map(to_json).transpose()?;
-        let n = self.conn().execute(
-            "UPDATE vms SET state = ?2, runtime = ?3, modified_at = ?4 WHERE id = ?1",
-            params![id.as_str(), state.as_str(), rt, modified_at],
-        )?;
-        if n != 1 {
-            return Err(StoreError::Corrupt(format!("no row for VM {id} to update")));
-        }
-        Ok(())
+        self.write(|conn| {
+            let tx = conn.transaction()?;
+            let n = tx.execute(
+                "UPDATE vms SET state = ?2, runtime = ?3, modified_at = ?4 WHERE id = ?1",
+                params![id.as_str(), state.as_str(), rt, modified_at],
+            )?;
+            if n != 1 {
+                return Err(StoreError::Corrupt(format!("no row for VM {id} to update")));
+            }
+            tx.execute("DELETE FROM intents WHERE vm_id = ?1", params![id.as_str()])?;
+            tx.commit()?;
+            Ok(())
+        })
     }
 
+    /// Removes a VM and its intent; removing what is not there succeeds.
     pub fn delete(&self, id: &VmId) -> Result<()> {
-        self.conn().execute("DELETE FROM vms WHERE id = ?1", params![id.as_str()])?;
-        Ok(())
+        self.write(|conn| {
+            let tx = conn.transaction()?;
+            tx.execute("DELETE FROM vms WHERE id = ?1", params![id.as_str()])?;
+            tx.execute("DELETE FROM intents WHERE vm_id = ?1", params![id.as_str()])?;
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     pub fn get(&self, id: &VmId) -> Result<Option<VmRow>> {
@@ -266,5 +432,67 @@ mod tests {
     fn updating_a_missing_row_is_an_error() {
         let s = Store::open_in_memory().unwrap();
         assert!(s.update_state(&VmId::parse("x").unwrap(), VmState::Running, None, 1).is_err());
+    }
+
+    fn intent(id: &str, op: &str) -> Intent {
+        Intent { vm_id: VmId::parse(id).unwrap(), customer: CustomerId("c1".into()), op: op.into(), started_at: 7 }
+    }
+
+    #[test]
+    fn an_intent_survives_reopen_until_its_outcome_is_committed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("metald.db");
+        {
+            let s = Store::open(&path).unwrap();
+            s.begin(&intent("a", "create")).unwrap();
+            s.insert(&row("b")).unwrap();
+            s.begin(&intent("b", "boot")).unwrap();
+            s.insert(&row("c")).unwrap();
+            s.begin(&intent("c", "delete")).unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let ops: Vec<_> = s.intents().unwrap().into_iter().map(|i| (i.vm_id.to_string(), i.op)).collect();
+        assert_eq!(ops, [("a".into(), "create".into()), ("b".into(), "boot".into()), ("c".into(), "delete".into())]);
+        // Each outcome ends its intent in the same transaction.
+        s.insert(&row("a")).unwrap();
+        s.update_state(&VmId::parse("b").unwrap(), VmState::Running, None, 9).unwrap();
+        s.delete(&VmId::parse("c").unwrap()).unwrap();
+        assert!(s.intents().unwrap().is_empty());
+        // finish ends an intent without touching the VM.
+        s.begin(&intent("a", "pause")).unwrap();
+        s.finish(&VmId::parse("a").unwrap()).unwrap();
+        assert!(s.intents().unwrap().is_empty());
+        assert_eq!(s.get(&VmId::parse("a").unwrap()).unwrap().unwrap().state, VmState::Created);
+    }
+
+    #[test]
+    fn a_failed_update_keeps_the_intent_and_the_old_state() {
+        let s = Store::open_in_memory().unwrap();
+        s.insert(&row("a")).unwrap();
+        s.begin(&intent("a", "boot")).unwrap();
+        s.inject_write_failure(true);
+        let e = s.update_state(&VmId::parse("a").unwrap(), VmState::Running, None, 9).unwrap_err();
+        assert!(e.is_unwritable(), "{e:?}");
+        s.inject_write_failure(false);
+        assert_eq!(s.intents().unwrap().len(), 1);
+        assert_eq!(s.get(&VmId::parse("a").unwrap()).unwrap().unwrap().state, VmState::Created);
+    }
+
+    #[test]
+    fn write_health_reports_a_run_of_failures_until_a_write_succeeds() {
+        let s = Store::open_in_memory().unwrap();
+        assert_eq!(s.write_health(), WriteHealth { failing_since: None, errors: 0 });
+        s.inject_write_failure(true);
+        assert!(s.insert(&row("a")).is_err());
+        assert!(s.begin(&intent("a", "create")).is_err());
+        let h = s.write_health();
+        assert!(h.failing_since.is_some());
+        assert_eq!(h.errors, 2);
+        s.inject_write_failure(false);
+        s.insert(&row("a")).unwrap();
+        assert_eq!(s.write_health(), WriteHealth { failing_since: None, errors: 2 });
+        // Reads do not count as writes.
+        assert!(s.get(&VmId::parse("a").unwrap()).unwrap().is_some());
+        assert!(!StoreError::Corrupt("x".into()).is_unwritable());
     }
 }
