@@ -14,8 +14,8 @@ use async_trait::async_trait;
 use tracing::Instrument;
 
 use super::{
-    Backend, BackendError, BackendHealth, BackendKind, ExitEvent, ExitSink, Result, Runtime, Stamped, StopMode, Usage,
-    UsageTarget, VmContext,
+    Backend, BackendError, BackendHealth, BackendKind, ExitEvent, ExitSink, Observed, Result, Runtime, Stamped,
+    StopMode, Usage, UsageTarget, VmContext,
 };
 use crate::model::VmId;
 
@@ -120,6 +120,10 @@ impl Procs {
     fn get_mut(&mut self, id: &VmId) -> Option<&mut FakeVm> {
         let pid = *self.pids.get(id)?;
         self.by_pid_mut(pid)
+    }
+
+    fn get(&self, id: &VmId) -> Option<&FakeVm> {
+        self.by_pid(*self.pids.get(id)?)
     }
 
     fn contains_key(&self, id: &VmId) -> bool {
@@ -423,6 +427,16 @@ impl Backend for FakeBackend {
         let s = lock(&self.shared);
         let (ts, now) = (stamp(), Instant::now());
         out.extend(vms.iter().zip(pids).map(|(t, pid)| (ts, usage_of(&s.vms, t.vm.id, pid, now))));
+    }
+
+    async fn observe(&self, vm: &VmContext<'_>, _rt: &Runtime) -> Result<Observed> {
+        let shared = lock(&self.shared);
+        Ok(match shared.vms.get(vm.id).map(|v| v.state) {
+            Some(FakeState::Created) => Observed::Created,
+            Some(FakeState::Running) => Observed::Running,
+            Some(FakeState::Paused) => Observed::Paused,
+            None => Observed::Gone,
+        })
     }
 
     async fn reattach(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<bool> {

@@ -55,6 +55,18 @@ pub struct BackendHealth {
     pub detail: String,
 }
 
+/// What a hypervisor says its guest is doing ([`Backend::observe`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observed {
+    /// The VMM runs; the guest has not been started.
+    Created,
+    Running,
+    /// The VMM runs; the guest is stopped (paused, or halted in an error).
+    Paused,
+    /// The VMM process is gone.
+    Gone,
+}
+
 /// A VMM process ended without the core asking for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExitEvent {
@@ -272,6 +284,11 @@ pub trait Backend: Send + Sync + 'static {
             out[k].1 = r;
         }
     }
+
+    /// Asks the hypervisor what the guest is doing: after an operation
+    /// failed or timed out (it may still have taken effect) and after a
+    /// crash interrupted one, the core commits what this says.
+    async fn observe(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<Observed>;
 
     /// After a metald restart: is this VM's VMM still alive and ours?
     /// When it is, the backend resumes watching it for exits.

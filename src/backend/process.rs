@@ -111,6 +111,52 @@ impl ProcessId {
     }
 }
 
+/// Every live process (other than metald itself) whose command line names a
+/// path under `vms_dir`, with the name of the directory it names there
+/// (the VM id): how start-up reconciliation finds VMMs whose VM has no
+/// record, e.g. one a crash left between spawning it and storing its pid.
+/// Every backend passes the VM directory's paths (sockets, logs, disks) on
+/// its VMM's command line.
+pub fn processes_under(vms_dir: &Path) -> Vec<(String, ProcessId)> {
+    let own = std::process::id();
+    let mut prefix = vms_dir.as_os_str().as_encoded_bytes().to_vec();
+    prefix.push(b'/');
+    let mut found = Vec::new();
+    for pid in procfs::pids() {
+        if pid == own {
+            continue;
+        }
+        let cmdline = procfs::cmdline(pid);
+        let Some(name) = cmdline.split(|&b| b == 0).find_map(|arg| dir_named(arg, &prefix)) else { continue };
+        if let Ok(id) = ProcessId::of(pid)
+            && id.is_alive()
+        {
+            found.push((name, id));
+        }
+    }
+    found
+}
+
+/// The first path component after `prefix` in `arg`, if `arg` names one.
+fn dir_named(arg: &[u8], prefix: &[u8]) -> Option<String> {
+    let at = arg.windows(prefix.len()).position(|w| w == prefix)?;
+    let rest = &arg[at + prefix.len()..];
+    let end = rest.iter().position(|&b| matches!(b, b'/' | b',' | b':' | b'=' | b' ')).unwrap_or(rest.len());
+    let name = std::str::from_utf8(&rest[..end]).ok()?;
+    (!name.is_empty()).then(|| name.to_owned())
+}
+
+/// Kills a stray VMM's whole process group (a VMM is its group's leader,
+/// see [`spawn_detached`]) and waits for it to end.
+pub async fn kill_stray(pid: ProcessId) -> Result<(), BackendError> {
+    if let Ok(raw) = i32::try_from(pid.pid)
+        && procfs::read_stat(pid.pid).is_ok_and(|s| s.start_ticks == pid.start_ticks)
+    {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(raw), Signal::SIGKILL);
+    }
+    pid.kill().await
+}
+
 /// `sun_path` holds 108 bytes including the terminating NUL.
 pub const MAX_SOCKET_PATH: usize = 107;
 
@@ -247,6 +293,37 @@ pub fn watch_exit(vm_id: VmId, pid: u32, watched: Watched, sink: ExitSink, stop:
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_directory_is_named_by_the_first_component_after_the_prefix() {
+        let p = b"/d/vms/";
+        assert_eq!(dir_named(b"/d/vms/a1/qmp.sock", p).as_deref(), Some("a1"));
+        assert_eq!(dir_named(b"unix:/d/vms/b,server=on", p).as_deref(), Some("b"));
+        assert_eq!(dir_named(b"file=/d/vms/c/disk.img,format=raw", p).as_deref(), Some("c"));
+        assert_eq!(dir_named(b"/d/vms", p), None);
+        assert_eq!(dir_named(b"/d/vms/", p), None);
+        assert_eq!(dir_named(b"/e/vms/x/y", p), None);
+    }
+
+    #[tokio::test]
+    async fn stray_processes_are_found_by_their_vm_directory_and_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let vms = dir.path().join("vms");
+        std::fs::create_dir_all(vms.join("stray")).unwrap();
+        let log = dir.path().join("log");
+        // `sh -c CMD NAME`: NAME ($0) carries the VM directory's path.
+        let arg0 = vms.join("stray").join("vmm.sock");
+        let args: Vec<OsString> = vec!["-c".into(), "sleep 30".into(), arg0.into()];
+        let mut child = spawn_detached(Path::new("sh"), &args, dir.path(), &log).unwrap();
+        let pid = child.id().unwrap();
+        let found = processes_under(&vms);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].0, "stray");
+        assert_eq!(found[0].1.pid, pid);
+        kill_stray(found[0].1).await.unwrap();
+        let _ = child.wait().await;
+        assert!(processes_under(&vms).is_empty());
+    }
 
     #[test]
     fn own_process_is_identified_and_alive() {

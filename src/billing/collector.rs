@@ -156,6 +156,9 @@ mod tests {
         async fn shutdown(&self, _: &VmContext<'_>, _: &Runtime, _: StopMode) -> crate::backend::Result<()> {
             Ok(())
         }
+        async fn observe(&self, _: &VmContext<'_>, _: &Runtime) -> crate::backend::Result<crate::backend::Observed> {
+            Ok(crate::backend::Observed::Running)
+        }
         async fn delete(&self, _: &VmContext<'_>, _: Option<&Runtime>) -> crate::backend::Result<()> {
             Ok(())
         }

@@ -41,7 +41,9 @@ use super::kernel;
 use super::process::{self, ProcessId, Watched, remove_quiet, watch_exit};
 use super::restvmm::{self, Launch, Output};
 use super::uds_http::{ApiError, UdsClient, checked, text_error_body};
-use super::{Backend, BackendError, BackendHealth, BackendKind, ExitSink, Result, Runtime, StopMode, Usage, VmContext};
+use super::{
+    Backend, BackendError, BackendHealth, BackendKind, ExitSink, Observed, Result, Runtime, StopMode, Usage, VmContext,
+};
 use crate::model::{ValidSpec, VmId};
 use crate::util::unix_now;
 
@@ -349,6 +351,24 @@ impl Backend for CloudHypervisorBackend {
             usage = Usage { cpu_time_ns: usage.cpu_time_ns, memory_bytes: usage.memory_bytes, ..devices };
         }
         Ok(usage)
+    }
+
+    async fn observe(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<Observed> {
+        if !ProcessId::from_runtime(rt).is_some_and(|p| p.is_alive()) {
+            return Ok(Observed::Gone);
+        }
+        let r = self.client(&vm.dir).get::<VmInfo>(&format!("{API}/vm.info")).await;
+        let info = self.checked(r, rt, &vm.dir).await?;
+        Ok(match info.state.as_str() {
+            "Created" => Observed::Created,
+            "Running" => Observed::Running,
+            // "Shutdown": the guest powered off inside a VMM that still runs;
+            // like a paused guest it runs no code, and shutdown/delete apply.
+            "Paused" | "Shutdown" => Observed::Paused,
+            other => {
+                return Err(BackendError::failed(format!("Cloud Hypervisor reports an unknown state {other:?}")));
+            }
+        })
     }
 
     async fn reattach(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<bool> {

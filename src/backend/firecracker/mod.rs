@@ -42,7 +42,9 @@ use self::vmm::{Layout, METRICS_FILE, checked};
 use super::kernel::{self, KernelFormat};
 use super::process::{self, ProcessId, Watched, remove_quiet, watch_exit};
 use super::restvmm;
-use super::{Backend, BackendError, BackendHealth, BackendKind, ExitSink, Result, Runtime, StopMode, Usage, VmContext};
+use super::{
+    Backend, BackendError, BackendHealth, BackendKind, ExitSink, Observed, Result, Runtime, StopMode, Usage, VmContext,
+};
 use crate::model::{ValidSpec, VmId};
 use crate::util::unix_now;
 
@@ -357,6 +359,22 @@ impl Backend for FirecrackerBackend {
             usage.net_tx_packets = m.net.tx_packets_count;
         }
         Ok(usage)
+    }
+
+    async fn observe(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<Observed> {
+        let Some(pid) = ProcessId::from_runtime(rt).filter(ProcessId::is_alive) else {
+            return Ok(Observed::Gone);
+        };
+        let layout = self.layout(vm);
+        let info: InstanceInfo = checked(self.client(&layout).get("/").await, Some(pid), &layout).await?;
+        Ok(match info.state.as_str() {
+            "Not started" => Observed::Created,
+            "Running" => Observed::Running,
+            "Paused" => Observed::Paused,
+            other => {
+                return Err(BackendError::failed(format!("Firecracker reports an unknown state {other:?}")));
+            }
+        })
     }
 
     async fn reattach(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<bool> {

@@ -42,7 +42,9 @@ use self::qmp::{
 };
 use super::kernel;
 use super::process::{self, ProcessId, Watched, log_tail, remove_quiet, watch_exit};
-use super::{Backend, BackendError, BackendHealth, BackendKind, ExitSink, Result, Runtime, StopMode, Usage, VmContext};
+use super::{
+    Backend, BackendError, BackendHealth, BackendKind, ExitSink, Observed, Result, Runtime, StopMode, Usage, VmContext,
+};
 use crate::model::{ValidSpec, VmId};
 use crate::util::unix_now;
 
@@ -395,6 +397,19 @@ impl Backend for QemuBackend {
             }
         }
         Ok(usage)
+    }
+
+    async fn observe(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<Observed> {
+        if !ProcessId::from_runtime(rt).is_some_and(|p| p.is_alive()) {
+            return Ok(Observed::Gone);
+        }
+        let status = self.command(vm.id, rt, &QueryStatus).await?;
+        Ok(match status.status.as_str() {
+            "prelaunch" => Observed::Created,
+            _ if status.running => Observed::Running,
+            // paused, suspended, io-error, guest-panicked, ...: not running.
+            _ => Observed::Paused,
+        })
     }
 
     async fn reattach(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<bool> {
