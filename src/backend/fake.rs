@@ -147,6 +147,11 @@ struct Shared {
     calls: Vec<(String, &'static str)>,
     /// Reported by `health()`; tests flip it to check `/_/health` answers 503.
     unhealthy: Option<String>,
+    /// Operations whose next call acts, then reports a timeout (a reply
+    /// lost after the hypervisor did the work).
+    time_out_after: std::collections::HashSet<&'static str>,
+    /// `observe` gets no answer, as from a frozen hypervisor.
+    unresponsive: bool,
 }
 
 /// A handle tests use to steer the fake.
@@ -160,6 +165,17 @@ impl FakeControl {
     /// The next call of `op` ("create", "boot", ...) fails with `message`.
     pub fn fail_next(&self, op: &'static str, message: &str) {
         lock(&self.shared).fail_next.insert(op, message.to_owned());
+    }
+
+    /// The next call of `op` ("boot", "pause", "resume") takes effect, then
+    /// fails as timed out.
+    pub fn time_out_after_next(&self, op: &'static str) {
+        lock(&self.shared).time_out_after.insert(op);
+    }
+
+    /// While set, `observe` times out, as a frozen hypervisor would.
+    pub fn set_unresponsive(&self, on: bool) {
+        lock(&self.shared).unresponsive = on;
     }
 
     /// Every backend call takes at least `d`.
@@ -268,6 +284,14 @@ impl FakeBackend {
         }
     }
 
+    /// The end of an operation that acted: a timeout if one was asked for.
+    fn leave(&self, op: &'static str) -> Result<()> {
+        if lock(&self.shared).time_out_after.remove(op) {
+            return Err(BackendError::timeout(format!("fake {op}: the reply was lost")));
+        }
+        Ok(())
+    }
+
     fn with_vm<T>(&self, vm: &VmId, f: impl FnOnce(&mut FakeVm) -> Result<T>) -> Result<T> {
         let mut s = lock(&self.shared);
         let v = s.vms.get_mut(vm).ok_or_else(|| BackendError::failed(format!("fake: no process for {vm}")))?;
@@ -349,7 +373,7 @@ impl Backend for FakeBackend {
         })?;
         rt.booted_at = Some(crate::util::unix_now());
         console_line(vm, "METALD_GUEST_READY");
-        Ok(())
+        self.leave("boot")
     }
 
     async fn pause(&self, vm: &VmContext<'_>, _rt: &mut Runtime) -> Result<()> {
@@ -360,7 +384,8 @@ impl Backend for FakeBackend {
             }
             v.state = FakeState::Paused;
             Ok(())
-        })
+        })?;
+        self.leave("pause")
     }
 
     async fn resume(&self, vm: &VmContext<'_>, _rt: &mut Runtime) -> Result<()> {
@@ -369,7 +394,8 @@ impl Backend for FakeBackend {
             v.state = FakeState::Running;
             v.running_since = Some(Instant::now());
             Ok(())
-        })
+        })?;
+        self.leave("resume")
     }
 
     async fn reboot(&self, vm: &VmContext<'_>, rt: &mut Runtime, _force: bool) -> Result<()> {
@@ -431,6 +457,9 @@ impl Backend for FakeBackend {
 
     async fn observe(&self, vm: &VmContext<'_>, _rt: &Runtime) -> Result<Observed> {
         let shared = lock(&self.shared);
+        if shared.unresponsive {
+            return Err(BackendError::timeout("fake observe: the hypervisor does not answer"));
+        }
         Ok(match shared.vms.get(vm.id).map(|v| v.state) {
             Some(FakeState::Created) => Observed::Created,
             Some(FakeState::Running) => Observed::Running,

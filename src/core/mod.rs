@@ -7,6 +7,15 @@
 //! transition → do the side effects in the backend → persist the new state →
 //! publish it to observers (metering, telemetry). Mutating operations run in
 //! their own task so a client that disconnects cannot cut one in half.
+//!
+//! Crash safety: before an operation touches anything outside the store it
+//! writes an intent row ([`crate::store::Intent`]); its outcome is committed
+//! in the transaction that ends the intent. When a backend call fails or times
+//! out, the hypervisor is asked what really happened and that is committed;
+//! when the store cannot be written, memory keeps the truth and a flusher
+//! retries. Start-up and these repairs live in [`reconcile`].
+
+mod reconcile;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
@@ -25,7 +34,7 @@ use crate::model::{
     CustomerId, Limits, Op, Plan, Runtime, Status, StopMode, Target, Usage, ValidSpec, VmId, VmSpec, VmState, plan,
     transition,
 };
-use crate::store::{Store, VmRow};
+use crate::store::{Intent, Store, VmRow};
 use crate::util::unix_now;
 
 /// Default wait for a graceful shutdown before forcing.
@@ -47,6 +56,17 @@ pub enum Cause {
     Op(Op),
     /// Found running again after a metald restart.
     Recovered,
+    /// The hypervisor, asked after a failed or interrupted operation,
+    /// reported a state other than the recorded one.
+    Reconciled,
+}
+
+/// An operation in progress on a VM (shown by `GetVmInfo`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    pub op: &'static str,
+    /// Unix seconds when it started.
+    pub since: i64,
 }
 
 /// A committed change of a VM, published to observers in commit order.
@@ -76,6 +96,11 @@ pub struct VmView {
     pub status: Status,
     pub created_at: i64,
     pub modified_at: i64,
+    /// The operation running on the VM now, if any.
+    pub pending: Option<Pending>,
+    /// The state is not yet confirmed: the hypervisor did not answer after a
+    /// failed call, or the store could not be written; metald keeps trying.
+    pub reconciling: bool,
 }
 
 impl VmView {
@@ -123,6 +148,19 @@ struct Cell {
     deleted: bool,
     /// Previous usage sample for the CPU % of `GetVmInfo`.
     last_cpu: Option<(Instant, u64)>,
+    pending: Option<Pending>,
+    /// The hypervisor's state is unknown after a failed call; a task asks
+    /// until it answers.
+    unsure: bool,
+    /// `status` is not in the store yet (a write failed); the flusher
+    /// retries.
+    unsaved: bool,
+}
+
+impl Cell {
+    fn new(status: Status, modified_at: i64) -> Cell {
+        Cell { status, modified_at, deleted: false, last_cpu: None, pending: None, unsure: false, unsaved: false }
+    }
 }
 
 struct Slot {
@@ -155,7 +193,18 @@ impl Slot {
             status: c.status.clone(),
             created_at: self.created_at,
             modified_at: c.modified_at,
+            pending: c.pending,
+            reconciling: c.unsure || c.unsaved,
         }
+    }
+}
+
+/// Clears a slot's pending operation when the operation ends, however.
+struct PendingGuard<'a>(&'a Slot);
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.cell_mut().pending = None;
     }
 }
 
@@ -173,6 +222,11 @@ struct Inner {
     store: Store,
     index: RwLock<Index>,
     observers: RwLock<Vec<Arc<dyn Observer>>>,
+    /// Changes the store could not take yet: a slot whose state is to be
+    /// written, or `None` for a VM whose record is to be removed.
+    unsaved: std::sync::Mutex<HashMap<VmId, Option<Arc<Slot>>>>,
+    /// Wakes the flusher of `unsaved`.
+    flush: tokio::sync::Notify,
 }
 
 /// The VM manager; cheap to clone.
@@ -201,9 +255,12 @@ impl Manager {
                 store,
                 index: RwLock::new(Index::default()),
                 observers: RwLock::new(Vec::new()),
+                unsaved: std::sync::Mutex::default(),
+                flush: tokio::sync::Notify::new(),
             }),
         };
         mgr.recover().await?;
+        tokio::spawn(mgr.clone().flush_unsaved(shutdown.clone()));
         tokio::spawn(mgr.clone().watch_exits(exits, shutdown));
         Ok(mgr)
     }
@@ -293,6 +350,21 @@ impl Manager {
         })?;
         let id = id.unwrap_or_else(VmId::generate);
         let reservation = self.reserve(&id)?;
+        // The intent goes first: a crash from here on leaves a row that
+        // start-up reconciliation rolls back (process, directory).
+        self.begin(&id, &caller, "create").await?;
+        let created = self.create_reserved(&caller, &id, spec).await;
+        if created.is_err() {
+            self.finish(&id).await;
+        }
+        let slot = created?;
+        reservation.done();
+        Ok(slot.view())
+    }
+
+    /// Creates a VM whose id is reserved and whose intent is written.
+    async fn create_reserved(&self, caller: &CustomerId, id: &VmId, spec: ValidSpec) -> Result<Arc<Slot>, Error> {
+        let (caller, id) = (caller.clone(), id.clone());
         let spec = Arc::new(spec);
         let dir = self.vm_dir(&id);
         if dir.exists() {
@@ -330,19 +402,9 @@ impl Manager {
             spec: spec.clone(),
             created_at: now,
             op: tokio::sync::Mutex::new(()),
-            cell: RwLock::new(Cell {
-                status: Status::Created(rt.clone()),
-                modified_at: now,
-                deleted: false,
-                last_cpu: None,
-            }),
+            cell: RwLock::new(Cell::new(Status::Created(rt.clone()), now)),
         });
-        {
-            let mut idx = self.index_mut();
-            idx.by_id.insert(id.clone(), slot.clone());
-            idx.by_customer.entry(caller.clone()).or_default().insert(id.clone(), slot.clone());
-        }
-        reservation.done();
+        self.install(&slot);
         info!(vm_id = %id, customer_id = %caller, "VM created");
         self.publish(VmEvent {
             vm_id: id,
@@ -353,12 +415,37 @@ impl Manager {
             runtime: Some(rt),
             spec,
         });
-        Ok(slot.view())
+        Ok(slot)
+    }
+
+    /// Adds a VM to the index.
+    fn install(&self, slot: &Arc<Slot>) {
+        let mut idx = self.index_mut();
+        idx.by_id.insert(slot.id.clone(), slot.clone());
+        idx.by_customer.entry(slot.customer.clone()).or_default().insert(slot.id.clone(), slot.clone());
+    }
+
+    /// Writes the intent of `op` on `id`; refuses the operation if the
+    /// store cannot take it (nothing has been done yet).
+    async fn begin(&self, id: &VmId, customer: &CustomerId, op: &'static str) -> Result<(), Error> {
+        let intent =
+            Intent { vm_id: id.clone(), customer: customer.clone(), op: op.to_owned(), started_at: unix_now() };
+        self.store_call(move |s| s.begin(&intent)).instrument(info_span!("store.intent", vm_id = %id)).await
+    }
+
+    /// Ends `id`'s intent after an operation that changed nothing. A failure
+    /// leaves the row: the next start asks the hypervisor again, harmlessly.
+    async fn finish(&self, id: &VmId) {
+        let vm = id.clone();
+        if let Err(e) = self.store_call(move |s| s.finish(&vm)).await {
+            warn!(vm_id = %id, error = %e.chain(), "could not end the operation's intent; the next start re-checks the VM");
+        }
     }
 
     fn reserve(&self, id: &VmId) -> Result<Reservation, Error> {
         let mut idx = self.index_mut();
-        if idx.by_id.contains_key(id) || idx.reserved.contains(id) {
+        let unsaved_delete = self.inner.unsaved.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id);
+        if idx.by_id.contains_key(id) || idx.reserved.contains(id) || unsaved_delete {
             return Err(Error::AlreadyExists(id.to_string()));
         }
         let max = self.inner.cfg.max_vms;
@@ -416,8 +503,19 @@ impl Manager {
         let from = status.state();
         let plan = plan(&status, op).map_err(|source| Error::WrongState { vm_id: slot.id.to_string(), source })?;
         let target = plan.target();
+        self.begin(&slot.id, &slot.customer, op.name()).await?;
+        slot.cell_mut().pending = Some(Pending { op: op.name(), since: unix_now() });
+        let _pending = PendingGuard(&slot);
         let span = info_span!("backend.call", vm_id = %slot.id, op = op.name());
-        let new_status = self.carry_out(&slot, plan).instrument(span).await?;
+        let new_status = match self.carry_out(&slot, plan).instrument(span).await {
+            Ok(s) => s,
+            Err(e) => {
+                // The call may have taken effect anyway (a timeout, say):
+                // commit what the hypervisor says now.
+                self.settle(&slot, status).await;
+                return Err(e);
+            }
+        };
         match target {
             Target::Deleted => {
                 self.commit_delete(&slot, op, from).await?;
@@ -473,8 +571,10 @@ impl Manager {
     }
 
     /// Persists and publishes a new status. The in-memory state always
-    /// follows reality (the backend already acted); a store failure is
-    /// reported to the caller.
+    /// follows reality (the backend already acted); when the store cannot
+    /// take it, the VM is marked unsaved and the flusher retries (its intent,
+    /// written before the operation, stays in the store until then, so a
+    /// crash meanwhile is reconciled from the hypervisor at the next start).
     async fn commit(&self, slot: &Arc<Slot>, cause: Cause, from: VmState, status: Status) -> Result<VmState, Error> {
         let now = unix_now();
         let state = status.state();
@@ -491,6 +591,12 @@ impl Manager {
             if state != VmState::Running {
                 c.last_cpu = None;
             }
+            c.unsaved = persisted.is_err();
+            c.unsure = false;
+        }
+        if let Err(e) = &persisted {
+            warn!(vm_id = %slot.id, state = %state, error = %e.chain(), "could not store the new state; retrying");
+            self.mark_unsaved(&slot.id, Some(slot.clone()));
         }
         info!(vm_id = %slot.id, from = %from, to = %state, "VM state changed");
         self.publish(VmEvent {
@@ -502,7 +608,7 @@ impl Manager {
             runtime: status.runtime().cloned(),
             spec: slot.spec.clone(),
         });
-        persisted.map(|_| state)
+        Ok(state)
     }
 
     async fn commit_delete(&self, slot: &Arc<Slot>, op: Op, from: VmState) -> Result<(), Error> {
@@ -510,6 +616,10 @@ impl Manager {
         let persisted =
             self.store_call(move |s| s.delete(&id)).instrument(info_span!("store.delete", vm_id = %slot.id)).await;
         slot.cell_mut().deleted = true;
+        if let Err(e) = &persisted {
+            warn!(vm_id = %slot.id, error = %e.chain(), "could not remove the VM's record; retrying");
+            self.mark_unsaved(&slot.id, None);
+        }
         {
             let mut idx = self.index_mut();
             idx.by_id.remove(&slot.id);
@@ -536,7 +646,7 @@ impl Manager {
             runtime: None,
             spec: slot.spec.clone(),
         });
-        persisted
+        Ok(())
     }
 
     // ---- VMM exits ----------------------------------------------------------
@@ -582,69 +692,6 @@ impl Manager {
         if let Err(e) = self.commit(&slot, Cause::Op(Op::GuestExited), from, Status::Shutdown).await {
             warn!(vm_id = %slot.id, error = %e.chain(), "could not persist guest exit");
         }
-    }
-
-    // ---- recovery -----------------------------------------------------------
-
-    async fn recover(&self) -> Result<(), Error> {
-        let rows = self.store_call(|s| s.load_all()).await?;
-        let mut recovered = 0usize;
-        for row in rows {
-            let status = Status::from_parts(row.state, row.runtime.clone()).unwrap_or(Status::Shutdown);
-            let slot = Arc::new(Slot {
-                id: row.id.clone(),
-                customer: row.customer.clone(),
-                spec: Arc::new(row.spec),
-                created_at: row.created_at,
-                op: tokio::sync::Mutex::new(()),
-                cell: RwLock::new(Cell {
-                    status: status.clone(),
-                    modified_at: row.modified_at,
-                    deleted: false,
-                    last_cpu: None,
-                }),
-            });
-            {
-                let mut idx = self.index_mut();
-                idx.by_id.insert(row.id.clone(), slot.clone());
-                idx.by_customer.entry(row.customer.clone()).or_default().insert(row.id.clone(), slot.clone());
-            }
-            let from = status.state();
-            let Some(rt) = status.runtime() else {
-                if row.state != VmState::Shutdown {
-                    // A process state without a runtime: the record is wrong.
-                    self.commit(&slot, Cause::Recovered, from, Status::Shutdown).await?;
-                }
-                continue;
-            };
-            let ctx = self.ctx(&slot);
-            let alive = match self.inner.backend.reattach(&ctx, rt).await {
-                Ok(alive) => alive,
-                Err(e) => {
-                    warn!(vm_id = %row.id, error = %crate::util::chain(&e), "could not reattach; treating the VMM as gone");
-                    false
-                }
-            };
-            if alive {
-                recovered += 1;
-                self.publish(VmEvent {
-                    vm_id: slot.id.clone(),
-                    customer: slot.customer.clone(),
-                    cause: Cause::Recovered,
-                    from: Some(from),
-                    to: Some(from),
-                    runtime: Some(rt.clone()),
-                    spec: slot.spec.clone(),
-                });
-            } else {
-                info!(vm_id = %row.id, state = %from, "VMM is gone since the last run; marking the VM shut down");
-                let _ = self.inner.backend.reap(&ctx, rt).await;
-                self.commit(&slot, Cause::Op(Op::GuestExited), from, Status::Shutdown).await?;
-            }
-        }
-        let total = self.index().by_id.len();
-        info!(vms = total, reattached = recovered, "state recovered from the store");
-        Ok(())
     }
 
     // ---- reads --------------------------------------------------------------
@@ -753,3 +800,6 @@ impl Drop for Reservation {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod tests_reconcile;
