@@ -35,7 +35,15 @@ struct Health {
     backend_detail: String,
     /// Whether `/dev/kvm` can be opened on this host.
     kvm: bool,
+    /// The store answers and takes writes, and every VM's state is in it.
     store_ok: bool,
+    /// Store writes that failed since start (a full disk, say).
+    store_write_errors: u64,
+    /// Unix seconds since when store writes fail, while they do.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    store_failing_since: Option<i64>,
+    /// VMs whose latest state is not in the store yet (metald retries).
+    store_unsaved_vms: usize,
     vms: VmCounts,
     /// Metering and spool state; absent when billing is disabled.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -60,7 +68,9 @@ async fn health(State(st): State<HealthState>, headers: axum::http::HeaderMap) -
 async fn health_inner(st: HealthState) -> impl IntoResponse {
     use crate::model::VmState;
     let store = st.manager.store().clone();
-    let store_ok = tokio::task::spawn_blocking(move || store.ping().is_ok()).await.unwrap_or(false);
+    let store_health = st.manager.store_health();
+    let store_ok =
+        tokio::task::spawn_blocking(move || store.ping().is_ok()).await.unwrap_or(false) && store_health.ok();
     let backend = st.manager.backend().health().await;
     let counts = st.manager.counts();
     let n = |s| counts.get(&s).copied().unwrap_or(0);
@@ -74,6 +84,9 @@ async fn health_inner(st: HealthState) -> impl IntoResponse {
         backend_detail: backend.detail,
         kvm: crate::backend::host::kvm_available(),
         store_ok,
+        store_write_errors: store_health.write_errors,
+        store_failing_since: store_health.failing_since,
+        store_unsaved_vms: store_health.unsaved_vms,
         vms: VmCounts {
             total: counts.values().sum(),
             created: n(VmState::Created),

@@ -319,6 +319,9 @@ pub fn info_out(d: &VmDetails) -> pb::GetVmInfoResponse {
         metrics: d.metrics.as_ref().map(metrics_out).into(),
         backend_info: map_out(&d.backend_info),
         network_info: network_out(d).into(),
+        operation_in_progress: d.view.pending.map(|p| p.op.to_owned()).unwrap_or_default(),
+        operation_started_timestamp: d.view.pending.map(|p| p.since).unwrap_or(0),
+        state_reconciling: d.view.reconciling,
         ..Default::default()
     }
 }

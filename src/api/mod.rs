@@ -25,6 +25,10 @@ use crate::telemetry::rpc::RpcTelemetry;
 use auth::Authenticator;
 use convert::{info_out, spec_in, state_in, state_out, summary_out};
 
+/// A mutating call answers this long before its deadline, so the answer is
+/// metald's own (saying the operation runs on), not the transport's.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
+
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 pub const MAX_PAGE_SIZE: usize = 1000;
 const PAGE_TOKEN_PREFIX: &str = "v1:";
@@ -53,6 +57,32 @@ pub fn to_connect(e: Error) -> ConnectError {
         error!(error = %msg, "internal error");
     }
     ConnectError::new(connect_code(code), msg)
+}
+
+/// Runs a mutating call. A change never stops half-done (the manager runs
+/// it in its own task), so when the request's deadline is about to pass the
+/// caller is told the truth: `DEADLINE_EXCEEDED`, the operation continues,
+/// and `GetVmInfo` shows it until it ends.
+async fn before_deadline<T>(
+    ctx: &RequestContext,
+    op: Operation,
+    call: impl Future<Output = Result<T, Error>>,
+) -> Result<T, ConnectError> {
+    let Some(deadline) = ctx.deadline() else {
+        return call.await.map_err(to_connect);
+    };
+    let at = deadline.checked_sub(DEADLINE_MARGIN).unwrap_or(deadline);
+    tokio::select! {
+        r = call => r.map_err(to_connect),
+        _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => Err(ConnectError::new(
+            ErrorCode::DeadlineExceeded,
+            format!(
+                "the request's deadline passed while {} was in progress; the operation continues to completion \
+                 (a started change is never abandoned): GetVmInfo shows it in operation_in_progress until it ends",
+                op.rpc_method()
+            ),
+        )),
+    }
 }
 
 pub struct VmApi {
@@ -250,7 +280,8 @@ impl Handlers<'_> {
         let config = req.config.as_option().ok_or_else(|| to_connect(Error::invalid("config", "is required")))?;
         let spec = spec_in(config);
         let span = call_span(Operation::Create, id.as_ref());
-        let view = self.manager.create(&caller, id, spec).instrument(span).await.map_err(to_connect)?;
+        let view =
+            before_deadline(ctx, Operation::Create, self.manager.create(&caller, id, spec).instrument(span)).await?;
         Response::ok(pb::CreateVmResponse {
             vm_id: view.id.to_string(),
             state: state_out(view.state()).into(),
@@ -266,7 +297,12 @@ impl Handlers<'_> {
         let caller = self.caller(ctx)?;
         let req = request.to_owned_message();
         let id = vm_id(&req.vm_id)?;
-        self.manager.delete(&caller, &id, req.force).instrument(rpc_span!(Delete, id)).await.map_err(to_connect)?;
+        before_deadline(
+            ctx,
+            Operation::Delete,
+            self.manager.delete(&caller, &id, req.force).instrument(rpc_span!(Delete, id)),
+        )
+        .await?;
         Response::ok(pb::DeleteVmResponse { success: true, ..Default::default() })
     }
 
@@ -277,7 +313,9 @@ impl Handlers<'_> {
     ) -> ServiceResult<pb::BootVmResponse> {
         let caller = self.caller(ctx)?;
         let id = vm_id(&request.to_owned_message().vm_id)?;
-        let state = self.manager.boot(&caller, &id).instrument(rpc_span!(Boot, id)).await.map_err(to_connect)?;
+        let state =
+            before_deadline(ctx, Operation::Boot, self.manager.boot(&caller, &id).instrument(rpc_span!(Boot, id)))
+                .await?;
         Response::ok(pb::BootVmResponse { success: true, state: state_out(state).into(), ..Default::default() })
     }
 
@@ -290,8 +328,8 @@ impl Handlers<'_> {
         let req = request.to_owned_message();
         let id = vm_id(&req.vm_id)?;
         let mode = stop_mode(req.force, req.timeout_seconds).map_err(to_connect)?;
-        let state =
-            self.manager.shutdown(&caller, &id, mode).instrument(rpc_span!(Shutdown, id)).await.map_err(to_connect)?;
+        let call = self.manager.shutdown(&caller, &id, mode).instrument(rpc_span!(Shutdown, id));
+        let state = before_deadline(ctx, Operation::Shutdown, call).await?;
         Response::ok(pb::ShutdownVmResponse { success: true, state: state_out(state).into(), ..Default::default() })
     }
 
@@ -302,7 +340,9 @@ impl Handlers<'_> {
     ) -> ServiceResult<pb::PauseVmResponse> {
         let caller = self.caller(ctx)?;
         let id = vm_id(&request.to_owned_message().vm_id)?;
-        let state = self.manager.pause(&caller, &id).instrument(rpc_span!(Pause, id)).await.map_err(to_connect)?;
+        let state =
+            before_deadline(ctx, Operation::Pause, self.manager.pause(&caller, &id).instrument(rpc_span!(Pause, id)))
+                .await?;
         Response::ok(pb::PauseVmResponse { success: true, state: state_out(state).into(), ..Default::default() })
     }
 
@@ -313,7 +353,8 @@ impl Handlers<'_> {
     ) -> ServiceResult<pb::ResumeVmResponse> {
         let caller = self.caller(ctx)?;
         let id = vm_id(&request.to_owned_message().vm_id)?;
-        let state = self.manager.resume(&caller, &id).instrument(rpc_span!(Resume, id)).await.map_err(to_connect)?;
+        let call = self.manager.resume(&caller, &id).instrument(rpc_span!(Resume, id));
+        let state = before_deadline(ctx, Operation::Resume, call).await?;
         Response::ok(pb::ResumeVmResponse { success: true, state: state_out(state).into(), ..Default::default() })
     }
 
@@ -325,8 +366,8 @@ impl Handlers<'_> {
         let caller = self.caller(ctx)?;
         let req = request.to_owned_message();
         let id = vm_id(&req.vm_id)?;
-        let state =
-            self.manager.reboot(&caller, &id, req.force).instrument(rpc_span!(Reboot, id)).await.map_err(to_connect)?;
+        let call = self.manager.reboot(&caller, &id, req.force).instrument(rpc_span!(Reboot, id));
+        let state = before_deadline(ctx, Operation::Reboot, call).await?;
         Response::ok(pb::RebootVmResponse { success: true, state: state_out(state).into(), ..Default::default() })
     }
 

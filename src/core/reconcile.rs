@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{Cause, Cell, Manager, Slot, VmEvent};
+use super::{Cause, Cell, Manager, Slot, StoreHealth, VmEvent};
 use crate::backend::Observed;
 use crate::backend::process::{kill_stray, processes_under};
 use crate::error::Error;
@@ -303,6 +303,12 @@ impl Manager {
     /// Number of VMs whose latest change is not in the store yet.
     pub fn unsaved_count(&self) -> usize {
         self.inner.unsaved.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether the store takes writes, for `/_/health` and the metrics.
+    pub fn store_health(&self) -> StoreHealth {
+        let w = self.inner.store.write_health();
+        StoreHealth { write_errors: w.errors, failing_since: w.failing_since, unsaved_vms: self.unsaved_count() }
     }
 
     /// Writes what the store did not take, every [`FLUSH_EVERY`] until all

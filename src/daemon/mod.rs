@@ -259,7 +259,7 @@ pub async fn start(cfg: Config) -> Result<Daemon, StartError> {
     let (exit_tx, exit_rx) = tokio::sync::mpsc::unbounded_channel::<ExitEvent>();
     let shutdown = CancellationToken::new();
     // Before recovery, so that it is traced and counted too.
-    let telemetry = Telemetry::start(&cfg.telemetry, cfg.address, shutdown.child_token()).await?;
+    let mut telemetry = Telemetry::start(&cfg.telemetry, cfg.address, shutdown.child_token()).await?;
     let (backend, fake) = build_backend(&cfg, &asset_dirs, exit_tx, shutdown.clone()).await?;
     info!(backend = backend.kind().as_str(), "backend selected");
     let manager = Manager::open(
@@ -294,6 +294,7 @@ pub async fn start(cfg: Config) -> Result<Daemon, StartError> {
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
     if telemetry.is_enabled() {
         manager.add_observer(telemetry.observer());
+        telemetry.watch_store(&manager);
     }
     let app = crate::server::app(manager.clone(), VmApi::new(manager.clone(), auth), &telemetry, billing.clone());
     let http_metrics = telemetry.http_layer();

@@ -90,6 +90,9 @@ struct Running {
     /// The OTLP metrics push (a last one when `stop` fires).
     push: Option<JoinHandle<()>>,
     _process: process::ProcessMetrics,
+    /// Held so their callbacks live as long as the handle.
+    store_metrics:
+        Option<(opentelemetry::metrics::ObservableCounter<u64>, opentelemetry::metrics::ObservableGauge<u64>)>,
 }
 
 impl Drop for Running {
@@ -230,6 +233,7 @@ impl Telemetry {
                 server: Some(server),
                 push: Some(push),
                 _process: process,
+                store_metrics: None,
             }),
         })
     }
@@ -257,6 +261,26 @@ impl Telemetry {
     /// The HTTP server metrics layer, when enabled.
     pub fn http_layer(&self) -> Option<rpc::HttpMetricsLayer> {
         self.is_enabled().then(|| rpc::HttpMetricsLayer::new(self.metrics.clone()))
+    }
+
+    /// Counts the store's failed writes and the VMs whose state is not in
+    /// it yet (`metald_store_write_errors_total`, `metald_store_unsaved_vms`).
+    pub fn watch_store(&mut self, manager: &crate::core::Manager) {
+        let Some(r) = self.running.as_mut() else { return };
+        let meter = r.meters.meter("metald");
+        let m = manager.clone();
+        let errors = meter
+            .u64_observable_counter("metald_store_write_errors")
+            .with_description("State store writes that failed (disk full, I/O error)")
+            .with_callback(move |o| o.observe(m.store_health().write_errors, &[]))
+            .build();
+        let m = manager.clone();
+        let unsaved = meter
+            .u64_observable_gauge("metald_store_unsaved_vms")
+            .with_description("VMs whose latest state is not in the store yet (metald retries)")
+            .with_callback(move |o| o.observe(u64::try_from(m.store_health().unsaved_vms).unwrap_or(u64::MAX), &[]))
+            .build();
+        r.store_metrics = Some((errors, unsaved));
     }
 
     /// Core observer that drops a deleted VM's metric series.

@@ -12,7 +12,7 @@
 //! | `guest.rs`   | the real guest image of `scripts/guest-image.sh`, console logs    |
 //! | `process.rs` | `/proc`: live or unreaped pids, a test's processes, CPU and RSS   |
 //! | `wait.rs`    | bounded polling (`wait_until`, `wait_for`, `eventually`)          |
-//! | `net.rs`     | a free port, a bare HTTP GET                                      |
+//! | `net.rs`     | a free port, a bare HTTP GET, a raw Connect JSON call             |
 //! | `repo.rs`    | paths in the checkout: its root, the npm peers in `tests/js`      |
 //! | `bench.rs`   | bench hosts (VMs seeded into the store), `METALD_BENCH_*`, stats  |
 //!

@@ -24,5 +24,52 @@ pub async fn http_get_raw(addr: &std::net::SocketAddr, path: &str) -> String {
 pub async fn http_get(addr: &std::net::SocketAddr, path: &str) -> (String, Value) {
     let out = http_get_raw(addr, path).await;
     let (head, body) = out.split_once("\r\n\r\n").unwrap();
-    (head.lines().next().unwrap().to_owned(), serde_json::from_str(body).unwrap_or(Value::Null))
+    let body =
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.into() };
+    (head.lines().next().unwrap().to_owned(), serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+/// The payload of an HTTP/1.1 chunked body.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A Connect unary call in JSON over a fresh connection: `POST
+/// /vmprovisioner.v1.VmService/<method>` with `token` and `headers`; the
+/// status line and the body as JSON. For what a typed client cannot send
+/// (a `Connect-Timeout-Ms` deadline, say).
+pub async fn connect_json(
+    addr: &std::net::SocketAddr,
+    method: &str,
+    token: &str,
+    headers: &[(&str, &str)],
+    body: &Value,
+) -> (String, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = body.to_string();
+    let mut head = format!(
+        "POST /vmprovisioner.v1.VmService/{method} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("{head}\r\n{body}").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    let body =
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.into() };
+    (head.lines().next().unwrap().to_owned(), serde_json::from_str(&body).unwrap_or(Value::Null))
 }
