@@ -13,7 +13,7 @@
 //! in the transaction that ends the intent. When a backend call fails or times
 //! out, the hypervisor is asked what really happened and that is committed;
 //! when the store cannot be written, memory keeps the truth and a flusher
-//! retries. Start-up and these repairs live in [`reconcile`].
+//! retries. Start-up and these repairs live in `core/reconcile.rs`.
 
 mod reads;
 mod reconcile;
