@@ -1,0 +1,346 @@
+//! The fault-injection harness: the real `metald` binary is killed with
+//! SIGKILL at random instants while a client drives random mutating
+//! operations (create, boot, pause, resume, shutdown, delete), then started
+//! again on the same data directory. After each restart:
+//!
+//! - no operation is left half-done (the store holds no intent once the VMs
+//!   are settled, and no VM is still marked reconciling);
+//! - `<data>/vms/` holds exactly the directories of the VMs metald reports;
+//! - every live hypervisor process naming a VM directory is the recorded
+//!   VMM of a VM that owns one (created, running or paused), one per VM;
+//! - every VM's reported state is the hypervisor's own (asked through its
+//!   API socket for Firecracker; through QMP for QEMU once metald has let go);
+//! - every id can be deleted and created again, cleanly.
+//!
+//! Backends: the in-process fake (many iterations: store, intents,
+//! directories), the fake Firecracker (real processes, many iterations) and
+//! QEMU with the real guest image (a few iterations). `METALD_CRASH_SEED`
+//! replays a run; `METALD_CRASH_ITERATIONS` runs longer.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use metald::client::{VmClient, WireProtocol, vm_client};
+use metald::pb::vmprovisioner::v1 as pb;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use support::*;
+
+const TOKEN: &str = "dev_customer_acme";
+const IDS: [&str; 4] = ["crash-0", "crash-1", "crash-2", "crash-3"];
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Fake,
+    FakeFirecracker,
+    Qemu,
+}
+
+/// One data directory and the `metald` binary serving it, restarted at will.
+struct Host {
+    kind: Kind,
+    tmp: tempfile::TempDir,
+    env: std::collections::HashMap<String, String>,
+    port: u16,
+    log: PathBuf,
+    kernel: String,
+    metald: Option<MetaldProcess>,
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.metald.take();
+        kill_processes_under(self.tmp.path());
+    }
+}
+
+impl Host {
+    fn new(kind: Kind) -> Host {
+        let tmp = tempfile::Builder::new().prefix("metald-crash-").tempdir().unwrap();
+        let assets = tmp.path().join("assets");
+        std::fs::create_dir_all(&assets).unwrap();
+        let port = free_port();
+        let mut vars = vec![
+            ("ADDRESS", "127.0.0.1".to_owned()),
+            ("PORT", port.to_string()),
+            ("DATA_DIR", tmp.path().join("data").display().to_string()),
+            ("AUTH_DEV_TOKENS", "true".to_owned()),
+            ("LOG_LEVEL", "debug".to_owned()),
+        ];
+        let kernel = match kind {
+            Kind::Fake | Kind::FakeFirecracker => {
+                std::fs::write(assets.join("vmlinux"), b"\x7fELF fake kernel").unwrap();
+                vars.push(("ASSET_DIRS", assets.display().to_string()));
+                assets.join("vmlinux")
+            }
+            Kind::Qemu => {
+                let image = guest_image();
+                vars.push(("ASSET_DIRS", image.display().to_string()));
+                vars.push(("QEMU_ACCEL", "tcg".to_owned()));
+                image.join("vmlinux")
+            }
+        };
+        match kind {
+            Kind::Fake => vars.push(("BACKEND", "fake".to_owned())),
+            Kind::FakeFirecracker => {
+                vars.push(("BACKEND", "firecracker".to_owned()));
+                vars.push(("FIRECRACKER_BINARY", env!("CARGO_BIN_EXE_metald-fake-firecracker").to_owned()));
+            }
+            Kind::Qemu => vars.push(("BACKEND", "qemu".to_owned())),
+        }
+        let env = metald_env(vars);
+        let log = tmp.path().join("metald.log");
+        Host { kind, kernel: kernel.display().to_string(), tmp, env, port, log, metald: None }
+    }
+
+    fn vms_dir(&self) -> PathBuf {
+        self.tmp.path().join("data").join("vms")
+    }
+
+    fn client(&self) -> VmClient {
+        vm_client(
+            &format!("http://127.0.0.1:{}", self.port),
+            TOKEN,
+            WireProtocol::ConnectProto,
+            Duration::from_secs(60),
+        )
+        .unwrap()
+    }
+
+    async fn up(&mut self) {
+        self.metald = Some(spawn_metald(&self.env, &self.log));
+        wait_serving(&self.client(), Duration::from_secs(60), &self.log).await;
+    }
+
+    fn kill9(&mut self) {
+        // MetaldProcess sends SIGKILL and reaps when dropped.
+        self.metald.take();
+    }
+
+    /// SIGTERM: metald stops and lets go of its VMMs (they keep running).
+    fn stop(&mut self) {
+        if let Some(mut p) = self.metald.take() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(p.pid()).unwrap());
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+            p.0.wait().unwrap();
+        }
+    }
+
+    fn config(&self) -> pb::VmConfig {
+        let mut c = vm_config(&self.kernel);
+        if self.kind == Kind::Qemu {
+            c.memory = pb::MemoryConfig { size_bytes: 64 << 20, ..Default::default() }.into();
+        }
+        c
+    }
+}
+
+/// One random mutating call (its outcome does not matter: the harness
+/// checks the state metald reports after the crash, not this call).
+async fn random_op(c: &VmClient, host: &Host, rng: &mut StdRng) {
+    let id = IDS[rng.random_range(0..IDS.len())].to_owned();
+    let _ = match rng.random_range(0..7) {
+        0 | 1 => c
+            .create_vm(pb::CreateVmRequest { vm_id: id, config: host.config().into(), ..Default::default() })
+            .await
+            .map(|_| ()),
+        2 => c.boot_vm(pb::BootVmRequest { vm_id: id, ..Default::default() }).await.map(|_| ()),
+        3 => c.pause_vm(pb::PauseVmRequest { vm_id: id, ..Default::default() }).await.map(|_| ()),
+        4 => c.resume_vm(pb::ResumeVmRequest { vm_id: id, ..Default::default() }).await.map(|_| ()),
+        5 => c.shutdown_vm(pb::ShutdownVmRequest { vm_id: id, force: true, ..Default::default() }).await.map(|_| ()),
+        _ => c.delete_vm(pb::DeleteVmRequest { vm_id: id, force: true, ..Default::default() }).await.map(|_| ()),
+    };
+}
+
+/// The VMs metald reports, once none is reconciling: id → (state, pid).
+async fn settled_vms(c: &VmClient) -> BTreeMap<String, (pb::VmState, Option<i32>)> {
+    'poll: for _ in 0..600 {
+        let mut out = BTreeMap::new();
+        let list = c.list_vms(pb::ListVmsRequest { page_size: 1000, ..Default::default() }).await.unwrap().into_owned();
+        for vm in list.vms {
+            let info = c
+                .get_vm_info(pb::GetVmInfoRequest { vm_id: vm.vm_id.clone(), ..Default::default() })
+                .await
+                .unwrap()
+                .into_owned();
+            if info.state_reconciling || !info.operation_in_progress.is_empty() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue 'poll;
+            }
+            let pid = info.backend_info.get("pid").map(|p| p.parse().unwrap());
+            out.insert(vm.vm_id, (info.state.as_known().unwrap(), pid));
+        }
+        return out;
+    }
+    panic!("VMs still reconciling after 60 s");
+}
+
+/// Live processes naming a directory under `vms` (command line or working
+/// directory), by that directory's name.
+fn vmm_processes(vms: &Path) -> BTreeMap<String, Vec<i32>> {
+    let prefix = format!("{}/", vms.display());
+    let mut out: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+    for pid in processes_under(vms) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
+        let text = format!("{} {}/", String::from_utf8_lossy(&cmdline).replace('\0', " "), cwd.display());
+        let Some(at) = text.find(&prefix) else { continue };
+        let rest = &text[at + prefix.len()..];
+        let name: String = rest.chars().take_while(|c| !matches!(c, '/' | ',' | ' ' | ':' | '=')).collect();
+        out.entry(name).or_default().push(pid);
+    }
+    out
+}
+
+/// `GET /` on a Firecracker API socket: its `state`.
+async fn firecracker_state(socket: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(socket).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let body = &out[out.find('{').unwrap()..=out.rfind('}').unwrap()];
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    v["state"].as_str().unwrap().to_owned()
+}
+
+/// `query-status` over a QMP socket (metald must have let go of it).
+async fn qmp_status(socket: &Path) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let s = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let (r, mut w) = s.into_split();
+    let mut lines = BufReader::new(r).lines();
+    lines.next_line().await.unwrap(); // greeting
+    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-status\"}\n").await.unwrap();
+    loop {
+        let line = lines.next_line().await.unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if let Some(status) = v["return"]["status"].as_str() {
+            return status.to_owned();
+        }
+    }
+}
+
+fn intents(host: &Host) -> usize {
+    let db = rusqlite::Connection::open(host.tmp.path().join("data").join("metald.db")).unwrap();
+    usize::try_from(db.query_row("SELECT count(*) FROM intents", [], |r| r.get::<_, i64>(0)).unwrap()).unwrap()
+}
+
+/// Every invariant of the module doc, after a restart.
+async fn check(host: &Host, round: usize) -> BTreeMap<String, (pb::VmState, Option<i32>)> {
+    let c = host.client();
+    let vms = settled_vms(&c).await;
+    let ctx = format!("round {round}, VMs {vms:?}, log {}", host.log.display());
+    assert_eq!(intents(host), 0, "an operation was left half-done: {ctx}");
+    let dirs: BTreeSet<String> =
+        std::fs::read_dir(host.vms_dir()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(dirs, vms.keys().cloned().collect::<BTreeSet<_>>(), "VM directories: {ctx}");
+    if host.kind == Kind::Fake {
+        return vms;
+    }
+    let procs = vmm_processes(&host.vms_dir());
+    for (id, pids) in &procs {
+        let (state, pid) = vms.get(id).unwrap_or_else(|| panic!("process {pids:?} of unknown VM {id}: {ctx}"));
+        assert_ne!(*state, pb::VmState::VM_STATE_SHUTDOWN, "a shut-down VM {id} has processes {pids:?}: {ctx}");
+        assert_eq!(pids, &vec![pid.unwrap()], "VM {id}'s processes: {ctx}");
+    }
+    for (id, (state, _)) in &vms {
+        let has_process = *state != pb::VmState::VM_STATE_SHUTDOWN;
+        assert_eq!(procs.contains_key(id), has_process, "VM {id} in {state:?}: {ctx}");
+        if host.kind == Kind::FakeFirecracker && has_process {
+            let info = c
+                .get_vm_info(pb::GetVmInfoRequest { vm_id: id.clone(), ..Default::default() })
+                .await
+                .unwrap()
+                .into_owned();
+            let hv = firecracker_state(&info.backend_info["api_socket"]).await;
+            let want = match state {
+                pb::VmState::VM_STATE_CREATED => "Not started",
+                pb::VmState::VM_STATE_RUNNING => "Running",
+                pb::VmState::VM_STATE_PAUSED => "Paused",
+                _ => "none",
+            };
+            assert_eq!(hv, want, "VM {id}: reported {state:?}, Firecracker says {hv}: {ctx}");
+        }
+    }
+    vms
+}
+
+async fn run(kind: Kind, iterations: usize, ops: usize, max_kill_ms: u64) {
+    let seed: u64 = std::env::var("METALD_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    let iterations = std::env::var("METALD_CRASH_ITERATIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(iterations);
+    eprintln!("crash harness {kind:?}: seed {seed} (METALD_CRASH_SEED), {iterations} iterations");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut host = Host::new(kind);
+    host.up().await;
+    for round in 0..iterations {
+        let c = host.client();
+        let mut op_rng = StdRng::seed_from_u64(rng.random());
+        let h = &host;
+        let ops_task = async {
+            for _ in 0..ops {
+                random_op(&c, h, &mut op_rng).await;
+            }
+        };
+        let kill_after = Duration::from_millis(rng.random_range(0..max_kill_ms));
+        // Drive operations until the kill instant (or until they are done).
+        let _ = tokio::time::timeout(kill_after, ops_task).await;
+        host.kill9();
+        host.up().await;
+        let vms = check(&host, round).await;
+        eprintln!("round {round}: killed after {kill_after:?}; then {vms:?}");
+    }
+    // What the restarts found and repaired (the log's summary lines).
+    let log = std::fs::read_to_string(&host.log).unwrap_or_default();
+    for line in log.lines().filter(|l| l.contains("state recovered from the store")).skip(1) {
+        eprintln!("{}", &line[line.find("vms").unwrap_or(0)..]);
+    }
+    // Every id can be used again, cleanly; then nothing is left at all.
+    let c = host.client();
+    for id in IDS {
+        let _ = c.delete_vm(pb::DeleteVmRequest { vm_id: id.into(), force: true, ..Default::default() }).await;
+        c.create_vm(pb::CreateVmRequest { vm_id: id.into(), config: host.config().into(), ..Default::default() })
+            .await
+            .unwrap_or_else(|e| panic!("re-creating {id}: {e:?}"));
+        c.boot_vm(pb::BootVmRequest { vm_id: id.into(), ..Default::default() }).await.unwrap();
+    }
+    let vms = check(&host, iterations).await;
+    assert_eq!(vms.len(), IDS.len());
+    if kind == Kind::Qemu {
+        // QEMU serves one QMP client: ask it once metald has let go.
+        c.pause_vm(pb::PauseVmRequest { vm_id: IDS[0].into(), ..Default::default() }).await.unwrap();
+        host.stop();
+        for id in IDS {
+            let status = qmp_status(&host.vms_dir().join(id).join("qmp.sock")).await;
+            let want = if id == IDS[0] { "paused" } else { "running" };
+            assert_eq!(status, want, "VM {id}");
+        }
+        host.up().await;
+    }
+    let c = host.client();
+    for id in IDS {
+        c.delete_vm(pb::DeleteVmRequest { vm_id: id.into(), force: true, ..Default::default() }).await.unwrap();
+    }
+    assert!(check(&host, iterations + 1).await.is_empty());
+    assert!(vmm_processes(&host.vms_dir()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_instants_fake_backend() {
+    run(Kind::Fake, 40, 12, 40).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_instants_fake_firecracker() {
+    run(Kind::FakeFirecracker, 30, 12, 150).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_instants_qemu_real_guests() {
+    run(Kind::Qemu, 8, 10, 800).await;
+}
