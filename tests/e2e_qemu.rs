@@ -451,3 +451,33 @@ async fn auto_accel_is_decided_by_a_probe_guest() {
     assert!(!tmp.path().join("kvm-probe").exists(), "probe files are removed");
     assert_eq!(kill_processes_under(tmp.path()), 0, "probe QEMU is gone");
 }
+
+/// A frozen QEMU (SIGSTOP) during pause: the QMP `stop` times out, then takes
+/// effect when QEMU runs again; metald asks QEMU until it answers and ends
+/// with the guest's real state (PAUSED), so resume is allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_qemu_during_pause_ends_with_the_guests_state() {
+    use nix::sys::signal::{Signal, kill};
+    let env = Env::start().await;
+    let c = env.client();
+    let vm = Vm::create(&c, "frozen", config("vmlinux", "quiet")).await;
+    let console = vm.console().await;
+    vm.boot().await;
+    console.wait_count("METALD_GUEST_READY", 1, BOOT_TIMEOUT).await;
+    let pid = nix::unistd::Pid::from_raw(vm.pid().await);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let e = c.pause_vm(pb::PauseVmRequest { vm_id: "frozen".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.code, connectrpc::ErrorCode::DeadlineExceeded, "{e:?}");
+    let info = vm.info().await;
+    assert!(info.state_reconciling, "the state is unconfirmed while QEMU is frozen");
+    kill(pid, Signal::SIGCONT).unwrap();
+    wait_until("the paused state to be confirmed", Duration::from_secs(60), || async {
+        let i = vm.info().await;
+        i.state.as_known() == Some(pb::VmState::VM_STATE_PAUSED) && !i.state_reconciling
+    })
+    .await;
+    let ticks = console.last_tick();
+    vm.resume().await;
+    console.wait_tick_after(ticks, BOOT_TIMEOUT).await;
+    vm.delete_force().await;
+}

@@ -593,3 +593,34 @@ async fn running_vms_survive_a_daemon_restart() {
     c.delete_vm(pb::DeleteVmRequest { vm_id: "rs".into(), ..Default::default() }).await.unwrap();
     assert_nothing_left(&t, "rs").await;
 }
+
+/// A frozen Firecracker (SIGSTOP) during pause and during resume: each call
+/// times out, takes effect once the process runs again, and metald ends
+/// with the state Firecracker reports (asked until it answers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_firecracker_ends_with_the_state_it_reports() {
+    use nix::sys::signal::{Signal, kill};
+    let (t, _g) = start(&[("FIRECRACKER_API_TIMEOUT_MS", "500")]).await;
+    create(&t, "ice", full_config(&t)).await.unwrap();
+    let c = t.client(TOKEN_A);
+    c.boot_vm(pb::BootVmRequest { vm_id: "ice".into(), ..Default::default() }).await.unwrap();
+    let pid = nix::unistd::Pid::from_raw(info(&t, "ice").await.backend_info["pid"].parse().unwrap());
+    for (want, call) in [(pb::VmState::VM_STATE_PAUSED, "pause"), (pb::VmState::VM_STATE_RUNNING, "resume")] {
+        kill(pid, Signal::SIGSTOP).unwrap();
+        let e = match call {
+            "pause" => c.pause_vm(pb::PauseVmRequest { vm_id: "ice".into(), ..Default::default() }).await.map(|_| ()),
+            _ => c.resume_vm(pb::ResumeVmRequest { vm_id: "ice".into(), ..Default::default() }).await.map(|_| ()),
+        }
+        .unwrap_err();
+        assert_eq!(e.code, ErrorCode::DeadlineExceeded, "{call}: {e:?}");
+        assert!(info(&t, "ice").await.state_reconciling, "{call}: unconfirmed while frozen");
+        kill(pid, Signal::SIGCONT).unwrap();
+        wait_until(&format!("{want:?} after {call}"), WAIT, || async {
+            let i = info(&t, "ice").await;
+            i.state.as_known() == Some(want) && !i.state_reconciling
+        })
+        .await;
+    }
+    c.delete_vm(pb::DeleteVmRequest { vm_id: "ice".into(), force: true, ..Default::default() }).await.unwrap();
+    assert_nothing_left(&t, "ice").await;
+}
