@@ -74,7 +74,11 @@ pub struct WriteHealth {
 /// A VM as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmRow {
+    /// Unique on this host: the VM's directory, processes and metering.
     pub id: VmId,
+    /// The id its customer gave or got (unique per customer; usually `id`,
+    /// see `core`'s per-customer ids).
+    pub name: VmId,
     pub customer: CustomerId,
     pub state: VmState,
     pub spec: ValidSpec,
@@ -104,6 +108,13 @@ fn migrations() -> Migrations<'static> {
                 op          TEXT NOT NULL,
                 started_at  INTEGER NOT NULL
             ) STRICT;",
+        ),
+        // Ids are per customer: `name` is the customer's id of the VM,
+        // `id` the host's.
+        M::up(
+            "ALTER TABLE vms ADD COLUMN name TEXT;
+            UPDATE vms SET name = id;
+            CREATE UNIQUE INDEX vms_by_customer_name ON vms (customer_id, name);",
         ),
     ])
 }
@@ -199,9 +210,18 @@ impl Store {
         self.write(|conn| {
             let tx = conn.transaction()?;
             tx.execute(
-                "INSERT INTO vms (id, customer_id, state, spec, runtime, created_at, modified_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![row.id.as_str(), row.customer.0, row.state.as_str(), spec, rt, row.created_at, row.modified_at],
+                "INSERT INTO vms (id, customer_id, state, spec, runtime, created_at, modified_at, name)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    row.id.as_str(),
+                    row.customer.0,
+                    row.state.as_str(),
+                    spec,
+                    rt,
+                    row.created_at,
+                    row.modified_at,
+                    row.name.as_str()
+                ],
             )?;
             tx.execute("DELETE FROM intents WHERE vm_id = ?1", params![row.id.as_str()])?;
             tx.commit()?;
@@ -255,8 +275,8 @@ impl Store {
         let tx = conn.transaction()?;
         {
             let mut stmt = tx.prepare(
-                "INSERT INTO vms (id, customer_id, state, spec, runtime, created_at, modified_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO vms (id, customer_id, state, spec, runtime, created_at, modified_at, name)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?;
             for row in rows {
                 let spec = to_json(&row.spec)?;
@@ -268,7 +288,8 @@ impl Store {
                     spec,
                     rt,
                     row.created_at,
-                    row.modified_at
+                    row.modified_at,
+                    row.name.as_str()
                 ])?;
             }
         }
@@ -309,7 +330,7 @@ impl Store {
     pub fn get(&self, id: &VmId) -> Result<Option<VmRow>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT id, customer_id, state, spec, runtime, created_at, modified_at FROM vms WHERE id = ?1",
+            "SELECT id, customer_id, state, spec, runtime, created_at, modified_at, name FROM vms WHERE id = ?1",
         )?;
         let raw = stmt.query_row(params![id.as_str()], RawRow::read).optional()?;
         raw.map(RawRow::parse).transpose()
@@ -317,8 +338,9 @@ impl Store {
 
     pub fn load_all(&self) -> Result<Vec<VmRow>> {
         let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT id, customer_id, state, spec, runtime, created_at, modified_at FROM vms ORDER BY id")?;
+        let mut stmt = conn.prepare(
+            "SELECT id, customer_id, state, spec, runtime, created_at, modified_at, name FROM vms ORDER BY id",
+        )?;
         let raws = stmt.query_map([], RawRow::read)?.collect::<std::result::Result<Vec<_>, _>>()?;
         raws.into_iter().map(RawRow::parse).collect()
     }
@@ -338,6 +360,7 @@ struct RawRow {
     runtime: Option<String>,
     created_at: i64,
     modified_at: i64,
+    name: Option<String>,
 }
 
 impl RawRow {
@@ -350,11 +373,16 @@ impl RawRow {
             runtime: r.get(4)?,
             created_at: r.get(5)?,
             modified_at: r.get(6)?,
+            name: r.get(7)?,
         })
     }
 
     fn parse(self) -> Result<VmRow> {
         let id = VmId::parse(&self.id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let name = match &self.name {
+            Some(n) => VmId::parse(n).map_err(|e| StoreError::Corrupt(format!("VM {id}: name: {e}")))?,
+            None => id.clone(),
+        };
         let state = VmState::parse(&self.state)
             .ok_or_else(|| StoreError::Corrupt(format!("VM {id}: unknown state {:?}", self.state)))?;
         let spec = serde_json::from_str(&self.spec).map_err(|e| StoreError::Corrupt(format!("VM {id}: spec: {e}")))?;
@@ -365,6 +393,7 @@ impl RawRow {
             .map_err(|e| StoreError::Corrupt(format!("VM {id}: runtime: {e}")))?;
         Ok(VmRow {
             id,
+            name,
             customer: CustomerId(self.customer),
             state,
             spec,
@@ -387,6 +416,7 @@ mod tests {
     fn row(id: &str) -> VmRow {
         VmRow {
             id: VmId::parse(id).unwrap(),
+            name: VmId::parse(id).unwrap(),
             customer: CustomerId("c1".into()),
             state: VmState::Created,
             spec: ValidSpec::unchecked(crate::model::VmSpec::default()),

@@ -362,9 +362,32 @@ async fn tenancy_is_enforced() {
     assert_eq!(e.code, ErrorCode::NotFound);
     let list = spoof.list_vms_with_options(pb::ListVmsRequest::default(), opts).await.unwrap().into_owned();
     assert!(list.vms.iter().all(|v| v.customer_id == "cust-b"));
-    // A still running, untouched VM for A.
-    let info = a.get_vm_info(pb::GetVmInfoRequest { vm_id: id, ..Default::default() }).await.unwrap().into_owned();
-    assert_eq!(info.state.as_known(), Some(pb::VmState::VM_STATE_CREATED));
+    // An id another customer uses is as free as any unused one: CreateVm
+    // cannot probe for other customers' ids.
+    let mine = b
+        .create_vm(pb::CreateVmRequest {
+            vm_id: id.clone(),
+            config: t.config(&t.kernel()).into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
+    assert_eq!(mine.vm_id, id);
+    b.boot_vm(pb::BootVmRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap();
+    // A still running, untouched VM for A; each keeps its own across a restart.
+    let mut t = t;
+    for round in 0..2 {
+        let (a, b) = (t.client(TOKEN_A), t.client(TOKEN_B));
+        let get = pb::GetVmInfoRequest { vm_id: id.clone(), ..Default::default() };
+        let info = a.get_vm_info(get.clone()).await.unwrap().into_owned();
+        assert_eq!(info.state.as_known(), Some(pb::VmState::VM_STATE_CREATED), "round {round}");
+        let info = b.get_vm_info(get).await.unwrap().into_owned();
+        assert_eq!(info.state.as_known(), Some(pb::VmState::VM_STATE_RUNNING), "round {round}");
+        if round == 0 {
+            t.restart().await;
+        }
+    }
 }
 
 #[tokio::test]

@@ -164,7 +164,7 @@ impl Billing {
         manager.add_observer(observer.clone());
         for v in manager.active() {
             if v.state() == VmState::Running {
-                observer.meter(&v.id, &v.customer.0, &v.spec, v.status.runtime(), true, true);
+                observer.meter(&v.host_id, &v.customer.0, &v.spec, v.status.runtime(), true, true);
             }
         }
         spool.reconcile(clock.unix_ns());

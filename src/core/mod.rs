@@ -14,6 +14,12 @@
 //! out, the hypervisor is asked what really happened and that is committed;
 //! when the store cannot be written, memory keeps the truth and a flusher
 //! retries. Start-up and these repairs live in `core/reconcile.rs`.
+//!
+//! Ids are per customer: a VM's `name` is the id its customer gave (or got),
+//! unique among that customer's VMs only, so one customer cannot learn
+//! whether another uses an id. Below the API a VM is known by its host id
+//! (directory, processes, metering, logs): the name itself when no other VM
+//! on the host has it, else the name with a random suffix.
 
 mod reads;
 mod reconcile;
@@ -107,7 +113,10 @@ pub trait Observer: Send + Sync {
 /// A VM as the API sees it.
 #[derive(Debug, Clone)]
 pub struct VmView {
+    /// The id its customer knows it by (unique per customer).
     pub id: VmId,
+    /// Its id on this host: directory, processes, metering.
+    pub host_id: VmId,
     pub customer: CustomerId,
     pub spec: Arc<ValidSpec>,
     pub status: Status,
@@ -181,7 +190,10 @@ impl Cell {
 }
 
 struct Slot {
+    /// Host id (see the module doc).
     id: VmId,
+    /// The customer's id of the VM.
+    name: VmId,
     customer: CustomerId,
     spec: Arc<ValidSpec>,
     created_at: i64,
@@ -204,7 +216,8 @@ impl Slot {
     fn view(&self) -> VmView {
         let c = self.cell();
         VmView {
-            id: self.id.clone(),
+            id: self.name.clone(),
+            host_id: self.id.clone(),
             customer: self.customer.clone(),
             spec: self.spec.clone(),
             status: c.status.clone(),
@@ -228,9 +241,12 @@ impl Drop for PendingGuard<'_> {
 #[derive(Default)]
 struct Index {
     by_id: HashMap<VmId, Arc<Slot>>,
+    /// Each customer's VMs by name.
     by_customer: HashMap<CustomerId, BTreeMap<VmId, Arc<Slot>>>,
-    /// Ids whose creation is in progress; they count against `max_vms`.
+    /// Host ids whose creation is in progress; they count against `max_vms`.
     reserved: HashSet<VmId>,
+    /// Names whose creation is in progress, per customer.
+    reserved_names: HashSet<(CustomerId, VmId)>,
 }
 
 struct Inner {
@@ -365,12 +381,13 @@ impl Manager {
             self.inner.backend.check(&spec)?;
             Ok(spec)
         })?;
-        let id = id.unwrap_or_else(VmId::generate);
-        let reservation = self.reserve(&id)?;
+        let name = id.unwrap_or_else(VmId::generate);
+        let reservation = self.reserve(&caller, &name)?;
+        let id = reservation.id.clone();
         // The intent goes first: a crash from here on leaves a row that
         // start-up reconciliation rolls back (process, directory).
         self.begin(&id, &caller, "create").await?;
-        let created = self.create_reserved(&caller, &id, spec).await;
+        let created = self.create_reserved(&caller, &id, &name, spec).await;
         if created.is_err() {
             self.finish(&id).await;
         }
@@ -380,7 +397,13 @@ impl Manager {
     }
 
     /// Creates a VM whose id is reserved and whose intent is written.
-    async fn create_reserved(&self, caller: &CustomerId, id: &VmId, spec: ValidSpec) -> Result<Arc<Slot>, Error> {
+    async fn create_reserved(
+        &self,
+        caller: &CustomerId,
+        id: &VmId,
+        name: &VmId,
+        spec: ValidSpec,
+    ) -> Result<Arc<Slot>, Error> {
         let (caller, id) = (caller.clone(), id.clone());
         let spec = Arc::new(spec);
         let dir = self.vm_dir(&id);
@@ -401,6 +424,7 @@ impl Manager {
         let now = unix_now();
         let row = VmRow {
             id: id.clone(),
+            name: name.clone(),
             customer: caller.clone(),
             state: VmState::Created,
             spec: (*spec).clone(),
@@ -415,6 +439,7 @@ impl Manager {
         }
         let slot = Arc::new(Slot {
             id: id.clone(),
+            name: name.clone(),
             customer: caller.clone(),
             spec: spec.clone(),
             created_at: now,
@@ -422,7 +447,7 @@ impl Manager {
             cell: RwLock::new(Cell::new(Status::Created(rt.clone()), now)),
         });
         self.install(&slot);
-        info!(vm_id = %id, customer_id = %caller, "VM created");
+        info!(vm_id = %id, name = %name, customer_id = %caller, "VM created");
         self.publish(VmEvent {
             vm_id: id,
             customer: caller,
@@ -439,7 +464,7 @@ impl Manager {
     fn install(&self, slot: &Arc<Slot>) {
         let mut idx = self.index_mut();
         idx.by_id.insert(slot.id.clone(), slot.clone());
-        idx.by_customer.entry(slot.customer.clone()).or_default().insert(slot.id.clone(), slot.clone());
+        idx.by_customer.entry(slot.customer.clone()).or_default().insert(slot.name.clone(), slot.clone());
     }
 
     /// Writes the intent of `op` on `id`; refuses the operation if the
@@ -459,11 +484,13 @@ impl Manager {
         }
     }
 
-    fn reserve(&self, id: &VmId) -> Result<Reservation, Error> {
+    /// Reserves `name` among `caller`'s VMs and a host id for it. Only the
+    /// caller's own VMs can make a name taken.
+    fn reserve(&self, caller: &CustomerId, name: &VmId) -> Result<Reservation, Error> {
         let mut idx = self.index_mut();
-        let unsaved_delete = self.inner.unsaved.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id);
-        if idx.by_id.contains_key(id) || idx.reserved.contains(id) || unsaved_delete {
-            return Err(Error::AlreadyExists(id.to_string()));
+        let key = (caller.clone(), name.clone());
+        if idx.by_customer.get(caller).is_some_and(|m| m.contains_key(name)) || idx.reserved_names.contains(&key) {
+            return Err(Error::AlreadyExists(name.to_string()));
         }
         let max = self.inner.cfg.max_vms;
         if idx.by_id.len() + idx.reserved.len() >= max {
@@ -471,8 +498,19 @@ impl Manager {
                 "this host runs its maximum of {max} VMs (UNKEY_METALD_MAX_VMS); delete one first"
             )));
         }
+        let unsaved = self.inner.unsaved.lock().unwrap_or_else(|p| p.into_inner());
+        let free = |id: &VmId| !idx.by_id.contains_key(id) && !idx.reserved.contains(id) && !unsaved.contains_key(id);
+        let mut id = name.clone();
+        while !free(&id) {
+            // Another VM on this host has this id: same name, new host id.
+            let base = &name.as_str()[..name.as_str().len().min(55)];
+            id =
+                VmId::parse(&format!("{base}-{:06x}", rand::random::<u32>() >> 8)).unwrap_or_else(|_| VmId::generate());
+        }
+        drop(unsaved);
         idx.reserved.insert(id.clone());
-        Ok(Reservation { mgr: self.clone(), id: id.clone() })
+        idx.reserved_names.insert(key.clone());
+        Ok(Reservation { mgr: self.clone(), id, name: key })
     }
 
     // ---- lifecycle operations --------------------------------------------
@@ -515,10 +553,10 @@ impl Manager {
             (c.status.clone(), c.deleted)
         };
         if deleted {
-            return Err(Error::NotFound(slot.id.to_string()));
+            return Err(Error::NotFound(slot.name.to_string()));
         }
         let from = status.state();
-        let plan = plan(&status, op).map_err(|source| Error::WrongState { vm_id: slot.id.to_string(), source })?;
+        let plan = plan(&status, op).map_err(|source| Error::WrongState { vm_id: slot.name.to_string(), source })?;
         let target = plan.target();
         self.begin(&slot.id, &slot.customer, op.name()).await?;
         slot.cell_mut().pending = Some(Pending { op: op.name(), since: unix_now() });
@@ -641,7 +679,7 @@ impl Manager {
             let mut idx = self.index_mut();
             idx.by_id.remove(&slot.id);
             if let Some(m) = idx.by_customer.get_mut(&slot.customer) {
-                m.remove(&slot.id);
+                m.remove(&slot.name);
                 if m.is_empty() {
                     idx.by_customer.remove(&slot.customer);
                 }
@@ -715,7 +753,9 @@ impl Manager {
 /// Holds an id while its VM is being created; released on drop.
 struct Reservation {
     mgr: Manager,
+    /// The host id chosen.
     id: VmId,
+    name: (CustomerId, VmId),
 }
 
 impl Reservation {
@@ -724,7 +764,9 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.mgr.index_mut().reserved.remove(&self.id);
+        let mut idx = self.mgr.index_mut();
+        idx.reserved.remove(&self.id);
+        idx.reserved_names.remove(&self.name);
     }
 }
 

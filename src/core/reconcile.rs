@@ -92,6 +92,7 @@ impl Manager {
         let status = Status::from_parts(row.state, row.runtime).unwrap_or(Status::Shutdown);
         let slot = Arc::new(Slot {
             id: row.id,
+            name: row.name,
             customer: row.customer,
             spec: Arc::new(row.spec),
             created_at: row.created_at,

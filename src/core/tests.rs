@@ -149,16 +149,28 @@ async fn failed_create_leaves_nothing_behind() {
 }
 
 #[tokio::test]
-async fn ids_are_unique_and_max_vms_is_enforced() {
-    let env = env_with(2).await;
-    let a = c("a");
+async fn ids_are_per_customer_and_max_vms_is_enforced() {
+    let env = env_with(3).await;
+    let (a, b) = (c("a"), c("b"));
     let id = VmId::parse("same").unwrap();
-    env.mgr.create(&a, Some(id.clone()), spec(&env)).await.unwrap();
-    let e = env.mgr.create(&c("b"), Some(id), spec(&env)).await.unwrap_err();
-    assert_eq!(e.code(), Code::AlreadyExists);
+    let va = env.mgr.create(&a, Some(id.clone()), spec(&env)).await.unwrap();
+    let e = env.mgr.create(&a, Some(id.clone()), spec(&env)).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "a customer's own id is taken");
+    // Another customer's use of an id is invisible: the same id is free.
+    let vb = env.mgr.create(&b, Some(id.clone()), spec(&env)).await.unwrap();
+    assert_eq!((va.id.as_str(), vb.id.as_str()), ("same", "same"));
+    assert_eq!(va.host_id.as_str(), "same");
+    assert!(vb.host_id.as_str().starts_with("same-"), "{}", vb.host_id);
+    assert!(env.mgr.inner.cfg.data_dir.join("vms").join(vb.host_id.as_str()).is_dir());
+    // Each customer acts on their own VM only.
+    env.mgr.boot(&b, &id).await.unwrap();
+    assert_eq!(env.mgr.get(&a, &id).unwrap().state(), VmState::Created);
+    assert_eq!(env.mgr.get(&b, &id).unwrap().state(), VmState::Running);
     env.mgr.create(&a, None, spec(&env)).await.unwrap();
     let e = env.mgr.create(&a, None, spec(&env)).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted);
+    env.mgr.delete(&a, &id, true).await.unwrap();
+    assert_eq!(env.mgr.get(&b, &id).unwrap().state(), VmState::Running, "b's VM is untouched");
 }
 
 #[tokio::test]

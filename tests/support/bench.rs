@@ -71,8 +71,10 @@ pub fn seed(data: &Path, kernel: &Path, vms: usize, running: impl Fn(usize) -> b
     let rows: Vec<VmRow> = (0..vms)
         .map(|i| {
             let run = running(i);
+            let id = VmId::parse(&format!("vm-{i:05}")).unwrap();
             VmRow {
-                id: VmId::parse(&format!("vm-{i:05}")).unwrap(),
+                name: id.clone(),
+                id,
                 customer: CustomerId("bench".into()),
                 state: if run { VmState::Running } else { VmState::Created },
                 spec: spec.clone(),
