@@ -6,6 +6,9 @@
 //! - CRASH: `metald` (the real binary, a child process) is SIGKILLed with
 //!   batches pending and restarted → pending samples delivered and one
 //!   `NotifyPossibleGap` per metered VM;
+//! - DAMAGE: a byte of the spool flipped in the middle while metald is down
+//!   → the frames after it are still delivered, gap notices cover the
+//!   damage, `metald_billing_spool_corrupt_frames_total` counts it;
 //! - WIRE: a Connect-node BillingService (tests/js/billing/server.ts, run
 //!   with tsx) receives and decodes the batches.
 
@@ -20,7 +23,10 @@ use std::time::{Duration, Instant};
 use metald::client::{VmClient, WireProtocol, vm_client};
 use metald::pb::vmprovisioner::v1 as pb;
 use rusqlite::Connection;
-use support::{TOKEN_A, free_port, js_bin, js_dir, metald_env, spawn_metald, start, vm_config, wait_for, wait_serving};
+use support::{
+    TOKEN_A, free_port, http_get, http_get_raw, js_bin, js_dir, metald_env, spawn_metald, start, vm_config, wait_for,
+    wait_serving,
+};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -259,6 +265,99 @@ async fn kill_9_with_batches_pending_then_restart_delivers_and_reports_gaps() {
         assert_eq!(*before.last().unwrap(), last_sent, "{vm}: the gap starts at the last spooled sample");
         assert!(ts.iter().all(|t| *t <= last_sent || *t >= gap.1), "{vm}: no sample inside the gap");
     }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_spool_frame_is_skipped_later_ones_delivered_and_gaps_notified() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dbp = tmp.path().join("billing.db");
+    let server = dev_server("127.0.0.1:0".parse().unwrap(), &dbp).await;
+    let assets = tmp.path().join("assets");
+    std::fs::create_dir_all(&assets).unwrap();
+    std::fs::write(assets.join("vmlinux"), b"\x7fELF fake kernel").unwrap();
+    let (port, prom) = (free_port(), free_port());
+    let mut env = metald_env([
+        ("ADDRESS", "127.0.0.1".to_string()),
+        ("PORT", port.to_string()),
+        ("DATA_DIR", tmp.path().join("data").display().to_string()),
+        ("ASSET_DIRS", assets.display().to_string()),
+        ("BACKEND", "fake".into()),
+        ("AUTH_DEV_TOKENS", "true".into()),
+        ("BILLING_ENDPOINT", format!("http://{}", server.addr)),
+        // Samples stay pending in the spool until the restart.
+        ("BILLING_BATCH_SIZE", "100000".into()),
+        ("BILLING_FLUSH_MS", "600000".into()),
+        ("BILLING_COMMIT_MS", "100".into()),
+        ("BILLING_RETRY_MIN_MS", "100".into()),
+        ("OTEL_ENABLED", "true".into()),
+        ("OTEL_ENDPOINT", "http://127.0.0.1:9".into()),
+        ("OTEL_PROMETHEUS_PORT", prom.to_string()),
+    ]);
+    let log = tmp.path().join("metald.log");
+    let first = spawn_metald(&env, &log);
+    let c = vm_client(
+        &format!("http://127.0.0.1:{port}"),
+        "dev_customer_damage",
+        WireProtocol::ConnectProto,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    wait_serving(&c, Duration::from_secs(30), &log).await;
+    let kernel = assets.join("vmlinux").display().to_string();
+    let vms = ["dmg-1", "dmg-2"];
+    for vm in vms {
+        create_and_boot(&c, &kernel, vm).await;
+    }
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    drop(first); // SIGKILL: ~30 group commits of both VMs are in the spool.
+    let killed_at = metald::util::unix_nanos();
+    let spool = tmp.path().join("data").join("billing-spool");
+    let seg = std::fs::read_dir(&spool).unwrap().map(|e| e.unwrap().path()).max().unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 4] {
+        *b ^= 0xa5;
+    }
+    std::fs::write(&seg, &bytes).unwrap();
+
+    env.insert("UNKEY_METALD_BILLING_FLUSH_MS".into(), "200".into());
+    let _second = spawn_metald(&env, &log);
+    wait_serving(&c, Duration::from_secs(30), &log).await;
+    // The frames after the damage are delivered: samples from the last
+    // second before the kill arrive.
+    wait_for("samples from after the damage", Duration::from_secs(20), || {
+        vms.iter().all(|vm| sample_ts(&dbp, vm).iter().any(|t| *t > killed_at - 1_000_000_000 && *t <= killed_at))
+    })
+    .await;
+    wait_for("gap notices for the damage", Duration::from_secs(20), || {
+        vms.iter().all(|vm| events(&dbp, vm).iter().filter(|e| e.0 == "gap").count() >= 2)
+    })
+    .await;
+    for vm in vms {
+        let ts = sample_ts(&dbp, vm);
+        let gaps: Vec<(i64, i64)> =
+            events(&dbp, vm).iter().filter(|e| e.0 == "gap").map(|e| (e.2.unwrap(), e.1)).collect();
+        eprintln!("{vm}: {} samples, gap notices {gaps:?}", ts.len());
+        // Every missing stretch of more than a few periods before the kill
+        // lies inside a gap notice.
+        for w in ts.windows(2).filter(|w| w[1] <= killed_at && w[1] - w[0] > 500_000_000) {
+            assert!(
+                gaps.iter().any(|(from, to)| *from <= w[0] && w[1] <= *to.max(&w[1])),
+                "{vm}: samples missing between {} and {} without a gap notice: {gaps:?}",
+                w[0],
+                w[1]
+            );
+        }
+    }
+    let (status, _) = http_get(&format!("127.0.0.1:{prom}").parse().unwrap(), "/metrics").await;
+    assert!(status.contains(" 200 "), "{status}");
+    let metrics = http_get_raw(&format!("127.0.0.1:{prom}").parse().unwrap(), "/metrics").await;
+    let line = metrics.lines().find(|l| l.starts_with("metald_billing_spool_corrupt_frames_total")).unwrap_or("");
+    let n: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    assert!(n >= 1.0, "the damage is counted: {line:?}");
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(logs.contains("damaged frames skipped"), "{logs}");
     server.stop().await;
 }
 

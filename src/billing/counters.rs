@@ -22,6 +22,9 @@ pub trait BillingMetrics: Send + Sync + 'static {
     fn batch_sent(&self, vm: &VmId);
     /// `metald_heartbeat_sent_total`: one heartbeat acknowledged.
     fn heartbeat_sent(&self);
+    /// `metald_billing_spool_corrupt_frames_total`: damaged spool regions
+    /// skipped at start (each answered with gap notices).
+    fn spool_corrupt_frames(&self, _n: u64) {}
 }
 
 /// Metrics sink that records nothing.
@@ -44,6 +47,9 @@ impl BillingMetrics for crate::telemetry::BillingMetrics {
     }
     fn heartbeat_sent(&self) {
         crate::telemetry::BillingMetrics::heartbeat_sent(self);
+    }
+    fn spool_corrupt_frames(&self, n: u64) {
+        crate::telemetry::BillingMetrics::spool_corrupt_frames(self, n);
     }
 }
 

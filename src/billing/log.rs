@@ -16,8 +16,13 @@
 //! with the same id replaces the earlier one (thinning and relocation
 //! rewrite chunks that way).
 //!
-//! A torn or corrupt frame ends its segment's replay (a crash mid-write
-//! leaves at most the last frame torn; it is cut off). Segments roll at
+//! A bad frame (short, impossible length or failed checksum) with no valid
+//! frame after it at the end of the last segment is a torn tail (a crash
+//! mid-write leaves at most the last frame torn): it is cut off. Any other
+//! bad frame is damage: replay scans forward to the next frame whose
+//! checksum holds and goes on from there, and every VM whose records the
+//! damaged bytes may have held is reported ([`Recovered::gaps`]) so that a
+//! gap notice is sent for it. Segments roll at
 //! [`SEGMENT_BYTES`]; each starts with a checkpoint of the metered-VM table
 //! and the next chunk id, so old segments can go. A segment is removed
 //! when it is the oldest and holds no live chunk. Only the oldest goes: a
@@ -252,6 +257,91 @@ pub struct Recovered {
     pub chunks: BTreeMap<i64, Replayed>,
     /// Metered VMs: customer and time of the last record.
     pub meter: HashMap<String, (String, i64)>,
+    /// VMs whose records damaged bytes may have held: customer, and the
+    /// time of the last record known before the damage (a gap notice is
+    /// due from there).
+    pub gaps: BTreeMap<String, (String, i64)>,
+    /// Damaged regions skipped (each one or more bad frames).
+    pub corrupt_frames: u64,
+    /// The latest record time seen anywhere in the log.
+    pub latest_ts: i64,
+    /// Set at the first damage: the latest record time before it. VMs first
+    /// seen after it may have had records in the damage too.
+    damaged_since: Option<i64>,
+    /// Each VM's latest chunk record time so far.
+    vm_last: HashMap<String, i64>,
+}
+
+impl Recovered {
+    /// Damage at this point of replay: every VM metered now may have lost
+    /// records.
+    fn damage(&mut self) {
+        self.corrupt_frames += 1;
+        let since = *self.damaged_since.get_or_insert(self.latest_ts);
+        for (vm, (customer, ts)) in &self.meter {
+            // From the VM's last record replayed (its metering start if none).
+            let last = self.vm_last.get(vm).copied().unwrap_or(*ts);
+            self.gaps.entry(vm.clone()).or_insert_with(|| (customer.clone(), last.min(since)));
+        }
+    }
+
+    /// `vm` of `customer` appears after damage: it may have lost records.
+    fn seen(&mut self, vm: &str, customer: &str) {
+        if let Some(since) = self.damaged_since
+            && !self.meter.contains_key(vm)
+            && !self.gaps.contains_key(vm)
+        {
+            self.gaps.insert(vm.to_owned(), (customer.to_owned(), since));
+        }
+    }
+}
+
+/// Most bytes checksummed while looking for the next valid frame after
+/// damage (a bound on the work a damaged segment can cause).
+const RESYNC_BUDGET: u64 = 1 << 30;
+
+/// The end of the valid frame at `pos`, if one is there: a non-empty
+/// payload (no empty frame is ever written) within the file whose checksum
+/// holds.
+fn frame_at(bytes: &[u8], pos: usize) -> Option<usize> {
+    let header = bytes.get(pos..pos.checked_add(HEADER)?)?;
+    let len = u64::from(u32::from_le_bytes(header[0..4].try_into().ok()?));
+    let crc = u32::from_le_bytes(header[4..8].try_into().ok()?);
+    if len == 0 || len > MAX_FRAME {
+        return None;
+    }
+    let end = pos.checked_add(HEADER)?.checked_add(usize::try_from(len).ok()?)?;
+    let payload = bytes.get(pos + HEADER..end)?;
+    (crc32fast::hash(payload) == crc).then_some(end)
+}
+
+/// The start of the next valid frame after a bad one at `pos`: where the
+/// bad frame's own length points (damage inside a payload), else the first
+/// offset whose frame checks out.
+fn resync(bytes: &[u8], pos: usize) -> Option<usize> {
+    let claimed = bytes
+        .get(pos..pos + 4)
+        .and_then(|b| b.try_into().ok())
+        .map(|b: [u8; 4]| u64::from(u32::from_le_bytes(b)))
+        .filter(|&len| len > 0 && len <= MAX_FRAME)
+        .and_then(|len| pos.checked_add(HEADER)?.checked_add(usize::try_from(len).ok()?));
+    if let Some(next) = claimed
+        && frame_at(bytes, next).is_some()
+    {
+        return Some(next);
+    }
+    let mut budget = RESYNC_BUDGET;
+    for off in pos + 1..bytes.len().saturating_sub(HEADER) {
+        let len = u64::from(u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap_or_default()));
+        if len == 0 || len > MAX_FRAME || off as u64 + HEADER as u64 + len > bytes.len() as u64 {
+            continue;
+        }
+        budget = budget.checked_sub(len)?;
+        if frame_at(bytes, off).is_some() {
+            return Some(off);
+        }
+    }
+    None
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -341,18 +431,30 @@ impl Log {
         let mut ix = self.index.lock().unwrap_or_else(|p| p.into_inner());
         let segs = &mut self.segs;
         segs.insert(no, Seg::default());
+        // Where replay stopped for good: `bytes.len()`, or a bad frame with
+        // no valid one after it.
+        let mut tail = bytes.len();
         while pos + HEADER <= bytes.len() {
-            let len = u64::from(u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap_or_default()));
-            let crc = u32::from_le_bytes(bytes[pos + 4..pos + 8].try_into().unwrap_or_default());
-            let end = pos as u64 + HEADER as u64 + len;
-            if len > MAX_FRAME || end > bytes.len() as u64 {
-                break;
-            }
-            let end = usize::try_from(end).unwrap_or(usize::MAX);
+            let Some(end) = frame_at(&bytes, pos) else {
+                match resync(&bytes, pos) {
+                    Some(next) => {
+                        warn!(
+                            segment = %path.display(),
+                            from = pos,
+                            to = next,
+                            "billing spool: damaged frames skipped; gap notices follow for the VMs they may have held"
+                        );
+                        rec.damage();
+                        pos = next;
+                        continue;
+                    }
+                    None => {
+                        tail = pos;
+                        break;
+                    }
+                }
+            };
             let payload = &bytes[pos + HEADER..end];
-            if crc32fast::hash(payload) != crc {
-                break;
-            }
             let mut b = payload;
             while !b.is_empty() {
                 let at = payload.len() - b.len();
@@ -362,6 +464,10 @@ impl Log {
                 };
                 match e {
                     Entry::Chunk { head, data_off, len } => {
+                        rec.seen(head.vm, head.customer);
+                        rec.latest_ts = rec.latest_ts.max(head.last_ts);
+                        let last = rec.vm_last.entry(head.vm.to_owned()).or_insert(head.last_ts);
+                        *last = (*last).max(head.last_ts);
                         let loc = Loc { seg: no, off: (pos + HEADER + at) as u64, len, data_off, skip: head.skip };
                         if let Some(old) = ix.locs.insert(head.id, loc) {
                             forget(segs, old);
@@ -387,12 +493,15 @@ impl Log {
                         }
                     }
                     Entry::Meter(vm, customer, ts) => {
+                        rec.seen(vm, customer);
+                        rec.latest_ts = rec.latest_ts.max(ts);
                         rec.meter.insert(vm.to_owned(), (customer.to_owned(), ts));
                     }
                     Entry::Unmeter(vm) => {
                         rec.meter.remove(vm);
                     }
                     Entry::Touch(vm, ts) => {
+                        rec.latest_ts = rec.latest_ts.max(ts);
                         if let Some(m) = rec.meter.get_mut(vm) {
                             m.1 = ts;
                         }
@@ -402,19 +511,23 @@ impl Log {
             }
             pos = end;
         }
-        if pos != bytes.len() {
-            // A crash mid-write tears the last frame; anything else is damage.
+        if pos + HEADER > bytes.len() && pos < bytes.len() {
+            // Fewer bytes than a header after the last valid frame.
+            tail = pos;
+        }
+        if tail != bytes.len() {
+            // A crash mid-write tears the last frame of the last segment;
+            // anything else is damage.
             if last {
-                warn!(segment = %path.display(), offset = pos, "billing spool: cutting off a torn frame at the end");
+                warn!(segment = %path.display(), offset = tail, "billing spool: cutting off a torn frame at the end");
+                file.set_len(tail as u64).map_err(io_err("truncating", &path))?;
             } else {
-                warn!(segment = %path.display(), offset = pos, "billing spool: corrupt frame; the rest of this segment is skipped");
-            }
-            if last {
-                file.set_len(pos as u64).map_err(io_err("truncating", &path))?;
+                warn!(segment = %path.display(), offset = tail, "billing spool: damaged frames end this segment; gap notices follow");
+                rec.damage();
             }
         }
         if let Some(s) = segs.get_mut(&no) {
-            s.len = pos as u64;
+            s.len = tail.min(bytes.len()) as u64;
         }
         ix.files.insert(no, Arc::new(SegFile::new(file, 2 * self.segment_bytes)));
         Ok(())

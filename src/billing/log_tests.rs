@@ -1,9 +1,11 @@
 //! Tests of the spool log: id slots, replay of chunks, deletions, skips
-//! and meters, torn and corrupt tails, segment collection and compaction.
+//! and meters, torn tails and damage (skipped, its VMs reported), segment collection
+//! and compaction.
 
 #![allow(clippy::unwrap_used)]
 
 use super::*;
+use std::path::{Path, PathBuf};
 
 fn head(id: i64, vm: &str) -> ChunkHead<&str> {
     ChunkHead {
@@ -144,4 +146,82 @@ fn spent_segments_go_and_stragglers_are_copied_forward() {
     assert_eq!(rec.chunks.keys().copied().collect::<Vec<_>>(), vec![straggler]);
     assert_eq!(rec.chunks[&straggler].head.vm, "slow");
     assert_eq!(log.reader().read(&[straggler]).unwrap(), vec![Some(b"old data".to_vec())]);
+}
+
+/// Frames of one chunk each for `vm` a, b, a, c, ... with meters; returns
+/// the segment path, each frame's (offset, length) and the chunk ids.
+fn five_frames(dir: &Path) -> (PathBuf, Vec<(usize, usize)>, Vec<i64>) {
+    let (mut log, _) = Log::open(dir).unwrap();
+    let seg = seg_path(dir, 1);
+    let mut frames = Vec::new();
+    let mut ids = Vec::new();
+    for (k, vm) in ["a", "b", "a", "c", "a"].iter().enumerate() {
+        let start = usize::try_from(std::fs::metadata(&seg).unwrap().len()).unwrap();
+        let mut f = Frame::new();
+        if log.needs_checkpoint() {
+            f.checkpoint(log.peek_next_id());
+        }
+        if k == 0 {
+            f.meter("a", "cust", 1);
+            f.meter("b", "cust", 1);
+        }
+        if k == 3 {
+            f.meter("c", "cust-c", 30);
+        }
+        let id = log.next_id();
+        f.chunk(&head(id, vm), |b| b.extend_from_slice(format!("records of frame {k}").as_bytes()));
+        log.append(f).unwrap();
+        let end = usize::try_from(std::fs::metadata(&seg).unwrap().len()).unwrap();
+        frames.push((start, end - start));
+        ids.push(id);
+    }
+    (seg, frames, ids)
+}
+
+#[test]
+fn damage_in_a_payload_skips_that_frame_only_and_reports_the_vms() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (seg, frames, ids) = five_frames(tmp.path());
+    let mut bytes = std::fs::read(&seg).unwrap();
+    // A flipped byte inside frame 1's payload (b's chunk).
+    bytes[frames[1].0 + HEADER + 3] ^= 0xff;
+    std::fs::write(&seg, &bytes).unwrap();
+    let (log, rec) = Log::open(tmp.path()).unwrap();
+    let mut want = ids.clone();
+    want.remove(1);
+    assert_eq!(rec.chunks.keys().copied().collect::<Vec<_>>(), want, "later frames are replayed");
+    assert_eq!(rec.corrupt_frames, 1);
+    // Metered at the damage: a and b; c appears after it.
+    assert_eq!(rec.gaps.keys().map(String::as_str).collect::<Vec<_>>(), ["a", "b", "c"]);
+    assert_eq!(rec.gaps["c"].0, "cust-c");
+    assert!(rec.gaps.values().all(|(_, from)| *from <= rec.latest_ts));
+    assert_eq!(log.reader().read(&ids[4..]).unwrap(), vec![Some(b"records of frame 4".to_vec())]);
+    assert_eq!(std::fs::read(&seg).unwrap().len(), bytes.len(), "damage is not cut off like a torn tail");
+}
+
+#[test]
+fn a_damaged_header_is_resynchronised_by_scanning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (seg, frames, ids) = five_frames(tmp.path());
+    let mut bytes = std::fs::read(&seg).unwrap();
+    // Frame 2's length field: the frame after it is found by scanning.
+    bytes[frames[2].0 + 1] ^= 0x5a;
+    std::fs::write(&seg, &bytes).unwrap();
+    let (_, rec) = Log::open(tmp.path()).unwrap();
+    assert_eq!(rec.chunks.keys().copied().collect::<Vec<_>>(), [ids[0], ids[1], ids[3], ids[4]]);
+    assert_eq!(rec.corrupt_frames, 1);
+    assert!(rec.gaps.contains_key("a") && rec.gaps.contains_key("b"));
+}
+
+#[test]
+fn a_torn_tail_is_not_damage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (seg, frames, ids) = five_frames(tmp.path());
+    let (start, len) = frames[4];
+    OpenOptions::new().write(true).open(&seg).unwrap().set_len(u64::try_from(start + len - 3).unwrap()).unwrap();
+    let (_, rec) = Log::open(tmp.path()).unwrap();
+    assert_eq!(rec.chunks.keys().copied().collect::<Vec<_>>(), ids[..4]);
+    assert_eq!(rec.corrupt_frames, 0);
+    assert!(rec.gaps.is_empty());
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), u64::try_from(start).unwrap(), "cut off");
 }

@@ -229,6 +229,9 @@ pub(crate) fn start(
     let dir = spool_dir(data_dir);
     let err = |source| BillingError::Spool { path: dir.display().to_string(), source };
     let (log, recovered) = Log::open(&dir).map_err(|e| err(e.into()))?;
+    if recovered.corrupt_frames > 0 {
+        metrics.spool_corrupt_frames(recovered.corrupt_frames);
+    }
     let (vms, backlog) = load(recovered);
     let reader = log.reader();
     let (wake, woken) = std_mpsc::channel();
@@ -264,6 +267,14 @@ fn load(rec: Recovered) -> (Vms, Vec<ChunkMeta>) {
         let w = vms.entry(Arc::from(vm.as_str()), customer);
         w.was_metered = true;
         w.last_ts = *last_ts;
+    }
+    // Records of these VMs may have been in damaged frames: a gap notice
+    // from the last record known before the damage to the latest one seen.
+    for (vm, (customer, from)) in &rec.gaps {
+        let w = vms.entry(Arc::from(vm.as_str()), customer);
+        let last = w.last_ts;
+        w.push(Record::gap(*from, rec.latest_ts.max(*from)));
+        w.last_ts = last.max(*from);
     }
     let mut interned: HashMap<String, Arc<str>> = HashMap::new();
     let mut intern = |s: &str| interned.entry(s.to_owned()).or_insert_with(|| Arc::from(s)).clone();

@@ -258,6 +258,7 @@ pub struct BillingMetrics {
 struct BillingInner {
     per_vm: Arc<Mutex<PerVm>>,
     heartbeats: Counter<u64>,
+    spool_corrupt: Counter<u64>,
     // Held so the callbacks live as long as the handle.
     _samples: ObservableCounter<u64>,
     _batches: ObservableCounter<u64>,
@@ -291,8 +292,19 @@ impl BillingMetrics {
             .build();
         // Export the heartbeat series from the start (at 0).
         heartbeats.add(0, &[]);
+        let spool_corrupt = meter
+            .u64_counter("metald_billing_spool_corrupt_frames")
+            .with_description("Damaged billing spool regions skipped at start (each answered with gap notices)")
+            .build();
+        spool_corrupt.add(0, &[]);
         BillingMetrics {
-            inner: Some(Arc::new(BillingInner { per_vm, heartbeats, _samples: samples, _batches: batches })),
+            inner: Some(Arc::new(BillingInner {
+                per_vm,
+                heartbeats,
+                spool_corrupt,
+                _samples: samples,
+                _batches: batches,
+            })),
         }
     }
 
@@ -325,6 +337,13 @@ impl BillingMetrics {
     pub fn heartbeat_sent(&self) {
         if let Some(i) = &self.inner {
             i.heartbeats.add(1, &[]);
+        }
+    }
+
+    /// `n` damaged spool regions skipped (`metald_billing_spool_corrupt_frames_total`).
+    pub fn spool_corrupt_frames(&self, n: u64) {
+        if let Some(i) = &self.inner {
+            i.spool_corrupt.add(n, &[]);
         }
     }
 
