@@ -74,7 +74,8 @@ async fn health_inner(st: HealthState) -> impl IntoResponse {
     let backend = st.manager.backend().health().await;
     let counts = st.manager.counts();
     let n = |s| counts.get(&s).copied().unwrap_or(0);
-    let ok = store_ok && backend.ok;
+    let billing = st.billing.as_ref().map(|b| b.health());
+    let ok = store_ok && backend.ok && billing.as_ref().is_none_or(|b| b.ok());
     let body = Health {
         status: if ok { "ok" } else { "unhealthy" },
         version: env!("CARGO_PKG_VERSION"),
@@ -94,7 +95,7 @@ async fn health_inner(st: HealthState) -> impl IntoResponse {
             paused: n(VmState::Paused),
             shutdown: n(VmState::Shutdown),
         },
-        billing: st.billing.as_ref().map(|b| b.health()),
+        billing,
     };
     let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(body))

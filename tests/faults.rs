@@ -153,3 +153,56 @@ async fn a_full_disk_gives_clear_errors_and_an_unhealthy_health_and_loses_nothin
     assert_eq!(dirs, after.vms.len());
     drop(t);
 }
+
+#[tokio::test]
+async fn a_full_disk_under_the_billing_spool_turns_health_unhealthy_until_space_returns() {
+    let outer = tempfile::tempdir().unwrap();
+    let data = outer.path().join("data");
+    let fs = TinyFs::mount(&data, "3m");
+    let t = start(&[
+        ("DATA_DIR", data.to_str().unwrap()),
+        ("BILLING_ENABLED", "true"),
+        ("BILLING_MOCK_MODE", "true"),
+        ("BILLING_COMMIT_MS", "50"),
+    ])
+    .await;
+    let c = t.client(TOKEN_A);
+    c.create_vm(pb::CreateVmRequest {
+        vm_id: "metered".into(),
+        config: t.config(&t.kernel()).into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.boot_vm(pb::BootVmRequest { vm_id: "metered".into(), ..Default::default() }).await.unwrap();
+    let addr = t.d().addr;
+    assert!(health(&addr).await.0.contains(" 200 "));
+    let filler = fs.fill();
+    // Samples keep coming every 100 ms; their commits now fail.
+    let mut last = (String::new(), serde_json::Value::Null);
+    for _ in 0..200 {
+        last = health(&addr).await;
+        if last.0.contains(" 503 ") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = last;
+    assert!(status.contains(" 503 "), "{status} {body}");
+    assert_eq!(body["billing"]["spool_ok"], false, "{body}");
+    assert!(body["billing"]["spool_write_errors"].as_u64().unwrap() >= 1, "{body}");
+    assert!(body["billing"]["spool_failing_since"].as_i64().unwrap() > 0, "{body}");
+    std::fs::remove_file(filler).unwrap();
+    let mut healed = false;
+    for _ in 0..200 {
+        let (status, body) = health(&addr).await;
+        if status.contains(" 200 ") {
+            assert_eq!(body["billing"]["spool_ok"], true, "{body}");
+            healed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(healed, "health is 200 again once the spool can be written");
+    drop(t);
+}

@@ -25,6 +25,8 @@ pub trait BillingMetrics: Send + Sync + 'static {
     /// `metald_billing_spool_corrupt_frames_total`: damaged spool regions
     /// skipped at start (each answered with gap notices).
     fn spool_corrupt_frames(&self, _n: u64) {}
+    /// `metald_billing_spool_write_errors_total`: one spool commit failed.
+    fn spool_write_failed(&self) {}
 }
 
 /// Metrics sink that records nothing.
@@ -50,6 +52,9 @@ impl BillingMetrics for crate::telemetry::BillingMetrics {
     }
     fn spool_corrupt_frames(&self, n: u64) {
         crate::telemetry::BillingMetrics::spool_corrupt_frames(self, n);
+    }
+    fn spool_write_failed(&self) {
+        crate::telemetry::BillingMetrics::spool_write_failed(self);
     }
 }
 
@@ -77,6 +82,10 @@ pub struct Shared {
     pub(super) endpoint_down: AtomicBool,
     pub(super) lateness: Mutex<std::collections::VecDeque<Duration>>,
     pub(super) rounds: AtomicU64,
+    /// Unix seconds since when spool commits fail; 0 while they work.
+    pub(super) spool_failing_since: std::sync::atomic::AtomicI64,
+    /// Spool commits that failed since start.
+    pub(super) spool_write_errors: AtomicU64,
 }
 
 /// How many recent tick latenesses are kept.

@@ -86,6 +86,21 @@ pub struct BillingHealth {
     pub spool_chunks: u64,
     pub oldest_unsent_age_ms: u64,
     pub collection_rounds: u64,
+    /// The last spool commit succeeded (samples are on disk).
+    pub spool_ok: bool,
+    /// Unix seconds since when spool commits fail, while they do.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spool_failing_since: Option<i64>,
+    /// Spool commits that failed since start (a full disk, say).
+    pub spool_write_errors: u64,
+}
+
+impl BillingHealth {
+    /// Whether metering is safe: samples reach the disk. (An unreachable
+    /// billing service is not unhealthy: the spool holds the samples.)
+    pub fn ok(&self) -> bool {
+        self.spool_ok
+    }
 }
 
 /// Read side of the running pipeline (health, tests, benches); cheap to clone.
@@ -100,6 +115,7 @@ pub struct BillingStatus {
 impl BillingStatus {
     pub fn health(&self) -> BillingHealth {
         let oldest = self.shared.oldest_unsent_ns.load(Ordering::Relaxed);
+        let failing_since = self.shared.spool_failing_since.load(Ordering::Relaxed);
         let age_ns =
             if oldest == 0 { 0 } else { u64::try_from(crate::util::unix_nanos()).unwrap_or(0).saturating_sub(oldest) };
         BillingHealth {
@@ -112,6 +128,9 @@ impl BillingStatus {
             spool_chunks: self.shared.spool_chunks.load(Ordering::Relaxed),
             oldest_unsent_age_ms: age_ns / 1_000_000,
             collection_rounds: self.shared.rounds.load(Ordering::Relaxed),
+            spool_ok: failing_since == 0,
+            spool_failing_since: (failing_since != 0).then_some(failing_since),
+            spool_write_errors: self.shared.spool_write_errors.load(Ordering::Relaxed),
         }
     }
 

@@ -427,6 +427,7 @@ impl Writer {
             Ok((committed, thinned)) => {
                 if self.failing {
                     self.failing = false;
+                    self.shared.spool_failing_since.store(0, std::sync::atomic::Ordering::Relaxed);
                     warn!("billing spool writes work again");
                 }
                 for w in self.vms.iter_mut() {
@@ -459,8 +460,12 @@ impl Writer {
             }
             Err(e) => {
                 // Records stay in memory and are retried at the next commit.
+                self.shared.spool_write_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.metrics.spool_write_failed();
                 if !self.failing {
                     self.failing = true;
+                    let now = crate::util::unix_now().max(1);
+                    self.shared.spool_failing_since.store(now, std::sync::atomic::Ordering::Relaxed);
                     warn!(error = %chain(&e), "billing spool commit failed; keeping records in memory");
                 }
             }

@@ -259,6 +259,7 @@ struct BillingInner {
     per_vm: Arc<Mutex<PerVm>>,
     heartbeats: Counter<u64>,
     spool_corrupt: Counter<u64>,
+    spool_write_errors: Counter<u64>,
     // Held so the callbacks live as long as the handle.
     _samples: ObservableCounter<u64>,
     _batches: ObservableCounter<u64>,
@@ -297,11 +298,17 @@ impl BillingMetrics {
             .with_description("Damaged billing spool regions skipped at start (each answered with gap notices)")
             .build();
         spool_corrupt.add(0, &[]);
+        let spool_write_errors = meter
+            .u64_counter("metald_billing_spool_write_errors")
+            .with_description("Billing spool commits that failed (disk full, I/O error); samples stay in memory")
+            .build();
+        spool_write_errors.add(0, &[]);
         BillingMetrics {
             inner: Some(Arc::new(BillingInner {
                 per_vm,
                 heartbeats,
                 spool_corrupt,
+                spool_write_errors,
                 _samples: samples,
                 _batches: batches,
             })),
@@ -337,6 +344,13 @@ impl BillingMetrics {
     pub fn heartbeat_sent(&self) {
         if let Some(i) = &self.inner {
             i.heartbeats.add(1, &[]);
+        }
+    }
+
+    /// One billing spool commit failed (`metald_billing_spool_write_errors_total`).
+    pub fn spool_write_failed(&self) {
+        if let Some(i) = &self.inner {
+            i.spool_write_errors.add(1, &[]);
         }
     }
 
