@@ -14,6 +14,7 @@
 //! | `wait.rs`    | bounded polling (`wait_until`, `wait_for`, `eventually`)          |
 //! | `net.rs`     | a free port, a bare HTTP GET, a raw Connect JSON call             |
 //! | `repo.rs`    | paths in the checkout: its root, the npm peers in `tests/js`      |
+//! | `fuzz.rs`    | the CreateVm decoding + validation fuzz target (also cargo-fuzz's) |
 //! | `bench.rs`   | bench hosts (VMs seeded into the store), `METALD_BENCH_*`, stats  |
 //!
 //! Everything is re-exported here: `support::start`, `support::wait_until`, ...
@@ -24,6 +25,7 @@
 
 pub mod bench;
 pub mod daemon;
+pub mod fuzz;
 pub mod guest;
 pub mod net;
 pub mod process;
