@@ -374,6 +374,14 @@ async fn tenancy_is_enforced() {
         .unwrap()
         .into_owned();
     assert_eq!(mine.vm_id, id);
+    let host_of = |info: pb::GetVmInfoResponse| info.backend_info["host_id"].clone();
+    let get = pb::GetVmInfoRequest { vm_id: id.clone(), ..Default::default() };
+    let (ha, hb) = (
+        host_of(a.get_vm_info(get.clone()).await.unwrap().into_owned()),
+        host_of(b.get_vm_info(get).await.unwrap().into_owned()),
+    );
+    assert_eq!(ha, id, "the first VM of an id keeps it on the host");
+    assert!(hb.starts_with(&format!("{id}-")) && hb != ha, "{hb}");
     b.boot_vm(pb::BootVmRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap();
     // A still running, untouched VM for A; each keeps its own across a restart.
     let mut t = t;

@@ -37,6 +37,8 @@ impl Manager {
                 }
             }
         }
+        // The id billing, metrics and logs know the VM by (see `core`).
+        backend_info.insert("host_id".to_owned(), view.host_id.to_string());
         Ok(VmDetails { view, metrics, backend_info })
     }
 
