@@ -56,7 +56,8 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let caps = Arc::new(Caps::new(fd_capped(&settings), &settings));
+    let (max, per_ip) = fd_capped(&settings);
+    let caps = Arc::new(Caps::new(max, per_ip));
     let shared = Arc::new(Shared { app, builder: conn::builder(), settings, metrics });
     let tracker = TaskTracker::new();
     let refusals = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT));
@@ -114,24 +115,36 @@ fn peer_error(e: &std::io::Error) -> bool {
     matches!(e.kind(), ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted | WouldBlock)
 }
 
-/// `max_connections`, lowered to half the open-files limit when that is
-/// smaller: a connection is a descriptor, and the VMs, their logs and the
-/// store need the others (a warning says what to raise).
-fn fd_capped(s: &ConnSettings) -> usize {
+/// The caps served: `max_connections`, lowered to half the open-files
+/// limit when that is smaller (a connection is a descriptor, and the VMs,
+/// their logs and the store need the others; a warning says what to
+/// raise), and the per-address cap lowered in the same proportion (else one
+/// address could take every slot left).
+fn fd_capped(s: &ConnSettings) -> (usize, usize) {
     use nix::sys::resource::{Resource, getrlimit};
-    let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) else { return s.max_connections };
+    let per_ip = s.max_connections_per_ip.min(s.max_connections);
+    let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) else { return (s.max_connections, per_ip) };
     let half = usize::try_from(soft / 2).unwrap_or(usize::MAX).max(1);
-    if half < s.max_connections {
-        warn!(
-            configured = s.max_connections,
-            serving = half,
-            open_files_limit = soft,
-            "{PREFIX}{MAX_CONNECTIONS_VAR} is more than half the open-files limit: serving at most {half} \
-             connections (raise the limit, e.g. systemd LimitNOFILE=, to serve more)"
-        );
-        return half;
+    if half >= s.max_connections {
+        return (s.max_connections, per_ip);
     }
-    s.max_connections
+    let scaled = scale(per_ip, half, s.max_connections);
+    warn!(
+        configured = s.max_connections,
+        serving = half,
+        per_ip = scaled,
+        open_files_limit = soft,
+        "{PREFIX}{MAX_CONNECTIONS_VAR} is more than half the open-files limit: serving at most {half} \
+         connections, {scaled} per address (raise the limit, e.g. systemd LimitNOFILE=, to serve more)"
+    );
+    (half, scaled)
+}
+
+/// `n * to / from`, at least 1.
+fn scale(n: usize, to: usize, from: usize) -> usize {
+    let v = u128::try_from(n).unwrap_or(u128::MAX) * u128::try_from(to).unwrap_or(u128::MAX)
+        / u128::try_from(from.max(1)).unwrap_or(u128::MAX);
+    usize::try_from(v).unwrap_or(usize::MAX).max(1)
 }
 
 /// The connection caps and the connections open, in all and per peer.
@@ -148,8 +161,8 @@ struct Open {
 }
 
 impl Caps {
-    fn new(max: usize, s: &ConnSettings) -> Caps {
-        Caps { max, per_ip: s.max_connections_per_ip.min(max), open: Mutex::default() }
+    fn new(max: usize, per_ip: usize) -> Caps {
+        Caps { max, per_ip: per_ip.min(max), open: Mutex::default() }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
@@ -288,8 +301,14 @@ mod tests {
     use super::*;
 
     fn caps(max: usize, per_ip: usize) -> Arc<Caps> {
-        let s = ConnSettings { max_connections: max, max_connections_per_ip: per_ip, ..ConnSettings::default() };
-        Arc::new(Caps::new(max, &s))
+        Arc::new(Caps::new(max, per_ip))
+    }
+
+    #[test]
+    fn a_lowered_total_lowers_the_per_address_cap_alike() {
+        assert_eq!(scale(512, 512, 4096), 64);
+        assert_eq!(scale(1, 10, 4096), 1);
+        assert_eq!(scale(100, 100, 100), 100);
     }
 
     #[test]
