@@ -8,16 +8,19 @@
 //!
 //! Prints calls/s, p50/p99/max latency (all calls and per operation), the
 //! metald process' RSS and open fds at start, before the soak (after the
-//! baseline), at peak and after (clients gone, VMs deleted), and errors by
-//! code. Goals, each printed PASS/FAIL beside its figure: no 5xx (no call
+//! baseline and a warm-up at the soak's concurrency: the allocator then
+//! holds what a busy metald holds), at peak and after (clients gone, VMs
+//! deleted), and errors by code. Goals, each printed PASS/FAIL beside its figure: no 5xx (no call
 //! answered with a code whose HTTP status is 5xx: internal, unknown,
 //! unavailable, data_loss, unimplemented, deadline_exceeded), RSS after
 //! within 20 % of before, fds back to before.
 //!
 //! Run: `cargo bench --bench soak` (env `METALD_BENCH_CLIENTS` = 200,
-//! `METALD_BENCH_SECONDS` = 60, `METALD_BENCH_BASELINE_SECONDS` = 10;
+//! `METALD_BENCH_SECONDS` = 60, `METALD_BENCH_BASELINE_SECONDS` = 10,
+//! `METALD_BENCH_WARMUP_SECONDS` = 10,
+//! `METALD_BENCH_ROUNDS` = 1 soaks in a row;
 //! `METALD_BENCH_BILLING=unreachable` meters against a closed port instead of
-//! the mock peer). Under `cargo test --all-targets` (no `--bench`) it is a
+//! the mock peer, `=off` runs without billing). Under `cargo test --all-targets` (no `--bench`) it is a
 //! short smoke run.
 
 #![allow(
@@ -194,9 +197,35 @@ async fn phase(clients: usize, secs: f64, endpoint: &str, kernel: &str) -> (Stat
     (stats, Duration::from_secs_f64(secs))
 }
 
-/// RSS (KiB) and open fds of `pid`.
-fn sample(pid: u32) -> (u64, usize) {
-    (support::rss_kib(pid), support::open_fds(pid))
+/// What the metald process holds: RSS (KiB), of it anonymous (heap,
+/// stacks) and file-backed (mapped files: the binary, the store's and the
+/// spool's mappings), and open fds.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    rss: u64,
+    anon: u64,
+    file: u64,
+    fds: usize,
+}
+
+fn sample(pid: u32) -> Sample {
+    Sample {
+        rss: support::rss_kib(pid),
+        anon: support::status_kib(pid, "RssAnon"),
+        file: support::status_kib(pid, "RssFile"),
+        fds: support::open_fds(pid),
+    }
+}
+
+/// Waits until the process' fds are back to `before` (the server has seen
+/// the clients' closes), at most 10 s, then 2 s more; then samples it.
+async fn settle(pid: u32, before: Sample) -> Sample {
+    let start = Instant::now();
+    while sample(pid).fds > before.fds && start.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sample(pid)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -231,14 +260,17 @@ async fn main() {
     let clients: usize = env_or("METALD_BENCH_CLIENTS", if full { 200 } else { 20 });
     let secs: f64 = env_or("METALD_BENCH_SECONDS", if full { 60.0 } else { 2.0 });
     let baseline_secs: f64 = env_or("METALD_BENCH_BASELINE_SECONDS", if full { 10.0 } else { 1.0 });
+    let warmup_secs: f64 = env_or("METALD_BENCH_WARMUP_SECONDS", if full { 10.0 } else { 1.0 });
+    let rounds: usize = env_or("METALD_BENCH_ROUNDS", 1).max(1);
 
     let host = support::Host::new();
     let port = support::free_port();
-    let outage = std::env::var("METALD_BENCH_BILLING").is_ok_and(|v| v == "unreachable");
+    let billing = std::env::var("METALD_BENCH_BILLING").unwrap_or_default();
+    let outage = billing == "unreachable";
     let mut extra = vec![
         ("PORT", port.to_string()),
         ("LOG", "warn".to_string()),
-        ("BILLING_ENABLED", "true".into()),
+        ("BILLING_ENABLED", (billing != "off").to_string()),
         ("BILLING_MOCK_MODE", (!outage).to_string()),
     ];
     if outage {
@@ -258,40 +290,57 @@ async fn main() {
 
     // Baseline: the same mix from one client.
     let (base, base_wall) = phase(1, baseline_secs, &endpoint, &kernel).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = sample(pid);
+    // Warm-up: the soak's load for a short while, so that "before" holds
+    // what any busy metald holds from then on (the allocator's arenas and
+    // free lists at that concurrency, thread stacks, caches): growth beyond
+    // it is what the soak itself left behind.
+    let (warm, _) = phase(clients, warmup_secs, &endpoint, &kernel).await;
+    let before = settle(pid, at_start).await;
 
-    // The soak, with the process sampled for its peak.
+    // The soak, with the process sampled for its peak; `rounds` > 1 repeats
+    // it, to tell memory kept by the allocator (flat after round 1) from a
+    // leak (growing each round).
     let sampling = Arc::new(AtomicBool::new(true));
     let sampler = {
         let sampling = sampling.clone();
         tokio::spawn(async move {
-            let mut peak = (0u64, 0usize);
+            let mut peak = Sample::default();
             while sampling.load(Ordering::Relaxed) {
-                let (rss, fds) = sample(pid);
-                peak = (peak.0.max(rss), peak.1.max(fds));
+                let now = sample(pid);
+                peak = Sample {
+                    rss: peak.rss.max(now.rss),
+                    anon: peak.anon.max(now.anon),
+                    file: peak.file.max(now.file),
+                    fds: peak.fds.max(now.fds),
+                };
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             peak
         })
     };
-    let (soak, soak_wall) = phase(clients, secs, &endpoint, &kernel).await;
+    let mut soak = Stats::default();
+    let mut soak_wall = Duration::ZERO;
+    let mut rounds_after = Vec::new();
+    for _ in 0..rounds {
+        let (stats, wall) = phase(clients, secs, &endpoint, &kernel).await;
+        soak.merge(stats);
+        soak_wall += wall;
+        // After: clients gone (their connections closed), VMs deleted.
+        rounds_after.push(settle(pid, before).await);
+    }
     sampling.store(false, Ordering::Relaxed);
     let peak = sampler.await.unwrap();
-
-    // After: clients gone (their connections closed), VMs deleted. Give the
-    // server a moment to see the closes.
-    let settle = Instant::now();
-    while sample(pid).1 > before.1 && settle.elapsed() < Duration::from_secs(10) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = sample(pid);
+    let after = *rounds_after.last().unwrap();
 
     println!(
         "metald (fake backend, billing {}) on loopback; soak: {clients} clients (Connect proto/JSON, gRPC, gRPC-Web \
-         in turn), {secs} s, up to {VMS_PER_CLIENT} VMs each; baseline: 1 client, {baseline_secs} s",
-        if outage { "ON against a closed port" } else { "ON (mock peer)" }
+         in turn), {secs} s x {rounds}, up to {VMS_PER_CLIENT} VMs each, after a {warmup_secs} s warm-up; baseline: \
+         1 client, {baseline_secs} s",
+        match billing.as_str() {
+            "off" => "off",
+            "unreachable" => "ON against a closed port",
+            _ => "ON (mock peer)",
+        }
     );
     let (base_rate, _) = report("baseline (1 client)", &base, base_wall);
     let (soak_rate, _) = report(&format!("soak ({clients} clients)"), &soak, soak_wall);
@@ -317,12 +366,17 @@ async fn main() {
         println!("  {code:<36} {n}");
     }
     let mib = |kib: u64| kib as f64 / 1024.0;
-    println!("metald process:          RSS         fds");
-    for (name, (rss, fds)) in [("at start", at_start), ("before soak", before), ("peak", peak), ("after", after)] {
-        println!("  {name:<20} {:>7.1} MiB {fds:>7}", mib(rss));
+    println!("metald process:             RSS (anon + file)            fds");
+    let mut rows =
+        vec![("at start".to_string(), at_start), ("before (warmed up)".into(), before), ("peak".into(), peak)];
+    for (k, a) in rounds_after.iter().enumerate() {
+        rows.push((if rounds == 1 { "after".into() } else { format!("after round {}", k + 1) }, *a));
     }
-    let server_errors = base.server_errors + soak.server_errors;
-    let rss_change = (after.0 as f64 - before.0 as f64) / before.0 as f64;
+    for (name, x) in rows {
+        println!("  {name:<20} {:>7.1} MiB ({:>6.1} + {:>5.1}) {:>7}", mib(x.rss), mib(x.anon), mib(x.file), x.fds);
+    }
+    let server_errors = base.server_errors + warm.server_errors + soak.server_errors;
+    let rss_change = (after.rss as f64 - before.rss as f64) / before.rss as f64;
     println!("goals:");
     println!(
         "  no 5xx answers: {server_errors} ({}+{} calls) {}",
@@ -332,12 +386,12 @@ async fn main() {
     );
     println!(
         "  RSS after within 20 % of before: {:.1} -> {:.1} MiB ({:+.1} %) {}",
-        mib(before.0),
-        mib(after.0),
+        mib(before.rss),
+        mib(after.rss),
         rss_change * 100.0,
         pass(rss_change.abs() <= 0.20)
     );
-    println!("  fds back to before: {} -> {} {}", before.1, after.1, pass(after.1 <= before.1));
+    println!("  fds back to before: {} -> {} {}", before.fds, after.fds, pass(after.fds <= before.fds));
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     let panics = log_text.matches("panicked").count();
     if panics > 0 {
