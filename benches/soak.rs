@@ -378,17 +378,18 @@ async fn main() {
     let server_errors = base.server_errors + warm.server_errors + soak.server_errors;
     let rss_change = (after.rss as f64 - before.rss as f64) / before.rss as f64;
     println!("goals:");
+    let calls = base.calls() + warm.calls() + soak.calls();
     println!(
-        "  no 5xx answers: {server_errors} ({}+{} calls) {}",
-        base.calls(),
-        soak.calls(),
+        "  no 5xx answers: {server_errors} of {calls} calls (baseline, warm-up, soak) {}",
         pass(server_errors == 0)
     );
     println!(
-        "  RSS after within 20 % of before: {:.1} -> {:.1} MiB ({:+.1} %) {}",
+        "  RSS after within 20 % of before: {:.1} -> {:.1} MiB ({:+.1} %; anon {:+.1}, file {:+.1} MiB) {}",
         mib(before.rss),
         mib(after.rss),
         rss_change * 100.0,
+        mib(after.anon) - mib(before.anon),
+        mib(after.file) - mib(before.file),
         pass(rss_change.abs() <= 0.20)
     );
     println!("  fds back to before: {} -> {} {}", before.fds, after.fds, pass(after.fds <= before.fds));
