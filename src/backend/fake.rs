@@ -59,6 +59,10 @@ struct Procs {
     pids: HashMap<VmId, u32>,
 }
 
+/// How many recent calls [`FakeControl::calls`] remembers (at least half
+/// as many after it trims).
+const CALLS_KEPT: usize = 10_000;
+
 /// Largest pid window kept as a vector (slots of ~64 bytes).
 const DENSE_MAX: usize = 1 << 20;
 
@@ -98,7 +102,18 @@ impl Procs {
             self.sparse.insert(pid, vm);
             return;
         }
-        let k = usize::try_from(pid - self.base).unwrap_or(0);
+        let mut k = usize::try_from(pid - self.base).unwrap_or(0);
+        if k >= self.dense.len() && self.dense.len() == self.dense.capacity() {
+            // About to reallocate: drop the front slots of exited "processes"
+            // first when they are half the table (pids only grow, so a long
+            // run would otherwise keep a slot for every pid ever handed out).
+            let gone = self.dense.iter().take_while(|v| v.is_none()).count();
+            if gone * 2 >= self.dense.len() {
+                self.dense.drain(..gone);
+                self.base += u32::try_from(gone).unwrap_or(0);
+                k -= gone;
+            }
+        }
         if k >= self.dense.len() {
             self.dense.resize_with(k + 1, || None);
         }
@@ -206,7 +221,7 @@ impl FakeControl {
         lock(&self.shared).vms.contains_key(vm)
     }
 
-    /// `(vm_id, operation)` of every call so far, in order.
+    /// `(vm_id, operation)` of the calls so far (the last 5,000 to 10,000), in order.
     pub fn calls(&self) -> Vec<(String, &'static str)> {
         lock(&self.shared).calls.clone()
     }
@@ -269,6 +284,11 @@ impl FakeBackend {
     async fn enter_inner(&self, vm: &VmId, op: &'static str) -> Result<()> {
         let (delay, fail, barrier) = {
             let mut s = lock(&self.shared);
+            // Keep the recent calls only: a long run (the soak bench) must
+            // not grow the fake's memory with every call.
+            if s.calls.len() >= CALLS_KEPT {
+                s.calls.drain(..CALLS_KEPT / 2);
+            }
             s.calls.push((vm.to_string(), op));
             (s.delay, s.fail_next.remove(op), s.barrier.clone())
         };
@@ -533,6 +553,22 @@ mod tests {
         assert_eq!(p.remove(&id("c")).map(|v| v.pid), Some(99));
         assert!(p.by_pid(99).is_none());
         assert_eq!(p.len(), 3);
+    }
+
+    #[test]
+    fn the_table_does_not_keep_a_slot_for_every_pid_ever() {
+        let mut p = Procs::default();
+        let id = |i: u32| VmId::parse(&format!("vm-{}", i % 10)).unwrap();
+        // Ten VMs that get new processes over and over (boots, reboots).
+        for pid in 1000..101_000 {
+            p.insert(&id(pid), proc(pid));
+        }
+        assert_eq!(p.len(), 10);
+        assert!(p.dense.len() < 64, "{} slots for 10 processes", p.dense.len());
+        for pid in 100_990..101_000 {
+            assert_eq!(p.by_pid(pid).map(|v| v.pid), Some(pid));
+        }
+        assert!(p.by_pid(1000).is_none() && p.sparse.is_empty());
     }
 
     #[tokio::test]

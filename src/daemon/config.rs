@@ -17,6 +17,7 @@ use crate::backend::qemu::config::QemuSettings;
 use crate::billing::BillingConfig;
 pub use crate::config::ConfigError;
 use crate::config::{PREFIX, Reader};
+use crate::server::ConnSettings;
 use crate::telemetry::{LogFormat, TelemetryConfig};
 
 /// Which backend to run.
@@ -58,6 +59,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// How long graceful daemon shutdown waits for in-flight calls.
     pub shutdown_grace_secs: u64,
+    /// The API port's timeouts and connection caps (`UNKEY_METALD_HTTP_*`).
+    pub http: ConnSettings,
     pub qemu: QemuSettings,
     pub firecracker: FirecrackerSettings,
     pub cloud_hypervisor: CloudHypervisorSettings,
@@ -119,6 +122,7 @@ impl Config {
             }
         };
         let shutdown_grace_secs = r.range("SHUTDOWN_GRACE_SECONDS", 30u64, 0, 3600);
+        let http = ConnSettings::read(&mut r);
         let qemu = QemuSettings::read(&mut r);
         let firecracker = FirecrackerSettings::read(&mut r);
         let cloud_hypervisor = CloudHypervisorSettings::read(&mut r);
@@ -144,6 +148,7 @@ impl Config {
             backend,
             log_format,
             shutdown_grace_secs,
+            http,
             qemu,
             firecracker,
             cloud_hypervisor,
@@ -229,6 +234,28 @@ mod tests {
         .unwrap_err();
         // Bad accel, bad tb size, relative initrd, initrd without kernel, timeout.
         assert_eq!(e.0.len(), 5, "{e}");
+    }
+
+    #[test]
+    fn http_connection_settings() {
+        let c = Config::from_source(&src(&[("AUTH_DEV_TOKENS", "1")])).unwrap();
+        assert_eq!(c.http, ConnSettings::default());
+        let c = Config::from_source(&src(&[
+            ("AUTH_DEV_TOKENS", "1"),
+            ("HTTP_HEADER_TIMEOUT_SECONDS", "1"),
+            ("HTTP_MAX_CONNECTIONS_PER_IP", "7"),
+        ]))
+        .unwrap();
+        assert_eq!(c.http.header_timeout, std::time::Duration::from_secs(1));
+        assert_eq!(c.http.max_connections_per_ip, 7);
+        let e = Config::from_source(&src(&[
+            ("AUTH_DEV_TOKENS", "1"),
+            ("HTTP_IDLE_TIMEOUT_SECONDS", "0"),
+            ("HTTP_MAX_CONNECTIONS", "lots"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.0.len(), 2, "{e}");
+        assert!(e.to_string().contains("UNKEY_METALD_HTTP_IDLE_TIMEOUT_SECONDS"), "{e}");
     }
 
     #[test]

@@ -298,7 +298,14 @@ pub async fn start(cfg: Config) -> Result<Daemon, StartError> {
     }
     let app = crate::server::app(manager.clone(), VmApi::new(manager.clone(), auth), &telemetry, billing.clone());
     let http_metrics = telemetry.http_layer();
-    let server = tokio::spawn(crate::server::serve(listener, app, http_metrics, shutdown.clone()));
+    let server = tokio::spawn(crate::server::serve(
+        listener,
+        app,
+        http_metrics,
+        cfg.http.clone(),
+        telemetry.metrics().clone(),
+        shutdown.clone(),
+    ));
     Ok(Daemon {
         addr,
         manager,

@@ -90,6 +90,55 @@ struct Instruments {
     http_active: Arc<Active>,
     // Held so the callback lives as long as the handle.
     _http_active: ObservableUpDownCounter<i64>,
+    connections_refused: Counter<u64>,
+    connection_timeouts: Counter<u64>,
+    connections_open: Arc<AtomicI64>,
+    _connections_open: ObservableUpDownCounter<i64>,
+}
+
+/// Why the API server refused a connection (label `limit` of
+/// `metald_http_connections_refused_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnRefusal {
+    /// `UNKEY_METALD_HTTP_MAX_CONNECTIONS` reached.
+    Connections,
+    /// `UNKEY_METALD_HTTP_MAX_CONNECTIONS_PER_IP` reached for the peer's address.
+    ConnectionsPerIp,
+}
+
+impl ConnRefusal {
+    pub const ALL: [ConnRefusal; 2] = [ConnRefusal::Connections, ConnRefusal::ConnectionsPerIp];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnRefusal::Connections => "connections",
+            ConnRefusal::ConnectionsPerIp => "connections_per_ip",
+        }
+    }
+}
+
+/// Which timeout ended a connection or request (label `timeout` of
+/// `metald_http_connection_timeouts_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnTimeout {
+    /// A request head did not arrive in time: connection closed.
+    Header,
+    /// A request body did not arrive in time: answered 408.
+    Body,
+    /// No request in flight for the idle timeout: connection closed.
+    Idle,
+}
+
+impl ConnTimeout {
+    pub const ALL: [ConnTimeout; 3] = [ConnTimeout::Header, ConnTimeout::Body, ConnTimeout::Idle];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnTimeout::Header => "header",
+            ConnTimeout::Body => "body",
+            ConnTimeout::Idle => "idle",
+        }
+    }
 }
 
 /// HTTP request methods as the semantic conventions label them, `_OTHER` last.
@@ -110,6 +159,23 @@ impl Metrics {
     /// Registers every instrument on `meter`.
     pub fn register(meter: &Meter) -> Metrics {
         let active = Arc::new(Active::default());
+        let connections_open = Arc::new(AtomicI64::new(0));
+        let open = connections_open.clone();
+        let connections_refused = meter
+            .u64_counter("metald_http_connections_refused")
+            .with_description("Connections to the API port refused at a connection limit (answered 503 and closed)")
+            .build();
+        let connection_timeouts = meter
+            .u64_counter("metald_http_connection_timeouts")
+            .with_description("API connections closed (header, idle) or requests answered 408 (body) at a timeout")
+            .build();
+        // Export every series from the start (at 0), so rates work at once.
+        for l in ConnRefusal::ALL {
+            connections_refused.add(0, &[KeyValue::new("limit", l.as_str())]);
+        }
+        for t in ConnTimeout::ALL {
+            connection_timeouts.add(0, &[KeyValue::new("timeout", t.as_str())]);
+        }
         let inner = Instruments {
             operations: meter
                 .u64_counter("metald_vm_operations")
@@ -155,6 +221,15 @@ impl Metrics {
                         }
                     }
                 })
+                .build(),
+            connections_refused,
+            connection_timeouts,
+            connections_open,
+            _connections_open: meter
+                .i64_observable_up_down_counter("metald_http_connections_open")
+                .with_unit("{connection}")
+                .with_description("Connections the API port is serving")
+                .with_callback(move |o| o.observe(open.load(Ordering::Relaxed), &[]))
                 .build(),
         };
         Metrics { inner: Some(Arc::new(inner)), billing: BillingMetrics::register(meter) }
@@ -224,6 +299,29 @@ impl Metrics {
     pub(crate) fn http_duration(&self, key: Option<usize>, attrs: &dyn Fn() -> Vec<KeyValue>, elapsed: Duration) {
         if let Some(i) = &self.inner {
             record(&i.http_duration, &i.http_duration_bound, key, attrs, elapsed.as_secs_f64());
+        }
+    }
+}
+
+impl Metrics {
+    /// A connection was refused at `limit`.
+    pub fn connection_refused(&self, limit: ConnRefusal) {
+        if let Some(i) = &self.inner {
+            i.connections_refused.add(1, &[KeyValue::new("limit", limit.as_str())]);
+        }
+    }
+
+    /// A connection (header, idle) or a request (body) timed out.
+    pub fn connection_timed_out(&self, timeout: ConnTimeout) {
+        if let Some(i) = &self.inner {
+            i.connection_timeouts.add(1, &[KeyValue::new("timeout", timeout.as_str())]);
+        }
+    }
+
+    /// A connection was admitted (`delta` 1) or closed (`delta` -1).
+    pub fn connections_open(&self, delta: i64) {
+        if let Some(i) = &self.inner {
+            i.connections_open.fetch_add(delta, Ordering::Relaxed);
         }
     }
 }

@@ -130,14 +130,21 @@ impl Drop for MetaldProcess {
 /// Starts the `metald` binary with `env` (full names) on top of this
 /// process' environment; stdout and stderr are appended to `log`.
 pub fn spawn_metald(env: &HashMap<String, String>, log: &Path) -> MetaldProcess {
+    spawn(std::process::Command::new(env!("CARGO_BIN_EXE_metald")), env, log)
+}
+
+/// [`spawn_metald`] with its open-files limit, soft and hard, set to
+/// `nofile` (so metald cannot raise it).
+pub fn spawn_metald_with_fd_limit(env: &HashMap<String, String>, log: &Path, nofile: u64) -> MetaldProcess {
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", &format!("ulimit -n {nofile} && exec \"$0\""), env!("CARGO_BIN_EXE_metald")]);
+    spawn(cmd, env, log)
+}
+
+fn spawn(mut cmd: std::process::Command, env: &HashMap<String, String>, log: &Path) -> MetaldProcess {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_metald"))
-        .envs(env)
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let child =
+        cmd.envs(env).stdin(std::process::Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap();
     MetaldProcess(child)
 }
 

@@ -10,7 +10,7 @@
 //! | `vmm.rs`     | the fake Firecracker / Cloud Hypervisor: their calls, request     |
 //! |              | logs, faults                                                      |
 //! | `guest.rs`   | the real guest image of `scripts/guest-image.sh`, console logs    |
-//! | `process.rs` | `/proc`: live or unreaped pids, a test's processes, CPU and RSS   |
+//! | `process.rs` | `/proc`: live or unreaped pids, a test's processes, CPU, RSS, fds |
 //! | `wait.rs`    | bounded polling (`wait_until`, `wait_for`, `eventually`)          |
 //! | `net.rs`     | a free port, a bare HTTP GET, a raw Connect JSON call             |
 //! | `repo.rs`    | paths in the checkout: its root, the npm peers in `tests/js`      |

@@ -1,7 +1,7 @@
 //! Processes seen through `/proc`: whether a pid is alive or merely not yet
 //! reaped, the processes a test started under its temp dir, and killing
 //! them (a guard does it when a test ends, pass or fail); a process' CPU
-//! time and RSS.
+//! time, RSS and open file descriptors.
 
 use std::path::{Path, PathBuf};
 
@@ -80,10 +80,20 @@ pub fn process_cpu_ns(pid: u32) -> i64 {
 
 /// Resident set size of a process in KiB (`VmRSS`; 0 if unknown).
 pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
+}
+
+/// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `RssAnon`, `RssFile`, ...); 0 if unknown.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// Number of open file descriptors of `pid` (0 when it is gone).
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }

@@ -1,8 +1,23 @@
 //! HTTP front: one port serving the ConnectRPC VM API (Connect, gRPC and
-//! gRPC-Web) and `GET /_/health`, with graceful shutdown.
+//! gRPC-Web) and `GET /_/health`, with graceful shutdown, header, body and
+//! idle timeouts and connection caps.
+//!
+//! | file          | owns                                                          |
+//! |---------------|---------------------------------------------------------------|
+//! | `mod.rs`      | the app (health, the VM service) and [`serve`]                |
+//! | `settings.rs` | [`ConnSettings`], `UNKEY_METALD_HTTP_*`                       |
+//! | `accept.rs`   | the accept loop: connection caps, 503 refusals, accept errors |
+//! | `conn.rs`     | one connection: hyper, its timeouts, requests in flight       |
+
+mod accept;
+mod conn;
+pub mod settings;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+
+pub use conn::{BodyError, TimedBody};
+pub use settings::ConnSettings;
 
 use axum::Json;
 use axum::extract::State;
@@ -17,7 +32,7 @@ use tracing::{Instrument, info};
 use crate::api::VmApi;
 use crate::core::Manager;
 use crate::pb::vmprovisioner::v1::VmServiceExt;
-use crate::telemetry::Telemetry;
+use crate::telemetry::{Metrics, Telemetry};
 
 #[derive(Clone)]
 pub struct HealthState {
@@ -117,25 +132,32 @@ pub fn app(
 }
 
 /// Serves `app` on `listener` until `shutdown` is cancelled, then stops
-/// accepting and lets in-flight calls finish. With `http_metrics`, every
-/// HTTP request is measured: the layer wraps the whole router, once
+/// accepting and lets in-flight calls finish. Connections are served under
+/// `settings` (timeouts, caps), counted in `metrics`. With `http_metrics`,
+/// every HTTP request is measured: the layer wraps the whole router, once
 /// (axum's `Router::layer` would wrap every route and the fallback, which
 /// costs a boxed service clone more per request).
 pub async fn serve(
     listener: TcpListener,
     app: axum::Router,
     http_metrics: Option<crate::telemetry::rpc::HttpMetricsLayer>,
+    settings: ConnSettings,
+    metrics: Metrics,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     use tower::Layer as _;
     let addr: Option<SocketAddr> = listener.local_addr().ok();
-    info!(address = ?addr, "serving the VM API (Connect, gRPC, gRPC-Web) and /_/health");
-    let stop = async move { shutdown.cancelled().await };
+    info!(
+        address = ?addr,
+        header_timeout_s = settings.header_timeout.as_secs(),
+        body_timeout_s = settings.body_timeout.as_secs(),
+        idle_timeout_s = settings.idle_timeout.as_secs(),
+        max_connections = settings.max_connections,
+        max_connections_per_ip = settings.max_connections_per_ip,
+        "serving the VM API (Connect, gRPC, gRPC-Web) and /_/health"
+    );
     match http_metrics {
-        Some(layer) => {
-            let app = tower::make::Shared::new(layer.layer(app));
-            axum::serve(listener, app).with_graceful_shutdown(stop).await
-        }
-        None => axum::serve(listener, app).with_graceful_shutdown(stop).await,
+        Some(layer) => accept::run(listener, layer.layer(app), settings, metrics, shutdown).await,
+        None => accept::run(listener, app, settings, metrics, shutdown).await,
     }
 }
