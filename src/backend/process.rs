@@ -311,10 +311,11 @@ mod tests {
         let vms = dir.path().join("vms");
         std::fs::create_dir_all(vms.join("stray")).unwrap();
         let log = dir.path().join("log");
-        // `sh -c CMD NAME`: NAME ($0) carries the VM directory's path.
-        let arg0 = vms.join("stray").join("vmm.sock");
-        let args: Vec<OsString> = vec!["-c".into(), "sleep 30".into(), arg0.into()];
-        let mut child = spawn_detached(Path::new("sh"), &args, dir.path(), &log).unwrap();
+        // One process whose command line names a file in the VM directory.
+        let file = vms.join("stray").join("vmm.log");
+        std::fs::write(&file, b"").unwrap();
+        let args: Vec<OsString> = vec!["-f".into(), file.into()];
+        let mut child = spawn_detached(Path::new("tail"), &args, dir.path(), &log).unwrap();
         let pid = child.id().unwrap();
         let found = processes_under(&vms);
         assert_eq!(found.len(), 1, "{found:?}");
