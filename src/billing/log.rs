@@ -19,10 +19,13 @@
 //! A bad frame (short, impossible length or failed checksum) with no valid
 //! frame after it at the end of the last segment is a torn tail (a crash
 //! mid-write leaves at most the last frame torn): it is cut off. Any other
-//! bad frame is damage: replay scans forward to the next frame whose
-//! checksum holds and goes on from there, and every VM whose records the
-//! damaged bytes may have held is reported ([`Recovered::gaps`]) so that a
-//! gap notice is sent for it. Segments roll at
+//! bad frame is damage: replay goes on at the next valid frame — where the
+//! bad frame's length points, else the next offset whose payload decodes as
+//! entries and whose checksum holds (within a bound on the work; past it,
+//! the rest of the last segment is set aside in a `.damaged-<offset>` file
+//! and cut off) — and every VM whose records the damaged bytes may have
+//! held is reported ([`Recovered::gaps`]) so that a gap notice is sent for
+//! it. Segments roll at
 //! [`SEGMENT_BYTES`]; each starts with a checkpoint of the metered-VM table
 //! and the next chunk id, so old segments can go. A segment is removed
 //! when it is the oldest and holds no live chunk. Only the oldest goes: a
@@ -43,7 +46,7 @@ use tracing::warn;
 
 use super::error::LogError;
 use super::frame::{ChunkHead, Frame};
-use super::frame::{Entry, HEADER, next_entry};
+use super::frame::{Entry, HEADER, RESYNC_BUDGET, Resync, frame_at, next_entry, resync};
 
 /// A segment is closed once it is this big (about 13 s of samples at
 /// 10,000 VMs; smaller segments give space back sooner).
@@ -52,9 +55,6 @@ pub const SEGMENT_BYTES: u64 = 16 << 20;
 /// Slack above twice the live data, in segments, before the oldest
 /// segment's live chunks are copied forward.
 const COMPACT_SLACK_SEGMENTS: u64 = 4;
-
-/// No frame is this big (a commit of 10,000 VMs is ~1.5 MB).
-const MAX_FRAME: u64 = 1 << 30;
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> LogError {
     let path = path.display().to_string();
@@ -296,54 +296,6 @@ impl Recovered {
     }
 }
 
-/// Most bytes checksummed while looking for the next valid frame after
-/// damage (a bound on the work a damaged segment can cause).
-const RESYNC_BUDGET: u64 = 1 << 30;
-
-/// The end of the valid frame at `pos`, if one is there: a non-empty
-/// payload (no empty frame is ever written) within the file whose checksum
-/// holds.
-fn frame_at(bytes: &[u8], pos: usize) -> Option<usize> {
-    let header = bytes.get(pos..pos.checked_add(HEADER)?)?;
-    let len = u64::from(u32::from_le_bytes(header[0..4].try_into().ok()?));
-    let crc = u32::from_le_bytes(header[4..8].try_into().ok()?);
-    if len == 0 || len > MAX_FRAME {
-        return None;
-    }
-    let end = pos.checked_add(HEADER)?.checked_add(usize::try_from(len).ok()?)?;
-    let payload = bytes.get(pos + HEADER..end)?;
-    (crc32fast::hash(payload) == crc).then_some(end)
-}
-
-/// The start of the next valid frame after a bad one at `pos`: where the
-/// bad frame's own length points (damage inside a payload), else the first
-/// offset whose frame checks out.
-fn resync(bytes: &[u8], pos: usize) -> Option<usize> {
-    let claimed = bytes
-        .get(pos..pos + 4)
-        .and_then(|b| b.try_into().ok())
-        .map(|b: [u8; 4]| u64::from(u32::from_le_bytes(b)))
-        .filter(|&len| len > 0 && len <= MAX_FRAME)
-        .and_then(|len| pos.checked_add(HEADER)?.checked_add(usize::try_from(len).ok()?));
-    if let Some(next) = claimed
-        && frame_at(bytes, next).is_some()
-    {
-        return Some(next);
-    }
-    let mut budget = RESYNC_BUDGET;
-    for off in pos + 1..bytes.len().saturating_sub(HEADER) {
-        let len = u64::from(u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap_or_default()));
-        if len == 0 || len > MAX_FRAME || off as u64 + HEADER as u64 + len > bytes.len() as u64 {
-            continue;
-        }
-        budget = budget.checked_sub(len)?;
-        if frame_at(bytes, off).is_some() {
-            return Some(off);
-        }
-    }
-    None
-}
-
 #[derive(Debug, Default, Clone, Copy)]
 struct Seg {
     live: u64,
@@ -361,6 +313,8 @@ pub struct Log {
     needs_checkpoint: bool,
     /// A failed write could not be cut off: the next frame goes to a new segment.
     broken: bool,
+    /// See [`RESYNC_BUDGET`].
+    resync_budget: u64,
 }
 
 /// Takes a chunk's old place off its segment's live count.
@@ -383,6 +337,12 @@ impl Log {
 
     /// [`Log::open`] with segments of `segment_bytes` (tests use small ones).
     pub fn open_with(dir: &Path, segment_bytes: u64) -> Result<(Log, Recovered), LogError> {
+        Log::open_budget(dir, segment_bytes, RESYNC_BUDGET)
+    }
+
+    /// [`Log::open_with`] spending at most `resync_budget` per damaged
+    /// region looking for the next valid frame.
+    fn open_budget(dir: &Path, segment_bytes: u64, resync_budget: u64) -> Result<(Log, Recovered), LogError> {
         std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
         let mut nos: Vec<u64> = std::fs::read_dir(dir)
             .map_err(io_err("listing", dir))?
@@ -407,6 +367,7 @@ impl Log {
             next_id: 1,
             needs_checkpoint: fresh,
             broken: false,
+            resync_budget,
         };
         let mut rec = Recovered::default();
         for &no in &nos {
@@ -434,10 +395,11 @@ impl Log {
         // Where replay stopped for good: `bytes.len()`, or a bad frame with
         // no valid one after it.
         let mut tail = bytes.len();
+        let mut gave_up = false;
         while pos + HEADER <= bytes.len() {
             let Some(end) = frame_at(&bytes, pos) else {
-                match resync(&bytes, pos) {
-                    Some(next) => {
+                match resync(&bytes, pos, self.resync_budget) {
+                    Resync::At(next) => {
                         warn!(
                             segment = %path.display(),
                             from = pos,
@@ -448,8 +410,20 @@ impl Log {
                         pos = next;
                         continue;
                     }
-                    None => {
+                    Resync::End => {
                         tail = pos;
+                        break;
+                    }
+                    Resync::GaveUp => {
+                        // Not known to be a torn tail: damage.
+                        warn!(
+                            segment = %path.display(),
+                            offset = pos,
+                            "billing spool: no valid frame found after damage within the search budget; the rest of the segment is not replayed, gap notices follow"
+                        );
+                        rec.damage();
+                        tail = pos;
+                        gave_up = true;
                         break;
                     }
                 }
@@ -515,7 +489,15 @@ impl Log {
             // Fewer bytes than a header after the last valid frame.
             tail = pos;
         }
-        if tail != bytes.len() {
+        if gave_up {
+            if last {
+                // Appends go at the end of what was replayed (a later start
+                // must not find older chunks behind newer ones with the
+                // same ids): the unread rest is kept aside, then cut off.
+                set_aside(&path, &bytes[tail..], tail);
+                file.set_len(tail as u64).map_err(io_err("truncating", &path))?;
+            }
+        } else if tail != bytes.len() {
             // A crash mid-write tears the last frame of the last segment;
             // anything else is damage.
             if last {
@@ -697,6 +679,23 @@ impl Log {
     /// Segment files now.
     pub fn segments(&self) -> usize {
         self.segs.len()
+    }
+}
+
+/// Keeps the unread rest of the last segment, from `offset`, in
+/// `<segment>.damaged-<offset>` (the log ignores the file; for a person to
+/// look at). Best effort: gap notices cover what it held either way.
+fn set_aside(path: &Path, rest: &[u8], offset: usize) {
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".damaged-{offset}"));
+    let aside = PathBuf::from(aside);
+    match std::fs::write(&aside, rest).and_then(|()| File::open(&aside)?.sync_all()) {
+        Ok(()) => {
+            warn!(segment = %path.display(), kept = %aside.display(), "billing spool: the unread rest of the segment is set aside")
+        }
+        Err(e) => {
+            warn!(segment = %path.display(), error = %e, "billing spool: setting aside the unread rest of the segment failed; it is cut off")
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Tests of the spool log: id slots, replay of chunks, deletions, skips
-//! and meters, torn tails and damage (skipped, its VMs reported), segment collection
-//! and compaction.
+//! and meters, torn tails and damage (skipped, its VMs reported; found
+//! again in commits of real records at scale; a spent search budget),
+//! segment collection and compaction.
 
 #![allow(clippy::unwrap_used)]
 
@@ -224,4 +225,125 @@ fn a_torn_tail_is_not_damage() {
     assert_eq!(rec.corrupt_frames, 0);
     assert!(rec.gaps.is_empty());
     assert_eq!(std::fs::metadata(&seg).unwrap().len(), u64::try_from(start).unwrap(), "cut off");
+}
+
+/// Frames the size of a commit at scale: `vms` VMs of 10 real samples
+/// each (delta-encoded records, as the writer spools them).
+fn big_frames(dir: &Path, frames: usize, vms: usize) -> (PathBuf, Vec<(usize, usize)>, Vec<Vec<i64>>) {
+    use crate::billing::codec::Record;
+    use crate::model::Usage;
+    let (mut log, _) = Log::open(dir).unwrap();
+    let seg = seg_path(dir, 1);
+    let names: Vec<String> = (0..vms).map(|v| format!("vm-{v:05}")).collect();
+    let mut out = Vec::new();
+    let mut ids = Vec::new();
+    for k in 0..frames {
+        let start = usize::try_from(std::fs::metadata(&seg).unwrap().len()).unwrap();
+        let mut f = Frame::new();
+        if log.needs_checkpoint() {
+            f.checkpoint(log.peek_next_id());
+            for n in &names {
+                f.meter(n, "cust", 1);
+            }
+        }
+        let mut fid = Vec::new();
+        for (v, n) in names.iter().enumerate() {
+            let id = log.next_id();
+            let base = 1_700_000_000_000_000_000 + i64::try_from(k * 10).unwrap() * 100_000_000;
+            let recs: Vec<Record> = (0..10u64)
+                .map(|s| {
+                    let t = u64::try_from(k).unwrap() * 10 + s;
+                    let u = Usage {
+                        cpu_time_ns: t * (3_000_000 + v as u64 * 7919),
+                        memory_bytes: 256 << 20,
+                        disk_read_bytes: t / 3 * 4096,
+                        net_rx_bytes: t * (v as u64 % 13) * 60,
+                        ..Usage::default()
+                    };
+                    Record::sample(
+                        base + i64::try_from(s).unwrap() * 100_000_000 + i64::try_from(v % 97).unwrap() * 1000,
+                        &u,
+                    )
+                })
+                .collect();
+            let h = ChunkHead {
+                id,
+                vm: n.as_str(),
+                customer: "cust",
+                records: 10,
+                events: 0,
+                first_ts: recs[0].ts_ns,
+                last_ts: recs[9].ts_ns,
+                skip: 0,
+                thinned: false,
+            };
+            f.chunk(&h, |b| Record::encode_into(&recs, b));
+            fid.push(id);
+        }
+        log.append(f).unwrap();
+        let end = usize::try_from(std::fs::metadata(&seg).unwrap().len()).unwrap();
+        out.push((start, end - start));
+        ids.push(fid);
+    }
+    (seg, out, ids)
+}
+
+#[test]
+fn a_damaged_header_in_commits_at_scale_is_resynchronised() {
+    // Real sample records are full of small numbers: about one offset in
+    // five reads as a plausible frame length. Checksumming each candidate
+    // ran out of search budget long before the next frame, and the rest of
+    // the segment was cut off as if torn.
+    let tmp = tempfile::tempdir().unwrap();
+    let (seg, frames, ids) = big_frames(tmp.path(), 4, 2_000);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[frames[1].0 + 2] ^= 0x01;
+    std::fs::write(&seg, &bytes).unwrap();
+    let (_, rec) = Log::open(tmp.path()).unwrap();
+    let want: Vec<i64> = [&ids[0], &ids[2], &ids[3]].into_iter().flatten().copied().collect();
+    assert_eq!(rec.chunks.len(), want.len(), "later frames are replayed");
+    assert!(rec.chunks.keys().copied().eq(want));
+    assert_eq!(rec.corrupt_frames, 1);
+    assert_eq!(rec.gaps.len(), 2_000, "every VM metered at the damage");
+    assert_eq!(std::fs::read(&seg).unwrap().len(), bytes.len());
+}
+
+#[test]
+fn a_spent_search_budget_is_damage_not_a_torn_tail() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (seg, frames, ids) = five_frames(tmp.path());
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[frames[2].0 + 1] ^= 0x5a;
+    std::fs::write(&seg, &bytes).unwrap();
+    let (mut log, rec) = Log::open_budget(tmp.path(), SEGMENT_BYTES, 0).unwrap();
+    assert_eq!(rec.chunks.keys().copied().collect::<Vec<_>>(), ids[..2]);
+    assert_eq!(rec.corrupt_frames, 1);
+    assert_eq!(rec.gaps.keys().map(String::as_str).collect::<Vec<_>>(), ["a", "b"]);
+    // The unread rest is set aside, and appends go on after what was read.
+    let aside = tmp.path().join(format!("{}.damaged-{}", seg.file_name().unwrap().to_str().unwrap(), frames[2].0));
+    assert_eq!(std::fs::read(aside).unwrap(), bytes[frames[2].0..]);
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), u64::try_from(frames[2].0).unwrap());
+    let more = frame_with(&mut log, &[("a", b"after")]);
+    drop(log);
+    let (log, rec) = Log::open(tmp.path()).unwrap();
+    assert_eq!(rec.chunks.keys().copied().collect::<Vec<_>>(), [ids[0], ids[1], more[0]]);
+    assert_eq!(rec.corrupt_frames, 0, "the damage was dealt with");
+    assert_eq!(log.reader().read(&more).unwrap(), vec![Some(b"after".to_vec())]);
+}
+
+#[test]
+fn resync_finds_the_next_frame_or_says_why_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (seg, frames, _) = five_frames(tmp.path());
+    let mut bytes = std::fs::read(&seg).unwrap();
+    // Payload damage: the bad frame's own length points at the next one.
+    bytes[frames[1].0 + HEADER + 2] ^= 1;
+    assert_eq!(resync(&bytes, frames[1].0, 0), Resync::At(frames[2].0));
+    // Header damage: found by scanning, given budget.
+    bytes[frames[3].0] ^= 0x40;
+    assert_eq!(resync(&bytes, frames[3].0, RESYNC_BUDGET), Resync::At(frames[4].0));
+    assert_eq!(resync(&bytes, frames[3].0, 0), Resync::GaveUp);
+    // Nothing valid after the last frame.
+    bytes[frames[4].0 + HEADER] ^= 1;
+    assert_eq!(resync(&bytes, frames[4].0, RESYNC_BUDGET), Resync::End);
 }
