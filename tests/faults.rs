@@ -164,6 +164,9 @@ async fn a_full_disk_under_the_billing_spool_turns_health_unhealthy_until_space_
         ("BILLING_ENABLED", "true"),
         ("BILLING_MOCK_MODE", "true"),
         ("BILLING_COMMIT_MS", "50"),
+        ("OTEL_ENABLED", "true"),
+        ("OTEL_ENDPOINT", "http://127.0.0.1:9"),
+        ("OTEL_PROMETHEUS_PORT", "0"),
     ])
     .await;
     let c = t.client(TOKEN_A);
@@ -204,5 +207,9 @@ async fn a_full_disk_under_the_billing_spool_turns_health_unhealthy_until_space_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(healed, "health is 200 again once the spool can be written");
+    let scrape = http_get_raw(&t.d().metrics_addr.unwrap(), "/metrics").await;
+    let line = scrape.lines().find(|l| l.starts_with("metald_billing_spool_write_errors_total")).unwrap_or("");
+    let n: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    assert!(n >= 1.0, "the failed commits are counted: {line:?}");
     drop(t);
 }
