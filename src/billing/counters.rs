@@ -86,6 +86,21 @@ pub struct Shared {
     pub(super) spool_failing_since: std::sync::atomic::AtomicI64,
     /// Spool commits that failed since start.
     pub(super) spool_write_errors: AtomicU64,
+    /// VMs whose metering ended, oldest first, with the generation of
+    /// their latest retirement; past [`RETIRED_KEEP`] their counters go.
+    retired: Mutex<Retired>,
+}
+
+/// How many VMs no longer metered keep their counters (for tests and
+/// health): without a bound, a host creating VMs with fresh ids grows the
+/// counter maps by one entry per VM forever.
+pub(super) const RETIRED_KEEP: usize = 4096;
+
+#[derive(Default)]
+struct Retired {
+    order: std::collections::VecDeque<(String, u64)>,
+    latest: HashMap<String, u64>,
+    next: u64,
 }
 
 /// How many recent tick latenesses are kept.
@@ -115,6 +130,35 @@ impl Shared {
         }
     }
 
+    /// `vm` is no longer metered (its writer slot was freed). Once
+    /// [`RETIRED_KEEP`] VMs retired after it, its counters are dropped,
+    /// unless it is metered again by then (the writer holds its
+    /// `collected` cell) or retired again later (a newer generation).
+    /// A VM whose records are delivered only after that (a long billing
+    /// outage) gets a fresh `delivered` entry: counters are for tests and
+    /// health, the spool and the billing service hold the usage itself.
+    pub(super) fn retire(&self, vm: &str) {
+        let mut r = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        let generation = r.next;
+        r.next += 1;
+        r.latest.insert(vm.to_owned(), generation);
+        r.order.push_back((vm.to_owned(), generation));
+        while r.order.len() > RETIRED_KEEP {
+            let Some((old, generation)) = r.order.pop_front() else { break };
+            if r.latest.get(&old) != Some(&generation) {
+                continue;
+            }
+            r.latest.remove(&old);
+            let mut collected = self.collected.lock().unwrap_or_else(|p| p.into_inner());
+            if collected.get(&old).is_some_and(|c| Arc::strong_count(c) > 1) {
+                continue;
+            }
+            collected.remove(&old);
+            drop(collected);
+            self.counters.lock().unwrap_or_else(|p| p.into_inner()).remove(&old);
+        }
+    }
+
     pub(super) fn record_lateness(&self, d: Duration) {
         self.rounds.fetch_add(1, Ordering::Relaxed);
         let mut l = self.lateness.lock().unwrap_or_else(|p| p.into_inner());
@@ -122,5 +166,44 @@ impl Shared {
             l.pop_front();
         }
         l.push_back(d);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn metered_once(shared: &Shared, vm: &str) {
+        shared.collected_cell(vm).fetch_add(1, Ordering::Relaxed);
+        shared.bump(vm, |c| c.delivered += 1);
+        shared.retire(vm);
+    }
+
+    #[test]
+    fn counters_of_retired_vms_are_bounded_and_live_or_recent_ones_kept() {
+        let shared = Shared::default();
+        // A VM metered again after retiring (its writer holds the cell),
+        // and one retired early and again late: both keep their counters.
+        let live = shared.collected_cell("live");
+        shared.retire("live");
+        metered_once(&shared, "again");
+        // "again" retires a second time before its first retirement falls
+        // out of the window: the stale entry must not take its counters.
+        for i in 0..RETIRED_KEEP + RETIRED_KEEP / 4 {
+            metered_once(&shared, &format!("vm-{i}"));
+            if i == RETIRED_KEEP / 2 {
+                metered_once(&shared, "again");
+            }
+        }
+        let counters = shared.counters();
+        assert!(counters.len() <= RETIRED_KEEP + 2, "{} counters kept", counters.len());
+        assert!(counters.contains_key("live"));
+        assert_eq!(counters["again"].collected, 2);
+        assert!(!counters.contains_key("vm-0"));
+        let newest = format!("vm-{}", RETIRED_KEEP + RETIRED_KEEP / 4 - 1);
+        assert_eq!(counters[&newest], VmCounters { collected: 1, delivered: 1, thinned: 0 });
+        drop(live);
     }
 }

@@ -52,6 +52,10 @@ use super::frame::{Entry, HEADER, RESYNC_BUDGET, Resync, frame_at, next_entry, r
 /// 10,000 VMs; smaller segments give space back sooner).
 pub const SEGMENT_BYTES: u64 = 16 << 20;
 
+/// How far a segment grows past its current map before a read maps it
+/// again (see `SegFile::view`).
+const REMAP_BYTES: u64 = 1 << 20;
+
 /// Slack above twice the live data, in segments, before the oldest
 /// segment's live chunks are copied forward.
 const COMPACT_SLACK_SEGMENTS: u64 = 4;
@@ -145,7 +149,8 @@ impl Locs {
 /// system calls.
 struct SegFile {
     file: File,
-    map: Mutex<Option<Arc<memmap2::Mmap>>>,
+    /// The map and the file's length when it was made.
+    map: Mutex<Option<(Arc<memmap2::Mmap>, u64)>>,
     /// How much to map at first (past the end of a growing segment, so one
     /// map serves it while it fills).
     reserve: u64,
@@ -158,27 +163,31 @@ impl SegFile {
 
     /// A map covering at least the first `end` bytes. (The one `unsafe` of
     /// the spool: mapping a file is how the OS offers reads without a
-    /// system call each.)
+    /// system call each.) A growing segment is mapped afresh once it grew
+    /// [`REMAP_BYTES`] past the last map: pages the sender read through a
+    /// map stay in metald's RSS until the map goes, so one map kept for
+    /// the whole 16 MiB segment made the RSS grow with it.
     #[allow(unsafe_code)]
     fn view(&self, end: u64) -> io::Result<Arc<memmap2::Mmap>> {
         let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(v) = m.as_ref()
+        if let Some((v, mapped_at)) = m.as_ref()
             && v.len() as u64 >= end
+            && end <= mapped_at.saturating_add(REMAP_BYTES)
         {
             return Ok(v.clone());
         }
-        let len = self.file.metadata()?.len();
-        if len < end {
+        let file_len = self.file.metadata()?.len();
+        if file_len < end {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "chunk past the end of its segment"));
         }
-        let len = usize::try_from(len.max(self.reserve)).map_err(io::Error::other)?;
+        let len = usize::try_from(file_len.max(self.reserve)).map_err(io::Error::other)?;
         // SAFETY: the log is append-only: bytes a chunk location points at
         // are written once, before the location exists, and never changed
         // or cut off afterwards (truncation after a failed write cuts only
         // bytes no location points at). Pages past the end of the file are
         // mapped but never read: every read is of a located chunk.
         let v = Arc::new(unsafe { memmap2::MmapOptions::new().len(len).map(&self.file)? });
-        *m = Some(v.clone());
+        *m = Some((v.clone(), file_len));
         Ok(v)
     }
 }

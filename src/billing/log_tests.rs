@@ -347,3 +347,25 @@ fn resync_finds_the_next_frame_or_says_why_not() {
     bytes[frames[4].0 + HEADER] ^= 1;
     assert_eq!(resync(&bytes, frames[4].0, RESYNC_BUDGET), Resync::End);
 }
+
+#[test]
+fn a_growing_segment_is_mapped_afresh_every_remap_bytes() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("seg");
+    let mut f = File::create(&path).unwrap();
+    f.write_all(&vec![7u8; 4096]).unwrap();
+    let seg = SegFile::new(File::open(&path).unwrap(), 4 * REMAP_BYTES);
+    let first = seg.view(4096).unwrap();
+    // Growth within REMAP_BYTES of the map reads through the same map.
+    f.write_all(&vec![8u8; usize::try_from(REMAP_BYTES).unwrap() / 2]).unwrap();
+    let same = seg.view(4096 + REMAP_BYTES / 2).unwrap();
+    assert!(Arc::ptr_eq(&first, &same));
+    assert_eq!(same[4096 + usize::try_from(REMAP_BYTES).unwrap() / 2 - 1], 8);
+    // Past it, a new map (the old one's pages leave the RSS with it).
+    f.write_all(&vec![9u8; usize::try_from(REMAP_BYTES).unwrap()]).unwrap();
+    let end = 4096 + 3 * REMAP_BYTES / 2;
+    let fresh = seg.view(end).unwrap();
+    assert!(!Arc::ptr_eq(&first, &fresh));
+    assert_eq!(fresh[usize::try_from(end).unwrap() - 1], 9);
+}

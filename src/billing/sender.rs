@@ -71,6 +71,21 @@ struct VmQueue {
     thin_pending: u32,
     /// In `Sender::ready` already.
     queued: bool,
+    /// The wake-up armed in `Sender::timers` for this queue; other entries
+    /// of it there are stale and skipped.
+    timer: Option<Instant>,
+}
+
+/// Arms a wake-up of `vm` at `at` unless one at or before it is armed: one
+/// live entry per queue, so the heap does not fill with a VM's superseded
+/// deadlines (with the default 60 s flush, every delivered batch used to
+/// leave one behind for a minute).
+fn arm(timers: &mut BinaryHeap<Reverse<(Instant, Arc<str>)>>, q: &mut VmQueue, vm: &Arc<str>, at: Instant) {
+    if q.timer.is_some_and(|t| t <= at) {
+        return;
+    }
+    q.timer = Some(at);
+    timers.push(Reverse((at, vm.clone())));
 }
 
 struct Outcome {
@@ -181,7 +196,7 @@ impl Sender {
                     q.events += u64::from(c.events);
                     if q.chunks.is_empty() {
                         let at = flush_at(self.flush_ns, c.first_ts, now, now_ns);
-                        self.timers.push(Reverse((at, c.vm.clone())));
+                        arm(&mut self.timers, q, &c.vm, at);
                     }
                     q.chunks.push_back(c);
                 }
@@ -223,8 +238,42 @@ impl Sender {
         while let Some(Reverse((at, _))) = self.timers.peek()
             && *at <= now
         {
-            let Some(Reverse((_, vm))) = self.timers.pop() else { break };
+            let Some(Reverse((at, vm))) = self.timers.pop() else { break };
+            let Some(q) = self.queues.get_mut(&vm) else { continue };
+            if q.timer != Some(at) {
+                continue;
+            }
+            q.timer = None;
             self.try_launch(&vm, jobs, now, now_ns);
+            self.rearm(&vm, now, now_ns);
+        }
+    }
+
+    /// After `vm`'s wake-up fired without starting a call: arms the next
+    /// one (its retry, then its front chunk's flush deadline). A queue in
+    /// flight or waiting for a slot is woken by that; one due now but held
+    /// by thinning by the thinned notice.
+    fn rearm(&mut self, vm: &Arc<str>, now: Instant, now_ns: i64) {
+        let Some(q) = self.queues.get_mut(vm) else { return };
+        if q.in_flight || q.queued {
+            return;
+        }
+        let Some(front) = q.chunks.front() else { return };
+        let at = match q.retry_at {
+            Some(r) if r > now => r,
+            _ => flush_at(self.flush_ns, front.first_ts, now, now_ns),
+        };
+        if at > now {
+            arm(&mut self.timers, q, vm, at);
+        }
+    }
+
+    /// Drops the stale wake-ups (of queues drained or re-armed earlier)
+    /// once they outnumber the live ones, so the heap's size follows the
+    /// number of queues, not the rate of deliveries.
+    fn compact_timers(&mut self) {
+        if self.timers.len() > 2 * self.queues.len() + 1024 {
+            self.timers = self.queues.iter().filter_map(|(vm, q)| q.timer.map(|t| Reverse((t, vm.clone())))).collect();
         }
     }
 
@@ -270,6 +319,7 @@ impl Sender {
                 q.queued = false;
             }
             self.try_launch(&vm, jobs, now, now_ns);
+            self.rearm(&vm, now, now_ns);
         }
     }
 
@@ -367,7 +417,7 @@ impl Sender {
                     }
                     Some(front) => {
                         let at = flush_at(self.flush_ns, front.first_ts, Instant::now(), self.clock.unix_ns());
-                        self.timers.push(Reverse((at, o.vm.clone())));
+                        arm(&mut self.timers, q, &o.vm, at);
                     }
                 }
                 if recovered {
@@ -392,7 +442,7 @@ impl Sender {
                 let now = Instant::now();
                 let at = now + delay;
                 q.retry_at = Some(at);
-                self.timers.push(Reverse((at, o.vm.clone())));
+                arm(&mut self.timers, q, &o.vm, at);
                 // Calls that were in flight when the outage began fail
                 // together: only a probe's failure lengthens the back-off.
                 if e.is_outage() && self.endpoint_retry_at.is_none_or(|at| now >= at) {
@@ -610,6 +660,7 @@ pub async fn run(mut s: Sender, mut notices: mpsc::UnboundedReceiver<Notice>, st
                     housekeeping = Instant::now();
                     s.maybe_thin();
                     s.publish_oldest();
+                    s.compact_timers();
                     rounds += 1;
                     if rounds.is_multiple_of(5) {
                         s.scan(&mut jobs);

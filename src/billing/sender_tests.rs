@@ -296,3 +296,70 @@ async fn over_the_spool_limit_old_chunks_are_thinned_and_gaps_reported() {
     let counters = shared.counters()["a"];
     assert_eq!((counters.thinned, counters.delivered), (4 * 48, 58));
 }
+
+/// A sender that is not running, over an empty spool (its parts live as
+/// long as the returned directory).
+fn idle_sender(flush_secs: u64) -> (Sender, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (log, _) = crate::billing::log::Log::open(&spool::spool_dir(tmp.path())).unwrap();
+    let (handle, _acks) = SpoolHandle::detached();
+    let s = Sender::new(
+        &cfg(100, flush_secs),
+        Arc::new(Arc::new(Script::default())),
+        log.reader(),
+        handle,
+        Arc::new(MeterSet::default()),
+        Arc::new(NoopMetrics),
+        Arc::new(Shared::default()),
+        Clock::new(),
+        Vec::new(),
+    )
+    .unwrap();
+    (s, tmp)
+}
+
+fn chunk(id: i64, vm: &str, first_ts: i64) -> ChunkMeta {
+    ChunkMeta {
+        id,
+        vm: Arc::from(vm),
+        customer: Arc::from("cust"),
+        records: 1,
+        events: 0,
+        first_ts,
+        bytes: 10,
+        skip: 0,
+        thinned: false,
+    }
+}
+
+#[tokio::test]
+async fn wake_ups_stay_one_per_queue_and_stale_ones_are_dropped() {
+    let (mut s, _tmp) = idle_sender(60);
+    let now_ns = s.clock.unix_ns();
+    s.absorb(Notice::Committed(vec![chunk(1, "a", now_ns)]));
+    assert_eq!(s.timers.len(), 1);
+    // Later deadlines (each delivered batch re-arms the next front's) do
+    // not pile up; an earlier one (a retry) replaces the armed one.
+    let vm: Arc<str> = Arc::from("a");
+    let base = Instant::now();
+    for i in 0..10_000u64 {
+        let q = s.queues.get_mut(&vm).unwrap();
+        arm(&mut s.timers, q, &vm, base + Duration::from_secs(61) + Duration::from_millis(i));
+    }
+    assert_eq!(s.timers.len(), 1);
+    let retry = base + Duration::from_secs(1);
+    arm(&mut s.timers, s.queues.get_mut(&vm).unwrap(), &vm, retry);
+    assert_eq!(s.timers.len(), 2);
+    assert_eq!(s.queues[&vm].timer, Some(retry));
+    // Queues drained and gone leave their entries behind until there are
+    // more stale than live ones, then only the live ones are kept.
+    for i in 0..3_000 {
+        let id = format!("gone-{i}");
+        s.absorb(Notice::Committed(vec![chunk(10 + i, &id, now_ns)]));
+        s.queues.remove(id.as_str());
+    }
+    assert_eq!(s.timers.len(), 3_002);
+    s.compact_timers();
+    assert_eq!(s.timers.len(), 1);
+    assert_eq!(s.timers.peek().map(|Reverse((at, vm))| (*at, vm.to_string())), Some((retry, "a".to_owned())));
+}

@@ -160,8 +160,9 @@ impl Vms {
         self.slots.iter_mut().flatten()
     }
 
-    /// Frees the slots of VMs neither metered nor waiting to be settled.
-    fn retain_metered(&mut self) {
+    /// Frees the slots of VMs neither metered nor waiting to be settled,
+    /// and retires their counters.
+    fn retain_metered(&mut self, shared: &Shared) {
         for (i, slot) in self.slots.iter_mut().enumerate() {
             if slot.as_ref().is_some_and(|w| !w.metered() && !w.dirty)
                 && let Some(w) = slot.take()
@@ -169,6 +170,8 @@ impl Vms {
                 self.by_key.remove(&w.key);
                 self.free.push(i);
                 self.layout += 1;
+                drop(w.collected_total);
+                shared.retire(&w.key);
             }
         }
     }
@@ -446,7 +449,7 @@ impl Writer {
                         w.collected = 0;
                     }
                 }
-                self.vms.retain_metered();
+                self.vms.retain_metered(&self.shared);
                 self.deletes.clear();
                 self.partials.clear();
                 self.thin.clear();
