@@ -16,6 +16,10 @@ pub enum Error {
     NotFound(String),
     #[error("VM {0} already exists")]
     AlreadyExists(String),
+    /// Something other than a VM id is taken (an address, a host port):
+    /// the message names it.
+    #[error("{0}")]
+    Taken(String),
     #[error("VM {vm_id}: {source}")]
     WrongState {
         vm_id: String,
@@ -35,9 +39,21 @@ pub enum Error {
     #[error("hypervisor backend failed")]
     Backend(#[from] BackendError),
     #[error("{}", store_context(.0))]
-    Store(#[from] StoreError),
+    Store(#[source] StoreError),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<StoreError> for Error {
+    /// A pool with nothing left or a lease someone else holds is the
+    /// caller's problem, not the store's.
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Exhausted(m) => Error::ResourceExhausted(m),
+            StoreError::Taken(m) => Error::Taken(m),
+            e => Error::Store(e),
+        }
+    }
 }
 
 impl From<Invalid> for Error {
@@ -56,7 +72,7 @@ impl Error {
         match self {
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
-            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::AlreadyExists(_) | Error::Taken(_) => Code::AlreadyExists,
             Error::WrongState { .. } | Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Unauthenticated(_) => Code::Unauthenticated,
@@ -108,6 +124,8 @@ mod tests {
             (Error::from(VmId::parse("Bad Id").unwrap_err()), Code::InvalidArgument),
             (Error::NotFound("x".into()), Code::NotFound),
             (Error::AlreadyExists("x".into()), Code::AlreadyExists),
+            (Error::from(StoreError::Taken("10.0.0.2 is leased".into())), Code::AlreadyExists),
+            (Error::from(StoreError::Exhausted("pool".into())), Code::ResourceExhausted),
             (
                 Error::WrongState {
                     vm_id: "x".into(),

@@ -9,7 +9,8 @@ use crate::core::{LiveMetrics, VmDetails, VmView};
 use crate::error::Error;
 use crate::model::VmState;
 use crate::model::{
-    BootSpec, ConsoleSpec, CpuSpec, DiskSpec, Ipv4Spec, Ipv6Spec, MemorySpec, NicSpec, RateLimit, Topology, VmSpec,
+    BootSpec, ConsoleSpec, CpuSpec, DiskSpec, Ipv4Spec, Ipv6Spec, MemorySpec, NicSpec, PortSpec, RateLimit, Topology,
+    VmSpec,
 };
 use crate::pb::vmprovisioner::v1 as pb;
 
@@ -144,6 +145,16 @@ pub fn spec_in(c: &pb::VmConfig) -> VmSpec {
                 mode: n.mode.to_i32(),
                 rx_rate_limit: rate_in(&n.rx_rate_limit),
                 tx_rate_limit: rate_in(&n.tx_rate_limit),
+                managed: false,
+                ports: n
+                    .port_mappings
+                    .iter()
+                    .map(|p| PortSpec {
+                        protocol: p.protocol.clone(),
+                        host_port: i64::from(p.host_port),
+                        guest_port: i64::from(p.guest_port),
+                    })
+                    .collect(),
             })
             .collect(),
         console: c.console.as_option().map(|c| ConsoleSpec {
@@ -243,6 +254,7 @@ pub fn spec_out(s: &VmSpec) -> pb::VmConfig {
                 mode: EnumValue::from(n.mode),
                 rx_rate_limit: rate_out(&n.rx_rate_limit),
                 tx_rate_limit: rate_out(&n.tx_rate_limit),
+                port_mappings: ports_out(&n.ports),
                 ..Default::default()
             })
             .collect(),
@@ -292,33 +304,65 @@ fn metrics_out(m: &LiveMetrics) -> pb::VmMetrics {
     }
 }
 
-/// Network facts of the first interface, when the VM has one.
-fn network_out(d: &VmDetails) -> Option<pb::VmNetworkInfo> {
-    let nic = d.view.spec.network.first()?;
+fn ports_out(ports: &[PortSpec]) -> Vec<pb::PortMapping> {
+    ports
+        .iter()
+        .map(|p| pb::PortMapping {
+            protocol: p.protocol.clone(),
+            host_port: i64_to_i32(p.host_port),
+            guest_port: i64_to_i32(p.guest_port),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// Network facts of every interface (for a metald-managed one, what it
+/// leased: the spec holds it since create).
+fn networks_out(d: &VmDetails) -> Vec<pb::VmNetworkInfo> {
     let extra = d.view.status.runtime().map(|rt| &rt.extra);
-    let fact = |key: &str, fallback: &str| {
-        extra.and_then(|e| e.get(&format!("{key}.{}", nic.id))).cloned().unwrap_or_else(|| fallback.to_owned())
-    };
-    let v4 = nic.ipv4.as_ref();
-    Some(pb::VmNetworkInfo {
-        ip_address: v4.map(|v| v.address.clone()).unwrap_or_default(),
-        mac_address: fact("mac", &nic.mac),
-        tap_device: fact("tap", &nic.tap),
-        network_namespace: fact("netns", ""),
-        gateway: v4.map(|v| v.gateway.clone()).unwrap_or_default(),
-        dns_servers: v4.map(|v| v.dns_servers.clone()).unwrap_or_default(),
-        ..Default::default()
-    })
+    d.view
+        .spec
+        .network
+        .iter()
+        .map(|nic| {
+            let fact = |key: &str, fallback: &str| {
+                extra.and_then(|e| e.get(&format!("{key}.{}", nic.id))).cloned().unwrap_or_else(|| fallback.to_owned())
+            };
+            let (v4, v6) = (nic.ipv4.as_ref(), nic.ipv6.as_ref());
+            let prefix4 = v4
+                .and_then(|v| v.netmask.parse::<std::net::Ipv4Addr>().ok())
+                .map_or(0, |m| i32::try_from(u32::from(m).count_ones()).unwrap_or(0));
+            let mut dns: Vec<String> = v4.map(|v| v.dns_servers.clone()).unwrap_or_default();
+            dns.extend(v6.map(|v| v.dns_servers.clone()).unwrap_or_default());
+            pb::VmNetworkInfo {
+                ip_address: v4.map(|v| v.address.clone()).unwrap_or_default(),
+                mac_address: fact("mac", &nic.mac),
+                tap_device: fact("tap", &nic.tap),
+                network_namespace: fact("netns", ""),
+                gateway: v4.map(|v| v.gateway.clone()).unwrap_or_default(),
+                dns_servers: dns,
+                ipv6_address: v6.map(|v| v.address.clone()).unwrap_or_default(),
+                ipv6_gateway: v6.map(|v| v.gateway.clone()).unwrap_or_default(),
+                port_mappings: ports_out(&nic.ports),
+                interface_id: nic.id.clone(),
+                ipv4_prefix_length: prefix4,
+                ipv6_prefix_length: v6.map_or(0, |v| i64_to_i32(v.prefix_length)),
+                ..Default::default()
+            }
+        })
+        .collect()
 }
 
 pub fn info_out(d: &VmDetails) -> pb::GetVmInfoResponse {
+    let networks = networks_out(d);
     pb::GetVmInfoResponse {
         vm_id: d.view.id.to_string(),
         config: spec_out(&d.view.spec).into(),
         state: state_out(d.view.state()).into(),
         metrics: d.metrics.as_ref().map(metrics_out).into(),
         backend_info: map_out(&d.backend_info),
-        network_info: network_out(d).into(),
+        network_info: networks.first().cloned().into(),
+        network_interfaces: networks,
         operation_in_progress: d.view.pending.map(|p| p.op.to_owned()).unwrap_or_default(),
         operation_started_timestamp: d.view.pending.map(|p| p.since).unwrap_or(0),
         state_reconciling: d.view.reconciling,

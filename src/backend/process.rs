@@ -317,7 +317,13 @@ mod tests {
         let args: Vec<OsString> = vec!["-f".into(), file.into()];
         let mut child = spawn_detached(Path::new("tail"), &args, dir.path(), &log).unwrap();
         let pid = child.id().unwrap();
-        let found = processes_under(&vms);
+        // Until the child has exec'd, its command line is still ours.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut found = processes_under(&vms);
+        while found.is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            found = processes_under(&vms);
+        }
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].0, "stray");
         assert_eq!(found[0].1.pid, pid);

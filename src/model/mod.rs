@@ -8,6 +8,7 @@
 mod code;
 mod id;
 mod invalid;
+pub mod net;
 mod operation;
 mod runtime;
 mod spec;
@@ -20,8 +21,8 @@ pub use invalid::Invalid;
 pub use operation::Operation;
 pub use runtime::{BackendKind, Runtime, StopMode, Usage};
 pub use spec::{
-    BootSpec, ConsoleSpec, CpuSpec, DiskSpec, Ipv4Spec, Ipv6Spec, MemorySpec, NicSpec, RateLimit, Topology, ValidSpec,
-    VmSpec,
+    BootSpec, ConsoleSpec, CpuSpec, DiskSpec, Ipv4Spec, Ipv6Spec, MemorySpec, NicSpec, PortSpec, RateLimit, Topology,
+    ValidSpec, VmSpec,
 };
 pub use state::{InvalidTransition, Op, Plan, Status, Target, VmState, plan, transition};
 pub use validate::{

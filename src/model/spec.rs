@@ -74,6 +74,24 @@ pub struct NicSpec {
     pub mode: i32,
     pub rx_rate_limit: Option<RateLimit>,
     pub tx_rate_limit: Option<RateLimit>,
+    /// No `tap` was given: metald provides the TAP, addresses and port
+    /// mappings (set by validation; after create `tap` names metald's TAP).
+    #[serde(default)]
+    pub managed: bool,
+    /// Host ports mapped to guest ports (managed NICs only).
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
+}
+
+/// A host port mapped to a guest port, as requested.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct PortSpec {
+    /// `tcp` (the default when empty) or `udp`.
+    pub protocol: String,
+    /// 0: allocate one from the configured range.
+    pub host_port: i64,
+    pub guest_port: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -183,6 +183,7 @@ pub fn validate(mut spec: VmSpec, limits: &Limits) -> Result<ValidSpec, Invalid>
             return Err(Invalid::new(format!("{field}.id"), format!("{:?} is used twice", nic.id)));
         }
         if !nic.mac.is_empty() && !is_unicast_mac(&nic.mac) {
+            // (checked before `check_nic` fills in a missing one)
             return Err(Invalid::new(
                 format!("{field}.mac_address"),
                 format!("{:?} is not a unicast MAC address like 02:00:00:00:00:01", nic.mac),
@@ -226,6 +227,7 @@ pub fn validate(mut spec: VmSpec, limits: &Limits) -> Result<ValidSpec, Invalid>
             }
         }
         check_map(&format!("{field}.options"), &nic.options, MAX_OPTION_ENTRIES)?;
+        super::net::check_nic(&field, nic)?;
     }
 
     check_map("config.metadata", &spec.metadata, MAX_METADATA_ENTRIES)?;

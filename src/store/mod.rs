@@ -11,6 +11,9 @@
 //! found at start names an operation a crash interrupted; the core finishes
 //! or rolls it back (see `core::reconcile`).
 //!
+//! The `net_*` tables hold what metald-managed NICs leased (see
+//! [`net`]): addresses, TAP names, host ports, customer tags.
+//!
 //! Every write is counted: [`Store::write_health`] says whether the last
 //! write failed (disk full, I/O error) and how many have failed, for
 //! `/_/health` and the metrics.
@@ -24,6 +27,8 @@ use rusqlite_migration::{M, Migrations};
 
 use crate::model::{CustomerId, Runtime, ValidSpec, VmId, VmState};
 
+mod net;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("sqlite")]
@@ -32,6 +37,12 @@ pub enum StoreError {
     Migration(#[from] rusqlite_migration::Error),
     #[error("stored record is unreadable: {0}")]
     Corrupt(String),
+    /// A pool (addresses, host ports) has nothing left.
+    #[error("{0}")]
+    Exhausted(String),
+    /// An address or host port asked for by name is leased to another VM.
+    #[error("{0}")]
+    Taken(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -116,6 +127,33 @@ fn migrations() -> Migrations<'static> {
             UPDATE vms SET name = id;
             CREATE UNIQUE INDEX vms_by_customer_name ON vms (customer_id, name);",
         ),
+        // Host networking leases (issue 14): unique constraints make a
+        // double lease impossible whatever the code above does.
+        M::up(
+            "CREATE TABLE net_tags (
+                customer_id TEXT PRIMARY KEY NOT NULL,
+                tag         INTEGER NOT NULL UNIQUE
+            ) STRICT;
+            CREATE TABLE net_nics (
+                vm_id  TEXT NOT NULL,
+                nic_id TEXT NOT NULL,
+                tag    INTEGER NOT NULL,
+                tap    TEXT NOT NULL UNIQUE,
+                mac    TEXT NOT NULL,
+                ipv4   TEXT UNIQUE,
+                ipv6   TEXT UNIQUE,
+                PRIMARY KEY (vm_id, nic_id)
+            ) STRICT;
+            CREATE TABLE net_ports (
+                proto      TEXT NOT NULL,
+                host_port  INTEGER NOT NULL,
+                vm_id      TEXT NOT NULL,
+                nic_id     TEXT NOT NULL,
+                guest_port INTEGER NOT NULL,
+                PRIMARY KEY (proto, host_port)
+            ) STRICT;
+            CREATE INDEX net_ports_by_vm ON net_ports (vm_id);",
+        ),
     ])
 }
 
@@ -176,6 +214,8 @@ impl Store {
                 self.writes.failing_since.store(0, Ordering::Relaxed);
                 Ok(v)
             }
+            // A refusal, not a failure to write.
+            Err(e @ (StoreError::Exhausted(_) | StoreError::Taken(_))) => Err(e),
             Err(e) => Err(self.note_failure(e)),
         }
     }
@@ -316,12 +356,14 @@ impl Store {
         })
     }
 
-    /// Removes a VM and its intent; removing what is not there succeeds.
+    /// Removes a VM, its intent and its network leases; removing what is
+    /// not there succeeds.
     pub fn delete(&self, id: &VmId) -> Result<()> {
         self.write(|conn| {
             let tx = conn.transaction()?;
             tx.execute("DELETE FROM vms WHERE id = ?1", params![id.as_str()])?;
             tx.execute("DELETE FROM intents WHERE vm_id = ?1", params![id.as_str()])?;
+            release_net(&tx, id)?;
             tx.commit()?;
             Ok(())
         })
@@ -402,6 +444,13 @@ impl RawRow {
             modified_at: self.modified_at,
         })
     }
+}
+
+/// Deletes `id`'s NIC and port leases (its customer keeps its tag).
+fn release_net(tx: &rusqlite::Transaction<'_>, id: &VmId) -> Result<()> {
+    tx.execute("DELETE FROM net_nics WHERE vm_id = ?1", params![id.as_str()])?;
+    tx.execute("DELETE FROM net_ports WHERE vm_id = ?1", params![id.as_str()])?;
+    Ok(())
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
