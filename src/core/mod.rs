@@ -21,8 +21,12 @@
 //! (directory, processes, metering, logs): the name itself when no other VM
 //! on the host has it, else the name with a random suffix.
 
+mod create;
+mod net;
 mod reads;
 mod reconcile;
+
+pub use net::{HostNet, NetHandle, RecordingNet};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -36,11 +40,11 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::backend::{Backend, ExitEvent, VmContext};
 use crate::error::Error;
+use crate::model::net::NetLease;
 use crate::model::{
-    CustomerId, Limits, Op, Plan, Runtime, Status, StopMode, Target, Usage, ValidSpec, VmId, VmSpec, VmState, plan,
-    transition,
+    CustomerId, Limits, Op, Plan, Runtime, Status, StopMode, Target, Usage, ValidSpec, VmId, VmState, plan, transition,
 };
-use crate::store::{Intent, Store, VmRow};
+use crate::store::{Intent, Store};
 use crate::util::unix_now;
 
 /// Default wait for a graceful shutdown before forcing.
@@ -53,6 +57,8 @@ pub struct ManagerConfig {
     pub data_dir: PathBuf,
     pub limits: Limits,
     pub max_vms: usize,
+    /// Host networking for metald-managed NICs (off when `None`).
+    pub net: NetHandle,
 }
 
 /// What caused a [`VmEvent`].
@@ -196,6 +202,8 @@ struct Slot {
     name: VmId,
     customer: CustomerId,
     spec: Arc<ValidSpec>,
+    /// What its metald-managed NICs leased (`None` without any).
+    net: Option<Arc<NetLease>>,
     created_at: i64,
     /// Serialises mutating operations on this VM.
     op: tokio::sync::Mutex<()>,
@@ -367,99 +375,6 @@ impl Manager {
             .map_err(|e| Error::Internal(format!("operation task: {e}")))?
     }
 
-    // ---- create -----------------------------------------------------------
-
-    pub async fn create(&self, caller: &CustomerId, id: Option<VmId>, spec: VmSpec) -> Result<VmView, Error> {
-        let this = self.clone();
-        let caller = caller.clone();
-        self.detached(async move { this.create_inner(caller, id, spec).await }).await
-    }
-
-    async fn create_inner(&self, caller: CustomerId, id: Option<VmId>, spec: VmSpec) -> Result<VmView, Error> {
-        let spec = info_span!("validate").in_scope(|| -> Result<ValidSpec, Error> {
-            let spec = crate::model::validate(spec, &self.inner.cfg.limits)?;
-            self.inner.backend.check(&spec)?;
-            Ok(spec)
-        })?;
-        let name = id.unwrap_or_else(VmId::generate);
-        let reservation = self.reserve(&caller, &name)?;
-        let id = reservation.id.clone();
-        // The intent goes first: a crash from here on leaves a row that
-        // start-up reconciliation rolls back (process, directory).
-        self.begin(&id, &caller, "create").await?;
-        let created = self.create_reserved(&caller, &id, &name, spec).await;
-        if created.is_err() {
-            self.finish(&id).await;
-        }
-        let slot = created?;
-        reservation.done();
-        Ok(slot.view())
-    }
-
-    /// Creates a VM whose id is reserved and whose intent is written.
-    async fn create_reserved(
-        &self,
-        caller: &CustomerId,
-        id: &VmId,
-        name: &VmId,
-        spec: ValidSpec,
-    ) -> Result<Arc<Slot>, Error> {
-        let (caller, id) = (caller.clone(), id.clone());
-        let spec = Arc::new(spec);
-        let dir = self.vm_dir(&id);
-        if dir.exists() {
-            // Leftover of a VM whose record is gone (e.g. a crash mid-delete).
-            warn!(vm_id = %id, dir = %dir.display(), "removing stale VM directory");
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-        std::fs::create_dir_all(&dir).map_err(|e| Error::Internal(format!("creating {}: {e}", dir.display())))?;
-        let ctx = VmContext { id: &id, spec: &spec, dir: dir.as_path().into() };
-        let rt = match self.inner.backend.create(&ctx).instrument(info_span!("backend.create", vm_id = %id)).await {
-            Ok(rt) => rt,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e.into());
-            }
-        };
-        let now = unix_now();
-        let row = VmRow {
-            id: id.clone(),
-            name: name.clone(),
-            customer: caller.clone(),
-            state: VmState::Created,
-            spec: (*spec).clone(),
-            runtime: Some(rt.clone()),
-            created_at: now,
-            modified_at: now,
-        };
-        if let Err(e) = self.store_call(move |s| s.insert(&row)).instrument(info_span!("store.insert")).await {
-            let _ = self.inner.backend.delete(&ctx, Some(&rt)).await;
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e);
-        }
-        let slot = Arc::new(Slot {
-            id: id.clone(),
-            name: name.clone(),
-            customer: caller.clone(),
-            spec: spec.clone(),
-            created_at: now,
-            op: tokio::sync::Mutex::new(()),
-            cell: RwLock::new(Cell::new(Status::Created(rt.clone()), now)),
-        });
-        self.install(&slot);
-        info!(vm_id = %id, name = %name, customer_id = %caller, "VM created");
-        self.publish(VmEvent {
-            vm_id: id,
-            customer: caller,
-            cause: Cause::Created,
-            from: None,
-            to: Some(VmState::Created),
-            runtime: Some(rt),
-            spec,
-        });
-        Ok(slot)
-    }
-
     /// Adds a VM to the index.
     fn install(&self, slot: &Arc<Slot>) {
         let mut idx = self.index_mut();
@@ -482,35 +397,6 @@ impl Manager {
         if let Err(e) = self.store_call(move |s| s.finish(&vm)).await {
             warn!(vm_id = %id, error = %e.chain(), "could not end the operation's intent; the next start re-checks the VM");
         }
-    }
-
-    /// Reserves `name` among `caller`'s VMs and a host id for it. Only the
-    /// caller's own VMs can make a name taken.
-    fn reserve(&self, caller: &CustomerId, name: &VmId) -> Result<Reservation, Error> {
-        let mut idx = self.index_mut();
-        let key = (caller.clone(), name.clone());
-        if idx.by_customer.get(caller).is_some_and(|m| m.contains_key(name)) || idx.reserved_names.contains(&key) {
-            return Err(Error::AlreadyExists(name.to_string()));
-        }
-        let max = self.inner.cfg.max_vms;
-        if idx.by_id.len() + idx.reserved.len() >= max {
-            return Err(Error::ResourceExhausted(format!(
-                "this host runs its maximum of {max} VMs (UNKEY_METALD_MAX_VMS); delete one first"
-            )));
-        }
-        let unsaved = self.inner.unsaved.lock().unwrap_or_else(|p| p.into_inner());
-        let free = |id: &VmId| !idx.by_id.contains_key(id) && !idx.reserved.contains(id) && !unsaved.contains_key(id);
-        let mut id = name.clone();
-        while !free(&id) {
-            // Another VM on this host has this id: same name, new host id.
-            let base = &name.as_str()[..name.as_str().len().min(55)];
-            id =
-                VmId::parse(&format!("{base}-{:06x}", rand::random::<u32>() >> 8)).unwrap_or_else(|_| VmId::generate());
-        }
-        drop(unsaved);
-        idx.reserved.insert(id.clone());
-        idx.reserved_names.insert(key.clone());
-        Ok(Reservation { mgr: self.clone(), id, name: key })
     }
 
     // ---- lifecycle operations --------------------------------------------
@@ -667,6 +553,12 @@ impl Manager {
     }
 
     async fn commit_delete(&self, slot: &Arc<Slot>, op: Op, from: VmState) -> Result<(), Error> {
+        // The hypervisor is gone: its kernel objects go before its leases.
+        if let (Some(net), Some(lease)) = (&self.inner.cfg.net.0, &slot.net)
+            && let Err(e) = net.remove(&slot.id, lease).instrument(info_span!("network.remove", vm_id = %slot.id)).await
+        {
+            warn!(vm_id = %slot.id, error = %e, "could not remove the VM's network objects; the next start will");
+        }
         let id = slot.id.clone();
         let persisted =
             self.store_call(move |s| s.delete(&id)).instrument(info_span!("store.delete", vm_id = %slot.id)).await;
@@ -750,28 +642,11 @@ impl Manager {
     }
 }
 
-/// Holds an id while its VM is being created; released on drop.
-struct Reservation {
-    mgr: Manager,
-    /// The host id chosen.
-    id: VmId,
-    name: (CustomerId, VmId),
-}
-
-impl Reservation {
-    fn done(self) {}
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        let mut idx = self.mgr.index_mut();
-        idx.reserved.remove(&self.id);
-        idx.reserved_names.remove(&self.name);
-    }
-}
-
 #[cfg(test)]
 mod tests;
 
 #[cfg(test)]
 mod tests_reconcile;
+
+#[cfg(test)]
+mod tests_net;

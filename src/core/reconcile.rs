@@ -25,6 +25,7 @@ use super::{Cause, Cell, Manager, Slot, StoreHealth, VmEvent};
 use crate::backend::Observed;
 use crate::backend::process::{kill_stray, processes_under};
 use crate::error::Error;
+use crate::model::net::NetLease;
 use crate::model::{Op, Status, VmId, VmState};
 use crate::store::{Intent, VmRow};
 use crate::util::unix_now;
@@ -54,10 +55,12 @@ impl Manager {
         let rows = self.store_call(|s| s.load_all()).await?;
         let intents: HashMap<VmId, Intent> =
             self.store_call(|s| s.intents()).await?.into_iter().map(|i| (i.vm_id.clone(), i)).collect();
+        let mut leases = self.store_call(|s| s.net_leases()).await?;
         let mut report = Report { vms: rows.len(), ..Report::default() };
         for row in rows {
             let intent = intents.get(&row.id).map(|i| i.op.as_str());
-            let slot = self.install_row(row);
+            let lease = leases.remove(&row.id).map(Arc::new);
+            let slot = self.install_row(row, lease);
             if intent == Some(Op::Delete { force: true }.name()) {
                 info!(vm_id = %slot.id, "finishing a delete a restart interrupted");
                 self.finish_delete(&slot).await?;
@@ -70,11 +73,15 @@ impl Manager {
             // A create that never stored its VM: its process and directory
             // go with the sweeps below.
             info!(vm_id = %intent.vm_id, op = %intent.op, "rolling back a create a restart interrupted");
-            self.finish(&intent.vm_id).await;
+            let id = intent.vm_id.clone();
+            if let Err(e) = self.store_call(move |s| s.abort_create(&id)).await {
+                warn!(vm_id = %intent.vm_id, error = %e.chain(), "could not roll back the create's intent and leases");
+            }
             report.creates_rolled_back += 1;
         }
         report.strays_killed = self.kill_strays().await;
         report.dirs_removed = self.remove_stray_dirs();
+        self.rebuild_net().await?;
         info!(
             vms = report.vms,
             reattached = report.reattached,
@@ -88,13 +95,34 @@ impl Manager {
         Ok(())
     }
 
-    fn install_row(&self, row: VmRow) -> Arc<Slot> {
+    /// Derives the kernel's network state from the store: the leases of
+    /// every VM (and of nothing else) get their objects, the rest go.
+    async fn rebuild_net(&self) -> Result<(), Error> {
+        let Some(net) = self.inner.cfg.net.0.clone() else { return Ok(()) };
+        if let Some(why) = net.unavailable() {
+            warn!(why = %why, "host networking is unavailable; VMs with managed NICs stay without their network");
+            return Ok(());
+        }
+        let leases = self.store_call(|s| s.net_leases()).await?;
+        match net.rebuild(&leases).await {
+            Ok(summary) => info!(vms = leases.len(), summary = %summary, "host network rebuilt from the store"),
+            Err(e) => {
+                // Serving VMs without networking beats not serving at all;
+                // health and the log say so.
+                warn!(error = %e, "could not rebuild the host network from the store");
+            }
+        }
+        Ok(())
+    }
+
+    fn install_row(&self, row: VmRow, net: Option<Arc<NetLease>>) -> Arc<Slot> {
         let status = Status::from_parts(row.state, row.runtime).unwrap_or(Status::Shutdown);
         let slot = Arc::new(Slot {
             id: row.id,
             name: row.name,
             customer: row.customer,
             spec: Arc::new(row.spec),
+            net,
             created_at: row.created_at,
             op: tokio::sync::Mutex::new(()),
             cell: RwLock::new(Cell::new(status, row.modified_at)),

@@ -5,7 +5,7 @@
 use super::*;
 use crate::backend::fake::{FakeBackend, FakeControl};
 use crate::model::Code;
-use crate::model::{BootSpec, CpuSpec, MemorySpec};
+use crate::model::{BootSpec, CpuSpec, MemorySpec, VmSpec};
 
 struct Env {
     _tmp: tempfile::TempDir,
@@ -40,6 +40,7 @@ async fn env_with(max_vms: usize) -> Env {
             data_dir: tmp.path().to_path_buf(),
             limits: Limits { max_vcpus: 8, max_memory_mb: 1024, asset_dirs: vec![assets] },
             max_vms,
+            net: Default::default(),
         },
         Arc::new(backend),
         store,

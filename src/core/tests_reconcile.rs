@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use super::*;
 use crate::backend::fake::{FakeBackend, FakeControl};
 use crate::model::Code;
-use crate::model::{BootSpec, CpuSpec, MemorySpec};
+use crate::model::{BootSpec, CpuSpec, MemorySpec, VmSpec};
 
 struct Env {
     tmp: PathBuf,
@@ -34,6 +34,7 @@ async fn open(dir: &Path) -> Env {
             data_dir: dir.to_path_buf(),
             limits: Limits { max_vcpus: 8, max_memory_mb: 1024, asset_dirs: vec![assets] },
             max_vms: 100,
+            net: Default::default(),
         },
         Arc::new(backend),
         store,

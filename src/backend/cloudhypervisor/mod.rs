@@ -129,9 +129,9 @@ pub fn check_spec(spec: &ValidSpec) -> Result<()> {
         }
     }
     for (i, n) in spec.network.iter().enumerate() {
-        if n.tap.is_empty() {
+        if n.tap.is_empty() && !n.managed {
             return Err(BackendError::unsupported(format!(
-                "config.network[{i}].tap_device: metald does not create TAP devices yet; name an existing one"
+                "config.network[{i}].tap_device: name an existing TAP device, or leave it empty for metald to make one"
             )));
         }
         if let (Some(rx), Some(tx)) = (&n.rx_rate_limit, &n.tx_rate_limit)

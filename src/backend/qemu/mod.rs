@@ -235,10 +235,18 @@ fn check_spec(spec: &ValidSpec) -> Result<()> {
             .caused_by(e));
         }
     }
-    if !spec.network.is_empty() {
-        return Err(BackendError::unsupported(
-            "config.network: the qemu backend does not support network interfaces yet; remove them",
-        ));
+    for (i, n) in spec.network.iter().enumerate() {
+        if n.tap.is_empty() && !n.managed {
+            return Err(BackendError::unsupported(format!(
+                "config.network[{i}].tap_device: name an existing TAP device, or leave it empty for metald to make one"
+            )));
+        }
+        if n.rx_rate_limit.is_some() || n.tx_rate_limit.is_some() {
+            return Err(BackendError::unsupported(format!(
+                "config.network[{i}]: the qemu backend does not enforce rate limits yet; remove rx_rate_limit and \
+                 tx_rate_limit"
+            )));
+        }
     }
     if spec.cpu.max_vcpus > spec.cpu.vcpus {
         return Err(BackendError::unsupported(
@@ -474,6 +482,10 @@ mod tests {
         let mut s = spec.clone();
         s.network.push(Default::default());
         assert!(check_spec(&ValidSpec::unchecked(s.clone())).unwrap_err().to_string().starts_with("config.network"));
+        s.network[0].managed = true;
+        check_spec(&ValidSpec::unchecked(s.clone())).unwrap();
+        s.network[0].rx_rate_limit = Some(Default::default());
+        assert!(check_spec(&ValidSpec::unchecked(s.clone())).unwrap_err().to_string().contains("rate limit"));
         let mut s = spec.clone();
         s.cpu.max_vcpus = 2;
         assert!(
