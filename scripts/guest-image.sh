@@ -60,6 +60,9 @@
 #       metald.poweroff_after=S  power off by itself after S seconds
 #       metald.reboot_after=S    reboot by itself after S seconds
 #       metald.ip=CIDR metald.gw=IP metald.iface=eth0   static network config (virtio-net)
+#       metald.net=MAC,IP4/LEN,GW4,IP6/LEN,GW6   (repeatable) what metald leased a managed NIC;
+#                                the interface is found by MAC; prints METALD_NET_UP <if> <ip4> <ip6>
+#       metald.dns=A,B           nameservers for /etc/resolv.conf
 #       metald.httpd=PORT        busybox httpd on PORT serving /srv/www (index.html = "metald-guest")
 set -euo pipefail
 
@@ -334,6 +337,40 @@ if ip=$(param metald.ip); then
   else
     echo "METALD_GUEST_ERROR network setup of $ifc failed"
   fi
+fi
+# metald-managed NICs: metald.net=<mac>,<ipv4>/<len>,<gw4>,<ipv6>/<len>,<gw6> (one per NIC,
+# parts empty when absent), matched to the interface by MAC; metald.dns=<a>,<b>.
+set -f
+for a in $CMDLINE; do
+  case "$a" in metald.net=*) ;; *) continue ;; esac
+  IFS=, read -r mac ip4 gw4 ip6 gw6 <<NET
+${a#metald.net=}
+NET
+  ifc=''; i=0
+  while [ -z "$ifc" ] && [ $i -lt 50 ]; do
+    for d in /sys/class/net/*; do
+      [ "$(cat "$d/address" 2>/dev/null)" = "$mac" ] && ifc=${d##*/}
+    done
+    [ -n "$ifc" ] || { sleep 0.1; i=$((i + 1)); }
+  done
+  if [ -z "$ifc" ]; then echo "METALD_GUEST_ERROR no interface with MAC $mac"; continue; fi
+  echo 0 >"/proc/sys/net/ipv6/conf/$ifc/accept_dad" 2>/dev/null
+  ip link set "$ifc" up
+  ok=1
+  if [ -n "$ip4" ]; then
+    ip addr add "$ip4" dev "$ifc" || ok=0
+    [ -n "$gw4" ] && { ip route add default via "$gw4" dev "$ifc" 2>/dev/null || true; }
+  fi
+  if [ -n "$ip6" ]; then
+    ip -6 addr add "$ip6" dev "$ifc" || ok=0
+    [ -n "$gw6" ] && { ip -6 route add default via "$gw6" dev "$ifc" 2>/dev/null || true; }
+  fi
+  if [ $ok = 1 ]; then echo "METALD_NET_UP $ifc ${ip4:--} ${ip6:--}"; else echo "METALD_GUEST_ERROR network setup of $ifc failed"; fi
+done
+set +f
+if dns=$(param metald.dns); then
+  : >/etc/resolv.conf
+  for s in $(echo "$dns" | tr , ' '); do echo "nameserver $s" >>/etc/resolv.conf; done
 fi
 if port=$(param metald.httpd); then httpd -p "$port" -h /srv/www; fi
 if n=$(param metald.burn); then

@@ -167,6 +167,35 @@ pub struct CreateArgs {
     /// Metadata `key=value` (repeatable).
     #[arg(long = "meta")]
     pub metadata: Vec<String>,
+    /// Add one network interface metald manages (TAP, addresses, NAT).
+    #[arg(long)]
+    pub net: bool,
+    /// Map a host port to a guest port, `HOST:GUEST[/udp]`; `0:GUEST`
+    /// allocates the host port (repeatable; implies `--net`).
+    #[arg(long = "port")]
+    pub ports: Vec<String>,
+}
+
+/// `HOST:GUEST[/udp|/tcp]` → a port mapping.
+fn port_arg(s: &str) -> Result<pb::PortMapping, CliError> {
+    let bad = || usage(format!("--port {s:?} must be HOST:GUEST[/udp] (HOST 0 allocates one)"));
+    let (ports, protocol) = match s.rsplit_once('/') {
+        Some((p, proto @ ("tcp" | "udp"))) => (p, proto),
+        Some(_) => return Err(bad()),
+        None => (s, "tcp"),
+    };
+    let (host, guest) = ports.split_once(':').ok_or_else(bad)?;
+    let host_port: u16 = host.parse().map_err(|_| bad())?;
+    let guest_port: u16 = guest.parse().map_err(|_| bad())?;
+    if guest_port == 0 {
+        return Err(bad());
+    }
+    Ok(pb::PortMapping {
+        protocol: protocol.into(),
+        host_port: i32::from(host_port),
+        guest_port: i32::from(guest_port),
+        ..Default::default()
+    })
 }
 
 fn state_of(a: StateArg) -> pb::VmState {
@@ -231,6 +260,12 @@ fn create_request(a: &CreateArgs) -> Result<pb::CreateVmRequest, CliError> {
             ..Default::default()
         });
     }
+    let port_mappings = a.ports.iter().map(|p| port_arg(p)).collect::<Result<Vec<_>, _>>()?;
+    let network = if a.net || !port_mappings.is_empty() {
+        vec![pb::NetworkInterface { id: "eth0".into(), port_mappings, ..Default::default() }]
+    } else {
+        Vec::new()
+    };
     let mut metadata = buffa::__private::HashMap::default();
     for m in &a.metadata {
         let (k, v) = m.split_once('=').ok_or_else(|| usage(format!("--meta {m:?} must be key=value")))?;
@@ -250,6 +285,7 @@ fn create_request(a: &CreateArgs) -> Result<pb::CreateVmRequest, CliError> {
             }
             .into(),
             storage,
+            network,
             metadata,
             ..Default::default()
         }
@@ -399,6 +435,26 @@ async fn info(client: &VmClient, id: &str, json: bool) -> Result<(), CliError> {
             ]);
         }
     }
+    for n in &r.network_interfaces {
+        let mut v = vec![format!("mac {}", n.mac_address)];
+        if !n.tap_device.is_empty() {
+            v.push(format!("tap {}", n.tap_device));
+        }
+        if !n.ip_address.is_empty() {
+            v.push(format!("{}/{} gw {}", n.ip_address, n.ipv4_prefix_length, n.gateway));
+        }
+        if !n.ipv6_address.is_empty() {
+            v.push(format!("{}/{} gw {}", n.ipv6_address, n.ipv6_prefix_length, n.ipv6_gateway));
+        }
+        t.add_row(vec![format!("net {}", n.interface_id), v.join(", ")]);
+        for p in &n.port_mappings {
+            let proto = if p.protocol.is_empty() { "tcp" } else { p.protocol.as_str() };
+            t.add_row(vec![
+                format!("port {}/{proto}", p.host_port),
+                format!("→ {}:{}", if n.ip_address.is_empty() { &n.ipv6_address } else { &n.ip_address }, p.guest_port),
+            ]);
+        }
+    }
     if let Some(m) = r.metrics.as_option() {
         t.add_row(vec!["cpu".to_string(), format!("{:.1} %", m.cpu_usage_percent)]);
         t.add_row(vec!["memory used".to_string(), format!("{} MiB", m.memory_usage_bytes >> 20)]);
@@ -496,6 +552,34 @@ mod tests {
     fn command_line_definition_is_consistent() {
         // Catches flag collisions (e.g. a subcommand flag shadowing a global one).
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn ports_imply_a_managed_interface() {
+        let create = |extra: &[&str]| {
+            let mut args = vec!["metaldctl", "create", "--kernel", "/k"];
+            args.extend(extra);
+            match Cli::try_parse_from(&args).unwrap().command {
+                Command::Create(a) => create_request(&a),
+                other => panic!("{other:?}"),
+            }
+        };
+        let r = create(&[]).unwrap();
+        assert!(r.config.network.is_empty());
+        let r = create(&["--net"]).unwrap();
+        assert_eq!(r.config.network.len(), 1);
+        assert!(r.config.network[0].tap_device.is_empty(), "metald provides the TAP");
+        let r = create(&["--port", "8080:80", "--port", "0:53/udp"]).unwrap();
+        let p = &r.config.network[0].port_mappings;
+        assert_eq!(
+            p.iter().map(|p| (p.protocol.as_str(), p.host_port, p.guest_port)).collect::<Vec<_>>(),
+            [("tcp", 8080, 80), ("udp", 0, 53)]
+        );
+        for bad in ["80", "a:80", "80:0", "8080:80/sctp", "70000:80"] {
+            let e = create(&["--port", bad]).unwrap_err();
+            assert!(e.message.contains("HOST:GUEST"), "{bad}: {}", e.message);
+        }
     }
 
     #[test]
