@@ -340,11 +340,15 @@ if ip=$(param metald.ip); then
 fi
 # metald-managed NICs: metald.net=<mac>,<ipv4>/<len>,<gw4>,<ipv6>/<len>,<gw6> (one per NIC,
 # parts empty when absent), matched to the interface by MAC; metald.dns=<a>,<b>.
+nets=''
 set -f
 for a in $CMDLINE; do
-  case "$a" in metald.net=*) ;; *) continue ;; esac
+  case "$a" in metald.net=*) nets="$nets ${a#metald.net=}" ;; esac
+done
+set +f
+for a in $nets; do
   IFS=, read -r mac ip4 gw4 ip6 gw6 <<NET
-${a#metald.net=}
+$a
 NET
   ifc=''; i=0
   while [ -z "$ifc" ] && [ $i -lt 50 ]; do
@@ -353,7 +357,10 @@ NET
     done
     [ -n "$ifc" ] || { sleep 0.1; i=$((i + 1)); }
   done
-  if [ -z "$ifc" ]; then echo "METALD_GUEST_ERROR no interface with MAC $mac"; continue; fi
+  if [ -z "$ifc" ]; then
+    echo "METALD_GUEST_ERROR no interface with MAC $mac (have: $(cat /sys/class/net/*/address 2>/dev/null | tr '\n' ' '))"
+    continue
+  fi
   echo 0 >"/proc/sys/net/ipv6/conf/$ifc/accept_dad" 2>/dev/null
   ip link set "$ifc" up
   ok=1
@@ -367,7 +374,6 @@ NET
   fi
   if [ $ok = 1 ]; then echo "METALD_NET_UP $ifc ${ip4:--} ${ip6:--}"; else echo "METALD_GUEST_ERROR network setup of $ifc failed"; fi
 done
-set +f
 if dns=$(param metald.dns); then
   : >/etc/resolv.conf
   for s in $(echo "$dns" | tr , ' '); do echo "nameserver $s" >>/etc/resolv.conf; done
