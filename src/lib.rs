@@ -22,6 +22,7 @@ pub mod core;
 pub mod daemon;
 pub mod error;
 pub mod model;
+pub mod network;
 pub mod procfs;
 pub mod server;
 pub mod store;

@@ -1,0 +1,172 @@
+//! Kernel links, addresses, routes and sysctls of the datapath, over
+//! netlink (`rtnetlink`), plus the one thing netlink cannot do: making a
+//! persistent TAP (`TUNSETIFF` on `/dev/net/tun`, an ioctl).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use futures::TryStreamExt as _;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
+use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+
+use super::types::NetError;
+
+/// The link-local address metald puts on every TAP: the guests' IPv6
+/// gateway.
+pub const TAP_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
+fn kernel(what: String) -> impl FnOnce(rtnetlink::Error) -> NetError {
+    move |e| NetError::Kernel(what, e.to_string())
+}
+
+/// A link as listed: index, name, alias.
+#[derive(Debug, Clone)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub alias: Option<String>,
+}
+
+fn link_of(m: &LinkMessage) -> Link {
+    let mut l = Link { index: m.header.index, name: String::new(), alias: None };
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::IfName(n) => l.name.clone_from(n),
+            LinkAttribute::IfAlias(a) => l.alias = Some(a.clone()),
+            _ => {}
+        }
+    }
+    l
+}
+
+/// Every link of this network namespace.
+pub async fn list(h: &Handle) -> Result<Vec<Link>, NetError> {
+    let mut s = h.link().get().execute();
+    let mut out = Vec::new();
+    while let Some(m) = s.try_next().await.map_err(kernel("listing links".into()))? {
+        out.push(link_of(&m));
+    }
+    Ok(out)
+}
+
+/// The link named `name`, if it exists.
+pub async fn get(h: &Handle, name: &str) -> Result<Option<Link>, NetError> {
+    let mut s = h.link().get().match_name(name.to_owned()).execute();
+    match s.try_next().await {
+        Ok(m) => Ok(m.as_ref().map(link_of)),
+        // ENODEV: no such link.
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(e) => Err(NetError::Kernel(format!("looking up {name}"), e.to_string())),
+    }
+}
+
+pub async fn delete(h: &Handle, index: u32, name: &str) -> Result<(), NetError> {
+    match h.link().del(index).execute().await {
+        Ok(()) => Ok(()),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
+        Err(e) => Err(NetError::Kernel(format!("deleting {name}"), e.to_string())),
+    }
+}
+
+/// Creates the gateway device if missing (a persistent TAP no one opens:
+/// the `dummy` module is not on every host, TUN is wherever metald can work
+/// at all; addresses on an up link without carrier are the host's all the
+/// same); returns its index.
+pub async fn ensure_gateway(h: &Handle, name: &str, alias: &str) -> Result<u32, NetError> {
+    if get(h, name).await?.is_none() {
+        create_tap(name, None)?;
+    }
+    let l = get(h, name).await?.ok_or_else(|| NetError::Kernel(format!("creating {name}"), "vanished".into()))?;
+    set_up(h, l.index, name, alias).await?;
+    Ok(l.index)
+}
+
+/// Sets `alias` on link `index` and brings it up.
+pub async fn set_up(h: &Handle, index: u32, name: &str, alias: &str) -> Result<(), NetError> {
+    h.link()
+        .set(LinkUnspec::new_with_index(index).alias(alias).up().build())
+        .execute()
+        .await
+        .map_err(kernel(format!("setting {name} up")))
+}
+
+/// Adds (or keeps) `addr/prefix` on link `index`, without duplicate
+/// address detection.
+pub async fn add_address(h: &Handle, index: u32, addr: IpAddr, prefix: u8, name: &str) -> Result<(), NetError> {
+    let mut req = h.address().add(index, addr, prefix).replace();
+    req.message_mut().attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
+    req.execute().await.map_err(kernel(format!("adding {addr}/{prefix} to {name}")))
+}
+
+/// Routes `addr` (a /32 or /128) through link `index`.
+pub async fn add_host_route(h: &Handle, index: u32, addr: IpAddr, name: &str) -> Result<(), NetError> {
+    let msg = match addr {
+        IpAddr::V4(a) => {
+            RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(a, 32).output_interface(index).build()
+        }
+        IpAddr::V6(a) => {
+            RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(a, 128).output_interface(index).build()
+        }
+    };
+    h.route().add(msg).replace().execute().await.map_err(kernel(format!("routing {addr} via {name}")))
+}
+
+/// Writes a sysctl under `/proc/sys/net/`.
+pub fn sysctl(path: &str, value: &str) -> Result<(), NetError> {
+    let full = format!("/proc/sys/net/{path}");
+    std::fs::write(&full, value).map_err(|e| NetError::Kernel(format!("writing {value} to {full}"), e.to_string()))
+}
+
+// TAP creation. <linux/if_tun.h>; the `libc` crate does not export these.
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
+const TUNSETGROUP: libc::c_ulong = 0x4004_54ce;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// Makes `name` a persistent TAP (the hypervisor opens it by name later),
+/// owned by `owner` (uid, gid) when given. Hand-written because no crate
+/// makes a *persistent* TAP without also keeping its queue open.
+#[allow(unsafe_code)]
+pub fn create_tap(name: &str, owner: Option<(u32, u32)>) -> Result<(), NetError> {
+    use std::os::fd::AsRawFd as _;
+    let err = |what: &str, e: std::io::Error| NetError::Kernel(format!("{what} TAP {name}"), e.to_string());
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(NetError::Kernel(format!("TAP name {name:?}"), "must be 1-15 bytes".into()));
+    }
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(|e| err("opening /dev/net/tun for", e))?;
+    let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, _pad: [0; 22] };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    let fd = tun.as_raw_fd();
+    // SAFETY: `fd` is an open /dev/net/tun; `req` is a properly sized and
+    // initialised `struct ifreq` that lives across the call.
+    if unsafe { libc::ioctl(fd, TUNSETIFF, &mut req as *mut IfReq) } < 0 {
+        return Err(err("creating", std::io::Error::last_os_error()));
+    }
+    if let Some((uid, gid)) = owner {
+        // SAFETY: TUNSETOWNER/TUNSETGROUP take an integer argument by value.
+        if unsafe { libc::ioctl(fd, TUNSETOWNER, libc::c_ulong::from(uid)) } < 0
+            || unsafe { libc::ioctl(fd, TUNSETGROUP, libc::c_ulong::from(gid)) } < 0
+        {
+            return Err(err("setting the owner of", std::io::Error::last_os_error()));
+        }
+    }
+    // SAFETY: TUNSETPERSIST takes an integer argument by value.
+    if unsafe { libc::ioctl(fd, TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
+        return Err(err("persisting", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}

@@ -1,0 +1,248 @@
+//! Host networking's kernel side (docs/NETWORK.md): per managed NIC a
+//! persistent TAP in the host namespace with its alias, routes and
+//! addresses; one dummy gateway device; one `inet` nftables table whose
+//! rules never change and whose set elements are the NICs. [`Datapath`]
+//! makes and removes a NIC's objects and rebuilds everything from a list
+//! (the store's leases) at start. It knows nothing of VMs beyond that list:
+//! the core decides, this module does.
+//!
+//! Everything it touches is its own: links whose alias starts with
+//! [`ALIAS_PREFIX`], the gateway device, the table. Nothing else is read
+//! for a decision or changed.
+
+mod config;
+mod links;
+mod nft;
+mod types;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+pub use config::NetSettings;
+pub use links::TAP_GATEWAY6;
+pub use types::{NetError, NicCounters, NicWiring, PortWiring};
+
+use tokio::sync::Mutex;
+
+/// Alias prefix of every TAP metald makes: `metald:<vm host id>:<nic id>`.
+pub const ALIAS_PREFIX: &str = "metald:";
+/// Alias of the gateway device.
+const GATEWAY_ALIAS: &str = "metald-gateway";
+
+/// What [`Datapath::rebuild`] changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RebuildReport {
+    pub taps_removed: usize,
+    pub taps_created: usize,
+    pub nics: usize,
+}
+
+/// The kernel datapath of managed NICs.
+pub struct Datapath {
+    settings: NetSettings,
+    handle: rtnetlink::Handle,
+    /// Serialises nft transactions and link changes of one NIC against a
+    /// rebuild.
+    lock: Mutex<()>,
+}
+
+impl Datapath {
+    /// Checks that networking can work here (root or `CAP_NET_ADMIN`,
+    /// `/dev/net/tun`, the `nft` binary), makes the gateway device and sets
+    /// forwarding on. Idempotent.
+    pub async fn start(settings: NetSettings) -> Result<Arc<Datapath>, NetError> {
+        if !std::path::Path::new("/dev/net/tun").exists() {
+            return Err(NetError::Unavailable {
+                why: "/dev/net/tun does not exist".into(),
+                fix: "load the tun module (modprobe tun) or set UNKEY_METALD_NETWORK_ENABLED=false".into(),
+            });
+        }
+        match std::process::Command::new(&settings.nft).arg("--version").output() {
+            Ok(o) if o.status.success() => {}
+            _ => {
+                return Err(NetError::Unavailable {
+                    why: format!("the nftables tool {:?} cannot be run", settings.nft),
+                    fix: "install it (apt-get install nftables) or set UNKEY_METALD_NETWORK_NFT".into(),
+                });
+            }
+        }
+        let (conn, handle, _) = rtnetlink::new_connection()
+            .map_err(|e| NetError::Kernel("opening a netlink socket".into(), e.to_string()))?;
+        tokio::spawn(conn);
+        let dp = Datapath { settings, handle, lock: Mutex::new(()) };
+        let gw = match links::ensure_gateway(&dp.handle, &dp.settings.gateway_device, GATEWAY_ALIAS).await {
+            Ok(i) => i,
+            Err(NetError::Kernel(what, e))
+                if e.contains("Operation not permitted") || e.contains("EPERM") || e.contains("os error 1)") =>
+            {
+                return Err(NetError::Unavailable {
+                    why: format!("{what}: {e}"),
+                    fix: "run metald as root or with CAP_NET_ADMIN, or set UNKEY_METALD_NETWORK_ENABLED=false".into(),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let pools = dp.settings.pools();
+        if let Some(g) = pools.gateway4() {
+            links::add_address(&dp.handle, gw, IpAddr::V4(g), 32, &dp.settings.gateway_device).await?;
+        }
+        if let Some(g) = pools.gateway6() {
+            links::add_address(&dp.handle, gw, IpAddr::V6(g), 128, &dp.settings.gateway_device).await?;
+        }
+        links::sysctl("ipv4/ip_forward", "1")?;
+        if dp.settings.ipv6_pool.is_some() {
+            links::sysctl("ipv6/conf/all/forwarding", "1")?;
+        }
+        Ok(Arc::new(dp))
+    }
+
+    pub fn settings(&self) -> &NetSettings {
+        &self.settings
+    }
+
+    /// Makes `nic`'s TAP, routes and set elements exist. Idempotent.
+    pub async fn add(&self, nic: &NicWiring) -> Result<(), NetError> {
+        let _g = self.lock.lock().await;
+        self.wire_links(nic).await?;
+        nft::apply(&self.settings.nft, &nft::elements(&self.settings, "add", &[nic]))
+    }
+
+    /// Removes `nic`'s set elements and TAP (missing is fine).
+    pub async fn remove(&self, nic: &NicWiring) -> Result<(), NetError> {
+        let _g = self.lock.lock().await;
+        nft::apply(&self.settings.nft, &nft::remove_script(&self.settings, &[nic]))?;
+        if let Some(l) = links::get(&self.handle, &nic.tap).await? {
+            links::delete(&self.handle, l.index, &nic.tap).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes the kernel hold exactly `nics`: removes every TAP of ours that
+    /// is not among them, makes or repairs theirs, and replaces the table
+    /// in one transaction.
+    pub async fn rebuild(&self, nics: &[NicWiring]) -> Result<RebuildReport, NetError> {
+        let _g = self.lock.lock().await;
+        let mut report = RebuildReport { nics: nics.len(), ..RebuildReport::default() };
+        let wanted: std::collections::HashSet<&str> = nics.iter().map(|n| n.tap.as_str()).collect();
+        for l in links::list(&self.handle).await? {
+            if l.alias.as_deref().is_some_and(|a| a.starts_with(ALIAS_PREFIX)) && !wanted.contains(l.name.as_str()) {
+                links::delete(&self.handle, l.index, &l.name).await?;
+                report.taps_removed += 1;
+            }
+        }
+        for nic in nics {
+            if self.wire_links(nic).await? {
+                report.taps_created += 1;
+            }
+        }
+        let all: Vec<&NicWiring> = nics.iter().collect();
+        nft::apply(&self.settings.nft, &nft::rebuild_script(&self.settings, &all))?;
+        Ok(report)
+    }
+
+    /// The TAP and everything on it; returns whether the TAP was made.
+    async fn wire_links(&self, nic: &NicWiring) -> Result<bool, NetError> {
+        let h = &self.handle;
+        // A TAP a running hypervisor holds cannot be attached again (EBUSY):
+        // only make it when it is missing.
+        let made = match links::get(h, &nic.tap).await? {
+            Some(_) => false,
+            None => {
+                // A few non-blocking syscalls, made on this thread: it is in
+                // the network namespace metald manages (a blocking-pool
+                // thread need not be, in tests that unshare one).
+                links::create_tap(&nic.tap, nic.owner)?;
+                true
+            }
+        };
+        let l = links::get(h, &nic.tap)
+            .await?
+            .ok_or_else(|| NetError::Kernel(format!("creating TAP {}", nic.tap), "it vanished".into()))?;
+        links::sysctl(&format!("ipv4/conf/{}/proxy_arp", nic.tap), "1")?;
+        links::sysctl(&format!("ipv4/conf/{}/route_localnet", nic.tap), "1")?;
+        links::set_up(h, l.index, &nic.tap, &nic.alias).await?;
+        links::add_address(h, l.index, IpAddr::V6(TAP_GATEWAY6), 64, &nic.tap).await?;
+        if let Some(a) = nic.ipv4 {
+            links::add_host_route(h, l.index, IpAddr::V4(a), &nic.tap).await?;
+        }
+        if let Some(a) = nic.ipv6 {
+            links::add_host_route(h, l.index, IpAddr::V6(a), &nic.tap).await?;
+        }
+        Ok(made)
+    }
+
+    /// Counters of every TAP of ours from the guest's side (the TAP's
+    /// transmit is the guest's receive), from one read of
+    /// `/proc/thread-self/net/dev` (this thread's namespace): no netlink or
+    /// hypervisor round trip.
+    pub fn counters(&self) -> std::collections::HashMap<String, NicCounters> {
+        let text = std::fs::read_to_string("/proc/thread-self/net/dev").unwrap_or_default();
+        parse_net_dev(&text)
+    }
+
+    /// Rules in the table now (constant in the number of NICs).
+    pub fn rule_count(&self) -> Result<usize, NetError> {
+        nft::rule_count(&self.settings)
+    }
+
+    /// Names of the TAPs of ours that exist now.
+    pub async fn taps(&self) -> Result<Vec<String>, NetError> {
+        Ok(links::list(&self.handle)
+            .await?
+            .into_iter()
+            .filter(|l| l.alias.as_deref().is_some_and(|a| a.starts_with(ALIAS_PREFIX)))
+            .map(|l| l.name)
+            .collect())
+    }
+}
+
+/// `/proc/net/dev` rows of TAPs named `mt-*`, guest's side.
+fn parse_net_dev(text: &str) -> std::collections::HashMap<String, NicCounters> {
+    let mut out = std::collections::HashMap::new();
+    for line in text.lines() {
+        let Some((name, rest)) = line.split_once(':') else { continue };
+        let name = name.trim();
+        if !name.starts_with("mt-") {
+            continue;
+        }
+        let v: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        if v.len() >= 10 {
+            out.insert(
+                name.to_owned(),
+                NicCounters { rx_bytes: v[8], rx_packets: v[9], tx_bytes: v[0], tx_packets: v[1] },
+            );
+        }
+    }
+    out
+}
+
+/// Parses `02:00:00:00:00:0a`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_dev_rows_are_read_from_the_guests_side() {
+        let text = "Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo:     100       1    0    0    0     0          0         0      100       1    0    0    0     0       0          0
+mt-0000000a:   5000      50    0    0    0     0          0         0     7000      70    0    0    0     0       0          0
+";
+        let c = parse_net_dev(text);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c["mt-0000000a"], NicCounters { rx_bytes: 7000, rx_packets: 70, tx_bytes: 5000, tx_packets: 50 });
+        assert_eq!(parse_mac("02:00:00:00:00:0a"), Some([2, 0, 0, 0, 0, 10]));
+        assert_eq!(parse_mac("02:00:00:00:00"), None);
+        assert_eq!(parse_mac("02:00:00:00:00:0a:0b"), None);
+    }
+}

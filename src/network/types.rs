@@ -1,0 +1,51 @@
+//! The datapath's vocabulary: what one managed NIC needs of the kernel
+//! ([`NicWiring`]), its counters, and [`NetError`].
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use crate::model::net::Proto;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// Networking cannot work on this host; `fix` says what to do.
+    #[error("{why}; {fix}")]
+    Unavailable { why: String, fix: String },
+    #[error("{0}: {1}")]
+    Kernel(String, String),
+    #[error("{0}")]
+    Nft(String),
+}
+
+/// A host port forwarded to a guest port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortWiring {
+    pub proto: Proto,
+    pub host_port: u16,
+    pub guest_port: u16,
+}
+
+/// One managed NIC: everything the kernel needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicWiring {
+    /// `mt-` + 8 hex digits.
+    pub tap: String,
+    /// `metald:<vm host id>:<nic id>`.
+    pub alias: String,
+    pub guest_mac: [u8; 6],
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+    /// The VM's customer's isolation tag.
+    pub tag: u32,
+    pub ports: Vec<PortWiring>,
+    /// uid/gid that must be able to open the TAP (a jailed hypervisor).
+    pub owner: Option<(u32, u32)>,
+}
+
+/// Bytes and packets of a NIC, from the guest's side.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NicCounters {
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+}

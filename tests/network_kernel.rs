@@ -1,0 +1,145 @@
+//! The kernel datapath (`network::Datapath`) against the real kernel and
+//! the real `nft`, each test in a network namespace of its own (the test
+//! thread unshares one; `nft` children inherit it), so nothing touches the
+//! host's: TAPs with alias and routes, the table and its elements, a
+//! rebuild that removes strays and makes what is missing, a rule count
+//! that does not grow with NICs, links that are not metald's left alone.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+use metald::model::net::Proto;
+use metald::network::{Datapath, NetError, NetSettings, NicWiring, PortWiring};
+
+/// Runs `f` on a thread in a fresh network namespace.
+fn in_netns<F, Fut>(f: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET): run as root");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(f());
+    })
+    .join()
+    .unwrap();
+}
+
+/// `ip` in the calling thread's namespace (a child inherits it).
+fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn nft_list() -> String {
+    let out = Command::new("nft").args(["list", "table", "inet", "metald"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn nic(i: u8, tag: u32) -> NicWiring {
+    NicWiring {
+        tap: format!("mt-000000{i:02x}"),
+        alias: format!("metald:vm-{i}:eth0"),
+        guest_mac: [2, 0, 0, 0, 0, i],
+        ipv4: Some(std::net::Ipv4Addr::new(10, 200, 0, i)),
+        ipv6: Some(format!("fd00:6d65:7461:6c64::{i:x}").parse().unwrap()),
+        tag,
+        ports: vec![PortWiring { proto: Proto::Tcp, host_port: 20000 + u16::from(i), guest_port: 80 }],
+        owner: None,
+    }
+}
+
+fn nft_installed() -> bool {
+    Command::new("nft").arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn nics_are_wired_removed_and_rebuilt_from_a_list() {
+    assert!(nft_installed(), "nft is missing: scripts/install-deps.sh installs nftables");
+    in_netns(|| async {
+        ip(&["tuntap", "add", "dev", "other0", "mode", "tap"]);
+        let dp = Datapath::start(NetSettings::default()).await.unwrap();
+        // Idempotent start.
+        let dp2 = Datapath::start(NetSettings::default()).await.unwrap();
+        drop(dp2);
+        let gw = ip(&["-o", "addr", "show", "dev", "metald0"]);
+        assert!(gw.contains("10.200.0.1/32") && gw.contains("fd00:6d65:7461:6c64::1/128"), "{gw}");
+        // Start-up derives the table from the store: here, no NICs.
+        dp.rebuild(&[]).await.unwrap();
+        let empty_rules = dp.rule_count().unwrap();
+        assert!(empty_rules > 10, "{empty_rules}");
+
+        let (a, b, c) = (nic(2, 1), nic(3, 1), nic(4, 2));
+        for n in [&a, &b, &c] {
+            dp.add(n).await.unwrap();
+        }
+        dp.add(&a).await.unwrap(); // idempotent
+        let link = ip(&["-d", "link", "show", "dev", &a.tap]);
+        assert!(link.contains("tun") && link.contains("alias metald:vm-2:eth0"), "{link}");
+        let routes = ip(&["route", "show", "dev", &a.tap]);
+        assert!(routes.contains("10.200.0.2"), "{routes}");
+        let routes6 = ip(&["-6", "route", "show", "dev", &a.tap]);
+        assert!(routes6.contains("fd00:6d65:7461:6c64::2"), "{routes6}");
+        let table = nft_list();
+        for needle in [
+            "\"mt-00000002\" . 02:00:00:00:00:02 . 10.200.0.2",
+            "\"mt-00000004\" : 0x00000002",
+            "tcp . 20003 : 10.200.0.3 . 80",
+        ] {
+            assert!(table.contains(needle), "{needle} not in\n{table}");
+        }
+        assert_eq!(dp.rule_count().unwrap(), empty_rules, "rules do not grow with NICs");
+        let mut many = Vec::new();
+        for i in 10..110u8 {
+            many.push(nic(i, u32::from(i)));
+        }
+        for n in &many {
+            dp.add(n).await.unwrap();
+        }
+        assert_eq!(dp.rule_count().unwrap(), empty_rules, "nor with 100 more");
+        for n in &many {
+            dp.remove(n).await.unwrap();
+        }
+
+        // Remove twice: fine.
+        dp.remove(&c).await.unwrap();
+        dp.remove(&c).await.unwrap();
+        assert!(!ip(&["link", "show"]).contains(&c.tap));
+        assert!(!nft_list().contains("mt-00000004"));
+
+        // A stray TAP of ours (alias) and a missing one: rebuild fixes both.
+        ip(&["tuntap", "add", "dev", "mt-stray", "mode", "tap"]);
+        ip(&["link", "set", "mt-stray", "alias", "metald:gone:eth0"]);
+        ip(&["link", "del", &b.tap]);
+        let report = dp.rebuild(&[a.clone(), b.clone()]).await.unwrap();
+        assert_eq!((report.taps_removed, report.taps_created), (1, 1), "{report:?}");
+        let links = ip(&["link", "show"]);
+        assert!(!links.contains("mt-stray") && links.contains(&b.tap) && links.contains("other0"), "{links}");
+        let mut taps = dp.taps().await.unwrap();
+        taps.sort();
+        assert_eq!(taps, vec![a.tap.clone(), b.tap.clone()]);
+        let table = nft_list();
+        assert!(table.contains("mt-00000003") && !table.contains("mt-00000004"), "{table}");
+        assert_eq!(dp.rule_count().unwrap(), empty_rules);
+        // Counters of our TAPs are there (zero traffic yet).
+        assert!(dp.counters().contains_key(&a.tap));
+    });
+}
+
+#[test]
+fn without_nft_networking_is_unavailable_and_says_what_to_do() {
+    in_netns(|| async {
+        let s = NetSettings { nft: "/nonexistent/nft".into(), ..NetSettings::default() };
+        match Datapath::start(s).await {
+            Err(NetError::Unavailable { why, fix }) => {
+                assert!(why.contains("/nonexistent/nft"), "{why}");
+                assert!(fix.contains("apt-get install nftables"), "{fix}");
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("started without nft"),
+        }
+    });
+}
