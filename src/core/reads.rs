@@ -101,4 +101,10 @@ impl Manager {
     pub fn active(&self) -> Vec<VmView> {
         self.index().by_id.values().map(|s| s.view()).filter(|v| v.status.runtime().is_some()).collect()
     }
+
+    /// Host networking: `None` when off, else why it is unavailable
+    /// (`Some(None)`: it works).
+    pub fn network_status(&self) -> Option<Option<String>> {
+        self.inner.cfg.net.0.as_ref().map(|n| n.unavailable())
+    }
 }

@@ -66,6 +66,8 @@ pub struct Config {
     pub cloud_hypervisor: CloudHypervisorSettings,
     pub telemetry: TelemetryConfig,
     pub billing: BillingConfig,
+    /// Host networking of managed NICs (`UNKEY_METALD_NETWORK_*`).
+    pub network: crate::network::NetSettings,
 }
 
 impl Config {
@@ -128,6 +130,7 @@ impl Config {
         let cloud_hypervisor = CloudHypervisorSettings::read(&mut r);
         let billing = BillingConfig::read(&mut r);
         let telemetry = TelemetryConfig::read(&mut r);
+        let network = crate::network::NetSettings::read(&mut r);
         if auth_tokens_file.is_none() && !auth_dev_tokens {
             r.problem(format!(
                 "no authentication configured: set {PREFIX}AUTH_TOKENS_FILE to a file of '<token> <customer_id>' lines, \
@@ -154,6 +157,7 @@ impl Config {
             cloud_hypervisor,
             telemetry,
             billing,
+            network,
         })
     }
 }

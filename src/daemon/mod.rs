@@ -2,6 +2,7 @@
 //! daemon. `main` and the API tests both start metald through [`start`].
 
 pub mod config;
+mod net;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -261,13 +262,15 @@ pub async fn start(cfg: Config) -> Result<Daemon, StartError> {
     // Before recovery, so that it is traced and counted too.
     let mut telemetry = Telemetry::start(&cfg.telemetry, cfg.address, shutdown.child_token()).await?;
     let (backend, fake) = build_backend(&cfg, &asset_dirs, exit_tx, shutdown.clone()).await?;
+    // Before recovery: it derives the kernel's network state from the store.
+    let (net, _kernel_net) = net::KernelNet::start(&cfg.network).await;
     info!(backend = backend.kind().as_str(), "backend selected");
     let manager = Manager::open(
         ManagerConfig {
             data_dir: cfg.data_dir.clone(),
             limits: Limits { max_vcpus: cfg.max_vcpus, max_memory_mb: cfg.max_memory_mb, asset_dirs },
             max_vms: cfg.max_vms,
-            net: crate::core::NetHandle::default(),
+            net,
         },
         backend,
         store,

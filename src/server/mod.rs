@@ -60,6 +60,13 @@ struct Health {
     /// VMs whose latest state is not in the store yet (metald retries).
     store_unsaved_vms: usize,
     vms: VmCounts,
+    /// Host networking of managed NICs: `ok`, `off`
+    /// (`UNKEY_METALD_NETWORK_ENABLED=false`) or `unavailable` (see
+    /// `network_detail`: why, and what to do; VMs with managed NICs are
+    /// refused meanwhile, everything else works).
+    network: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    network_detail: Option<String>,
     /// Metering and spool state; absent when billing is disabled.
     #[serde(skip_serializing_if = "Option::is_none")]
     billing: Option<crate::billing::BillingHealth>,
@@ -91,6 +98,11 @@ async fn health_inner(st: HealthState) -> impl IntoResponse {
     let n = |s| counts.get(&s).copied().unwrap_or(0);
     let billing = st.billing.as_ref().map(|b| b.health());
     let ok = store_ok && backend.ok && billing.as_ref().is_none_or(|b| b.ok());
+    let (network, network_detail) = match st.manager.network_status() {
+        None => ("off", None),
+        Some(None) => ("ok", None),
+        Some(Some(why)) => ("unavailable", Some(why)),
+    };
     let body = Health {
         status: if ok { "ok" } else { "unhealthy" },
         version: env!("CARGO_PKG_VERSION"),
@@ -110,6 +122,8 @@ async fn health_inner(st: HealthState) -> impl IntoResponse {
             paused: n(VmState::Paused),
             shutdown: n(VmState::Shutdown),
         },
+        network,
+        network_detail,
         billing,
     };
     let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };

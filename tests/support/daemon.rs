@@ -102,12 +102,23 @@ pub async fn start(extra: &[(&str, &str)]) -> TestDaemon {
 pub const TOKEN_A: &str = "token-of-customer-a-0001";
 pub const TOKEN_B: &str = "token-of-customer-b-0001";
 
+/// Host networking off unless the test turns it on: a daemon with it on
+/// makes TAPs and an nftables table in its network namespace, which only
+/// tests that run in a namespace of their own may do.
+pub fn no_host_network(env: &mut HashMap<String, String>) {
+    env.entry("UNKEY_METALD_NETWORK_ENABLED".into()).or_insert_with(|| "false".into());
+}
+
 /// The daemon's environment from `(name, value)` pairs, each name given
-/// without its `UNKEY_METALD_` prefix.
+/// without its `UNKEY_METALD_` prefix; host networking off unless they
+/// say otherwise ([`no_host_network`]).
 pub fn metald_env<K: std::fmt::Display, V: ToString>(
     vars: impl IntoIterator<Item = (K, V)>,
 ) -> HashMap<String, String> {
-    vars.into_iter().map(|(k, v)| (format!("UNKEY_METALD_{k}"), v.to_string())).collect()
+    let mut env: HashMap<String, String> =
+        vars.into_iter().map(|(k, v)| (format!("UNKEY_METALD_{k}"), v.to_string())).collect();
+    no_host_network(&mut env);
+    env
 }
 
 /// The real `metald` binary as a child process; killed (and reaped) when
@@ -142,9 +153,11 @@ pub fn spawn_metald_with_fd_limit(env: &HashMap<String, String>, log: &Path, nof
 }
 
 fn spawn(mut cmd: std::process::Command, env: &HashMap<String, String>, log: &Path) -> MetaldProcess {
+    let mut env = env.clone();
+    no_host_network(&mut env);
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     let child =
-        cmd.envs(env).stdin(std::process::Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap();
+        cmd.envs(&env).stdin(std::process::Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap();
     MetaldProcess(child)
 }
 

@@ -1,0 +1,123 @@
+//! Plugs the kernel datapath (`network::Datapath`) into the core's
+//! [`HostNet`]: leases become [`NicWiring`]s (alias
+//! `metald:<host id>:<nic id>`), and a host where networking cannot work
+//! still starts, refusing managed NICs with the reason and the fix.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use crate::core::{HostNet, NetHandle};
+use crate::model::VmId;
+use crate::model::net::{NetLease, Pools};
+use crate::network::{ALIAS_PREFIX, Datapath, NetError, NetSettings, NicWiring, PortWiring, parse_mac};
+
+/// Host networking as the core sees it.
+pub struct KernelNet {
+    pools: Pools,
+    dns: Vec<IpAddr>,
+    dp: Result<Arc<Datapath>, String>,
+}
+
+impl KernelNet {
+    /// Starts the datapath per `settings`: `None` when networking is off,
+    /// else a handle that works or says why it cannot.
+    pub async fn start(settings: &NetSettings) -> (NetHandle, Option<Arc<KernelNet>>) {
+        if !settings.enabled {
+            info!("host networking is off (UNKEY_METALD_NETWORK_ENABLED=false): only operator TAPs");
+            return (NetHandle(None), None);
+        }
+        let dp = match Datapath::start(settings.clone()).await {
+            Ok(dp) => {
+                info!(
+                    ipv4_pool = ?settings.ipv4_pool,
+                    ipv6_pool = ?settings.ipv6_pool,
+                    table = %settings.table,
+                    "host networking ready"
+                );
+                Ok(dp)
+            }
+            Err(e @ NetError::Unavailable { .. }) => {
+                warn!(error = %e, "host networking is unavailable; VMs with managed NICs are refused");
+                Err(e.to_string())
+            }
+            Err(e) => {
+                warn!(error = %e, "host networking could not start; VMs with managed NICs are refused");
+                Err(e.to_string())
+            }
+        };
+        let net = Arc::new(KernelNet { pools: settings.pools(), dns: settings.dns.clone(), dp });
+        (NetHandle(Some(net.clone())), Some(net))
+    }
+
+    /// Why networking is unavailable, for `/_/health`.
+    pub fn problem(&self) -> Option<&str> {
+        self.dp.as_ref().err().map(String::as_str)
+    }
+
+    fn dp(&self) -> Result<&Arc<Datapath>, String> {
+        self.dp.as_ref().map_err(Clone::clone)
+    }
+}
+
+/// `lease`'s NICs as the kernel needs them.
+pub fn wiring(vm: &VmId, lease: &NetLease) -> Vec<NicWiring> {
+    lease
+        .nics
+        .iter()
+        .map(|n| NicWiring {
+            tap: n.tap.clone(),
+            alias: format!("{ALIAS_PREFIX}{vm}:{}", n.nic_id),
+            guest_mac: parse_mac(&n.mac).unwrap_or([2, 0, 0, 0, 0, 0]),
+            ipv4: n.ipv4,
+            ipv6: n.ipv6,
+            tag: lease.tag,
+            ports: n
+                .ports
+                .iter()
+                .map(|p| PortWiring { proto: p.proto, host_port: p.host_port, guest_port: p.guest_port })
+                .collect(),
+            owner: None,
+        })
+        .collect()
+}
+
+#[async_trait::async_trait]
+impl HostNet for KernelNet {
+    fn pools(&self) -> &Pools {
+        &self.pools
+    }
+
+    fn dns(&self) -> &[IpAddr] {
+        &self.dns
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        self.problem().map(str::to_owned)
+    }
+
+    async fn add(&self, vm: &VmId, lease: &NetLease) -> Result<(), String> {
+        let dp = self.dp()?;
+        for nic in wiring(vm, lease) {
+            dp.add(&nic).await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    async fn remove(&self, vm: &VmId, lease: &NetLease) -> Result<(), String> {
+        let dp = self.dp()?;
+        for nic in wiring(vm, lease) {
+            dp.remove(&nic).await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    async fn rebuild(&self, all: &BTreeMap<VmId, NetLease>) -> Result<String, String> {
+        let dp = self.dp()?;
+        let nics: Vec<NicWiring> = all.iter().flat_map(|(vm, l)| wiring(vm, l)).collect();
+        let r = dp.rebuild(&nics).await.map_err(|e| e.to_string())?;
+        Ok(format!("{} NICs, {} TAPs made, {} stray TAPs removed", r.nics, r.taps_created, r.taps_removed))
+    }
+}
