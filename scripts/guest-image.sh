@@ -63,6 +63,8 @@
 #       metald.net=MAC,IP4/LEN,GW4,IP6/LEN,GW6   (repeatable) what metald leased a managed NIC;
 #                                the interface is found by MAC; prints METALD_NET_UP <if> <ip4> <ip6>
 #       metald.dns=A,B           nameservers for /etc/resolv.conf
+#       metald.ping=IP[,IP]      print METALD_PING <ip> ok|fail every second for a minute
+#       metald.tcp=IP:PORT[,..]  print METALD_TCP <ip:port> ok <answer>|fail likewise
 #       metald.httpd=PORT        busybox httpd on PORT serving /srv/www (index.html = "metald-guest")
 set -euo pipefail
 
@@ -379,6 +381,29 @@ if dns=$(param metald.dns); then
   for s in $(echo "$dns" | tr , ' '); do echo "nameserver $s" >>/etc/resolv.conf; done
 fi
 if port=$(param metald.httpd); then httpd -p "$port" -h /srv/www; fi
+# Reachability probes for the network tests, once a second for a minute:
+#   metald.ping=IP[,IP...]        -> METALD_PING <ip> ok|fail
+#   metald.tcp=IP:PORT[,...]      -> METALD_TCP <ip:port> ok <first line of the answer> | fail
+if targets=$(param metald.ping); then
+  ( i=0; while [ $i -lt 60 ]; do
+      for t in $(echo "$targets" | tr , ' '); do
+        if ping -c 1 -W 1 "$t" >/dev/null 2>&1; then echo "METALD_PING $t ok"; else echo "METALD_PING $t fail"; fi
+      done
+      i=$((i + 1)); sleep 1
+    done ) &
+fi
+if targets=$(param metald.tcp); then
+  ( i=0; while [ $i -lt 60 ]; do
+      for t in $(echo "$targets" | tr , ' '); do
+        if a=$(echo probe | nc -w 2 "${t%:*}" "${t##*:}" 2>/dev/null | head -n 1) && [ -n "$a" ]; then
+          echo "METALD_TCP $t ok $a"
+        else
+          echo "METALD_TCP $t fail"
+        fi
+      done
+      i=$((i + 1)); sleep 1
+    done ) &
+fi
 if n=$(param metald.burn); then
   i=0; while [ $i -lt "$n" ]; do ( while :; do :; done ) & i=$((i + 1)); done
 fi
