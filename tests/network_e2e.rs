@@ -144,7 +144,7 @@ async fn boot(c: &VmClient, id: &str) -> PathBuf {
     PathBuf::from(&info.backend_info["console_log"])
 }
 
-async fn wait_console(path: &PathBuf, what: &str, pred: impl Fn(&str) -> bool) {
+async fn wait_console(path: &std::path::Path, what: &str, pred: impl Fn(&str) -> bool) {
     wait_until(&format!("{what} (console {})", path.display()), BOOT, || {
         let ok = pred(&console_text(path));
         async move { ok }
