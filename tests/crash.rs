@@ -12,6 +12,12 @@
 //!   API socket for Firecracker; through QMP for QEMU once metald has let go);
 //! - every id can be deleted and created again, cleanly.
 //!
+//! With host networking on (fake backend, real kernel objects, in a network
+//! namespace of the test's own), every VM has a managed NIC with a port
+//! mapping, and after each restart the kernel holds exactly what the
+//! store leased: the TAPs (by alias), the table's `vm_taps` elements and
+//! its port mappings, none missing, none left over.
+//!
 //! Backends: the in-process fake (many iterations: store, intents,
 //! directories), the fake Firecracker (real processes, many iterations) and
 //! QEMU with the real guest image (a few iterations). `METALD_CRASH_SEED`
@@ -37,6 +43,7 @@ const IDS: [&str; 4] = ["crash-0", "crash-1", "crash-2", "crash-3"];
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
     Fake,
+    FakeNet,
     FakeFirecracker,
     Qemu,
 }
@@ -73,7 +80,7 @@ impl Host {
             ("LOG_LEVEL", "debug".to_owned()),
         ];
         let kernel = match kind {
-            Kind::Fake | Kind::FakeFirecracker => {
+            Kind::Fake | Kind::FakeNet | Kind::FakeFirecracker => {
                 std::fs::write(assets.join("vmlinux"), b"\x7fELF fake kernel").unwrap();
                 vars.push(("ASSET_DIRS", assets.display().to_string()));
                 assets.join("vmlinux")
@@ -87,6 +94,10 @@ impl Host {
         };
         match kind {
             Kind::Fake => vars.push(("BACKEND", "fake".to_owned())),
+            Kind::FakeNet => {
+                vars.push(("BACKEND", "fake".to_owned()));
+                vars.push(("NETWORK_ENABLED", "true".to_owned()));
+            }
             Kind::FakeFirecracker => {
                 vars.push(("BACKEND", "firecracker".to_owned()));
                 vars.push(("FIRECRACKER_BINARY", env!("CARGO_BIN_EXE_metald-fake-firecracker").to_owned()));
@@ -135,6 +146,12 @@ impl Host {
         let mut c = vm_config(&self.kernel);
         if self.kind == Kind::Qemu {
             c.memory = pb::MemoryConfig { size_bytes: 64 << 20, ..Default::default() }.into();
+        }
+        if self.kind == Kind::FakeNet {
+            c.network = vec![pb::NetworkInterface {
+                port_mappings: vec![pb::PortMapping { guest_port: 80, ..Default::default() }],
+                ..Default::default()
+            }];
         }
         c
     }
@@ -240,7 +257,10 @@ async fn check(host: &Host, round: usize) -> BTreeMap<String, (pb::VmState, Opti
     let dirs: BTreeSet<String> =
         std::fs::read_dir(host.vms_dir()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert_eq!(dirs, vms.keys().cloned().collect::<BTreeSet<_>>(), "VM directories: {ctx}");
-    if host.kind == Kind::Fake {
+    if host.kind == Kind::FakeNet {
+        check_network(host, &vms, &ctx);
+    }
+    if matches!(host.kind, Kind::Fake | Kind::FakeNet) {
         return vms;
     }
     let procs = vmm_processes(&host.vms_dir());
@@ -269,6 +289,47 @@ async fn check(host: &Host, round: usize) -> BTreeMap<String, (pb::VmState, Opti
         }
     }
     vms
+}
+
+/// The kernel holds exactly the store's leases, and the store leases
+/// exactly for the VMs metald reports.
+fn check_network(host: &Host, vms: &BTreeMap<String, (pb::VmState, Option<i32>)>, ctx: &str) {
+    let db = rusqlite::Connection::open(host.tmp.path().join("data").join("metald.db")).unwrap();
+    let column = |sql: &str| -> BTreeSet<String> {
+        let mut stmt = db.prepare(sql).unwrap();
+        stmt.query_map([], |r| r.get::<_, String>(0)).unwrap().map(Result::unwrap).collect()
+    };
+    let leased_vms = column("SELECT DISTINCT vm_id FROM net_nics");
+    assert_eq!(leased_vms, vms.keys().cloned().collect::<BTreeSet<_>>(), "leases: {ctx}");
+    let taps = column("SELECT tap FROM net_nics");
+    let ports: i64 = db.query_row("SELECT count(*) FROM net_ports", [], |r| r.get(0)).unwrap();
+    let links: serde_json::Value =
+        serde_json::from_slice(&std::process::Command::new("ip").args(["-j", "link", "show"]).output().unwrap().stdout)
+            .unwrap();
+    let kernel_taps: BTreeSet<String> = links
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["ifalias"].as_str().is_some_and(|a| a.starts_with("metald:")))
+        .map(|l| l["ifname"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kernel_taps, taps, "TAPs in the kernel vs leased: {ctx}");
+    let nft = |set: &str| -> Vec<serde_json::Value> {
+        let out =
+            std::process::Command::new("nft").args(["-j", "list", "set", "inet", "metald", set]).output().unwrap();
+        if !out.status.success() {
+            // A map is listed with `list map`.
+            let out =
+                std::process::Command::new("nft").args(["-j", "list", "map", "inet", "metald", set]).output().unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            return v["nftables"][1]["map"]["elem"].as_array().cloned().unwrap_or_default();
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["nftables"][1]["set"]["elem"].as_array().cloned().unwrap_or_default()
+    };
+    let elems: BTreeSet<String> = nft("vm_taps").iter().map(|e| e.as_str().unwrap().to_owned()).collect();
+    assert_eq!(elems, taps, "vm_taps elements vs leased: {ctx}");
+    assert_eq!(nft("ports4").len(), usize::try_from(ports).unwrap(), "port mappings in the table vs leased: {ctx}");
 }
 
 async fn run(kind: Kind, iterations: usize, ops: usize, max_kill_ms: u64) {
@@ -333,6 +394,19 @@ async fn run(kind: Kind, iterations: usize, ops: usize, max_kill_ms: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_instants_fake_backend() {
     run(Kind::Fake, 40, 12, 40).await;
+}
+
+#[test]
+fn kill_9_at_random_instants_fake_backend_with_host_networking() {
+    std::thread::spawn(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET): run as root");
+        let lo = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status().unwrap();
+        assert!(lo.success());
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(run(Kind::FakeNet, 25, 12, 60));
+    })
+    .join()
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
