@@ -371,9 +371,12 @@ async fn kernel_format_and_unsupported_devices_are_refused_at_create() {
 
     let mut c = t.config(&t.kernel());
     c.network = vec![pb::NetworkInterface { id: "eth0".into(), ..Default::default() }];
+    // No tap_device: a managed NIC, refused while host networking is off
+    // (as the test daemons run it), saying how to fix it.
     let e = create(&t, "notap", c).await.unwrap_err();
-    assert_eq!(e.code, ErrorCode::InvalidArgument);
-    assert!(e.message.unwrap_or_default().contains("tap_device"));
+    assert_eq!(e.code, ErrorCode::FailedPrecondition);
+    let msg = e.message.unwrap_or_default();
+    assert!(msg.contains("tap_device") && msg.contains("UNKEY_METALD_NETWORK_ENABLED"), "{msg}");
     assert!(processes_under(t.tmp.path()).is_empty(), "nothing was started");
 }
 

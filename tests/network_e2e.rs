@@ -250,11 +250,16 @@ async fn run() {
     )
     .unwrap();
     acme.delete_vm(pb::DeleteVmRequest { vm_id: "a1".into(), force: true, ..Default::default() }).await.unwrap();
-    let links = Command::new("ip").args(["link", "show"]).output().unwrap();
-    assert!(!String::from_utf8_lossy(&links.stdout).contains(&a1.tap), "TAP {} left behind", a1.tap);
+    // The table's elements go with the call; the TAP right after it.
     let table = nft_list();
     assert!(!table.contains(&a1.tap) && !table.contains(&format!(": {} . 80", a1.v4)), "{table}");
     assert!(http_get(format!("127.0.0.1:{host_port}").parse().unwrap()).is_none(), "the mapping outlived its VM");
+    wait_until(&format!("TAP {} to be deleted", a1.tap), Duration::from_secs(10), || {
+        let links = Command::new("ip").args(["link", "show"]).output().unwrap();
+        let gone = !String::from_utf8_lossy(&links.stdout).contains(&a1.tap);
+        async move { gone }
+    })
+    .await;
     daemon.take().unwrap().shutdown();
 }
 

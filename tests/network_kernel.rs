@@ -107,6 +107,9 @@ fn nics_are_wired_removed_and_rebuilt_from_a_list() {
         // Remove twice: fine.
         dp.remove(&c).await.unwrap();
         dp.remove(&c).await.unwrap();
+        // The elements go at once, the TAP right after.
+        assert!(!nft_list().contains("mt-00000004"));
+        dp.reaped().await;
         assert!(!ip(&["link", "show"]).contains(&c.tap));
         assert!(!nft_list().contains("mt-00000004"));
 

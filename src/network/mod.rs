@@ -44,6 +44,30 @@ pub struct Datapath {
     /// Serialises nft transactions and link changes of one NIC against a
     /// rebuild.
     lock: Mutex<()>,
+    /// TAPs whose NIC was removed, deleted off the caller's path (see
+    /// [`Datapath::remove`]).
+    reap: tokio::sync::mpsc::UnboundedSender<String>,
+    /// TAPs queued in `reap` and not deleted yet.
+    reaping: Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+/// Deletes the TAPs sent to it, one after another.
+async fn reaper(
+    handle: rtnetlink::Handle,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<String>,
+    pending: Arc<tokio::sync::watch::Sender<usize>>,
+) {
+    while let Some(tap) = rx.recv().await {
+        let r = match links::get(&handle, &tap).await {
+            Ok(Some(l)) => links::delete(&handle, l.index, &tap).await,
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = r {
+            tracing::warn!(tap = %tap, error = %e, "could not delete a TAP; the next start removes it");
+        }
+        pending.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 impl Datapath {
@@ -69,7 +93,10 @@ impl Datapath {
         let (conn, handle, _) = rtnetlink::new_connection()
             .map_err(|e| NetError::Kernel("opening a netlink socket".into(), e.to_string()))?;
         tokio::spawn(conn);
-        let dp = Datapath { settings, handle, lock: Mutex::new(()) };
+        let (reap, rx) = tokio::sync::mpsc::unbounded_channel();
+        let reaping = Arc::new(tokio::sync::watch::Sender::new(0usize));
+        tokio::spawn(reaper(handle.clone(), rx, reaping.clone()));
+        let dp = Datapath { settings, handle, lock: Mutex::new(()), reap, reaping };
         let gw = match links::ensure_gateway(&dp.handle, &dp.settings.gateway_device, GATEWAY_ALIAS).await {
             Ok(i) => i,
             Err(NetError::Kernel(what, e))
@@ -107,20 +134,38 @@ impl Datapath {
         nft::apply(&self.settings.nft, &nft::elements(&self.settings, "add", &[nic]))
     }
 
-    /// Removes `nic`'s set elements and TAP (missing is fine).
+    /// Removes `nic`'s set elements at once (from then on nothing is
+    /// forwarded to or from it, nor mapped to it) and its TAP shortly after:
+    /// unregistering a network device waits for RCU grace periods (~30 ms
+    /// each here), which the caller need not wait for. A TAP a crash leaves
+    /// queued is removed by the next start's rebuild (its alias says it is
+    /// ours, the store that it belongs to no VM); a route of its address
+    /// re-leased meanwhile is replaced onto the new TAP. Missing is fine.
     pub async fn remove(&self, nic: &NicWiring) -> Result<(), NetError> {
         let _g = self.lock.lock().await;
         nft::apply(&self.settings.nft, &nft::remove_script(&self.settings, &[nic]))?;
-        if let Some(l) = links::get(&self.handle, &nic.tap).await? {
-            links::delete(&self.handle, l.index, &nic.tap).await?;
+        self.reaping.send_modify(|n| *n += 1);
+        if self.reap.send(nic.tap.clone()).is_err() {
+            // The reaper is gone (shutting down): delete here.
+            self.reaping.send_modify(|n| *n = n.saturating_sub(1));
+            if let Some(l) = links::get(&self.handle, &nic.tap).await? {
+                links::delete(&self.handle, l.index, &nic.tap).await?;
+            }
         }
         Ok(())
+    }
+
+    /// Waits until every TAP [`Datapath::remove`] queued is deleted.
+    pub async fn reaped(&self) {
+        let mut rx = self.reaping.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
     }
 
     /// Makes the kernel hold exactly `nics`: removes every TAP of ours that
     /// is not among them, makes or repairs theirs, and replaces the table
     /// in one transaction.
     pub async fn rebuild(&self, nics: &[NicWiring]) -> Result<RebuildReport, NetError> {
+        self.reaped().await;
         let _g = self.lock.lock().await;
         let mut report = RebuildReport { nics: nics.len(), ..RebuildReport::default() };
         let wanted: std::collections::HashSet<&str> = nics.iter().map(|n| n.tap.as_str()).collect();
