@@ -303,17 +303,26 @@ fn check_network(host: &Host, vms: &BTreeMap<String, (pb::VmState, Option<i32>)>
     assert_eq!(leased_vms, vms.keys().cloned().collect::<BTreeSet<_>>(), "leases: {ctx}");
     let taps = column("SELECT tap FROM net_nics");
     let ports: i64 = db.query_row("SELECT count(*) FROM net_ports", [], |r| r.get(0)).unwrap();
-    let links: serde_json::Value =
-        serde_json::from_slice(&std::process::Command::new("ip").args(["-j", "link", "show"]).output().unwrap().stdout)
-            .unwrap();
-    let kernel_taps: BTreeSet<String> = links
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|l| l["ifalias"].as_str().is_some_and(|a| a.starts_with("metald:")))
-        .map(|l| l["ifname"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(kernel_taps, taps, "TAPs in the kernel vs leased: {ctx}");
+    let kernel_taps = || -> BTreeSet<String> {
+        let out = std::process::Command::new("ip").args(["-j", "link", "show"]).output().unwrap();
+        let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        links
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["ifalias"].as_str().is_some_and(|a| a.starts_with("metald:")))
+            .map(|l| l["ifname"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    // A deleted VM's TAP goes right after its DeleteVm returned (off the
+    // call's path); after a restart the rebuild removed every stray.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut now = kernel_taps();
+    while now != taps && now.is_superset(&taps) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        now = kernel_taps();
+    }
+    assert_eq!(now, taps, "TAPs in the kernel vs leased: {ctx}");
     let nft = |set: &str| -> Vec<serde_json::Value> {
         let out =
             std::process::Command::new("nft").args(["-j", "list", "set", "inet", "metald", set]).output().unwrap();
