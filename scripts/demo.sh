@@ -26,6 +26,12 @@ stop() {
     sleep 3 # let the final batches and stop notices reach the billing service
     kill "$(cat "$DEMO/metald.pid")" && echo "metald stopped"
     rm -f "$DEMO/metald.pid"
+    # The demo's host networking (a production metald keeps both across restarts).
+    if [ -f "$DEMO/network" ]; then
+      nft delete table inet metald 2>/dev/null && echo "nftables table inet metald removed"
+      ip link del metald0 2>/dev/null && echo "gateway device metald0 removed"
+      rm -f "$DEMO/network"
+    fi
   else
     echo "metald (demo) is not running"
   fi
@@ -76,11 +82,18 @@ for _ in $(seq 1 600); do
 done
 curl -fsS "$ENDPOINT/_/health"; echo
 
-echo "==> creating and booting a demo VM"
+NET=()
+if curl -fsS "$ENDPOINT/_/health" | grep -q '"network":"ok"'; then
+  NET=(--port 0:80)
+  touch "$DEMO/network"
+  echo "==> creating and booting a demo VM with a network: its HTTP server on port 80 mapped to a host port"
+else
+  echo "==> host networking is not available here (see network_detail above); the demo VM gets no network"
+fi
 ID=demo-$(date +%s)
 ctl create --id "$ID" --vcpus 1 --memory-mb 256 \
   --kernel "$GUEST/vmlinux" --initrd "$GUEST/initramfs.cpio.gz" \
-  --kernel-args "console=ttyS0 quiet" --meta purpose=demo
+  --kernel-args "console=ttyS0 quiet metald.httpd=80" --meta purpose=demo "${NET[@]}"
 ctl boot "$ID"
 CONSOLE=$(ctl info "$ID" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["backendInfo"]["console_log"])')
 echo "==> waiting for the guest (console: $CONSOLE)"
@@ -92,6 +105,17 @@ grep -m1 METALD_GUEST_READY "$CONSOLE" || { echo "guest did not come up; console
 sleep 1
 ctl info "$ID"
 ctl list
+if [ ${#NET[@]} -gt 0 ]; then
+  HOST_PORT=$(ctl info "$ID" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["networkInfo"]["portMappings"][0]["hostPort"])')
+  grep -m1 METALD_NET_UP "$CONSOLE" || true
+  echo "==> the guest's web server through its port mapping: curl http://127.0.0.1:$HOST_PORT/"
+  ok=""
+  for _ in $(seq 1 50); do
+    if out=$(curl -fsS -m 2 "http://127.0.0.1:$HOST_PORT/" 2>/dev/null); then ok=1; echo "$out"; break; fi
+    sleep 0.2
+  done
+  [ -n "$ok" ] || { echo "the guest did not answer on port $HOST_PORT"; exit 1; }
+fi
 echo "==> billing: samples every 100 ms, sent every 5 s; waiting for the first batch"
 sleep 6
 ctl billing-report --db "$DEMO/billing.db"
