@@ -65,6 +65,9 @@
 #       metald.dns=A,B           nameservers for /etc/resolv.conf
 #       metald.ping=IP[,IP]      print METALD_PING <ip> ok|fail every second for a minute
 #       metald.tcp=IP:PORT[,..]  print METALD_TCP <ip:port> ok <answer>|fail likewise
+#       metald.spoofmac=MAC      take another MAC after network setup (anti-spoofing tests)
+#       metald.spoof=SRC@IP      every second an ICMP echo to IP from SRC (not leased):
+#                                METALD_SPOOF_SENT <n>
 #       metald.httpd=PORT        busybox httpd on PORT serving /srv/www (index.html = "metald-guest")
 set -euo pipefail
 
@@ -376,6 +379,20 @@ NET
   fi
   if [ $ok = 1 ]; then echo "METALD_NET_UP $ifc ${ip4:--} ${ip6:--}"; else echo "METALD_GUEST_ERROR network setup of $ifc failed"; fi
 done
+# Spoofing probes for the network tests: take another MAC, or send from an address not leased.
+if mac=$(param metald.spoofmac); then
+  ip link set eth0 down; ip link set eth0 address "$mac"; ip link set eth0 up
+  echo "METALD_SPOOFMAC $mac"
+fi
+if s=$(param metald.spoof); then
+  src=${s%@*}; dst=${s#*@}
+  ip addr add "$src/32" dev eth0
+  ( i=0; while [ $i -lt 60 ]; do
+      ping -c 1 -W 1 -I "$src" "$dst" >/dev/null 2>&1
+      echo "METALD_SPOOF_SENT $i"
+      i=$((i + 1)); sleep 1
+    done ) &
+fi
 if dns=$(param metald.dns); then
   : >/etc/resolv.conf
   for s in $(echo "$dns" | tr , ' '); do echo "nameserver $s" >>/etc/resolv.conf; done

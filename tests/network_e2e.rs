@@ -39,6 +39,15 @@ fn gettid() -> i32 {
     nix::unistd::gettid().as_raw()
 }
 
+/// ICMP echo requests "the internet" (thread `tid`'s namespace) received.
+fn in_echos(tid: i32) -> u64 {
+    let snmp = std::fs::read_to_string(format!("/proc/{tid}/net/snmp")).unwrap();
+    let rows: Vec<Vec<&str>> =
+        snmp.lines().filter(|l| l.starts_with("Icmp:")).map(|l| l.split_whitespace().collect()).collect();
+    let col = rows[0].iter().position(|h| *h == "InEchos").unwrap();
+    rows[1][col].parse().unwrap()
+}
+
 /// "The internet": a thread in a namespace of its own with `inet0`
 /// (10.99.0.2/24) and a TCP server on :8080 that answers `hello <peer>`.
 fn start_internet() -> i32 {
@@ -165,7 +174,7 @@ fn guests_get_addresses_isolation_egress_nat_and_port_mappings() {
 
 async fn run() {
     ip(&["link", "set", "lo", "up"]);
-    start_internet();
+    let internet = start_internet();
     let tmp = tempfile::Builder::new().prefix("metald-net-").tempdir().unwrap();
     let env = metald_env([
         ("BACKEND", "qemu".to_owned()),
@@ -188,7 +197,14 @@ async fn run() {
     };
     let (acme, other) = (client("dev_customer_acme"), client("dev_customer_other"));
 
-    let b1 = create(&other, "b1", "console=ttyS0 quiet", &[]).await;
+    // b1 also pings the internet from an address it was not given (no echo
+    // request may arrive there); b2 takes another MAC.
+    let b1 =
+        create(&other, "b1", "console=ttyS0 quiet metald.ping=10.200.0.1 metald.spoof=10.200.0.250@10.99.0.2", &[])
+            .await;
+    let b2 =
+        create(&other, "b2", "console=ttyS0 quiet metald.spoofmac=02:00:00:00:00:99 metald.ping=10.200.0.1", &[]).await;
+    assert_ne!(b2.v4, b1.v4);
     let a2 = create(&acme, "a2", "console=ttyS0 quiet metald.httpd=80", &[]).await;
     let probes = format!(
         "console=ttyS0 quiet metald.httpd=80 metald.ping={},{},{} metald.tcp=10.99.0.2:8080,10.200.0.1:{port},{}:80",
@@ -200,7 +216,7 @@ async fn run() {
     assert_eq!(a1.ports[0].1, 80);
     assert!(nft_list().contains(&a1.tap));
 
-    let (cb1, ca2) = (boot(&other, "b1").await, boot(&acme, "a2").await);
+    let (cb1, ca2, cb2) = (boot(&other, "b1").await, boot(&acme, "a2").await, boot(&other, "b2").await);
     wait_console(&cb1, "b1 to be up", |t| t.contains("METALD_NET_UP")).await;
     wait_console(&ca2, "a2 to be up", |t| t.contains("METALD_NET_UP") && t.contains("METALD_GUEST_READY")).await;
     let ca1 = boot(&acme, "a1").await;
@@ -224,6 +240,20 @@ async fn run() {
     assert!(!text.contains(&format!("{api} ok")), "a guest reached metald's API:\n{text}");
     // ...which the host itself does reach on that address.
     assert!(TcpStream::connect_timeout(&format!("10.200.0.1:{port}").parse().unwrap(), Duration::from_secs(2)).is_ok());
+
+    // Anti-spoofing: from its own address and MAC a guest reaches the
+    // gateway and the internet; from an address or a MAC it was not given,
+    // nothing.
+    // (a1 reached the internet above, so egress works; no VM pings it
+    // from its own address.)
+    wait_console(&cb1, "b1 to ping the gateway", |t| t.contains("METALD_PING 10.200.0.1 ok")).await;
+    wait_console(&cb1, "b1 to send spoofed echo requests", |t| t.contains("METALD_SPOOF_SENT 5")).await;
+    assert_eq!(in_echos(internet), 0, "echo requests from a spoofed source reached the internet");
+    wait_console(&cb2, "b2 (another MAC) to fail to ping the gateway", |t| {
+        t.contains("METALD_SPOOFMAC") && t.matches("METALD_PING 10.200.0.1 fail").count() >= 3
+    })
+    .await;
+    assert!(!console_text(&cb2).contains("METALD_PING 10.200.0.1 ok"), "{}", console_text(&cb2));
 
     // The port mapping, from the host: loopback and the uplink address.
     for addr in [format!("127.0.0.1:{host_port}"), format!("10.99.0.1:{host_port}")] {
