@@ -2,7 +2,7 @@
 //! what a metald-managed NIC asks of the address pools ([`NicRequest`]),
 //! the pools themselves ([`Pools`]), and what the store hands out for it
 //! ([`NicLease`]: TAP name, MAC, addresses, host ports), plus the checks of
-//! the network part of a spec that need no pool ([`check_nic`]).
+//! the network part of a spec that need no pool (`check_nic`).
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::ops::RangeInclusive;

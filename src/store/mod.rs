@@ -12,7 +12,7 @@
 //! or rolls it back (see `core::reconcile`).
 //!
 //! The `net_*` tables hold what metald-managed NICs leased (see
-//! [`net`]): addresses, TAP names, host ports, customer tags.
+//! `store/net.rs`): addresses, TAP names, host ports, customer tags.
 //!
 //! Every write is counted: [`Store::write_health`] says whether the last
 //! write failed (disk full, I/O error) and how many have failed, for
