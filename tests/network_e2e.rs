@@ -261,6 +261,12 @@ async fn run() {
         assert_eq!(body.as_deref(), Some("metald-guest"), "GET http://{addr}/");
     }
 
+    // GetVmInfo counts a1's traffic from its TAP (the guest's side).
+    let info =
+        acme.get_vm_info(pb::GetVmInfoRequest { vm_id: "a1".into(), ..Default::default() }).await.unwrap().into_owned();
+    let s = info.metrics.as_option().expect("metrics").network_stats.as_option().expect("network_stats").clone();
+    assert!(s.bytes_received > 0 && s.bytes_transmitted > 0 && s.packets_transmitted > 0, "{s:?}");
+
     // A restart rebuilds the table from the store; the guest still answers.
     let rules_before = nft_list().lines().count();
     let d = daemon.take().unwrap();

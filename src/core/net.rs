@@ -34,6 +34,12 @@ pub trait HostNet: Send + Sync + 'static {
     /// belongs to no lease, makes what is missing. Returns a summary for
     /// the log.
     async fn rebuild(&self, all: &BTreeMap<VmId, NetLease>) -> Result<String, String>;
+    /// Guest-side traffic of `taps` summed: (rx bytes, tx bytes, rx
+    /// packets, tx packets); `None` when unknown.
+    fn counters(&self, taps: &[String]) -> Option<(u64, u64, u64, u64)> {
+        let _ = taps;
+        None
+    }
 }
 
 /// The manager's networking: off (`None`) or a [`HostNet`].

@@ -32,7 +32,10 @@ impl Manager {
             if matches!(view.state(), VmState::Running | VmState::Paused) {
                 let ctx = self.ctx(&slot);
                 match self.inner.backend.usage(&ctx, rt).await {
-                    Ok(usage) => metrics = Some(self.live_metrics(&slot, rt, usage, view.state())),
+                    Ok(mut usage) => {
+                        self.add_nic_counters(&slot, &mut usage);
+                        metrics = Some(self.live_metrics(&slot, rt, usage, view.state()));
+                    }
                     Err(e) => debug!(vm_id = %id, error = %crate::util::chain(&e), "usage unavailable"),
                 }
             }
@@ -40,6 +43,22 @@ impl Manager {
         // The id billing, metrics and logs know the VM by (see `core`).
         backend_info.insert("host_id".to_owned(), view.host_id.to_string());
         Ok(VmDetails { view, metrics, backend_info })
+    }
+
+    /// A VM's managed NICs' traffic, from their TAPs (the hypervisor does
+    /// not count it for QEMU), added to `usage`.
+    fn add_nic_counters(&self, slot: &Slot, usage: &mut Usage) {
+        let (Some(net), Some(lease)) = (&self.inner.cfg.net.0, &slot.net) else { return };
+        let taps: Vec<String> = lease.nics.iter().map(|n| n.tap.clone()).collect();
+        if let Some(c) = net.counters(&taps)
+            && usage.net_rx_bytes == 0
+            && usage.net_tx_bytes == 0
+        {
+            usage.net_rx_bytes = c.0;
+            usage.net_tx_bytes = c.1;
+            usage.net_rx_packets = c.2;
+            usage.net_tx_packets = c.3;
+        }
     }
 
     fn live_metrics(&self, slot: &Slot, rt: &Runtime, usage: Usage, state: VmState) -> LiveMetrics {

@@ -114,6 +114,16 @@ impl HostNet for KernelNet {
         Ok(())
     }
 
+    fn counters(&self, taps: &[String]) -> Option<(u64, u64, u64, u64)> {
+        let all = self.dp.as_ref().ok()?.counters();
+        let mut sum = (0, 0, 0, 0);
+        for t in taps {
+            let c = all.get(t)?;
+            sum = (sum.0 + c.rx_bytes, sum.1 + c.tx_bytes, sum.2 + c.rx_packets, sum.3 + c.tx_packets);
+        }
+        Some(sum)
+    }
+
     async fn rebuild(&self, all: &BTreeMap<VmId, NetLease>) -> Result<String, String> {
         let dp = self.dp()?;
         let nics: Vec<NicWiring> = all.iter().flat_map(|(vm, l)| wiring(vm, l)).collect();
