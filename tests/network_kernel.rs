@@ -69,7 +69,7 @@ fn nics_are_wired_removed_and_rebuilt_from_a_list() {
         assert!(gw.contains("10.200.0.1/32") && gw.contains("fd00:6d65:7461:6c64::1/128"), "{gw}");
         // Start-up derives the table from the store: here, no NICs.
         dp.rebuild(&[]).await.unwrap();
-        let empty_rules = dp.rule_count().unwrap();
+        let empty_rules = dp.rule_count().await.unwrap();
         assert!(empty_rules > 10, "{empty_rules}");
 
         let (a, b, c) = (nic(2, 1), nic(3, 1), nic(4, 2));
@@ -91,7 +91,7 @@ fn nics_are_wired_removed_and_rebuilt_from_a_list() {
         ] {
             assert!(table.contains(needle), "{needle} not in\n{table}");
         }
-        assert_eq!(dp.rule_count().unwrap(), empty_rules, "rules do not grow with NICs");
+        assert_eq!(dp.rule_count().await.unwrap(), empty_rules, "rules do not grow with NICs");
         let mut many = Vec::new();
         for i in 10..110u8 {
             many.push(nic(i, u32::from(i)));
@@ -99,7 +99,7 @@ fn nics_are_wired_removed_and_rebuilt_from_a_list() {
         for n in &many {
             dp.add(n).await.unwrap();
         }
-        assert_eq!(dp.rule_count().unwrap(), empty_rules, "nor with 100 more");
+        assert_eq!(dp.rule_count().await.unwrap(), empty_rules, "nor with 100 more");
         for n in &many {
             dp.remove(n).await.unwrap();
         }
@@ -126,7 +126,7 @@ fn nics_are_wired_removed_and_rebuilt_from_a_list() {
         assert_eq!(taps, vec![a.tap.clone(), b.tap.clone()]);
         let table = nft_list();
         assert!(table.contains("mt-00000003") && !table.contains("mt-00000004"), "{table}");
-        assert_eq!(dp.rule_count().unwrap(), empty_rules);
+        assert_eq!(dp.rule_count().await.unwrap(), empty_rules);
         // Counters of our TAPs are there (zero traffic yet).
         assert!(dp.counters().contains_key(&a.tap));
     });

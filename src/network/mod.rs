@@ -81,7 +81,7 @@ impl Datapath {
                 fix: "load the tun module (modprobe tun) or set UNKEY_METALD_NETWORK_ENABLED=false".into(),
             });
         }
-        match std::process::Command::new(&settings.nft).arg("--version").output() {
+        match tokio::process::Command::new(&settings.nft).arg("--version").kill_on_drop(true).output().await {
             Ok(o) if o.status.success() => {}
             _ => {
                 return Err(NetError::Unavailable {
@@ -131,7 +131,7 @@ impl Datapath {
     pub async fn add(&self, nic: &NicWiring) -> Result<(), NetError> {
         let _g = self.lock.lock().await;
         self.wire_links(nic).await?;
-        nft::apply(&self.settings.nft, &nft::elements(&self.settings, "add", &[nic]))
+        nft::apply(&self.settings.nft, &nft::elements(&self.settings, "add", &[nic])).await
     }
 
     /// Removes `nic`'s set elements at once (from then on nothing is
@@ -143,7 +143,7 @@ impl Datapath {
     /// re-leased meanwhile is replaced onto the new TAP. Missing is fine.
     pub async fn remove(&self, nic: &NicWiring) -> Result<(), NetError> {
         let _g = self.lock.lock().await;
-        nft::apply(&self.settings.nft, &nft::remove_script(&self.settings, &[nic]))?;
+        nft::apply(&self.settings.nft, &nft::remove_script(&self.settings, &[nic])).await?;
         self.reaping.send_modify(|n| *n += 1);
         if self.reap.send(nic.tap.clone()).is_err() {
             // The reaper is gone (shutting down): delete here.
@@ -181,7 +181,7 @@ impl Datapath {
             }
         }
         let all: Vec<&NicWiring> = nics.iter().collect();
-        nft::apply(&self.settings.nft, &nft::rebuild_script(&self.settings, &all))?;
+        nft::apply(&self.settings.nft, &nft::rebuild_script(&self.settings, &all)).await?;
         Ok(report)
     }
 
@@ -226,8 +226,8 @@ impl Datapath {
     }
 
     /// Rules in the table now (constant in the number of NICs).
-    pub fn rule_count(&self) -> Result<usize, NetError> {
-        nft::rule_count(&self.settings)
+    pub async fn rule_count(&self) -> Result<usize, NetError> {
+        nft::rule_count(&self.settings).await
     }
 
     /// Names of the TAPs of ours that exist now.
