@@ -453,11 +453,17 @@ fn the_table_filters_isolates_and_translates_real_packets() {
         let _listener = std::net::TcpListener::bind("0.0.0.0:7777").unwrap();
         let e0 = echos_in();
         a.send(a.v4(), IpAddr::V4(UP4), &L4::Echo { id: 10 });
+        a.send(a.v6(), IpAddr::V6(up6()), &L4::Echo { id: 14 });
         a.send(a.v4(), gw4, &L4::Tcp { sport: 40000, dport: 7777, seq: 1, ack: 0, flags: SYN });
         a.q.expect_none("an answer from the host to a guest", |p| {
-            (is_echo_reply(p) && p.src == IpAddr::V4(UP4)) || (p.proto == TCP && p.sport == 7777)
+            (is_echo_reply(p) && (p.src == IpAddr::V4(UP4) || p.src == IpAddr::V6(up6())))
+                || (p.proto == TCP && p.sport == 7777)
         });
-        assert_eq!(echos_in().0, e0.0, "a guest's echo to the host's uplink address was answered");
+        assert_eq!(echos_in(), e0, "a guest's echo to the host's uplink address was taken in");
+        // fe80::1, the guests' IPv6 gateway, answers.
+        let fe80 = IpAddr::V6(metald::network::TAP_GATEWAY6);
+        a.send(a.v6(), fe80, &L4::Echo { id: 15 });
+        a.q.expect("echo to fe80::1", |p| is_echo_reply(p) && p.src == fe80 && p.dst == a.v6());
 
         // --- Isolation by customer tag; the metadata address. ---
         a.send(a.v4(), b.v4(), &L4::Udp { sport: 5000, dport: 9 });

@@ -72,8 +72,12 @@ pub fn table(s: &NetSettings) -> String {
     if let Some(g) = s.ipv4_pool.map(|_| s.pools()).and_then(|p| p.gateway4()) {
         let _ = writeln!(out, "    ip daddr {g} icmp type echo-request accept");
     }
+    // Echo to the gateway only (fe80::1 on every TAP, the pool's first
+    // address): the host's other addresses answer nothing, as in IPv4.
+    let gw6 = s.pools().gateway6().map(|g| format!(", {g}")).unwrap_or_default();
+    let _ = writeln!(out, "    ip6 daddr {{ {}{gw6} }} icmpv6 type echo-request accept", super::links::TAP_GATEWAY6);
     out.push_str(
-        "    icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, echo-request } accept
+        "    icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept
     drop
   }
 
@@ -256,6 +260,9 @@ mod tests {
         assert!(t.contains("ip saddr 10.200.0.0/16 oifname != @vm_taps oifname != \"metald0\" masquerade"), "{t}");
         let up = NetSettings { uplink: "eth9".into(), ..NetSettings::default() };
         assert!(table(&up).contains("ip saddr 10.200.0.0/16 oifname \"eth9\" masquerade"));
+        assert!(t.contains("ip6 daddr { fe80::1, fd00:6d65:7461:6c64::1 } icmpv6 type echo-request accept"), "{t}");
+        let v4only = NetSettings { ipv6_pool: None, ..NetSettings::default() };
+        assert!(table(&v4only).contains("ip6 daddr { fe80::1 } icmpv6 type echo-request accept"));
         assert!(elements(&s, "add", &[]).is_empty());
     }
 
