@@ -39,6 +39,24 @@ fn nft_list() -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Every set's and map's elements, sorted (the kernel's listing order is
+/// its hash order).
+fn elements() -> std::collections::BTreeMap<String, Vec<String>> {
+    let out = Command::new("nft").args(["-j", "list", "table", "inet", "metald"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut sets = std::collections::BTreeMap::new();
+    for o in v["nftables"].as_array().unwrap() {
+        if let Some(set) = o.get("set").or_else(|| o.get("map")) {
+            let mut elems: Vec<String> =
+                set["elem"].as_array().map(|a| a.iter().map(ToString::to_string).collect()).unwrap_or_default();
+            elems.sort();
+            sets.insert(set["name"].as_str().unwrap().to_owned(), elems);
+        }
+    }
+    sets
+}
+
 fn nic(i: u8, tag: u32) -> NicWiring {
     NicWiring {
         tap: format!("mt-000000{i:02x}"),
@@ -113,12 +131,20 @@ fn nics_are_wired_removed_and_rebuilt_from_a_list() {
         assert!(!ip(&["link", "show"]).contains(&c.tap));
         assert!(!nft_list().contains("mt-00000004"));
 
-        // A stray TAP of ours (alias) and a missing one: rebuild fixes both.
+        // What add() and remove() left: a's and b's elements.
+        let added = elements();
+        assert_eq!(added["vm_taps"].len(), 2, "{added:?}");
+        assert_eq!(added.len(), 7, "{added:?}");
+        // A stray element, a stray TAP of ours (alias) and a missing one:
+        // rebuild fixes all three.
+        Command::new("nft").args(["add", "element", "inet", "metald", "vm_taps", "{ \"mt-stale\" }"]).status().unwrap();
+        assert_ne!(elements(), added);
         ip(&["tuntap", "add", "dev", "mt-stray", "mode", "tap"]);
         ip(&["link", "set", "mt-stray", "alias", "metald:gone:eth0"]);
         ip(&["link", "del", &b.tap]);
         let report = dp.rebuild(&[a.clone(), b.clone()]).await.unwrap();
         assert_eq!((report.taps_removed, report.taps_created), (1, 1), "{report:?}");
+        assert_eq!(elements(), added, "the rebuilt table holds what add() made");
         let links = ip(&["link", "show"]);
         assert!(!links.contains("mt-stray") && links.contains(&b.tap) && links.contains("other0"), "{links}");
         let mut taps = dp.taps().await.unwrap();
