@@ -172,3 +172,36 @@ fn without_nft_networking_is_unavailable_and_says_what_to_do() {
         }
     });
 }
+
+#[test]
+fn ipv6_forwarding_is_not_turned_on_over_router_advertised_routes() {
+    in_netns(|| async {
+        // up0's IPv6 routes came from router advertisements (accept_ra=1,
+        // the default): forwarding on would let them expire.
+        ip(&["tuntap", "add", "dev", "up0", "mode", "tap"]);
+        ip(&["link", "set", "up0", "up"]);
+        ip(&["-6", "route", "add", "2001:db8::/64", "dev", "up0", "proto", "ra"]);
+        let forwarding = || std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding").unwrap();
+        match Datapath::start(NetSettings::default()).await {
+            Err(NetError::Unavailable { why, fix }) => {
+                assert!(why.contains("up0") && why.contains("router advertisements"), "{why}");
+                assert!(fix.contains("net.ipv6.conf.up0.accept_ra=2"), "{fix}");
+                assert!(fix.contains("UNKEY_METALD_NETWORK_IPV6_POOL=off"), "{fix}");
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("started over router-advertised routes"),
+        }
+        // Refusing changed nothing.
+        assert_eq!(forwarding().trim(), "0");
+        assert!(!Command::new("ip").args(["link", "show", "metald0"]).output().unwrap().status.success());
+        // Without an IPv6 pool there is nothing to forward.
+        let v4 = NetSettings { ipv6_pool: None, ..NetSettings::default() };
+        Datapath::start(v4).await.unwrap();
+        assert_eq!(forwarding().trim(), "0");
+        // The fix the error names works.
+        std::fs::write("/proc/sys/net/ipv6/conf/up0/accept_ra", "2").unwrap();
+        Datapath::start(NetSettings::default()).await.unwrap();
+        assert_eq!(forwarding().trim(), "1");
+        assert!(ip(&["-6", "route", "show", "dev", "up0"]).contains("2001:db8::/64 proto ra"));
+    });
+}

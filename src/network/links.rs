@@ -7,6 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::route::{RouteAttribute, RouteProtocol};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 use super::types::NetError;
@@ -109,6 +110,36 @@ pub async fn add_host_route(h: &Handle, index: u32, addr: IpAddr, name: &str) ->
         }
     };
     h.route().add(msg).replace().execute().await.map_err(kernel(format!("routing {addr} via {name}")))
+}
+
+/// Names of the links that have an IPv6 route learned from router
+/// advertisements (`proto ra`), sorted.
+pub async fn ra_route_links(h: &Handle) -> Result<Vec<String>, NetError> {
+    let mut s = h.route().get(RouteMessageBuilder::<Ipv6Addr>::new().build()).execute();
+    let mut indexes = std::collections::BTreeSet::new();
+    while let Some(m) = s.try_next().await.map_err(kernel("listing IPv6 routes".into()))? {
+        if m.header.protocol != RouteProtocol::Ra {
+            continue;
+        }
+        for a in &m.attributes {
+            match a {
+                RouteAttribute::Oif(i) => {
+                    indexes.insert(*i);
+                }
+                RouteAttribute::MultiPath(hops) => indexes.extend(hops.iter().map(|n| n.interface_index)),
+                _ => {}
+            }
+        }
+    }
+    let mut names: Vec<String> =
+        list(h).await?.into_iter().filter(|l| indexes.contains(&l.index)).map(|l| l.name).collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Reads a sysctl under `/proc/sys/net/` (`None` if it cannot be read).
+pub fn sysctl_get(path: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/sys/net/{path}")).ok().map(|v| v.trim().to_owned())
 }
 
 /// Writes a sysctl under `/proc/sys/net/`.

@@ -72,8 +72,10 @@ async fn reaper(
 
 impl Datapath {
     /// Checks that networking can work here (root or `CAP_NET_ADMIN`,
-    /// `/dev/net/tun`, the `nft` binary), makes the gateway device and sets
-    /// forwarding on. Idempotent.
+    /// `/dev/net/tun`, the `nft` binary, IPv6 forwarding that would not
+    /// cost the host its router-advertised routes), makes the gateway
+    /// device and sets forwarding on. Idempotent; changes nothing when it
+    /// refuses.
     pub async fn start(settings: NetSettings) -> Result<Arc<Datapath>, NetError> {
         if !std::path::Path::new("/dev/net/tun").exists() {
             return Err(NetError::Unavailable {
@@ -97,6 +99,9 @@ impl Datapath {
         let reaping = Arc::new(tokio::sync::watch::Sender::new(0usize));
         tokio::spawn(reaper(handle.clone(), rx, reaping.clone()));
         let dp = Datapath { settings, handle, lock: Mutex::new(()), reap, reaping };
+        if dp.settings.ipv6_pool.is_some() {
+            dp.check_ipv6_forwarding().await?;
+        }
         let gw = match links::ensure_gateway(&dp.handle, &dp.settings.gateway_device, GATEWAY_ALIAS).await {
             Ok(i) => i,
             Err(NetError::Kernel(what, e))
@@ -121,6 +126,38 @@ impl Datapath {
             links::sysctl("ipv6/conf/all/forwarding", "1")?;
         }
         Ok(Arc::new(dp))
+    }
+
+    /// Refuses to turn IPv6 forwarding on where that would cut the host
+    /// off: with forwarding on, a link whose `accept_ra` is 1 (the default)
+    /// ignores router advertisements, so routes learned from them (often
+    /// the host's IPv6 default route) vanish when their lifetime ends.
+    /// `accept_ra=2` keeps them. Nothing to check when forwarding is on
+    /// already.
+    async fn check_ipv6_forwarding(&self) -> Result<(), NetError> {
+        if links::sysctl_get("ipv6/conf/all/forwarding").as_deref() == Some("1") {
+            return Ok(());
+        }
+        let at_risk: Vec<String> = links::ra_route_links(&self.handle)
+            .await?
+            .into_iter()
+            .filter(|l| links::sysctl_get(&format!("ipv6/conf/{l}/accept_ra")).as_deref() == Some("1"))
+            .collect();
+        if at_risk.is_empty() {
+            return Ok(());
+        }
+        let names = at_risk.join(", ");
+        let sysctls: Vec<String> = at_risk.iter().map(|l| format!("net.ipv6.conf.{l}.accept_ra=2")).collect();
+        Err(NetError::Unavailable {
+            why: format!(
+                "turning IPv6 forwarding on would make the kernel ignore router advertisements on {names} \
+                 (accept_ra=1), and the IPv6 routes learned from them would expire"
+            ),
+            fix: format!(
+                "set {} (keeps router advertisements with forwarding on), or UNKEY_METALD_NETWORK_IPV6_POOL=off",
+                sysctls.join(" ")
+            ),
+        })
     }
 
     pub fn settings(&self) -> &NetSettings {
