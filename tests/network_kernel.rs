@@ -205,3 +205,30 @@ fn ipv6_forwarding_is_not_turned_on_over_router_advertised_routes() {
         assert!(ip(&["-6", "route", "show", "dev", "up0"]).contains("2001:db8::/64 proto ra"));
     });
 }
+
+/// Drops this thread's (only this thread's: the raw syscall, not libc's
+/// process-wide wrapper) root identity and with it every capability.
+#[allow(unsafe_code)]
+fn become_nobody_on_this_thread() {
+    // SAFETY: setresuid takes three integers; the raw syscall changes the
+    // calling thread's credentials only.
+    let r = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
+    assert_eq!(r, 0, "setresuid: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn without_cap_net_admin_networking_is_unavailable_and_says_what_to_do() {
+    in_netns(|| async {
+        become_nobody_on_this_thread();
+        match Datapath::start(NetSettings::default()).await {
+            Err(NetError::Unavailable { why, fix }) => {
+                // Opening /dev/net/tun (mode 0660 or 0600 here) or TUNSETIFF.
+                assert!(why.contains("TAP metald0"), "{why}");
+                assert!(why.contains("Permission denied") || why.contains("Operation not permitted"), "{why}");
+                assert!(fix.contains("CAP_NET_ADMIN"), "{fix}");
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("started without CAP_NET_ADMIN"),
+        }
+    });
+}

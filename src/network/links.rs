@@ -17,7 +17,15 @@ use super::types::NetError;
 pub const TAP_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
 fn kernel(what: String) -> impl FnOnce(rtnetlink::Error) -> NetError {
-    move |e| NetError::Kernel(what, e.to_string())
+    move |e| NetError::Kernel(what, io_error(e))
+}
+
+/// A netlink error as the errno it carries, anything else as text.
+fn io_error(e: rtnetlink::Error) -> std::io::Error {
+    match &e {
+        rtnetlink::Error::NetlinkError(m) if m.raw_code() < 0 => std::io::Error::from_raw_os_error(-m.raw_code()),
+        _ => std::io::Error::other(e.to_string()),
+    }
 }
 
 /// A link as listed: index, name, alias.
@@ -57,7 +65,7 @@ pub async fn get(h: &Handle, name: &str) -> Result<Option<Link>, NetError> {
         Ok(m) => Ok(m.as_ref().map(link_of)),
         // ENODEV: no such link.
         Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-        Err(e) => Err(NetError::Kernel(format!("looking up {name}"), e.to_string())),
+        Err(e) => Err(NetError::Kernel(format!("looking up {name}"), io_error(e))),
     }
 }
 
@@ -65,7 +73,7 @@ pub async fn delete(h: &Handle, index: u32, name: &str) -> Result<(), NetError> 
     match h.link().del(index).execute().await {
         Ok(()) => Ok(()),
         Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
-        Err(e) => Err(NetError::Kernel(format!("deleting {name}"), e.to_string())),
+        Err(e) => Err(NetError::Kernel(format!("deleting {name}"), io_error(e))),
     }
 }
 
@@ -77,7 +85,7 @@ pub async fn ensure_gateway(h: &Handle, name: &str, alias: &str) -> Result<u32, 
     if get(h, name).await?.is_none() {
         create_tap(name, None)?;
     }
-    let l = get(h, name).await?.ok_or_else(|| NetError::Kernel(format!("creating {name}"), "vanished".into()))?;
+    let l = get(h, name).await?.ok_or_else(|| NetError::kernel(format!("creating {name}"), "it vanished"))?;
     set_up(h, l.index, name, alias).await?;
     Ok(l.index)
 }
@@ -145,7 +153,7 @@ pub fn sysctl_get(path: &str) -> Option<String> {
 /// Writes a sysctl under `/proc/sys/net/`.
 pub fn sysctl(path: &str, value: &str) -> Result<(), NetError> {
     let full = format!("/proc/sys/net/{path}");
-    std::fs::write(&full, value).map_err(|e| NetError::Kernel(format!("writing {value} to {full}"), e.to_string()))
+    std::fs::write(&full, value).map_err(|e| NetError::Kernel(format!("writing {value} to {full}"), e))
 }
 
 // TAP creation. <linux/if_tun.h>; the `libc` crate does not export these.
@@ -170,9 +178,9 @@ struct IfReq {
 #[allow(unsafe_code)]
 pub fn create_tap(name: &str, owner: Option<(u32, u32)>) -> Result<(), NetError> {
     use std::os::fd::AsRawFd as _;
-    let err = |what: &str, e: std::io::Error| NetError::Kernel(format!("{what} TAP {name}"), e.to_string());
+    let err = |what: &str, e: std::io::Error| NetError::Kernel(format!("{what} TAP {name}"), e);
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-        return Err(NetError::Kernel(format!("TAP name {name:?}"), "must be 1-15 bytes".into()));
+        return Err(NetError::kernel(format!("TAP name {name:?}"), "must be 1-15 bytes"));
     }
     let tun = std::fs::OpenOptions::new()
         .read(true)

@@ -92,8 +92,8 @@ impl Datapath {
                 });
             }
         }
-        let (conn, handle, _) = rtnetlink::new_connection()
-            .map_err(|e| NetError::Kernel("opening a netlink socket".into(), e.to_string()))?;
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|e| NetError::Kernel("opening a netlink socket".into(), e))?;
         tokio::spawn(conn);
         let (reap, rx) = tokio::sync::mpsc::unbounded_channel();
         let reaping = Arc::new(tokio::sync::watch::Sender::new(0usize));
@@ -104,12 +104,12 @@ impl Datapath {
         }
         let gw = match links::ensure_gateway(&dp.handle, &dp.settings.gateway_device, GATEWAY_ALIAS).await {
             Ok(i) => i,
-            Err(NetError::Kernel(what, e))
-                if e.contains("Operation not permitted") || e.contains("EPERM") || e.contains("os error 1)") =>
-            {
+            Err(e) if e.denied() => {
                 return Err(NetError::Unavailable {
-                    why: format!("{what}: {e}"),
-                    fix: "run metald as root or with CAP_NET_ADMIN, or set UNKEY_METALD_NETWORK_ENABLED=false".into(),
+                    why: e.to_string(),
+                    fix: "run metald as root, or with CAP_NET_ADMIN and read-write access to /dev/net/tun, \
+                          or set UNKEY_METALD_NETWORK_ENABLED=false"
+                        .into(),
                 });
             }
             Err(e) => return Err(e),
@@ -239,7 +239,7 @@ impl Datapath {
         };
         let l = links::get(h, &nic.tap)
             .await?
-            .ok_or_else(|| NetError::Kernel(format!("creating TAP {}", nic.tap), "it vanished".into()))?;
+            .ok_or_else(|| NetError::kernel(format!("creating TAP {}", nic.tap), "it vanished"))?;
         links::sysctl(&format!("ipv4/conf/{}/proxy_arp", nic.tap), "1")?;
         links::sysctl(&format!("ipv4/conf/{}/route_localnet", nic.tap), "1")?;
         links::set_up(h, l.index, &nic.tap, &nic.alias).await?;

@@ -10,10 +10,26 @@ pub enum NetError {
     /// Networking cannot work on this host; `fix` says what to do.
     #[error("{why}; {fix}")]
     Unavailable { why: String, fix: String },
+    /// What was being done, and the kernel's answer (an errno where the
+    /// kernel gave one: [`NetError::denied`] looks at it).
     #[error("{0}: {1}")]
-    Kernel(String, String),
+    Kernel(String, std::io::Error),
     #[error("{0}")]
     Nft(String),
+}
+
+impl NetError {
+    /// A kernel call refused for lack of privilege (EPERM, EACCES): metald
+    /// is not root and lacks `CAP_NET_ADMIN`, or cannot open
+    /// `/dev/net/tun`.
+    pub fn denied(&self) -> bool {
+        matches!(self, NetError::Kernel(_, e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)))
+    }
+
+    /// A kernel error that is not an errno.
+    pub(super) fn kernel(what: impl Into<String>, detail: impl Into<String>) -> NetError {
+        NetError::Kernel(what.into(), std::io::Error::other(detail.into()))
+    }
 }
 
 /// A host port forwarded to a guest port.
@@ -48,4 +64,19 @@ pub struct NicCounters {
     pub tx_bytes: u64,
     pub rx_packets: u64,
     pub tx_packets: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn denied_is_eperm_or_eacces_from_the_kernel() {
+        let k = |errno| NetError::Kernel("x".into(), std::io::Error::from_raw_os_error(errno));
+        assert!(k(libc::EPERM).denied() && k(libc::EACCES).denied());
+        assert!(!k(libc::EBUSY).denied());
+        assert!(!NetError::kernel("x", "Operation not permitted").denied(), "text is not an errno");
+        assert!(!NetError::Nft("Operation not permitted".into()).denied());
+        assert_eq!(k(libc::EPERM).to_string(), "x: Operation not permitted (os error 1)");
+    }
 }
