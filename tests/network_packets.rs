@@ -9,8 +9,9 @@
 //! host protection (echo to the gateway only; nothing else of the host is
 //! reachable), isolation by customer tag (v4 and v6), the metadata address,
 //! DNAT of a port mapping from 127.0.0.1 (a whole TCP handshake with a
-//! host socket) and from the uplink (and the reply un-DNATed), no way into
-//! a guest but a mapping, and masquerade towards the uplink (v4 and v6).
+//! host socket), from the uplink (and the reply un-DNATed) and from another
+//! customer's guest (a mapping is public), no way into a guest but a
+//! mapping, and masquerade towards the uplink (v4 and v6).
 //!
 //! Reverse-path filtering is turned off in the namespace so that nft is the
 //! only thing that can drop a frame here.
@@ -515,6 +516,16 @@ fn the_table_filters_isolates_and_translates_real_packets() {
         a.send(a.v4(), out4, &L4::Tcp { sport: 80, dport: 41000, seq: 5000, ack: 8, flags: SYN | ACK });
         let reply = up.expect("the guest's SYN-ACK on the uplink", |p| p.proto == TCP && p.kind == SYN | ACK);
         assert_eq!((reply.src, reply.sport, reply.dst), (IpAddr::V4(UP4), 20002, out4), "{reply:?}");
+
+        // A mapping is public: another customer's guest reaches it through
+        // the host's address as the internet does (and sees the host's
+        // address and port in the reply, not the guest's).
+        c.send(c.v4(), gw4, &L4::Tcp { sport: 42000, dport: 20002, seq: 70, ack: 0, flags: SYN });
+        let syn = a.q.expect("the mapping's SYN from c", |p| p.proto == TCP && p.sport == 42000);
+        assert_eq!((syn.src, syn.dst, syn.dport), (c.v4(), a.v4(), 80), "{syn:?}");
+        a.send(a.v4(), c.v4(), &L4::Tcp { sport: 80, dport: 42000, seq: 9000, ack: 71, flags: SYN | ACK });
+        let reply = c.q.expect("a's SYN-ACK at c", |p| p.proto == TCP && p.dport == 42000);
+        assert_eq!((reply.src, reply.sport), (gw4, 20002), "{reply:?}");
 
         // --- Into a guest without a mapping: never. ---
         to_up(a.v4(), 22);
