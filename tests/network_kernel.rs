@@ -121,15 +121,43 @@ fn nics_are_wired_removed_and_rebuilt_from_a_list() {
         for n in &many {
             dp.remove(n).await.unwrap();
         }
+        // Removals go in batches off the caller's path: elements in one
+        // transaction, TAPs in one link-group deletion.
+        dp.reaped().await;
+        let links = ip(&["-o", "link", "show"]);
+        assert_eq!(links.matches(" mt-").count(), 3, "only a, b, c are left:\n{links}");
+        assert_eq!(elements()["vm_taps"].len(), 3);
+        assert_eq!(links.matches(" group default ").count(), links.lines().count(), "links in other groups:\n{links}");
 
         // Remove twice: fine.
         dp.remove(&c).await.unwrap();
         dp.remove(&c).await.unwrap();
-        // The elements go at once, the TAP right after.
-        assert!(!nft_list().contains("mt-00000004"));
         dp.reaped().await;
         assert!(!ip(&["link", "show"]).contains(&c.tap));
         assert!(!nft_list().contains("mt-00000004"));
+
+        // A removed NIC's host port, address and MAC leased to a new NIC
+        // right away: the add deletes the stale elements in its own
+        // transaction (a map element of the same key with other data would
+        // otherwise refuse the add), whether or not the batch ran yet.
+        for round in 0..5u8 {
+            let old = nic(200, 7);
+            dp.add(&old).await.unwrap();
+            dp.remove(&old).await.unwrap();
+            let mut new = nic(201, 8);
+            new.ipv4 = old.ipv4;
+            new.guest_mac = old.guest_mac;
+            new.ports[0].host_port = old.ports[0].host_port;
+            new.ports[0].guest_port = 8080;
+            dp.add(&new).await.unwrap();
+            let table = nft_list();
+            assert!(table.contains("tcp . 20200 : 10.200.0.200 . 8080"), "round {round}:\n{table}");
+            assert!(!table.contains("mt-000000c8") && !table.contains("tcp . 20200 : 10.200.0.200 . 80,"), "{table}");
+            dp.remove(&new).await.unwrap();
+            dp.reaped().await;
+            assert!(!nft_list().contains("mt-000000c9"));
+            assert!(!ip(&["link", "show"]).contains("mt-000000c"));
+        }
 
         // What add() and remove() left: a's and b's elements.
         let added = elements();

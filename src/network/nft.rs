@@ -14,7 +14,7 @@
 use std::fmt::Write as _;
 use std::process::Stdio;
 
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 use tokio::process::Command;
 
 use super::config::NetSettings;
@@ -164,19 +164,45 @@ pub fn mac_str(m: &[u8; 6]) -> String {
     format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
 }
 
+/// When [`apply`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// When `nft` has exited.
+    Exit,
+    /// As soon as the kernel has committed the transaction: `nft -e`
+    /// echoes what changed and, last, `# new generation N`, which the
+    /// kernel sends only after a successful commit. `nft` then closes its
+    /// netlink socket, and that close waits for nf_tables' destroy work
+    /// (an RCU grace period, 10-20 ms here) whenever a transaction deleted
+    /// something; the process is reaped off the caller's path. (The next
+    /// transaction's commit waits for that work all the same, which is
+    /// why removals are batched: `reap.rs`.) nft echoes only what a script
+    /// adds: a script that only deletes prints no marker, and then nft's
+    /// exit decides, correct but later; the element scripts here always
+    /// add. For small scripts (the echo is read in full).
+    Commit,
+}
+
+/// The line `nft -e` ends a committed transaction with.
+const COMMITTED: &str = "# new generation";
+
 /// Runs `script` through `nft -f -` (one transaction). Asynchronous: an
-/// `nft` run takes ~3 ms, one that deletes elements ~20 ms (its commit
-/// waits for RCU), which must not stall a runtime worker. The child is
+/// `nft` run takes ~3 ms, one that deletes elements ~15 ms more (see
+/// [`Wait::Commit`]), which must not stall a runtime worker. The child is
 /// forked from the calling thread, so it runs in that thread's network
 /// namespace (what the tests rely on).
-pub async fn apply(nft: &str, script: &str) -> Result<(), NetError> {
+pub async fn apply(nft: &str, script: &str, wait: Wait) -> Result<(), NetError> {
     if script.is_empty() {
         return Ok(());
     }
+    let args: &[&str] = match wait {
+        Wait::Exit => &["-f", "-"],
+        Wait::Commit => &["-e", "-f", "-"],
+    };
     let mut child = Command::new(nft)
-        .args(["-f", "-"])
+        .args(args)
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(if wait == Wait::Commit { Stdio::piped() } else { Stdio::null() })
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -193,14 +219,44 @@ pub async fn apply(nft: &str, script: &str) -> Result<(), NetError> {
             None => Ok(()),
         }
     };
+    if let Some(stdout) = child.stdout.take() {
+        let committed = async move {
+            let mut lines = tokio::io::BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.starts_with(COMMITTED) {
+                    return true;
+                }
+            }
+            false
+        };
+        let (written, committed) = tokio::join!(write, committed);
+        if committed {
+            // The kernel has it; nft only has to exit.
+            let _ = written;
+            tokio::spawn(async move {
+                match child.wait().await {
+                    Ok(s) if s.success() => {}
+                    r => tracing::warn!(status = ?r, "nft exited badly after its transaction was committed"),
+                }
+            });
+            return Ok(());
+        }
+        // No commit marker: nft failed (or said nothing); its exit and
+        // stderr tell.
+        let out = child.wait_with_output().await.map_err(|e| NetError::Nft(format!("waiting for {nft}: {e}")))?;
+        return finish(nft, &out, written);
+    }
     let (written, out) = tokio::join!(write, child.wait_with_output());
     let out = out.map_err(|e| NetError::Nft(format!("waiting for {nft}: {e}")))?;
+    finish(nft, &out, written)
+}
+
+fn finish(nft: &str, out: &std::process::Output, written: std::io::Result<()>) -> Result<(), NetError> {
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         return Err(NetError::Nft(format!("{nft} -f refused the change: {}", err.trim())));
     }
-    written.map_err(|e| NetError::Nft(format!("writing to {nft}: {e}")))?;
-    Ok(())
+    written.map_err(|e| NetError::Nft(format!("writing to {nft}: {e}")))
 }
 
 /// Rules in the table now.
@@ -270,14 +326,20 @@ mod tests {
     async fn a_refused_script_reports_nft_not_a_broken_pipe() {
         // `false` exits at once without reading: the 1 MiB write fails
         // (EPIPE), and the error still says that nft refused.
-        match apply("false", &"x".repeat(1 << 20)).await {
+        match apply("false", &"x".repeat(1 << 20), Wait::Exit).await {
             Err(NetError::Nft(m)) => assert!(m.contains("false -f refused the change"), "{m}"),
             r => panic!("{r:?}"),
         }
-        match apply("/nonexistent/nft", "add table inet t").await {
+        match apply("/nonexistent/nft", "add table inet t", Wait::Commit).await {
             Err(NetError::Nft(m)) => assert!(m.starts_with("running /nonexistent/nft"), "{m}"),
             r => panic!("{r:?}"),
         }
-        assert!(apply("/nonexistent/nft", "").await.is_ok(), "nothing to do runs nothing");
+        assert!(apply("/nonexistent/nft", "", Wait::Exit).await.is_ok(), "nothing to do runs nothing");
+        // Without the commit marker, the exit decides.
+        match apply("false", "x", Wait::Commit).await {
+            Err(NetError::Nft(m)) => assert!(m.contains("false -f refused the change"), "{m}"),
+            r => panic!("{r:?}"),
+        }
+        assert!(apply("true", "x", Wait::Commit).await.is_ok());
     }
 }
