@@ -238,10 +238,82 @@ fn ipv6_forwarding_is_not_turned_on_over_router_advertised_routes() {
 /// process-wide wrapper) root identity and with it every capability.
 #[allow(unsafe_code)]
 fn become_nobody_on_this_thread() {
-    // SAFETY: setresuid takes three integers; the raw syscall changes the
-    // calling thread's credentials only.
+    // SAFETY: setresgid and setresuid take three integers; the raw
+    // syscalls change the calling thread's credentials only.
+    let r = unsafe { libc::syscall(libc::SYS_setresgid, 65534, 65534, 65534) };
+    assert_eq!(r, 0, "setresgid: {}", std::io::Error::last_os_error());
+    // SAFETY: as above.
     let r = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
     assert_eq!(r, 0, "setresuid: {}", std::io::Error::last_os_error());
+}
+
+/// Attaches to the existing TAP `name` through the TUN device node `node`
+/// as Firecracker does (`TUNSETIFF`); the queue closes again on return.
+#[allow(unsafe_code)]
+fn attach(node: &std::path::Path, name: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    const FLAGS: libc::c_short = 0x0002 | 0x1000 | 0x4000; // IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+    let tun = std::fs::OpenOptions::new().read(true).write(true).open(node)?;
+    let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags: FLAGS, _pad: [0; 22] };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: `tun` is an open TUN device; `req` is a properly sized and
+    // initialised `struct ifreq` that lives across the call.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A jailed Firecracker runs as the jailer's uid/gid without
+/// `CAP_NET_ADMIN` and opens its TAP through the `/dev/net/tun` node the
+/// jailer made in its chroot: metald makes the TAP owned by that uid/gid
+/// (`NicWiring::owner`, from `UNKEY_METALD_JAILER_UID`/`GID`), and only
+/// such a TAP can be opened that way.
+#[test]
+fn a_tap_with_an_owner_is_opened_by_that_owner_without_privileges() {
+    in_netns(|| async {
+        let dp = Datapath::start(NetSettings::default()).await.unwrap();
+        dp.rebuild(&[]).await.unwrap();
+        let mut jailed = nic(2, 1);
+        jailed.owner = Some((65534, 65534));
+        let plain = nic(3, 1);
+        dp.add(&jailed).await.unwrap();
+        dp.add(&plain).await.unwrap();
+        let details = ip(&["-d", "link", "show", "dev", &jailed.tap]);
+        assert!(details.contains("user nobody") || details.contains("user 65534"), "{details}");
+        // The jailer's device node: /dev/net/tun's numbers, owned by the
+        // jailed uid.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let node = dir.path().join("tun");
+        let ok = Command::new("mknod").arg(&node).args(["c", "10", "200"]).status().unwrap();
+        assert!(ok.success());
+        std::os::unix::fs::chown(&node, Some(65534), Some(65534)).unwrap();
+        let (a, b) = (jailed.tap.clone(), plain.tap.clone());
+        let (owned, other) = std::thread::spawn(move || {
+            become_nobody_on_this_thread();
+            (attach(&node, &a), attach(&node, &b))
+        })
+        .join()
+        .unwrap();
+        owned.unwrap();
+        // Every other TAP (and the gateway) is root's: refused.
+        assert_eq!(other.unwrap_err().raw_os_error(), Some(libc::EPERM), "another uid's TAP");
+        let gw = std::thread::spawn(move || {
+            become_nobody_on_this_thread();
+            attach(&dir.path().join("tun"), "metald0")
+        })
+        .join()
+        .unwrap();
+        assert_eq!(gw.unwrap_err().raw_os_error(), Some(libc::EPERM), "the gateway device");
+    });
 }
 
 #[test]

@@ -9,9 +9,10 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
+use crate::backend::firecracker::config::FirecrackerSettings;
 use crate::core::{HostNet, NetHandle};
-use crate::model::VmId;
 use crate::model::net::{NetLease, Pools};
+use crate::model::{BackendKind, VmId};
 use crate::network::{ALIAS_PREFIX, Datapath, NetError, NetSettings, NicWiring, PortWiring, parse_mac};
 
 /// Host networking as the core sees it.
@@ -19,12 +20,47 @@ pub struct KernelNet {
     pools: Pools,
     dns: Vec<IpAddr>,
     dp: Result<Arc<Datapath>, String>,
+    taps: TapPolicy,
+}
+
+/// What the chosen backend needs of the TAPs of managed NICs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TapPolicy {
+    /// The (uid, gid) that opens the TAPs when it is not root: the
+    /// jailer's, whose Firecracker attaches to its TAP without
+    /// `CAP_NET_ADMIN` (the kernel lets a TAP's owner do that).
+    pub owner: Option<(u32, u32)>,
+    /// Why managed NICs cannot work with the backend's settings, and what
+    /// to change.
+    pub refuse: Option<String>,
+}
+
+impl TapPolicy {
+    /// The policy for `kind` with `fc`'s jailer settings: a jailed
+    /// Firecracker's TAPs are owned by the jailer's uid/gid; one the jailer
+    /// moves into a network namespace of its own cannot see metald's
+    /// routed TAPs in the host namespace, so managed NICs are refused.
+    pub fn for_backend(kind: BackendKind, fc: &FirecrackerSettings) -> TapPolicy {
+        let Some(j) = fc.jailer.as_ref().filter(|_| kind == BackendKind::Firecracker) else {
+            return TapPolicy::default();
+        };
+        TapPolicy {
+            owner: (j.uid != 0 || j.gid != 0).then_some((j.uid, j.gid)),
+            refuse: j.netns.as_ref().map(|ns| {
+                format!(
+                    "the jailer runs Firecracker in network namespace {ns} (UNKEY_METALD_JAILER_NETNS), and the \
+                     TAPs of metald-managed NICs live in metald's own namespace: unset UNKEY_METALD_JAILER_NETNS, \
+                     or give each NIC a tap_device that exists in that namespace"
+                )
+            }),
+        }
+    }
 }
 
 impl KernelNet {
     /// Starts the datapath per `settings`: `None` when networking is off,
     /// else a handle that works or says why it cannot.
-    pub async fn start(settings: &NetSettings) -> (NetHandle, Option<Arc<KernelNet>>) {
+    pub async fn start(settings: &NetSettings, taps: TapPolicy) -> (NetHandle, Option<Arc<KernelNet>>) {
         if !settings.enabled {
             info!("host networking is off (UNKEY_METALD_NETWORK_ENABLED=false): only operator TAPs");
             return (NetHandle(None), None);
@@ -48,13 +84,16 @@ impl KernelNet {
                 Err(e.to_string())
             }
         };
-        let net = Arc::new(KernelNet { pools: settings.pools(), dns: settings.dns.clone(), dp });
+        if let Some(why) = &taps.refuse {
+            warn!(reason = %why, "VMs with managed NICs are refused");
+        }
+        let net = Arc::new(KernelNet { pools: settings.pools(), dns: settings.dns.clone(), dp, taps });
         (NetHandle(Some(net.clone())), Some(net))
     }
 
     /// Why networking is unavailable, for `/_/health`.
     pub fn problem(&self) -> Option<&str> {
-        self.dp.as_ref().err().map(String::as_str)
+        self.dp.as_ref().err().or(self.taps.refuse.as_ref()).map(String::as_str)
     }
 
     fn dp(&self) -> Result<&Arc<Datapath>, String> {
@@ -62,8 +101,8 @@ impl KernelNet {
     }
 }
 
-/// `lease`'s NICs as the kernel needs them.
-pub fn wiring(vm: &VmId, lease: &NetLease) -> Vec<NicWiring> {
+/// `lease`'s NICs as the kernel needs them, their TAPs owned by `owner`.
+pub fn wiring(vm: &VmId, lease: &NetLease, owner: Option<(u32, u32)>) -> Vec<NicWiring> {
     lease
         .nics
         .iter()
@@ -79,7 +118,7 @@ pub fn wiring(vm: &VmId, lease: &NetLease) -> Vec<NicWiring> {
                 .iter()
                 .map(|p| PortWiring { proto: p.proto, host_port: p.host_port, guest_port: p.guest_port })
                 .collect(),
-            owner: None,
+            owner,
         })
         .collect()
 }
@@ -99,8 +138,11 @@ impl HostNet for KernelNet {
     }
 
     async fn add(&self, vm: &VmId, lease: &NetLease) -> Result<(), String> {
+        if let Some(why) = &self.taps.refuse {
+            return Err(why.clone());
+        }
         let dp = self.dp()?;
-        for nic in wiring(vm, lease) {
+        for nic in wiring(vm, lease, self.taps.owner) {
             dp.add(&nic).await.map_err(|e| e.to_string())?;
         }
         Ok(())
@@ -108,7 +150,7 @@ impl HostNet for KernelNet {
 
     async fn remove(&self, vm: &VmId, lease: &NetLease) -> Result<(), String> {
         let dp = self.dp()?;
-        for nic in wiring(vm, lease) {
+        for nic in wiring(vm, lease, self.taps.owner) {
             dp.remove(&nic).await.map_err(|e| e.to_string())?;
         }
         Ok(())
@@ -126,8 +168,31 @@ impl HostNet for KernelNet {
 
     async fn rebuild(&self, all: &BTreeMap<VmId, NetLease>) -> Result<String, String> {
         let dp = self.dp()?;
-        let nics: Vec<NicWiring> = all.iter().flat_map(|(vm, l)| wiring(vm, l)).collect();
+        let nics: Vec<NicWiring> = all.iter().flat_map(|(vm, l)| wiring(vm, l, self.taps.owner)).collect();
         let r = dp.rebuild(&nics).await.map_err(|e| e.to_string())?;
         Ok(format!("{} NICs, {} TAPs made, {} stray TAPs removed", r.nics, r.taps_created, r.taps_removed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::firecracker::config::JailerSettings;
+
+    #[test]
+    fn a_jailed_firecracker_owns_its_taps_and_its_own_namespace_is_refused() {
+        let mut fc = FirecrackerSettings::default();
+        assert_eq!(TapPolicy::for_backend(BackendKind::Firecracker, &fc), TapPolicy::default());
+        fc.jailer = Some(JailerSettings { uid: 123, gid: 456, ..JailerSettings::default() });
+        let p = TapPolicy::for_backend(BackendKind::Firecracker, &fc);
+        assert_eq!((p.owner, p.refuse), (Some((123, 456)), None));
+        // The jailer's settings matter only to Firecracker.
+        assert_eq!(TapPolicy::for_backend(BackendKind::Qemu, &fc), TapPolicy::default());
+        // A root jailer needs no owner.
+        fc.jailer = Some(JailerSettings::default());
+        assert_eq!(TapPolicy::for_backend(BackendKind::Firecracker, &fc).owner, None);
+        fc.jailer = Some(JailerSettings { netns: Some("/var/run/netns/{vm_id}".into()), ..JailerSettings::default() });
+        let why = TapPolicy::for_backend(BackendKind::Firecracker, &fc).refuse.unwrap();
+        assert!(why.contains("UNKEY_METALD_JAILER_NETNS") && why.contains("tap_device"), "{why}");
     }
 }

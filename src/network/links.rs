@@ -208,7 +208,11 @@ struct IfReq {
 }
 
 /// Makes `name` a persistent TAP (the hypervisor opens it by name later),
-/// owned by `owner` (uid, gid) when given. Hand-written because no crate
+/// owned by `owner` (uid, gid), by root when not given. A TAP without an
+/// owner can be attached by anyone who can open `/dev/net/tun` (0666 on
+/// most distributions): a local user could then send and receive as a
+/// stopped VM, or as the gateway. Owned, only that uid/gid or a holder of
+/// `CAP_NET_ADMIN` can. Hand-written because no crate
 /// makes a *persistent* TAP without also keeping its queue open.
 #[allow(unsafe_code)]
 pub fn create_tap(name: &str, owner: Option<(u32, u32)>) -> Result<(), NetError> {
@@ -230,13 +234,12 @@ pub fn create_tap(name: &str, owner: Option<(u32, u32)>) -> Result<(), NetError>
     if unsafe { libc::ioctl(fd, TUNSETIFF, &mut req as *mut IfReq) } < 0 {
         return Err(err("creating", std::io::Error::last_os_error()));
     }
-    if let Some((uid, gid)) = owner {
-        // SAFETY: TUNSETOWNER/TUNSETGROUP take an integer argument by value.
-        if unsafe { libc::ioctl(fd, TUNSETOWNER, libc::c_ulong::from(uid)) } < 0
-            || unsafe { libc::ioctl(fd, TUNSETGROUP, libc::c_ulong::from(gid)) } < 0
-        {
-            return Err(err("setting the owner of", std::io::Error::last_os_error()));
-        }
+    let (uid, gid) = owner.unwrap_or((0, 0));
+    // SAFETY: TUNSETOWNER/TUNSETGROUP take an integer argument by value.
+    if unsafe { libc::ioctl(fd, TUNSETOWNER, libc::c_ulong::from(uid)) } < 0
+        || unsafe { libc::ioctl(fd, TUNSETGROUP, libc::c_ulong::from(gid)) } < 0
+    {
+        return Err(err("setting the owner of", std::io::Error::last_os_error()));
     }
     // SAFETY: TUNSETPERSIST takes an integer argument by value.
     if unsafe { libc::ioctl(fd, TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {

@@ -53,7 +53,8 @@ pub struct NicWiring {
     /// The VM's customer's isolation tag.
     pub tag: u32,
     pub ports: Vec<PortWiring>,
-    /// uid/gid that must be able to open the TAP (a jailed hypervisor).
+    /// uid/gid that must be able to open the TAP (a jailed hypervisor);
+    /// root when `None`.
     pub owner: Option<(u32, u32)>,
 }
 
