@@ -207,8 +207,8 @@ async fn run() {
     assert_ne!(b2.v4, b1.v4);
     let a2 = create(&acme, "a2", "console=ttyS0 quiet metald.httpd=80", &[]).await;
     let probes = format!(
-        "console=ttyS0 quiet metald.httpd=80 metald.ping={},{},{} metald.tcp=10.99.0.2:8080,10.200.0.1:{port},{}:80",
-        a2.v4, b1.v4, a2.v6, b1.v4
+        "console=ttyS0 quiet metald.httpd=80 metald.ping={},{},{},{} metald.tcp=10.99.0.2:8080,10.200.0.1:{port},{}:80",
+        a2.v4, b1.v4, a2.v6, b1.v6, b1.v4
     );
     let a1 = create(&acme, "a1", &probes, &[(0, 80)]).await;
     assert_ne!(a1.v4, a2.v4);
@@ -231,11 +231,14 @@ async fn run() {
     // Other customer, metald's API on the gateway: never, after several tries.
     let api = format!("METALD_TCP 10.200.0.1:{port}");
     wait_console(&ca1, "a1's probes of b1 and the API to fail a few times", |t| {
-        t.matches(&format!("METALD_PING {} fail", b1.v4)).count() >= 3 && t.matches(&format!("{api} fail")).count() >= 3
+        t.matches(&format!("METALD_PING {} fail", b1.v4)).count() >= 3
+            && t.matches(&format!("METALD_PING {} fail", b1.v6)).count() >= 3
+            && t.matches(&format!("{api} fail")).count() >= 3
     })
     .await;
     let text = console_text(&ca1);
     assert!(!text.contains(&format!("METALD_PING {} ok", b1.v4)), "a1 reached another customer's VM:\n{text}");
+    assert!(!text.contains(&format!("METALD_PING {} ok", b1.v6)), "a1 reached another customer's VM (v6):\n{text}");
     assert!(!text.contains(&format!("METALD_TCP {}:80 ok", b1.v4)), "a1 reached another customer's VM:\n{text}");
     assert!(!text.contains(&format!("{api} ok")), "a guest reached metald's API:\n{text}");
     // ...which the host itself does reach on that address.
@@ -286,16 +289,16 @@ async fn run() {
     )
     .unwrap();
     acme.delete_vm(pb::DeleteVmRequest { vm_id: "a1".into(), force: true, ..Default::default() }).await.unwrap();
-    // The table's elements go with the call; the TAP right after it.
-    let table = nft_list();
-    assert!(!table.contains(&a1.tap) && !table.contains(&format!(": {} . 80", a1.v4)), "{table}");
-    assert!(http_get(format!("127.0.0.1:{host_port}").parse().unwrap()).is_none(), "the mapping outlived its VM");
+    // The elements and the TAP go right after the call, in a batch.
     wait_until(&format!("TAP {} to be deleted", a1.tap), Duration::from_secs(10), || {
         let links = Command::new("ip").args(["link", "show"]).output().unwrap();
         let gone = !String::from_utf8_lossy(&links.stdout).contains(&a1.tap);
         async move { gone }
     })
     .await;
+    let table = nft_list();
+    assert!(!table.contains(&a1.tap) && !table.contains(&format!(": {} . 80", a1.v4)), "{table}");
+    assert!(http_get(format!("127.0.0.1:{host_port}").parse().unwrap()).is_none(), "the mapping outlived its VM");
     daemon.take().unwrap().shutdown();
 }
 

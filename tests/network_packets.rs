@@ -10,8 +10,9 @@
 //! reachable), isolation by customer tag (v4 and v6), the metadata address,
 //! DNAT of a port mapping from 127.0.0.1 (a whole TCP handshake with a
 //! host socket), from the uplink (and the reply un-DNATed) and from another
-//! customer's guest (a mapping is public), no way into a guest but a
-//! mapping, and masquerade towards the uplink (v4 and v6).
+//! customer's guest (a mapping is public), a UDP mapping on the same host
+//! port (from the uplink, the reply un-DNATed, and from 127.0.0.1), no way
+//! into a guest but a mapping, and masquerade towards the uplink (v4 and v6).
 //!
 //! Reverse-path filtering is turned off in the namespace so that nft is the
 //! only thing that can drop a frame here.
@@ -393,7 +394,8 @@ fn the_table_filters_isolates_and_translates_real_packets() {
 
         let dp = Datapath::start(NetSettings::default()).await.unwrap();
         let mapping = PortWiring { proto: Proto::Tcp, host_port: 20002, guest_port: 80 };
-        let nics = [nic(2, 1, vec![mapping]), nic(3, 1, vec![]), nic(4, 2, vec![])];
+        let udp = PortWiring { proto: Proto::Udp, host_port: 20002, guest_port: 53 };
+        let nics = [nic(2, 1, vec![mapping, udp]), nic(3, 1, vec![]), nic(4, 2, vec![])];
         dp.rebuild(&nics).await.unwrap();
 
         for dev in ["all", "default", "up0", "mt-00000002", "mt-00000003", "mt-00000004"] {
@@ -526,6 +528,26 @@ fn the_table_filters_isolates_and_translates_real_packets() {
         a.send(a.v4(), c.v4(), &L4::Tcp { sport: 80, dport: 42000, seq: 9000, ack: 71, flags: SYN | ACK });
         let reply = c.q.expect("a's SYN-ACK at c", |p| p.proto == TCP && p.dport == 42000);
         assert_eq!((reply.src, reply.sport), (gw4, 20002), "{reply:?}");
+
+        // --- A UDP mapping (same host port, other protocol): from the
+        // uplink, the reply un-DNATed; from 127.0.0.1. ---
+        up.send(&frame(up_mac, OUT_MAC, out4, IpAddr::V4(UP4), &L4::Udp { sport: 43000, dport: 20002 }));
+        let dgram = a.q.expect("the UDP mapping's datagram from the internet", |p| p.proto == UDP);
+        assert_eq!((dgram.src, dgram.sport, dgram.dst, dgram.dport), (out4, 43000, a.v4(), 53), "{dgram:?}");
+        a.send(a.v4(), out4, &L4::Udp { sport: 53, dport: 43000 });
+        let reply = up.expect("the guest's UDP answer on the uplink", |p| p.proto == UDP && p.dport == 43000);
+        assert_eq!((reply.src, reply.sport), (IpAddr::V4(UP4), 20002), "{reply:?}");
+        std::thread::spawn(|| {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.send_to(b"hello", "127.0.0.1:20002").unwrap();
+        })
+        .join()
+        .unwrap();
+        let dgram = a.q.expect("the UDP mapping's datagram from 127.0.0.1", |p| p.proto == UDP && p.dport == 53);
+        assert_eq!((dgram.src, dgram.dst), (gw4, a.v4()), "{dgram:?}");
+        // Not to the TCP mapping's guest port.
+        up.send(&frame(up_mac, OUT_MAC, out4, IpAddr::V4(UP4), &L4::Udp { sport: 43001, dport: 20003 }));
+        a.q.expect_none("a datagram to an unmapped UDP port", |p| p.proto == UDP && p.sport == 43001);
 
         // --- Into a guest without a mapping: never. ---
         to_up(a.v4(), 22);
