@@ -43,9 +43,10 @@ pub struct Datapath {
     settings: NetSettings,
     handle: rtnetlink::Handle,
     /// Serialises nft transactions and link changes of NICs and a
-    /// rebuild; holds the removed NICs whose set elements are still in the
-    /// table.
-    lock: Arc<Mutex<reap::Stale>>,
+    /// rebuild.
+    lock: Arc<Mutex<()>>,
+    /// Removed NICs whose set elements are still in the table.
+    stale: Arc<reap::Stale>,
     /// Removal off the caller's path, in batches (see [`Datapath::remove`]).
     reaper: reap::Reaper,
 }
@@ -75,9 +76,9 @@ impl Datapath {
         let (conn, handle, _) =
             rtnetlink::new_connection().map_err(|e| NetError::Kernel("opening a netlink socket".into(), e))?;
         tokio::spawn(conn);
-        let lock = Arc::new(Mutex::new(reap::Stale::new()));
-        let reaper = reap::Reaper::start(settings.clone(), handle.clone(), lock.clone());
-        let dp = Datapath { settings, handle, lock, reaper };
+        let (lock, stale) = (Arc::new(Mutex::new(())), Arc::new(reap::Stale::default()));
+        let reaper = reap::Reaper::start(settings.clone(), handle.clone(), lock.clone(), stale.clone());
+        let dp = Datapath { settings, handle, lock, stale, reaper };
         if dp.settings.ipv6_pool.is_some() {
             dp.check_ipv6_forwarding().await?;
         }
@@ -153,11 +154,14 @@ impl Datapath {
             // random and may come back): let it go first.
             self.reaper.idle().await;
         }
-        let mut stale = self.lock.lock().await;
+        let _g = self.lock.lock().await;
         self.wire_links(nic).await?;
-        let script = reap::flush_script(&self.settings, &stale, &nft::elements(&self.settings, "add", &[nic]));
-        nft::apply(&self.settings.nft, &script, nft::Wait::Commit).await?;
-        stale.clear();
+        let pending = reap::take(&self.stale);
+        let script = reap::flush_script(&self.settings, &pending, &nft::elements(&self.settings, "add", &[nic]));
+        if let Err(e) = nft::apply(&self.settings.nft, &script, nft::Wait::Commit).await {
+            reap::put_back(&self.stale, pending);
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -170,14 +174,14 @@ impl Datapath {
     /// alias says it is ours, the store that it belongs to no VM). Missing
     /// is fine, and so is removing twice.
     pub async fn remove(&self, nic: &NicWiring) -> Result<(), NetError> {
-        let mut stale = self.lock.lock().await;
-        reap::mark(&mut stale, nic);
+        reap::mark(&self.stale, nic);
         if self.reaper.queue(nic) {
             return Ok(());
         }
         // No reaper (the runtime is shutting down): everything here.
-        nft::apply(&self.settings.nft, &reap::flush_script(&self.settings, &stale, ""), nft::Wait::Exit).await?;
-        stale.clear();
+        let _g = self.lock.lock().await;
+        let pending = reap::take(&self.stale);
+        nft::apply(&self.settings.nft, &reap::flush_script(&self.settings, &pending, ""), nft::Wait::Exit).await?;
         if let Some(l) = links::get(&self.handle, &nic.tap).await? {
             links::delete(&self.handle, l.index, &nic.tap).await?;
         }
@@ -195,9 +199,9 @@ impl Datapath {
     /// in one transaction.
     pub async fn rebuild(&self, nics: &[NicWiring]) -> Result<RebuildReport, NetError> {
         self.reaped().await;
-        let mut stale = self.lock.lock().await;
+        let _g = self.lock.lock().await;
         // The table is replaced below: whatever was pending goes with it.
-        stale.clear();
+        reap::take(&self.stale);
         let mut report = RebuildReport { nics: nics.len(), ..RebuildReport::default() };
         let wanted: std::collections::HashSet<&str> = nics.iter().map(|n| n.tap.as_str()).collect();
         let strays: Vec<links::Link> = links::list(&self.handle)

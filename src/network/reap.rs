@@ -27,10 +27,24 @@ use super::config::NetSettings;
 use super::types::NicWiring;
 use super::{links, nft};
 
-/// Removed NICs whose set elements are still in the table. Guarded by the
-/// datapath's lock, which serialises every nft transaction and link change
-/// of a NIC.
-pub type Stale = Vec<NicWiring>;
+/// Removed NICs whose set elements are still in the table. Its own lock,
+/// held only to push or take: a removal never waits for a transaction.
+/// Whoever takes the list deletes its elements under the datapath's lock
+/// (which serialises every nft transaction).
+pub type Stale = std::sync::Mutex<Vec<NicWiring>>;
+
+/// Takes the whole list.
+pub fn take(stale: &Stale) -> Vec<NicWiring> {
+    std::mem::take(&mut *stale.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+}
+
+/// Puts `nics` back in front (their deletion failed with a transaction
+/// that is to be retried).
+pub fn put_back(stale: &Stale, mut nics: Vec<NicWiring>) {
+    let mut s = stale.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    nics.append(&mut s);
+    *s = nics;
+}
 
 /// The queue of removals and what it still holds.
 pub struct Reaper {
@@ -41,10 +55,10 @@ pub struct Reaper {
 
 impl Reaper {
     /// Starts the task that works through the queue.
-    pub fn start(settings: NetSettings, handle: rtnetlink::Handle, lock: Arc<Mutex<Stale>>) -> Reaper {
+    pub fn start(settings: NetSettings, handle: rtnetlink::Handle, lock: Arc<Mutex<()>>, stale: Arc<Stale>) -> Reaper {
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(watch::Sender::new(HashSet::new()));
-        tokio::spawn(run(settings, handle, lock, rx, queued.clone()));
+        tokio::spawn(run(settings, handle, lock, stale, rx, queued.clone()));
         Reaper { tx, queued }
     }
 
@@ -76,16 +90,17 @@ impl Reaper {
 }
 
 /// Puts `nic` on the stale list once (removing twice is fine).
-pub fn mark(stale: &mut Stale, nic: &NicWiring) {
-    if !stale.iter().any(|s| s.tap == nic.tap) {
-        stale.push(nic.clone());
+pub fn mark(stale: &Stale, nic: &NicWiring) {
+    let mut s = stale.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !s.iter().any(|x| x.tap == nic.tap) {
+        s.push(nic.clone());
     }
 }
 
-/// The script that deletes the stale elements, then (same transaction)
-/// does `then`.
-pub fn flush_script(settings: &NetSettings, stale: &Stale, then: &str) -> String {
-    let all: Vec<&NicWiring> = stale.iter().collect();
+/// The script that deletes `nics`' elements, then (same transaction) does
+/// `then`.
+pub fn flush_script(settings: &NetSettings, nics: &[NicWiring], then: &str) -> String {
+    let all: Vec<&NicWiring> = nics.iter().collect();
     let mut s = nft::remove_script(settings, &all);
     s.push_str(then);
     s
@@ -94,7 +109,8 @@ pub fn flush_script(settings: &NetSettings, stale: &Stale, then: &str) -> String
 async fn run(
     settings: NetSettings,
     handle: rtnetlink::Handle,
-    lock: Arc<Mutex<Stale>>,
+    lock: Arc<Mutex<()>>,
+    stale: Arc<Stale>,
     mut rx: mpsc::UnboundedReceiver<String>,
     queued: Arc<watch::Sender<HashSet<String>>>,
 ) {
@@ -104,15 +120,15 @@ async fn run(
             taps.push(more);
         }
         {
-            let mut stale = lock.lock().await;
-            if !stale.is_empty() {
-                let script = flush_script(&settings, &stale, "");
-                // Dropped either way: a batch nft refuses would make every
-                // later add fail with it. The next start's rebuild replaces
-                // the table.
-                let n = stale.len();
-                stale.clear();
+            let _g = lock.lock().await;
+            let batch = take(&stale);
+            if !batch.is_empty() {
+                // Dropped if refused: kept, a batch nft refuses would make
+                // every later add fail with it. The next start's rebuild
+                // replaces the table.
+                let script = flush_script(&settings, &batch, "");
                 if let Err(e) = nft::apply(&settings.nft, &script, nft::Wait::Commit).await {
+                    let n = batch.len();
                     tracing::warn!(nics = n, error = %e, "could not delete removed NICs' set elements; the next start does");
                 }
             }
