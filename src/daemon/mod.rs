@@ -263,7 +263,7 @@ pub async fn start(cfg: Config) -> Result<Daemon, StartError> {
     let mut telemetry = Telemetry::start(&cfg.telemetry, cfg.address, shutdown.child_token()).await?;
     let (backend, fake) = build_backend(&cfg, &asset_dirs, exit_tx, shutdown.clone()).await?;
     // Before recovery: it derives the kernel's network state from the store.
-    let (net, _kernel_net) = net::KernelNet::start(&cfg.network).await;
+    let (net, _kernel_net) = net::KernelNet::start(&cfg.network, backend.kind()).await;
     info!(backend = backend.kind().as_str(), "backend selected");
     let manager = Manager::open(
         ManagerConfig {

@@ -10,21 +10,34 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use crate::core::{HostNet, NetHandle};
-use crate::model::VmId;
 use crate::model::net::{NetLease, Pools};
-use crate::network::{ALIAS_PREFIX, Datapath, NetError, NetSettings, NicWiring, PortWiring, parse_mac};
+use crate::model::{BackendKind, VmId};
+use crate::network::{ALIAS_PREFIX, Datapath, NetError, NetSettings, NicLimits, NicWiring, PortWiring, parse_mac};
 
 /// Host networking as the core sees it.
 pub struct KernelNet {
     pools: Pools,
     dns: Vec<IpAddr>,
     dp: Result<Arc<Datapath>, String>,
+    /// The host enforces NICs' rate limits (the hypervisor has no limiter).
+    host_limits: bool,
+}
+
+/// Whether the host must enforce NIC rate limits for `backend`: Firecracker
+/// and Cloud Hypervisor get them in their own limiters (`backend::restvmm`),
+/// QEMU has none (and the fake backend stands in for any hypervisor).
+/// Enforcing them twice would also take away the VMMs' one-time burst.
+pub fn host_enforces_limits(backend: BackendKind) -> bool {
+    match backend {
+        BackendKind::Qemu | BackendKind::Fake => true,
+        BackendKind::Firecracker | BackendKind::CloudHypervisor => false,
+    }
 }
 
 impl KernelNet {
-    /// Starts the datapath per `settings`: `None` when networking is off,
-    /// else a handle that works or says why it cannot.
-    pub async fn start(settings: &NetSettings) -> (NetHandle, Option<Arc<KernelNet>>) {
+    /// Starts the datapath per `settings` for VMs of `backend`: `None` when
+    /// networking is off, else a handle that works or says why it cannot.
+    pub async fn start(settings: &NetSettings, backend: BackendKind) -> (NetHandle, Option<Arc<KernelNet>>) {
         if !settings.enabled {
             info!("host networking is off (UNKEY_METALD_NETWORK_ENABLED=false): only operator TAPs");
             return (NetHandle(None), None);
@@ -48,7 +61,8 @@ impl KernelNet {
                 Err(e.to_string())
             }
         };
-        let net = Arc::new(KernelNet { pools: settings.pools(), dns: settings.dns.clone(), dp });
+        let host_limits = host_enforces_limits(backend);
+        let net = Arc::new(KernelNet { pools: settings.pools(), dns: settings.dns.clone(), dp, host_limits });
         (NetHandle(Some(net.clone())), Some(net))
     }
 
@@ -62,8 +76,9 @@ impl KernelNet {
     }
 }
 
-/// `lease`'s NICs as the kernel needs them.
-pub fn wiring(vm: &VmId, lease: &NetLease) -> Vec<NicWiring> {
+/// `lease`'s NICs as the kernel needs them; their rate limits only when
+/// `host_limits` (see [`host_enforces_limits`]).
+pub fn wiring(vm: &VmId, lease: &NetLease, host_limits: bool) -> Vec<NicWiring> {
     lease
         .nics
         .iter()
@@ -80,6 +95,11 @@ pub fn wiring(vm: &VmId, lease: &NetLease) -> Vec<NicWiring> {
                 .map(|p| PortWiring { proto: p.proto, host_port: p.host_port, guest_port: p.guest_port })
                 .collect(),
             owner: None,
+            limits: if host_limits {
+                NicLimits::from_spec(n.rates.rx.as_ref(), n.rates.tx.as_ref())
+            } else {
+                NicLimits::default()
+            },
         })
         .collect()
 }
@@ -100,7 +120,7 @@ impl HostNet for KernelNet {
 
     async fn add(&self, vm: &VmId, lease: &NetLease) -> Result<(), String> {
         let dp = self.dp()?;
-        for nic in wiring(vm, lease) {
+        for nic in wiring(vm, lease, self.host_limits) {
             dp.add(&nic).await.map_err(|e| e.to_string())?;
         }
         Ok(())
@@ -108,7 +128,7 @@ impl HostNet for KernelNet {
 
     async fn remove(&self, vm: &VmId, lease: &NetLease) -> Result<(), String> {
         let dp = self.dp()?;
-        for nic in wiring(vm, lease) {
+        for nic in wiring(vm, lease, self.host_limits) {
             dp.remove(&nic).await.map_err(|e| e.to_string())?;
         }
         Ok(())
@@ -126,8 +146,40 @@ impl HostNet for KernelNet {
 
     async fn rebuild(&self, all: &BTreeMap<VmId, NetLease>) -> Result<String, String> {
         let dp = self.dp()?;
-        let nics: Vec<NicWiring> = all.iter().flat_map(|(vm, l)| wiring(vm, l)).collect();
+        let nics: Vec<NicWiring> = all.iter().flat_map(|(vm, l)| wiring(vm, l, self.host_limits)).collect();
         let r = dp.rebuild(&nics).await.map_err(|e| e.to_string())?;
         Ok(format!("{} NICs, {} TAPs made, {} stray TAPs removed", r.nics, r.taps_created, r.taps_removed))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::model::RateLimit;
+    use crate::model::net::{NicLease, NicRates};
+
+    #[test]
+    fn rate_limits_are_wired_only_where_the_hypervisor_has_no_limiter() {
+        let rl = RateLimit { bandwidth: 65536, refill_time_ms: 0, burst: 0 };
+        let lease = NetLease {
+            tag: 1,
+            nics: vec![NicLease {
+                nic_id: "eth0".into(),
+                tap: "mt-0000000a".into(),
+                mac: "02:00:00:00:00:0a".into(),
+                ipv4: None,
+                ipv6: None,
+                ports: vec![],
+                rates: NicRates { rx: Some(rl), tx: None },
+            }],
+        };
+        let vm = VmId::parse("vm").unwrap();
+        let host = wiring(&vm, &lease, true);
+        assert_eq!(host[0].limits, NicLimits::from_spec(Some(&rl), None));
+        assert!(host[0].limits.rx.is_some());
+        assert_eq!(wiring(&vm, &lease, false)[0].limits, NicLimits::default());
+        assert!(host_enforces_limits(BackendKind::Qemu) && host_enforces_limits(BackendKind::Fake));
+        assert!(!host_enforces_limits(BackendKind::Firecracker) && !host_enforces_limits(BackendKind::CloudHypervisor));
     }
 }

@@ -11,6 +11,7 @@
 //! for a decision or changed.
 
 mod config;
+mod limits;
 mod links;
 mod nft;
 mod types;
@@ -19,6 +20,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 pub use config::NetSettings;
+pub use limits::{Bucket, NicLimits};
 pub use links::TAP_GATEWAY6;
 pub use types::{NetError, NicCounters, NicWiring, PortWiring};
 
@@ -164,10 +166,12 @@ impl Datapath {
         &self.settings
     }
 
-    /// Makes `nic`'s TAP, routes and set elements exist. Idempotent.
+    /// Makes `nic`'s TAP, routes, rate limits and set elements exist.
+    /// Idempotent.
     pub async fn add(&self, nic: &NicWiring) -> Result<(), NetError> {
         let _g = self.lock.lock().await;
         self.wire_links(nic).await?;
+        limits::shape(&self.settings.tc, &[nic]).await?;
         nft::apply(&self.settings.nft, &nft::elements(&self.settings, "add", &[nic])).await
     }
 
@@ -219,6 +223,7 @@ impl Datapath {
         }
         let all: Vec<&NicWiring> = nics.iter().collect();
         nft::apply(&self.settings.nft, &nft::rebuild_script(&self.settings, &all)).await?;
+        limits::shape(&self.settings.tc, &all).await?;
         Ok(report)
     }
 

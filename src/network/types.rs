@@ -3,6 +3,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+use super::limits::NicLimits;
 use crate::model::net::Proto;
 
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +17,9 @@ pub enum NetError {
     Kernel(String, std::io::Error),
     #[error("{0}")]
     Nft(String),
+    /// The `tc` binary failed (rate limits, `limits`).
+    #[error("{0}")]
+    Tc(String),
 }
 
 impl NetError {
@@ -55,6 +59,9 @@ pub struct NicWiring {
     pub ports: Vec<PortWiring>,
     /// uid/gid that must be able to open the TAP (a jailed hypervisor).
     pub owner: Option<(u32, u32)>,
+    /// Rate limits the host enforces on the TAP (none when the hypervisor
+    /// enforces them itself).
+    pub limits: NicLimits,
 }
 
 /// Bytes and packets of a NIC, from the guest's side.
