@@ -28,7 +28,7 @@ use std::process::Stdio;
 use tokio::io::AsyncWriteExt as _;
 use tokio::process::Command;
 
-use super::types::{NetError, NicWiring};
+use super::types::{Bucket, NetError, NicLimits, NicWiring};
 use crate::model::RateLimit;
 
 /// The bucket depth a `RateLimit` without `refill_time` gets: one second
@@ -45,13 +45,6 @@ pub const TBF_MIN_QUEUE: u64 = 128 * 1024;
 /// packets of up to 64 KiB, and a packet larger than the bucket would
 /// never pass.
 pub const POLICE_MIN_DEPTH: u64 = 128 * 1024;
-
-/// A token bucket: `rate` bytes per second, at most `depth` bytes at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Bucket {
-    pub rate: u64,
-    pub depth: u64,
-}
 
 impl Bucket {
     /// From the spec: `bandwidth` bytes/s (none when 0 or negative), a
@@ -89,14 +82,6 @@ impl Bucket {
         let (rate, burst) = self.police();
         rate.saturating_add(burst)
     }
-}
-
-/// A NIC's limits as the host enforces them: rx (to the guest), tx (from
-/// it). Both `None`: nothing is made.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct NicLimits {
-    pub rx: Option<Bucket>,
-    pub tx: Option<Bucket>,
 }
 
 impl NicLimits {

@@ -20,9 +20,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 pub use config::NetSettings;
-pub use limits::{Bucket, NicLimits};
 pub use links::TAP_GATEWAY6;
-pub use types::{NetError, NicCounters, NicWiring, PortWiring};
+pub use types::{Bucket, NetError, NicCounters, NicLimits, NicWiring, PortWiring};
 
 use tokio::sync::Mutex;
 

@@ -241,8 +241,8 @@ pub async fn rule_count(s: &NetSettings) -> Result<usize, NetError> {
 mod tests {
     use super::*;
     use crate::model::net::Proto;
-    use crate::network::limits::{Bucket, NicLimits};
     use crate::network::types::PortWiring;
+    use crate::network::types::{Bucket, NicLimits};
 
     fn nic(tap: &str, last: u8, tag: u32) -> NicWiring {
         NicWiring {

@@ -1,9 +1,9 @@
 //! The datapath's vocabulary: what one managed NIC needs of the kernel
-//! ([`NicWiring`]), its counters, and [`NetError`].
+//! ([`NicWiring`], its rate limits [`NicLimits`]), its counters, and
+//! [`NetError`].
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use super::limits::NicLimits;
 use crate::model::net::Proto;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +42,23 @@ pub struct PortWiring {
     pub proto: Proto,
     pub host_port: u16,
     pub guest_port: u16,
+}
+
+/// A token bucket: `rate` bytes per second, at most `depth` bytes at once
+/// (made from a spec's `RateLimit` and turned into kernel parameters in
+/// `limits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bucket {
+    pub rate: u64,
+    pub depth: u64,
+}
+
+/// A NIC's limits as the host enforces them: rx (to the guest), tx (from
+/// it). Both `None`: nothing is made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NicLimits {
+    pub rx: Option<Bucket>,
+    pub tx: Option<Bucket>,
 }
 
 /// One managed NIC: everything the kernel needs.
