@@ -1,7 +1,7 @@
 //! Rate limits of managed NICs enforced on the host side of their TAPs, for
 //! hypervisors without a limiter of their own (QEMU; docs/NETWORK.md "Rate
 //! limits"). This module owns the mapping of a spec's `RateLimit` to token
-//! buckets ([`Bucket`]), the `tbf` qdisc that shapes what the host sends to
+//! buckets (`Bucket`), the `tbf` qdisc that shapes what the host sends to
 //! a guest (rx), and the nftables pieces that police what a guest sends
 //! (tx): one `limit` object per limited NIC, one `tx_limits` map element
 //! pointing its TAP at it, and one constant rule (rules do not grow with
@@ -60,8 +60,8 @@ impl Bucket {
     }
 
     /// `tbf` parameters (bytes/s, bytes, bytes): the burst is the depth (at
-    /// least [`TBF_MIN_BURST`]); the queue holds a quarter second at the
-    /// rate (at least [`TBF_MIN_QUEUE`]) beyond it.
+    /// least `TBF_MIN_BURST`); the queue holds a quarter second at the
+    /// rate (at least `TBF_MIN_QUEUE`) beyond it.
     pub fn tbf(self) -> (u64, u64, u64) {
         let burst = self.depth.max(TBF_MIN_BURST);
         let queue = (self.rate / 4).max(TBF_MIN_QUEUE);
@@ -71,7 +71,7 @@ impl Bucket {
     /// nftables `limit rate over <rate> bytes/second burst <burst> bytes`:
     /// in byte mode the kernel's bucket holds one second of the rate plus
     /// `burst` (nft_limit_init), so the depth is at least a second's worth,
-    /// and at least [`POLICE_MIN_DEPTH`].
+    /// and at least `POLICE_MIN_DEPTH`.
     pub fn police(self) -> (u64, u64) {
         let depth = self.depth.max(POLICE_MIN_DEPTH);
         (self.rate, depth.saturating_sub(self.rate))
