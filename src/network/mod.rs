@@ -1,7 +1,9 @@
 //! Host networking's kernel side (docs/NETWORK.md): per managed NIC a
 //! persistent TAP in the host namespace with its alias, routes and
 //! addresses; one dummy gateway device; one `inet` nftables table whose
-//! rules never change and whose set elements are the NICs. [`Datapath`]
+//! rules never change and whose set elements are the NICs; a NIC's rate
+//! limits where the host enforces them (`limits`: a `tbf` qdisc on the TAP,
+//! an nft `limit` object and map element). [`Datapath`]
 //! makes and removes a NIC's objects and rebuilds everything from a list
 //! (the store's leases) at start. It knows nothing of VMs beyond that list:
 //! the core decides, this module does.
