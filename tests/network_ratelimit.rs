@@ -12,7 +12,8 @@
 //! at least 0.7× the time the limit implies — a lower bound only, never a
 //! tighter wall-clock one — and the same transfers with `fast` must be
 //! quicker than that bound (the baseline: without the limit the bound
-//! would fail).
+//! would fail). A metald restart rebuilds the limits from the store (one
+//! qdisc, one object); a delete removes them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -77,7 +78,7 @@ fn download(port: u16) -> Duration {
 
 /// Makes VM `id` with one managed NIC (limited to `RATE` each way when
 /// `limited`) mapping the sink and source ports; returns those host ports.
-async fn create(c: &VmClient, id: &str, limited: bool) -> (u16, u16) {
+async fn create(c: &VmClient, id: &str, limited: bool) -> (u16, u16, String) {
     let limit = || {
         // refill_time 100 ms: a bucket of 6.4 KiB, deepened to the minimum.
         let r =
@@ -113,7 +114,17 @@ async fn create(c: &VmClient, id: &str, limited: bool) -> (u16, u16) {
         c.get_vm_info(pb::GetVmInfoRequest { vm_id: id.into(), ..Default::default() }).await.unwrap().into_owned();
     let n = info.network_info.as_option().expect("network_info").clone();
     let port = |g| n.port_mappings.iter().find(|p| p.guest_port == g).map(|p| u16::try_from(p.host_port).unwrap());
-    (port(SINK).unwrap(), port(SOURCE).unwrap())
+    (port(SINK).unwrap(), port(SOURCE).unwrap(), n.tap_device.clone())
+}
+
+/// What the host holds for `tap`'s limits: its root qdisc kinds, and how
+/// often the table names its `limit` object (definition and map element).
+fn host_limits(tap: &str) -> (Vec<String>, usize) {
+    let out = Command::new("tc").args(["-j", "qdisc", "show", "dev", tap, "root"]).output().unwrap();
+    let q: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let kinds = q.iter().map(|q| q["kind"].as_str().unwrap_or_default().to_owned()).collect();
+    let table = Command::new("nft").args(["list", "table", "inet", "metald"]).output().unwrap();
+    (kinds, String::from_utf8_lossy(&table.stdout).matches(&format!("tx_{tap}")).count())
 }
 
 async fn boot(c: &VmClient, id: &str) -> PathBuf {
@@ -157,8 +168,11 @@ async fn run() {
     )
     .unwrap();
 
-    let (slow_sink, slow_source) = create(&c, "slow", true).await;
-    let (fast_sink, fast_source) = create(&c, "fast", false).await;
+    let (slow_sink, slow_source, slow_tap) = create(&c, "slow", true).await;
+    let (fast_sink, fast_source, fast_tap) = create(&c, "fast", false).await;
+    assert_eq!(host_limits(&slow_tap), (vec!["tbf".to_owned()], 2));
+    assert_ne!(host_limits(&fast_tap).0, vec!["tbf".to_owned()]);
+    assert_eq!(host_limits(&fast_tap).1, 0);
     let consoles = [boot(&c, "slow").await, boot(&c, "fast").await];
     for console in &consoles {
         wait_until(&format!("the guest to be up (console {})", console.display()), BOOT, || {
@@ -188,11 +202,30 @@ async fn run() {
         assert!(t.contains(&format!("METALD_SINK {BYTES}")) && t.contains(&format!("METALD_SOURCE {BYTES}")), "{t}");
     }
 
+    // A restart rebuilds them from the store, once.
+    daemon.shutdown();
+    daemon.wait().await.unwrap();
+    let daemon: Daemon = metald::daemon::start(Config::from_source(&env).unwrap()).await.unwrap();
+    assert_eq!(host_limits(&slow_tap), (vec!["tbf".to_owned()], 2), "after a restart");
+    let c = vm_client(
+        &format!("http://127.0.0.1:{}", daemon.addr.port()),
+        "dev_customer_acme",
+        WireProtocol::ConnectProto,
+        Duration::from_secs(120),
+    )
+    .unwrap();
+
     // Delete: the limit object, its element and the TAP (with its qdisc) go.
     c.delete_vm(pb::DeleteVmRequest { vm_id: "slow".into(), force: true, ..Default::default() }).await.unwrap();
     let table = Command::new("nft").args(["list", "table", "inet", "metald"]).output().unwrap();
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(!table.contains("limit tx_mt-") && !table.contains(": \"tx_mt-"), "{table}");
+    wait_until(&format!("TAP {slow_tap} to be deleted"), Duration::from_secs(10), || {
+        let links = Command::new("ip").args(["link", "show"]).output().unwrap();
+        let gone = !String::from_utf8_lossy(&links.stdout).contains(&slow_tap);
+        async move { gone }
+    })
+    .await;
     daemon.shutdown();
     daemon.wait().await.unwrap();
 }
