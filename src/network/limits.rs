@@ -41,6 +41,9 @@ pub const TBF_MIN_BURST: u64 = 16 * 1024;
 /// Smallest `tbf` queue: a guest's TCP may be sent one 64 KiB GSO packet,
 /// which `tbf` splits into segments that must all fit.
 pub const TBF_MIN_QUEUE: u64 = 128 * 1024;
+/// Largest `tbf` queue: at high rates a quarter second would be a large
+/// standing buffer per TAP.
+pub const TBF_MAX_QUEUE: u64 = 4 * 1024 * 1024;
 /// Smallest depth of the tx policer: a guest's virtio-net sends GSO
 /// packets of up to 64 KiB, and a packet larger than the bucket would
 /// never pass.
@@ -61,10 +64,10 @@ impl Bucket {
 
     /// `tbf` parameters (bytes/s, bytes, bytes): the burst is the depth (at
     /// least `TBF_MIN_BURST`); the queue holds a quarter second at the
-    /// rate (at least `TBF_MIN_QUEUE`) beyond it.
+    /// rate (between `TBF_MIN_QUEUE` and `TBF_MAX_QUEUE`) beyond it.
     pub fn tbf(self) -> (u64, u64, u64) {
         let burst = self.depth.max(TBF_MIN_BURST);
-        let queue = (self.rate / 4).max(TBF_MIN_QUEUE);
+        let queue = (self.rate / 4).clamp(TBF_MIN_QUEUE, TBF_MAX_QUEUE);
         (self.rate, burst, burst.saturating_add(queue))
     }
 
@@ -230,7 +233,10 @@ mod tests {
         // Huge values do not overflow.
         let huge = Bucket::from_spec(&rl(i64::MAX, i64::MAX, 0)).unwrap();
         assert_eq!(huge.depth, u64::MAX);
-        let _ = (huge.tbf(), huge.police());
+        let _ = huge.police();
+        assert_eq!(huge.tbf().2, u64::MAX, "saturates");
+        let fast = Bucket::from_spec(&rl(1_250_000_000, 10, 0)).unwrap();
+        assert_eq!(fast.tbf(), (1_250_000_000, 12_500_000, 12_500_000 + TBF_MAX_QUEUE), "queue capped");
         let l = NicLimits::from_spec(Some(&rl(10, 0, 0)), None);
         assert!(l.rx.is_some() && l.tx.is_none());
     }
