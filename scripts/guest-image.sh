@@ -69,6 +69,10 @@
 #       metald.spoof=SRC@IP      every second an ICMP echo to IP from SRC (not leased):
 #                                METALD_SPOOF_SENT <n>
 #       metald.httpd=PORT        busybox httpd on PORT serving /srv/www (index.html = "metald-guest")
+#       metald.sink=PORT         TCP server (busybox nc -ll): reads to the end of the stream, answers
+#                                the byte count; console: METALD_SINK <bytes>
+#       metald.source=PORT       TCP server: reads a byte count N (one line), sends N zero bytes and
+#                                closes; console: METALD_SOURCE <bytes>   (rate-limit tests)
 set -euo pipefail
 
 SCRIPT_VERSION=1
@@ -398,6 +402,8 @@ if dns=$(param metald.dns); then
   for s in $(echo "$dns" | tr , ' '); do echo "nameserver $s" >>/etc/resolv.conf; done
 fi
 if port=$(param metald.httpd); then httpd -p "$port" -h /srv/www; fi
+if port=$(param metald.sink); then nc -ll -p "$port" -e /etc/metald/sink & fi
+if port=$(param metald.source); then nc -ll -p "$port" -e /etc/metald/source & fi
 # Reachability probes for the network tests, once a second for a minute:
 #   metald.ping=IP[,IP...]        -> METALD_PING <ip> ok|fail
 #   metald.tcp=IP:PORT[,...]      -> METALD_TCP <ip:port> ok <first line of the answer> | fail
@@ -434,6 +440,21 @@ fi
 echo METALD_GUEST_READY
 EOF
 
+  # nc -e: stdin and stdout are the connection.
+  cat >"$r/etc/metald/sink" <<'EOF'
+#!/bin/sh
+n=$(wc -c | tr -d ' ')
+echo "$n"
+echo "METALD_SINK $n" >/dev/console
+EOF
+
+  cat >"$r/etc/metald/source" <<'EOF'
+#!/bin/sh
+read -r n
+head -c "$n" /dev/zero
+echo "METALD_SOURCE $n" >/dev/console
+EOF
+
   cat >"$r/etc/metald/ticker" <<'EOF'
 #!/bin/sh
 n=0
@@ -450,7 +471,8 @@ sync
 mount -o remount,ro / 2>/dev/null
 exec poweroff -f
 EOF
-  chmod 755 "$r/init" "$r/etc/metald/rc" "$r/etc/metald/ticker" "$r/etc/metald/poweroff"
+  chmod 755 "$r/init" "$r/etc/metald/rc" "$r/etc/metald/ticker" "$r/etc/metald/poweroff" \
+    "$r/etc/metald/sink" "$r/etc/metald/source"
   [[ $kind == ext4 ]] && rm -f "$r/init"
   return 0
 }

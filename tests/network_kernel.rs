@@ -10,7 +10,7 @@
 use std::process::Command;
 
 use metald::model::net::Proto;
-use metald::network::{Datapath, NetError, NetSettings, NicWiring, PortWiring};
+use metald::network::{Datapath, NetError, NetSettings, NicLimits, NicWiring, PortWiring};
 
 /// Runs `f` on a thread in a fresh network namespace.
 fn in_netns<F, Fut>(f: F)
@@ -67,6 +67,7 @@ fn nic(i: u8, tag: u32) -> NicWiring {
         tag,
         ports: vec![PortWiring { proto: Proto::Tcp, host_port: 20000 + u16::from(i), guest_port: 80 }],
         owner: None,
+        limits: NicLimits::default(),
     }
 }
 
@@ -162,7 +163,7 @@ fn nics_are_wired_removed_and_rebuilt_from_a_list() {
         // What add() and remove() left: a's and b's elements.
         let added = elements();
         assert_eq!(added["vm_taps"].len(), 2, "{added:?}");
-        assert_eq!(added.len(), 7, "{added:?}");
+        assert_eq!(added.len(), 8, "{added:?}");
         // A stray element, a stray TAP of ours (alias) and a missing one:
         // rebuild fixes all three.
         Command::new("nft").args(["add", "element", "inet", "metald", "vm_taps", "{ \"mt-stale\" }"]).status().unwrap();
@@ -183,6 +184,93 @@ fn nics_are_wired_removed_and_rebuilt_from_a_list() {
         assert_eq!(dp.rule_count().await.unwrap(), empty_rules);
         // Counters of our TAPs are there (zero traffic yet).
         assert!(dp.counters().contains_key(&a.tap));
+    });
+}
+
+/// The root qdiscs of `dev` (`tc -j`): kind and options.
+fn root_qdiscs(dev: &str) -> Vec<serde_json::Value> {
+    let out = Command::new("tc").args(["-j", "qdisc", "show", "dev", dev, "root"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The table's `limit` objects: name → (rate, burst) as `nft -j` shows them.
+fn limit_objects() -> std::collections::BTreeMap<String, serde_json::Value> {
+    let out = Command::new("nft").args(["-j", "list", "table", "inet", "metald"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o.get("limit"))
+        .map(|l| (l["name"].as_str().unwrap().to_owned(), l.clone()))
+        .collect()
+}
+
+#[test]
+fn rate_limited_nics_get_a_qdisc_and_a_limit_object_removed_and_rebuilt_with_them() {
+    use metald::model::RateLimit;
+    in_netns(|| async {
+        let dp = Datapath::start(NetSettings::default()).await.unwrap();
+        dp.rebuild(&[]).await.unwrap();
+        let rules = dp.rule_count().await.unwrap();
+        let rl = RateLimit { bandwidth: 65536, refill_time_ms: 100, burst: 0 };
+        let both = NicWiring { limits: NicLimits::from_spec(Some(&rl), Some(&rl)), ..nic(2, 1) };
+        let rx_only = NicWiring { limits: NicLimits::from_spec(Some(&rl), None), ..nic(3, 1) };
+        let free = nic(4, 1);
+        for n in [&both, &rx_only, &free, &both] {
+            dp.add(n).await.unwrap();
+        }
+        assert_eq!(dp.rule_count().await.unwrap(), rules, "limits add no rule");
+        // rx: a tbf at the limit's rate on the TAP (the guest's receive).
+        let check_tbf = |dev: &str| {
+            let q = root_qdiscs(dev);
+            assert_eq!(q.len(), 1, "{q:?}");
+            assert_eq!(q[0]["kind"], "tbf", "{q:?}");
+            assert_eq!(q[0]["options"]["rate"], 65536, "bytes/s: {q:?}");
+        };
+        check_tbf(&both.tap);
+        check_tbf(&rx_only.tap);
+        assert_ne!(root_qdiscs(&free.tap).first().map(|q| q["kind"].clone()), Some("tbf".into()));
+        // tx: one limit object and one map element, for `both` only.
+        let objects = limit_objects();
+        assert_eq!(objects.keys().cloned().collect::<Vec<_>>(), vec![format!("tx_{}", both.tap)], "{objects:?}");
+        let o = &objects[&format!("tx_{}", both.tap)];
+        assert_eq!(
+            (o["rate"].as_u64(), o["rate_unit"].as_str(), o["inv"].as_bool()),
+            (Some(64), Some("kbytes"), Some(true))
+        );
+        let map = elements()["tx_limits"].clone();
+        assert_eq!(map, vec![format!("[\"{}\",\"tx_{}\"]", both.tap, both.tap)], "{map:?}");
+
+        // Rebuild: the same objects, elements and qdiscs, none twice, also
+        // for a TAP a crash left without its qdisc.
+        let before = elements();
+        ip(&["link", "del", &rx_only.tap]);
+        dp.rebuild(&[both.clone(), rx_only.clone(), free.clone()]).await.unwrap();
+        dp.rebuild(&[both.clone(), rx_only.clone(), free.clone()]).await.unwrap();
+        assert_eq!(elements(), before);
+        assert_eq!(limit_objects().len(), 1);
+        check_tbf(&both.tap);
+        check_tbf(&rx_only.tap);
+        assert_eq!(dp.rule_count().await.unwrap(), rules);
+
+        // Removal: element then object (twice is fine); the qdisc goes with the TAP.
+        // (In a batch, off the caller's path.)
+        dp.remove(&both).await.unwrap();
+        dp.remove(&both).await.unwrap();
+        dp.reaped().await;
+        assert!(limit_objects().is_empty(), "{:?}", limit_objects());
+        assert!(elements()["tx_limits"].is_empty());
+        assert!(!ip(&["link", "show"]).contains(&both.tap));
+
+        // A rebuild without a NIC takes its object and element away too.
+        dp.add(&both).await.unwrap();
+        assert_eq!(limit_objects().len(), 1);
+        dp.rebuild(&[rx_only.clone(), free.clone()]).await.unwrap();
+        assert!(limit_objects().is_empty() && elements()["tx_limits"].is_empty());
+        assert!(!ip(&["link", "show"]).contains(&both.tap));
+        check_tbf(&rx_only.tap);
     });
 }
 

@@ -29,7 +29,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use metald::model::net::Proto;
-use metald::network::{Datapath, NetSettings, NicWiring, PortWiring};
+use metald::network::{Datapath, NetSettings, NicLimits, NicWiring, PortWiring};
 
 /// How long a frame that must not come is waited for.
 const QUIET: Duration = Duration::from_millis(300);
@@ -128,6 +128,7 @@ fn nic(i: u8, tag: u32, ports: Vec<PortWiring>) -> NicWiring {
         tag,
         ports,
         owner: None,
+        limits: NicLimits::default(),
     }
 }
 

@@ -264,7 +264,7 @@ pub async fn start(cfg: Config) -> Result<Daemon, StartError> {
     let (backend, fake) = build_backend(&cfg, &asset_dirs, exit_tx, shutdown.clone()).await?;
     // Before recovery: it derives the kernel's network state from the store.
     let taps = net::TapPolicy::for_backend(backend.kind(), &cfg.firecracker);
-    let (net, _kernel_net) = net::KernelNet::start(&cfg.network, taps).await;
+    let (net, _kernel_net) = net::KernelNet::start(&cfg.network, backend.kind(), taps).await;
     info!(backend = backend.kind().as_str(), "backend selected");
     let manager = Manager::open(
         ManagerConfig {

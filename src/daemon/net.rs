@@ -13,14 +13,27 @@ use crate::backend::firecracker::config::FirecrackerSettings;
 use crate::core::{HostNet, NetHandle};
 use crate::model::net::{NetLease, Pools};
 use crate::model::{BackendKind, VmId};
-use crate::network::{ALIAS_PREFIX, Datapath, NetError, NetSettings, NicWiring, PortWiring, parse_mac};
+use crate::network::{ALIAS_PREFIX, Datapath, NetError, NetSettings, NicLimits, NicWiring, PortWiring, parse_mac};
 
 /// Host networking as the core sees it.
 pub struct KernelNet {
     pools: Pools,
     dns: Vec<IpAddr>,
     dp: Result<Arc<Datapath>, String>,
+    /// The host enforces NICs' rate limits (the hypervisor has no limiter).
+    host_limits: bool,
     taps: TapPolicy,
+}
+
+/// Whether the host must enforce NIC rate limits for `backend`: Firecracker
+/// and Cloud Hypervisor get them in their own limiters (`backend::restvmm`),
+/// QEMU has none (and the fake backend stands in for any hypervisor).
+/// Enforcing them twice would also take away the VMMs' one-time burst.
+pub fn host_enforces_limits(backend: BackendKind) -> bool {
+    match backend {
+        BackendKind::Qemu | BackendKind::Fake => true,
+        BackendKind::Firecracker | BackendKind::CloudHypervisor => false,
+    }
 }
 
 /// What the chosen backend needs of the TAPs of managed NICs.
@@ -58,9 +71,14 @@ impl TapPolicy {
 }
 
 impl KernelNet {
-    /// Starts the datapath per `settings`: `None` when networking is off,
-    /// else a handle that works or says why it cannot.
-    pub async fn start(settings: &NetSettings, taps: TapPolicy) -> (NetHandle, Option<Arc<KernelNet>>) {
+    /// Starts the datapath per `settings` for VMs of `backend`, their TAPs
+    /// as `taps` says: `None` when networking is off, else a handle that
+    /// works or says why it cannot.
+    pub async fn start(
+        settings: &NetSettings,
+        backend: BackendKind,
+        taps: TapPolicy,
+    ) -> (NetHandle, Option<Arc<KernelNet>>) {
         if !settings.enabled {
             info!("host networking is off (UNKEY_METALD_NETWORK_ENABLED=false): only operator TAPs");
             return (NetHandle(None), None);
@@ -87,7 +105,8 @@ impl KernelNet {
         if let Some(why) = &taps.refuse {
             warn!(reason = %why, "VMs with managed NICs are refused");
         }
-        let net = Arc::new(KernelNet { pools: settings.pools(), dns: settings.dns.clone(), dp, taps });
+        let host_limits = host_enforces_limits(backend);
+        let net = Arc::new(KernelNet { pools: settings.pools(), dns: settings.dns.clone(), dp, host_limits, taps });
         (NetHandle(Some(net.clone())), Some(net))
     }
 
@@ -101,8 +120,9 @@ impl KernelNet {
     }
 }
 
-/// `lease`'s NICs as the kernel needs them, their TAPs owned by `owner`.
-pub fn wiring(vm: &VmId, lease: &NetLease, owner: Option<(u32, u32)>) -> Vec<NicWiring> {
+/// `lease`'s NICs as the kernel needs them: their TAPs owned by `owner`,
+/// their rate limits only when `host_limits` (see [`host_enforces_limits`]).
+pub fn wiring(vm: &VmId, lease: &NetLease, owner: Option<(u32, u32)>, host_limits: bool) -> Vec<NicWiring> {
     lease
         .nics
         .iter()
@@ -119,6 +139,11 @@ pub fn wiring(vm: &VmId, lease: &NetLease, owner: Option<(u32, u32)>) -> Vec<Nic
                 .map(|p| PortWiring { proto: p.proto, host_port: p.host_port, guest_port: p.guest_port })
                 .collect(),
             owner,
+            limits: if host_limits {
+                NicLimits::from_spec(n.rates.rx.as_ref(), n.rates.tx.as_ref())
+            } else {
+                NicLimits::default()
+            },
         })
         .collect()
 }
@@ -142,7 +167,7 @@ impl HostNet for KernelNet {
             return Err(why.clone());
         }
         let dp = self.dp()?;
-        for nic in wiring(vm, lease, self.taps.owner) {
+        for nic in wiring(vm, lease, self.taps.owner, self.host_limits) {
             dp.add(&nic).await.map_err(|e| e.to_string())?;
         }
         Ok(())
@@ -150,7 +175,7 @@ impl HostNet for KernelNet {
 
     async fn remove(&self, vm: &VmId, lease: &NetLease) -> Result<(), String> {
         let dp = self.dp()?;
-        for nic in wiring(vm, lease, self.taps.owner) {
+        for nic in wiring(vm, lease, self.taps.owner, self.host_limits) {
             dp.remove(&nic).await.map_err(|e| e.to_string())?;
         }
         Ok(())
@@ -168,16 +193,20 @@ impl HostNet for KernelNet {
 
     async fn rebuild(&self, all: &BTreeMap<VmId, NetLease>) -> Result<String, String> {
         let dp = self.dp()?;
-        let nics: Vec<NicWiring> = all.iter().flat_map(|(vm, l)| wiring(vm, l, self.taps.owner)).collect();
+        let nics: Vec<NicWiring> =
+            all.iter().flat_map(|(vm, l)| wiring(vm, l, self.taps.owner, self.host_limits)).collect();
         let r = dp.rebuild(&nics).await.map_err(|e| e.to_string())?;
         Ok(format!("{} NICs, {} TAPs made, {} stray TAPs removed", r.nics, r.taps_created, r.taps_removed))
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::backend::firecracker::config::JailerSettings;
+    use crate::model::RateLimit;
+    use crate::model::net::{NicLease, NicRates};
 
     #[test]
     fn a_jailed_firecracker_owns_its_taps_and_its_own_namespace_is_refused() {
@@ -194,5 +223,29 @@ mod tests {
         fc.jailer = Some(JailerSettings { netns: Some("/var/run/netns/{vm_id}".into()), ..JailerSettings::default() });
         let why = TapPolicy::for_backend(BackendKind::Firecracker, &fc).refuse.unwrap();
         assert!(why.contains("UNKEY_METALD_JAILER_NETNS") && why.contains("tap_device"), "{why}");
+    }
+
+    #[test]
+    fn rate_limits_are_wired_only_where_the_hypervisor_has_no_limiter() {
+        let rl = RateLimit { bandwidth: 65536, refill_time_ms: 0, burst: 0 };
+        let lease = NetLease {
+            tag: 1,
+            nics: vec![NicLease {
+                nic_id: "eth0".into(),
+                tap: "mt-0000000a".into(),
+                mac: "02:00:00:00:00:0a".into(),
+                ipv4: None,
+                ipv6: None,
+                ports: vec![],
+                rates: NicRates { rx: Some(rl), tx: None },
+            }],
+        };
+        let vm = VmId::parse("vm").unwrap();
+        let host = wiring(&vm, &lease, None, true);
+        assert_eq!(host[0].limits, NicLimits::from_spec(Some(&rl), None));
+        assert!(host[0].limits.rx.is_some());
+        assert_eq!(wiring(&vm, &lease, None, false)[0].limits, NicLimits::default());
+        assert!(host_enforces_limits(BackendKind::Qemu) && host_enforces_limits(BackendKind::Fake));
+        assert!(!host_enforces_limits(BackendKind::Firecracker) && !host_enforces_limits(BackendKind::CloudHypervisor));
     }
 }

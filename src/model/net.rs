@@ -10,7 +10,7 @@ use std::ops::RangeInclusive;
 use serde::{Deserialize, Serialize};
 
 use super::invalid::Invalid;
-use super::spec::{Ipv4Spec, Ipv6Spec, NicSpec, PortSpec, ValidSpec, VmSpec};
+use super::spec::{Ipv4Spec, Ipv6Spec, NicSpec, PortSpec, RateLimit, ValidSpec, VmSpec};
 
 /// Port mappings one NIC may ask for.
 pub const MAX_PORTS_PER_NIC: usize = 64;
@@ -66,6 +66,21 @@ pub struct PortRequest {
     pub guest_port: u16,
 }
 
+/// A NIC's rate limits as requested: `rx` what the guest receives, `tx`
+/// what it sends. Kept with its lease: where the hypervisor has no limiter
+/// of its own, the host enforces them, and rebuilds them from the store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicRates {
+    pub rx: Option<RateLimit>,
+    pub tx: Option<RateLimit>,
+}
+
+impl NicRates {
+    pub fn is_none(&self) -> bool {
+        self.rx.is_none() && self.tx.is_none()
+    }
+}
+
 /// What one metald-managed NIC asks of the pools.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NicRequest {
@@ -75,6 +90,7 @@ pub struct NicRequest {
     pub v4: Want<Ipv4Addr>,
     pub v6: Want<Ipv6Addr>,
     pub ports: Vec<PortRequest>,
+    pub rates: NicRates,
 }
 
 /// A host port leased to a NIC.
@@ -95,6 +111,9 @@ pub struct NicLease {
     pub ipv4: Option<Ipv4Addr>,
     pub ipv6: Option<Ipv6Addr>,
     pub ports: Vec<PortLease>,
+    /// The NIC's rate limits (from its spec).
+    #[serde(default)]
+    pub rates: NicRates,
 }
 
 /// Everything a VM leased: its customer's isolation tag and its NICs.
@@ -286,7 +305,8 @@ pub fn requests(nics: &[NicSpec]) -> Vec<NicRequest> {
                     guest_port: u16::try_from(p.guest_port).unwrap_or(0),
                 })
                 .collect();
-            NicRequest { nic_id: n.id.clone(), mac: n.mac.clone(), v4, v6, ports }
+            let rates = NicRates { rx: n.rx_rate_limit, tx: n.tx_rate_limit };
+            NicRequest { nic_id: n.id.clone(), mac: n.mac.clone(), v4, v6, ports, rates }
         })
         .collect()
 }
@@ -471,6 +491,7 @@ mod tests {
                     ipv4: Some("10.9.0.2".parse().unwrap()),
                     ipv6: Some("fd00::2".parse().unwrap()),
                     ports: vec![PortLease { proto: Proto::Tcp, host_port: 150, guest_port: 80 }],
+                    rates: NicRates::default(),
                 },
                 NicLease {
                     nic_id: "eth1".into(),
@@ -479,6 +500,7 @@ mod tests {
                     ipv4: None,
                     ipv6: Some("fd00::3".parse().unwrap()),
                     ports: vec![],
+                    rates: NicRates::default(),
                 },
             ],
         };

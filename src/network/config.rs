@@ -24,6 +24,8 @@ pub struct NetSettings {
     pub table: String,
     /// The `nft` binary.
     pub nft: String,
+    /// The `tc` binary (iproute2): rate limits to guests (`limits`).
+    pub tc: String,
 }
 
 impl Default for NetSettings {
@@ -41,6 +43,7 @@ impl Default for NetSettings {
             gateway_device: "metald0".into(),
             table: "metald".into(),
             nft: "nft".into(),
+            tc: "tc".into(),
         }
     }
 }
@@ -124,7 +127,8 @@ impl NetSettings {
             r.error("NETWORK_NFT_TABLE", format!("{table:?} must be letters, digits and '_'"));
         }
         let nft = r.string("NETWORK_NFT", &d.nft);
-        NetSettings { enabled, ipv4_pool, ipv6_pool, dns, uplink, port_range, gateway_device, table, nft }
+        let tc = r.string("NETWORK_TC", &d.tc);
+        NetSettings { enabled, ipv4_pool, ipv6_pool, dns, uplink, port_range, gateway_device, table, nft, tc }
     }
 
     /// The pools leases come from.

@@ -1,7 +1,9 @@
 //! Host networking's kernel side (docs/NETWORK.md): per managed NIC a
 //! persistent TAP in the host namespace with its alias, routes and
 //! addresses; one dummy gateway device; one `inet` nftables table whose
-//! rules never change and whose set elements are the NICs. [`Datapath`]
+//! rules never change and whose set elements are the NICs; a NIC's rate
+//! limits where the host enforces them (`limits`: a `tbf` qdisc on the TAP,
+//! an nft `limit` object and map element). [`Datapath`]
 //! makes and removes a NIC's objects and rebuilds everything from a list
 //! (the store's leases) at start. It knows nothing of VMs beyond that list:
 //! the core decides, this module does.
@@ -11,6 +13,7 @@
 //! for a decision or changed.
 
 mod config;
+mod limits;
 mod links;
 mod nft;
 mod reap;
@@ -21,7 +24,7 @@ use std::sync::Arc;
 
 pub use config::NetSettings;
 pub use links::TAP_GATEWAY6;
-pub use types::{NetError, NicCounters, NicWiring, PortWiring};
+pub use types::{Bucket, NetError, NicCounters, NicLimits, NicWiring, PortWiring};
 
 use tokio::sync::Mutex;
 
@@ -144,10 +147,10 @@ impl Datapath {
         &self.settings
     }
 
-    /// Makes `nic`'s TAP, routes and set elements exist. Idempotent. The
-    /// same nft transaction deletes the elements of NICs removed since the
-    /// last one (see [`Datapath::remove`]), so none of theirs can meet a
-    /// re-leased address, MAC or host port of this one.
+    /// Makes `nic`'s TAP, routes, rate limits and set elements exist.
+    /// Idempotent. The same nft transaction deletes the elements of NICs
+    /// removed since the last one (see [`Datapath::remove`]), so none of
+    /// theirs can meet a re-leased address, MAC or host port of this one.
     pub async fn add(&self, nic: &NicWiring) -> Result<(), NetError> {
         if self.reaper.has(&nic.tap) {
             // A removed NIC's TAP of this name is still queued (names are
@@ -156,6 +159,7 @@ impl Datapath {
         }
         let _g = self.lock.lock().await;
         self.wire_links(nic).await?;
+        limits::shape(&self.settings.tc, &[nic]).await?;
         let pending = reap::take(&self.stale);
         let script = reap::flush_script(&self.settings, &pending, &nft::elements(&self.settings, "add", &[nic]));
         if let Err(e) = nft::apply(&self.settings.nft, &script, nft::Wait::Commit).await {
@@ -220,6 +224,7 @@ impl Datapath {
         }
         let all: Vec<&NicWiring> = nics.iter().collect();
         nft::apply(&self.settings.nft, &nft::rebuild_script(&self.settings, &all), nft::Wait::Exit).await?;
+        limits::shape(&self.settings.tc, &all).await?;
         Ok(report)
     }
 

@@ -18,6 +18,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 use tokio::process::Command;
 
 use super::config::NetSettings;
+use super::limits;
 use super::types::{NetError, NicWiring};
 
 /// The table's definition (sets, maps, chains), without elements.
@@ -34,11 +35,19 @@ pub fn table(s: &NetSettings) -> String {
   map tag { type ifname : mark; }
   set tagged { type ifname . mark; }
   map ports4 { type inet_proto . inet_service : ipv4_addr . inet_service; }
-
+",
+    );
+    out.push_str(limits::MAP);
+    out.push_str(
+        "
   chain pre_filter {
     type filter hook prerouting priority -150; policy accept;
     iifname != @vm_taps return
-    iifname . ether saddr != @macs drop
+",
+    );
+    out.push_str(limits::RULE);
+    out.push_str(
+        "    iifname . ether saddr != @macs drop
     meta nfproto ipv4 iifname . ether saddr . ip saddr != @src4 drop
     meta nfproto ipv6 ip6 saddr != { ::, fe80::/10 } iifname . ether saddr . ip6 saddr != @src6 drop
   }
@@ -104,9 +113,10 @@ pub fn table(s: &NetSettings) -> String {
 }
 
 /// The `{ ... }` element lists of `nics`, one line per set or map that
-/// has any (`<verb> element inet <table> <set> { ... }`).
+/// has any (`<verb> element inet <table> <set> { ... }`), and their rate
+/// limit objects: added before the elements that name them, deleted after.
 pub fn elements(s: &NetSettings, verb: &str, nics: &[&NicWiring]) -> String {
-    let mut sets: [(&str, Vec<String>); 7] = [
+    let mut sets: [(&str, Vec<String>); 8] = [
         ("vm_taps", vec![]),
         ("macs", vec![]),
         ("src4", vec![]),
@@ -114,6 +124,7 @@ pub fn elements(s: &NetSettings, verb: &str, nics: &[&NicWiring]) -> String {
         ("tag", vec![]),
         ("tagged", vec![]),
         ("ports4", vec![]),
+        ("tx_limits", limits::map_elements(nics)),
     ];
     for n in nics {
         let (tap, mac) = (&n.tap, mac_str(&n.guest_mac));
@@ -133,11 +144,14 @@ pub fn elements(s: &NetSettings, verb: &str, nics: &[&NicWiring]) -> String {
             }
         }
     }
-    let mut out = String::new();
+    let mut out = if verb == "add" { limits::add_objects(&s.table, nics) } else { String::new() };
     for (name, items) in sets {
         if !items.is_empty() {
             let _ = writeln!(out, "{verb} element inet {} {name} {{ {} }}", s.table, items.join(", "));
         }
+    }
+    if verb == "delete" {
+        out.push_str(&limits::delete_objects(&s.table, nics));
     }
     out
 }
@@ -284,6 +298,7 @@ mod tests {
     use super::*;
     use crate::model::net::Proto;
     use crate::network::types::PortWiring;
+    use crate::network::types::{Bucket, NicLimits};
 
     fn nic(tap: &str, last: u8, tag: u32) -> NicWiring {
         NicWiring {
@@ -295,6 +310,7 @@ mod tests {
             tag,
             ports: vec![PortWiring { proto: Proto::Tcp, host_port: 20000 + u16::from(last), guest_port: 80 }],
             owner: None,
+            limits: NicLimits::default(),
         }
     }
 
@@ -320,6 +336,31 @@ mod tests {
         let v4only = NetSettings { ipv6_pool: None, ..NetSettings::default() };
         assert!(table(&v4only).contains("ip6 daddr { fe80::1 } icmpv6 type echo-request accept"));
         assert!(elements(&s, "add", &[]).is_empty());
+    }
+
+    #[test]
+    fn a_limited_nics_object_comes_before_its_element_and_goes_after_it() {
+        let s = NetSettings::default();
+        let b = Bucket { rate: 65536, depth: 65536 };
+        let a = NicWiring { limits: NicLimits { rx: Some(b), tx: Some(b) }, ..nic("mt-0000000a", 10, 1) };
+        let free = nic("mt-0000000b", 11, 1);
+        let t = table(&s);
+        assert!(t.contains("map tx_limits { type ifname : limit; }"), "{t}");
+        assert!(t.contains("iifname != @vm_taps return\n    limit name iifname map @tx_limits drop\n"), "{t}");
+        let add = elements(&s, "add", &[&a, &free]);
+        let object = add.find("add limit inet metald tx_mt-0000000a { rate over").unwrap();
+        let element = add.find("add element inet metald tx_limits { \"mt-0000000a\" : \"tx_mt-0000000a\" }").unwrap();
+        assert!(object < element, "{add}");
+        assert!(!add.contains("tx_mt-0000000b"), "{add}");
+        let rm = remove_script(&s, &[&a]);
+        let (el, obj) = (
+            rm.find("delete element inet metald tx_limits").unwrap(),
+            rm.find("delete limit inet metald tx_mt-0000000a").unwrap(),
+        );
+        assert!(el < obj && rm.trim_end().ends_with("delete limit inet metald tx_mt-0000000a"), "{rm}");
+        // The table's rules are the same with a limited NIC.
+        assert!(rebuild_script(&s, &[&a]).contains(&t));
+        assert!(elements(&s, "add", &[&free]).lines().all(|l| !l.contains("limit")));
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
 //! The datapath's vocabulary: what one managed NIC needs of the kernel
-//! ([`NicWiring`]), its counters, and [`NetError`].
+//! ([`NicWiring`], its rate limits [`NicLimits`]), its counters, and
+//! [`NetError`].
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -16,6 +17,9 @@ pub enum NetError {
     Kernel(String, std::io::Error),
     #[error("{0}")]
     Nft(String),
+    /// The `tc` binary failed (rate limits, `limits`).
+    #[error("{0}")]
+    Tc(String),
 }
 
 impl NetError {
@@ -40,6 +44,23 @@ pub struct PortWiring {
     pub guest_port: u16,
 }
 
+/// A token bucket: `rate` bytes per second, at most `depth` bytes at once
+/// (made from a spec's `RateLimit` and turned into kernel parameters in
+/// `limits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bucket {
+    pub rate: u64,
+    pub depth: u64,
+}
+
+/// A NIC's limits as the host enforces them: rx (to the guest), tx (from
+/// it). Both `None`: nothing is made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NicLimits {
+    pub rx: Option<Bucket>,
+    pub tx: Option<Bucket>,
+}
+
 /// One managed NIC: everything the kernel needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NicWiring {
@@ -56,6 +77,9 @@ pub struct NicWiring {
     /// uid/gid that must be able to open the TAP (a jailed hypervisor);
     /// root when `None`.
     pub owner: Option<(u32, u32)>,
+    /// Rate limits the host enforces on the TAP (none when the hypervisor
+    /// enforces them itself).
+    pub limits: NicLimits,
 }
 
 /// Bytes and packets of a NIC, from the guest's side.

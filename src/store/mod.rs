@@ -154,6 +154,9 @@ fn migrations() -> Migrations<'static> {
             ) STRICT;
             CREATE INDEX net_ports_by_vm ON net_ports (vm_id);",
         ),
+        // A managed NIC's rate limits (JSON `NicRates`; NULL: none), so
+        // that the host can enforce them again at start.
+        M::up("ALTER TABLE net_nics ADD COLUMN rates TEXT;"),
     ])
 }
 

@@ -15,7 +15,7 @@ use rusqlite::{OptionalExtension, Transaction, params};
 
 use super::{Intent, Result, Store, StoreError, release_net as release};
 use crate::model::VmId;
-use crate::model::net::{NetLease, NicLease, NicRequest, Pools, PortLease, Proto, Want};
+use crate::model::net::{NetLease, NicLease, NicRates, NicRequest, Pools, PortLease, Proto, Want};
 
 impl Store {
     /// Writes `intent` (a create) and leases what `nics` ask for, in one
@@ -54,8 +54,8 @@ impl Store {
     pub fn net_leases(&self) -> Result<BTreeMap<VmId, NetLease>> {
         let conn = self.conn();
         let mut out: BTreeMap<VmId, NetLease> = BTreeMap::new();
-        let mut stmt =
-            conn.prepare("SELECT vm_id, nic_id, tag, tap, mac, ipv4, ipv6 FROM net_nics ORDER BY vm_id, nic_id")?;
+        let mut stmt = conn
+            .prepare("SELECT vm_id, nic_id, tag, tap, mac, ipv4, ipv6, rates FROM net_nics ORDER BY vm_id, nic_id")?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -65,16 +65,22 @@ impl Store {
                 r.get::<_, String>(4)?,
                 r.get::<_, Option<String>>(5)?,
                 r.get::<_, Option<String>>(6)?,
+                r.get::<_, Option<String>>(7)?,
             ))
         })?;
         for row in rows {
-            let (vm, nic_id, tag, tap, mac, v4, v6) = row?;
+            let (vm, nic_id, tag, tap, mac, v4, v6, rates) = row?;
             let id = VmId::parse(&vm).map_err(|e| StoreError::Corrupt(format!("net_nics: {e}")))?;
             let ipv4 = v4.map(|a| a.parse()).transpose().map_err(|e| corrupt(&vm, "ipv4", e))?;
             let ipv6 = v6.map(|a| a.parse()).transpose().map_err(|e| corrupt(&vm, "ipv6", e))?;
+            let rates: NicRates = rates
+                .map(|r| serde_json::from_str(&r))
+                .transpose()
+                .map_err(|e| corrupt(&vm, "rates", e))?
+                .unwrap_or_default();
             let lease = out.entry(id).or_default();
             lease.tag = u32::try_from(tag).map_err(|e| corrupt(&vm, "tag", e))?;
-            lease.nics.push(NicLease { nic_id, tap, mac, ipv4, ipv6, ports: Vec::new() });
+            lease.nics.push(NicLease { nic_id, tap, mac, ipv4, ipv6, ports: Vec::new(), rates });
         }
         let mut stmt = conn
             .prepare("SELECT vm_id, nic_id, proto, host_port, guest_port FROM net_ports ORDER BY vm_id, host_port")?;
@@ -191,11 +197,25 @@ fn lease(tx: &Transaction<'_>, intent: &Intent, nics: &[NicRequest], pools: &Poo
             )?;
             leased.push(PortLease { proto: p.proto, host_port, guest_port: p.guest_port });
         }
+        let rates = if req.rates.is_none() {
+            None
+        } else {
+            Some(serde_json::to_string(&req.rates).map_err(|e| StoreError::Corrupt(format!("VM {vm}: rates: {e}")))?)
+        };
         tx.execute(
-            "INSERT INTO net_nics (vm_id, nic_id, tag, tap, mac, ipv4, ipv6) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![vm, req.nic_id, tag, tap, req.mac, ipv4.map(|a| a.to_string()), ipv6.map(|a| a.to_string())],
+            "INSERT INTO net_nics (vm_id, nic_id, tag, tap, mac, ipv4, ipv6, rates) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![vm, req.nic_id, tag, tap, req.mac, ipv4.map(|a| a.to_string()), ipv6.map(|a| a.to_string()), rates],
         )?;
-        out.nics.push(NicLease { nic_id: req.nic_id.clone(), tap, mac: req.mac.clone(), ipv4, ipv6, ports: leased });
+        out.nics.push(NicLease {
+            nic_id: req.nic_id.clone(),
+            tap,
+            mac: req.mac.clone(),
+            ipv4,
+            ipv6,
+            ports: leased,
+            rates: req.rates,
+        });
     }
     Ok(out)
 }
@@ -247,7 +267,14 @@ mod tests {
     }
 
     fn nic(id: &str) -> NicRequest {
-        NicRequest { nic_id: id.into(), mac: "02:00:00:00:00:01".into(), v4: Want::Any, v6: Want::Any, ports: vec![] }
+        NicRequest {
+            nic_id: id.into(),
+            mac: "02:00:00:00:00:01".into(),
+            v4: Want::Any,
+            v6: Want::Any,
+            ports: vec![],
+            rates: NicRates::default(),
+        }
     }
 
     fn pools() -> Pools {
@@ -281,6 +308,19 @@ mod tests {
         s.abort_create(&VmId::parse("d").unwrap()).unwrap();
         assert!(!s.net_leases().unwrap().contains_key(&VmId::parse("d").unwrap()));
         assert!(s.intents().unwrap().iter().all(|i| i.vm_id.as_str() != "d"));
+    }
+
+    #[test]
+    fn rate_limits_are_kept_with_the_lease() {
+        let s = Store::open_in_memory().unwrap();
+        let rl = crate::model::RateLimit { bandwidth: 65536, refill_time_ms: 100, burst: 0 };
+        let mut limited = nic("eth0");
+        limited.rates = NicRates { rx: Some(rl), tx: None };
+        let l = s.begin_create(&intent("a", "c1"), &[limited, nic("eth1")], &pools()).unwrap();
+        assert_eq!(l.nics[0].rates.rx, Some(rl));
+        assert!(l.nics[1].rates.is_none());
+        // Read back at start, as written (rebuilding the host's limits).
+        assert_eq!(s.net_leases().unwrap()[&VmId::parse("a").unwrap()], l);
     }
 
     #[test]

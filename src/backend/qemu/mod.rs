@@ -241,10 +241,14 @@ fn check_spec(spec: &ValidSpec) -> Result<()> {
                 "config.network[{i}].tap_device: name an existing TAP device, or leave it empty for metald to make one"
             )));
         }
-        if n.rx_rate_limit.is_some() || n.tx_rate_limit.is_some() {
+        // QEMU has no limiter: metald enforces a managed NIC's limits on its
+        // TAP (network::limits). An operator's TAP is not metald's to shape.
+        if !n.managed && (n.rx_rate_limit.is_some() || n.tx_rate_limit.is_some()) {
             return Err(BackendError::unsupported(format!(
-                "config.network[{i}]: the qemu backend does not enforce rate limits yet; remove rx_rate_limit and \
-                 tx_rate_limit"
+                "config.network[{i}]: the qemu backend enforces rate limits only on NICs metald manages, not on the \
+                 operator's tap_device {:?}; leave tap_device empty, or remove rx_rate_limit and tx_rate_limit \
+                 (and limit the device yourself)",
+                n.tap
             )));
         }
     }
@@ -484,8 +488,14 @@ mod tests {
         assert!(check_spec(&ValidSpec::unchecked(s.clone())).unwrap_err().to_string().starts_with("config.network"));
         s.network[0].managed = true;
         check_spec(&ValidSpec::unchecked(s.clone())).unwrap();
+        // A managed NIC's limits are enforced on its TAP; an operator's
+        // TAP is not metald's to limit.
         s.network[0].rx_rate_limit = Some(Default::default());
-        assert!(check_spec(&ValidSpec::unchecked(s.clone())).unwrap_err().to_string().contains("rate limit"));
+        check_spec(&ValidSpec::unchecked(s.clone())).unwrap();
+        s.network[0].managed = false;
+        s.network[0].tap = "optap0".into();
+        let e = check_spec(&ValidSpec::unchecked(s.clone())).unwrap_err().to_string();
+        assert!(e.contains("rate limits only on NICs metald manages") && e.contains("optap0"), "{e}");
         let mut s = spec.clone();
         s.cpu.max_vcpus = 2;
         assert!(
