@@ -275,7 +275,7 @@ fn rate_limited_nics_get_a_qdisc_and_a_limit_object_removed_and_rebuilt_with_the
 }
 
 #[test]
-fn without_nft_networking_is_unavailable_and_says_what_to_do() {
+fn without_nft_or_tc_networking_is_unavailable_and_says_what_to_do() {
     in_netns(|| async {
         let s = NetSettings { nft: "/nonexistent/nft".into(), ..NetSettings::default() };
         match Datapath::start(s).await {
@@ -285,6 +285,15 @@ fn without_nft_networking_is_unavailable_and_says_what_to_do() {
             }
             Err(e) => panic!("{e}"),
             Ok(_) => panic!("started without nft"),
+        }
+        let s = NetSettings { tc: "/nonexistent/tc".into(), ..NetSettings::default() };
+        match Datapath::start(s).await {
+            Err(NetError::Unavailable { why, fix }) => {
+                assert!(why.contains("/nonexistent/tc"), "{why}");
+                assert!(fix.contains("apt-get install iproute2"), "{fix}");
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("started without tc"),
         }
     });
 }

@@ -56,7 +56,7 @@ pub struct Datapath {
 
 impl Datapath {
     /// Checks that networking can work here (root or `CAP_NET_ADMIN`,
-    /// `/dev/net/tun`, the `nft` binary, IPv6 forwarding that would not
+    /// `/dev/net/tun`, the `nft` and `tc` binaries, IPv6 forwarding that would not
     /// cost the host its router-advertised routes), makes the gateway
     /// device and sets forwarding on. Idempotent; changes nothing when it
     /// refuses.
@@ -73,6 +73,17 @@ impl Datapath {
                 return Err(NetError::Unavailable {
                     why: format!("the nftables tool {:?} cannot be run", settings.nft),
                     fix: "install it (apt-get install nftables) or set UNKEY_METALD_NETWORK_NFT".into(),
+                });
+            }
+        }
+        // Rate limits of QEMU's NICs need it: found out now, not at the
+        // first VM that asks for one.
+        match tokio::process::Command::new(&settings.tc).arg("-V").kill_on_drop(true).output().await {
+            Ok(o) if o.status.success() => {}
+            _ => {
+                return Err(NetError::Unavailable {
+                    why: format!("the traffic control tool {:?} cannot be run", settings.tc),
+                    fix: "install it (apt-get install iproute2) or set UNKEY_METALD_NETWORK_TC".into(),
                 });
             }
         }
