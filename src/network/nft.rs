@@ -381,6 +381,22 @@ mod tests {
             Err(NetError::Nft(m)) => assert!(m.contains("false -f refused the change"), "{m}"),
             r => panic!("{r:?}"),
         }
-        assert!(apply("true", "x", Wait::Commit).await.is_ok());
+        // A stand-in that reads its input (`true` may exit before the
+        // write, which then fails with EPIPE) and exits 0 without a marker.
+        let dir = tempfile::tempdir().unwrap();
+        let script = |name: &str, body: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+            p.display().to_string()
+        };
+        let quiet = script("quiet", "cat >/dev/null");
+        assert!(apply(&quiet, "x", Wait::Commit).await.is_ok());
+        // The marker: returns then, even though the process goes on.
+        let done = dir.path().join("exited");
+        let marker =
+            script("marker", &format!("cat >/dev/null; echo '# new generation 7'; sleep 30; touch {}", done.display()));
+        assert!(apply(&marker, "x", Wait::Commit).await.is_ok());
+        assert!(!done.exists(), "returned at the marker, before the process finished");
     }
 }
