@@ -176,6 +176,15 @@ async fn run() {
     ip(&["link", "set", "lo", "up"]);
     let internet = start_internet();
     let tmp = tempfile::Builder::new().prefix("metald-net-").tempdir().unwrap();
+    // Billing to the in-process development service (in this namespace).
+    let db = tmp.path().join("billing.db");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let billing_addr = listener.local_addr().unwrap();
+    let billing_stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn({
+        let (db, stop) = (db.clone(), billing_stop.clone());
+        async move { metald::billing::devserver::serve(listener, &db, stop).await }
+    });
     let env = metald_env([
         ("BACKEND", "qemu".to_owned()),
         ("QEMU_ACCEL", "tcg".to_owned()),
@@ -187,6 +196,10 @@ async fn run() {
         ("ASSET_DIRS", guest_image().display().to_string()),
         ("SHUTDOWN_GRACE_SECONDS", "5".to_owned()),
         ("NETWORK_ENABLED", "true".to_owned()),
+        ("BILLING_ENDPOINT", format!("http://{billing_addr}")),
+        ("BILLING_BATCH_SIZE", "20".to_owned()),
+        ("BILLING_FLUSH_MS", "500".to_owned()),
+        ("BILLING_COMMIT_MS", "100".to_owned()),
     ]);
     let _kill = KillQemus(tmp.path().to_path_buf());
     let mut daemon: Option<Daemon> = Some(metald::daemon::start(Config::from_source(&env).unwrap()).await.unwrap());
@@ -269,6 +282,28 @@ async fn run() {
         acme.get_vm_info(pb::GetVmInfoRequest { vm_id: "a1".into(), ..Default::default() }).await.unwrap().into_owned();
     let s = info.metrics.as_option().expect("metrics").network_stats.as_option().expect("network_stats").clone();
     assert!(s.bytes_received > 0 && s.bytes_transmitted > 0 && s.packets_transmitted > 0, "{s:?}");
+    // ...and so do its billing samples (QEMU counts no traffic itself):
+    // within a few flushes the service has samples with the TAP's counters,
+    // never more than GetVmInfo read after them.
+    let conn = metald::billing::devserver::open_db(&db).unwrap();
+    let billed = || -> (i64, i64) {
+        conn.query_row(
+            "SELECT coalesce(max(net_rx), 0), coalesce(max(net_tx), 0) FROM samples WHERE vm_id = 'a1'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    };
+    let t0 = std::time::Instant::now();
+    while billed().0 == 0 || billed().1 == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no billing sample of a1 with network traffic: {:?}", billed());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (rx, tx) = billed();
+    let info =
+        acme.get_vm_info(pb::GetVmInfoRequest { vm_id: "a1".into(), ..Default::default() }).await.unwrap().into_owned();
+    let now = info.metrics.as_option().unwrap().network_stats.as_option().unwrap().clone();
+    assert!(rx <= now.bytes_received && tx <= now.bytes_transmitted, "billed ({rx}, {tx}) vs {now:?}");
 
     // A restart rebuilds the table from the store; the guest still answers.
     let rules_before = nft_list().lines().count();
@@ -300,6 +335,7 @@ async fn run() {
     assert!(!table.contains(&a1.tap) && !table.contains(&format!(": {} . 80", a1.v4)), "{table}");
     assert!(http_get(format!("127.0.0.1:{host_port}").parse().unwrap()).is_none(), "the mapping outlived its VM");
     daemon.take().unwrap().shutdown();
+    billing_stop.cancel();
 }
 
 /// Kills the test's QEMU processes however the test ends.

@@ -207,6 +207,7 @@ impl Billing {
             clock,
             interval: cfg.interval,
             concurrency: collector::DEFAULT_CONCURRENCY,
+            net: manager.host_net(),
         };
         let tasks = vec![
             tokio::spawn(collector::run(collector, stop.clone())),

@@ -26,7 +26,7 @@ mod net;
 mod reads;
 mod reconcile;
 
-pub use net::{HostNet, NetHandle, RecordingNet};
+pub use net::{HostNet, NetHandle, RecordingNet, TapCounters, add_tap_counters, managed_taps};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -312,6 +312,12 @@ impl Manager {
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.inner.backend
+    }
+
+    /// Host networking of managed NICs, when on (their TAPs' counters
+    /// complete the usage of hypervisors that count no traffic).
+    pub fn host_net(&self) -> Option<Arc<dyn HostNet>> {
+        self.inner.cfg.net.0.clone()
     }
 
     pub fn store(&self) -> &Store {

@@ -49,15 +49,8 @@ impl Manager {
     /// not count it for QEMU), added to `usage`.
     fn add_nic_counters(&self, slot: &Slot, usage: &mut Usage) {
         let (Some(net), Some(lease)) = (&self.inner.cfg.net.0, &slot.net) else { return };
-        let taps: Vec<String> = lease.nics.iter().map(|n| n.tap.clone()).collect();
-        if let Some(c) = net.counters(&taps)
-            && usage.net_rx_bytes == 0
-            && usage.net_tx_bytes == 0
-        {
-            usage.net_rx_bytes = c.0;
-            usage.net_tx_bytes = c.1;
-            usage.net_rx_packets = c.2;
-            usage.net_tx_packets = c.3;
+        if let Some(all) = net.tap_counters() {
+            super::net::add_tap_counters(usage, lease.nics.iter().map(|n| n.tap.as_str()), &all);
         }
     }
 

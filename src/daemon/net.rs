@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use crate::backend::firecracker::config::FirecrackerSettings;
-use crate::core::{HostNet, NetHandle};
+use crate::core::{HostNet, NetHandle, TapCounters};
 use crate::model::net::{NetLease, Pools};
 use crate::model::{BackendKind, VmId};
 use crate::network::{ALIAS_PREFIX, Datapath, NetError, NetSettings, NicLimits, NicWiring, PortWiring, parse_mac};
@@ -181,14 +181,9 @@ impl HostNet for KernelNet {
         Ok(())
     }
 
-    fn counters(&self, taps: &[String]) -> Option<(u64, u64, u64, u64)> {
+    fn tap_counters(&self) -> Option<TapCounters> {
         let all = self.dp.as_ref().ok()?.counters();
-        let mut sum = (0, 0, 0, 0);
-        for t in taps {
-            let c = all.get(t)?;
-            sum = (sum.0 + c.rx_bytes, sum.1 + c.tx_bytes, sum.2 + c.rx_packets, sum.3 + c.tx_packets);
-        }
-        Some(sum)
+        Some(all.into_iter().map(|(t, c)| (t, (c.rx_bytes, c.tx_bytes, c.rx_packets, c.tx_packets))).collect())
     }
 
     async fn rebuild(&self, all: &BTreeMap<VmId, NetLease>) -> Result<String, String> {
