@@ -173,7 +173,11 @@ impl Datapath {
         limits::shape(&self.settings.tc, &[nic]).await?;
         let pending = reap::take(&self.stale);
         let script = reap::flush_script(&self.settings, &pending, &nft::elements(&self.settings, "add", &[nic]));
-        if let Err(e) = nft::apply(&self.settings.nft, &script, nft::Wait::Commit).await {
+        // Echo (`Wait::Commit`) makes nft fetch every set's elements first
+        // (~5 ms more at 1,000 NICs): worth it only when the transaction
+        // deletes something, whose exit would wait for a grace period.
+        let wait = if pending.is_empty() { nft::Wait::Exit } else { nft::Wait::Commit };
+        if let Err(e) = nft::apply(&self.settings.nft, &script, wait).await {
             reap::put_back(&self.stale, pending);
             return Err(e);
         }

@@ -193,7 +193,10 @@ pub enum Wait {
     /// why removals are batched: `reap.rs`.) nft echoes only what a script
     /// adds: a script that only deletes prints no marker, and then nft's
     /// exit decides, correct but later; the element scripts here always
-    /// add. For small scripts (the echo is read in full).
+    /// add. For small scripts (the echo is read in full). Echo costs: nft
+    /// then fetches every set's elements before the transaction (4.6 →
+    /// 9.2 ms for one element added beside 2,000, measured here), so it
+    /// is for transactions that delete.
     Commit,
 }
 
