@@ -25,9 +25,19 @@ pub const BASE_MNT: &str = "/mnt/base";
 pub const RW_MNT: &str = "/mnt/rw";
 /// Where the overlay is assembled before it becomes `/`.
 pub const NEW_ROOT: &str = "/newroot";
-/// Base filesystem types tried in order, with the module list that provides each (`None`:
-/// built into the kernel).
-const BASE_TYPES: [(&str, Option<&str>); 2] = [("ext4", None), ("erofs", Some("/etc/metald/modules-erofs"))];
+/// Base filesystem types, with the module list that provides each (`None`: built into the
+/// kernel).
+const EXT4: (&str, Option<&str>) = ("ext4", None);
+const EROFS: (&str, Option<&str>) = ("erofs", Some("/etc/metald/modules-erofs"));
+/// erofs's superblock magic, little-endian at byte 1024.
+const EROFS_MAGIC: u32 = 0xE0F5_E1E2;
+
+/// The order to try the base's types in, from its first 2 KiB: erofs first when its magic is
+/// there (so the kernel does not log a failed ext4 mount on the console), else ext4 first.
+pub fn base_types(head: &[u8]) -> [(&'static str, Option<&'static str>); 2] {
+    let magic = head.get(1024..1028).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    if magic == Some(EROFS_MAGIC) { [EROFS, EXT4] } else { [EXT4, EROFS] }
+}
 
 /// An error with what was being done.
 #[derive(Debug)]
@@ -101,11 +111,13 @@ pub fn wait_for(path: &str, timeout: Duration) -> Result<(), BootError> {
     Ok(())
 }
 
-/// Mounts the base image read-only, trying each type in [`BASE_TYPES`]; returns the type.
+/// Mounts the base image read-only, trying the types in [`base_types`] order; returns the type.
 pub fn mount_base(dev: &str) -> Result<&'static str, BootError> {
     fs::create_dir_all(BASE_MNT).map_err(|e| fail(BASE_MNT, e))?;
+    let mut head = [0u8; 2048];
+    let _ = File::open(dev).and_then(|mut f| io::Read::read_exact(&mut f, &mut head));
     let mut tried = Vec::new();
-    for (fstype, modules) in BASE_TYPES {
+    for (fstype, modules) in base_types(&head) {
         if let Some(Err(e)) = modules.map(load_modules) {
             tried.push(format!("{fstype}: {e}"));
             continue;
@@ -200,4 +212,20 @@ pub fn write_etc(name: &str, content: &str) -> io::Result<()> {
         fs::remove_file(&path)?;
     }
     fs::write(&path, content)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erofs_is_tried_first_only_with_its_magic() {
+        let mut head = vec![0u8; 2048];
+        assert_eq!(base_types(&head)[0].0, "ext4");
+        head[1080..1082].copy_from_slice(&0xEF53u16.to_le_bytes());
+        assert_eq!(base_types(&head)[0].0, "ext4");
+        head[1024..1028].copy_from_slice(&EROFS_MAGIC.to_le_bytes());
+        assert_eq!(base_types(&head).map(|t| t.0), ["erofs", "ext4"]);
+        assert_eq!(base_types(&head[..100])[0].0, "ext4", "a short read");
+    }
 }

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use crate::cmdline::{Link, NetPlan, Nic};
 use crate::console::marker;
 
-/// busybox `ip` in the initramfs.
-const IP: &str = "/bin/ip";
+/// busybox in the initramfs (its `ip` applet is run as `busybox ip`, wherever the link lives).
+const BUSYBOX: &str = "/bin/busybox";
 /// How long a NIC may take to show up after its driver loaded.
 const LINK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -71,7 +71,7 @@ fn configure(ifname: &str, nic: &Nic) -> Result<(), String> {
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(IP).args(args).output().map_err(|e| format!("{IP}: {e}"))?;
+    let out = Command::new(BUSYBOX).arg("ip").args(args).output().map_err(|e| format!("{BUSYBOX} ip: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {

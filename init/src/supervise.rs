@@ -17,7 +17,7 @@ use nix::errno::Errno;
 use nix::mount::{MsFlags, mount};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::reboot::{RebootMode, reboot};
-use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{Gid, Pid, Uid};
@@ -35,8 +35,8 @@ const KEY_POWER: u16 = 116;
 const REAP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Blocks [`SIGNALS`] and returns the signalfd that receives them. Call first: the kernel
-/// queues a blocked signal even for PID 1 (it drops unblocked ones PID 1 has no handler for),
-/// and a child started later gets an empty mask again (std's `Command` resets it).
+/// queues a blocked signal even for PID 1 (it drops unblocked ones PID 1 has no handler for);
+/// [`spawn`] gives the workload an empty mask again.
 pub fn signal_fd() -> nix::Result<SignalFd> {
     let mut mask = SigSet::empty();
     for s in SIGNALS {
@@ -123,10 +123,13 @@ pub fn spawn(s: &Start<'_>) -> io::Result<Pid> {
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());
     // SAFETY: the closure runs in the forked child before exec. It only makes raw syscalls
-    // (setsid, setgroups, setgid, setuid — async-signal-safe) on values computed before the
+    // (sigprocmask, setsid, setgroups, setgid, setuid — async-signal-safe) on values computed before the
     // fork and allocates nothing; this process has a single thread anyway.
     unsafe {
         cmd.pre_exec(move || {
+            // PID 1 blocks the signals its signalfd takes; the workload starts with none
+            // blocked (std's Command does not reset the mask on this path).
+            sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
             nix::unistd::setsid()?;
             nix::unistd::setgroups(&groups)?;
             nix::unistd::setgid(gid)?;
