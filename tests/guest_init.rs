@@ -101,7 +101,8 @@ impl Guest {
             .stderr(std::fs::File::create(dir.path().join("qemu.log")).unwrap());
         if net {
             // Slirp: the guest's packets never leave QEMU (no host interface involved).
-            cmd.args(["-netdev", "user,id=n0,restrict=on", "-device"]).arg(format!("virtio-net-device,netdev=n0,mac={MAC}"));
+            cmd.args(["-netdev", "user,id=n0,restrict=on", "-device"])
+                .arg(format!("virtio-net-device,netdev=n0,mac={MAC}"));
         }
         let qemu = cmd.spawn().expect("starting qemu-system-x86_64");
         Guest { dir, qemu, started: Instant::now() }
@@ -270,7 +271,10 @@ fn the_workload_runs_as_the_image_says_and_its_exit_code_ends_the_vm() {
     // The write went to the writable disk's upper directory; the base is untouched.
     assert_eq!(g.disk_file("rw.img", "/root/app/state.txt").as_deref(), Some("written-by-workload\n"));
     assert_eq!(g.disk_file("base.img", "/app/state.txt").as_deref(), Some("from-base\n"));
-    assert_eq!(g.disk_file("rw.img", "/root/etc/resolv.conf").as_deref(), Some("nameserver 10.0.2.3\nnameserver fd00::3\n"));
+    assert_eq!(
+        g.disk_file("rw.img", "/root/etc/resolv.conf").as_deref(),
+        Some("nameserver 10.0.2.3\nnameserver fd00::3\n")
+    );
 }
 
 #[test]

@@ -34,8 +34,9 @@ const KEY_POWER: u16 = 116;
 /// How long power-off waits for the killed processes to be reaped.
 const REAP_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Blocks [`SIGNALS`] and returns the signalfd that receives them. Call first: the kernel
-/// queues a blocked signal even for PID 1 (it drops unblocked ones PID 1 has no handler for);
+/// Blocks `SIGNALS` (SIGCHLD, SIGINT, SIGTERM, SIGPWR) and returns the signalfd that receives
+/// them. Call first: the kernel queues a blocked signal even for PID 1 (it drops unblocked ones
+/// PID 1 has no handler for);
 /// [`spawn`] gives the workload an empty mask again.
 pub fn signal_fd() -> nix::Result<SignalFd> {
     let mut mask = SigSet::empty();
