@@ -330,3 +330,25 @@ fn a_program_that_is_not_there_exits_127_like_docker() {
     assert!(positions.is_sorted(), "markers out of order ({positions:?}):\n{console}");
     assert!(console.contains("METALD_INIT_ERROR cannot execute \"/app/missing\""), "{console}");
 }
+
+/// Ctrl-Alt-Del reaches PID 1 as SIGINT (the init turned the kernel's immediate reboot off with
+/// `reboot(CAD_OFF)`); QEMU microvm has no i8042 to press it on, so the workload (root) sends
+/// PID 1 the same SIGINT the kernel's `kill_cad_pid` would.
+#[test]
+fn sigint_to_pid_1_like_ctrl_alt_del_stops_the_workload_with_sigterm() {
+    let config = r#"{"version":1,"cmd":["/bin/sh","-c",
+        "trap 'echo WL_GOT_TERM; exit 5' TERM; echo WL_WAITING; kill -INT 1; while :; do sleep 1 & wait $!; done"],
+        "grace_seconds":30}"#;
+    let mut g = Guest::boot(Base::Ext4, config, false);
+    let console = g.wait_exit();
+    let order = [
+        "WL_WAITING",
+        "METALD_GUEST_SHUTDOWN_REASON=ctrl-alt-del",
+        "WL_GOT_TERM",
+        "METALD_WORKLOAD_EXIT code=5",
+        "METALD_GUEST_POWEROFF",
+    ];
+    let positions: Vec<usize> = order.iter().map(|l| pos(&console, l)).collect();
+    assert!(positions.is_sorted(), "markers out of order ({positions:?}):\n{console}");
+    assert!(!console.contains("METALD_WORKLOAD_KILL"), "the workload exited within the grace period:\n{console}");
+}
