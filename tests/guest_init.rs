@@ -352,3 +352,18 @@ fn sigint_to_pid_1_like_ctrl_alt_del_stops_the_workload_with_sigterm() {
     assert!(positions.is_sorted(), "markers out of order ({positions:?}):\n{console}");
     assert!(!console.contains("METALD_WORKLOAD_KILL"), "the workload exited within the grace period:\n{console}");
 }
+
+/// A config metald-init refuses (here an unknown field) is reported on the console and the guest
+/// powers off instead of hanging or panicking the kernel; nothing runs.
+#[test]
+fn a_bad_config_is_reported_and_the_guest_powers_off() {
+    let config = r#"{"version":1,"cmd":["/app/run.sh"],"entrypont":["/typo"]}"#;
+    let mut g = Guest::boot(Base::Ext4, config, false);
+    let console = g.wait_exit();
+    let error = console.lines().find(|l| l.starts_with("METALD_INIT_ERROR")).unwrap_or_else(|| panic!("{console}"));
+    assert!(error.contains("config.json") && error.contains("entrypont"), "{error}");
+    let order = ["METALD_GUEST_SHUTDOWN_REASON=init-error", "METALD_GUEST_POWEROFF"];
+    let positions: Vec<usize> = order.iter().map(|l| pos(&console, l)).collect();
+    assert!(positions.is_sorted(), "markers out of order ({positions:?}):\n{console}");
+    assert!(!console.contains("METALD_WORKLOAD_START"), "nothing may run:\n{console}");
+}
