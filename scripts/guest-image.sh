@@ -7,16 +7,27 @@
 #   vmlinux            the uncompressed ELF 64-bit vmlinux extracted from it the way the kernel's
 #                      scripts/extract-vmlinux does (Firecracker; QEMU microvm boots it via PVH).
 #   initramfs.cpio.gz  busybox-static + the virtio/ACPI-button/evdev modules of the SAME kernel
-#                      + the guest init described below (~2 MB).
+#                      + the guest init described below + /metald-init (~3 MB).
 #   rootfs.ext4        32 MiB ext4 (made with mkfs.ext4 -d, no mounting) with the same content.
 #   guest-image.stamp  first line: cache key; then kernel release, package, module order.
 #
 # Cache: if all outputs exist and the stamp's first line matches (script version + hash of this
-# file + requested kernel package), the script exits at once. METALD_GUEST_FORCE=1 rebuilds.
+# file + requested kernel package + hash of metald-init's sources), the script exits at once.
+# METALD_GUEST_FORCE=1 rebuilds.
 # METALD_GUEST_KERNEL_PKG overrides the kernel (meta) package, METALD_GUEST_MODULES the module list. Concurrent runs serialise on
 # OUT_DIR/.guest-image.lock; outputs are moved into place only when all are built.
 # Host needs: apt-get (download only; the kernel is never installed), dpkg-deb, lz4 and
-# mkfs.ext4 (e2fsprogs) -- installed with apt-get if missing (printed) -- gzip, grep, flock.
+# mkfs.ext4 (e2fsprogs) -- installed with apt-get if missing (printed) -- gzip, grep, flock, and
+# cargo (the project's toolchain) for metald-init.
+#
+# metald-init (the init/ crate, docs/IMAGES.md "Guest init"): built here with
+#   RUSTFLAGS="-C target-feature=+crt-static" cargo build --locked --profile guest-init \
+#     -p metald-init --target x86_64-unknown-linux-gnu --target-dir build/init-target
+# (static glibc: no musl target on these machines; its own target dir so the daemon's build is
+# not invalidated; METALD_INIT_TARGET_DIR overrides it) and checked to be static. It goes to
+# /metald-init in the initramfs only, and runs INSTEAD of the busybox init below when the kernel
+# command line says rdinit=/metald-init. It loads /etc/metald/modules, then the lists
+# /etc/metald/modules-overlay (overlay) and, for an erofs base, /etc/metald/modules-erofs.
 #
 # Kernel facts: Debian's cloud kernel has EXT4 and the 8250 serial console built in but ALL virtio
 # drivers, the ACPI button driver and evdev as modules, so a guest always needs the initramfs:
@@ -34,7 +45,7 @@
 #
 # Guest behaviour (initramfs /init, then busybox init with /etc/inittab and /etc/metald/*):
 #   * mounts proc, sys, devtmpfs; insmods the modules in dependency order (list in
-#     /etc/metald/modules; the .deb has no modules.dep, the order is computed here from each
+#     /etc/metald/modules; overlay/erofs are staged too but only metald-init loads them; the .deb has no modules.dep, the order is computed here from each
 #     .ko's "depends=" modinfo field).
 #   * Root switch: if the kernel command line has metald.root=/dev/XXX (or root=/dev/XXX), /init
 #     waits up to 10 s for that block device, mounts it as ext4 (rw unless `ro` is given) and
@@ -81,6 +92,9 @@ ROOTFS_MB=32
 # Modules the guest loads (their dependencies are added automatically). Each insmod costs
 # ~15-20 ms under TCG; add e.g. vmw_vsock_virtio_transport virtio_console virtio_rng if needed.
 WANT_MODULES=${METALD_GUEST_MODULES:-virtio_mmio virtio_pci virtio_blk virtio_net button evdev}
+# Modules only metald-init loads (image guests): the overlay root, and erofs for an erofs base.
+IMAGE_MODULES="overlay erofs"
+TARGET_TRIPLE=x86_64-unknown-linux-gnu
 
 log() { echo "guest-image: $*" >&2; }
 die() { echo "guest-image: ERROR: $*" >&2; exit 1; }
@@ -89,7 +103,12 @@ die() { echo "guest-image: ERROR: $*" >&2; exit 1; }
 mkdir -p "$1"
 OUT=$(cd "$1" && pwd)
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
-STAMP_KEY="metald-guest-image v$SCRIPT_VERSION script=$(sha256sum "$SELF" | cut -c1-16) kernel=$KERNEL_META modules=${WANT_MODULES//[$'\n\t ']/,}"
+REPO=$(cd "$(dirname "$SELF")/.." && pwd)
+INIT_TARGET_DIR=${METALD_INIT_TARGET_DIR:-$REPO/build/init-target}
+# metald-init's inputs: its crate, the lock file, the root manifest (workspace, profile).
+INIT_HASH=$(cd "$REPO" && find init -type f \( -name '*.rs' -o -name Cargo.toml \) -print0 | LC_ALL=C sort -z |
+  xargs -0 cat Cargo.toml Cargo.lock | sha256sum | cut -c1-16)
+STAMP_KEY="metald-guest-image v$SCRIPT_VERSION script=$(sha256sum "$SELF" | cut -c1-16) kernel=$KERNEL_META modules=${WANT_MODULES//[$'\n\t ']/,} init=$INIT_HASH"
 OUTPUTS=(bzImage vmlinux initramfs.cpio.gz rootfs.ext4)
 
 up_to_date() {
@@ -128,6 +147,8 @@ need_tool() { # need_tool COMMAND DEBIAN_PACKAGE
 export PATH="$PATH:/usr/sbin:/sbin"
 need_tool lz4 lz4
 need_tool mkfs.ext4 e2fsprogs
+need_tool file file
+command -v cargo >/dev/null || die "cargo not found (metald-init is built with the project's Rust toolchain)"
 for t in apt-get apt-cache dpkg-deb gzip grep flock sha256sum od; do
   command -v "$t" >/dev/null || die "missing host tool $t"
 done
@@ -223,6 +244,26 @@ visit_module() {
 }
 for m in $WANT_MODULES; do visit_module "$m"; done
 log "module order: ${MODORDER[*]}"
+# Each image module's own list: what it needs beyond the base modules, dependencies first.
+declare -A IMAGE_ORDER=()
+for m in $IMAGE_MODULES; do
+  n=${#MODORDER[@]}
+  visit_module "$m"
+  IMAGE_ORDER[$m]="${MODORDER[*]:$n}"
+  log "module order for $m: ${IMAGE_ORDER[$m]}"
+done
+MODORDER=("${MODORDER[@]:0:$((${#MODORDER[@]} - $(echo "${IMAGE_ORDER[*]}" | wc -w)))}")
+
+# ---------------------------------------------------------------- metald-init
+log "building metald-init (static) in $INIT_TARGET_DIR"
+(
+  cd "$REPO"
+  unset CARGO_ENCODED_RUSTFLAGS CARGO_BUILD_TARGET CARGO_TARGET_DIR
+  RUSTFLAGS="-C target-feature=+crt-static" cargo build --locked --quiet --profile guest-init \
+    -p metald-init --target "$TARGET_TRIPLE" --target-dir "$INIT_TARGET_DIR" >&2
+) || die "cargo build of metald-init failed"
+INIT_BIN=$INIT_TARGET_DIR/$TARGET_TRIPLE/guest-init/metald-init
+file -b "$INIT_BIN" | grep -q 'static' || die "$INIT_BIN is not statically linked: $(file -b "$INIT_BIN")"
 
 # ---------------------------------------------------------------- guest tree
 make_tree() { # make_tree DIR ROOTKIND
@@ -236,6 +277,10 @@ make_tree() { # make_tree DIR ROOTKIND
   done
   cp "$MODSTAGE"/*.ko "$r/lib/modules/$KREL/"
   printf '%s\n' "${MODORDER[@]}" >"$r/etc/metald/modules"
+  for a in $IMAGE_MODULES; do
+    printf '%s\n' ${IMAGE_ORDER[$a]} >"$r/etc/metald/modules-$a"
+  done
+  [[ $kind == initramfs ]] && cp "$INIT_BIN" "$r/metald-init"
   echo "$kind" >"$r/etc/metald/rootkind"
   echo "$KREL" >"$r/etc/metald/kernel-release"
   echo metald-guest >"$r/etc/hostname"
@@ -511,6 +556,8 @@ gzip -t "$WORK/out/initramfs.cpio.gz"
   echo "kernel_release=$KREL"
   echo "busybox_version=$BVER"
   echo "modules=${MODORDER[*]}"
+  for a in $IMAGE_MODULES; do echo "modules_$a=${IMAGE_ORDER[$a]}"; done
+  echo "metald_init_bytes=$(stat -c %s "$INIT_BIN")"
 } >"$WORK/out/guest-image.stamp"
 rm -f "$OUT/guest-image.stamp"
 for f in "${OUTPUTS[@]}"; do mv -f "$WORK/out/$f" "$OUT/$f"; done
