@@ -65,4 +65,23 @@ pub enum ImageError {
         #[source]
         source: io::Error,
     },
+    /// `mkfs.ext4` could not be started.
+    #[error("cannot run {tool} (install e2fsprogs)")]
+    ToolMissing {
+        /// The program.
+        tool: String,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// `mkfs.ext4` ran and failed.
+    #[error("{tool} failed ({status}): {stderr}")]
+    ToolFailed {
+        /// The program.
+        tool: String,
+        /// Its exit status.
+        status: String,
+        /// The end of its standard error.
+        stderr: String,
+    },
 }
