@@ -199,6 +199,7 @@ fn whiteouts_and_opaque_directories_hide_lower_files() {
             E::File("d/sub/lower", b"1", 0o644),
             E::File("d/lower", b"1", 0o644),
             E::File("o/lower", b"1", 0o644),
+            E::File("o/sub/lower", b"1", 0o644),
             E::Symlink("s", "../sentinel"),
         ],
     )
@@ -213,6 +214,8 @@ fn whiteouts_and_opaque_directories_hide_lower_files() {
             // Written before the opaque marker in the same layer: kept.
             E::File("o/new", b"2", 0o644),
             E::File("o/.wh..wh..opq", b"", 0o644),
+            // Written after it, in a lower directory kept for it.
+            E::File("o/sub/new", b"3", 0o644),
         ],
     )
     .unwrap();
@@ -223,6 +226,8 @@ fn whiteouts_and_opaque_directories_hide_lower_files() {
     assert!(fs::symlink_metadata(r.join("s")).is_err(), "the link, not its target");
     assert!(!r.join("o/lower").exists(), "opaque hides lower entries");
     assert_eq!(fs::read(r.join("o/new")).unwrap(), b"2");
+    assert!(!r.join("o/sub/lower").exists(), "a lower subdirectory's entries are gone too");
+    assert_eq!(fs::read(r.join("o/sub/new")).unwrap(), b"3");
     assert!(!r.join("a/.wh.gone").exists() && !r.join("o/.wh..wh..opq").exists(), "markers are not files");
     f.assert_sentinel_unchanged();
 }
@@ -298,6 +303,17 @@ fn hard_links_out_of_the_root_are_refused() {
     assert_refused(&f, &[vec![E::Raw(b"h1", EntryType::Link, b"../sentinel/keep")]], "h1");
     let abs = format!("{}/keep", f.abs_sentinel());
     assert_refused(&f, &[vec![E::Raw(b"h2", EntryType::Link, abs.as_bytes())]], "h2");
+}
+
+#[test]
+fn a_hard_link_to_a_symbolic_link_names_the_link_not_its_target() {
+    let f = fixture();
+    let mut u = f.unpacker();
+    let keep = format!("{}/keep", f.abs_sentinel());
+    apply(&mut u, &[E::Symlink("s", &keep)]).unwrap();
+    apply(&mut u, &[E::Link("h", "s")]).unwrap();
+    assert_eq!(fs::read_link(f.root.join("h")).unwrap(), Path::new(&keep));
+    f.assert_sentinel_unchanged();
 }
 
 #[test]
