@@ -21,6 +21,7 @@ pub mod config;
 pub mod core;
 pub mod daemon;
 pub mod error;
+pub mod image;
 pub mod model;
 pub mod network;
 pub mod procfs;
