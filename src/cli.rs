@@ -49,7 +49,7 @@ pub enum ProtocolArg {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Create a VM (prepared, not started).
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Start a created or shut-down VM.
     Boot { id: String },
     /// Pause a running VM.
@@ -151,9 +151,25 @@ pub struct CreateArgs {
     pub vcpus: i32,
     #[arg(long = "memory-mb", default_value_t = 256)]
     pub memory_mb: i64,
-    /// Kernel image (inside the host's asset directories).
+    /// Kernel image (inside the host's asset directories); with `--image`
+    /// the host's guest kernel when omitted.
+    #[arg(long, required_unless_present = "image")]
+    pub kernel: Option<PathBuf>,
+    /// Run a container image: `registry[:port]/repo[:tag][@sha256:…]`,
+    /// `oci-layout:DIR[:tag]` or `docker-archive:FILE`.
     #[arg(long)]
-    pub kernel: PathBuf,
+    pub image: Option<String>,
+    /// The workload's environment `KEY=value`, over the image's (repeatable;
+    /// with `--image`).
+    #[arg(long = "env", requires = "image")]
+    pub env: Vec<String>,
+    /// Registry user for the image's pull; the password (or token) is read
+    /// from the environment variable METALDCTL_REGISTRY_PASSWORD.
+    #[arg(long = "registry-user", requires = "image")]
+    pub registry_user: Option<String>,
+    /// Arguments replacing the image's Cmd (after `--`).
+    #[arg(last = true, requires = "image")]
+    pub cmd: Vec<String>,
     #[arg(long)]
     pub initrd: Option<PathBuf>,
     /// Root filesystem image, attached as the root virtio-blk device.
@@ -266,6 +282,28 @@ fn create_request(a: &CreateArgs) -> Result<pb::CreateVmRequest, CliError> {
     } else {
         Vec::new()
     };
+    let image = match &a.image {
+        None => None,
+        Some(reference) => {
+            let mut env = buffa::__private::HashMap::default();
+            for e in &a.env {
+                let (k, v) = e.split_once('=').ok_or_else(|| usage(format!("--env {e:?} must be KEY=value")))?;
+                env.insert(k.to_owned(), v.to_owned());
+            }
+            let credentials = a.registry_user.as_ref().map(|u| pb::RegistryCredentials {
+                username: u.clone(),
+                password: std::env::var("METALDCTL_REGISTRY_PASSWORD").unwrap_or_default(),
+                ..Default::default()
+            });
+            Some(pb::ContainerImage {
+                reference: reference.clone(),
+                env,
+                cmd: a.cmd.clone(),
+                credentials: credentials.into(),
+                ..Default::default()
+            })
+        }
+    };
     let mut metadata = buffa::__private::HashMap::default();
     for m in &a.metadata {
         let (k, v) = m.split_once('=').ok_or_else(|| usage(format!("--meta {m:?} must be key=value")))?;
@@ -278,7 +316,7 @@ fn create_request(a: &CreateArgs) -> Result<pb::CreateVmRequest, CliError> {
             memory: pb::MemoryConfig { size_bytes: a.memory_mb.saturating_mul(1024 * 1024), ..Default::default() }
                 .into(),
             boot: pb::BootConfig {
-                kernel_path: abs(&a.kernel),
+                kernel_path: a.kernel.as_deref().map(abs).unwrap_or_default(),
                 initrd_path: a.initrd.as_deref().map(abs).unwrap_or_default(),
                 kernel_args: a.kernel_args.clone(),
                 ..Default::default()
@@ -287,6 +325,7 @@ fn create_request(a: &CreateArgs) -> Result<pb::CreateVmRequest, CliError> {
             storage,
             network,
             metadata,
+            image: image.into(),
             ..Default::default()
         }
         .into(),
@@ -419,6 +458,10 @@ async fn info(client: &VmClient, id: &str, json: bool) -> Result<(), CliError> {
     if let Some(c) = cfg {
         t.add_row(vec!["vcpus".to_string(), c.cpu.vcpu_count.to_string()]);
         t.add_row(vec!["memory".to_string(), format!("{} MiB", c.memory.size_bytes >> 20)]);
+        if let Some(i) = c.image.as_option() {
+            t.add_row(vec!["image".to_string(), i.reference.clone()]);
+            t.add_row(vec!["image digest".to_string(), i.digest.clone()]);
+        }
         t.add_row(vec!["kernel".to_string(), c.boot.kernel_path.clone()]);
         if !c.boot.initrd_path.is_empty() {
             t.add_row(vec!["initrd".to_string(), c.boot.initrd_path.clone()]);
@@ -454,6 +497,11 @@ async fn info(client: &VmClient, id: &str, json: bool) -> Result<(), CliError> {
                 format!("→ {}:{}", if n.ip_address.is_empty() { &n.ipv6_address } else { &n.ip_address }, p.guest_port),
             ]);
         }
+    }
+    if let Some(e) = r.workload_exit.as_option() {
+        let how =
+            if e.signal != 0 { format!("killed by signal {}", e.signal) } else { format!("exit code {}", e.code) };
+        t.add_row(vec!["workload".to_string(), how]);
     }
     if let Some(m) = r.metrics.as_option() {
         t.add_row(vec!["cpu".to_string(), format!("{:.1} %", m.cpu_usage_percent)]);
@@ -580,6 +628,24 @@ mod tests {
             let e = create(&["--port", bad]).unwrap_err();
             assert!(e.message.contains("HOST:GUEST"), "{bad}: {}", e.message);
         }
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn an_image_needs_no_kernel_and_carries_env_and_args() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).map(|c| c.command);
+        assert!(parse(&["metaldctl", "create"]).is_err(), "a kernel or an image is required");
+        assert!(parse(&["metaldctl", "create", "--kernel", "/k", "--env", "A=1"]).is_err(), "--env needs --image");
+        let cmd =
+            parse(&["metaldctl", "create", "--image", "reg:5000/app:1", "--env", "A=1", "--", "-v", "x"]).unwrap();
+        let Command::Create(a) = cmd else { panic!("{cmd:?}") };
+        let r = create_request(&a).unwrap();
+        let i = r.config.image.as_option().unwrap();
+        assert_eq!(i.reference, "reg:5000/app:1");
+        assert_eq!(i.env.get("A").map(String::as_str), Some("1"));
+        assert_eq!(i.cmd, ["-v", "x"]);
+        assert!(i.credentials.as_option().is_none());
+        assert_eq!(r.config.boot.kernel_path, "", "the host's guest kernel");
     }
 
     #[test]

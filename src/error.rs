@@ -42,6 +42,10 @@ pub enum Error {
     Store(#[source] StoreError),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The image of an image VM could not be had (pull, unpack, base);
+    /// the image layer chose the code (docs/IMAGES.md "Errors").
+    #[error("image: {message}")]
+    Image { code: Code, message: String },
 }
 
 impl From<StoreError> for Error {
@@ -82,6 +86,7 @@ impl Error {
             // A full disk passes once the operator frees space: retry later.
             Error::Store(e) if e.is_unwritable() => Code::Unavailable,
             Error::Store(_) | Error::Internal(_) => Code::Internal,
+            Error::Image { code, .. } => *code,
         }
     }
 
@@ -138,6 +143,7 @@ mod tests {
             (Error::Unauthenticated("x".into()), Code::Unauthenticated),
             (Error::ResourceExhausted("x".into()), Code::ResourceExhausted),
             (Error::Unavailable("x".into()), Code::Unavailable),
+            (Error::Image { code: Code::NotFound, message: "x".into() }, Code::NotFound),
             (Error::Internal("x".into()), Code::Internal),
             (Error::Store(StoreError::Corrupt("x".into())), Code::Internal),
             (Error::Backend(BackendError::unavailable("x")), Code::Unavailable),

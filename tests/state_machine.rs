@@ -176,6 +176,7 @@ async fn open(dir: &Path) -> Harness {
             limits: Limits { max_vcpus: 4, max_memory_mb: 512, asset_dirs: vec![assets.clone()] },
             max_vms: 100,
             net: Default::default(),
+            images: Default::default(),
         },
         Arc::new(backend),
         Store::open(&dir.join("metald.db")).unwrap(),

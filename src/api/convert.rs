@@ -7,11 +7,11 @@ use buffa::{EnumValue, MessageField};
 
 use crate::core::{LiveMetrics, VmDetails, VmView};
 use crate::error::Error;
-use crate::model::VmState;
 use crate::model::{
     BootSpec, ConsoleSpec, CpuSpec, DiskSpec, Ipv4Spec, Ipv6Spec, MemorySpec, NicSpec, PortSpec, RateLimit, Topology,
     VmSpec,
 };
+use crate::model::{ImageSpec, RegistryAuth, VmState, WorkloadExit};
 use crate::pb::vmprovisioner::v1 as pb;
 
 type PbMap = buffa::__private::HashMap<String, String>;
@@ -164,6 +164,17 @@ pub fn spec_in(c: &pb::VmConfig) -> VmSpec {
             console_type: c.console_type.clone(),
         }),
         metadata: map_in(&c.metadata),
+        image: c.image.as_option().map(|i| ImageSpec {
+            reference: i.reference.clone(),
+            env: map_in(&i.env),
+            entrypoint: i.entrypoint.clone(),
+            cmd: i.cmd.clone(),
+            digest: String::new(),
+            credentials: i
+                .credentials
+                .as_option()
+                .map(|c| RegistryAuth { username: c.username.clone(), password: c.password.clone() }),
+        }),
     }
 }
 
@@ -270,6 +281,19 @@ pub fn spec_out(s: &VmSpec) -> pb::VmConfig {
             })
             .into(),
         metadata: map_out(&s.metadata),
+        // Credentials are never returned.
+        image: s
+            .image
+            .as_ref()
+            .map(|i| pb::ContainerImage {
+                reference: i.reference.clone(),
+                env: map_out(&i.env),
+                entrypoint: i.entrypoint.clone(),
+                cmd: i.cmd.clone(),
+                digest: i.digest.clone(),
+                ..Default::default()
+            })
+            .into(),
         ..Default::default()
     }
 }
@@ -366,6 +390,13 @@ pub fn info_out(d: &VmDetails) -> pb::GetVmInfoResponse {
         operation_in_progress: d.view.pending.map(|p| p.op.to_owned()).unwrap_or_default(),
         operation_started_timestamp: d.view.pending.map(|p| p.since).unwrap_or(0),
         state_reconciling: d.view.reconciling,
+        workload_exit: d
+            .workload_exit
+            .map(|e| match e {
+                WorkloadExit::Code(code) => pb::WorkloadExit { code, ..Default::default() },
+                WorkloadExit::Signal(signal) => pb::WorkloadExit { signal, ..Default::default() },
+            })
+            .into(),
         ..Default::default()
     }
 }

@@ -1,17 +1,20 @@
 //! Creating a VM: validation, the per-customer id and host id
 //! ([`Reservation`]), the intent written with the network leases, the
 //! host side of metald-managed NICs made before the hypervisor, and the
-//! roll-back of every step when a later one fails.
+//! roll-back of every step when a later one fails; for an image VM, the
+//! image prepared first and its writable disk made in the VM's directory
+//! (`core::image`).
 
 use std::sync::{Arc, RwLock};
 
 use tracing::{Instrument, info, info_span, warn};
 
+use super::image::WRITABLE_DISK;
 use super::{Cause, Cell, Manager, Slot, VmEvent, VmView};
 use crate::backend::VmContext;
 use crate::error::Error;
 use crate::model::net::{NetLease, NicRequest, Want};
-use crate::model::{CustomerId, Status, ValidSpec, VmId, VmSpec, VmState};
+use crate::model::{CustomerId, GuestKernel, ImageSpec, InitConfig, Status, ValidSpec, VmId, VmSpec, VmState};
 use crate::store::{Intent, VmRow};
 use crate::util::unix_now;
 
@@ -25,7 +28,9 @@ impl Manager {
     async fn create_inner(&self, caller: CustomerId, id: Option<VmId>, spec: VmSpec) -> Result<VmView, Error> {
         let spec = info_span!("validate").in_scope(|| -> Result<ValidSpec, Error> {
             let spec = crate::model::validate(spec, &self.inner.cfg.limits)?;
-            self.inner.backend.check(&spec)?;
+            if spec.image.is_none() {
+                self.inner.backend.check(&spec)?;
+            }
             Ok(spec)
         })?;
         let nics = crate::model::net::requests(&spec.network);
@@ -33,11 +38,19 @@ impl Manager {
         let name = id.unwrap_or_else(VmId::generate);
         let reservation = self.reserve(&caller, &name)?;
         let id = reservation.id.clone();
+        // An image is had before the intent (see `core::image`).
+        let (spec, init) = match &spec.image {
+            Some(image) => {
+                let image = image.clone();
+                self.prepare_image(&caller, &id, &name, &spec, &image).await?
+            }
+            None => (spec, None),
+        };
         // The intent goes first, with the network leases: a crash from here
         // on leaves a row that start-up reconciliation rolls back (process,
         // directory, leases and the kernel objects made from them).
         let lease = self.begin_create(&id, &caller, nics).await?;
-        let created = self.create_reserved(&caller, &id, &name, spec, lease).await;
+        let created = self.create_reserved(&caller, &id, &name, spec, lease, init).await;
         if created.is_err() {
             let id = id.clone();
             if let Err(e) = self.store_call(move |s| s.abort_create(&id)).await {
@@ -47,6 +60,36 @@ impl Manager {
         let slot = created?;
         reservation.done();
         Ok(slot.view())
+    }
+
+    /// Pulls (or finds) `image` for `caller` and returns the spec the VM
+    /// runs with (guest kernel, metald-init, base and writable disks) and
+    /// the guest's config for its writable disk.
+    async fn prepare_image(
+        &self,
+        caller: &CustomerId,
+        id: &VmId,
+        name: &VmId,
+        spec: &ValidSpec,
+        image: &ImageSpec,
+    ) -> Result<(ValidSpec, Option<InitConfig>), Error> {
+        let Some(images) = self.inner.cfg.images.0.clone() else {
+            return Err(Error::FailedPrecondition(
+                "container images are off on this host (UNKEY_METALD_IMAGES_ENABLED=false): give a kernel and disks, \
+                 or enable them"
+                    .into(),
+            ));
+        };
+        let guest = if spec.boot.kernel.as_os_str().is_empty() {
+            images.guest()?
+        } else {
+            GuestKernel { kernel: spec.boot.kernel.clone(), initrd: spec.boot.initrd.clone().unwrap_or_default() }
+        };
+        let prepared = images.prepare(caller, image).instrument(info_span!("image.prepare", vm_id = %id)).await?;
+        let spec = spec.with_image(&prepared, &guest, &self.vm_dir(id).join(WRITABLE_DISK));
+        self.inner.backend.check(&spec)?;
+        let init = InitConfig::new(image, &prepared, name.as_str(), images.grace_seconds());
+        Ok((spec, Some(init)))
     }
 
     /// Refuses managed NICs when networking is off or unavailable, and
@@ -123,6 +166,7 @@ impl Manager {
         name: &VmId,
         spec: ValidSpec,
         lease: Option<NetLease>,
+        init: Option<InitConfig>,
     ) -> Result<Arc<Slot>, Error> {
         let (caller, id) = (caller.clone(), id.clone());
         let net = self.inner.cfg.net.0.clone();
@@ -138,7 +182,7 @@ impl Manager {
             }
             _ => (spec, None),
         };
-        let created = self.create_vm(&caller, &id, name, Arc::new(spec), lease.clone()).await;
+        let created = self.create_vm(&caller, &id, name, Arc::new(spec), lease.clone(), init).await;
         if created.is_err()
             && let (Some(net), Some(lease)) = (&net, &lease)
             && let Err(e) = net.remove(&id, lease).await
@@ -155,6 +199,7 @@ impl Manager {
         name: &VmId,
         spec: Arc<ValidSpec>,
         lease: Option<Arc<NetLease>>,
+        init: Option<InitConfig>,
     ) -> Result<Arc<Slot>, Error> {
         let (caller, id) = (caller.clone(), id.clone());
         let dir = self.vm_dir(&id);
@@ -164,6 +209,13 @@ impl Manager {
             let _ = std::fs::remove_dir_all(&dir);
         }
         std::fs::create_dir_all(&dir).map_err(|e| Error::Internal(format!("creating {}: {e}", dir.display())))?;
+        if let (Some(init), Some(images)) = (&init, &self.inner.cfg.images.0) {
+            let disk = dir.join(WRITABLE_DISK);
+            if let Err(e) = images.writable_disk(&disk, init).instrument(info_span!("image.writable_disk")).await {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        }
         let ctx = VmContext { id: &id, spec: &spec, dir: dir.as_path().into() };
         let rt = match self.inner.backend.create(&ctx).instrument(info_span!("backend.create", vm_id = %id)).await {
             Ok(rt) => rt,

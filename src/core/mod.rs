@@ -22,10 +22,12 @@
 //! on the host has it, else the name with a random suffix.
 
 mod create;
+mod image;
 mod net;
 mod reads;
 mod reconcile;
 
+pub use image::{ImageHandle, ImageSource, StaticImages, WRITABLE_DISK, workload_exit};
 pub use net::{HostNet, NetHandle, RecordingNet, TapCounters, add_tap_counters, managed_taps};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -59,6 +61,8 @@ pub struct ManagerConfig {
     pub max_vms: usize,
     /// Host networking for metald-managed NICs (off when `None`).
     pub net: NetHandle,
+    /// Container images for image VMs (off when `None`).
+    pub images: ImageHandle,
 }
 
 /// What caused a [`VmEvent`].
@@ -154,6 +158,8 @@ pub struct VmDetails {
     pub view: VmView,
     pub metrics: Option<LiveMetrics>,
     pub backend_info: BTreeMap<String, String>,
+    /// How an image VM's workload ended, once the VM is shut down.
+    pub workload_exit: Option<crate::model::WorkloadExit>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -656,3 +662,6 @@ mod tests_reconcile;
 
 #[cfg(test)]
 mod tests_net;
+
+#[cfg(test)]
+mod tests_image;

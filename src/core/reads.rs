@@ -42,7 +42,11 @@ impl Manager {
         }
         // The id billing, metrics and logs know the VM by (see `core`).
         backend_info.insert("host_id".to_owned(), view.host_id.to_string());
-        Ok(VmDetails { view, metrics, backend_info })
+        let workload_exit = match (&slot.spec.image, view.state()) {
+            (Some(_), VmState::Shutdown) => super::image::workload_exit(&self.vm_dir(&slot.id)),
+            _ => None,
+        };
+        Ok(VmDetails { view, metrics, backend_info, workload_exit })
     }
 
     /// A VM's managed NICs' traffic, from their TAPs (the hypervisor does

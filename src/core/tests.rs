@@ -41,6 +41,7 @@ async fn env_with(max_vms: usize) -> Env {
             limits: Limits { max_vcpus: 8, max_memory_mb: 1024, asset_dirs: vec![assets] },
             max_vms,
             net: Default::default(),
+            images: Default::default(),
         },
         Arc::new(backend),
         store,

@@ -40,6 +40,7 @@ async fn open(dir: &Path, net: Option<Arc<RecordingNet>>) -> Env {
             limits: Limits { max_vcpus: 8, max_memory_mb: 1024, asset_dirs: vec![assets] },
             max_vms: 100,
             net: NetHandle(net.map(|n| n as Arc<dyn HostNet>)),
+            images: Default::default(),
         },
         Arc::new(backend),
         store.clone(),

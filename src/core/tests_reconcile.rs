@@ -35,6 +35,7 @@ async fn open(dir: &Path) -> Env {
             limits: Limits { max_vcpus: 8, max_memory_mb: 1024, asset_dirs: vec![assets] },
             max_vms: 100,
             net: Default::default(),
+            images: Default::default(),
         },
         Arc::new(backend),
         store,

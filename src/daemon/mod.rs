@@ -272,6 +272,7 @@ pub async fn start(cfg: Config) -> Result<Daemon, StartError> {
             limits: Limits { max_vcpus: cfg.max_vcpus, max_memory_mb: cfg.max_memory_mb, asset_dirs },
             max_vms: cfg.max_vms,
             net,
+            images: Default::default(),
         },
         backend,
         store,

@@ -14,4 +14,4 @@ pub mod tree;
 
 pub use error::ImageError;
 pub use layer::{Compression, LayerStats, Limits, Unpacker};
-pub use rootfs::{Mkfs, build_ext4};
+pub use rootfs::{Mkfs, build_ext4, build_writable};

@@ -90,6 +90,60 @@ pub fn build_ext4(mkfs: &Mkfs, dir: &Path, out: &Path) -> Result<u64, ImageError
     result
 }
 
+/// Builds a VM's writable disk at `out`: a sparse ext4 of `size` bytes
+/// (journaled: the guest writes to it) holding `metald/config.json` =
+/// `config` (readable by root only), where metald-init reads it. Lazy
+/// inode-table and journal initialisation keep the file sparse, so a new
+/// disk costs a few MiB of host disk whatever its size. Atomic like
+/// [`build_ext4`].
+pub fn build_writable(mkfs: &Mkfs, config: &[u8], size: u64, out: &Path) -> Result<(), ImageError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let io_err = |op, path: &Path| {
+        let path = path.display().to_string();
+        move |source| ImageError::Io { op, path, source }
+    };
+    let staging = tempfile::Builder::new()
+        .prefix(".writable-")
+        .tempdir_in(parent)
+        .map_err(io_err("create staging directory in", parent))?;
+    let meta = staging.path().join("metald");
+    fs::DirBuilder::new().mode(0o700).create(&meta).map_err(io_err("create", &meta))?;
+    let file = meta.join("config.json");
+    let mut f =
+        OpenOptions::new().write(true).create_new(true).mode(0o600).open(&file).map_err(io_err("create", &file))?;
+    std::io::Write::write_all(&mut f, config).map_err(io_err("write", &file))?;
+    drop(f);
+    let tmp = temp_name(out);
+    let result = (|| {
+        let _ = fs::remove_file(&tmp);
+        let disk = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io_err("create", &tmp))?;
+        disk.set_len(size).map_err(io_err("size", &tmp))?;
+        let output = Command::new(&mkfs.program)
+            .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0"])
+            .args(["-E", "root_owner=0:0,lazy_itable_init=1,lazy_journal_init=1,nodiscard"])
+            .arg("-d")
+            .arg(staging.path())
+            .arg(&tmp)
+            .env("LC_ALL", "C")
+            .output()
+            .map_err(|source| ImageError::ToolMissing { tool: mkfs.program.display().to_string(), source })?;
+        if !output.status.success() {
+            return Err(ImageError::ToolFailed {
+                tool: mkfs.program.display().to_string(),
+                status: output.status.to_string(),
+                stderr: String::from_utf8_lossy(&output.stderr).trim().chars().take(2000).collect(),
+            });
+        }
+        disk.sync_all().map_err(io_err("sync", &tmp))?;
+        fs::rename(&tmp, out).map_err(io_err("rename into place", out))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
 fn temp_name(out: &Path) -> PathBuf {
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     out.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
@@ -165,6 +219,22 @@ mod tests {
         assert!(stat.contains("Mode:  04755"), "{stat}");
         assert!(stat.contains("Links: 2"), "{stat}");
         assert!(debugfs(&out, "stat /bin").contains("Fast link dest: \"usr/bin\""));
+    }
+
+    #[test]
+    fn a_writable_disk_is_sparse_and_holds_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("writable.ext4");
+        build_writable(&Mkfs::default(), br#"{"version":1}"#, 1 << 30, &out).unwrap();
+        assert_eq!(debugfs(&out, "cat /metald/config.json"), r#"{"version":1}"#);
+        assert!(debugfs(&out, "stat /metald/config.json").contains("Mode:  0600"));
+        let md = fs::metadata(&out).unwrap();
+        assert_eq!(md.len(), 1 << 30);
+        assert!(md.blocks() * 512 < 64 << 20, "sparse: {} bytes allocated", md.blocks() * 512);
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["writable.ext4"], "no staging or temporary file left");
+        let fsck = Command::new("e2fsck").args(["-fn"]).arg(&out).output().unwrap();
+        assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 mod code;
 mod id;
+pub mod image;
 mod invalid;
 pub mod net;
 mod operation;
@@ -17,6 +18,7 @@ mod validate;
 
 pub use code::Code;
 pub use id::{CustomerId, VmId};
+pub use image::{GuestKernel, ImageSpec, InitConfig, PreparedImage, RegistryAuth, WorkloadExit};
 pub use invalid::Invalid;
 pub use operation::Operation;
 pub use runtime::{BackendKind, Runtime, StopMode, Usage};

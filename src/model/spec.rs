@@ -17,6 +17,9 @@ pub struct VmSpec {
     pub network: Vec<NicSpec>,
     pub console: Option<ConsoleSpec>,
     pub metadata: BTreeMap<String, String>,
+    /// A container image to run (metald supplies kernel and disks).
+    #[serde(default)]
+    pub image: Option<super::image::ImageSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]

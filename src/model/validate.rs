@@ -103,11 +103,38 @@ pub fn validate(mut spec: VmSpec, limits: &Limits) -> Result<ValidSpec, Invalid>
     }
     check_map("config.memory.backing", &spec.memory.backing, MAX_OPTION_ENTRIES)?;
 
-    // Boot
-    if spec.boot.kernel.as_os_str().is_empty() {
-        return Err(Invalid::new("config.boot.kernel_path", "is required"));
+    // Image: the host supplies the kernel (when the request names none)
+    // and both disks (docs/IMAGES.md); a local source is a host path.
+    if let Some(image) = &mut spec.image {
+        image.check()?;
+        image.digest.clear();
+        if !spec.storage.is_empty() {
+            return Err(Invalid::new(
+                "config.storage",
+                "must be empty with an image: the image's base and the VM's writable disk are its disks",
+            ));
+        }
+        if let Some((scheme, path)) = image.local_path() {
+            let real = confine_source("config.image.reference", Path::new(path), limits)?;
+            image.reference = match image.reference[scheme.len() + path.len()..].to_string() {
+                tag if tag.is_empty() => format!("{scheme}{}", real.display()),
+                tag => format!("{scheme}{}{tag}", real.display()),
+            };
+        }
     }
-    spec.boot.kernel = confine("config.boot.kernel_path", &spec.boot.kernel, limits, false)?;
+
+    // Boot
+    if spec.boot.kernel.as_os_str().is_empty() && spec.image.is_none() {
+        return Err(Invalid::new("config.boot.kernel_path", "is required (or give an image: config.image)"));
+    }
+    if !spec.boot.kernel.as_os_str().is_empty() {
+        spec.boot.kernel = confine("config.boot.kernel_path", &spec.boot.kernel, limits, false)?;
+    } else if spec.boot.initrd.is_some() {
+        return Err(Invalid::new(
+            "config.boot.initrd_path",
+            "needs kernel_path (an image VM's default kernel comes with its initramfs)",
+        ));
+    }
     if let Some(initrd) = spec.boot.initrd.take() {
         spec.boot.initrd = Some(confine("config.boot.initrd_path", &initrd, limits, false)?);
     }
@@ -302,6 +329,28 @@ pub fn confine(field: &str, path: &Path, limits: &Limits, allow_block: bool) -> 
         return Err(Invalid::new(
             field,
             format!("{} is not a regular file{}", real.display(), if allow_block { " or block device" } else { "" }),
+        ));
+    }
+    Ok(real)
+}
+
+/// [`confine`] for a local image source: a regular file (`docker save`
+/// archive) or a directory (OCI layout) inside an asset directory.
+fn confine_source(field: &str, path: &Path, limits: &Limits) -> Result<PathBuf, Invalid> {
+    if !path.is_absolute() {
+        return Err(Invalid::new(field, format!("{} is not an absolute path", path.display())));
+    }
+    let real = std::fs::canonicalize(path)
+        .map_err(|e| Invalid::new(field, format!("{} cannot be resolved: {e}", path.display())))?;
+    if !limits.asset_dirs.iter().any(|dir| real.starts_with(dir)) {
+        return Err(Invalid::new(
+            field,
+            format!(
+                "{} resolves to {}, which is outside the asset directories; place the image there or add its \
+                 directory to UNKEY_METALD_ASSET_DIRS",
+                path.display(),
+                real.display()
+            ),
         ));
     }
     Ok(real)
