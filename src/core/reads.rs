@@ -118,6 +118,16 @@ impl Manager {
         self.index().by_id.values().map(|s| s.view()).filter(|v| v.status.runtime().is_some()).collect()
     }
 
+    /// The image digests the VMs on this host run (their bases must stay).
+    pub fn image_digests(&self) -> std::collections::HashSet<String> {
+        self.index()
+            .by_id
+            .values()
+            .filter_map(|s| s.spec.image.as_ref().map(|i| i.digest.clone()))
+            .filter(|d| !d.is_empty())
+            .collect()
+    }
+
     /// Host networking: `None` when off, else why it is unavailable
     /// (`Some(None)`: it works).
     pub fn network_status(&self) -> Option<Option<String>> {
