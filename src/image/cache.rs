@@ -130,7 +130,8 @@ impl Inner {
 
 /// Writes `bytes` to `path` atomically (temporary file, sync, rename).
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
-    let tmp = path.with_extension("tmp");
+    // Unique: the same record may be written by concurrent calls.
+    let tmp = path.with_extension(format!("{:016x}.tmp", rand::random::<u64>()));
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).map_err(ImageError::io("create", parent))?;
     }

@@ -70,6 +70,13 @@ impl Source {
         let parsed: Reference = reference.parse().map_err(|e| {
             ImageError::BadReference(format!("expected [registry/]repository[:tag][@sha256:digest] ({e})"))
         })?;
+        if !parsed
+            .repository()
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-' | b'/'))
+        {
+            return Err(ImageError::BadReference("a repository name is lower case letters, digits and . _ - /".into()));
+        }
         if let Some(d) = parsed.digest() {
             hex_of(d).map_err(|e| ImageError::BadReference(e.to_string()))?;
         }

@@ -42,7 +42,7 @@ pub fn map_error(e: OciDistributionError) -> ImageError {
     use OciDistributionError as E;
     match e {
         E::UnauthorizedError { .. } => {
-            ImageError::Denied("the registry answered 401 (credentials missing or wrong)".into())
+            ImageError::Denied("the registry answered 401 (credentials missing or refused)".into())
         }
         E::AuthenticationFailure(_) => ImageError::Denied("the registry refused the token request".into()),
         E::RegistryError { envelope, .. } => {
