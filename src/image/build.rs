@@ -10,7 +10,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::cache::{Entry, Inner};
 use super::digest::hex_of;
 use super::error::ImageError;
 use super::layer::Unpacker;
@@ -18,6 +17,7 @@ use super::local;
 use super::manifest::{Blob, Document, contents, image_config, parse, pick_platform};
 use super::registry::Remote;
 use super::rootfs::build_ext4;
+use super::store::{Entry, Store};
 
 /// Where a pull's documents and blobs come from.
 #[derive(Debug)]
@@ -84,7 +84,7 @@ impl Fetch {
 }
 
 /// Runs one pull in a fresh work directory and removes it afterwards.
-pub(crate) async fn build(inner: &Arc<Inner>, fetch: Fetch) -> Result<Entry, ImageError> {
+pub(crate) async fn build(inner: &Arc<Store>, fetch: Fetch) -> Result<Entry, ImageError> {
     let work = inner.root().join("work").join(format!("pull-{:016x}", rand::random::<u64>()));
     let w = work.clone();
     blocking(move || fs::create_dir_all(w.join("blobs")).map_err(ImageError::io("create", &w))).await?;
@@ -100,7 +100,7 @@ pub(crate) async fn build(inner: &Arc<Inner>, fetch: Fetch) -> Result<Entry, Ima
     result
 }
 
-async fn build_in(inner: &Arc<Inner>, fetch: Fetch, work: &Path) -> Result<Entry, ImageError> {
+async fn build_in(inner: &Arc<Store>, fetch: Fetch, work: &Path) -> Result<Entry, ImageError> {
     let fetch = match fetch {
         Fetch::Archive { path } => {
             let out = work.join("archive");

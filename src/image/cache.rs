@@ -26,16 +26,15 @@ use std::time::SystemTime;
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
-use serde::{Deserialize, Serialize};
 
 use super::auth::{Credentials, CredentialsFile};
 use super::build::{Fetch, build};
-use super::digest::{hex_of, name_for};
 use super::error::ImageError;
 use super::manifest::ImageConfig;
 use super::reference::Source;
 use super::registry::Remote;
 use super::settings::ImageSettings;
+use super::store::{Entry, Store, write_atomic};
 
 /// A prepared image: its base and how to run it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,13 +63,6 @@ pub struct GcReport {
     pub errors: Vec<String>,
 }
 
-/// A published base, as stored in `image.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct Entry {
-    pub digest: String,
-    pub config: ImageConfig,
-}
-
 type Flight = Shared<BoxFuture<'static, Result<Entry, Arc<ImageError>>>>;
 
 /// The image cache service. Cheap to share (`Arc` inside).
@@ -81,7 +73,7 @@ pub struct Images {
 
 #[derive(Debug)]
 pub(crate) struct Inner {
-    pub settings: ImageSettings,
+    store: Arc<Store>,
     creds: CredentialsFile,
     state: Mutex<State>,
 }
@@ -100,51 +92,6 @@ impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
-
-    pub fn root(&self) -> &Path {
-        &self.settings.cache_dir
-    }
-
-    pub fn base_dir(&self, digest: &str) -> Result<PathBuf, ImageError> {
-        Ok(self.root().join("bases").join(hex_of(digest)?))
-    }
-
-    fn top_file(&self, top: &str) -> Result<PathBuf, ImageError> {
-        Ok(self.root().join("tops").join(hex_of(top)?))
-    }
-
-    fn record_file(&self, customer: &str, reference: &str) -> PathBuf {
-        self.root().join("refs").join(name_for(customer)).join(name_for(reference))
-    }
-
-    /// The published entry `top` leads to, from disk.
-    pub fn lookup(&self, top: &str) -> Option<Entry> {
-        let digest = match fs::read_to_string(self.top_file(top).ok()?) {
-            Ok(d) => d.trim().to_owned(),
-            Err(_) => top.to_owned(),
-        };
-        let text = fs::read(self.base_dir(&digest).ok()?.join("image.json")).ok()?;
-        serde_json::from_slice(&text).ok()
-    }
-}
-
-/// Writes `bytes` to `path` atomically (temporary file, sync, rename).
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
-    // Unique: the same record may be written by concurrent calls.
-    let tmp = path.with_extension(format!("{:016x}.tmp", rand::random::<u64>()));
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(ImageError::io("create", parent))?;
-    }
-    let write = || -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        std::io::Write::write_all(&mut f, bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        ImageError::io("write", path)(e)
-    })
 }
 
 async fn blocking<T: Send + 'static>(
@@ -197,12 +144,12 @@ impl Images {
                 let _ = fs::remove_dir_all(e.path());
             }
         }
-        Ok(Images { inner: Arc::new(Inner { settings, creds, state: Mutex::default() }) })
+        Ok(Images { inner: Arc::new(Inner { store: Arc::new(Store { settings }), creds, state: Mutex::default() }) })
     }
 
     /// The settings the cache was opened with.
     pub fn settings(&self) -> &ImageSettings {
-        &self.inner.settings
+        &self.inner.store.settings
     }
 
     /// How many pulls (image builds) this process started: one per image
@@ -227,13 +174,17 @@ impl Images {
     ) -> Result<Prepared, ImageError> {
         let source = Source::parse(reference)?;
         let normalized = source.normalized();
-        let record = self.inner.record_file(customer, &normalized);
+        let record = self.inner.store.record_file(customer, &normalized);
         let entry = match source {
             Source::Registry(r) => {
                 let digest_ref = r.digest().is_some();
                 let creds = creds.or_else(|| self.inner.creds.get(r.registry()).cloned());
-                let remote =
-                    Remote::new(r, creds, &self.inner.settings.insecure_registries, self.inner.settings.retries);
+                let remote = Remote::new(
+                    r,
+                    creds,
+                    &self.inner.store.settings.insecure_registries,
+                    self.inner.store.settings.retries,
+                );
                 if digest_ref && let Some(entry) = self.recorded(&record).await {
                     entry
                 } else {
@@ -261,7 +212,7 @@ impl Images {
             }
             Source::DockerArchive(path) => self.get(normalized.clone(), Fetch::Archive { path }).await?,
         };
-        let base = self.inner.base_dir(&entry.digest)?.join("base.ext4");
+        let base = self.inner.store.base_dir(&entry.digest)?.join("base.ext4");
         let digest = entry.digest.clone();
         blocking(move || write_atomic(&record, format!("{digest}\n").as_bytes())).await?;
         Ok(Prepared { digest: entry.digest, base, config: entry.config, reference: normalized })
@@ -274,7 +225,7 @@ impl Images {
         let inner = Arc::clone(&self.inner);
         let entry = blocking(move || {
             let digest = fs::read_to_string(&record).map_err(ImageError::io("read", &record))?;
-            inner.lookup(digest.trim()).ok_or_else(|| ImageError::NotFound(String::new()))
+            inner.store.lookup(digest.trim()).ok_or_else(|| ImageError::NotFound(String::new()))
         })
         .await
         .ok()?;
@@ -286,7 +237,7 @@ impl Images {
     /// the same moment. False when the base is gone.
     fn claim(&self, entry: &Entry) -> bool {
         let _state = self.inner.lock();
-        let Ok(dir) = self.inner.base_dir(&entry.digest) else { return false };
+        let Ok(dir) = self.inner.store.base_dir(&entry.digest) else { return false };
         fs::File::options()
             .write(true)
             .open(dir.join("image.json"))
@@ -302,7 +253,7 @@ impl Images {
         if !matches!(fetch, Fetch::Archive { .. }) {
             let inner = Arc::clone(&self.inner);
             let k = key.clone();
-            if let Some(entry) = blocking(move || Ok(inner.lookup(&k))).await?
+            if let Some(entry) = blocking(move || Ok(inner.store.lookup(&k))).await?
                 && self.claim(&entry)
             {
                 return Ok(entry);
@@ -327,7 +278,7 @@ impl Images {
                     // Spawned while the lock is held: its removal from
                     // `flights` comes after this insertion.
                     let task = tokio::spawn(async move {
-                        let result = build(&inner, fetch).await;
+                        let result = build(&inner.store, fetch).await;
                         let mut state = inner.lock();
                         state.flights.remove(&k);
                         // Archives are read again each time (their file may change).
@@ -359,7 +310,7 @@ impl Images {
     /// usual resolution). Blocking: run it on `spawn_blocking`.
     pub fn gc(&self, in_use: &HashSet<String>, now: SystemTime) -> GcReport {
         let mut report = GcReport::default();
-        let root = self.inner.root().to_owned();
+        let root = self.inner.store.root().to_owned();
         let bases = root.join("bases");
         let mut removed_hex = HashSet::new();
         for e in fs::read_dir(&bases).into_iter().flatten().flatten() {
@@ -367,7 +318,8 @@ impl Images {
             let digest = format!("sha256:{hex}");
             let mut state = self.inner.lock();
             let last_use = fs::metadata(e.path().join("image.json")).and_then(|m| m.modified()).ok();
-            let old = last_use.is_none_or(|t| now.duration_since(t).unwrap_or_default() > self.inner.settings.gc_age);
+            let old =
+                last_use.is_none_or(|t| now.duration_since(t).unwrap_or_default() > self.inner.store.settings.gc_age);
             if in_use.contains(&digest) || !old {
                 report.kept += 1;
                 continue;
@@ -399,29 +351,5 @@ impl Images {
             }
         }
         report
-    }
-}
-
-impl Inner {
-    /// Publishes a built base directory (`out`, complete with `image.json`)
-    /// under its digest, and `top` → digest when they differ.
-    /// With `out` = `None` only the `tops/` entry is written.
-    pub fn publish(&self, out: Option<&Path>, top: Option<&str>, entry: &Entry) -> Result<(), ImageError> {
-        let dest = self.base_dir(&entry.digest)?;
-        if let Some(out) = out {
-            match fs::rename(out, &dest) {
-                Ok(()) => {}
-                // Published meanwhile (another source of the same digest).
-                Err(_) if dest.join("image.json").exists() => {}
-                Err(e) => return Err(ImageError::io("publish", &dest)(e)),
-            }
-            fs::File::open(dest.parent().unwrap_or(&dest))
-                .and_then(|d| d.sync_all())
-                .map_err(ImageError::io("sync", &dest))?;
-        }
-        if let Some(top) = top.filter(|t| *t != entry.digest) {
-            write_atomic(&self.top_file(top)?, format!("{}\n", entry.digest).as_bytes())?;
-        }
-        Ok(())
     }
 }

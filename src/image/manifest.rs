@@ -45,9 +45,9 @@ pub struct ImageConfig {
 #[derive(Debug)]
 pub enum Document {
     /// A multi-platform index (or Docker manifest list).
-    Index(ImageIndex),
+    Index(Box<ImageIndex>),
     /// One platform's image manifest.
-    Manifest(ImageManifest),
+    Manifest(Box<ImageManifest>),
 }
 
 /// A blob to fetch: digest, size, and for layers the compression.
@@ -114,7 +114,7 @@ pub fn contents(m: &ImageManifest, max_bytes: u64) -> Result<(Blob, Vec<Blob>), 
     let mut layers = Vec::with_capacity(m.layers().len());
     let mut total = m.config().size();
     for d in m.layers() {
-        let compression = Compression::from_media_type(&d.media_type().to_string())?;
+        let compression = Compression::from_media_type(d.media_type().as_ref())?;
         total = total.saturating_add(d.size());
         layers.push(blob(d, compression));
     }

@@ -10,6 +10,7 @@
 //! | file | owns |
 //! |---|---|
 //! | `cache.rs` | [`Images`]: prepare (dedup, tenancy records), GC, crash clean-up |
+//! | `store.rs` | the cache directory's layout, publishing by rename, atomic files |
 //! | `build.rs` | one pull in its work directory: fetch, verify, unpack, build, publish |
 //! | `registry.rs` | `oci-client` calls: resolve, manifests, resumable blob downloads; error mapping |
 //! | `local.rs` | `oci-layout:` and `docker-archive:` sources |
@@ -36,6 +37,7 @@ pub mod reference;
 pub mod registry;
 pub mod rootfs;
 pub mod settings;
+mod store;
 pub mod tree;
 
 pub use auth::{Credentials, CredentialsFile};
