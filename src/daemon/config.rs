@@ -68,6 +68,9 @@ pub struct Config {
     pub billing: BillingConfig,
     /// Host networking of managed NICs (`UNKEY_METALD_NETWORK_*`).
     pub network: crate::network::NetSettings,
+    /// Image pull and cache (`UNKEY_METALD_IMAGE_*`; the cache defaults to
+    /// `<data_dir>/images`).
+    pub images: crate::image::ImageSettings,
 }
 
 impl Config {
@@ -131,6 +134,7 @@ impl Config {
         let billing = BillingConfig::read(&mut r);
         let telemetry = TelemetryConfig::read(&mut r);
         let network = crate::network::NetSettings::read(&mut r);
+        let images = crate::image::ImageSettings::read(&mut r, &data_dir);
         if auth_tokens_file.is_none() && !auth_dev_tokens {
             r.problem(format!(
                 "no authentication configured: set {PREFIX}AUTH_TOKENS_FILE to a file of '<token> <customer_id>' lines, \
@@ -158,6 +162,7 @@ impl Config {
             telemetry,
             billing,
             network,
+            images,
         })
     }
 }

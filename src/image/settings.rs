@@ -57,7 +57,8 @@ impl ImageSettings {
     pub fn read(r: &mut Reader<'_>, data_dir: &Path) -> ImageSettings {
         let d = ImageSettings::new(data_dir.join("images"));
         let cache_dir = r.raw("IMAGE_CACHE_DIR").map_or(d.cache_dir.clone(), PathBuf::from);
-        if !cache_dir.is_absolute() {
+        // (A relative default is the data directory's problem, reported for it.)
+        if r.raw("IMAGE_CACHE_DIR").is_some() && !cache_dir.is_absolute() {
             r.error("IMAGE_CACHE_DIR", format!("{} is not an absolute path", cache_dir.display()));
         }
         let mut insecure_registries = Vec::new();
