@@ -68,6 +68,11 @@ pub struct Config {
     pub billing: BillingConfig,
     /// Host networking of managed NICs (`UNKEY_METALD_NETWORK_*`).
     pub network: crate::network::NetSettings,
+    /// Image pull and cache (`UNKEY_METALD_IMAGE_*`; the cache defaults to
+    /// `<data_dir>/images`).
+    pub images: crate::image::ImageSettings,
+    /// How image VMs run (`UNKEY_METALD_GUEST_*`, `IMAGES_ENABLED`, ...).
+    pub guest: super::images::GuestSettings,
 }
 
 impl Config {
@@ -131,6 +136,8 @@ impl Config {
         let billing = BillingConfig::read(&mut r);
         let telemetry = TelemetryConfig::read(&mut r);
         let network = crate::network::NetSettings::read(&mut r);
+        let images = crate::image::ImageSettings::read(&mut r, &data_dir);
+        let guest = super::images::GuestSettings::read(&mut r);
         if auth_tokens_file.is_none() && !auth_dev_tokens {
             r.problem(format!(
                 "no authentication configured: set {PREFIX}AUTH_TOKENS_FILE to a file of '<token> <customer_id>' lines, \
@@ -158,6 +165,8 @@ impl Config {
             telemetry,
             billing,
             network,
+            images,
+            guest,
         })
     }
 }

@@ -108,7 +108,7 @@ impl ImageSource for HostImages {
 
     async fn prepare(&self, customer: &CustomerId, spec: &ImageSpec) -> Result<PreparedImage, Error> {
         let creds = spec.credentials.as_ref().map(|c| Credentials::new(c.username.clone(), c.password.clone()));
-        let p = self.images.prepare(customer.as_str(), &spec.reference, creds).await.map_err(to_core)?;
+        let p = self.images.prepare(&customer.0, &spec.reference, creds).await.map_err(to_core)?;
         Ok(PreparedImage {
             digest: p.digest,
             base: p.base,
@@ -143,7 +143,12 @@ pub async fn gc_task(images: Arc<Images>, manager: Manager, every: Duration, sto
         match tokio::task::spawn_blocking(move || images.gc(&in_use, SystemTime::now())).await {
             Ok(r) => {
                 if !r.removed.is_empty() || !r.errors.is_empty() {
-                    info!(removed = r.removed.len(), kept = r.kept, freed_bytes = r.freed_bytes, "image cache collected");
+                    info!(
+                        removed = r.removed.len(),
+                        kept = r.kept,
+                        freed_bytes = r.freed_bytes,
+                        "image cache collected"
+                    );
                 }
                 for e in r.errors {
                     warn!(error = %e, "image cache collection");

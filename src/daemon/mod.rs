@@ -2,6 +2,7 @@
 //! daemon. `main` and the API tests both start metald through [`start`].
 
 pub mod config;
+pub mod images;
 mod net;
 
 use std::net::SocketAddr;
@@ -53,6 +54,8 @@ pub enum StartError {
     Telemetry(#[from] crate::telemetry::TelemetryError),
     #[error("starting billing")]
     Billing(#[from] crate::billing::BillingError),
+    #[error("opening the image cache (UNKEY_METALD_IMAGE_CACHE_DIR; or UNKEY_METALD_IMAGES_ENABLED=false): {0}")]
+    Images(String),
 }
 
 /// Longest wait for the last telemetry export on shutdown.
@@ -64,6 +67,8 @@ pub struct Daemon {
     pub manager: Manager,
     /// Set when running the fake backend (tests steer it through this).
     pub fake: Option<FakeControl>,
+    /// The image cache; `None` when image VMs are off.
+    pub images: Option<Arc<crate::image::Images>>,
     /// Where Prometheus scrapes `/metrics`; `None` when telemetry is off.
     pub metrics_addr: Option<SocketAddr>,
     telemetry: Telemetry,
@@ -240,6 +245,24 @@ fn refuse_orphaned_vm_dirs(db: &std::path::Path, vms: &std::path::Path) -> Resul
     Err(StartError::StoreLost { db: db.display().to_string(), vms: vms.display().to_string(), names })
 }
 
+/// Opens the image cache (removing a crash's leftovers) when image VMs are
+/// on.
+async fn open_images(
+    cfg: &Config,
+) -> Result<(crate::core::ImageHandle, Option<Arc<crate::image::Images>>), StartError> {
+    if !cfg.guest.enabled {
+        return Ok((crate::core::ImageHandle::default(), None));
+    }
+    let settings = cfg.images.clone();
+    let images = tokio::task::spawn_blocking(move || crate::image::Images::open(settings))
+        .await
+        .map_err(|e| StartError::Images(e.to_string()))?
+        .map_err(|e| StartError::Images(crate::util::chain(&e)))?;
+    let images = Arc::new(images);
+    let source = images::HostImages::new(images.clone(), cfg.guest.clone(), cfg.images.mkfs.clone());
+    Ok((crate::core::ImageHandle(Some(Arc::new(source))), Some(images)))
+}
+
 /// Starts metald: opens the store, recovers VMs, binds and serves.
 pub async fn start(cfg: Config) -> Result<Daemon, StartError> {
     std::fs::create_dir_all(&cfg.data_dir)
@@ -266,13 +289,14 @@ pub async fn start(cfg: Config) -> Result<Daemon, StartError> {
     let taps = net::TapPolicy::for_backend(backend.kind(), &cfg.firecracker);
     let (net, _kernel_net) = net::KernelNet::start(&cfg.network, backend.kind(), taps).await;
     info!(backend = backend.kind().as_str(), "backend selected");
+    let (host_images, images) = open_images(&cfg).await?;
     let manager = Manager::open(
         ManagerConfig {
             data_dir: cfg.data_dir.clone(),
             limits: Limits { max_vcpus: cfg.max_vcpus, max_memory_mb: cfg.max_memory_mb, asset_dirs },
             max_vms: cfg.max_vms,
             net,
-            images: Default::default(),
+            images: host_images.clone(),
         },
         backend,
         store,
@@ -295,6 +319,9 @@ pub async fn start(cfg: Config) -> Result<Daemon, StartError> {
         false => None,
     };
     let billing = billing_tasks.as_ref().map(|b| b.status());
+    if let Some(images) = &images {
+        tokio::spawn(images::gc_task(images.clone(), manager.clone(), cfg.guest.gc_interval, shutdown.child_token()));
+    }
     let addr = SocketAddr::new(cfg.address, cfg.port);
     let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
@@ -316,6 +343,7 @@ pub async fn start(cfg: Config) -> Result<Daemon, StartError> {
         addr,
         manager,
         fake,
+        images,
         metrics_addr: telemetry.metrics_addr(),
         telemetry,
         billing,

@@ -1,9 +1,18 @@
-//! [`ImageError`]: everything that can go wrong turning image layers into a
-//! root filesystem.
+//! [`ImageError`]: everything that can go wrong pulling an image and turning
+//! its layers into a root filesystem, and [`ImageError::code`], the status
+//! code each answers with (the table in `docs/IMAGES.md`, "Errors").
+//!
+//! Messages never contain credentials, and the variants a shared (deduplicated)
+//! pull can return never contain a reference: only digests and reasons, so a
+//! waiter never sees another customer's reference.
 
 use std::io;
+use std::sync::Arc;
 
-/// Everything that can go wrong turning image layers into a root filesystem.
+use crate::model::Code;
+
+/// Everything that can go wrong pulling an image and turning its layers into
+/// a root filesystem.
 /// Every variant about a layer entry names the entry (as written in the
 /// archive) and the layer's index (0 = the lowest layer).
 #[derive(Debug, thiserror::Error)]
@@ -84,4 +93,91 @@ pub enum ImageError {
         /// The end of its standard error.
         stderr: String,
     },
+    /// The reference is not a valid image reference (or local source).
+    #[error("invalid image reference: {0}")]
+    BadReference(String),
+    /// The registry (or local source) has no such repository, tag or digest.
+    #[error("image not found: {0}")]
+    NotFound(String),
+    /// The registry refused the credentials (or their absence): 401/403.
+    #[error("access to the image denied by the registry: {0}")]
+    Denied(String),
+    /// The registry cannot be reached, failed (5xx) or the transfer broke
+    /// off after the retries.
+    #[error("registry unavailable: {0}")]
+    Unavailable(String),
+    /// A blob's (or manifest's) bytes do not hash to its descriptor's digest,
+    /// or have another size.
+    #[error("digest mismatch for {digest}: {reason}")]
+    DigestMismatch {
+        /// The expected digest.
+        digest: String,
+        /// What was found.
+        reason: String,
+    },
+    /// A manifest, index or config is malformed or of an unsupported kind.
+    #[error("unsupported image: {0}")]
+    Unsupported(String),
+    /// No image of the host's platform (linux/amd64).
+    #[error("no linux/amd64 image: {0}")]
+    UnsupportedPlatform(String),
+    /// The image's layers (compressed, from the manifest or while
+    /// downloading) are larger than the configured limit.
+    #[error("image too large: {size} bytes of layers, the limit is {limit}")]
+    TooBig {
+        /// Bytes found (at least).
+        size: u64,
+        /// The configured limit.
+        limit: u64,
+    },
+    /// The host credentials file cannot be read or parsed.
+    #[error("credentials file {path}: {reason}")]
+    CredentialsFile {
+        /// The file.
+        path: String,
+        /// What is wrong (never a secret).
+        reason: String,
+    },
+    /// A blocking task of the cache panicked or was cancelled.
+    #[error("image task failed: {0}")]
+    Task(String),
+    /// The error of a deduplicated pull, shared by every caller that waited
+    /// for it.
+    #[error(transparent)]
+    Shared(Arc<ImageError>),
+}
+
+impl ImageError {
+    /// The status code this error answers with (`docs/IMAGES.md`, "Errors").
+    /// Size limits are `ResourceExhausted` (the request is well-formed; the
+    /// host's limit refuses it), bad images `InvalidArgument`, broken
+    /// downloads `Unavailable` (retrying may help).
+    pub fn code(&self) -> Code {
+        match self {
+            ImageError::BadReference(_)
+            | ImageError::DigestMismatch { .. }
+            | ImageError::Unsupported(_)
+            | ImageError::UnsupportedMediaType(_)
+            | ImageError::UnsupportedPlatform(_)
+            | ImageError::Unsafe { .. }
+            | ImageError::Malformed { .. } => Code::InvalidArgument,
+            ImageError::NotFound(_) => Code::NotFound,
+            ImageError::Denied(_) => Code::PermissionDenied,
+            ImageError::Unavailable(_) => Code::Unavailable,
+            ImageError::TooLarge { .. } | ImageError::TooBig { .. } => Code::ResourceExhausted,
+            ImageError::CredentialsFile { .. } => Code::FailedPrecondition,
+            ImageError::Apply { .. }
+            | ImageError::Io { .. }
+            | ImageError::ToolMissing { .. }
+            | ImageError::ToolFailed { .. }
+            | ImageError::Task(_) => Code::Internal,
+            ImageError::Shared(e) => e.code(),
+        }
+    }
+
+    /// An I/O error on `path` during `op`.
+    pub(crate) fn io(op: &'static str, path: &std::path::Path) -> impl FnOnce(io::Error) -> ImageError + use<> {
+        let path = path.display().to_string();
+        move |source| ImageError::Io { op, path, source }
+    }
 }

@@ -13,6 +13,8 @@
 //! | `process.rs` | `/proc`: live or unreaped pids, a test's processes, CPU, RSS, fds |
 //! | `wait.rs`    | bounded polling (`wait_until`, `wait_for`, `eventually`)          |
 //! | `net.rs`     | a free port, a bare HTTP GET, a raw Connect JSON call             |
+//! | `registry.rs` | a real `docker-registry` (optionally htpasswd), images built with |
+//! |              | `umoci` and pushed with `skopeo`, ext4 contents via `debugfs`     |
 //! | `repo.rs`    | paths in the checkout: its root, the npm peers in `tests/js`      |
 //! | `fuzz.rs`    | the CreateVm decoding + validation fuzz target (also cargo-fuzz's) |
 //! | `bench.rs`   | bench hosts (VMs seeded into the store), `METALD_BENCH_*`, stats  |
@@ -29,6 +31,7 @@ pub mod fuzz;
 pub mod guest;
 pub mod net;
 pub mod process;
+pub mod registry;
 pub mod repo;
 pub mod vmm;
 pub mod wait;
