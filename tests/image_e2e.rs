@@ -168,6 +168,8 @@ impl Drop for KillQemus {
 
 #[test]
 fn an_image_runs_as_the_vms_workload_serves_through_a_port_and_reports_its_exit() {
+    // Built (or checked) before the namespace: building may need the network.
+    guest_image();
     std::thread::spawn(|| {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET): run as root");
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
