@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::invalid::Invalid;
-use super::spec::{DiskSpec, ValidSpec, VmSpec};
 
 /// Longest image reference accepted (registry, repository, tag and digest).
 pub const MAX_REFERENCE_LEN: usize = 512;
@@ -164,42 +163,6 @@ pub const BASE_DISK_ID: &str = "image";
 /// Id of an image VM's second disk: its own writable layer.
 pub const WRITABLE_DISK_ID: &str = "writable";
 
-impl ValidSpec {
-    /// The spec an image VM runs with: the resolved digest recorded, the
-    /// host's guest kernel unless the request named one, metald-init as
-    /// the initramfs's init (`rdinit=`, first so the request's arguments
-    /// follow it), the base read-only as disk 1 and `writable` as disk 2
-    /// (the order metald-init expects: `/dev/vda`, `/dev/vdb`). The
-    /// request's registry credentials are dropped.
-    pub fn with_image(&self, image: &PreparedImage, guest: &GuestKernel, writable: &std::path::Path) -> ValidSpec {
-        let mut spec: VmSpec = (**self).clone();
-        if let Some(i) = &mut spec.image {
-            i.digest = image.digest.clone();
-            // Used for the pull; the VM's spec does not keep them.
-            i.credentials = None;
-        }
-        if spec.boot.kernel.as_os_str().is_empty() {
-            spec.boot.kernel = guest.kernel.clone();
-            spec.boot.initrd = Some(guest.initrd.clone());
-        }
-        spec.boot.kernel_args = match spec.boot.kernel_args.as_str() {
-            "" => "rdinit=/metald-init".into(),
-            args => format!("rdinit=/metald-init {args}"),
-        };
-        let disk = |id: &str, path: PathBuf, read_only| DiskSpec {
-            id: id.into(),
-            path,
-            read_only,
-            is_root: false,
-            interface: "virtio-blk".into(),
-            options: BTreeMap::new(),
-        };
-        spec.storage =
-            vec![disk(BASE_DISK_ID, image.base.clone(), true), disk(WRITABLE_DISK_ID, writable.to_path_buf(), false)];
-        ValidSpec::accepted(spec)
-    }
-}
-
 /// Schema version of [`InitConfig`] metald-init accepts.
 pub const INIT_CONFIG_VERSION: u32 = 1;
 
@@ -293,6 +256,7 @@ impl WorkloadExit {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{ValidSpec, VmSpec};
 
     fn image() -> PreparedImage {
         PreparedImage {

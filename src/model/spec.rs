@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::image::{BASE_DISK_ID, GuestKernel, PreparedImage, WRITABLE_DISK_ID};
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct VmSpec {
     pub cpu: CpuSpec,
@@ -176,5 +178,41 @@ impl Deref for ValidSpec {
     type Target = VmSpec;
     fn deref(&self) -> &VmSpec {
         &self.0
+    }
+}
+
+impl ValidSpec {
+    /// The spec an image VM runs with: the resolved digest recorded, the
+    /// host's guest kernel unless the request named one, metald-init as
+    /// the initramfs's init (`rdinit=`, first so the request's arguments
+    /// follow it), the base read-only as disk 1 and `writable` as disk 2
+    /// (the order metald-init expects: `/dev/vda`, `/dev/vdb`). The
+    /// request's registry credentials are dropped.
+    pub fn with_image(&self, image: &PreparedImage, guest: &GuestKernel, writable: &std::path::Path) -> ValidSpec {
+        let mut spec: VmSpec = (**self).clone();
+        if let Some(i) = &mut spec.image {
+            i.digest = image.digest.clone();
+            // Used for the pull; the VM's spec does not keep them.
+            i.credentials = None;
+        }
+        if spec.boot.kernel.as_os_str().is_empty() {
+            spec.boot.kernel = guest.kernel.clone();
+            spec.boot.initrd = Some(guest.initrd.clone());
+        }
+        spec.boot.kernel_args = match spec.boot.kernel_args.as_str() {
+            "" => "rdinit=/metald-init".into(),
+            args => format!("rdinit=/metald-init {args}"),
+        };
+        let disk = |id: &str, path: PathBuf, read_only| DiskSpec {
+            id: id.into(),
+            path,
+            read_only,
+            is_root: false,
+            interface: "virtio-blk".into(),
+            options: BTreeMap::new(),
+        };
+        spec.storage =
+            vec![disk(BASE_DISK_ID, image.base.clone(), true), disk(WRITABLE_DISK_ID, writable.to_path_buf(), false)];
+        ValidSpec::accepted(spec)
     }
 }
