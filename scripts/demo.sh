@@ -13,6 +13,8 @@ DEMO=$ROOT/.demo
 GUEST=$ROOT/build/guest
 PORT=${METALD_DEMO_PORT:-8080}
 BILLING_PORT=${METALD_DEMO_BILLING_PORT:-8081}
+REGISTRY_PORT=${METALD_DEMO_REGISTRY_PORT:-8082}
+REGISTRY=127.0.0.1:$REGISTRY_PORT
 ENDPOINT=http://127.0.0.1:$PORT
 TOKEN=demo-token-0123456789
 export METALD_ENDPOINT=$ENDPOINT METALD_TOKEN=$TOKEN
@@ -34,6 +36,10 @@ stop() {
     fi
   else
     echo "metald (demo) is not running"
+  fi
+  if [ -f "$DEMO/registry.pid" ] && kill -0 "$(cat "$DEMO/registry.pid")" 2>/dev/null; then
+    kill "$(cat "$DEMO/registry.pid")" && echo "demo registry stopped"
+    rm -f "$DEMO/registry.pid"
   fi
   if [ -f "$DEMO/billing.pid" ] && kill -0 "$(cat "$DEMO/billing.pid")" 2>/dev/null; then
     sleep 1
@@ -58,6 +64,23 @@ setsid "$ROOT/build/metaldctl" billing-server --listen "127.0.0.1:$BILLING_PORT"
   >"$DEMO/billing.log" 2>&1 < /dev/null &
 echo $! > "$DEMO/billing.pid"
 
+echo "==> starting a local OCI registry on $REGISTRY (Debian's docker-registry) with a demo image"
+cat > "$DEMO/registry.yml" <<YML
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: $DEMO/registry
+http:
+  addr: $REGISTRY
+YML
+setsid docker-registry serve "$DEMO/registry.yml" >"$DEMO/registry.log" 2>&1 < /dev/null &
+echo $! > "$DEMO/registry.pid"
+for _ in $(seq 1 100); do curl -fsS "http://$REGISTRY/v2/" >/dev/null 2>&1 && break; sleep 0.1; done
+scripts/demo-image.sh "$DEMO/image-build" "$REGISTRY" demo/hello:v1
+echo "    pushed $REGISTRY/demo/hello:v1"
+
 echo "==> starting metald on $ENDPOINT (data: $DEMO/data, log: $DEMO/metald.log)"
 UNKEY_METALD_ADDRESS=127.0.0.1 \
 UNKEY_METALD_PORT=$PORT \
@@ -67,6 +90,9 @@ UNKEY_METALD_AUTH_TOKENS_FILE=$DEMO/tokens \
 UNKEY_METALD_BACKEND=${UNKEY_METALD_BACKEND:-auto} \
 UNKEY_METALD_BILLING_ENDPOINT=http://127.0.0.1:$BILLING_PORT \
 UNKEY_METALD_BILLING_FLUSH_MS=5000 \
+UNKEY_METALD_GUEST_KERNEL=$GUEST/vmlinux \
+UNKEY_METALD_GUEST_INITRD=$GUEST/initramfs.cpio.gz \
+UNKEY_METALD_IMAGE_INSECURE_REGISTRIES=$REGISTRY \
   setsid "$ROOT/build/metald" >"$DEMO/metald.log" 2>&1 < /dev/null &
 echo $! > "$DEMO/metald.pid"
 # Up to a minute: with the auto backend, QEMU first proves KVM with a probe
@@ -116,16 +142,42 @@ if [ ${#NET[@]} -gt 0 ]; then
   done
   [ -n "$ok" ] || { echo "the guest did not answer on port $HOST_PORT"; exit 1; }
 fi
+IMG=img-$(date +%s)
+IMG_NET=()
+[ ${#NET[@]} -gt 0 ] && IMG_NET=(--port 0:8080)
+echo "==> running a container image as a VM: metaldctl create --image $REGISTRY/demo/hello:v1 --env GREETING=hi ${IMG_NET[*]} -- from-the-demo"
+ctl create --id "$IMG" --vcpus 1 --memory-mb 256 --image "$REGISTRY/demo/hello:v1" --env GREETING=hi "${IMG_NET[@]}" \
+  -- from-the-demo
+ctl boot "$IMG"
+IMG_CONSOLE=$(ctl info "$IMG" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["backendInfo"]["console_log"])')
+for _ in $(seq 1 600); do
+  if grep -q "hello from a container image" "$IMG_CONSOLE" 2>/dev/null; then break; fi
+  sleep 0.1
+done
+grep -m1 "hello from a container image" "$IMG_CONSOLE" || { echo "the image's workload did not start; console:"; tail -20 "$IMG_CONSOLE"; exit 1; }
+ctl info "$IMG"
+if [ ${#IMG_NET[@]} -gt 0 ]; then
+  IMG_PORT=$(ctl info "$IMG" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["networkInfo"]["portMappings"][0]["hostPort"])')
+  echo "==> the image's web server through its port mapping: curl http://127.0.0.1:$IMG_PORT/"
+  ok=""
+  for _ in $(seq 1 50); do
+    if out=$(curl -fsS -m 2 "http://127.0.0.1:$IMG_PORT/" 2>/dev/null); then ok=1; echo "$out"; break; fi
+    sleep 0.2
+  done
+  [ -n "$ok" ] || { echo "the image's workload did not answer on port $IMG_PORT"; exit 1; }
+fi
 echo "==> billing: samples every 100 ms, sent every 5 s; waiting for the first batch"
 sleep 6
 ctl billing-report --db "$DEMO/billing.db"
 cat <<TXT
 
-metald is running (pid $(cat "$DEMO/metald.pid")), with VM $ID booted.
+metald is running (pid $(cat "$DEMO/metald.pid")), with VM $ID and image VM $IMG booted.
 Try:
   export METALD_ENDPOINT=$ENDPOINT METALD_TOKEN=$TOKEN
   ./build/metaldctl pause $ID && ./build/metaldctl resume $ID
   ./build/metaldctl shutdown $ID && ./build/metaldctl boot $ID
+  ./build/metaldctl shutdown $IMG && ./build/metaldctl info $IMG     # the workload got SIGTERM: its exit
+  ./build/metaldctl create --image $REGISTRY/demo/hello:v1 -- other args   # the cached image: no pull
   tail -f $CONSOLE
   ./build/metaldctl billing-report --db $DEMO/billing.db   # usage the billing service received
 Stop everything with: make demo-stop
