@@ -18,6 +18,11 @@
 //! store leased: the TAPs (by alias), the table's `vm_taps` elements and
 //! its port mappings, none missing, none left over.
 //!
+//! With images (fake backend, a real registry), VMs are created from
+//! several images, so kills land in pulls, base builds and writable
+//! disks; after each restart the cache holds no pull work and only
+//! published bases, and every image VM has its base and writable disk.
+//!
 //! Backends: the in-process fake (many iterations: store, intents,
 //! directories), the fake Firecracker (real processes, many iterations) and
 //! QEMU with the real guest image (a few iterations). `METALD_CRASH_SEED`
@@ -46,7 +51,13 @@ enum Kind {
     FakeNet,
     FakeFirecracker,
     Qemu,
+    /// The fake backend creating image VMs from a real registry: kills land
+    /// in pulls, base builds and writable-disk creation.
+    FakeImages,
 }
+
+/// Distinct images the image harness creates from (each pulled once).
+const IMAGES: usize = 6;
 
 /// One data directory and the `metald` binary serving it, restarted at will.
 struct Host {
@@ -57,6 +68,8 @@ struct Host {
     log: PathBuf,
     kernel: String,
     metald: Option<MetaldProcess>,
+    /// The registry of `Kind::FakeImages` (killed on drop).
+    registry: Option<support::registry::Registry>,
 }
 
 impl Drop for Host {
@@ -80,7 +93,7 @@ impl Host {
             ("LOG_LEVEL", "debug".to_owned()),
         ];
         let kernel = match kind {
-            Kind::Fake | Kind::FakeNet | Kind::FakeFirecracker => {
+            Kind::Fake | Kind::FakeNet | Kind::FakeFirecracker | Kind::FakeImages => {
                 std::fs::write(assets.join("vmlinux"), b"\x7fELF fake kernel").unwrap();
                 vars.push(("ASSET_DIRS", assets.display().to_string()));
                 assets.join("vmlinux")
@@ -103,10 +116,31 @@ impl Host {
                 vars.push(("FIRECRACKER_BINARY", env!("CARGO_BIN_EXE_metald-fake-firecracker").to_owned()));
             }
             Kind::Qemu => vars.push(("BACKEND", "qemu".to_owned())),
+            Kind::FakeImages => vars.push(("BACKEND", "fake".to_owned())),
         }
+        let registry = (kind == Kind::FakeImages).then(|| {
+            let registry = support::registry::Registry::start(None);
+            // Several images, each with ~2 MiB of random bytes: pulls and
+            // base builds long enough for kills to land in them.
+            for i in 0..IMAGES {
+                let img = support::registry::ImageBuilder::new(tmp.path(), &format!("v{i}"));
+                img.layer(|root| {
+                    let data: Vec<u8> = (0..2 << 20).map(|_| rand::random::<u8>()).collect();
+                    std::fs::write(root.join("data"), data).unwrap();
+                });
+                img.config(&["--config.cmd=/data"]);
+                registry.push(&img.layout, &format!("v{i}"), "crash");
+            }
+            std::fs::write(assets.join("initrd"), b"fake initramfs").unwrap();
+            vars.push(("GUEST_KERNEL", assets.join("vmlinux").display().to_string()));
+            vars.push(("GUEST_INITRD", assets.join("initrd").display().to_string()));
+            vars.push(("IMAGE_INSECURE_REGISTRIES", registry.host.clone()));
+            vars.push(("IMAGE_WRITABLE_MB", "16".to_owned()));
+            registry
+        });
         let env = metald_env(vars);
         let log = tmp.path().join("metald.log");
-        Host { kind, kernel: kernel.display().to_string(), tmp, env, port, log, metald: None }
+        Host { kind, kernel: kernel.display().to_string(), tmp, env, port, log, metald: None, registry }
     }
 
     fn vms_dir(&self) -> PathBuf {
@@ -143,6 +177,15 @@ impl Host {
     }
 
     fn config(&self) -> pb::VmConfig {
+        if let Some(registry) = &self.registry {
+            let mut c = vm_config(&self.kernel);
+            c.boot = Default::default();
+            c.storage.clear();
+            let tag = rand::random_range(0..IMAGES);
+            c.image = pb::ContainerImage { reference: format!("{}/crash:v{tag}", registry.host), ..Default::default() }
+                .into();
+            return c;
+        }
         let mut c = vm_config(&self.kernel);
         if self.kind == Kind::Qemu {
             c.memory = pb::MemoryConfig { size_bytes: 64 << 20, ..Default::default() }.into();
@@ -260,7 +303,10 @@ async fn check(host: &Host, round: usize) -> BTreeMap<String, (pb::VmState, Opti
     if host.kind == Kind::FakeNet {
         check_network(host, &vms, &ctx);
     }
-    if matches!(host.kind, Kind::Fake | Kind::FakeNet) {
+    if host.kind == Kind::FakeImages {
+        check_images(host, &vms, &ctx).await;
+    }
+    if matches!(host.kind, Kind::Fake | Kind::FakeNet | Kind::FakeImages) {
         return vms;
     }
     let procs = vmm_processes(&host.vms_dir());
@@ -289,6 +335,27 @@ async fn check(host: &Host, round: usize) -> BTreeMap<String, (pb::VmState, Opti
         }
     }
     vms
+}
+
+/// The image cache holds no work of an interrupted pull and only
+/// published bases; every image VM has its writable disk and its base.
+async fn check_images(host: &Host, vms: &BTreeMap<String, (pb::VmState, Option<i32>)>, ctx: &str) {
+    let cache = host.tmp.path().join("data").join("images");
+    let work: Vec<_> = std::fs::read_dir(cache.join("work")).unwrap().collect();
+    assert!(work.is_empty(), "pull work left in the cache: {work:?}: {ctx}");
+    for base in std::fs::read_dir(cache.join("bases")).unwrap() {
+        let base = base.unwrap().path();
+        assert!(base.join("image.json").is_file() && base.join("base.ext4").is_file(), "{base:?}: {ctx}");
+    }
+    let c = host.client();
+    for id in vms.keys() {
+        let info =
+            c.get_vm_info(pb::GetVmInfoRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap().into_owned();
+        let cfg = info.config.as_option().unwrap();
+        assert!(cfg.image.digest.starts_with("sha256:"), "VM {id} has no digest: {ctx}");
+        assert!(Path::new(&cfg.storage[0].path).is_file(), "VM {id}'s base: {ctx}");
+        assert!(host.vms_dir().join(id).join("writable.ext4").is_file(), "VM {id}'s writable disk: {ctx}");
+    }
 }
 
 /// The kernel holds exactly the store's leases, and the store leases
@@ -416,6 +483,11 @@ fn kill_9_at_random_instants_fake_backend_with_host_networking() {
     })
     .join()
     .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_instants_during_image_pulls() {
+    run(Kind::FakeImages, 15, 8, 3000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
