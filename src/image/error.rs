@@ -32,10 +32,13 @@ pub enum ImageError {
         reason: String,
     },
     /// The layers unpack to more bytes or entries than the limit allows.
-    #[error("layer {layer}: the image unpacks to more than {limit} {what}")]
+    #[error("layer {layer}: {}the image unpacks to more than {limit} {what}", entry_prefix(entry))]
     TooLarge {
         /// Index of the layer.
         layer: usize,
+        /// The entry being read when the limit was hit (as written in the
+        /// archive); empty when it was hit between entries.
+        entry: String,
         /// `bytes` or `entries`.
         what: &'static str,
         /// The limit that was hit.
@@ -145,6 +148,11 @@ pub enum ImageError {
     /// for it.
     #[error(transparent)]
     Shared(Arc<ImageError>),
+}
+
+/// `entry "x": ` for a named entry, nothing for an empty name.
+fn entry_prefix(entry: &str) -> String {
+    if entry.is_empty() { String::new() } else { format!("entry {entry:?}: ") }
 }
 
 impl ImageError {

@@ -95,6 +95,11 @@ impl Registry {
             .collect()
     }
 
+    /// The registry's storage directory (`rootdirectory`).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
     /// Kills the registry now (port closed from here on).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
