@@ -32,7 +32,7 @@ use super::build::{Fetch, build};
 use super::error::ImageError;
 use super::manifest::ImageConfig;
 use super::reference::Source;
-use super::registry::Remote;
+use super::registry::{Connect, Remote};
 use super::settings::ImageSettings;
 use super::store::{Entry, Store, write_atomic};
 
@@ -75,6 +75,7 @@ pub struct Images {
 pub(crate) struct Inner {
     store: Arc<Store>,
     creds: CredentialsFile,
+    connect: Connect,
     state: Mutex<State>,
 }
 
@@ -118,6 +119,7 @@ impl Images {
             Some(path) => CredentialsFile::load(path)?,
             None => CredentialsFile::default(),
         };
+        let connect = Connect::new(&settings)?;
         let root = &settings.cache_dir;
         let work = root.join("work");
         if work.exists() {
@@ -144,7 +146,9 @@ impl Images {
                 let _ = fs::remove_dir_all(e.path());
             }
         }
-        Ok(Images { inner: Arc::new(Inner { store: Arc::new(Store { settings }), creds, state: Mutex::default() }) })
+        Ok(Images {
+            inner: Arc::new(Inner { store: Arc::new(Store { settings }), creds, connect, state: Mutex::default() }),
+        })
     }
 
     /// The settings the cache was opened with.
@@ -179,12 +183,7 @@ impl Images {
             Source::Registry(r) => {
                 let digest_ref = r.digest().is_some();
                 let creds = creds.or_else(|| self.inner.creds.get(r.registry()).cloned());
-                let remote = Remote::new(
-                    r,
-                    creds,
-                    &self.inner.store.settings.insecure_registries,
-                    self.inner.store.settings.retries,
-                );
+                let remote = Remote::new(r, creds, &self.inner.connect)?;
                 if digest_ref && let Some(entry) = self.recorded(&record).await {
                     entry
                 } else {

@@ -141,6 +141,22 @@ pub enum ImageError {
         /// What is wrong (never a secret).
         reason: String,
     },
+    /// The CA file (`UNKEY_METALD_IMAGE_CA_FILE`) cannot be read or holds
+    /// no valid PEM certificate.
+    #[error("CA file {path}: {reason}")]
+    CaFile {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The registry's TLS cannot be used: its certificate is not trusted
+    /// (its CA belongs in `UNKEY_METALD_IMAGE_CA_FILE`) or it does not
+    /// speak TLS (a plain-HTTP registry belongs in
+    /// `UNKEY_METALD_IMAGE_INSECURE_REGISTRIES`). A host configuration
+    /// problem: retrying does not help.
+    #[error("registry TLS: {0}")]
+    Tls(String),
     /// A blocking task of the cache panicked or was cancelled.
     #[error("image task failed: {0}")]
     Task(String),
@@ -173,7 +189,9 @@ impl ImageError {
             ImageError::Denied(_) => Code::PermissionDenied,
             ImageError::Unavailable(_) => Code::Unavailable,
             ImageError::TooLarge { .. } | ImageError::TooBig { .. } => Code::ResourceExhausted,
-            ImageError::CredentialsFile { .. } => Code::FailedPrecondition,
+            ImageError::CredentialsFile { .. } | ImageError::CaFile { .. } | ImageError::Tls(_) => {
+                Code::FailedPrecondition
+            }
             ImageError::Apply { .. }
             | ImageError::Io { .. }
             | ImageError::ToolMissing { .. }

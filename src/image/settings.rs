@@ -20,6 +20,10 @@ pub struct ImageSettings {
     /// `UNKEY_METALD_IMAGE_CREDENTIALS_FILE`: Docker `config.json` with
     /// per-registry credentials, used when a request brings none.
     pub credentials_file: Option<PathBuf>,
+    /// `UNKEY_METALD_IMAGE_CA_FILE`: a PEM bundle of extra root CAs trusted
+    /// for HTTPS registries (beside the built-in roots), e.g. the CA of a
+    /// registry inside the operator's network.
+    pub ca_file: Option<PathBuf>,
     /// `UNKEY_METALD_IMAGE_MAX_COMPRESSED_BYTES`: the sum of an image's
     /// layer (and config) blob sizes. Default 4 GiB.
     pub max_compressed_bytes: u64,
@@ -44,6 +48,7 @@ impl ImageSettings {
             cache_dir: cache_dir.into(),
             insecure_registries: Vec::new(),
             credentials_file: None,
+            ca_file: None,
             max_compressed_bytes: 4 << 30,
             limits: Limits::default(),
             gc_age: Duration::from_secs(24 * 3600),
@@ -79,6 +84,10 @@ impl ImageSettings {
         if let Some(f) = credentials_file.as_ref().filter(|f| !f.is_absolute()) {
             r.error("IMAGE_CREDENTIALS_FILE", format!("{} is not an absolute path", f.display()));
         }
+        let ca_file = r.raw("IMAGE_CA_FILE").map(PathBuf::from);
+        if let Some(f) = ca_file.as_ref().filter(|f| !f.is_absolute()) {
+            r.error("IMAGE_CA_FILE", format!("{} is not an absolute path", f.display()));
+        }
         let max_compressed_bytes = r.range("IMAGE_MAX_COMPRESSED_BYTES", d.max_compressed_bytes, 1 << 20, 1 << 50);
         let max_bytes = r.range("IMAGE_MAX_UNPACKED_BYTES", d.limits.max_bytes, 1 << 20, 1 << 50);
         let max_entries = r.range("IMAGE_MAX_ENTRIES", d.limits.max_entries, 16, 1 << 32);
@@ -88,6 +97,7 @@ impl ImageSettings {
             cache_dir,
             insecure_registries,
             credentials_file,
+            ca_file,
             max_compressed_bytes,
             limits: Limits { max_bytes, max_entries },
             gc_age,
@@ -125,6 +135,7 @@ mod tests {
             ("IMAGE_CACHE_DIR", "/srv/images"),
             ("IMAGE_INSECURE_REGISTRIES", "127.0.0.1:5000, Registry.local ,"),
             ("IMAGE_CREDENTIALS_FILE", "/etc/metald/auth.json"),
+            ("IMAGE_CA_FILE", "/etc/metald/registry-ca.pem"),
             ("IMAGE_MAX_COMPRESSED_BYTES", "2097152"),
             ("IMAGE_MAX_UNPACKED_BYTES", "4194304"),
             ("IMAGE_MAX_ENTRIES", "100"),
@@ -135,6 +146,7 @@ mod tests {
         assert_eq!(s.cache_dir, PathBuf::from("/srv/images"));
         assert_eq!(s.insecure_registries, vec!["127.0.0.1:5000".to_owned(), "registry.local".to_owned()]);
         assert_eq!(s.credentials_file, Some(PathBuf::from("/etc/metald/auth.json")));
+        assert_eq!(s.ca_file, Some(PathBuf::from("/etc/metald/registry-ca.pem")));
         assert_eq!((s.max_compressed_bytes, s.limits.max_bytes, s.limits.max_entries), (2 << 20, 4 << 20, 100));
         assert_eq!((s.gc_age, s.retries), (Duration::from_secs(60), 5));
 
