@@ -8,6 +8,12 @@ use super::layer::Limits;
 use super::rootfs::Mkfs;
 use crate::config::Reader;
 
+/// The least GC age: a base handed out by `prepare` a moment ago is kept
+/// at least this long, covering the moment between `prepare` returning and
+/// the create registering the digest with its VM manager (which then keeps
+/// it until the VM is gone). `docs/IMAGES.md`, "GC".
+pub const MIN_GC_AGE: Duration = Duration::from_secs(60);
+
 /// Validated image pull and cache settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageSettings {
@@ -32,7 +38,7 @@ pub struct ImageSettings {
     pub limits: Limits,
     /// `UNKEY_METALD_IMAGE_GC_AGE_SECONDS`: a base no VM uses is removed by
     /// [`Images::gc`](super::Images::gc) once its last use is older. Default
-    /// one day.
+    /// one day, at least [`MIN_GC_AGE`] (also when set in code).
     pub gc_age: Duration,
     /// `UNKEY_METALD_IMAGE_PULL_RETRIES`: how many times a broken blob
     /// download is resumed from its offset before the pull fails. Default 3.
@@ -91,7 +97,12 @@ impl ImageSettings {
         let max_compressed_bytes = r.range("IMAGE_MAX_COMPRESSED_BYTES", d.max_compressed_bytes, 1 << 20, 1 << 50);
         let max_bytes = r.range("IMAGE_MAX_UNPACKED_BYTES", d.limits.max_bytes, 1 << 20, 1 << 50);
         let max_entries = r.range("IMAGE_MAX_ENTRIES", d.limits.max_entries, 16, 1 << 32);
-        let gc_age = Duration::from_secs(r.range("IMAGE_GC_AGE_SECONDS", d.gc_age.as_secs(), 0, 10 * 365 * 86400));
+        let gc_age = Duration::from_secs(r.range(
+            "IMAGE_GC_AGE_SECONDS",
+            d.gc_age.as_secs(),
+            MIN_GC_AGE.as_secs(),
+            10 * 365 * 86400,
+        ));
         let retries = r.range("IMAGE_PULL_RETRIES", d.retries, 0, 100);
         ImageSettings {
             cache_dir,
@@ -154,8 +165,10 @@ mod tests {
             ("IMAGE_CACHE_DIR", "images"),
             ("IMAGE_INSECURE_REGISTRIES", "http://x:5000"),
             ("IMAGE_CREDENTIALS_FILE", "auth.json"),
+            ("IMAGE_CA_FILE", "ca.pem"),
             ("IMAGE_MAX_ENTRIES", "3"),
+            ("IMAGE_GC_AGE_SECONDS", "0"),
         ]);
-        assert_eq!(errors.len(), 4, "{errors:?}");
+        assert_eq!(errors.len(), 6, "{errors:?}");
     }
 }
