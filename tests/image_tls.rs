@@ -4,7 +4,8 @@
 //! pulled with `metald::image::Images` (the registry is NOT in the insecure
 //! list). With the CA file the pull works, also behind htpasswd basic auth;
 //! without it, or with another CA, it fails with `FailedPrecondition` and a
-//! message naming the variable to set; a plain-HTTP registry not marked
+//! message naming the variable to set (a certificate for another name:
+//! the same code, saying so); a plain-HTTP registry not marked
 //! insecure is `FailedPrecondition` naming the insecure list; a CA file
 //! without certificates is refused when the cache is opened. Skipped (with
 //! a message) when the tools are missing.
@@ -95,6 +96,22 @@ async fn an_https_registry_is_trusted_through_the_ca_file_and_only_through_it() 
     assert_eq!(ext4_cat(&p.base, "/hello").as_deref(), Some("over tls\n"));
     let reqs = reg.metald_requests();
     assert!(reqs.iter().any(|(m, p, s)| m == "GET" && p.contains("/blobs/") && *s < 300), "{reqs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_for_another_name_is_refused_with_its_reason() {
+    require_tools!();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::for_name(&dir.path().join("pki"), "DNS:registry.example.internal");
+    let reg = Registry::start_with(None, Some((&ca.cert, &ca.key)));
+    push_image(dir.path(), &reg, "t/app");
+    let cache = dir.path().join("cache");
+    let images = Images::open(settings(&cache, Some(&ca.ca), &[])).unwrap();
+    let err = images.prepare("c", &format!("{}/t/app:v1", reg.host), None).await.expect_err("wrong name");
+    let msg = metald::util::chain(&err);
+    assert_eq!(err.code(), Code::FailedPrecondition, "{msg}");
+    assert!(msg.contains("not valid for its host name"), "{msg}");
+    assert_clean(&cache);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -158,12 +158,19 @@ pub fn map_error(e: OciDistributionError) -> ImageError {
     }
 }
 
-/// A TLS failure in a request error's chain, as what the operator must
-/// do: the registry's certificate is not trusted, or it does not speak
-/// TLS at all. `None` for other (network) failures.
+/// A TLS failure in a request error's chain (rustls's wording), as what
+/// the operator must do: the registry's certificate is refused (an unknown
+/// CA, or not valid for the registry's name), or the registry does not
+/// speak TLS at all. `None` for other (network) failures.
 fn tls_problem(chain: &str) -> Option<String> {
     let lower = chain.to_ascii_lowercase();
-    if lower.contains("invalid peer certificate") || lower.contains("certificate verify failed") {
+    let wrong_name = lower.contains("not valid for name") || lower.contains("notvalidforname");
+    if lower.contains("invalid peer certificate") && wrong_name {
+        Some(format!(
+            "the registry's TLS certificate is not valid for its host name ({chain}): the certificate \
+             must name the host (or IP address) of the reference"
+        ))
+    } else if lower.contains("invalid peer certificate") || lower.contains("certificate verify failed") {
         Some(format!(
             "the registry's TLS certificate is not trusted ({chain}): add the CA that signed it to \
              UNKEY_METALD_IMAGE_CA_FILE"
@@ -288,4 +295,25 @@ impl Remote {
 struct Download {
     hasher: Sha256,
     offset: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tls_problem;
+
+    #[test]
+    fn tls_failures_say_what_to_configure_and_network_failures_are_not_tls() {
+        let connect = "error sending request: client error (Connect): ";
+        let unknown = tls_problem(&format!("{connect}invalid peer certificate: UnknownIssuer")).unwrap_or_default();
+        assert!(unknown.contains("UNKEY_METALD_IMAGE_CA_FILE") && unknown.contains("UnknownIssuer"), "{unknown}");
+        let name = tls_problem(&format!(
+            "{connect}invalid peer certificate: certificate not valid for name \"127.0.0.1\"; certificate is only \
+             valid for DnsName(\"registry.example.internal\")"
+        ))
+        .unwrap_or_default();
+        assert!(name.contains("host name") && !name.contains("CA_FILE"), "{name}");
+        let plain = tls_problem(&format!("{connect}received corrupt message of type InvalidContentType"));
+        assert!(plain.unwrap_or_default().contains("UNKEY_METALD_IMAGE_INSECURE_REGISTRIES"));
+        assert_eq!(tls_problem(&format!("{connect}tcp connect error: Connection refused (os error 111)")), None);
+    }
 }

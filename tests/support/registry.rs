@@ -203,8 +203,15 @@ pub struct TestCa {
 }
 
 impl TestCa {
-    /// Makes the CA and the server certificate (P-256 keys, two days).
+    /// Makes the CA and the server certificate for 127.0.0.1 (P-256
+    /// keys, two days).
     pub fn new(dir: &Path) -> TestCa {
+        TestCa::for_name(dir, "IP:127.0.0.1")
+    }
+
+    /// Same, with the server certificate's `subjectAltName` = `san`
+    /// (`IP:…` or `DNS:…`).
+    pub fn for_name(dir: &Path, san: &str) -> TestCa {
         std::fs::create_dir_all(dir).unwrap();
         let p = |n: &str| dir.join(n);
         let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
@@ -226,8 +233,10 @@ impl TestCa {
             .arg(p("server.csr")));
         std::fs::write(
             p("ext.cnf"),
-            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
-             extendedKeyUsage=serverAuth\n",
+            format!(
+                "subjectAltName={san}\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+                 extendedKeyUsage=serverAuth\n"
+            ),
         )
         .unwrap();
         run(Command::new("openssl")
