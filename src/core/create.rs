@@ -42,7 +42,13 @@ impl Manager {
         let (spec, init) = match &spec.image {
             Some(image) => {
                 let image = image.clone();
-                self.prepare_image(&caller, &id, &name, &spec, &image).await?
+                let (spec, init) = self.prepare_image(&caller, &id, &name, &spec, &image).await?;
+                // The base is this create's until its VM row names it (or
+                // it fails): the cache's GC keeps it (`image_digests`).
+                if let Some(i) = &spec.image {
+                    self.index_mut().preparing.insert(id.clone(), i.digest.clone());
+                }
+                (spec, init)
             }
             None => (spec, None),
         };
@@ -311,5 +317,7 @@ impl Drop for Reservation {
         let mut idx = self.mgr.index_mut();
         idx.reserved.remove(&self.id);
         idx.reserved_names.remove(&self.name);
+        // Installed (or failed): the VM row is what keeps its base now.
+        idx.preparing.remove(&self.id);
     }
 }

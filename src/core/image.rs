@@ -73,11 +73,23 @@ pub struct StaticImages {
     pub asked: Mutex<Vec<(String, String)>>,
     /// The next `prepare` fails with this.
     pub fail_next: Mutex<Option<Error>>,
+    /// Held by a test: `writable_disk` waits for it (a create stopped
+    /// between its prepared image and its VM row).
+    pub writable_gate: tokio::sync::Mutex<()>,
+    /// The next `writable_disk` fails with this.
+    pub fail_writable: Mutex<Option<Error>>,
 }
 
 impl StaticImages {
     pub fn new(guest: GuestKernel, image: PreparedImage) -> StaticImages {
-        StaticImages { guest, image, asked: Mutex::default(), fail_next: Mutex::default() }
+        StaticImages {
+            guest,
+            image,
+            asked: Mutex::default(),
+            fail_next: Mutex::default(),
+            writable_gate: tokio::sync::Mutex::default(),
+            fail_writable: Mutex::default(),
+        }
     }
 }
 
@@ -100,6 +112,10 @@ impl ImageSource for StaticImages {
     }
 
     async fn writable_disk(&self, path: &Path, config: &InitConfig) -> Result<(), Error> {
+        drop(self.writable_gate.lock().await);
+        if let Some(e) = self.fail_writable.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(e);
+        }
         let json = serde_json::to_vec(config).map_err(|e| Error::Internal(e.to_string()))?;
         std::fs::write(path, json).map_err(|e| Error::Internal(format!("writing {}: {e}", path.display())))
     }

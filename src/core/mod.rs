@@ -261,6 +261,10 @@ struct Index {
     reserved: HashSet<VmId>,
     /// Names whose creation is in progress, per customer.
     reserved_names: HashSet<(CustomerId, VmId)>,
+    /// Image digests of creates in progress (by reserved host id): their
+    /// bases were prepared but no VM row names them yet, and the image
+    /// cache's GC must keep them (`image_digests`).
+    preparing: HashMap<VmId, String>,
 }
 
 struct Inner {

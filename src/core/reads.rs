@@ -118,12 +118,14 @@ impl Manager {
         self.index().by_id.values().map(|s| s.view()).filter(|v| v.status.runtime().is_some()).collect()
     }
 
-    /// The image digests the VMs on this host run (their bases must stay).
+    /// The image digests the VMs on this host run, and those of creates
+    /// in progress whose image is prepared (their bases must stay).
     pub fn image_digests(&self) -> std::collections::HashSet<String> {
-        self.index()
-            .by_id
+        let idx = self.index();
+        idx.by_id
             .values()
             .filter_map(|s| s.spec.image.as_ref().map(|i| i.digest.clone()))
+            .chain(idx.preparing.values().cloned())
             .filter(|d| !d.is_empty())
             .collect()
     }

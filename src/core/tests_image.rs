@@ -150,3 +150,32 @@ async fn image_vms_are_refused_without_images_or_with_disks() {
     assert!(e.to_string().contains("outside the asset directories"), "{e}");
     assert!(env.images.as_ref().unwrap().asked.lock().unwrap().is_empty(), "refused before any pull");
 }
+
+#[tokio::test]
+async fn a_create_keeps_its_prepared_base_from_the_gc_until_its_vm_row_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let env = open(tmp.path(), true).await;
+    let images = env.images.clone().unwrap();
+    assert!(env.mgr.image_digests().is_empty());
+    // Stopped after the image is prepared, before the VM row exists.
+    let gate = images.writable_gate.lock().await;
+    let mgr = env.mgr.clone();
+    let create = tokio::spawn(async move { mgr.create(&c("a"), None, image_spec("reg:5000/app:1")).await });
+    let mut waited = 0;
+    while env.mgr.image_digests().is_empty() {
+        assert!(waited < 500, "the create never registered its digest");
+        waited += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(env.mgr.list(&c("a"), &ListQuery { page_size: 10, ..Default::default() }).total, 0, "no VM row yet");
+    assert_eq!(env.mgr.image_digests(), ["sha256:0123".to_owned()].into());
+    drop(gate);
+    let vm = create.await.unwrap().unwrap();
+    assert_eq!(env.mgr.image_digests(), ["sha256:0123".to_owned()].into(), "now through the VM row");
+    env.mgr.delete(&c("a"), &vm.id, true).await.unwrap();
+    assert!(env.mgr.image_digests().is_empty());
+    // A create failing after the prepare does not keep the digest either.
+    *images.fail_writable.lock().unwrap() = Some(Error::Internal("disk full".into()));
+    env.mgr.create(&c("a"), None, image_spec("reg:5000/app:1")).await.unwrap_err();
+    assert!(env.mgr.image_digests().is_empty());
+}

@@ -32,7 +32,7 @@ use super::build::{Fetch, build};
 use super::error::ImageError;
 use super::manifest::ImageConfig;
 use super::reference::Source;
-use super::registry::Remote;
+use super::registry::{Connect, Remote};
 use super::settings::ImageSettings;
 use super::store::{Entry, Store, write_atomic};
 
@@ -75,6 +75,7 @@ pub struct Images {
 pub(crate) struct Inner {
     store: Arc<Store>,
     creds: CredentialsFile,
+    connect: Connect,
     state: Mutex<State>,
 }
 
@@ -118,6 +119,7 @@ impl Images {
             Some(path) => CredentialsFile::load(path)?,
             None => CredentialsFile::default(),
         };
+        let connect = Connect::new(&settings)?;
         let root = &settings.cache_dir;
         let work = root.join("work");
         if work.exists() {
@@ -144,7 +146,9 @@ impl Images {
                 let _ = fs::remove_dir_all(e.path());
             }
         }
-        Ok(Images { inner: Arc::new(Inner { store: Arc::new(Store { settings }), creds, state: Mutex::default() }) })
+        Ok(Images {
+            inner: Arc::new(Inner { store: Arc::new(Store { settings }), creds, connect, state: Mutex::default() }),
+        })
     }
 
     /// The settings the cache was opened with.
@@ -179,12 +183,7 @@ impl Images {
             Source::Registry(r) => {
                 let digest_ref = r.digest().is_some();
                 let creds = creds.or_else(|| self.inner.creds.get(r.registry()).cloned());
-                let remote = Remote::new(
-                    r,
-                    creds,
-                    &self.inner.store.settings.insecure_registries,
-                    self.inner.store.settings.retries,
-                );
+                let remote = Remote::new(r, creds, &self.inner.connect)?;
                 if digest_ref && let Some(entry) = self.recorded(&record).await {
                     entry
                 } else {
@@ -305,21 +304,24 @@ impl Images {
 
     /// Removes the bases whose digest is not in `in_use` and whose last use
     /// ([`prepare`](Images::prepare) returning it) is older than the GC age
-    /// at `now`, with their `tops/` entries. Records of customers are kept
-    /// (they point at digests; a removed base is pulled again, after the
-    /// usual resolution). Blocking: run it on `spawn_blocking`.
+    /// (at least [`MIN_GC_AGE`](super::settings::MIN_GC_AGE)) at `now`, with
+    /// their `tops/` entries. `in_use` must include the digests of creates
+    /// whose image is prepared but whose VM is not recorded yet. Records of
+    /// customers are kept (they point at digests; a removed base is pulled
+    /// again, after the usual resolution). Blocking: run it on
+    /// `spawn_blocking`.
     pub fn gc(&self, in_use: &HashSet<String>, now: SystemTime) -> GcReport {
         let mut report = GcReport::default();
         let root = self.inner.store.root().to_owned();
         let bases = root.join("bases");
         let mut removed_hex = HashSet::new();
+        let age = self.inner.store.settings.gc_age.max(super::settings::MIN_GC_AGE);
         for e in fs::read_dir(&bases).into_iter().flatten().flatten() {
             let hex = e.file_name().to_string_lossy().into_owned();
             let digest = format!("sha256:{hex}");
             let mut state = self.inner.lock();
             let last_use = fs::metadata(e.path().join("image.json")).and_then(|m| m.modified()).ok();
-            let old =
-                last_use.is_none_or(|t| now.duration_since(t).unwrap_or_default() > self.inner.store.settings.gc_age);
+            let old = last_use.is_none_or(|t| now.duration_since(t).unwrap_or_default() > age);
             if in_use.contains(&digest) || !old {
                 report.kept += 1;
                 continue;

@@ -32,10 +32,13 @@ pub enum ImageError {
         reason: String,
     },
     /// The layers unpack to more bytes or entries than the limit allows.
-    #[error("layer {layer}: the image unpacks to more than {limit} {what}")]
+    #[error("layer {layer}: {}the image unpacks to more than {limit} {what}", entry_prefix(entry))]
     TooLarge {
         /// Index of the layer.
         layer: usize,
+        /// The entry being read when the limit was hit (as written in the
+        /// archive); empty when it was hit between entries.
+        entry: String,
         /// `bytes` or `entries`.
         what: &'static str,
         /// The limit that was hit.
@@ -138,6 +141,22 @@ pub enum ImageError {
         /// What is wrong (never a secret).
         reason: String,
     },
+    /// The CA file (`UNKEY_METALD_IMAGE_CA_FILE`) cannot be read or holds
+    /// no valid PEM certificate.
+    #[error("CA file {path}: {reason}")]
+    CaFile {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The registry's TLS cannot be used: its certificate is not trusted
+    /// (its CA belongs in `UNKEY_METALD_IMAGE_CA_FILE`) or it does not
+    /// speak TLS (a plain-HTTP registry belongs in
+    /// `UNKEY_METALD_IMAGE_INSECURE_REGISTRIES`). A host configuration
+    /// problem: retrying does not help.
+    #[error("registry TLS: {0}")]
+    Tls(String),
     /// A blocking task of the cache panicked or was cancelled.
     #[error("image task failed: {0}")]
     Task(String),
@@ -145,6 +164,11 @@ pub enum ImageError {
     /// for it.
     #[error(transparent)]
     Shared(Arc<ImageError>),
+}
+
+/// `entry "x": ` for a named entry, nothing for an empty name.
+fn entry_prefix(entry: &str) -> String {
+    if entry.is_empty() { String::new() } else { format!("entry {entry:?}: ") }
 }
 
 impl ImageError {
@@ -165,7 +189,9 @@ impl ImageError {
             ImageError::Denied(_) => Code::PermissionDenied,
             ImageError::Unavailable(_) => Code::Unavailable,
             ImageError::TooLarge { .. } | ImageError::TooBig { .. } => Code::ResourceExhausted,
-            ImageError::CredentialsFile { .. } => Code::FailedPrecondition,
+            ImageError::CredentialsFile { .. } | ImageError::CaFile { .. } | ImageError::Tls(_) => {
+                Code::FailedPrecondition
+            }
             ImageError::Apply { .. }
             | ImageError::Io { .. }
             | ImageError::ToolMissing { .. }

@@ -184,7 +184,12 @@ impl Unpacker {
             let mut entry = entry.map_err(|e| self.stream_error(e))?;
             self.entries += 1;
             if self.entries > self.limits.max_entries {
-                return Err(ImageError::TooLarge { layer, what: "entries", limit: self.limits.max_entries });
+                return Err(ImageError::TooLarge {
+                    layer,
+                    entry: String::new(),
+                    what: "entries",
+                    limit: self.limits.max_entries,
+                });
             }
             let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
             let refused = |reason: String| ImageError::Unsafe { layer, entry: name.clone(), reason };
@@ -210,7 +215,7 @@ impl Unpacker {
     fn stream_error(&self, source: io::Error) -> ImageError {
         let layer = self.layer.saturating_sub(1);
         if self.stream.get() > self.limits.max_bytes {
-            ImageError::TooLarge { layer, what: "bytes", limit: self.limits.max_bytes }
+            ImageError::TooLarge { layer, entry: String::new(), what: "bytes", limit: self.limits.max_bytes }
         } else {
             ImageError::Malformed { layer, source }
         }
@@ -318,12 +323,19 @@ impl Unpacker {
                     .map_err(self.sys(&name, "create"))?;
                 let mut file = File::from(fd);
                 let room = self.limits.max_bytes.saturating_sub(self.written);
-                let copied = io::copy(&mut entry.by_ref().take(room.saturating_add(1)), &mut file)
-                    .map_err(|e| self.stream_error(e))?;
+                let copied = io::copy(&mut entry.by_ref().take(room.saturating_add(1)), &mut file).map_err(|e| {
+                    match self.stream_error(e) {
+                        ImageError::TooLarge { layer, what, limit, .. } => {
+                            ImageError::TooLarge { layer, entry: name.clone(), what, limit }
+                        }
+                        other => other,
+                    }
+                })?;
                 self.written = self.written.saturating_add(copied);
                 if copied > room {
                     return Err(ImageError::TooLarge {
                         layer: self.layer.saturating_sub(1),
+                        entry: name.clone(),
                         what: "bytes",
                         limit: self.limits.max_bytes,
                     });

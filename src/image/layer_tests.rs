@@ -341,7 +341,9 @@ fn a_decompression_bomb_hits_the_byte_limit() {
     let limits = Limits { max_bytes: 16 << 20, max_entries: 100 };
     let mut u = Unpacker::new(&f.root, limits).unwrap().preserve_owners(false);
     match u.apply(&blob[..], Compression::Gzip) {
-        Err(ImageError::TooLarge { what: "bytes", limit, .. }) => assert_eq!(limit, 16 << 20),
+        Err(ImageError::TooLarge { what: "bytes", limit, entry, .. }) => {
+            assert_eq!((limit, entry.as_str()), (16 << 20, "zeros"))
+        }
         other => panic!("expected the byte limit, got {other:?}"),
     }
     let written = fs::metadata(f.root.join("zeros")).map(|m| m.len()).unwrap_or(0);
@@ -356,5 +358,5 @@ fn the_entry_limit_counts_over_all_layers() {
     let mut u = Unpacker::new(&f.root, limits).unwrap().preserve_owners(false);
     apply(&mut u, &[E::File("1", b"", 0o644), E::File("2", b"", 0o644)]).unwrap();
     let err = apply(&mut u, &[E::File("3", b"", 0o644), E::File("4", b"", 0o644)]).unwrap_err();
-    assert!(matches!(err, ImageError::TooLarge { layer: 1, what: "entries", limit: 3 }), "{err:?}");
+    assert!(matches!(err, ImageError::TooLarge { layer: 1, what: "entries", limit: 3, .. }), "{err:?}");
 }

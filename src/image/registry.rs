@@ -4,12 +4,15 @@
 //! against its digest; a broken blob download resumes from its byte offset
 //! (HTTP range) a few times. Registry errors become [`ImageError`]s whose
 //! messages carry neither URLs (they name the repository) nor credentials.
+//! [`Connect`] is how clients are made: HTTPS (trusting the built-in roots
+//! plus the operator's `UNKEY_METALD_IMAGE_CA_FILE`) except for the
+//! registries marked insecure.
 
 use std::path::Path;
 use std::time::Duration;
 
 use futures::StreamExt;
-use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
+use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
@@ -21,6 +24,76 @@ use super::auth::Credentials;
 use super::digest;
 use super::error::ImageError;
 use super::manifest::{ACCEPTED, Blob};
+use super::settings::ImageSettings;
+
+/// How registry clients are made, from the settings: plain HTTP for the
+/// insecure registries, HTTPS for the others trusting the built-in roots
+/// and the operator's CA bundle; the download retries.
+#[derive(Clone, Default)]
+pub struct Connect {
+    insecure: Vec<String>,
+    /// The PEM bundle of `UNKEY_METALD_IMAGE_CA_FILE`, checked at load.
+    ca_pem: Option<Vec<u8>>,
+    retries: u32,
+}
+
+impl std::fmt::Debug for Connect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connect")
+            .field("insecure", &self.insecure)
+            .field("ca_file", &self.ca_pem.is_some())
+            .field("retries", &self.retries)
+            .finish()
+    }
+}
+
+const PEM_CERT: &str = "-----BEGIN CERTIFICATE-----";
+
+impl Connect {
+    /// From the settings; reads and checks the CA file (blocking): it must
+    /// hold at least one PEM certificate and every one must parse.
+    pub fn new(settings: &ImageSettings) -> Result<Connect, ImageError> {
+        let ca_pem = match &settings.ca_file {
+            Some(path) => Some(Self::load_ca(path)?),
+            None => None,
+        };
+        let connect = Connect { insecure: settings.insecure_registries.clone(), ca_pem, retries: settings.retries };
+        // Building a client parses the certificates.
+        connect.client().map_err(|e| ImageError::CaFile {
+            path: settings.ca_file.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+            reason: crate::util::chain(&e),
+        })?;
+        Ok(connect)
+    }
+
+    fn load_ca(path: &Path) -> Result<Vec<u8>, ImageError> {
+        let bad = |reason: String| ImageError::CaFile { path: path.display().to_string(), reason };
+        let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        if !String::from_utf8_lossy(&pem).contains(PEM_CERT) {
+            return Err(bad(format!("no PEM certificate ({PEM_CERT}) in it")));
+        }
+        Ok(pem)
+    }
+
+    fn client(&self) -> Result<Client, ImageError> {
+        let config = ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(self.insecure.clone()),
+            // An index is resolved here (`manifest::pick_platform`), not by the client.
+            platform_resolver: None,
+            connect_timeout: Some(Duration::from_secs(10)),
+            read_timeout: Some(Duration::from_secs(60)),
+            user_agent: concat!("metald/", env!("CARGO_PKG_VERSION")),
+            extra_root_certificates: self
+                .ca_pem
+                .iter()
+                .map(|pem| Certificate { encoding: CertificateEncoding::Pem, data: pem.clone() })
+                .collect(),
+            ..ClientConfig::default()
+        };
+        // Not `Client::new`: it falls back to a default client on errors.
+        Client::try_from(config).map_err(|e| ImageError::Task(format!("registry client: {}", map_error(e))))
+    }
+}
 
 /// One caller's view of one repository: a client of its own (so tokens and
 /// credentials are never shared between customers) and its credentials.
@@ -33,7 +106,9 @@ pub struct Remote {
 
 impl std::fmt::Debug for Remote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Remote").field("auth", &self.auth).finish_non_exhaustive()
+        // Not even the user name: a customer's registry account is theirs.
+        let auth = if matches!(self.auth, RegistryAuth::Anonymous) { "anonymous" } else { "<redacted>" };
+        f.debug_struct("Remote").field("auth", &auth).finish_non_exhaustive()
     }
 }
 
@@ -68,7 +143,13 @@ pub fn map_error(e: OciDistributionError) -> ImageError {
             400 => ImageError::BadReference("the registry refused the request (400)".into()),
             _ => ImageError::Unavailable(format!("the registry answered {code}")),
         },
-        E::RequestError(e) => ImageError::Unavailable(crate::util::chain(&e.without_url())),
+        E::RequestError(e) => {
+            let chain = crate::util::chain(&e.without_url());
+            match tls_problem(&chain) {
+                Some(why) => ImageError::Tls(why),
+                None => ImageError::Unavailable(chain),
+            }
+        }
         E::IoError(e) => ImageError::Unavailable(format!("transfer broke off: {e}")),
         E::DigestError(e) => ImageError::DigestMismatch { digest: String::new(), reason: e.to_string() },
         E::ImageManifestNotFoundError(m) => ImageError::NotFound(m),
@@ -77,24 +158,42 @@ pub fn map_error(e: OciDistributionError) -> ImageError {
     }
 }
 
+/// A TLS failure in a request error's chain (rustls's wording), as what
+/// the operator must do: the registry's certificate is refused (an unknown
+/// CA, or not valid for the registry's name), or the registry does not
+/// speak TLS at all. `None` for other (network) failures.
+fn tls_problem(chain: &str) -> Option<String> {
+    let lower = chain.to_ascii_lowercase();
+    let wrong_name = lower.contains("not valid for name") || lower.contains("notvalidforname");
+    if lower.contains("invalid peer certificate") && wrong_name {
+        Some(format!(
+            "the registry's TLS certificate is not valid for its host name ({chain}): the certificate \
+             must name the host (or IP address) of the reference"
+        ))
+    } else if lower.contains("invalid peer certificate") || lower.contains("certificate verify failed") {
+        Some(format!(
+            "the registry's TLS certificate is not trusted ({chain}): add the CA that signed it to \
+             UNKEY_METALD_IMAGE_CA_FILE"
+        ))
+    } else if lower.contains("invalidcontenttype") || lower.contains("corrupt message") {
+        Some(format!(
+            "the registry does not answer TLS ({chain}): if it serves plain HTTP, list it in \
+             UNKEY_METALD_IMAGE_INSECURE_REGISTRIES"
+        ))
+    } else {
+        None
+    }
+}
+
 impl Remote {
-    /// A client for `reference` over HTTPS (plain HTTP when its registry is
-    /// in `insecure`), authenticating with `creds` (anonymous without).
-    pub fn new(reference: Reference, creds: Option<Credentials>, insecure: &[String], retries: u32) -> Remote {
-        let config = ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(insecure.to_vec()),
-            // An index is resolved here (`manifest::pick_platform`), not by the client.
-            platform_resolver: None,
-            connect_timeout: Some(Duration::from_secs(10)),
-            read_timeout: Some(Duration::from_secs(60)),
-            user_agent: concat!("metald/", env!("CARGO_PKG_VERSION")),
-            ..ClientConfig::default()
-        };
+    /// A client for `reference` made as `connect` says, authenticating
+    /// with `creds` (anonymous without).
+    pub fn new(reference: Reference, creds: Option<Credentials>, connect: &Connect) -> Result<Remote, ImageError> {
         let auth = match creds {
             Some(c) => RegistryAuth::Basic(c.username, c.password),
             None => RegistryAuth::Anonymous,
         };
-        Remote { client: Client::new(config), reference, auth, retries }
+        Ok(Remote { client: connect.client()?, reference, auth, retries: connect.retries })
     }
 
     /// The digest the reference names now (a `HEAD` of the manifest, with
@@ -196,4 +295,25 @@ impl Remote {
 struct Download {
     hasher: Sha256,
     offset: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tls_problem;
+
+    #[test]
+    fn tls_failures_say_what_to_configure_and_network_failures_are_not_tls() {
+        let connect = "error sending request: client error (Connect): ";
+        let unknown = tls_problem(&format!("{connect}invalid peer certificate: UnknownIssuer")).unwrap_or_default();
+        assert!(unknown.contains("UNKEY_METALD_IMAGE_CA_FILE") && unknown.contains("UnknownIssuer"), "{unknown}");
+        let name = tls_problem(&format!(
+            "{connect}invalid peer certificate: certificate not valid for name \"127.0.0.1\"; certificate is only \
+             valid for DnsName(\"registry.example.internal\")"
+        ))
+        .unwrap_or_default();
+        assert!(name.contains("host name") && !name.contains("CA_FILE"), "{name}");
+        let plain = tls_problem(&format!("{connect}received corrupt message of type InvalidContentType"));
+        assert!(plain.unwrap_or_default().contains("UNKEY_METALD_IMAGE_INSECURE_REGISTRIES"));
+        assert_eq!(tls_problem(&format!("{connect}tcp connect error: Connection refused (os error 111)")), None);
+    }
 }

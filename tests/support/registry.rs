@@ -2,7 +2,8 @@
 //! (distribution 2.8) on 127.0.0.1 with its storage in a temporary
 //! directory, optionally behind htpasswd basic auth, killed on drop; and
 //! small images built offline with `umoci` (from plain files or
-//! busybox-static) and pushed with `skopeo`. Nothing contacts the internet.
+//! busybox-static) and pushed with `skopeo`; optionally over HTTPS with a
+//! test CA made by `openssl` ([`TestCa`]). Nothing contacts the internet.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,9 +13,12 @@ use super::net::free_port;
 
 /// Whether the image tools are installed (`scripts/install-deps.sh`).
 pub fn image_tools_present() -> bool {
-    ["docker-registry", "skopeo", "umoci", "htpasswd", "mkfs.ext4", "debugfs"]
-        .iter()
-        .all(|t| std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(t).is_file())))
+    ["docker-registry", "skopeo", "umoci", "htpasswd", "mkfs.ext4", "debugfs"].iter().all(|t| on_path(t))
+}
+
+/// Whether `tool` is a file in one of `PATH`'s directories.
+pub fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
 }
 
 /// A running `docker-registry`.
@@ -42,6 +46,12 @@ pub fn run(cmd: &mut Command) -> String {
 impl Registry {
     /// Starts a registry; with `auth` it requires that user and password.
     pub fn start(auth: Option<(&str, &str)>) -> Registry {
+        Registry::start_with(auth, None)
+    }
+
+    /// Starts a registry serving HTTPS with `tls` (certificate chain and
+    /// key, PEM files); with `auth` it requires that user and password.
+    pub fn start_with(auth: Option<(&str, &str)>, tls: Option<(&Path, &Path)>) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut config = format!(
@@ -49,6 +59,9 @@ impl Registry {
              rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
             dir.path().join("data").display()
         );
+        if let Some((cert, key)) = tls {
+            config.push_str(&format!("  tls:\n    certificate: {}\n    key: {}\n", cert.display(), key.display()));
+        }
         if let Some((user, pass)) = auth {
             let line = run(Command::new("htpasswd").args(["-Bbn", user, pass]));
             std::fs::write(dir.path().join("htpasswd"), line.trim()).unwrap();
@@ -93,6 +106,11 @@ impl Registry {
                 Some((parts.next()?.to_owned(), parts.next()?.to_owned(), status))
             })
             .collect()
+    }
+
+    /// The registry's storage directory (`rootdirectory`).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
     }
 
     /// Kills the registry now (port closed from here on).
@@ -170,6 +188,70 @@ impl ImageBuilder {
     pub fn config(&self, args: &[&str]) -> &ImageBuilder {
         run(Command::new("umoci").args(["config", "--image"]).arg(self.image()).args(args));
         self
+    }
+}
+
+/// A throw-away CA (`ca.pem`) and a server certificate for 127.0.0.1
+/// signed by it (`server.pem`, `server.key`), made with `openssl` in `dir`.
+pub struct TestCa {
+    /// The CA certificate (PEM): what a client must trust.
+    pub ca: PathBuf,
+    /// The server's certificate (PEM).
+    pub cert: PathBuf,
+    /// The server's private key (PEM).
+    pub key: PathBuf,
+}
+
+impl TestCa {
+    /// Makes the CA and the server certificate for 127.0.0.1 (P-256
+    /// keys, two days).
+    pub fn new(dir: &Path) -> TestCa {
+        TestCa::for_name(dir, "IP:127.0.0.1")
+    }
+
+    /// Same, with the server certificate's `subjectAltName` = `san`
+    /// (`IP:…` or `DNS:…`).
+    pub fn for_name(dir: &Path, san: &str) -> TestCa {
+        std::fs::create_dir_all(dir).unwrap();
+        let p = |n: &str| dir.join(n);
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        run(Command::new("openssl")
+            .args(["req", "-x509", "-days", "2", "-subj", "/CN=metald test CA"])
+            .args(ec)
+            .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+            .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+            .arg("-keyout")
+            .arg(p("ca.key"))
+            .arg("-out")
+            .arg(p("ca.pem")));
+        run(Command::new("openssl")
+            .args(["req", "-subj", "/CN=127.0.0.1"])
+            .args(ec)
+            .arg("-keyout")
+            .arg(p("server.key"))
+            .arg("-out")
+            .arg(p("server.csr")));
+        std::fs::write(
+            p("ext.cnf"),
+            format!(
+                "subjectAltName={san}\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+                 extendedKeyUsage=serverAuth\n"
+            ),
+        )
+        .unwrap();
+        run(Command::new("openssl")
+            .args(["x509", "-req", "-days", "2", "-set_serial", "2"])
+            .arg("-in")
+            .arg(p("server.csr"))
+            .arg("-CA")
+            .arg(p("ca.pem"))
+            .arg("-CAkey")
+            .arg(p("ca.key"))
+            .arg("-extfile")
+            .arg(p("ext.cnf"))
+            .arg("-out")
+            .arg(p("server.pem")));
+        TestCa { ca: p("ca.pem"), cert: p("server.pem"), key: p("server.key") }
     }
 }
 
