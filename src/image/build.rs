@@ -9,6 +9,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::digest::hex_of;
 use super::error::ImageError;
@@ -131,6 +132,7 @@ async fn build_in(inner: &Arc<Store>, fetch: Fetch, work: &Path) -> Result<Entry
         return Ok(entry);
     }
     let (config_blob, layers) = contents(&manifest, inner.settings.max_compressed_bytes)?;
+    let started = Instant::now();
     let blobs = work.join("blobs");
     let config_path = fetch.blob(&config_blob, &blobs).await?;
     let c = config_path.clone();
@@ -149,11 +151,12 @@ async fn build_in(inner: &Arc<Store>, fetch: Fetch, work: &Path) -> Result<Entry
         let path = if paths.contains(&done) { done } else { fetch.blob(layer, &blobs).await? };
         paths.push(path);
     }
+    let downloaded = started.elapsed();
 
     let entry = Entry { digest: digest.clone(), config };
     let count = layers.len();
     let (i, w, e) = (Arc::clone(inner), work.to_owned(), entry.clone());
-    blocking(move || {
+    let (unpacked, built) = blocking(move || {
         let staging = w.join("rootfs");
         fs::create_dir(&staging).map_err(ImageError::io("create", &staging))?;
         let mut unpacker =
@@ -163,9 +166,11 @@ async fn build_in(inner: &Arc<Store>, fetch: Fetch, work: &Path) -> Result<Entry
             unpacker.apply(std::io::BufReader::with_capacity(256 << 10, f), layer.compression)?;
         }
         drop(unpacker);
+        let unpacked = started.elapsed();
         let out = w.join("out");
         fs::create_dir(&out).map_err(ImageError::io("create", &out))?;
         build_ext4(&i.settings.mkfs, &staging, &out.join("base.ext4"))?;
+        let built = started.elapsed();
         let write = |name: &str, bytes: &[u8]| {
             let p = out.join(name);
             fs::write(&p, bytes).and_then(|()| fs::File::open(&p)?.sync_all()).map_err(ImageError::io("write", &p))
@@ -175,9 +180,18 @@ async fn build_in(inner: &Arc<Store>, fetch: Fetch, work: &Path) -> Result<Entry
         let json = serde_json::to_vec_pretty(&e).map_err(|err| ImageError::Task(err.to_string()))?;
         // Last: its presence marks a complete base.
         write("image.json", &json)?;
-        i.publish(Some(&out), Some(&top), &e)
+        i.publish(Some(&out), Some(&top), &e)?;
+        Ok((unpacked, built))
     })
     .await?;
-    tracing::info!(digest = %entry.digest, layers = count, "image base built");
+    tracing::info!(
+        digest = %entry.digest,
+        layers = count,
+        download_ms = downloaded.as_millis(),
+        unpack_ms = (unpacked - downloaded).as_millis(),
+        mkfs_ms = (built - unpacked).as_millis(),
+        publish_ms = (started.elapsed() - built).as_millis(),
+        "image base built"
+    );
     Ok(entry)
 }
