@@ -216,7 +216,10 @@ async fn part_a(registry: &Registry, tmp: &Path, reps: usize, compressed: u64) {
     println!();
     println!("(a) pull + unpack + ext4 build of {reference} ({:.1} MiB compressed) on an empty cache", mib(compressed));
     println!("    metald Images::prepare  vs  skopeo copy docker:// oci: + umoci unpack + mkfs.ext4 -d");
-    println!("    (mkfs: {} -N <metald's inode count> -E root_owner=0:0, same size as metald's base)", MKFS_BASE.join(" "));
+    println!(
+        "    (mkfs: {} -N <metald's inode count> -E root_owner=0:0, same size as metald's base)",
+        MKFS_BASE.join(" ")
+    );
     println!("    goal: ratio metald/stock <= 1.0; {reps} alternating repetitions, fresh directories, medians");
     // Warm-up (page cache of the registry's blobs), and the base's geometry.
     let dir = tmp.join("a-warm");
@@ -400,7 +403,11 @@ async fn part_b(c: &VmClient, reference: &str, data: &Path, tmp: &Path, rounds: 
     println!("    direct QEMU start -> {HELLO}    median {:7.0} ms", ms(mb));
     let ratio = ma.as_secs_f64() / mb.as_secs_f64();
     println!("    ratio metald/direct: {ratio:.2} (goal <= 1.1) {}", verdict(ratio <= 1.1));
-    println!("    QEMU command line: {} {}", qemu.display(), last_args.join(" "));
+    println!(
+        "    metald's QEMU command line (direct: without -S, its own directory): {} {}",
+        qemu.display(),
+        last_args.join(" ")
+    );
 }
 
 async fn part_c(c: &VmClient, reference: &str, data: &Path, n: usize) {
@@ -440,7 +447,12 @@ async fn part_c(c: &VmClient, reference: &str, data: &Path, n: usize) {
         mib(dirs[0]),
         mib(std::fs::metadata(data.join("vms").join(&ids[0]).join("writable.ext4")).unwrap().len())
     );
-    println!("    1 VM: {:.1} MiB   {n} VMs: {:.1} MiB   ratio {ratio:.3} (goal < 1.2) {}", mib(one), mib(all), verdict(ratio < 1.2));
+    println!(
+        "    1 VM: {:.1} MiB   {n} VMs: {:.1} MiB   ratio {ratio:.3} (goal < 1.2) {}",
+        mib(one),
+        mib(all),
+        verdict(ratio < 1.2)
+    );
     // Writes land in the writable disks, not in the base.
     let (blocks, sum) = (std::fs::metadata(&base).unwrap().blocks(), sha256_of(&base));
     let booted = &ids[..2.min(n)];
@@ -464,7 +476,11 @@ async fn part_c(c: &VmClient, reference: &str, data: &Path, n: usize) {
     }
     println!("    base unchanged (allocated blocks and sha256): {}", if unchanged { "yes" } else { "NO" });
     let all_after = base_bytes + after.iter().sum::<u64>();
-    println!("    {n} VMs after those writes: {:.1} MiB ({:.3}x one fresh VM)", mib(all_after), all_after as f64 / one as f64);
+    println!(
+        "    {n} VMs after those writes: {:.1} MiB ({:.3}x one fresh VM)",
+        mib(all_after),
+        all_after as f64 / one as f64
+    );
     for id in &ids {
         delete(c, id).await;
     }
