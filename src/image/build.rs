@@ -9,6 +9,9 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
 
 use super::digest::hex_of;
 use super::error::ImageError;
@@ -30,6 +33,9 @@ pub(crate) enum Fetch {
     /// A `docker save` archive.
     Archive { path: PathBuf },
 }
+
+/// Blobs downloaded at the same time, ahead of the layer being unpacked.
+const AHEAD: usize = 3;
 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ImageError> + Send + 'static,
@@ -131,6 +137,7 @@ async fn build_in(inner: &Arc<Store>, fetch: Fetch, work: &Path) -> Result<Entry
         return Ok(entry);
     }
     let (config_blob, layers) = contents(&manifest, inner.settings.max_compressed_bytes)?;
+    let started = Instant::now();
     let blobs = work.join("blobs");
     let config_path = fetch.blob(&config_blob, &blobs).await?;
     let c = config_path.clone();
@@ -143,29 +150,72 @@ async fn build_in(inner: &Arc<Store>, fetch: Fetch, work: &Path) -> Result<Entry
             diff_ids.len()
         )));
     }
-    let mut paths = Vec::with_capacity(layers.len());
-    for layer in &layers {
-        let done = blobs.join(hex_of(&layer.digest)?);
-        let path = if paths.contains(&done) { done } else { fetch.blob(layer, &blobs).await? };
-        paths.push(path);
-    }
-
+    // Downloads run ahead of unpacking (up to `AHEAD` blobs at a time,
+    // yielded in layer order): layer i is applied, on a blocking thread, as
+    // soon as it and every layer below it are downloaded and verified, while
+    // the next ones are still arriving. Nothing unverified is unpacked.
     let entry = Entry { digest: digest.clone(), config };
     let count = layers.len();
-    let (i, w, e) = (Arc::clone(inner), work.to_owned(), entry.clone());
-    blocking(move || {
+    let (tx, rx) = std::sync::mpsc::channel::<PathBuf>();
+    let (i, w, l) = (Arc::clone(inner), work.to_owned(), layers.clone());
+    let unpack = tokio::task::spawn_blocking(move || -> Result<Duration, ImageError> {
         let staging = w.join("rootfs");
         fs::create_dir(&staging).map_err(ImageError::io("create", &staging))?;
         let mut unpacker =
             Unpacker::new(&staging, i.settings.limits)?.preserve_owners(nix::unistd::geteuid().is_root());
-        for (layer, path) in layers.iter().zip(&paths) {
-            let f = fs::File::open(path).map_err(ImageError::io("open", path))?;
+        let mut busy = Duration::ZERO;
+        for layer in &l {
+            // A closed channel: a download failed, its error is returned.
+            let Ok(path) = rx.recv() else { return Ok(busy) };
+            let t = Instant::now();
+            let f = fs::File::open(&path).map_err(ImageError::io("open", &path))?;
             unpacker.apply(std::io::BufReader::with_capacity(256 << 10, f), layer.compression)?;
+            busy += t.elapsed();
         }
-        drop(unpacker);
+        Ok(busy)
+    });
+    let (fetch, blobs) = (&fetch, &blobs);
+    let mut seen: Vec<PathBuf> = Vec::with_capacity(layers.len());
+    let mut fetches = Vec::with_capacity(layers.len());
+    for layer in &layers {
+        let done = blobs.join(hex_of(&layer.digest)?);
+        // A layer repeated: the earlier download (yielded first) is reused.
+        let again = seen.contains(&done);
+        seen.push(done.clone());
+        fetches.push(async move { if again { Ok(done) } else { fetch.blob(layer, blobs).await } });
+    }
+    let mut downloads = futures::stream::iter(fetches).buffered(AHEAD);
+    let mut failed = None;
+    while let Some(result) = downloads.next().await {
+        match result {
+            // A send fails only when unpacking stopped: its error wins.
+            Ok(path) => {
+                if tx.send(path).is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    drop(downloads);
+    drop(tx);
+    let downloaded = started.elapsed();
+    let unpack_busy = unpack.await.map_err(|e| ImageError::Task(e.to_string()))??;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let unpacked = started.elapsed();
+
+    let (i, w, e) = (Arc::clone(inner), work.to_owned(), entry.clone());
+    let built = blocking(move || {
+        let staging = w.join("rootfs");
         let out = w.join("out");
         fs::create_dir(&out).map_err(ImageError::io("create", &out))?;
         build_ext4(&i.settings.mkfs, &staging, &out.join("base.ext4"))?;
+        let built = started.elapsed();
         let write = |name: &str, bytes: &[u8]| {
             let p = out.join(name);
             fs::write(&p, bytes).and_then(|()| fs::File::open(&p)?.sync_all()).map_err(ImageError::io("write", &p))
@@ -175,9 +225,19 @@ async fn build_in(inner: &Arc<Store>, fetch: Fetch, work: &Path) -> Result<Entry
         let json = serde_json::to_vec_pretty(&e).map_err(|err| ImageError::Task(err.to_string()))?;
         // Last: its presence marks a complete base.
         write("image.json", &json)?;
-        i.publish(Some(&out), Some(&top), &e)
+        i.publish(Some(&out), Some(&top), &e)?;
+        Ok(built)
     })
     .await?;
-    tracing::info!(digest = %entry.digest, layers = count, "image base built");
+    tracing::info!(
+        digest = %entry.digest,
+        layers = count,
+        download_ms = downloaded.as_millis(),
+        unpack_ms = unpack_busy.as_millis(),
+        unpack_done_ms = unpacked.as_millis(),
+        mkfs_ms = (built - unpacked).as_millis(),
+        publish_ms = (started.elapsed() - built).as_millis(),
+        "image base built"
+    );
     Ok(entry)
 }

@@ -113,6 +113,26 @@ pub struct Unpacker {
     stream: Rc<Cell<u64>>,
     written: u64,
     entries: u64,
+    /// File content goes through this (256 KiB: far fewer read/write calls
+    /// than `io::copy`'s 8 KiB for multi-megabyte files).
+    buf: Vec<u8>,
+}
+
+const COPY_BUF: usize = 256 << 10;
+
+/// `io::copy` through `buf`.
+fn copy_with(buf: &mut [u8], r: &mut impl Read, w: &mut File) -> io::Result<u64> {
+    let mut n = 0u64;
+    loop {
+        let k = match r.read(buf) {
+            Ok(0) => return Ok(n),
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        io::Write::write_all(w, &buf[..k])?;
+        n += k as u64;
+    }
 }
 
 /// Counts the uncompressed bytes read and fails once past the limit.
@@ -151,7 +171,16 @@ impl Unpacker {
             path: dest.display().to_string(),
             source,
         })?;
-        Ok(Unpacker { tree, limits, owners: true, layer: 0, stream: Rc::default(), written: 0, entries: 0 })
+        Ok(Unpacker {
+            tree,
+            limits,
+            owners: true,
+            layer: 0,
+            stream: Rc::default(),
+            written: 0,
+            entries: 0,
+            buf: vec![0; COPY_BUF],
+        })
     }
 
     /// Whether entries get the archive's uid/gid (needs `CAP_CHOWN`);
@@ -323,14 +352,13 @@ impl Unpacker {
                     .map_err(self.sys(&name, "create"))?;
                 let mut file = File::from(fd);
                 let room = self.limits.max_bytes.saturating_sub(self.written);
-                let copied = io::copy(&mut entry.by_ref().take(room.saturating_add(1)), &mut file).map_err(|e| {
-                    match self.stream_error(e) {
+                let copied = copy_with(&mut self.buf, &mut entry.by_ref().take(room.saturating_add(1)), &mut file)
+                    .map_err(|e| match self.stream_error(e) {
                         ImageError::TooLarge { layer, what, limit, .. } => {
                             ImageError::TooLarge { layer, entry: name.clone(), what, limit }
                         }
                         other => other,
-                    }
-                })?;
+                    })?;
                 self.written = self.written.saturating_add(copied);
                 if copied > room {
                     return Err(ImageError::TooLarge {

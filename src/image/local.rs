@@ -83,9 +83,8 @@ pub fn layout_blob(dir: &Path, blob: &Blob, dest: Option<&Path>) -> Result<(), I
         Some(dest) => {
             let out = File::create(dest).map_err(ImageError::io("create", dest))?;
             let mut tee = Tee { inner: limited, out };
-            let r = digest::of_reader(&mut tee).map_err(ImageError::io("copy to", dest))?;
-            tee.out.sync_all().map_err(ImageError::io("sync", dest))?;
-            r
+            // Not synced: a pull's work copy, removed after the build.
+            digest::of_reader(&mut tee).map_err(ImageError::io("copy to", dest))?
         }
     };
     digest::verify(&blob.digest, Some(blob.size), &actual, size)

@@ -18,7 +18,7 @@ use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncSeekExt, AsyncWriteExt, BufWriter};
 
 use super::auth::Credentials;
 use super::digest;
@@ -215,7 +215,11 @@ impl Remote {
     /// Downloads `blob` into `dest` (created), verified; resumes from the
     /// offset reached after a broken transfer, up to the retries.
     pub async fn blob(&self, blob: &Blob, dest: &Path) -> Result<(), ImageError> {
-        let mut file = tokio::fs::File::create(dest).await.map_err(ImageError::io("create", dest))?;
+        // Chunks from the network are small (~16 KiB); each write to a
+        // tokio file is a trip to the blocking pool, so they are gathered
+        // into 1 MiB writes.
+        let file = tokio::fs::File::create(dest).await.map_err(ImageError::io("create", dest))?;
+        let mut file = BufWriter::with_capacity(1 << 20, file);
         let mut state = Download { hasher: Sha256::new(), offset: 0 };
         let mut attempt = 0;
         loop {
@@ -229,7 +233,10 @@ impl Remote {
                 Err(e) => return Err(e),
             }
         }
-        file.sync_all().await.map_err(ImageError::io("sync", dest))?;
+        // No fsync: blobs live only as long as this pull's work directory
+        // (a crash leaves them to `Images::open`, which removes them); the
+        // base built from them is synced.
+        file.flush().await.map_err(ImageError::io("write", dest))?;
         digest::verify(&blob.digest, Some(blob.size), &digest::finish(state.hasher), state.offset)
     }
 
@@ -237,7 +244,7 @@ impl Remote {
         &self,
         blob: &Blob,
         dest: &Path,
-        file: &mut tokio::fs::File,
+        file: &mut BufWriter<tokio::fs::File>,
         state: &mut Download,
     ) -> Result<(), ImageError> {
         let desc = OciDescriptor {
@@ -255,7 +262,8 @@ impl Remote {
             BlobResponse::Full(s) => {
                 if state.offset > 0 {
                     // No range support: start over.
-                    file.set_len(0).await.map_err(ImageError::io("truncate", dest))?;
+                    file.flush().await.map_err(ImageError::io("write", dest))?;
+                    file.get_mut().set_len(0).await.map_err(ImageError::io("truncate", dest))?;
                     file.seek(std::io::SeekFrom::Start(0)).await.map_err(ImageError::io("rewind", dest))?;
                     *state = Download { hasher: Sha256::new(), offset: 0 };
                 }
