@@ -3,7 +3,8 @@
 //! directory, optionally behind htpasswd basic auth, killed on drop; and
 //! small images built offline with `umoci` (from plain files or
 //! busybox-static) and pushed with `skopeo`; optionally over HTTPS with a
-//! test CA made by `openssl` ([`TestCa`]). Nothing contacts the internet.
+//! test CA made by `openssl` ([`TestCa`]) or with any other `auth:` section
+//! (token auth: `tests/image_bearer.rs`). Nothing contacts the internet.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -52,6 +53,19 @@ impl Registry {
     /// Starts a registry serving HTTPS with `tls` (certificate chain and
     /// key, PEM files); with `auth` it requires that user and password.
     pub fn start_with(auth: Option<(&str, &str)>, tls: Option<(&Path, &Path)>) -> Registry {
+        Registry::start_config(auth, tls, None)
+    }
+
+    /// Starts a plain-HTTP registry whose `auth:` section is `auth_yaml`
+    /// (e.g. `token:` auth, indented by two spaces under `auth:`); `creds`
+    /// are what [`Registry::push`] hands skopeo.
+    pub fn start_with_auth_config(auth_yaml: &str, creds: Option<(&str, &str)>) -> Registry {
+        let mut reg = Registry::start_config(None, None, Some(auth_yaml));
+        reg.creds = creds.map(|(u, p)| (u.into(), p.into()));
+        reg
+    }
+
+    fn start_config(auth: Option<(&str, &str)>, tls: Option<(&Path, &Path)>, auth_yaml: Option<&str>) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut config = format!(
@@ -69,6 +83,10 @@ impl Registry {
                 "auth:\n  htpasswd:\n    realm: metald-test\n    path: {}\n",
                 dir.path().join("htpasswd").display()
             ));
+        }
+        if let Some(yaml) = auth_yaml {
+            config.push_str("auth:\n");
+            config.push_str(yaml);
         }
         std::fs::write(dir.path().join("config.yml"), config).unwrap();
         let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
