@@ -23,17 +23,12 @@ use connectrpc::ErrorCode;
 use metald::client::VmClient;
 use metald::pb::vmprovisioner::v1 as pb;
 use serde_json::json;
-use support::registry::{ImageBuilder, Registry, files_under, image_tools_present, run};
+use support::registry::{ImageBuilder, Registry, files_under, run};
 use support::{TOKEN_A, TOKEN_B, TestDaemon, connect_json, free_port, start};
 
 macro_rules! require_tools {
     () => {
-        if !image_tools_present() {
-            eprintln!(
-                "skipped: docker-registry, skopeo, umoci, htpasswd or e2fsprogs missing (scripts/install-deps.sh)"
-            );
-            return;
-        }
+        support::registry::require_image_tools(&[])
     };
 }
 

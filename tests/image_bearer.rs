@@ -30,7 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use metald::image::{Credentials, ImageError, ImageSettings, Images};
 use metald::model::Code;
-use support::registry::{ImageBuilder, Registry, image_tools_present, on_path, run};
+use support::registry::{ImageBuilder, Registry, run};
 
 const SERVICE: &str = "metald-test";
 const ISSUER: &str = "metald-test-issuer";
@@ -39,13 +39,7 @@ const PASS: &str = "t0ken-pw";
 
 macro_rules! require_tools {
     () => {
-        if !image_tools_present() || !on_path("openssl") {
-            eprintln!(
-                "skipped: docker-registry, skopeo, umoci, htpasswd, openssl or e2fsprogs missing \
-                 (scripts/install-deps.sh)"
-            );
-            return;
-        }
+        support::registry::require_image_tools(&["openssl"])
     };
 }
 

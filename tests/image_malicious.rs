@@ -21,17 +21,12 @@ use std::time::Duration;
 
 use metald::image::{ImageError, ImageSettings, Images};
 use metald::model::Code;
-use support::registry::{ImageBuilder, Registry, files_under, image_tools_present};
+use support::registry::{ImageBuilder, Registry, files_under};
 use tar::EntryType;
 
 macro_rules! require_tools {
     () => {
-        if !image_tools_present() {
-            eprintln!(
-                "skipped: docker-registry, skopeo, umoci, htpasswd or e2fsprogs missing (scripts/install-deps.sh)"
-            );
-            return;
-        }
+        support::registry::require_image_tools(&[])
     };
 }
 

@@ -17,17 +17,12 @@ use std::time::{Duration, SystemTime};
 
 use metald::image::{Credentials, ImageError, ImageSettings, Images};
 use metald::model::Code;
-use support::registry::{ImageBuilder, Registry, ext4_cat, files_under, image_tools_present, run};
+use support::registry::{ImageBuilder, Registry, ext4_cat, files_under, run};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 macro_rules! require_tools {
     () => {
-        if !image_tools_present() {
-            eprintln!(
-                "skipped: docker-registry, skopeo, umoci, htpasswd or e2fsprogs missing (scripts/install-deps.sh)"
-            );
-            return;
-        }
+        support::registry::require_image_tools(&[])
     };
 }
 

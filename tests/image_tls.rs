@@ -19,17 +19,11 @@ use std::time::Duration;
 
 use metald::image::{Credentials, ImageSettings, Images};
 use metald::model::Code;
-use support::registry::{ImageBuilder, Registry, TestCa, ext4_cat, files_under, image_tools_present};
+use support::registry::{ImageBuilder, Registry, TestCa, ext4_cat, files_under};
 
 macro_rules! require_tools {
     () => {
-        if !image_tools_present() || !support::registry::on_path("openssl") {
-            eprintln!(
-                "skipped: docker-registry, skopeo, umoci, htpasswd, openssl or e2fsprogs missing \
-                 (scripts/install-deps.sh)"
-            );
-            return;
-        }
+        support::registry::require_image_tools(&["openssl"])
     };
 }
 

@@ -22,6 +22,19 @@ pub fn on_path(tool: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
 }
 
+/// Fails the test (never skips it) when an image tool is missing: `make
+/// test` installs them (`scripts/install-deps.sh`), so a missing one is a
+/// broken set-up, not a reason to pass.
+pub fn require_image_tools(extra: &[&str]) {
+    let missing: Vec<&str> = ["docker-registry", "skopeo", "umoci", "htpasswd", "mkfs.ext4", "debugfs"]
+        .iter()
+        .chain(extra)
+        .copied()
+        .filter(|t| !on_path(t))
+        .collect();
+    assert!(missing.is_empty(), "missing {missing:?}: install them with scripts/install-deps.sh (make deps)");
+}
+
 /// A running `docker-registry`.
 pub struct Registry {
     child: Option<Child>,
