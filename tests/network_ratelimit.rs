@@ -217,9 +217,16 @@ async fn run() {
 
     // Delete: the limit object, its element and the TAP (with its qdisc) go.
     c.delete_vm(pb::DeleteVmRequest { vm_id: "slow".into(), force: true, ..Default::default() }).await.unwrap();
-    let table = Command::new("nft").args(["list", "table", "inet", "metald"]).output().unwrap();
-    let table = String::from_utf8_lossy(&table.stdout);
-    assert!(!table.contains("limit tx_mt-") && !table.contains(": \"tx_mt-"), "{table}");
+    // Removal is batched off the call's path (network::reap): wait for it.
+    let table = || {
+        let out = Command::new("nft").args(["list", "table", "inet", "metald"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    wait_until("the limit object and its element to be deleted", Duration::from_secs(10), || {
+        let t = table();
+        async move { !t.contains("limit tx_mt-") && !t.contains(": \"tx_mt-") }
+    })
+    .await;
     wait_until(&format!("TAP {slow_tap} to be deleted"), Duration::from_secs(10), || {
         let links = Command::new("ip").args(["link", "show"]).output().unwrap();
         let gone = !String::from_utf8_lossy(&links.stdout).contains(&slow_tap);
