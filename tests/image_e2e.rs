@@ -17,6 +17,8 @@
 
 mod support;
 
+use support::ip;
+
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -27,7 +29,7 @@ use metald::client::{VmClient, WireProtocol, vm_client};
 use metald::daemon::Config;
 use metald::pb::vmprovisioner::v1 as pb;
 use support::registry::{ImageBuilder, Registry};
-use support::{console_text, guest_image, kill_processes_under, metald_env, wait_until};
+use support::{console_text, guest_image, metald_env, wait_until};
 
 const BOOT: Duration = Duration::from_secs(180);
 
@@ -87,11 +89,6 @@ fn write_exec(path: &Path, text: &str) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::write(path, text).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
@@ -158,14 +155,6 @@ async fn wait_shutdown(c: &VmClient, id: &str) -> pb::GetVmInfoResponse {
     info(c, id).await
 }
 
-struct KillQemus(PathBuf);
-
-impl Drop for KillQemus {
-    fn drop(&mut self) {
-        kill_processes_under(&self.0);
-    }
-}
-
 #[test]
 fn an_image_runs_as_the_vms_workload_serves_through_a_port_and_reports_its_exit() {
     // Built (or checked) before the namespace: building may need the network.
@@ -201,7 +190,7 @@ async fn run() {
         ("IMAGE_INSECURE_REGISTRIES", registry.host.clone()),
         ("IMAGE_WRITABLE_MB", "64".to_owned()),
     ]);
-    let _kill = KillQemus(tmp.path().to_path_buf());
+    let _kill = support::KillOnDrop(tmp.path().to_path_buf());
     let daemon = metald::daemon::start(Config::from_source(&env).unwrap()).await.unwrap();
     let c = vm_client(
         &format!("http://{}", daemon.addr),

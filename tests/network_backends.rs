@@ -11,6 +11,8 @@
 
 mod support;
 
+use support::in_netns;
+
 use metald::pb::vmprovisioner::v1 as pb;
 use serde_json::{Value, json};
 use support::{KillOnDrop, create, info, requests, start_with, vm_dir};
@@ -18,23 +20,6 @@ use support::{KillOnDrop, create, info, requests, start_with, vm_dir};
 const FAKE_FC: &str = env!("CARGO_BIN_EXE_metald-fake-firecracker");
 const FAKE_JAILER: &str = env!("CARGO_BIN_EXE_metald-fake-jailer");
 const FAKE_CH: &str = env!("CARGO_BIN_EXE_metald-fake-cloud-hypervisor");
-
-/// Runs `f` on a thread in a fresh network namespace.
-fn in_netns<F, Fut>(f: F)
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()>,
-{
-    std::thread::spawn(move || {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET): run as root");
-        let up = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status().unwrap();
-        assert!(up.success());
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        rt.block_on(f());
-    })
-    .join()
-    .unwrap();
-}
 
 fn rate(bandwidth: i64) -> buffa::MessageField<pb::RateLimit, buffa::Inline<pb::RateLimit>> {
     pb::RateLimit { bandwidth, refill_time: 100, burst: 4096, ..Default::default() }.into()

@@ -17,6 +17,8 @@
 
 mod support;
 
+use support::ip;
+
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -26,14 +28,9 @@ use std::time::Duration;
 use metald::client::{VmClient, WireProtocol, vm_client};
 use metald::daemon::{Config, Daemon};
 use metald::pb::vmprovisioner::v1 as pb;
-use support::{console_text, guest_image, kill_processes_under, metald_env, wait_until};
+use support::{console_text, guest_image, metald_env, wait_until};
 
 const BOOT: Duration = Duration::from_secs(120);
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
 
 fn gettid() -> i32 {
     nix::unistd::gettid().as_raw()
@@ -201,7 +198,7 @@ async fn run() {
         ("BILLING_FLUSH_MS", "500".to_owned()),
         ("BILLING_COMMIT_MS", "100".to_owned()),
     ]);
-    let _kill = KillQemus(tmp.path().to_path_buf());
+    let _kill = support::KillOnDrop(tmp.path().to_path_buf());
     let mut daemon: Option<Daemon> = Some(metald::daemon::start(Config::from_source(&env).unwrap()).await.unwrap());
     let port = daemon.as_ref().unwrap().addr.port();
     let client = |token: &str| {
@@ -336,13 +333,4 @@ async fn run() {
     assert!(http_get(format!("127.0.0.1:{host_port}").parse().unwrap()).is_none(), "the mapping outlived its VM");
     daemon.take().unwrap().shutdown();
     billing_stop.cancel();
-}
-
-/// Kills the test's QEMU processes however the test ends.
-struct KillQemus(PathBuf);
-
-impl Drop for KillQemus {
-    fn drop(&mut self) {
-        kill_processes_under(&self.0);
-    }
 }

@@ -7,32 +7,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::process::Command;
+use support::{in_netns, ip};
 
 use metald::model::net::Proto;
 use metald::network::{Datapath, NetError, NetSettings, NicLimits, NicWiring, PortWiring};
-
-/// Runs `f` on a thread in a fresh network namespace.
-fn in_netns<F, Fut>(f: F)
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()>,
-{
-    std::thread::spawn(move || {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET): run as root");
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(f());
-    })
-    .join()
-    .unwrap();
-}
-
-/// `ip` in the calling thread's namespace (a child inherits it).
-fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn nft_list() -> String {
     let out = Command::new("nft").args(["list", "table", "inet", "metald"]).output().unwrap();

@@ -21,12 +21,15 @@
 // One ioctl (TUNSETIFF) opens a TAP's queue, as a hypervisor does.
 #![allow(unsafe_code)]
 
+mod support;
+
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use support::{in_netns, ip};
 
 use metald::model::net::Proto;
 use metald::network::{Datapath, NetSettings, NicLimits, NicWiring, PortWiring};
@@ -57,28 +60,6 @@ const UDP: u8 = 17;
 const ICMP6: u8 = 58;
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
-
-/// Runs `f` on a thread in a fresh network namespace.
-fn in_netns<F, Fut>(f: F)
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()>,
-{
-    std::thread::spawn(move || {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET): run as root");
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(f());
-    })
-    .join()
-    .unwrap();
-}
-
-/// `ip` in the calling thread's namespace (a child inherits it).
-fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn nft(args: &[&str]) {
     let out = Command::new("nft").args(args).output().unwrap();

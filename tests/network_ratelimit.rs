@@ -19,6 +19,8 @@
 
 mod support;
 
+use support::ip;
+
 use std::io::{Read as _, Write as _};
 use std::net::{Shutdown, TcpStream};
 use std::path::PathBuf;
@@ -28,7 +30,7 @@ use std::time::{Duration, Instant};
 use metald::client::{VmClient, WireProtocol, vm_client};
 use metald::daemon::{Config, Daemon};
 use metald::pb::vmprovisioner::v1 as pb;
-use support::{console_text, guest_image, kill_processes_under, metald_env, wait_until};
+use support::{console_text, guest_image, metald_env, wait_until};
 
 const BOOT: Duration = Duration::from_secs(120);
 /// The limit, bytes per second, each way.
@@ -41,11 +43,6 @@ const BYTES: u64 = 512 * 1024;
 const FREE: u64 = 128 * 1024;
 const SINK: i32 = 9000;
 const SOURCE: i32 = 9001;
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
 
 /// Sends `BYTES` to the guest's sink; returns how long until the guest
 /// answered that it had them all.
@@ -158,7 +155,7 @@ async fn run() {
         ("SHUTDOWN_GRACE_SECONDS", "5".to_owned()),
         ("NETWORK_ENABLED", "true".to_owned()),
     ]);
-    let _kill = KillQemus(tmp.path().to_path_buf());
+    let _kill = support::KillOnDrop(tmp.path().to_path_buf());
     let daemon: Daemon = metald::daemon::start(Config::from_source(&env).unwrap()).await.unwrap();
     let c = vm_client(
         &format!("http://127.0.0.1:{}", daemon.addr.port()),
@@ -235,13 +232,4 @@ async fn run() {
     .await;
     daemon.shutdown();
     daemon.wait().await.unwrap();
-}
-
-/// Kills the test's QEMU processes however the test ends.
-struct KillQemus(PathBuf);
-
-impl Drop for KillQemus {
-    fn drop(&mut self) {
-        kill_processes_under(&self.0);
-    }
 }

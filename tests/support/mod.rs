@@ -13,6 +13,7 @@
 //! | `process.rs` | `/proc`: live or unreaped pids, a test's processes, CPU, RSS, fds |
 //! | `wait.rs`    | bounded polling (`wait_until`, `wait_for`, `eventually`)          |
 //! | `net.rs`     | a free port, a bare HTTP GET, a raw Connect JSON call             |
+//! |              | ; a network namespace of the test's own (`in_netns`), `ip` in it  |
 //! | `registry.rs` | a real `docker-registry` (htpasswd or token auth), images built with |
 //! |              | `umoci` and pushed with `skopeo`, ext4 contents via `debugfs`     |
 //! | `repo.rs`    | paths in the checkout: its root, the npm peers in `tests/js`      |

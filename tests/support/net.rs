@@ -1,5 +1,6 @@
 //! Loopback networking: a free TCP port and a bare HTTP/1.1 GET (for
-//! `/_/health`, which needs no client library).
+//! `/_/health`, which needs no client library); a network namespace of a
+//! test's own ([`in_netns`]) and `ip` in it.
 
 use serde_json::Value;
 
@@ -72,4 +73,30 @@ pub async fn connect_json(
     let body =
         if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.into() };
     (head.lines().next().unwrap().to_owned(), serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+/// Runs `f` on a thread in a fresh network namespace with `lo` up, on a
+/// runtime whose threads (and every process they start: metald's QEMUs,
+/// `nft`, `ip`) inherit that namespace. Needs root.
+pub fn in_netns<F, Fut>(f: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET): run as root");
+        ip(&["link", "set", "lo", "up"]);
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(f());
+    })
+    .join()
+    .unwrap();
+}
+
+/// `ip ARGS` in the calling thread's namespace; its stdout. Panics with
+/// its stderr when it fails.
+pub fn ip(args: &[&str]) -> String {
+    let out = std::process::Command::new("ip").args(args).output().unwrap();
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
