@@ -175,6 +175,8 @@ metald is running (pid $(cat "$DEMO/metald.pid")), with VM $ID and image VM $IMG
 Try:
   export METALD_ENDPOINT=$ENDPOINT METALD_TOKEN=$TOKEN
   ./build/metaldctl pause $ID && ./build/metaldctl resume $ID
+  ./build/metaldctl suspend $ID && ./build/metaldctl resume $ID    # to disk and back: its ticks go on
+  ./build/metaldctl snapshot $ID --name warm && ./build/metaldctl create --from-snapshot warm   # a clone
   ./build/metaldctl shutdown $ID && ./build/metaldctl boot $ID
   ./build/metaldctl shutdown $IMG && ./build/metaldctl info $IMG     # the workload got SIGTERM: its exit
   ./build/metaldctl create --image $REGISTRY/demo/hello:v1 -- other args   # the cached image: no pull

@@ -59,6 +59,7 @@
 #       METALD_NET_UP <iface> <cidr>   (with metald.ip=)
 #       METALD_GUEST_READY             (userspace is up)
 #       METALD_TICK <n>                (every second from then on, n = 1, 2, ...)
+#       METALD_TICKFILE <lines>        (with metald.tickfile=)
 #       METALD_GUEST_SHUTDOWN_REASON=<power-button|ctrl-alt-del|poweroff_after|reboot_after>
 #       METALD_GUEST_POWEROFF          (always printed right before `poweroff -f`)
 #       METALD_GUEST_REBOOT            (printed before `reboot -f`)
@@ -68,6 +69,8 @@
 #     SIGINT and runs ::ctrlaltdel:, which powers off. QEMU system_reset simply reboots the guest.
 #   * Kernel command line options:
 #       metald.burn=N            start N busy loops (`while :; do :; done &`), N=1 usual
+#       metald.tickfile=PATH     also append each tick's number to PATH (synced) and print
+#                                METALD_TICKFILE <lines in PATH> after each tick
 #       metald.poweroff_after=S  power off by itself after S seconds
 #       metald.reboot_after=S    reboot by itself after S seconds
 #       metald.ip=CIDR metald.gw=IP metald.iface=eth0   static network config (virtio-net)
@@ -502,7 +505,16 @@ EOF
 
   cat >"$r/etc/metald/ticker" <<'EOF'
 #!/bin/sh
+. /etc/metald/lib.sh
 n=0
+if f=$(param metald.tickfile); then
+  # Each tick also goes to a file on the guest's disk (written through to it), and the console
+  # shows how many lines the file holds: a save/restore test sees the file survive.
+  while :; do
+    n=$((n + 1)); echo "$n" >>"$f"; sync "$f" 2>/dev/null || sync
+    echo "METALD_TICK $n"; echo "METALD_TICKFILE $(wc -l <"$f" | tr -d ' ')"; sleep 1
+  done
+fi
 while :; do n=$((n + 1)); echo "METALD_TICK $n"; sleep 1; done
 EOF
 

@@ -16,6 +16,8 @@ pub enum Error {
     NotFound(String),
     #[error("VM {0} already exists")]
     AlreadyExists(String),
+    #[error("snapshot {0} not found")]
+    SnapshotNotFound(String),
     /// Something other than a VM id is taken (an address, a host port):
     /// the message names it.
     #[error("{0}")]
@@ -75,7 +77,7 @@ impl Error {
     pub fn code(&self) -> Code {
         match self {
             Error::InvalidArgument { .. } => Code::InvalidArgument,
-            Error::NotFound(_) => Code::NotFound,
+            Error::NotFound(_) | Error::SnapshotNotFound(_) => Code::NotFound,
             Error::AlreadyExists(_) | Error::Taken(_) => Code::AlreadyExists,
             Error::WrongState { .. } | Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::PermissionDenied(_) => Code::PermissionDenied,

@@ -12,6 +12,9 @@
 
 mod support;
 
+#[path = "cloudhypervisor/saves.rs"]
+mod saves;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

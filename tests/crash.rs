@@ -1,16 +1,24 @@
 //! The fault-injection harness: the real `metald` binary is killed with
 //! SIGKILL at random instants while a client drives random mutating
-//! operations (create, boot, pause, resume, shutdown, delete), then started
-//! again on the same data directory. After each restart:
+//! operations (create, boot, pause, resume, shutdown, delete; where the
+//! backend saves guests also suspend, resume from suspended, snapshot,
+//! clone and snapshot delete), then started again on the same data
+//! directory. After each restart (`tests/support/crash.rs` has the shared
+//! invariants):
 //!
 //! - no operation is left half-done (the store holds no intent once the VMs
 //!   are settled, and no VM is still marked reconciling);
 //! - `<data>/vms/` holds exactly the directories of the VMs metald reports;
+//! - a SUSPENDED VM has a complete save and no process; no half-written or
+//!   stale save, no `cont-pending` marker; `<data>/snapshots/` holds
+//!   exactly the listed snapshots' directories (no `.tmp-*`);
 //! - every live hypervisor process naming a VM directory is the recorded
 //!   VMM of a VM that owns one (created, running or paused), one per VM;
 //! - every VM's reported state is the hypervisor's own (asked through its
 //!   API socket for Firecracker; through QMP for QEMU once metald has let go);
-//! - every id can be deleted and created again, cleanly.
+//! - a suspended VM resumes (about half of them after each restart, all
+//!   at the end): it reaches RUNNING, and a QEMU guest's console counts on
+//!   where it stopped; at the end every id can be deleted and created again.
 //!
 //! With host networking on (fake backend, real kernel objects, in a network
 //! namespace of the test's own), every VM has a managed NIC with a port
@@ -24,237 +32,88 @@
 //! published bases, and every image VM has its base and writable disk.
 //!
 //! Backends: the in-process fake (many iterations: store, intents,
-//! directories), the fake Firecracker (real processes, many iterations) and
-//! QEMU with the real guest image (a few iterations). `METALD_CRASH_SEED`
-//! replays a run; `METALD_CRASH_ITERATIONS` runs longer.
+//! directories), the fake Firecracker (real processes, many iterations; no
+//! saves yet) and QEMU with the real guest image (a few iterations).
+//! `tests/crash_saves.rs` kills metald in one real guest's suspends and
+//! resumes. `METALD_CRASH_SEED` replays a run; `METALD_CRASH_ITERATIONS`
+//! runs longer.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use metald::client::{VmClient, WireProtocol, vm_client};
+use metald::client::VmClient;
 use metald::pb::vmprovisioner::v1 as pb;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use support::*;
+use support::crash::{Host, Kind, Vms, check_common, qmp_status, settled_vms, ticks, vmm_processes, wait_ticks};
 
-const TOKEN: &str = "dev_customer_acme";
 const IDS: [&str; 4] = ["crash-0", "crash-1", "crash-2", "crash-3"];
+const SNAPSHOTS: [&str; 2] = ["snap-0", "snap-1"];
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Kind {
-    Fake,
-    FakeNet,
-    FakeFirecracker,
-    Qemu,
-    /// The fake backend creating image VMs from a real registry: kills land
-    /// in pulls, base builds and writable-disk creation.
-    FakeImages,
-}
-
-/// Distinct images the image harness creates from (each pulled once).
-const IMAGES: usize = 6;
-
-/// One data directory and the `metald` binary serving it, restarted at will.
-struct Host {
-    kind: Kind,
-    tmp: tempfile::TempDir,
-    env: std::collections::HashMap<String, String>,
-    port: u16,
-    log: PathBuf,
-    kernel: String,
-    metald: Option<MetaldProcess>,
-    /// The registry of `Kind::FakeImages` (killed on drop).
-    registry: Option<support::registry::Registry>,
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        self.metald.take();
-        kill_processes_under(self.tmp.path());
-    }
-}
-
-impl Host {
-    fn new(kind: Kind) -> Host {
-        let tmp = tempfile::Builder::new().prefix("metald-crash-").tempdir().unwrap();
-        let assets = tmp.path().join("assets");
-        std::fs::create_dir_all(&assets).unwrap();
-        let port = free_port();
-        let mut vars = vec![
-            ("ADDRESS", "127.0.0.1".to_owned()),
-            ("PORT", port.to_string()),
-            ("DATA_DIR", tmp.path().join("data").display().to_string()),
-            ("AUTH_DEV_TOKENS", "true".to_owned()),
-            ("LOG_LEVEL", "debug".to_owned()),
-        ];
-        let kernel = match kind {
-            Kind::Fake | Kind::FakeNet | Kind::FakeFirecracker | Kind::FakeImages => {
-                std::fs::write(assets.join("vmlinux"), b"\x7fELF fake kernel").unwrap();
-                vars.push(("ASSET_DIRS", assets.display().to_string()));
-                assets.join("vmlinux")
-            }
-            Kind::Qemu => {
-                let image = guest_image();
-                vars.push(("ASSET_DIRS", image.display().to_string()));
-                vars.push(("QEMU_ACCEL", "tcg".to_owned()));
-                image.join("vmlinux")
-            }
-        };
-        match kind {
-            Kind::Fake => vars.push(("BACKEND", "fake".to_owned())),
-            Kind::FakeNet => {
-                vars.push(("BACKEND", "fake".to_owned()));
-                vars.push(("NETWORK_ENABLED", "true".to_owned()));
-            }
-            Kind::FakeFirecracker => {
-                vars.push(("BACKEND", "firecracker".to_owned()));
-                vars.push(("FIRECRACKER_BINARY", env!("CARGO_BIN_EXE_metald-fake-firecracker").to_owned()));
-            }
-            Kind::Qemu => vars.push(("BACKEND", "qemu".to_owned())),
-            Kind::FakeImages => vars.push(("BACKEND", "fake".to_owned())),
-        }
-        let registry = (kind == Kind::FakeImages).then(|| {
-            let registry = support::registry::Registry::start(None);
-            // Several images, each with ~2 MiB of random bytes: pulls and
-            // base builds long enough for kills to land in them.
-            for i in 0..IMAGES {
-                let img = support::registry::ImageBuilder::new(tmp.path(), &format!("v{i}"));
-                img.layer(|root| {
-                    let data: Vec<u8> = (0..2 << 20).map(|_| rand::random::<u8>()).collect();
-                    std::fs::write(root.join("data"), data).unwrap();
-                });
-                img.config(&["--config.cmd=/data"]);
-                registry.push(&img.layout, &format!("v{i}"), "crash");
-            }
-            std::fs::write(assets.join("initrd"), b"fake initramfs").unwrap();
-            vars.push(("GUEST_KERNEL", assets.join("vmlinux").display().to_string()));
-            vars.push(("GUEST_INITRD", assets.join("initrd").display().to_string()));
-            vars.push(("IMAGE_INSECURE_REGISTRIES", registry.host.clone()));
-            vars.push(("IMAGE_WRITABLE_MB", "16".to_owned()));
-            registry
-        });
-        let env = metald_env(vars);
-        let log = tmp.path().join("metald.log");
-        Host { kind, kernel: kernel.display().to_string(), tmp, env, port, log, metald: None, registry }
-    }
-
-    fn vms_dir(&self) -> PathBuf {
-        self.tmp.path().join("data").join("vms")
-    }
-
-    fn client(&self) -> VmClient {
-        vm_client(
-            &format!("http://127.0.0.1:{}", self.port),
-            TOKEN,
-            WireProtocol::ConnectProto,
-            Duration::from_secs(60),
-        )
-        .unwrap()
-    }
-
-    async fn up(&mut self) {
-        self.metald = Some(spawn_metald(&self.env, &self.log));
-        wait_serving(&self.client(), Duration::from_secs(60), &self.log).await;
-    }
-
-    fn kill9(&mut self) {
-        // MetaldProcess sends SIGKILL and reaps when dropped.
-        self.metald.take();
-    }
-
-    /// SIGTERM: metald stops and lets go of its VMMs (they keep running).
-    fn stop(&mut self) {
-        if let Some(mut p) = self.metald.take() {
-            let pid = nix::unistd::Pid::from_raw(i32::try_from(p.pid()).unwrap());
-            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-            p.0.wait().unwrap();
-        }
-    }
-
-    fn config(&self) -> pb::VmConfig {
-        if let Some(registry) = &self.registry {
-            let mut c = vm_config(&self.kernel);
-            c.boot = Default::default();
-            c.storage.clear();
-            let tag = rand::random_range(0..IMAGES);
-            c.image = pb::ContainerImage { reference: format!("{}/crash:v{tag}", registry.host), ..Default::default() }
-                .into();
-            return c;
-        }
-        let mut c = vm_config(&self.kernel);
-        if self.kind == Kind::Qemu {
-            c.memory = pb::MemoryConfig { size_bytes: 64 << 20, ..Default::default() }.into();
-        }
-        if self.kind == Kind::FakeNet {
-            c.network = vec![pb::NetworkInterface {
-                port_mappings: vec![pb::PortMapping { guest_port: 80, ..Default::default() }],
-                ..Default::default()
-            }];
-        }
-        c
-    }
-}
+/// Per id, how many guests may have started in its directory: reset only
+/// by a create (0) or clone (1) whose answer arrived (a new directory),
+/// raised by every boot sent but not refused. A guest that resumes counts on from its last
+/// tick only where this is at most 1 (else an earlier guest's ticks may
+/// precede a new boot's in the same console log).
+type Boots = BTreeMap<String, u32>;
 
 /// One random mutating call (its outcome does not matter: the harness
 /// checks the state metald reports after the crash, not this call).
-async fn random_op(c: &VmClient, host: &Host, rng: &mut StdRng) {
+async fn random_op(c: &VmClient, host: &Host, rng: &mut StdRng, boots: &mut Boots) {
     let id = IDS[rng.random_range(0..IDS.len())].to_owned();
-    let _ = match rng.random_range(0..7) {
-        0 | 1 => c
-            .create_vm(pb::CreateVmRequest { vm_id: id, config: host.config().into(), ..Default::default() })
-            .await
-            .map(|_| ()),
-        2 => c.boot_vm(pb::BootVmRequest { vm_id: id, ..Default::default() }).await.map(|_| ()),
-        3 => c.pause_vm(pb::PauseVmRequest { vm_id: id, ..Default::default() }).await.map(|_| ()),
-        4 => c.resume_vm(pb::ResumeVmRequest { vm_id: id, ..Default::default() }).await.map(|_| ()),
-        5 => c.shutdown_vm(pb::ShutdownVmRequest { vm_id: id, force: true, ..Default::default() }).await.map(|_| ()),
-        _ => c.delete_vm(pb::DeleteVmRequest { vm_id: id, force: true, ..Default::default() }).await.map(|_| ()),
-    };
-}
-
-/// The VMs metald reports, once none is reconciling: id → (state, pid).
-async fn settled_vms(c: &VmClient) -> BTreeMap<String, (pb::VmState, Option<i32>)> {
-    'poll: for _ in 0..600 {
-        let mut out = BTreeMap::new();
-        let list = c.list_vms(pb::ListVmsRequest { page_size: 1000, ..Default::default() }).await.unwrap().into_owned();
-        for vm in list.vms {
-            let info = c
-                .get_vm_info(pb::GetVmInfoRequest { vm_id: vm.vm_id.clone(), ..Default::default() })
-                .await
-                .unwrap()
-                .into_owned();
-            if info.state_reconciling || !info.operation_in_progress.is_empty() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue 'poll;
+    let snapshot = SNAPSHOTS[rng.random_range(0..SNAPSHOTS.len())].to_owned();
+    let ops = if host.kind.saves() { 14 } else { 7 };
+    let _ = match rng.random_range(0..ops) {
+        0 | 1 => {
+            let r = c
+                .create_vm(pb::CreateVmRequest {
+                    vm_id: id.clone(),
+                    config: host.config().into(),
+                    ..Default::default()
+                })
+                .await;
+            if r.is_ok() {
+                boots.insert(id, 0);
             }
-            let pid = info.backend_info.get("pid").map(|p| p.parse().unwrap());
-            out.insert(vm.vm_id, (info.state.as_known().unwrap(), pid));
+            r.map(|_| ())
         }
-        return out;
-    }
-    panic!("VMs still reconciling after 60 s");
-}
-
-/// Live processes naming a directory under `vms` (command line or working
-/// directory), by that directory's name.
-fn vmm_processes(vms: &Path) -> BTreeMap<String, Vec<i32>> {
-    let prefix = format!("{}/", vms.display());
-    let mut out: BTreeMap<String, Vec<i32>> = BTreeMap::new();
-    for pid in processes_under(vms) {
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
-        let text = format!("{} {}/", String::from_utf8_lossy(&cmdline).replace('\0', " "), cwd.display());
-        let Some(at) = text.find(&prefix) else { continue };
-        let rest = &text[at + prefix.len()..];
-        let name: String = rest.chars().take_while(|c| !matches!(c, '/' | ',' | ' ' | ':' | '=')).collect();
-        out.entry(name).or_default().push(pid);
-    }
-    out
+        2 | 13 => {
+            // Counted before the call (a kill may cut it), taken back when
+            // it was refused (the VM was not shut down or created).
+            *boots.entry(id.clone()).or_default() += 1;
+            let r = c.boot_vm(pb::BootVmRequest { vm_id: id.clone(), ..Default::default() }).await.map(|_| ());
+            if let Err(e) = &r
+                && matches!(e.code, connectrpc::ErrorCode::FailedPrecondition | connectrpc::ErrorCode::NotFound)
+            {
+                *boots.entry(id).or_default() -= 1;
+            }
+            r
+        }
+        3 => c.pause_vm(pb::PauseVmRequest { vm_id: id, ..Default::default() }).await.map(|_| ()),
+        // Resumes a paused VM, or restores a suspended one.
+        4 | 7 => c.resume_vm(pb::ResumeVmRequest { vm_id: id, ..Default::default() }).await.map(|_| ()),
+        5 => c.shutdown_vm(pb::ShutdownVmRequest { vm_id: id, force: true, ..Default::default() }).await.map(|_| ()),
+        6 => c.delete_vm(pb::DeleteVmRequest { vm_id: id, force: true, ..Default::default() }).await.map(|_| ()),
+        8 | 9 => c.suspend_vm(pb::SuspendVmRequest { vm_id: id, ..Default::default() }).await.map(|_| ()),
+        10 => {
+            c.snapshot_vm(pb::SnapshotVmRequest { vm_id: id, name: snapshot, ..Default::default() }).await.map(|_| ())
+        }
+        11 => {
+            let r = c
+                .create_vm(pb::CreateVmRequest { vm_id: id.clone(), from_snapshot: snapshot, ..Default::default() })
+                .await;
+            if r.is_ok() {
+                boots.insert(id, 1);
+            }
+            r.map(|_| ())
+        }
+        _ => c.delete_snapshot(pb::DeleteSnapshotRequest { name: snapshot, ..Default::default() }).await.map(|_| ()),
+    };
 }
 
 /// `GET /` on a Firecracker API socket: its `state`.
@@ -269,78 +128,67 @@ async fn firecracker_state(socket: &str) -> String {
     v["state"].as_str().unwrap().to_owned()
 }
 
-/// `query-status` over a QMP socket (metald must have let go of it).
-async fn qmp_status(socket: &Path) -> String {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    let s = tokio::net::UnixStream::connect(socket).await.unwrap();
-    let (r, mut w) = s.into_split();
-    let mut lines = BufReader::new(r).lines();
-    lines.next_line().await.unwrap(); // greeting
-    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-status\"}\n").await.unwrap();
-    loop {
-        let line = lines.next_line().await.unwrap().unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if let Some(status) = v["return"]["status"].as_str() {
-            return status.to_owned();
-        }
-    }
-}
-
-fn intents(host: &Host) -> usize {
-    let db = rusqlite::Connection::open(host.tmp.path().join("data").join("metald.db")).unwrap();
-    usize::try_from(db.query_row("SELECT count(*) FROM intents", [], |r| r.get::<_, i64>(0)).unwrap()).unwrap()
-}
-
 /// Every invariant of the module doc, after a restart.
-async fn check(host: &Host, round: usize) -> BTreeMap<String, (pb::VmState, Option<i32>)> {
-    let c = host.client();
-    let vms = settled_vms(&c).await;
-    let ctx = format!("round {round}, VMs {vms:?}, log {}", host.log.display());
-    assert_eq!(intents(host), 0, "an operation was left half-done: {ctx}");
-    let dirs: BTreeSet<String> =
-        std::fs::read_dir(host.vms_dir()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-    assert_eq!(dirs, vms.keys().cloned().collect::<BTreeSet<_>>(), "VM directories: {ctx}");
+async fn check(host: &Host, round: usize) -> Vms {
+    let (vms, ctx) = check_common(host, round).await;
     if host.kind == Kind::FakeNet {
         check_network(host, &vms, &ctx);
     }
     if host.kind == Kind::FakeImages {
         check_images(host, &vms, &ctx).await;
     }
-    if matches!(host.kind, Kind::Fake | Kind::FakeNet | Kind::FakeImages) {
+    if host.kind != Kind::FakeFirecracker {
         return vms;
     }
-    let procs = vmm_processes(&host.vms_dir());
-    for (id, pids) in &procs {
-        let (state, pid) = vms.get(id).unwrap_or_else(|| panic!("process {pids:?} of unknown VM {id}: {ctx}"));
-        assert_ne!(*state, pb::VmState::VM_STATE_SHUTDOWN, "a shut-down VM {id} has processes {pids:?}: {ctx}");
-        assert_eq!(pids, &vec![pid.unwrap()], "VM {id}'s processes: {ctx}");
-    }
+    let c = host.client();
     for (id, (state, _)) in &vms {
-        let has_process = *state != pb::VmState::VM_STATE_SHUTDOWN;
-        assert_eq!(procs.contains_key(id), has_process, "VM {id} in {state:?}: {ctx}");
-        if host.kind == Kind::FakeFirecracker && has_process {
-            let info = c
-                .get_vm_info(pb::GetVmInfoRequest { vm_id: id.clone(), ..Default::default() })
-                .await
-                .unwrap()
-                .into_owned();
-            let hv = firecracker_state(&info.backend_info["api_socket"]).await;
-            let want = match state {
-                pb::VmState::VM_STATE_CREATED => "Not started",
-                pb::VmState::VM_STATE_RUNNING => "Running",
-                pb::VmState::VM_STATE_PAUSED => "Paused",
-                _ => "none",
-            };
-            assert_eq!(hv, want, "VM {id}: reported {state:?}, Firecracker says {hv}: {ctx}");
-        }
+        let want = match state {
+            pb::VmState::VM_STATE_CREATED => "Not started",
+            pb::VmState::VM_STATE_RUNNING => "Running",
+            pb::VmState::VM_STATE_PAUSED => "Paused",
+            _ => continue,
+        };
+        let info =
+            c.get_vm_info(pb::GetVmInfoRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap().into_owned();
+        let hv = firecracker_state(&info.backend_info["api_socket"]).await;
+        assert_eq!(hv, want, "VM {id}: reported {state:?}, Firecracker says {hv}: {ctx}");
     }
     vms
 }
 
+/// Resumes every suspended VM: each reaches RUNNING, and a QEMU guest
+/// ticks again, its first tick after the resume the one after its last
+/// (where [`Boots`] tells which guest that last tick was from).
+async fn resume_suspended(host: &Host, vms: &Vms, boots: &Boots) {
+    let c = host.client();
+    for (id, (state, _)) in vms.iter().filter(|(_, (s, _))| *s == pb::VmState::VM_STATE_SUSPENDED) {
+        let console = host.console(id);
+        let before = ticks(&console);
+        let r = c
+            .resume_vm(pb::ResumeVmRequest { vm_id: id.clone(), ..Default::default() })
+            .await
+            .unwrap_or_else(|e| panic!("resuming suspended VM {id}: {e:?} (log {})", host.log.display()));
+        assert_eq!(r.into_owned().state.as_known(), Some(pb::VmState::VM_STATE_RUNNING), "VM {id} was {state:?}");
+        if host.kind != Kind::Qemu {
+            continue;
+        }
+        let after = wait_ticks(&console, before.len()).await;
+        let first = after[before.len()];
+        let booted_once = boots.get(id).is_some_and(|&n| n <= 1);
+        if let Some(last) = before.last()
+            && booted_once
+        {
+            assert_eq!(first, last + 1, "VM {id}'s guest after its resume: ticks {before:?} then {first}");
+        }
+        let checked = if booted_once { "" } else { " (not compared: more than one boot in its directory)" };
+        eprintln!("resumed {id}: ticks {:?} → {first}{checked}", before.last());
+    }
+}
+
 /// The image cache holds no work of an interrupted pull and only
 /// published bases; every image VM has its writable disk and its base.
-async fn check_images(host: &Host, vms: &BTreeMap<String, (pb::VmState, Option<i32>)>, ctx: &str) {
-    let cache = host.tmp.path().join("data").join("images");
+async fn check_images(host: &Host, vms: &Vms, ctx: &str) {
+    let cache = host.data_dir().join("images");
     let work: Vec<_> = std::fs::read_dir(cache.join("work")).unwrap().collect();
     assert!(work.is_empty(), "pull work left in the cache: {work:?}: {ctx}");
     for base in std::fs::read_dir(cache.join("bases")).unwrap() {
@@ -360,8 +208,8 @@ async fn check_images(host: &Host, vms: &BTreeMap<String, (pb::VmState, Option<i
 
 /// The kernel holds exactly the store's leases, and the store leases
 /// exactly for the VMs metald reports.
-fn check_network(host: &Host, vms: &BTreeMap<String, (pb::VmState, Option<i32>)>, ctx: &str) {
-    let db = rusqlite::Connection::open(host.tmp.path().join("data").join("metald.db")).unwrap();
+fn check_network(host: &Host, vms: &Vms, ctx: &str) {
+    let db = rusqlite::Connection::open(host.data_dir().join("metald.db")).unwrap();
     let column = |sql: &str| -> BTreeSet<String> {
         let mut stmt = db.prepare(sql).unwrap();
         stmt.query_map([], |r| r.get::<_, String>(0)).unwrap().map(Result::unwrap).collect()
@@ -415,13 +263,15 @@ async fn run(kind: Kind, iterations: usize, ops: usize, max_kill_ms: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut host = Host::new(kind);
     host.up().await;
+    let mut boots = Boots::new();
     for round in 0..iterations {
         let c = host.client();
         let mut op_rng = StdRng::seed_from_u64(rng.random());
         let h = &host;
+        let b = &mut boots;
         let ops_task = async {
             for _ in 0..ops {
-                random_op(&c, h, &mut op_rng).await;
+                random_op(&c, h, &mut op_rng, b).await;
             }
         };
         let kill_after = Duration::from_millis(rng.random_range(0..max_kill_ms));
@@ -431,14 +281,24 @@ async fn run(kind: Kind, iterations: usize, ops: usize, max_kill_ms: u64) {
         host.up().await;
         let vms = check(&host, round).await;
         eprintln!("round {round}: killed after {kill_after:?}; then {vms:?}");
+        // Suspended VMs resume (about half of them now, to keep others
+        // suspended across restarts; all of them at the end).
+        let now: Vms = vms.into_iter().filter(|_| rng.random_bool(0.5)).collect();
+        resume_suspended(&host, &now, &boots).await;
     }
     // What the restarts found and repaired (the log's summary lines).
     let log = std::fs::read_to_string(&host.log).unwrap_or_default();
     for line in log.lines().filter(|l| l.contains("state recovered from the store")).skip(1) {
         eprintln!("{}", &line[line.find("vms").unwrap_or(0)..]);
     }
-    // Every id can be used again, cleanly; then nothing is left at all.
+    // Every suspended VM resumes; every snapshot can be deleted.
     let c = host.client();
+    resume_suspended(&host, &settled_vms(&c).await, &boots).await;
+    for s in c.list_snapshots(pb::ListSnapshotsRequest::default()).await.unwrap().into_owned().snapshots {
+        c.delete_snapshot(pb::DeleteSnapshotRequest { name: s.name, ..Default::default() }).await.unwrap();
+    }
+    check(&host, iterations).await;
+    // Every id can be used again, cleanly; then nothing is left at all.
     for id in IDS {
         let _ = c.delete_vm(pb::DeleteVmRequest { vm_id: id.into(), force: true, ..Default::default() }).await;
         c.create_vm(pb::CreateVmRequest { vm_id: id.into(), config: host.config().into(), ..Default::default() })
@@ -446,7 +306,7 @@ async fn run(kind: Kind, iterations: usize, ops: usize, max_kill_ms: u64) {
             .unwrap_or_else(|e| panic!("re-creating {id}: {e:?}"));
         c.boot_vm(pb::BootVmRequest { vm_id: id.into(), ..Default::default() }).await.unwrap();
     }
-    let vms = check(&host, iterations).await;
+    let vms = check(&host, iterations + 1).await;
     assert_eq!(vms.len(), IDS.len());
     if kind == Kind::Qemu {
         // QEMU serves one QMP client: ask it once metald has let go.
@@ -463,13 +323,14 @@ async fn run(kind: Kind, iterations: usize, ops: usize, max_kill_ms: u64) {
     for id in IDS {
         c.delete_vm(pb::DeleteVmRequest { vm_id: id.into(), force: true, ..Default::default() }).await.unwrap();
     }
-    assert!(check(&host, iterations + 1).await.is_empty());
+    assert!(check(&host, iterations + 2).await.is_empty());
     assert!(vmm_processes(&host.vms_dir()).is_empty());
+    assert_eq!(std::fs::read_dir(host.data_dir().join("snapshots")).unwrap().count(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_instants_fake_backend() {
-    run(Kind::Fake, 40, 12, 40).await;
+    run(Kind::Fake, 60, 16, 100).await;
 }
 
 #[test]
@@ -497,5 +358,5 @@ async fn kill_9_at_random_instants_fake_firecracker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_instants_qemu_real_guests() {
-    run(Kind::Qemu, 8, 10, 800).await;
+    run(Kind::Qemu, 16, 10, 1500).await;
 }

@@ -13,6 +13,9 @@
 
 mod support;
 
+#[path = "firecracker/saves.rs"]
+mod saves;
+
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -77,8 +80,7 @@ fn expected_configuration(t: &TestDaemon, dir: &Path) -> Vec<Value> {
             "initrd_path": canon(t.assets().join("initrd.img")),
             "boot_args": "console=ttyS0 quiet reboot=k panic=1"}}),
         json!({"method": "PUT", "path": "/drives/root", "body": {
-            "drive_id": "root", "path_on_host": canon(t.assets().join("rootfs.ext4")),
-            "is_root_device": true, "is_read_only": false}}),
+            "drive_id": "root", "path_on_host": "drive-root", "is_root_device": true, "is_read_only": false}}),
         json!({"method": "PUT", "path": "/network-interfaces/eth0", "body": {
             "iface_id": "eth0", "host_dev_name": "tap-m0", "guest_mac": "02:00:00:00:00:01",
             "rx_rate_limiter": {"bandwidth": {"size": 100_000, "one_time_burst": 4096, "refill_time": 100}}}}),
@@ -149,11 +151,16 @@ async fn full_lifecycle_sends_the_documented_requests() {
     let r = create(&t, "fc1", full_config(&t)).await.unwrap();
     assert_eq!(r.state.as_known(), Some(pb::VmState::VM_STATE_CREATED));
     assert_requests(&requests(&dir), &expected_configuration(&t, &dir));
+    // The drive's name in Firecracker's working directory (the VM's).
+    assert_eq!(
+        std::fs::read_link(dir.join("drive-root")).unwrap().display().to_string(),
+        canon(t.assets().join("rootfs.ext4"))
+    );
 
     let i = info(&t, "fc1").await;
     let bi = &i.backend_info;
     assert_eq!(bi["backend"], "firecracker");
-    assert_eq!(bi["firecracker_version"], "1.10.1");
+    assert_eq!(bi["firecracker_version"], "1.16.1");
     assert_eq!(bi["api_socket"], dir.join("firecracker.sock").display().to_string());
     let pid: i32 = bi["pid"].parse().unwrap();
     assert!(process_alive(pid));
@@ -494,7 +501,7 @@ async fn health_reports_backend_version_and_kvm() {
     let (status, h) = http_get(&t.d().addr, "/_/health").await;
     assert!(status.contains("200"), "{status} {h}");
     assert_eq!(h["backend"], "firecracker");
-    assert_eq!(h["backend_version"], "Firecracker v1.10.1 (metald fake)");
+    assert_eq!(h["backend_version"], "Firecracker v1.16.1 (metald fake)");
     assert_eq!(h["kvm"], Path::new("/dev/kvm").exists() && metald::backend::host::kvm_available());
 }
 

@@ -106,6 +106,7 @@ fn nic(i: u8, tag: u32, ports: Vec<PortWiring>) -> NicWiring {
         guest_mac: [2, 0, 0, 0, 0, i],
         ipv4: Some(Ipv4Addr::new(10, 200, 0, i)),
         ipv6: Some(format!("fd00:6d65:7461:6c64::{i:x}").parse().unwrap()),
+        inner: Default::default(),
         tag,
         ports,
         owner: None,

@@ -62,6 +62,10 @@ enum Cmd {
         n: usize,
         force: bool,
     },
+    Suspend {
+        c: usize,
+        n: usize,
+    },
     /// The guest powers off (or its VMM dies).
     Exit {
         c: usize,
@@ -87,6 +91,7 @@ fn cmd() -> impl Strategy<Value = Cmd> {
         3 => cn.clone().prop_map(|(c, n)| Cmd::Boot { c, n }),
         2 => cn.clone().prop_map(|(c, n)| Cmd::Pause { c, n }),
         2 => cn.clone().prop_map(|(c, n)| Cmd::Resume { c, n }),
+        2 => cn.clone().prop_map(|(c, n)| Cmd::Suspend { c, n }),
         1 => (cn.clone(), any::<bool>()).prop_map(|((c, n), force)| Cmd::Reboot { c, n, force }),
         2 => cn.clone().prop_map(|(c, n)| Cmd::Shutdown { c, n }),
         2 => (cn.clone(), any::<bool>()).prop_map(|((c, n), force)| Cmd::Delete { c, n, force }),
@@ -103,6 +108,7 @@ enum S {
     Running,
     Paused,
     Shutdown,
+    Suspended,
 }
 
 impl S {
@@ -112,6 +118,7 @@ impl S {
             VmState::Running => S::Running,
             VmState::Paused => S::Paused,
             VmState::Shutdown => S::Shutdown,
+            VmState::Suspended => S::Suspended,
         }
     }
 }
@@ -124,6 +131,7 @@ enum Action {
     Reboot { force: bool },
     Shutdown,
     Delete { force: bool },
+    Suspend,
 }
 
 /// Where `action` takes a VM in state `s`: `Some(None)` = deleted,
@@ -133,7 +141,10 @@ fn next(s: S, action: Action) -> Option<Option<S>> {
     match (action, s) {
         (Action::Boot, Created | Shutdown) => Some(Some(Running)),
         (Action::Pause, Running) => Some(Some(Paused)),
-        (Action::Resume, Paused) => Some(Some(Running)),
+        (Action::Resume, Paused | Suspended) => Some(Some(Running)),
+        (Action::Suspend, Running | Paused) => Some(Some(Suspended)),
+        (Action::Shutdown, Suspended) => Some(Some(Shutdown)),
+        (Action::Delete { .. }, Suspended) => Some(None),
         (Action::Reboot { .. }, Running) => Some(Some(Running)),
         (Action::Shutdown, Running | Paused) => Some(Some(Shutdown)),
         (Action::Delete { .. }, Created | Shutdown) => Some(None),
@@ -147,7 +158,9 @@ fn backend_call(s: S, action: Action) -> &'static str {
     match (action, s) {
         (Action::Boot, _) => "boot",
         (Action::Pause, _) => "pause",
+        (Action::Resume, S::Suspended) => "restore",
         (Action::Resume, _) => "resume",
+        (Action::Suspend, _) => "save",
         (Action::Reboot { .. }, _) => "reboot",
         (Action::Shutdown, _) => "shutdown",
         (Action::Delete { .. }, _) => "delete",
@@ -172,6 +185,7 @@ async fn open(dir: &Path) -> Harness {
     let stop = CancellationToken::new();
     let mgr = Manager::open(
         ManagerConfig {
+            snapshot_max_bytes: 1 << 40,
             data_dir: dir.to_path_buf(),
             limits: Limits { max_vcpus: 4, max_memory_mb: 512, asset_dirs: vec![assets.clone()] },
             max_vms: 100,
@@ -217,6 +231,7 @@ async fn act(h: &Harness, model: &mut Model, c: usize, n: usize, action: Action,
         Action::Reboot { force } => h.mgr.reboot(&caller, &id, force).await.map(|_| ()),
         Action::Shutdown => h.mgr.shutdown(&caller, &id, StopMode::Force).await.map(|_| ()),
         Action::Delete { force } => h.mgr.delete(&caller, &id, force).await,
+        Action::Suspend => h.mgr.suspend(&caller, &id).await.map(|_| ()),
     };
     let code = r.as_ref().err().map(|e| e.code());
     let ctx = format!("{action:?} on {:?} with fault {fault:?}: {r:?}", (c, n));
@@ -231,7 +246,8 @@ async fn act(h: &Harness, model: &mut Model, c: usize, n: usize, action: Action,
             assert_eq!(code, Some(Code::DeadlineExceeded), "{ctx}");
             // Boot of a shut-down VM starts a new VMM; a failed boot
             // releases it again, so the VM stays shut down.
-            let to = if s == S::Shutdown { Some(S::Shutdown) } else { to };
+            // Likewise a resume from disk whose restored VMM is released.
+            let to = if matches!(s, S::Shutdown | S::Suspended) { Some(s) } else { to };
             set(model, c, n, to);
         }
         (Some(to), _) => {
@@ -286,9 +302,10 @@ async fn run(cmds: Vec<Cmd>) {
             Cmd::Reboot { c, n, force } => act(&h, &mut model, c, n, Action::Reboot { force }, None).await,
             Cmd::Shutdown { c, n } => act(&h, &mut model, c, n, Action::Shutdown, None).await,
             Cmd::Delete { c, n, force } => act(&h, &mut model, c, n, Action::Delete { force }, None).await,
+            Cmd::Suspend { c, n } => act(&h, &mut model, c, n, Action::Suspend, None).await,
             Cmd::Exit { c, n } => {
                 let Some(&s) = model.get(&(c, n)) else { continue };
-                if s == S::Shutdown {
+                if matches!(s, S::Shutdown | S::Suspended) {
                     continue;
                 }
                 let host = h.mgr.get(&cust(c), &name(n)).unwrap().host_id;
@@ -308,7 +325,14 @@ async fn run(cmds: Vec<Cmd>) {
                 let candidates: &[Action] = if timeout {
                     &[Action::Boot, Action::Pause, Action::Resume]
                 } else {
-                    &[Action::Boot, Action::Pause, Action::Resume, Action::Reboot { force: false }, Action::Shutdown]
+                    &[
+                        Action::Boot,
+                        Action::Pause,
+                        Action::Resume,
+                        Action::Reboot { force: false },
+                        Action::Shutdown,
+                        Action::Suspend,
+                    ]
                 };
                 let Some(&action) = candidates.iter().find(|a| next(s, **a).is_some()) else { continue };
                 let call = backend_call(s, action);

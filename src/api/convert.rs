@@ -38,6 +38,7 @@ pub fn state_out(s: VmState) -> pb::VmState {
         VmState::Running => pb::VmState::VM_STATE_RUNNING,
         VmState::Paused => pb::VmState::VM_STATE_PAUSED,
         VmState::Shutdown => pb::VmState::VM_STATE_SHUTDOWN,
+        VmState::Suspended => pb::VmState::VM_STATE_SUSPENDED,
     }
 }
 
@@ -48,9 +49,10 @@ pub fn state_in(v: &EnumValue<pb::VmState>) -> Result<VmState, Error> {
         Some(pb::VmState::VM_STATE_RUNNING) => Ok(VmState::Running),
         Some(pb::VmState::VM_STATE_PAUSED) => Ok(VmState::Paused),
         Some(pb::VmState::VM_STATE_SHUTDOWN) => Ok(VmState::Shutdown),
+        Some(pb::VmState::VM_STATE_SUSPENDED) => Ok(VmState::Suspended),
         Some(pb::VmState::VM_STATE_UNSPECIFIED) | None => Err(Error::invalid(
             "state_filter",
-            format!("{} is not a VM state; use CREATED, RUNNING, PAUSED or SHUTDOWN", v.to_i32()),
+            format!("{} is not a VM state; use CREATED, RUNNING, PAUSED, SHUTDOWN or SUSPENDED", v.to_i32()),
         )),
     }
 }
@@ -146,15 +148,7 @@ pub fn spec_in(c: &pb::VmConfig) -> VmSpec {
                 rx_rate_limit: rate_in(&n.rx_rate_limit),
                 tx_rate_limit: rate_in(&n.tx_rate_limit),
                 managed: false,
-                ports: n
-                    .port_mappings
-                    .iter()
-                    .map(|p| PortSpec {
-                        protocol: p.protocol.clone(),
-                        host_port: i64::from(p.host_port),
-                        guest_port: i64::from(p.guest_port),
-                    })
-                    .collect(),
+                ports: ports_in(&n.port_mappings),
             })
             .collect(),
         console: c.console.as_option().map(|c| ConsoleSpec {
@@ -377,6 +371,32 @@ fn networks_out(d: &VmDetails) -> Vec<pb::VmNetworkInfo> {
         .collect()
 }
 
+/// Port mappings from the wire (checked by validation, or by the clone).
+pub fn ports_in(ports: &[pb::PortMapping]) -> Vec<PortSpec> {
+    ports
+        .iter()
+        .map(|p| PortSpec {
+            protocol: p.protocol.clone(),
+            host_port: i64::from(p.host_port),
+            guest_port: i64::from(p.guest_port),
+        })
+        .collect()
+}
+
+/// A snapshot as the API shows it.
+pub fn snapshot_out(s: &crate::model::SnapshotRecord) -> pb::Snapshot {
+    pb::Snapshot {
+        name: s.name.to_string(),
+        source_vm_id: s.source.to_string(),
+        size_bytes: i64::try_from(s.size_bytes).unwrap_or(i64::MAX),
+        created_timestamp: s.created_at,
+        hypervisor: s.backend.clone(),
+        vcpu_count: i64_to_i32(s.spec.cpu.vcpus),
+        memory_size_bytes: s.spec.memory.size_bytes,
+        ..Default::default()
+    }
+}
+
 pub fn info_out(d: &VmDetails) -> pb::GetVmInfoResponse {
     let networks = networks_out(d);
     pb::GetVmInfoResponse {
@@ -390,6 +410,7 @@ pub fn info_out(d: &VmDetails) -> pb::GetVmInfoResponse {
         operation_in_progress: d.view.pending.map(|p| p.op.to_owned()).unwrap_or_default(),
         operation_started_timestamp: d.view.pending.map(|p| p.since).unwrap_or(0),
         state_reconciling: d.view.reconciling,
+        snapshot_size_bytes: i64::try_from(d.saved_bytes).unwrap_or(i64::MAX),
         workload_exit: d
             .workload_exit
             .map(|e| match e {

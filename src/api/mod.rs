@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod convert;
+mod snapshots;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -200,14 +201,22 @@ named_vm!(
     PauseVmRequestView,
     ResumeVmRequestView,
     RebootVmRequestView,
-    GetVmInfoRequestView
+    GetVmInfoRequestView,
+    SuspendVmRequestView,
+    SnapshotVmRequestView
 );
 
-impl NamedVm for pb::ListVmsRequestView<'_> {
-    fn named_vm(&self) -> &str {
-        ""
-    }
+macro_rules! no_named_vm {
+    ($($view:ident),*) => {
+        $(impl NamedVm for pb::$view<'_> {
+            fn named_vm(&self) -> &str {
+                ""
+            }
+        })*
+    };
 }
+
+no_named_vm!(ListVmsRequestView, ListSnapshotsRequestView, DeleteSnapshotRequestView);
 
 macro_rules! rpc_span {
     ($op:ident, $id:expr) => {
@@ -248,6 +257,10 @@ impl pb::VmService for VmApi {
         reboot_vm(RebootVmRequest) -> RebootVmResponse as Reboot;
         get_vm_info(GetVmInfoRequest) -> GetVmInfoResponse as Info;
         list_vms(ListVmsRequest) -> ListVmsResponse as List;
+        suspend_vm(SuspendVmRequest) -> SuspendVmResponse as Suspend;
+        snapshot_vm(SnapshotVmRequest) -> SnapshotVmResponse as Snapshot;
+        list_snapshots(ListSnapshotsRequest) -> ListSnapshotsResponse as Snapshots;
+        delete_snapshot(DeleteSnapshotRequest) -> DeleteSnapshotResponse as DeleteSnapshot;
     }
 }
 
@@ -277,6 +290,15 @@ impl Handlers<'_> {
             )));
         }
         let id = if req.vm_id.is_empty() { None } else { Some(vm_id(&req.vm_id)?) };
+        if !req.from_snapshot.is_empty() {
+            return self.clone_vm(ctx, caller, id, &req).await;
+        }
+        if !req.port_mappings.is_empty() {
+            return Err(to_connect(Error::invalid(
+                "port_mappings",
+                "is for clones (from_snapshot); put a new VM's mappings in config.network[].port_mappings",
+            )));
+        }
         let config = req.config.as_option().ok_or_else(|| to_connect(Error::invalid("config", "is required")))?;
         let spec = spec_in(config);
         let span = call_span(Operation::Create, id.as_ref());

@@ -6,6 +6,7 @@
 //! [`FakeControl`] so tests can drive error paths.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,7 +18,7 @@ use super::{
     Backend, BackendError, BackendHealth, BackendKind, ExitEvent, ExitSink, Observed, Result, Runtime, Stamped,
     StopMode, Usage, UsageTarget, VmContext,
 };
-use crate::model::VmId;
+use crate::model::{ValidSpec, VmId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum FakeState {
@@ -342,6 +343,15 @@ fn usage_of(procs: &Procs, id: &VmId, pid: Option<u32>, now: Instant) -> Result<
     })
 }
 
+/// The fake's saved state ([`Backend::save`]).
+const FAKE_STATE: &str = "fake-state.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct FakeSaved {
+    cpu_ns: u64,
+    boots: u32,
+}
+
 fn console_line(vm: &VmContext<'_>, line: &str) {
     use std::io::Write;
     let path = vm.dir.join("console.log");
@@ -445,6 +455,51 @@ impl Backend for FakeBackend {
     async fn reap(&self, vm: &VmContext<'_>, _rt: &Runtime) -> Result<()> {
         lock(&self.shared).vms.remove(vm.id);
         Ok(())
+    }
+
+    fn compat(&self, spec: &ValidSpec) -> BTreeMap<String, String> {
+        super::base_compat(self.kind(), "fake", spec)
+    }
+
+    /// Writes the "guest's" CPU time and boot count to `fake-state.json`,
+    /// so a restore continues them (what the real backends' saves do for
+    /// memory and devices).
+    async fn save(&self, vm: &VmContext<'_>, _rt: &Runtime, dir: &Path) -> Result<()> {
+        self.enter(vm.id, "save").await?;
+        let saved = self.with_vm(vm.id, |v| {
+            if v.state == FakeState::Running {
+                return Err(BackendError::failed("fake save: the guest is running (pause it first)"));
+            }
+            Ok(FakeSaved { cpu_ns: u64::try_from(v.cpu.as_nanos()).unwrap_or(u64::MAX), boots: v.boots })
+        })?;
+        let path = dir.join(FAKE_STATE);
+        let json = serde_json::to_vec(&saved).unwrap_or_default();
+        std::fs::write(&path, json).map_err(|e| BackendError::io(format!("writing {}", path.display()), e))?;
+        self.leave("save")
+    }
+
+    async fn restore(&self, vm: &VmContext<'_>, dir: &Path) -> Result<Runtime> {
+        self.enter(vm.id, "restore").await?;
+        let path = dir.join(FAKE_STATE);
+        let raw = std::fs::read(&path).map_err(|e| BackendError::io(format!("reading {}", path.display()), e))?;
+        let saved: FakeSaved = serde_json::from_slice(&raw).map_err(|e| {
+            BackendError::failed(format!("fake restore: {} is not a saved state", path.display())).caused_by(e)
+        })?;
+        let mut rt = self.create(vm).await?;
+        self.with_vm(vm.id, |v| {
+            v.state = FakeState::Paused;
+            v.cpu = Duration::from_nanos(saved.cpu_ns);
+            v.boots = saved.boots;
+            Ok(())
+        })?;
+        rt.booted_at = Some(crate::util::unix_now());
+        console_line(vm, "fake: restored");
+        if let Err(e) = self.leave("restore") {
+            // Like the real backends: a restore that failed releases its VMM.
+            lock(&self.shared).vms.remove(vm.id);
+            return Err(e);
+        }
+        Ok(rt)
     }
 
     async fn usage(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<Usage> {

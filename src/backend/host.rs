@@ -1,5 +1,6 @@
 //! Host facts the hypervisor backends and `/_/health` report: whether
-//! `/dev/kvm` can be opened, and a hypervisor binary's `--version`.
+//! `/dev/kvm` can be opened, a hypervisor binary's `--version`, and the
+//! host's CPU model (a saved KVM guest's vCPU state depends on it).
 
 use std::path::Path;
 use std::time::Duration;
@@ -8,6 +9,22 @@ use std::time::Duration;
 /// e.g. under nested virtualisation).
 pub fn kvm_available() -> bool {
     std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+}
+
+/// The host CPU's model name (`/proc/cpuinfo`), or "unknown".
+pub fn cpu_model() -> String {
+    let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    cpu_model_of(&text)
+}
+
+fn cpu_model_of(cpuinfo: &str) -> String {
+    cpuinfo
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim() == "model name")
+        .map(|(_, v)| v.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// The first non-empty line `binary --version` prints (stdout, else stderr).
@@ -39,5 +56,14 @@ mod tests {
         }
         assert!(binary_version(Path::new("/no/such/binary")).await.unwrap_err().contains("running"));
         let _ = kvm_available();
+    }
+
+    #[test]
+    fn cpu_model_is_the_first_model_name() {
+        let info =
+            "processor\t: 0\nmodel name\t: Intel(R)  Xeon(R) CPU @ 2.20GHz\nprocessor\t: 1\nmodel name\t: other\n";
+        assert_eq!(cpu_model_of(info), "Intel(R) Xeon(R) CPU @ 2.20GHz");
+        assert_eq!(cpu_model_of("processor: 0\n"), "unknown");
+        assert!(!cpu_model().is_empty());
     }
 }

@@ -188,6 +188,34 @@ impl BackendError {
 
 pub type Result<T> = std::result::Result<T, BackendError>;
 
+/// The facts every backend's [`Backend::compat`] records: the hypervisor
+/// and its version, the guest's CPUs and memory, its kernel (path and
+/// size) and the device layout a saved device state refers to (disk ids
+/// and modes, NIC count). Backends add their own (QEMU: machine, accel).
+pub fn base_compat(kind: BackendKind, version: &str, spec: &ValidSpec) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    m.insert("hypervisor".into(), kind.as_str().into());
+    m.insert("hypervisor_version".into(), version.into());
+    m.insert("vcpus".into(), spec.vcpus().to_string());
+    m.insert("memory_bytes".into(), spec.memory_bytes().to_string());
+    let size = std::fs::metadata(&spec.boot.kernel).map(|m| m.len()).unwrap_or(0);
+    m.insert("kernel".into(), format!("{} ({size} bytes)", spec.boot.kernel.display()));
+    let disks: Vec<String> =
+        spec.storage.iter().map(|d| format!("{}{}", d.id, if d.read_only { ":ro" } else { "" })).collect();
+    m.insert("disks".into(), disks.join(","));
+    m.insert("nics".into(), spec.network.len().to_string());
+    m
+}
+
+/// How long saving or loading a guest of `memory_bytes` may take: one
+/// minute, plus a minute per GiB of guest memory (every backend writes or
+/// reads the whole memory to or from a local file).
+pub fn save_timeout(memory_bytes: u64) -> std::time::Duration {
+    let gib = u32::try_from(memory_bytes.div_ceil(1 << 30)).unwrap_or(u32::MAX);
+    let minute = std::time::Duration::from_secs(60);
+    minute + minute.saturating_mul(gib)
+}
+
 /// One hypervisor implementation.
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
@@ -222,6 +250,23 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Cleans up after a VMM that exited on its own (sockets, taps, ...).
     async fn reap(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<()>;
+
+    /// What a guest this backend saves depends on, for `spec` on this host:
+    /// hypervisor, version, machine and CPU model, kernel, memory and
+    /// device layout, as names and values. The core records it with every
+    /// save and refuses a restore (`FailedPrecondition`, naming what
+    /// differs) when the values now differ.
+    fn compat(&self, spec: &ValidSpec) -> BTreeMap<String, String>;
+
+    /// Saves the paused guest's memory and device state into `dir` (an
+    /// empty directory the core made and syncs); the VMM goes on with the
+    /// guest paused. Disks are the core's (it copies them for snapshots).
+    async fn save(&self, vm: &VmContext<'_>, rt: &Runtime, dir: &Path) -> Result<()>;
+
+    /// Starts a VMM for `vm` from the state [`Backend::save`] wrote into
+    /// `dir`, the guest paused where it was saved; `vm.spec`'s disks and
+    /// NICs are the ones it runs with (a clone's own copies and TAPs).
+    async fn restore(&self, vm: &VmContext<'_>, dir: &Path) -> Result<Runtime>;
 
     /// Backend facts for `GetVmInfo.backend_info`.
     fn info(&self, rt: &Runtime) -> BTreeMap<String, String> {

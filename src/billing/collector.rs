@@ -181,6 +181,15 @@ mod tests {
         fn info(&self, _: &Runtime) -> BTreeMap<String, String> {
             BTreeMap::new()
         }
+        fn compat(&self, _: &ValidSpec) -> BTreeMap<String, String> {
+            BTreeMap::new()
+        }
+        async fn save(&self, _: &VmContext<'_>, _: &Runtime, _: &std::path::Path) -> crate::backend::Result<()> {
+            Err(BackendError::unsupported("test"))
+        }
+        async fn restore(&self, _: &VmContext<'_>, _: &std::path::Path) -> crate::backend::Result<Runtime> {
+            Err(BackendError::unsupported("test"))
+        }
         async fn usage(&self, _: &VmContext<'_>, _: &Runtime) -> crate::backend::Result<Usage> {
             let d = *self.delay.lock().unwrap();
             if !d.is_zero() {

@@ -8,8 +8,20 @@
 //! `vm.boot`/`vm.reboot` write `METALD_GUEST_READY` to the serial file,
 //! `vm.power-button` makes the process exit shortly after (a guest
 //! power-off ends Cloud Hypervisor), `vm.shutdown` returns the VM to
-//! `Created`, `vmm.shutdown` exits. Request recording and error injection:
-//! see `fake_vmm`.
+//! `Created`, `vmm.shutdown` exits.
+//!
+//! Snapshots, with Cloud Hypervisor's rules and v53's error bodies (500,
+//! a JSON array of the error chain): `vm.snapshot` only of a paused VM,
+//! into the existing directory of a `file://` URL: `config.json` (the VM's
+//! configuration as created), `state.json` (the guest's boot id) and a
+//! sparse `memory-ranges` of the guest's size; `vm.restore` only in a VMM
+//! without a VM: it reads `config.json` (validated like `vm.create`: its
+//! disks and kernel must exist), `state.json` and `memory-ranges`,
+//! recreates the serial file and leaves the VM paused. `vm.boot` writes
+//! `METALD_GUEST_BOOT boot=<id>` (a new id) to the serial file; the first
+//! resume of a restored VM writes `METALD_GUEST_RESUMED boot=<id>` with the
+//! saved one, so a test sees which guest runs. Request recording and error
+//! injection: see `fake_vmm`.
 
 mod fake_vmm;
 
@@ -31,6 +43,24 @@ enum State {
 
 struct CloudHypervisor {
     vm: Option<(State, Value)>,
+    /// The guest's identity: set at `vm.boot`, saved and restored.
+    boot_id: Option<String>,
+    /// Restored and not resumed yet.
+    restored: bool,
+}
+
+/// A v53 error answer: 500 with the error chain as a JSON array.
+fn api_error(chain: &[&str]) -> Reply {
+    let mut all = vec!["Error from API"];
+    all.extend_from_slice(chain);
+    Reply::Answer(500, JSON, json!(all).to_string())
+}
+
+/// What the fake writes as a snapshot's `state.json`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedState {
+    fake_cloud_hypervisor_snapshot: u32,
+    boot_id: Option<String>,
 }
 
 fn text(status: u16, msg: impl Into<String>) -> Reply {
@@ -39,6 +69,15 @@ fn text(status: u16, msg: impl Into<String>) -> Reply {
 
 fn no_content() -> Reply {
     Reply::Answer(204, "", String::new())
+}
+
+/// A request's JSON body (400 when missing or not JSON).
+fn body_of(body: &Result<Option<Value>, String>) -> Result<Value, Reply> {
+    match body {
+        Ok(Some(b)) => Ok(b.clone()),
+        Ok(None) => Err(text(400, "Error parsing the request body: empty body")),
+        Err(raw) => Err(text(400, format!("Error parsing the request body: {raw}"))),
+    }
 }
 
 fn validate_config(c: &Value) -> Result<(), String> {
@@ -179,10 +218,101 @@ impl CloudHypervisor {
         (c["serial"]["mode"] == "File").then(|| PathBuf::from(c["serial"]["file"].as_str().unwrap_or_default()))
     }
 
-    fn guest_ready(&self) {
+    fn guest_ready(&mut self) {
+        let boot_id = format!("{}-{}", std::process::id(), fake_vmm::unix_nanos());
         if let Some(f) = self.serial_file() {
             append_line(&f, "fake cloud-hypervisor: guest booting");
+            append_line(&f, &format!("METALD_GUEST_BOOT boot={boot_id}"));
             append_line(&f, "METALD_GUEST_READY");
+        }
+        self.boot_id = Some(boot_id);
+    }
+
+    /// `vm.snapshot {destination_url}` of a paused VM.
+    fn snapshot(&self, body: &Value) -> Result<(), Reply> {
+        check_fields(body, &[], &["destination_url"]).map_err(|e| text(400, e))?;
+        const WHAT: &str = "The VM could not be snapshotted";
+        let Some((state, config)) = &self.vm else { return Err(api_error(&[WHAT, "VM is not running"])) };
+        if *state != State::Paused {
+            return Err(api_error(&[
+                WHAT,
+                "Cannot snapshot VM",
+                "Failed to snapshot migratable component",
+                "Trying to snapshot while VM is running",
+            ]));
+        }
+        let url = body["destination_url"].as_str().unwrap_or_default();
+        let send_error = |why: String| api_error(&[WHAT, "Cannot send VM snapshot", &why]);
+        let Some(dir) = url.strip_prefix("file://").map(PathBuf::from).filter(|d| d.is_dir()) else {
+            return Err(send_error(format!("Error sending snapshot: {url} is not an existing file:// directory")));
+        };
+        let saved = SavedState { fake_cloud_hypervisor_snapshot: 1, boot_id: self.boot_id.clone() };
+        let write = |name: &str, bytes: Vec<u8>| {
+            std::fs::write(dir.join(name), bytes).map_err(|e| send_error(format!("Error writing {name}: {e}")))
+        };
+        write("config.json", serde_json::to_vec(config).unwrap_or_default())?;
+        write("state.json", serde_json::to_vec(&saved).unwrap_or_default())?;
+        let size = config["memory"]["size"].as_u64().unwrap_or(128 << 20);
+        let header = format!("fake guest memory of boot {:?}", self.boot_id);
+        fake_vmm::write_memory_file(&dir.join("memory-ranges"), size, &header)
+            .map_err(|e| send_error(format!("Error writing memory-ranges: {e}")))
+    }
+
+    /// `vm.restore {source_url, ...}` in a VMM without a VM.
+    fn restore(&mut self, body: &Value) -> Result<(), Reply> {
+        check_fields(body, &["source_url"], &["prefault", "memory_restore_mode", "net_fds", "resume"])
+            .map_err(|e| text(400, e))?;
+        const WHAT: &str = "The VM could not be restored";
+        if self.vm.is_some() {
+            return Err(api_error(&[WHAT, "VM is already created"]));
+        }
+        let url = body["source_url"].as_str().unwrap_or_default();
+        let restore_error = |why: String| api_error(&[WHAT, "Cannot restore VM", &why]);
+        let Some(dir) = url.strip_prefix("file://").map(PathBuf::from) else {
+            return Err(restore_error(format!("Unsupported URL {url}")));
+        };
+        if !dir.is_dir() {
+            return Err(api_error(&[
+                WHAT,
+                "Cannot restore VM",
+                "Failed to send migratable component snapshot",
+                &format!("Destination is not a directory: {dir:?}"),
+            ]));
+        }
+        let read = |name: &str| {
+            std::fs::read(dir.join(name))
+                .map_err(|e| restore_error(format!("Error reading {}: {e}", dir.join(name).display())))
+        };
+        let config: Value = serde_json::from_slice(&read("config.json")?)
+            .map_err(|e| restore_error(format!("Error deserializing config.json: {e}")))?;
+        validate_config(&config).map_err(|e| api_error(&[WHAT, "Error validating configuration", &e]))?;
+        let saved: SavedState = serde_json::from_slice(&read("state.json")?)
+            .map_err(|e| restore_error(format!("Error deserializing state.json: {e}")))?;
+        let size = config["memory"]["size"].as_u64().unwrap_or(0);
+        let mem = std::fs::metadata(dir.join("memory-ranges")).map(|m| m.len()).unwrap_or(0);
+        if mem < size {
+            return Err(restore_error(format!("memory-ranges holds {mem} bytes, {size} needed")));
+        }
+        let resume = body["resume"] == true;
+        self.vm = Some((State::Paused, config));
+        if let Some(f) = self.serial_file() {
+            // Cloud Hypervisor creates the serial file anew.
+            let _ = std::fs::File::create(f);
+        }
+        self.boot_id = saved.boot_id;
+        self.restored = true;
+        if resume {
+            self.resume();
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self) {
+        self.set(State::Running);
+        if std::mem::take(&mut self.restored)
+            && let Some(f) = self.serial_file()
+        {
+            append_line(&f, &format!("METALD_GUEST_RESUMED boot={}", self.boot_id.as_deref().unwrap_or("none")));
         }
     }
 
@@ -223,8 +353,10 @@ impl CloudHypervisor {
                 State::Running => self.set(State::Paused),
                 _ => return Err(text(405, "Error pausing the VM: VM is not running")),
             },
+            "vm.snapshot" => self.snapshot(&body_of(body)?)?,
+            "vm.restore" => self.restore(&body_of(body)?)?,
             "vm.resume" => match self.state()? {
-                State::Paused => self.set(State::Running),
+                State::Paused => self.resume(),
                 _ => return Err(text(405, "Error resuming the VM: VM is not paused")),
             },
             "vm.reboot" => match self.state()? {
@@ -333,7 +465,9 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = rt.block_on(fake_vmm::serve(socket.clone(), CloudHypervisor { vm: None })) {
+    if let Err(e) =
+        rt.block_on(fake_vmm::serve(socket.clone(), CloudHypervisor { vm: None, boot_id: None, restored: false }))
+    {
         eprintln!("fake cloud-hypervisor: serving {}: {e}", socket.display());
         std::process::exit(1);
     }

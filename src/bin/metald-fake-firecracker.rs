@@ -9,8 +9,21 @@
 //! `InstanceStart` prints `METALD_GUEST_READY` to stdout (Firecracker's
 //! stdout carries the serial console), `SendCtrlAltDel` makes the process
 //! exit shortly after (a `reboot=k` guest rebooting ends Firecracker), and
-//! `FlushMetrics` appends a metrics line with fixed increments. Request
-//! recording and error injection: see `fake_vmm`.
+//! `FlushMetrics` appends a metrics line with fixed increments.
+//!
+//! Snapshots, with Firecracker's rules: `PUT /snapshot/create` only when
+//! `Paused` (a real state file — the configuration and the guest's boot id
+//! as JSON — and a sparse memory file of the guest's size), `PUT
+//! /snapshot/load` only in a fresh process before any configuration but
+//! the logger and metrics (refused otherwise with Firecracker's error; a
+//! load that fails ends the process, as in Firecracker), applying
+//! `network_overrides` and reopening the saved drive paths; the restored
+//! microVM is `Paused` and reports the saved configuration. Its first
+//! resume prints `METALD_GUEST_RESUMED boot=<id>` with the saved boot id
+//! (`InstanceStart` prints `METALD_GUEST_BOOT boot=<id>` with a new one), so
+//! a test sees which guest runs. `PATCH /drives/{id}` swaps a drive's file
+//! after start or load. Request recording and error injection: see
+//! `fake_vmm`.
 
 mod fake_vmm;
 
@@ -19,7 +32,7 @@ use std::path::PathBuf;
 use fake_vmm::{Api, Reply, Req, append_line, check_fields, flag_value, host_path};
 use serde_json::{Value, json};
 
-const VERSION: &str = "1.10.1";
+const VERSION: &str = "1.16.1";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -37,6 +50,24 @@ struct Firecracker {
     nics: Vec<Value>,
     logger: Option<Value>,
     metrics: Option<PathBuf>,
+    /// A boot-specific resource was configured (a load is refused then).
+    configured: bool,
+    /// The running guest's identity: set at `InstanceStart`, saved in and
+    /// restored from snapshots.
+    boot_id: Option<String>,
+    /// Loaded from a snapshot and not resumed yet.
+    loaded: bool,
+}
+
+/// What the fake writes as a snapshot's microVM state.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedState {
+    fake_firecracker_snapshot: u32,
+    machine: Value,
+    boot: Option<Value>,
+    drives: Vec<Value>,
+    nics: Vec<Value>,
+    boot_id: Option<String>,
 }
 
 const JSON: &str = "application/json";
@@ -70,6 +101,12 @@ fn check_rate_limiter(v: Option<&Value>) -> Result<(), String> {
     }
     Ok(())
 }
+
+fn deserialize_error(e: impl std::fmt::Display) -> Reply {
+    fault(format!("An error occurred when deserializing the json body of a request: {e}."))
+}
+
+const RUNTIME_ONLY: &str = "The requested operation is not supported before starting the microVM.";
 
 fn file_exists(p: &str) -> Result<(), String> {
     let h = host_path(p);
@@ -105,6 +142,7 @@ impl Firecracker {
                     return Err(fault("The memory size (MiB) is invalid."));
                 }
                 self.machine = body.clone();
+                self.configured = true;
             }
             "/boot-source" => {
                 self.pre_boot()?;
@@ -115,6 +153,7 @@ impl Firecracker {
                     }
                 }
                 self.boot = Some(body.clone());
+                self.configured = true;
             }
             "/logger" => {
                 check_fields(body, &[], &["log_path", "level", "show_level", "show_log_origin", "module"])
@@ -134,6 +173,8 @@ impl Firecracker {
                 self.metrics = Some(host_path(p));
             }
             "/actions" => return self.action(body),
+            "/snapshot/create" => return self.snapshot_create(body),
+            "/snapshot/load" => return self.snapshot_load(body),
             p if p.starts_with("/drives/") => {
                 self.pre_boot()?;
                 check_fields(
@@ -150,6 +191,7 @@ impl Firecracker {
                 check_rate_limiter(body.get("rate_limiter")).map_err(fault)?;
                 self.drives.retain(|d| d["drive_id"] != body["drive_id"]);
                 self.drives.push(body.clone());
+                self.configured = true;
             }
             p if p.starts_with("/network-interfaces/") => {
                 self.pre_boot()?;
@@ -166,6 +208,7 @@ impl Firecracker {
                 check_rate_limiter(body.get("tx_rate_limiter")).map_err(fault)?;
                 self.nics.retain(|n| n["iface_id"] != body["iface_id"]);
                 self.nics.push(body.clone());
+                self.configured = true;
             }
             _ => return Err(fault(format!("Invalid request method and/or path: PUT {path}."))),
         }
@@ -188,8 +231,11 @@ impl Firecracker {
                     ));
                 }
                 self.state = State::Running;
+                let boot_id = format!("{}-{}", std::process::id(), fake_vmm::unix_nanos());
                 println!("fake firecracker {VERSION}: guest booting");
+                println!("METALD_GUEST_BOOT boot={boot_id}");
                 println!("METALD_GUEST_READY");
+                self.boot_id = Some(boot_id);
                 Ok(no_content())
             }
             "SendCtrlAltDel" => {
@@ -218,6 +264,174 @@ impl Firecracker {
             other => Err(fault(format!(
                 "unknown variant `{other}`, expected one of `FlushMetrics`, `InstanceStart`, `SendCtrlAltDel`"
             ))),
+        }
+    }
+
+    /// `PUT /snapshot/create`: a full snapshot of the paused microVM.
+    fn snapshot_create(&mut self, body: &Value) -> Result<Reply, Reply> {
+        check_fields(body, &["mem_file_path", "snapshot_path"], &["snapshot_type"]).map_err(deserialize_error)?;
+        match body.get("snapshot_type").map(|t| t.as_str()) {
+            None | Some(Some("Full" | "Diff")) => {}
+            Some(other) => {
+                return Err(deserialize_error(format!(
+                    "unknown variant `{}`, expected `Full` or `Diff`",
+                    other.unwrap_or_default()
+                )));
+            }
+        }
+        match self.state {
+            State::NotStarted => return Err(fault(RUNTIME_ONLY)),
+            State::Running => {
+                return Err(fault(
+                    "Create snapshot error: Cannot save the microVM state: Operation not allowed: save/restore \
+                     unavailable while running",
+                ));
+            }
+            State::Paused => {}
+        }
+        let saved = SavedState {
+            fake_firecracker_snapshot: 1,
+            machine: self.machine.clone(),
+            boot: self.boot.clone(),
+            drives: self.drives.clone(),
+            nics: self.nics.clone(),
+            boot_id: self.boot_id.clone(),
+        };
+        let state_path = host_path(body["snapshot_path"].as_str().unwrap_or_default());
+        std::fs::write(&state_path, serde_json::to_vec(&saved).unwrap_or_default()).map_err(|e| {
+            fault(format!("Create snapshot error: Cannot perform open on the snapshot backing file: {e}"))
+        })?;
+        let mem_path = host_path(body["mem_file_path"].as_str().unwrap_or_default());
+        let size = self.machine["mem_size_mib"].as_u64().unwrap_or(128) << 20;
+        fake_vmm::write_memory_file(&mem_path, size, &format!("fake guest memory of boot {:?}", self.boot_id))
+            .map_err(|e| {
+                fault(format!("Create snapshot error: Cannot perform open on the memory backing file: {e}"))
+            })?;
+        Ok(no_content())
+    }
+
+    /// `PUT /snapshot/load`: only in a fresh process; a failure ends it.
+    fn snapshot_load(&mut self, body: &Value) -> Result<Reply, Reply> {
+        if self.state != State::NotStarted {
+            return Err(fault("The requested operation is not supported after starting the microVM."));
+        }
+        check_fields(
+            body,
+            &["snapshot_path"],
+            &[
+                "mem_file_path",
+                "mem_backend",
+                "enable_diff_snapshots",
+                "track_dirty_pages",
+                "resume_vm",
+                "network_overrides",
+                "vsock_override",
+                "clock_realtime",
+            ],
+        )
+        .map_err(deserialize_error)?;
+        let memory = match (body.get("mem_backend"), body.get("mem_file_path")) {
+            (Some(_), Some(_)) => {
+                return Err(deserialize_error(
+                    "too many fields: either `mem_backend` or `mem_file_path` exclusively is required",
+                ));
+            }
+            (None, None) => {
+                return Err(deserialize_error("missing field: either `mem_backend` or `mem_file_path` is required"));
+            }
+            (Some(b), None) => {
+                check_fields(b, &["backend_type", "backend_path"], &[]).map_err(deserialize_error)?;
+                if b["backend_type"] != "File" {
+                    return Err(deserialize_error("the fake serves only the File memory backend"));
+                }
+                b["backend_path"].as_str().unwrap_or_default().to_owned()
+            }
+            (None, Some(p)) => p.as_str().unwrap_or_default().to_owned(),
+        };
+        let overrides = body.get("network_overrides").and_then(Value::as_array).cloned().unwrap_or_default();
+        for o in &overrides {
+            check_fields(o, &["iface_id", "host_dev_name"], &[]).map_err(deserialize_error)?;
+        }
+        if self.configured {
+            return Err(fault(
+                "Load snapshot error: Loading a microVM snapshot not allowed after configuring boot-specific \
+                 resources.",
+            ));
+        }
+        // From here on a failure leaves the process unusable: it ends.
+        let failed = |why: String| {
+            Reply::AnswerThenExit(
+                400,
+                JSON,
+                json!({"fault_message": format!("Load snapshot error: {why}")}).to_string(),
+            )
+        };
+        let from_file = "Failed to restore from snapshot: Failed to get snapshot state from file";
+        let raw = std::fs::read(host_path(body["snapshot_path"].as_str().unwrap_or_default()))
+            .map_err(|e| failed(format!("{from_file}: Failed to open snapshot file: {e}")))?;
+        let mut saved: SavedState = serde_json::from_slice(&raw)
+            .map_err(|e| failed(format!("{from_file}: Failed to load snapshot state from file: {e}")))?;
+        for o in &overrides {
+            let nic = saved.nics.iter_mut().find(|n| n["iface_id"] == o["iface_id"]);
+            let Some(nic) = nic else { return Err(failed(format!("{from_file}: Unknown Network Device."))) };
+            nic["host_dev_name"] = o["host_dev_name"].clone();
+        }
+        let size = saved.machine["mem_size_mib"].as_u64().unwrap_or(0) << 20;
+        let mem_len = std::fs::metadata(host_path(&memory)).map(|m| m.len());
+        if !mem_len.as_ref().is_ok_and(|l| *l >= size) {
+            return Err(failed(format!(
+                "Failed to restore from snapshot: Failed to load guest memory: Error creating guest memory from \
+                 file: {memory}: {mem_len:?} bytes, {size} needed"
+            )));
+        }
+        for d in &saved.drives {
+            let p = d["path_on_host"].as_str().unwrap_or_default();
+            file_exists(p).map_err(|e| {
+                failed(format!("Failed to restore from snapshot: Failed to build microVM from snapshot: {e}"))
+            })?;
+        }
+        self.machine = saved.machine;
+        self.boot = saved.boot;
+        self.drives = saved.drives;
+        self.nics = saved.nics;
+        self.boot_id = saved.boot_id;
+        self.loaded = true;
+        self.state = State::Paused;
+        if body["resume_vm"] == true {
+            self.resume();
+        }
+        Ok(no_content())
+    }
+
+    /// `PATCH /drives/{id}` (`PartialDrive`): after start or a load.
+    fn patch_drive(&mut self, id: &str, body: &Value) -> Result<Reply, Reply> {
+        if self.state == State::NotStarted {
+            return Err(fault(RUNTIME_ONLY));
+        }
+        check_fields(body, &["drive_id"], &["path_on_host", "rate_limiter"]).map_err(deserialize_error)?;
+        if body["drive_id"].as_str() != Some(id) {
+            return Err(fault("The id from the path does not match the id from the body!"));
+        }
+        let patch_error = |why: String| {
+            fault(format!(
+                "Drive config error: Unable to patch the block device: {why} Please verify the request arguments."
+            ))
+        };
+        let Some(drive) = self.drives.iter_mut().find(|d| d["drive_id"] == id) else {
+            return Err(patch_error("Failed perform action on device: Device not found".into()));
+        };
+        if let Some(p) = body.get("path_on_host").and_then(Value::as_str) {
+            file_exists(p).map_err(|e| patch_error(format!("Block: Virtio backend error: {e}")))?;
+            drive["path_on_host"] = json!(p);
+        }
+        Ok(no_content())
+    }
+
+    /// Runs the guest on; a restored one says which boot it continues.
+    fn resume(&mut self) {
+        self.state = State::Running;
+        if std::mem::take(&mut self.loaded) {
+            println!("METALD_GUEST_RESUMED boot={}", self.boot_id.as_deref().unwrap_or("none"));
         }
     }
 
@@ -271,14 +485,17 @@ impl Api for Firecracker {
                 "metrics": self.metrics.as_ref().map(|p| json!({"metrics_path": p})),
             }))),
             ("PUT", p) => need(body).and_then(|b| self.put(p, &b)),
+            ("PATCH", p) if p.starts_with("/drives/") => {
+                need(body).and_then(|b| self.patch_drive(&p["/drives/".len()..], &b))
+            }
             ("PATCH", "/vm") => need(body).and_then(|b| {
                 if self.state == State::NotStarted {
-                    return Err(fault("The requested operation is not supported before starting the microVM."));
+                    return Err(fault(RUNTIME_ONLY));
                 }
                 check_fields(&b, &["state"], &[]).map_err(fault)?;
-                self.state = match b["state"].as_str() {
-                    Some("Paused") => State::Paused,
-                    Some("Resumed") => State::Running,
+                match b["state"].as_str() {
+                    Some("Paused") => self.state = State::Paused,
+                    Some("Resumed") => self.resume(),
                     _ => return Err(fault("unknown variant, expected `Paused` or `Resumed`")),
                 };
                 Ok(no_content())
@@ -325,6 +542,9 @@ fn main() {
         nics: Vec::new(),
         logger: None,
         metrics: None,
+        configured: false,
+        boot_id: None,
+        loaded: false,
     };
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,

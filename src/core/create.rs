@@ -57,8 +57,18 @@ impl Manager {
         // directory, leases and the kernel objects made from them).
         let lease = self.begin_create(&id, &caller, nics).await?;
         let created = self.create_reserved(&caller, &id, &name, spec, lease, init).await;
+        self.end_create(reservation, created).await
+    }
+
+    /// Ends a create (or clone) whose intent is written: a failed one's
+    /// intent and leases are rolled back, a made one's reservation is done.
+    pub(super) async fn end_create(
+        &self,
+        reservation: Reservation,
+        created: Result<Arc<Slot>, Error>,
+    ) -> Result<VmView, Error> {
         if created.is_err() {
-            let id = id.clone();
+            let id = reservation.id.clone();
             if let Err(e) = self.store_call(move |s| s.abort_create(&id)).await {
                 warn!(error = %e.chain(), "could not roll back a failed create's intent; the next start will");
             }
@@ -101,7 +111,7 @@ impl Manager {
     /// Refuses managed NICs when networking is off or unavailable, and
     /// addresses or host ports asked for by name that the pools do not
     /// allow, before anything is written.
-    fn check_net(&self, nics: &[NicRequest]) -> Result<(), Error> {
+    pub(super) fn check_net(&self, nics: &[NicRequest]) -> Result<(), Error> {
         if nics.is_empty() {
             return Ok(());
         }
@@ -144,7 +154,7 @@ impl Manager {
 
     /// Writes a create's intent and, in the same transaction, leases what
     /// `nics` ask for.
-    async fn begin_create(
+    pub(super) async fn begin_create(
         &self,
         id: &VmId,
         customer: &CustomerId,
@@ -272,7 +282,7 @@ impl Manager {
 
     /// Reserves `name` among `caller`'s VMs and a host id for it. Only the
     /// caller's own VMs can make a name taken.
-    fn reserve(&self, caller: &CustomerId, name: &VmId) -> Result<Reservation, Error> {
+    pub(super) fn reserve(&self, caller: &CustomerId, name: &VmId) -> Result<Reservation, Error> {
         let mut idx = self.index_mut();
         let key = (caller.clone(), name.clone());
         if idx.by_customer.get(caller).is_some_and(|m| m.contains_key(name)) || idx.reserved_names.contains(&key) {
@@ -301,15 +311,15 @@ impl Manager {
 }
 
 /// Holds an id while its VM is being created; released on drop.
-struct Reservation {
+pub(super) struct Reservation {
     mgr: Manager,
     /// The host id chosen.
-    id: VmId,
+    pub(super) id: VmId,
     name: (CustomerId, VmId),
 }
 
 impl Reservation {
-    fn done(self) {}
+    pub(super) fn done(self) {}
 }
 
 impl Drop for Reservation {

@@ -21,11 +21,14 @@
 //! (directory, processes, metering, logs): the name itself when no other VM
 //! on the host has it, else the name with a random suffix.
 
+mod clone;
 mod create;
 mod image;
 mod net;
 mod reads;
 mod reconcile;
+mod recover_saves;
+mod snapshot;
 
 pub use image::{ImageHandle, ImageSource, StaticImages, WRITABLE_DISK, workload_exit};
 pub use net::{HostNet, NetHandle, RecordingNet, TapCounters, add_tap_counters, managed_taps};
@@ -63,6 +66,9 @@ pub struct ManagerConfig {
     pub net: NetHandle,
     /// Container images for image VMs (off when `None`).
     pub images: ImageHandle,
+    /// Bytes all saved guests (suspended VMs, snapshots) may take
+    /// (`UNKEY_METALD_SNAPSHOT_MAX_GB`).
+    pub snapshot_max_bytes: u64,
 }
 
 /// What caused a [`VmEvent`].
@@ -160,6 +166,8 @@ pub struct VmDetails {
     pub backend_info: BTreeMap<String, String>,
     /// How an image VM's workload ended, once the VM is shut down.
     pub workload_exit: Option<crate::model::WorkloadExit>,
+    /// Bytes on disk of a suspended VM's saved state (0 otherwise).
+    pub saved_bytes: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -265,6 +273,9 @@ struct Index {
     /// bases were prepared but no VM row names them yet, and the image
     /// cache's GC must keep them (`image_digests`).
     preparing: HashMap<VmId, String>,
+    /// Image digests named by snapshots (by snapshot id): their bases stay
+    /// cached while the snapshot exists.
+    snapshot_digests: HashMap<String, String>,
 }
 
 struct Inner {
@@ -437,6 +448,10 @@ impl Manager {
         self.operate(caller, id, Op::Shutdown { mode }).await
     }
 
+    pub async fn suspend(&self, caller: &CustomerId, id: &VmId) -> Result<VmState, Error> {
+        self.operate(caller, id, Op::Suspend).await
+    }
+
     pub async fn delete(&self, caller: &CustomerId, id: &VmId, force: bool) -> Result<(), Error> {
         self.operate(caller, id, Op::Delete { force }).await.map(|_| ())
     }
@@ -523,6 +538,14 @@ impl Manager {
             Plan::Reap(rt) => {
                 backend.reap(&ctx, &rt).await?;
                 Status::Shutdown
+            }
+            Plan::Suspend { rt, running } => self.carry_suspend(&ctx, rt, running).await?,
+            Plan::Restore => self.carry_restore(slot, &ctx).await?,
+            Plan::Discard => self.carry_discard(&ctx)?,
+            // A snapshot has a name and a record to return: `Manager::snapshot`
+            // carries it out under the same lock and intent rules.
+            Plan::Snapshot { .. } => {
+                return Err(Error::Internal("a snapshot is taken by Manager::snapshot, not Manager::operate".into()));
             }
         })
     }
@@ -669,3 +692,6 @@ mod tests_net;
 
 #[cfg(test)]
 mod tests_image;
+
+#[cfg(test)]
+mod tests_snapshot;

@@ -46,7 +46,8 @@ impl Manager {
             (Some(_), VmState::Shutdown) => super::image::workload_exit(&self.vm_dir(&slot.id)),
             _ => None,
         };
-        Ok(VmDetails { view, metrics, backend_info, workload_exit })
+        let saved_bytes = if view.state() == VmState::Suspended { self.saved_size(&slot.id) } else { 0 };
+        Ok(VmDetails { view, metrics, backend_info, workload_exit, saved_bytes })
     }
 
     /// A VM's managed NICs' traffic, from their TAPs (the hypervisor does
@@ -126,6 +127,7 @@ impl Manager {
             .values()
             .filter_map(|s| s.spec.image.as_ref().map(|i| i.digest.clone()))
             .chain(idx.preparing.values().cloned())
+            .chain(idx.snapshot_digests.values().cloned())
             .filter(|d| !d.is_empty())
             .collect()
     }

@@ -26,7 +26,7 @@ use crate::backend::Observed;
 use crate::backend::process::{kill_stray, processes_under};
 use crate::error::Error;
 use crate::model::net::NetLease;
-use crate::model::{Op, Status, VmId, VmState};
+use crate::model::{Op, Status, VmId};
 use crate::store::{Intent, VmRow};
 use crate::util::unix_now;
 
@@ -48,6 +48,8 @@ struct Report {
     creates_rolled_back: usize,
     strays_killed: usize,
     dirs_removed: usize,
+    snapshots: usize,
+    snapshots_removed: usize,
 }
 
 impl Manager {
@@ -57,6 +59,7 @@ impl Manager {
             self.store_call(|s| s.intents()).await?.into_iter().map(|i| (i.vm_id.clone(), i)).collect();
         let mut leases = self.store_call(|s| s.net_leases()).await?;
         let mut report = Report { vms: rows.len(), ..Report::default() };
+        (report.snapshots, report.snapshots_removed) = self.recover_snapshots().await?;
         for row in rows {
             let intent = intents.get(&row.id).map(|i| i.op.as_str());
             let lease = leases.remove(&row.id).map(Arc::new);
@@ -90,6 +93,8 @@ impl Manager {
             creates_rolled_back = report.creates_rolled_back,
             strays_killed = report.strays_killed,
             dirs_removed = report.dirs_removed,
+            snapshots = report.snapshots,
+            snapshots_removed = report.snapshots_removed,
             "state recovered from the store"
         );
         Ok(())
@@ -133,10 +138,13 @@ impl Manager {
 
     /// Reattaches one VM; `intent` names an operation a crash interrupted.
     async fn recover_vm(&self, slot: &Arc<Slot>, intent: Option<&str>, report: &mut Report) -> Result<(), Error> {
+        if self.recover_save(slot, intent).await? {
+            return Ok(());
+        }
         let status = slot.cell().status.clone();
         let from = status.state();
         let Some(rt) = status.runtime() else {
-            if from != VmState::Shutdown {
+            if from.has_process() {
                 // A process state without a runtime: the record is wrong.
                 self.commit(slot, Cause::Recovered, from, Status::Shutdown).await?;
             } else if intent.is_some() {
@@ -172,9 +180,11 @@ impl Manager {
         });
         if let Some(op) = intent {
             info!(vm_id = %slot.id, op, "asking the hypervisor how an interrupted operation ended");
+            self.run_on_after_save(slot, op, &status).await;
             self.settle(slot, status).await;
             report.settled += 1;
         }
+        self.continue_if_pending(slot).await;
         Ok(())
     }
 
@@ -240,7 +250,8 @@ impl Manager {
     /// What the hypervisor says `slot`'s guest does, as a status; `None`
     /// when it does not answer in time.
     async fn observe(&self, slot: &Slot, status: &Status) -> Option<Status> {
-        let Some(rt) = status.runtime() else { return Some(Status::Shutdown) };
+        // No process to ask: the state is what the record says.
+        let Some(rt) = status.runtime() else { return Some(status.clone()) };
         let ctx = self.ctx(slot);
         let observed = match tokio::time::timeout(OBSERVE_TIMEOUT, self.inner.backend.observe(&ctx, rt)).await {
             Ok(Ok(o)) => o,

@@ -37,6 +37,7 @@ async fn env_with(max_vms: usize) -> Env {
     let store = Store::open(&tmp.path().join("db")).unwrap();
     let mgr = Manager::open(
         ManagerConfig {
+            snapshot_max_bytes: 1 << 40,
             data_dir: tmp.path().to_path_buf(),
             limits: Limits { max_vcpus: 8, max_memory_mb: 1024, asset_dirs: vec![assets] },
             max_vms,

@@ -53,6 +53,8 @@ pub struct Config {
     pub max_vcpus: u32,
     pub max_memory_mb: u64,
     pub max_vms: usize,
+    /// Bytes all saved guests (suspended VMs, snapshots) may take.
+    pub snapshot_max_bytes: u64,
     pub auth_tokens_file: Option<PathBuf>,
     pub auth_dev_tokens: bool,
     pub backend: BackendChoice,
@@ -108,6 +110,7 @@ impl Config {
         let max_vcpus = r.range("MAX_VCPUS", 32u32, 1, 1024);
         let max_memory_mb = r.range("MAX_MEMORY_MB", 65536u64, 16, 16 * 1024 * 1024);
         let max_vms = r.range("MAX_VMS", 1000usize, 1, 100_000);
+        let snapshot_max_bytes = r.range("SNAPSHOT_MAX_GB", 100u64, 1, 1 << 20) << 30;
         let auth_tokens_file = r.raw("AUTH_TOKENS_FILE").map(PathBuf::from);
         let auth_dev_tokens = r.bool("AUTH_DEV_TOKENS", false);
         let backend = match r.raw("BACKEND") {
@@ -153,6 +156,7 @@ impl Config {
             max_vcpus,
             max_memory_mb,
             max_vms,
+            snapshot_max_bytes,
             auth_tokens_file,
             auth_dev_tokens,
             backend,

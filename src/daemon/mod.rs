@@ -295,6 +295,7 @@ pub async fn start(cfg: Config) -> Result<Daemon, StartError> {
             data_dir: cfg.data_dir.clone(),
             limits: Limits { max_vcpus: cfg.max_vcpus, max_memory_mb: cfg.max_memory_mb, asset_dirs },
             max_vms: cfg.max_vms,
+            snapshot_max_bytes: cfg.snapshot_max_bytes,
             net,
             images: host_images.clone(),
         },

@@ -132,6 +132,7 @@ pub fn wiring(vm: &VmId, lease: &NetLease, owner: Option<(u32, u32)>, host_limit
             guest_mac: parse_mac(&n.mac).unwrap_or([2, 0, 0, 0, 0, 0]),
             ipv4: n.ipv4,
             ipv6: n.ipv6,
+            inner: n.inner,
             tag: lease.tag,
             ports: n
                 .ports
@@ -233,6 +234,7 @@ mod tests {
                 ipv6: None,
                 ports: vec![],
                 rates: NicRates { rx: Some(rl), tx: None },
+                inner: Default::default(),
             }],
         };
         let vm = VmId::parse("vm").unwrap();

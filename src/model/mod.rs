@@ -12,6 +12,7 @@ mod invalid;
 pub mod net;
 mod operation;
 mod runtime;
+pub mod snapshot;
 mod spec;
 pub mod state;
 mod validate;
@@ -22,6 +23,7 @@ pub use image::{GuestKernel, ImageSpec, InitConfig, PreparedImage, RegistryAuth,
 pub use invalid::Invalid;
 pub use operation::Operation;
 pub use runtime::{BackendKind, Runtime, StopMode, Usage};
+pub use snapshot::{META_FILE, SavedDisk, SavedMeta, SnapshotRecord, compat_mismatch};
 pub use spec::{
     BootSpec, ConsoleSpec, CpuSpec, DiskSpec, Ipv4Spec, Ipv6Spec, MemorySpec, NicSpec, PortSpec, RateLimit, Topology,
     ValidSpec, VmSpec,

@@ -81,6 +81,21 @@ impl NicRates {
     }
 }
 
+/// The addresses a clone's guest has inside (its snapshot's source's):
+/// the host maps the clone's leased addresses to them 1:1 on its TAP
+/// (docs/NETWORK.md, "Clones"). Empty for every other NIC.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InGuest {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl InGuest {
+    pub fn is_none(&self) -> bool {
+        self.v4.is_none() && self.v6.is_none()
+    }
+}
+
 /// What one metald-managed NIC asks of the pools.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NicRequest {
@@ -91,6 +106,8 @@ pub struct NicRequest {
     pub v6: Want<Ipv6Addr>,
     pub ports: Vec<PortRequest>,
     pub rates: NicRates,
+    /// A clone's in-guest addresses.
+    pub inner: InGuest,
 }
 
 /// A host port leased to a NIC.
@@ -114,6 +131,9 @@ pub struct NicLease {
     /// The NIC's rate limits (from its spec).
     #[serde(default)]
     pub rates: NicRates,
+    /// A clone's in-guest addresses (its leased ones are mapped to them).
+    #[serde(default)]
+    pub inner: InGuest,
 }
 
 /// Everything a VM leased: its customer's isolation tag and its NICs.
@@ -306,9 +326,37 @@ pub fn requests(nics: &[NicSpec]) -> Vec<NicRequest> {
                 })
                 .collect();
             let rates = NicRates { rx: n.rx_rate_limit, tx: n.tx_rate_limit };
-            NicRequest { nic_id: n.id.clone(), mac: n.mac.clone(), v4, v6, ports, rates }
+            NicRequest { nic_id: n.id.clone(), mac: n.mac.clone(), v4, v6, ports, rates, inner: InGuest::default() }
         })
         .collect()
+}
+
+/// What a clone's managed NICs ask of the pools: new addresses (of the
+/// families the source had) mapped to the source's in-guest ones, its MAC
+/// and rate limits, and `ports` on the first managed NIC (the source's own
+/// host ports stay the source's).
+pub fn clone_requests(source: &[NicSpec], ports: &[PortSpec]) -> Vec<NicRequest> {
+    let mut out = requests(source);
+    for (k, (req, nic)) in out.iter_mut().zip(source.iter().filter(|n| n.managed)).enumerate() {
+        let v4: Option<Ipv4Addr> = nic.ipv4.as_ref().and_then(|c| c.address.parse().ok());
+        let v6: Option<Ipv6Addr> = nic.ipv6.as_ref().and_then(|c| c.address.parse().ok());
+        req.v4 = if v4.is_some() { Want::Any } else { Want::No };
+        req.v6 = if v6.is_some() { Want::Any } else { Want::No };
+        req.inner = InGuest { v4, v6 };
+        req.ports = if k == 0 {
+            ports
+                .iter()
+                .map(|p| PortRequest {
+                    proto: Proto::parse(&p.protocol).unwrap_or(Proto::Tcp),
+                    host_port: u16::try_from(p.host_port).unwrap_or(0),
+                    guest_port: u16::try_from(p.guest_port).unwrap_or(0),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+    }
+    out
 }
 
 /// The in-guest IPv6 gateway: the link-local address metald puts on every
@@ -316,6 +364,35 @@ pub fn requests(nics: &[NicSpec]) -> Vec<NicRequest> {
 pub const GUEST_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
 impl ValidSpec {
+    /// A clone's spec: this one (its snapshot's source's) with each managed
+    /// NIC's TAP, addresses and host ports from the clone's lease. The MAC
+    /// and the kernel command line stay the source's: the guest keeps its
+    /// in-guest configuration, which the host maps (and a cold boot of the
+    /// clone configures the same).
+    pub fn for_clone(&self, lease: &NetLease) -> ValidSpec {
+        let mut spec: VmSpec = (**self).clone();
+        for nic in spec.network.iter_mut().filter(|n| n.managed) {
+            let Some(l) = lease.nics.iter().find(|l| l.nic_id == nic.id) else { continue };
+            nic.tap = l.tap.clone();
+            if let (Some(c), Some(a)) = (nic.ipv4.as_mut(), l.ipv4) {
+                c.address = a.to_string();
+            }
+            if let (Some(c), Some(a)) = (nic.ipv6.as_mut(), l.ipv6) {
+                c.address = a.to_string();
+            }
+            nic.ports = l
+                .ports
+                .iter()
+                .map(|p| PortSpec {
+                    protocol: p.proto.as_str().into(),
+                    host_port: i64::from(p.host_port),
+                    guest_port: i64::from(p.guest_port),
+                })
+                .collect();
+        }
+        ValidSpec::accepted(spec)
+    }
+
     /// This spec with what the store leased filled in: each managed NIC's
     /// TAP, addresses (as its `ipv4`/`ipv6` config, with gateway and DNS)
     /// and host ports; and the guest's network configuration appended to
@@ -492,6 +569,7 @@ mod tests {
                     ipv6: Some("fd00::2".parse().unwrap()),
                     ports: vec![PortLease { proto: Proto::Tcp, host_port: 150, guest_port: 80 }],
                     rates: NicRates::default(),
+                    inner: InGuest::default(),
                 },
                 NicLease {
                     nic_id: "eth1".into(),
@@ -501,6 +579,7 @@ mod tests {
                     ipv6: Some("fd00::3".parse().unwrap()),
                     ports: vec![],
                     rates: NicRates::default(),
+                    inner: InGuest::default(),
                 },
             ],
         };

@@ -45,6 +45,10 @@ operations! {
     Delete => "delete", "DeleteVm";
     Info => "info", "GetVmInfo";
     List => "list", "ListVms";
+    Suspend => "suspend", "SuspendVm";
+    Snapshot => "snapshot", "SnapshotVm";
+    Snapshots => "snapshots", "ListSnapshots";
+    DeleteSnapshot => "snapshot-delete", "DeleteSnapshot";
 }
 
 impl Operation {

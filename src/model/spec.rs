@@ -161,6 +161,18 @@ impl ValidSpec {
         ValidSpec(spec)
     }
 
+    /// The same spec with the disks `path_of` names elsewhere (a clone's
+    /// own copies of its snapshot's disks); `None` keeps a disk's path.
+    pub fn with_disk_paths(&self, path_of: impl Fn(&DiskSpec) -> Option<std::path::PathBuf>) -> ValidSpec {
+        let mut spec = self.0.clone();
+        for d in &mut spec.storage {
+            if let Some(p) = path_of(d) {
+                d.path = p;
+            }
+        }
+        ValidSpec(spec)
+    }
+
     /// The spec as a plain value (e.g. to convert it back to the wire).
     pub fn as_spec(&self) -> &VmSpec {
         &self.0

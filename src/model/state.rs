@@ -21,10 +21,14 @@ pub enum VmState {
     Paused,
     /// Guest stopped, hypervisor released; can boot again or be deleted.
     Shutdown,
+    /// Guest memory and devices saved to disk, hypervisor released;
+    /// resuming continues the guest where it was.
+    Suspended,
 }
 
 impl VmState {
-    pub const ALL: [VmState; 4] = [VmState::Created, VmState::Running, VmState::Paused, VmState::Shutdown];
+    pub const ALL: [VmState; 5] =
+        [VmState::Created, VmState::Running, VmState::Paused, VmState::Shutdown, VmState::Suspended];
 
     /// Stable lowercase name, used in the store, logs and messages.
     pub fn as_str(self) -> &'static str {
@@ -33,6 +37,7 @@ impl VmState {
             VmState::Running => "running",
             VmState::Paused => "paused",
             VmState::Shutdown => "shutdown",
+            VmState::Suspended => "suspended",
         }
     }
 
@@ -42,6 +47,7 @@ impl VmState {
             "running" => Some(VmState::Running),
             "paused" => Some(VmState::Paused),
             "shutdown" => Some(VmState::Shutdown),
+            "suspended" => Some(VmState::Suspended),
             _ => None,
         }
     }
@@ -50,7 +56,7 @@ impl VmState {
     pub fn has_process(self) -> bool {
         match self {
             VmState::Created | VmState::Running | VmState::Paused => true,
-            VmState::Shutdown => false,
+            VmState::Shutdown | VmState::Suspended => false,
         }
     }
 }
@@ -79,6 +85,11 @@ pub enum Op {
         /// Delete even a running or paused VM.
         force: bool,
     },
+    /// Save memory and devices to disk and release the hypervisor.
+    Suspend,
+    /// Save a named snapshot; the VM goes on as it was (the name travels
+    /// beside the op, see `core::snapshot`).
+    Snapshot,
     /// The guest or its hypervisor process ended on its own.
     GuestExited,
 }
@@ -92,6 +103,8 @@ impl Op {
             Op::Reboot { .. } => "reboot",
             Op::Shutdown { .. } => "shutdown",
             Op::Delete { .. } => "delete",
+            Op::Suspend => "suspend",
+            Op::Snapshot => "snapshot",
             Op::GuestExited => "guest exit",
         }
     }
@@ -105,6 +118,8 @@ impl Op {
             Op::Reboot { .. } => Some(Operation::Reboot),
             Op::Shutdown { .. } => Some(Operation::Shutdown),
             Op::Delete { .. } => Some(Operation::Delete),
+            Op::Suspend => Some(Operation::Suspend),
+            Op::Snapshot => Some(Operation::Snapshot),
             Op::GuestExited => None,
         }
     }
@@ -118,6 +133,8 @@ pub enum Status {
     Running(Runtime),
     Paused(Runtime),
     Shutdown,
+    /// No process; the saved state is in the VM's directory.
+    Suspended,
 }
 
 impl Status {
@@ -127,13 +144,14 @@ impl Status {
             Status::Running(_) => VmState::Running,
             Status::Paused(_) => VmState::Paused,
             Status::Shutdown => VmState::Shutdown,
+            Status::Suspended => VmState::Suspended,
         }
     }
 
     pub fn runtime(&self) -> Option<&Runtime> {
         match self {
             Status::Created(rt) | Status::Running(rt) | Status::Paused(rt) => Some(rt),
-            Status::Shutdown => None,
+            Status::Shutdown | Status::Suspended => None,
         }
     }
 
@@ -145,6 +163,7 @@ impl Status {
             (VmState::Running, Some(rt)) => Some(Status::Running(rt)),
             (VmState::Paused, Some(rt)) => Some(Status::Paused(rt)),
             (VmState::Shutdown, _) => Some(Status::Shutdown),
+            (VmState::Suspended, _) => Some(Status::Suspended),
             (VmState::Created | VmState::Running | VmState::Paused, None) => None,
         }
     }
@@ -171,15 +190,33 @@ pub enum Plan {
     Delete(Option<Runtime>),
     /// Clean up after a VMM that ended on its own.
     Reap(Runtime),
+    /// Pause (if running), save the guest to disk, release the VMM.
+    Suspend {
+        rt: Runtime,
+        running: bool,
+    },
+    /// Start a VMM from the saved state and run the guest on.
+    Restore,
+    /// Shut down a suspended VM: its saved state is dropped.
+    Discard,
+    /// Save a snapshot of the guest and go on in the state it was in.
+    Snapshot {
+        rt: Runtime,
+        running: bool,
+    },
 }
 
 impl Plan {
     /// Where the VM is once the plan is carried out.
     pub fn target(&self) -> Target {
         match self {
-            Plan::Boot(_) | Plan::Start | Plan::Resume(_) | Plan::Reboot { .. } => Target::State(VmState::Running),
-            Plan::Pause(_) => Target::State(VmState::Paused),
-            Plan::Shutdown { .. } | Plan::Reap(_) => Target::State(VmState::Shutdown),
+            Plan::Boot(_) | Plan::Start | Plan::Resume(_) | Plan::Reboot { .. } | Plan::Restore => {
+                Target::State(VmState::Running)
+            }
+            Plan::Pause(_) | Plan::Snapshot { running: false, .. } => Target::State(VmState::Paused),
+            Plan::Snapshot { running: true, .. } => Target::State(VmState::Running),
+            Plan::Shutdown { .. } | Plan::Reap(_) | Plan::Discard => Target::State(VmState::Shutdown),
+            Plan::Suspend { .. } => Target::State(VmState::Suspended),
             Plan::Delete(_) => Target::Deleted,
         }
     }
@@ -207,7 +244,13 @@ fn hint(op: Op, state: VmState) -> &'static str {
             " (shut it down first, or delete with force=true)"
         }
         (Op::Boot, VmState::Running) => " (it is already running)",
-        (Op::Boot, VmState::Paused) => " (resume it instead)",
+        (Op::Boot, VmState::Paused | VmState::Suspended) => " (resume it instead)",
+        (Op::Resume, VmState::Shutdown) => " (boot it instead)",
+        (Op::Suspend, VmState::Suspended) => " (it is already suspended)",
+        (Op::Suspend | Op::Snapshot, VmState::Created | VmState::Shutdown) => {
+            " (only a running or paused guest can be saved)"
+        }
+        (Op::Snapshot | Op::Pause | Op::Reboot { .. }, VmState::Suspended) => " (resume it first)",
         (Op::Resume, VmState::Running) => " (it is not paused)",
         (Op::Pause, VmState::Paused) => " (it is already paused)",
         (Op::Shutdown { .. }, VmState::Shutdown) => " (it is already shut down)",
@@ -232,13 +275,22 @@ pub fn plan(status: &Status, op: Op) -> Result<Plan, InvalidTransition> {
         (Op::Delete { .. }, Shutdown) => Plan::Delete(None),
         (Op::Delete { force: true }, Running(rt) | Paused(rt)) => Plan::Delete(Some(rt.clone())),
         (Op::GuestExited, Created(rt) | Running(rt) | Paused(rt)) => Plan::Reap(rt.clone()),
-        (Op::Boot, Running(_) | Paused(_))
-        | (Op::Pause, Created(_) | Paused(_) | Shutdown)
+        (Op::Suspend, Running(rt)) => Plan::Suspend { rt: rt.clone(), running: true },
+        (Op::Suspend, Paused(rt)) => Plan::Suspend { rt: rt.clone(), running: false },
+        (Op::Resume, Suspended) => Plan::Restore,
+        (Op::Shutdown { .. }, Suspended) => Plan::Discard,
+        (Op::Delete { .. }, Suspended) => Plan::Delete(None),
+        (Op::Snapshot, Running(rt)) => Plan::Snapshot { rt: rt.clone(), running: true },
+        (Op::Snapshot, Paused(rt)) => Plan::Snapshot { rt: rt.clone(), running: false },
+        (Op::Boot, Running(_) | Paused(_) | Suspended)
+        | (Op::Pause, Created(_) | Paused(_) | Shutdown | Suspended)
         | (Op::Resume, Created(_) | Running(_) | Shutdown)
-        | (Op::Reboot { .. }, Created(_) | Paused(_) | Shutdown)
+        | (Op::Reboot { .. }, Created(_) | Paused(_) | Shutdown | Suspended)
         | (Op::Shutdown { .. }, Created(_) | Shutdown)
         | (Op::Delete { force: false }, Running(_) | Paused(_))
-        | (Op::GuestExited, Shutdown) => return Err(InvalidTransition { state: status.state(), op }),
+        | (Op::Suspend, Created(_) | Shutdown | Suspended)
+        | (Op::Snapshot, Created(_) | Shutdown | Suspended)
+        | (Op::GuestExited, Shutdown | Suspended) => return Err(InvalidTransition { state: status.state(), op }),
     };
     Ok(plan)
 }
@@ -251,6 +303,7 @@ pub fn transition(state: VmState, op: Op) -> Result<Target, InvalidTransition> {
         VmState::Running => Status::Running(Runtime::default()),
         VmState::Paused => Status::Paused(Runtime::default()),
         VmState::Shutdown => Status::Shutdown,
+        VmState::Suspended => Status::Suspended,
     };
     plan(&status, op).map(|p| p.target())
 }
@@ -261,7 +314,7 @@ mod tests {
     use VmState::*;
 
     const GRACEFUL: StopMode = StopMode::Graceful { timeout: std::time::Duration::from_secs(30) };
-    const OPS: [Op; 8] = [
+    const OPS: [Op; 10] = [
         Op::Boot,
         Op::Pause,
         Op::Resume,
@@ -269,6 +322,8 @@ mod tests {
         Op::Shutdown { mode: GRACEFUL },
         Op::Delete { force: false },
         Op::Delete { force: true },
+        Op::Suspend,
+        Op::Snapshot,
         Op::GuestExited,
     ];
 
@@ -283,6 +338,8 @@ mod tests {
             (Created, Op::Shutdown { mode: GRACEFUL }, None),
             (Created, Op::Delete { force: false }, Some(Target::Deleted)),
             (Created, Op::Delete { force: true }, Some(Target::Deleted)),
+            (Created, Op::Suspend, None),
+            (Created, Op::Snapshot, None),
             (Created, Op::GuestExited, Some(s(Shutdown))),
             (Running, Op::Boot, None),
             (Running, Op::Pause, Some(s(Paused))),
@@ -291,6 +348,8 @@ mod tests {
             (Running, Op::Shutdown { mode: GRACEFUL }, Some(s(Shutdown))),
             (Running, Op::Delete { force: false }, None),
             (Running, Op::Delete { force: true }, Some(Target::Deleted)),
+            (Running, Op::Suspend, Some(s(Suspended))),
+            (Running, Op::Snapshot, Some(s(Running))),
             (Running, Op::GuestExited, Some(s(Shutdown))),
             (Paused, Op::Boot, None),
             (Paused, Op::Pause, None),
@@ -299,6 +358,8 @@ mod tests {
             (Paused, Op::Shutdown { mode: GRACEFUL }, Some(s(Shutdown))),
             (Paused, Op::Delete { force: false }, None),
             (Paused, Op::Delete { force: true }, Some(Target::Deleted)),
+            (Paused, Op::Suspend, Some(s(Suspended))),
+            (Paused, Op::Snapshot, Some(s(Paused))),
             (Paused, Op::GuestExited, Some(s(Shutdown))),
             (Shutdown, Op::Boot, Some(s(Running))),
             (Shutdown, Op::Pause, None),
@@ -307,7 +368,19 @@ mod tests {
             (Shutdown, Op::Shutdown { mode: GRACEFUL }, None),
             (Shutdown, Op::Delete { force: false }, Some(Target::Deleted)),
             (Shutdown, Op::Delete { force: true }, Some(Target::Deleted)),
+            (Shutdown, Op::Suspend, None),
+            (Shutdown, Op::Snapshot, None),
             (Shutdown, Op::GuestExited, None),
+            (Suspended, Op::Boot, None),
+            (Suspended, Op::Pause, None),
+            (Suspended, Op::Resume, Some(s(Running))),
+            (Suspended, Op::Reboot { force: false }, None),
+            (Suspended, Op::Shutdown { mode: GRACEFUL }, Some(s(Shutdown))),
+            (Suspended, Op::Delete { force: false }, Some(Target::Deleted)),
+            (Suspended, Op::Delete { force: true }, Some(Target::Deleted)),
+            (Suspended, Op::Suspend, None),
+            (Suspended, Op::Snapshot, None),
+            (Suspended, Op::GuestExited, None),
         ];
         assert_eq!(table.len(), VmState::ALL.len() * OPS.len());
         table
@@ -381,5 +454,17 @@ mod tests {
         assert!(Running.has_process());
         assert!(Paused.has_process());
         assert!(!Shutdown.has_process());
+        assert!(!Suspended.has_process());
+    }
+
+    #[test]
+    fn a_suspended_vm_resumes_from_disk_and_refuses_what_needs_a_process() {
+        assert_eq!(plan(&Status::Suspended, Op::Resume), Ok(Plan::Restore));
+        assert_eq!(plan(&Status::Suspended, Op::Shutdown { mode: GRACEFUL }), Ok(Plan::Discard));
+        assert_eq!(plan(&Status::Suspended, Op::Delete { force: false }), Ok(Plan::Delete(None)));
+        let e = transition(Suspended, Op::Boot).unwrap_err();
+        assert_eq!(e.to_string(), "cannot boot a VM that is suspended (resume it instead)");
+        let e = transition(Shutdown, Op::Suspend).unwrap_err();
+        assert!(e.to_string().contains("only a running or paused guest"), "{e}");
     }
 }

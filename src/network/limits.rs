@@ -203,6 +203,7 @@ mod tests {
             guest_mac: [2, 0, 0, 0, 0, 1],
             ipv4: None,
             ipv6: None,
+            inner: Default::default(),
             tag: 1,
             ports: vec![],
             owner: None,

@@ -35,9 +35,34 @@ pub fn table(s: &NetSettings) -> String {
   map tag { type ifname : mark; }
   set tagged { type ifname . mark; }
   map ports4 { type inet_proto . inet_service : ipv4_addr . inet_service; }
+  map clone_src4 { type ifname . ipv4_addr : ipv4_addr; }
+  map clone_dst4 { type ifname . ipv4_addr : ipv4_addr; }
+  map clone_src6 { type ifname . ipv6_addr : ipv6_addr; }
+  map clone_dst6 { type ifname . ipv6_addr : ipv6_addr; }
 ",
     );
     out.push_str(limits::MAP);
+    // Clones keep their snapshot's in-guest addresses: what they send is
+    // rewritten to their leased address before conntrack and every other
+    // rule sees it, and what is sent to their leased address is rewritten
+    // back after NAT (stateless, keyed by the TAP; docs/NETWORK.md).
+    out.push_str(
+        "
+  chain pre_clone {
+    type filter hook prerouting priority raw; policy accept;
+    iifname != @vm_taps return
+    meta nfproto ipv4 ip saddr set iifname . ip saddr map @clone_src4
+    meta nfproto ipv6 ip6 saddr set iifname . ip6 saddr map @clone_src6
+  }
+
+  chain post_clone {
+    type filter hook postrouting priority 300; policy accept;
+    oifname != @vm_taps return
+    meta nfproto ipv4 ip daddr set oifname . ip daddr map @clone_dst4
+    meta nfproto ipv6 ip6 daddr set oifname . ip6 daddr map @clone_dst6
+  }
+",
+    );
     out.push_str(
         "
   chain pre_filter {
@@ -116,7 +141,7 @@ pub fn table(s: &NetSettings) -> String {
 /// has any (`<verb> element inet <table> <set> { ... }`), and their rate
 /// limit objects: added before the elements that name them, deleted after.
 pub fn elements(s: &NetSettings, verb: &str, nics: &[&NicWiring]) -> String {
-    let mut sets: [(&str, Vec<String>); 8] = [
+    let mut sets: [(&str, Vec<String>); 12] = [
         ("vm_taps", vec![]),
         ("macs", vec![]),
         ("src4", vec![]),
@@ -125,6 +150,10 @@ pub fn elements(s: &NetSettings, verb: &str, nics: &[&NicWiring]) -> String {
         ("tagged", vec![]),
         ("ports4", vec![]),
         ("tx_limits", limits::map_elements(nics)),
+        ("clone_src4", vec![]),
+        ("clone_dst4", vec![]),
+        ("clone_src6", vec![]),
+        ("clone_dst6", vec![]),
     ];
     for n in nics {
         let (tap, mac) = (&n.tap, mac_str(&n.guest_mac));
@@ -142,6 +171,14 @@ pub fn elements(s: &NetSettings, verb: &str, nics: &[&NicWiring]) -> String {
             for p in &n.ports {
                 sets[6].1.push(format!("{} . {} : {a} . {}", p.proto, p.host_port, p.guest_port));
             }
+        }
+        if let (Some(leased), Some(inner)) = (n.ipv4, n.inner.v4) {
+            sets[8].1.push(format!("\"{tap}\" . {inner} : {leased}"));
+            sets[9].1.push(format!("\"{tap}\" . {leased} : {inner}"));
+        }
+        if let (Some(leased), Some(inner)) = (n.ipv6, n.inner.v6) {
+            sets[10].1.push(format!("\"{tap}\" . {inner} : {leased}"));
+            sets[11].1.push(format!("\"{tap}\" . {leased} : {inner}"));
         }
     }
     let mut out = if verb == "add" { limits::add_objects(&s.table, nics) } else { String::new() };
@@ -310,6 +347,7 @@ mod tests {
             guest_mac: [2, 0, 0, 0, 0, last],
             ipv4: Some(std::net::Ipv4Addr::new(10, 200, 0, last)),
             ipv6: Some(format!("fd00:6d65:7461:6c64::{last}").parse().unwrap()),
+            inner: Default::default(),
             tag,
             ports: vec![PortWiring { proto: Proto::Tcp, host_port: 20000 + u16::from(last), guest_port: 80 }],
             owner: None,

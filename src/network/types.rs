@@ -71,6 +71,8 @@ pub struct NicWiring {
     pub guest_mac: [u8; 6],
     pub ipv4: Option<Ipv4Addr>,
     pub ipv6: Option<Ipv6Addr>,
+    /// A clone's in-guest addresses, which `ipv4`/`ipv6` are mapped to.
+    pub inner: crate::model::net::InGuest,
     /// The VM's customer's isolation tag.
     pub tag: u32,
     pub ports: Vec<PortWiring>,

@@ -28,6 +28,7 @@ use rusqlite_migration::{M, Migrations};
 use crate::model::{CustomerId, Runtime, ValidSpec, VmId, VmState};
 
 mod net;
+mod snapshots;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -157,6 +158,24 @@ fn migrations() -> Migrations<'static> {
         // A managed NIC's rate limits (JSON `NicRates`; NULL: none), so
         // that the host can enforce them again at start.
         M::up("ALTER TABLE net_nics ADD COLUMN rates TEXT;"),
+        // A clone's in-guest addresses (JSON `InGuest`; NULL: not a clone).
+        M::up("ALTER TABLE net_nics ADD COLUMN inner TEXT;"),
+        // Named snapshots (issue 16): a row is written (`ready = 0`) before
+        // anything is saved and made ready once the files are complete.
+        M::up(
+            "CREATE TABLE snapshots (
+                id          TEXT PRIMARY KEY NOT NULL,
+                customer_id TEXT NOT NULL,
+                name        TEXT NOT NULL,
+                source      TEXT NOT NULL,
+                spec        TEXT NOT NULL,
+                backend     TEXT NOT NULL,
+                size_bytes  INTEGER NOT NULL,
+                created_at  INTEGER NOT NULL,
+                ready       INTEGER NOT NULL,
+                UNIQUE (customer_id, name)
+            ) STRICT;",
+        ),
     ])
 }
 

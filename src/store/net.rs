@@ -15,7 +15,7 @@ use rusqlite::{OptionalExtension, Transaction, params};
 
 use super::{Intent, Result, Store, StoreError, release_net as release};
 use crate::model::VmId;
-use crate::model::net::{NetLease, NicLease, NicRates, NicRequest, Pools, PortLease, Proto, Want};
+use crate::model::net::{InGuest, NetLease, NicLease, NicRates, NicRequest, Pools, PortLease, Proto, Want};
 
 impl Store {
     /// Writes `intent` (a create) and leases what `nics` ask for, in one
@@ -54,8 +54,9 @@ impl Store {
     pub fn net_leases(&self) -> Result<BTreeMap<VmId, NetLease>> {
         let conn = self.conn();
         let mut out: BTreeMap<VmId, NetLease> = BTreeMap::new();
-        let mut stmt = conn
-            .prepare("SELECT vm_id, nic_id, tag, tap, mac, ipv4, ipv6, rates FROM net_nics ORDER BY vm_id, nic_id")?;
+        let mut stmt = conn.prepare(
+            "SELECT vm_id, nic_id, tag, tap, mac, ipv4, ipv6, rates, inner FROM net_nics ORDER BY vm_id, nic_id",
+        )?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -66,10 +67,11 @@ impl Store {
                 r.get::<_, Option<String>>(5)?,
                 r.get::<_, Option<String>>(6)?,
                 r.get::<_, Option<String>>(7)?,
+                r.get::<_, Option<String>>(8)?,
             ))
         })?;
         for row in rows {
-            let (vm, nic_id, tag, tap, mac, v4, v6, rates) = row?;
+            let (vm, nic_id, tag, tap, mac, v4, v6, rates, inner) = row?;
             let id = VmId::parse(&vm).map_err(|e| StoreError::Corrupt(format!("net_nics: {e}")))?;
             let ipv4 = v4.map(|a| a.parse()).transpose().map_err(|e| corrupt(&vm, "ipv4", e))?;
             let ipv6 = v6.map(|a| a.parse()).transpose().map_err(|e| corrupt(&vm, "ipv6", e))?;
@@ -78,9 +80,14 @@ impl Store {
                 .transpose()
                 .map_err(|e| corrupt(&vm, "rates", e))?
                 .unwrap_or_default();
+            let inner: InGuest = inner
+                .map(|r| serde_json::from_str(&r))
+                .transpose()
+                .map_err(|e| corrupt(&vm, "inner", e))?
+                .unwrap_or_default();
             let lease = out.entry(id).or_default();
             lease.tag = u32::try_from(tag).map_err(|e| corrupt(&vm, "tag", e))?;
-            lease.nics.push(NicLease { nic_id, tap, mac, ipv4, ipv6, ports: Vec::new(), rates });
+            lease.nics.push(NicLease { nic_id, tap, mac, ipv4, ipv6, ports: Vec::new(), rates, inner });
         }
         let mut stmt = conn
             .prepare("SELECT vm_id, nic_id, proto, host_port, guest_port FROM net_ports ORDER BY vm_id, host_port")?;
@@ -202,10 +209,25 @@ fn lease(tx: &Transaction<'_>, intent: &Intent, nics: &[NicRequest], pools: &Poo
         } else {
             Some(serde_json::to_string(&req.rates).map_err(|e| StoreError::Corrupt(format!("VM {vm}: rates: {e}")))?)
         };
+        let inner = if req.inner.is_none() {
+            None
+        } else {
+            Some(serde_json::to_string(&req.inner).map_err(|e| StoreError::Corrupt(format!("VM {vm}: inner: {e}")))?)
+        };
         tx.execute(
-            "INSERT INTO net_nics (vm_id, nic_id, tag, tap, mac, ipv4, ipv6, rates) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![vm, req.nic_id, tag, tap, req.mac, ipv4.map(|a| a.to_string()), ipv6.map(|a| a.to_string()), rates],
+            "INSERT INTO net_nics (vm_id, nic_id, tag, tap, mac, ipv4, ipv6, rates, inner) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                vm,
+                req.nic_id,
+                tag,
+                tap,
+                req.mac,
+                ipv4.map(|a| a.to_string()),
+                ipv6.map(|a| a.to_string()),
+                rates,
+                inner
+            ],
         )?;
         out.nics.push(NicLease {
             nic_id: req.nic_id.clone(),
@@ -215,6 +237,7 @@ fn lease(tx: &Transaction<'_>, intent: &Intent, nics: &[NicRequest], pools: &Poo
             ipv6,
             ports: leased,
             rates: req.rates,
+            inner: req.inner,
         });
     }
     Ok(out)
@@ -274,6 +297,7 @@ mod tests {
             v6: Want::Any,
             ports: vec![],
             rates: NicRates::default(),
+            inner: Default::default(),
         }
     }
 

@@ -5,10 +5,14 @@
 //!
 //! | file         | owns                                                              |
 //! |--------------|-------------------------------------------------------------------|
+//! | `crash.rs`   | the crash harnesses' host (`metald` killed and restarted) and the |
+//! |              | invariants after a restart (not re-exported: `support::crash::…`) |
 //! | `daemon.rs`  | the daemon: in-process (fake backend, tokens, clients) or the     |
 //! |              | `metald` binary as a child; `UNKEY_METALD_*` environments         |
 //! | `vmm.rs`     | the fake Firecracker / Cloud Hypervisor: their calls, request     |
 //! |              | logs, faults                                                      |
+//! | `saves.rs`   | suspend / snapshot / clone calls, snapshot files, the real        |
+//! |              | hypervisors of `../shared/hypervisors`, a halting guest kernel    |
 //! | `guest.rs`   | the real guest image of `scripts/guest-image.sh`, console logs    |
 //! | `process.rs` | `/proc`: live or unreaped pids, a test's processes, CPU, RSS, fds |
 //! | `wait.rs`    | bounded polling (`wait_until`, `wait_for`, `eventually`)          |
@@ -27,6 +31,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod bench;
+pub mod crash;
 pub mod daemon;
 pub mod fuzz;
 pub mod guest;
@@ -34,6 +39,7 @@ pub mod net;
 pub mod process;
 pub mod registry;
 pub mod repo;
+pub mod saves;
 pub mod vmm;
 pub mod wait;
 
@@ -51,6 +57,8 @@ pub use net::*;
 pub use process::*;
 #[allow(unused_imports)]
 pub use repo::*;
+#[allow(unused_imports)]
+pub use saves::*;
 #[allow(unused_imports)]
 pub use vmm::*;
 #[allow(unused_imports)]

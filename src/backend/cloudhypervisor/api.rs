@@ -1,7 +1,8 @@
 //! Typed bodies of Cloud Hypervisor's REST API (`/api/v1/...`), written
 //! from its OpenAPI description (`vmm/src/api/openapi/cloud-hypervisor.yaml`,
-//! Cloud Hypervisor v40+). Only what metald sends and reads is modelled;
-//! optional fields are omitted so Cloud Hypervisor applies its defaults.
+//! Cloud Hypervisor v40+; snapshot and restore as of v53). Only what metald
+//! sends and reads is modelled; optional fields are omitted so Cloud
+//! Hypervisor applies its defaults.
 
 use std::collections::BTreeMap;
 
@@ -100,6 +101,23 @@ pub struct VmInfo {
     pub config: serde_json::Value,
 }
 
+/// `PUT /api/v1/vm.snapshot` (`VmSnapshotConfig`): the VM must be paused;
+/// Cloud Hypervisor writes `config.json`, `state.json` and `memory-ranges`
+/// into the (existing) directory of a `file://` URL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSnapshotConfig {
+    pub destination_url: String,
+}
+
+/// `PUT /api/v1/vm.restore` (`RestoreConfig`): only in a VMM without a VM;
+/// the VM comes back paused (`resume` unset). Memory is copied from the
+/// snapshot before the call returns (`memory_restore_mode` unset: `Copy`),
+/// so the snapshot's files are not needed afterwards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreConfig {
+    pub source_url: String,
+}
+
 /// `GET /api/v1/vmm.ping` (`VmmPingResponse`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct VmmPingResponse {
@@ -112,6 +130,23 @@ pub struct VmmPingResponse {
 
 /// `GET /api/v1/vm.counters` (`VmCounters`): device id -> counter -> value.
 pub type VmCounters = BTreeMap<String, BTreeMap<String, u64>>;
+
+/// The message of an error answer. Cloud Hypervisor (v50+) answers a JSON
+/// array of its error chain (`["Error from API", "The VM could not be
+/// snapshotted", ..., <cause>]`): its messages joined with ": ", without
+/// the generic first one and without stack backtraces. Anything else: the
+/// text as it is.
+pub fn error_message(body: &[u8]) -> String {
+    match serde_json::from_slice::<Vec<String>>(body) {
+        Ok(chain) if !chain.is_empty() => chain
+            .iter()
+            .filter(|m| m.as_str() != "Error from API")
+            .map(|m| m.split("\n\nStack backtrace:").next().unwrap_or_default().trim())
+            .collect::<Vec<_>>()
+            .join(": "),
+        _ => crate::backend::uds_http::text_error_body(body),
+    }
+}
 
 /// Sums one counter over all devices.
 pub fn counter_sum(c: &VmCounters, name: &str) -> u64 {
@@ -130,6 +165,10 @@ mod tests {
         assert_eq!(serde_json::to_value(&c).unwrap(), json!({"mode": "File", "file": "/c.log"}));
         let off = ConsoleConfig { mode: ConsoleMode::Off, file: None };
         assert_eq!(serde_json::to_value(&off).unwrap(), json!({"mode": "Off"}));
+        let snap = VmSnapshotConfig { destination_url: "file:///s/1".into() };
+        assert_eq!(serde_json::to_value(&snap).unwrap(), json!({"destination_url": "file:///s/1"}));
+        let restore = RestoreConfig { source_url: "file:///s/1".into() };
+        assert_eq!(serde_json::to_value(&restore).unwrap(), json!({"source_url": "file:///s/1"}));
         let counters: VmCounters = serde_json::from_value(json!({
             "_disk0": {"read_bytes": 5, "write_bytes": 1, "read_ops": 1, "write_ops": 1},
             "disk1": {"read_bytes": 7},
@@ -139,5 +178,17 @@ mod tests {
         assert_eq!(counter_sum(&counters, "read_bytes"), 12);
         assert_eq!(counter_sum(&counters, "tx_frames"), 2);
         assert_eq!(counter_sum(&counters, "nope"), 0);
+    }
+
+    #[test]
+    fn error_chains_read_as_one_message() {
+        let body = br#"["Error from API","The VM could not be snapshotted","Cannot snapshot VM","Could not get vCPU state GetNestedState(Invalid argument (os error 22)\n\nStack backtrace:\n   0: <unknown>\n)"]"#;
+        assert_eq!(
+            error_message(body),
+            "The VM could not be snapshotted: Cannot snapshot VM: Could not get vCPU state GetNestedState(Invalid \
+             argument (os error 22)"
+        );
+        assert_eq!(error_message(b"VM is not created"), "VM is not created");
+        assert_eq!(error_message(b""), "(empty body)");
     }
 }

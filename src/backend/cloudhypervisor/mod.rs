@@ -14,6 +14,8 @@
 //! | forced shutdown   | `vm.shutdown` + `vmm.shutdown`, SIGKILL if still alive after 3 s |
 //! | delete            | SIGKILL                                                  |
 //! | usage             | `/proc` CPU and RSS, plus `vm.counters` block/net bytes  |
+//! | save (paused)     | `vm.snapshot {"destination_url":"file://<dir>"}` (see [`snapshot`]) |
+//! | restore           | spawn, wait for `vmm.ping`, `vm.restore {"source_url":"file://<vm dir>/restore-source"}` (a per-VM copy of the save whose `config.json` names this VM's disks, TAPs and console); the VM comes back paused |
 //!
 //! Files per VM: `console.log` (guest serial), `vmm.log` (the VMM's
 //! stdout/stderr), `cloud-hypervisor.sock`. NICs use the existing TAP named
@@ -21,6 +23,7 @@
 
 pub mod api;
 pub mod config;
+pub mod snapshot;
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
@@ -34,13 +37,13 @@ use tracing::{debug, info, warn};
 
 use self::api::{
     ConsoleConfig, ConsoleMode, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig, RateLimiterConfig,
-    VmConfig, VmCounters, VmInfo, VmmPingResponse, counter_sum,
+    RestoreConfig, VmConfig, VmCounters, VmInfo, VmSnapshotConfig, VmmPingResponse, counter_sum,
 };
 use self::config::CloudHypervisorSettings;
 use super::kernel;
 use super::process::{self, ProcessId, Watched, remove_quiet, watch_exit};
 use super::restvmm::{self, Launch, Output};
-use super::uds_http::{ApiError, UdsClient, checked, text_error_body};
+use super::uds_http::{ApiError, UdsClient, checked};
 use super::{
     Backend, BackendError, BackendHealth, BackendKind, ExitSink, Observed, Result, Runtime, StopMode, Usage, VmContext,
 };
@@ -149,10 +152,20 @@ pub fn check_spec(spec: &ValidSpec) -> Result<()> {
 /// Device counters of one VMM process, and when they were read.
 type CountersCache = HashMap<VmId, (u32, Instant, Usage)>;
 
+/// What a freshly spawned VMM is asked to do once its API serves.
+enum Then<'a> {
+    /// `vm.create` with the VM's configuration.
+    Create,
+    /// `vm.restore` from this `file://` URL, within this time.
+    Restore(&'a str, Duration),
+}
+
 pub struct CloudHypervisorBackend {
     settings: CloudHypervisorSettings,
     binary: PathBuf,
     version: String,
+    /// The host CPU model, part of [`Backend::compat`].
+    cpu_model: String,
     exits: ExitSink,
     stop: CancellationToken,
     /// `usage()` runs every 100 ms per VM (metering); `vm.counters` is
@@ -183,6 +196,7 @@ impl CloudHypervisorBackend {
             settings: settings.clone(),
             binary,
             version,
+            cpu_model: super::host::cpu_model(),
             exits,
             stop,
             counters: Mutex::default(),
@@ -190,7 +204,7 @@ impl CloudHypervisorBackend {
     }
 
     fn client(&self, dir: &Path) -> UdsClient {
-        UdsClient::new(Paths::new(dir).socket, "cloud-hypervisor", self.settings.api_timeout, text_error_body)
+        UdsClient::new(Paths::new(dir).socket, "cloud-hypervisor", self.settings.api_timeout, api::error_message)
     }
 
     /// `r` with an API failure mapped to a backend error (naming a VMM that died).
@@ -217,19 +231,11 @@ impl CloudHypervisorBackend {
         warn!(vm_id = %vm.id, pid = pid.pid, "Cloud Hypervisor did not exit; sending SIGKILL");
         pid.kill().await
     }
-}
 
-#[async_trait]
-impl Backend for CloudHypervisorBackend {
-    fn kind(&self) -> BackendKind {
-        BackendKind::CloudHypervisor
-    }
-
-    fn check(&self, spec: &ValidSpec) -> Result<()> {
-        check_spec(spec)
-    }
-
-    async fn create(&self, vm: &VmContext<'_>) -> Result<Runtime> {
+    /// Spawns the VM's Cloud Hypervisor, waits for `vmm.ping`, then creates
+    /// or restores the VM (`then`); watches the process. On failure nothing
+    /// is left running.
+    async fn launch(&self, vm: &VmContext<'_>, then: Then<'_>) -> Result<Runtime> {
         let paths = Paths::new(&vm.dir);
         restvmm::prepare_socket(&paths.socket, "UNKEY_METALD_DATA_DIR")?;
         let mut api_socket = OsString::from("path=");
@@ -246,22 +252,74 @@ impl Backend for CloudHypervisorBackend {
             log: &paths.vmm_log,
         };
         let client = self.client(&vm.dir);
-        let (c, paths) = (&client, &paths);
+        let (c, paths, then) = (&client, &paths, &then);
         let started = restvmm::launch(&launch, c, |pid, ping: VmmPingResponse| async move {
             let extra = BTreeMap::from([
                 ("cloud_hypervisor_version".to_owned(), ping.version),
                 ("vmm_log".to_owned(), paths.vmm_log.display().to_string()),
             ]);
             let rt = restvmm::runtime(pid, &paths.socket, &paths.console_log, extra);
-            let r = c.put(&format!("{API}/vm.create"), &vm_config(vm.spec, &paths.console_log)).await;
+            let r = match then {
+                Then::Create => c.put(&format!("{API}/vm.create"), &vm_config(vm.spec, &paths.console_log)).await,
+                Then::Restore(url, timeout) => {
+                    let body = RestoreConfig { source_url: (*url).to_owned() };
+                    c.with_timeout(*timeout).put(&format!("{API}/vm.restore"), &body).await
+                }
+            };
             self.checked(r, &rt, &vm.dir).await?;
             Ok(rt)
         })
         .await?;
         let pid = started.pid.pid;
         let rt = started.watch(vm.id, &self.exits, &self.stop);
-        debug!(vm_id = %vm.id, pid, "Cloud Hypervisor started, VM created");
+        debug!(vm_id = %vm.id, pid, restored = matches!(then, Then::Restore(..)), "Cloud Hypervisor started, VM created");
         Ok(rt)
+    }
+}
+
+#[async_trait]
+impl Backend for CloudHypervisorBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::CloudHypervisor
+    }
+
+    fn check(&self, spec: &ValidSpec) -> Result<()> {
+        check_spec(spec)
+    }
+
+    /// The common facts and the host CPU (the saved vCPU state is KVM's).
+    fn compat(&self, spec: &ValidSpec) -> BTreeMap<String, String> {
+        let mut m = super::base_compat(self.kind(), &self.version, spec);
+        m.insert("host_cpu".into(), self.cpu_model.clone());
+        m
+    }
+
+    async fn save(&self, vm: &VmContext<'_>, rt: &Runtime, dir: &Path) -> Result<()> {
+        let body = VmSnapshotConfig { destination_url: snapshot::file_url(dir)? };
+        let client = self.client(&vm.dir).with_timeout(super::save_timeout(vm.spec.memory_bytes()));
+        let r = client.put(&format!("{API}/vm.snapshot"), &body).await;
+        self.checked(r, rt, &vm.dir).await?;
+        snapshot::check_saved(dir)
+    }
+
+    async fn restore(&self, vm: &VmContext<'_>, dir: &Path) -> Result<Runtime> {
+        let paths = Paths::new(&vm.dir);
+        let source = snapshot::prepare_source(dir, &vm.dir, vm.spec, &paths.console_log)?;
+        let restored = match snapshot::file_url(&source) {
+            Ok(url) => self.launch(vm, Then::Restore(&url, super::save_timeout(vm.spec.memory_bytes()))).await,
+            Err(e) => Err(e),
+        };
+        // The memory was copied in (or the restore failed): the copy goes.
+        if let Err(e) = std::fs::remove_dir_all(&source) {
+            debug!(vm_id = %vm.id, dir = %source.display(), error = %e, "could not remove the restore source");
+        }
+        let mut rt = restored?;
+        rt.booted_at = Some(unix_now());
+        Ok(rt)
+    }
+
+    async fn create(&self, vm: &VmContext<'_>) -> Result<Runtime> {
+        self.launch(vm, Then::Create).await
     }
 
     async fn boot(&self, vm: &VmContext<'_>, rt: &mut Runtime) -> Result<()> {

@@ -1,6 +1,6 @@
 //! Typed request and response bodies of Firecracker's REST API, written from
 //! its OpenAPI description (`src/firecracker/swagger/firecracker.yaml`,
-//! Firecracker v1.10+). Only the endpoints metald uses are modelled; field
+//! Firecracker v1.10+; the snapshot endpoints as of v1.16). Only the endpoints metald uses are modelled; field
 //! names and optionality follow the definitions there (Firecracker rejects
 //! unknown fields, so optional fields are omitted rather than sent as null).
 
@@ -115,16 +115,93 @@ pub struct InstanceInfo {
 }
 
 /// `GET /vm/config` (`FullVmConfiguration`), the parts metald checks.
-/// Devices stay untyped: their optional fields differ between versions and
-/// device flavours, and only their number is compared.
+/// Of each device only its id and backing file or TAP are read: the other
+/// optional fields differ between versions and device flavours.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct FullVmConfiguration {
     #[serde(rename = "machine-config", default)]
     pub machine_config: Option<MachineConfiguration>,
     #[serde(default)]
-    pub drives: Vec<serde_json::Value>,
+    pub drives: Vec<ConfiguredDrive>,
     #[serde(rename = "network-interfaces", default)]
-    pub network_interfaces: Vec<serde_json::Value>,
+    pub network_interfaces: Vec<ConfiguredNic>,
+}
+
+/// A drive of [`FullVmConfiguration`] (`Drive`): its id and file (absent
+/// for vhost-user drives).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfiguredDrive {
+    pub drive_id: String,
+    #[serde(default)]
+    pub path_on_host: Option<String>,
+}
+
+/// A NIC of [`FullVmConfiguration`] (`NetworkInterface`): id and TAP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfiguredNic {
+    pub iface_id: String,
+    pub host_dev_name: String,
+}
+
+/// `PATCH /drives/{drive_id}` (`PartialDrive`): post-boot (and after a
+/// snapshot load) the drive's backing file can be swapped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartialDrive {
+    pub drive_id: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub path_on_host: Option<String>,
+}
+
+/// `PUT /snapshot/create` (`SnapshotCreateParams`): the microVM must be
+/// `Paused`; Firecracker writes both files itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotCreateParams {
+    /// The guest memory.
+    pub mem_file_path: String,
+    /// The microVM (device, vCPU, KVM) state.
+    pub snapshot_path: String,
+    pub snapshot_type: SnapshotType,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotType {
+    Full,
+    Diff,
+}
+
+/// `PUT /snapshot/load` (`SnapshotLoadParams`): only on a fresh process,
+/// before any configuration but the logger and metrics. The microVM is
+/// `Paused` afterwards unless `resume_vm`. On failure Firecracker exits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotLoadParams {
+    pub snapshot_path: String,
+    pub mem_backend: MemoryBackend,
+    pub resume_vm: bool,
+    /// TAP devices that replace the saved ones (Firecracker v1.12+).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub network_overrides: Vec<NetworkOverride>,
+}
+
+/// `MemoryBackend`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryBackend {
+    pub backend_type: MemoryBackendType,
+    /// `File`: the memory file, mapped `MAP_PRIVATE` for the life of the
+    /// restored microVM (it must not change meanwhile).
+    pub backend_path: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemoryBackendType {
+    File,
+    Uffd,
+}
+
+/// `NetworkOverride`: the TAP a restored interface is attached to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
 }
 
 /// `Error`: the body of every 4xx/5xx answer.
@@ -219,6 +296,50 @@ mod tests {
         let rl = RateLimiter::from_spec(Some(&RateLimit { bandwidth: 1_000_000, refill_time_ms: 100, burst: 0 }));
         assert_eq!(serde_json::to_value(rl).unwrap(), json!({"bandwidth": {"size": 100_000, "refill_time": 100}}));
         assert_eq!(RateLimiter::from_spec(Some(&RateLimit::default())), None);
+    }
+
+    #[test]
+    fn snapshot_bodies_match_the_api_reference() {
+        let create = SnapshotCreateParams {
+            mem_file_path: "/s/memory".into(),
+            snapshot_path: "/s/vmstate".into(),
+            snapshot_type: SnapshotType::Full,
+        };
+        assert_eq!(
+            serde_json::to_value(&create).unwrap(),
+            json!({"mem_file_path": "/s/memory", "snapshot_path": "/s/vmstate", "snapshot_type": "Full"})
+        );
+        let mut load = SnapshotLoadParams {
+            snapshot_path: "/s/vmstate".into(),
+            mem_backend: MemoryBackend { backend_type: MemoryBackendType::File, backend_path: "/s/memory".into() },
+            resume_vm: false,
+            network_overrides: Vec::new(),
+        };
+        assert_eq!(
+            serde_json::to_value(&load).unwrap(),
+            json!({"snapshot_path": "/s/vmstate", "mem_backend": {"backend_type": "File", "backend_path": "/s/memory"},
+                   "resume_vm": false}),
+            "no network_overrides field unless one is needed (older versions reject it)"
+        );
+        load.network_overrides.push(NetworkOverride { iface_id: "eth0".into(), host_dev_name: "tap9".into() });
+        assert_eq!(
+            serde_json::to_value(&load).unwrap()["network_overrides"],
+            json!([{"iface_id": "eth0", "host_dev_name": "tap9"}])
+        );
+        let patch = PartialDrive { drive_id: "root".into(), path_on_host: Some("drive-root".into()) };
+        assert_eq!(serde_json::to_value(&patch).unwrap(), json!({"drive_id": "root", "path_on_host": "drive-root"}));
+        // What v1.16 answers to GET /vm/config (abridged).
+        let c: FullVmConfiguration = serde_json::from_value(json!({
+            "drives": [{"drive_id": "root", "partuuid": null, "is_root_device": false, "cache_type": "Unsafe",
+                        "is_read_only": false, "path_on_host": "drive-root", "rate_limiter": null,
+                        "io_engine": "Sync", "socket": null}],
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "smt": false, "track_dirty_pages": false,
+                               "huge_pages": "None"},
+            "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": null}]
+        }))
+        .unwrap();
+        assert_eq!(c.drives[0].path_on_host.as_deref(), Some("drive-root"));
+        assert_eq!(c.network_interfaces[0].host_dev_name, "tap0");
     }
 
     #[test]

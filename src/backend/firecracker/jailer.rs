@@ -14,6 +14,13 @@
 //! the API is relative to the jail root. metald itself needs no `unsafe`:
 //! chroot, setns and setuid happen in the jailer.
 //!
+//! A restore's saved state and memory files go into the new jail the same
+//! way (`/restore-vmstate`, `/restore-memory`, unlinked once loaded); a
+//! save is written by Firecracker into its jail and moved out by metald
+//! (see [`super::snapshot`]). Drives have the same jailed names in every
+//! VM's jail (`/drive-<id>`), which is what lets a clone's jail hold its
+//! own disk copies under the names its snapshot recorded.
+//!
 //! The jailer does not clean up; [`Jail::remove`] deletes the jail and the
 //! VM's cgroup directories (best effort) when the VM releases its process.
 
@@ -174,12 +181,13 @@ fn chown(path: &Path, owner: Option<(u32, u32)>) -> Result<()> {
 }
 
 /// Hard-links `src` to `dst`, copying when linking is impossible or when a
-/// read-only source is not world-readable (a copy can be chowned without
-/// touching the shared original).
+/// read-only source is neither world-readable nor the jail user's (a copy
+/// can be chowned without touching the shared original).
 fn link_or_copy(src: &Path, dst: &Path, writable: bool, owner: Option<(u32, u32)>) -> Result<()> {
     let meta = std::fs::metadata(src).map_err(|e| BackendError::io(format!("reading {}", src.display()), e))?;
     let world_readable = meta.mode() & 0o004 != 0;
-    let may_link = writable || owner.is_none() || world_readable;
+    let jail_users = owner.is_some_and(|(uid, _)| meta.uid() == uid && meta.mode() & 0o400 != 0);
+    let may_link = writable || owner.is_none() || world_readable || jail_users;
     if may_link && std::fs::hard_link(src, dst).is_ok() {
         if writable {
             chown(dst, owner)?;

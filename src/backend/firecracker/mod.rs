@@ -13,17 +13,21 @@
 //! | graceful shutdown | resume if paused, `SendCtrlAltDel`, wait for the exit up to the timeout, then SIGKILL |
 //! | forced shutdown, delete | SIGKILL                                             |
 //! | usage             | `/proc` CPU and RSS, plus block/net counters: `FlushMetrics`, then the new lines of the metrics file |
+//! | save (paused)     | `GET /vm/config`, `GET /`, `PUT /snapshot/create {"snapshot_type":"Full"}` (see [`snapshot`]) |
+//! | restore           | spawn as at create, `PUT /logger`, `/metrics`, `PUT /snapshot/load {"resume_vm":false, ...}`, `GET /vm/config` (`PATCH /drives/{id}` for a drive on another file), `GET /`; the guest stays paused |
 //!
 //! Files per VM (in the VM dir): `console.log` (Firecracker's stdout: the
 //! guest serial console), `vmm.log` (stderr), `firecracker.args`; and where
 //! Firecracker can reach them (VM dir, or the jail): `firecracker.sock`,
 //! `firecracker.log` (`PUT /logger`), `metrics.json` (`PUT /metrics`).
-//! Network interfaces use the existing TAP device named in the spec; metald
-//! does not create TAPs, so a NIC without `tap_device` is refused.
+//! Without the jailer, `drive-<id>` links to each disk (Firecracker is given
+//! those names, see [`vmm`]). Network interfaces use the TAP device named in
+//! the spec.
 
 pub mod api;
 pub mod config;
 pub mod jailer;
+pub mod snapshot;
 pub mod vmm;
 
 use std::collections::{BTreeMap, HashMap};
@@ -38,7 +42,7 @@ use tracing::{debug, info, warn};
 
 use self::api::{ActionType, InstanceActionInfo, InstanceInfo, MetricsLine, Vm, VmRunState};
 use self::config::FirecrackerSettings;
-use self::vmm::{Layout, METRICS_FILE, checked};
+use self::vmm::{Layout, Load, METRICS_FILE, checked};
 use super::kernel::{self, KernelFormat};
 use super::process::{self, ProcessId, Watched, remove_quiet, watch_exit};
 use super::restvmm;
@@ -69,6 +73,8 @@ pub struct FirecrackerBackend {
     binary: PathBuf,
     jailer: Option<PathBuf>,
     version: String,
+    /// The host CPU model, part of [`Backend::compat`].
+    cpu_model: String,
     exits: ExitSink,
     stop: CancellationToken,
     metrics: Arc<Mutex<HashMap<VmId, MetricsAcc>>>,
@@ -150,6 +156,7 @@ impl FirecrackerBackend {
             binary,
             jailer,
             version,
+            cpu_model: super::host::cpu_model(),
             exits,
             stop,
             metrics: Arc::default(),
@@ -177,9 +184,15 @@ impl FirecrackerBackend {
         checked(self.client(layout).patch("/vm", &Vm { state }).await, ProcessId::from_runtime(rt), layout).await
     }
 
-    /// Starts a configured Firecracker and watches it; returns its runtime.
-    async fn launch(&self, vm: &VmContext<'_>, layout: &Layout) -> Result<(Runtime, InstanceInfo)> {
-        let started = vmm::start(&self.settings, &self.binary, self.jailer.as_deref(), vm, layout).await?;
+    /// Starts a configured Firecracker (with `load`, one that loaded that
+    /// snapshot) and watches it; returns its runtime.
+    async fn launch(
+        &self,
+        vm: &VmContext<'_>,
+        layout: &Layout,
+        load: Option<&Load>,
+    ) -> Result<(Runtime, InstanceInfo)> {
+        let started = vmm::start(&self.settings, &self.binary, self.jailer.as_deref(), vm, layout, load).await?;
         let pid = started.pid;
         lock(&self.metrics).insert(vm.id.clone(), MetricsAcc { pid: pid.pid, ..MetricsAcc::default() });
         let info = started.watch(vm.id, &self.exits, &self.stop);
@@ -281,9 +294,45 @@ impl Backend for FirecrackerBackend {
         check_spec(spec)
     }
 
+    /// The common facts, the host CPU (the saved vCPU state is KVM's) and
+    /// whether the jailer runs Firecracker: a snapshot names its drives
+    /// inside the jail (`/drive-<id>`) or in the VM directory (`drive-<id>`).
+    fn compat(&self, spec: &ValidSpec) -> BTreeMap<String, String> {
+        let mut m = super::base_compat(self.kind(), &self.version, spec);
+        m.insert("host_cpu".into(), self.cpu_model.clone());
+        m.insert("jailer".into(), self.settings.jailer.is_some().to_string());
+        m
+    }
+
+    async fn save(&self, vm: &VmContext<'_>, rt: &Runtime, dir: &Path) -> Result<()> {
+        let layout = self.layout(vm);
+        let pid = ProcessId::from_runtime(rt);
+        snapshot::save(&self.client(&layout), &layout, pid, dir, vm.spec.memory_bytes()).await
+    }
+
+    async fn restore(&self, vm: &VmContext<'_>, dir: &Path) -> Result<Runtime> {
+        let load = snapshot::load_of(dir, vm.spec)?;
+        let layout = self.layout(vm);
+        let (mut rt, info) = match self.launch(vm, &layout, Some(&load)).await {
+            Ok(started) => started,
+            Err(e) => {
+                // The process is gone (a failed load also ends Firecracker);
+                // its jail and cgroups go too.
+                self.release(vm, &layout);
+                return Err(e);
+            }
+        };
+        // Loaded: the microVM exists (Firecracker's runtime API applies),
+        // paused until the core resumes it.
+        rt.booted_at = Some(unix_now());
+        debug!(vm_id = %vm.id, pid = ?rt.pid, state = %info.state, overrides = load.network_overrides.len(),
+            "Firecracker restored");
+        Ok(rt)
+    }
+
     async fn create(&self, vm: &VmContext<'_>) -> Result<Runtime> {
         let layout = self.layout(vm);
-        let (rt, info) = self.launch(vm, &layout).await?;
+        let (rt, info) = self.launch(vm, &layout, None).await?;
         debug!(vm_id = %vm.id, pid = ?rt.pid, state = %info.state, "Firecracker started");
         Ok(rt)
     }
@@ -306,7 +355,7 @@ impl Backend for FirecrackerBackend {
         let layout = self.layout(vm);
         self.stop_process(vm, &layout, rt, (!force).then_some(REBOOT_GRACE)).await?;
         remove_quiet(&layout.socket);
-        let (mut new_rt, _) = self.launch(vm, &layout).await?;
+        let (mut new_rt, _) = self.launch(vm, &layout, None).await?;
         if let Err(e) = self.action(&layout, &new_rt, ActionType::InstanceStart).await {
             if let Some(p) = ProcessId::from_runtime(&new_rt) {
                 let _ = p.kill().await;

@@ -2,9 +2,20 @@
 //! ([`Layout`], jail-aware), the pre-boot requests derived from a VM spec
 //! ([`Plan`]), and [`start`], which runs the shared REST-VMM launch
 //! ([`crate::backend::restvmm`]: spawn, wait for the API socket) and sends
-//! the plan. Used at create and again at every reboot
-//! (Firecracker exits when its guest reboots), so a restarted VMM gets
+//! the plan — or, for a restore, loads a snapshot instead (see
+//! [`super::snapshot`]). Used at create, at every reboot (Firecracker exits
+//! when its guest reboots) and at restores, so every process of a VM gets
 //! exactly the same configuration.
+//!
+//! Drives are given to Firecracker by a name that is the same for every
+//! VM, `drive-<id>`: inside the jail (`/drive-<id>`, a hard link), or
+//! without the jailer relative to Firecracker's working directory, the VM
+//! directory (a symbolic link to the disk). A snapshot records the drive
+//! paths Firecracker was given and its load reopens exactly those
+//! (Firecracker's snapshot docs: the disks must be "accessible at the same
+//! relative paths to the new Firecracker process"), so a clone's process,
+//! started in the clone's directory or jail, opens the clone's own disk
+//! copies and never the source VM's (which may be gone).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -13,8 +24,9 @@ use std::time::Duration;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::api::{
-    BootSource, Drive, FullVmConfiguration, InstanceInfo, LogLevel, Logger, MachineConfiguration, Metrics,
-    NetworkInterface, RateLimiter, fault_message,
+    BootSource, Drive, FullVmConfiguration, InstanceInfo, LogLevel, Logger, MachineConfiguration, MemoryBackend,
+    MemoryBackendType, Metrics, NetworkInterface, NetworkOverride, PartialDrive, RateLimiter, SnapshotLoadParams,
+    fault_message,
 };
 use super::config::FirecrackerSettings;
 use super::jailer::{JAILED_SOCKET, Jail};
@@ -72,16 +84,29 @@ impl Layout {
 
     /// The path Firecracker is given for a host file: the file itself, or
     /// its name inside the jail.
-    fn api_path(&self, host: &Path, jailed_name: &str) -> String {
+    pub fn api_path(&self, host: &Path, jailed_name: &str) -> String {
         match &self.jail {
             Some(_) => format!("/{jailed_name}"),
             None => host.display().to_string(),
         }
     }
 
+    /// The path Firecracker is given for drive `id` (see the module doc).
+    pub fn drive_path(&self, id: &str) -> String {
+        match &self.jail {
+            Some(_) => format!("/{}", drive_name(id)),
+            None => drive_name(id),
+        }
+    }
+
     pub fn client(&self, timeout: Duration) -> UdsClient {
         UdsClient::new(&self.socket, "firecracker", timeout, fault_message)
     }
+}
+
+/// The name of drive `id` where Firecracker opens it (see the module doc).
+pub fn drive_name(id: &str) -> String {
+    format!("drive-{id}")
 }
 
 /// The pre-boot requests for one VM, in the order they are sent.
@@ -95,6 +120,9 @@ pub struct Plan {
     pub nics: Vec<NetworkInterface>,
     /// Files to put into the jail: (host source, jailed name, writable).
     pub jail_files: Vec<(PathBuf, String, bool)>,
+    /// Without the jailer: the drive links to make in the VM directory
+    /// (disk, link name).
+    pub drive_links: Vec<(PathBuf, String)>,
 }
 
 /// The kernel command line with Firecracker's required arguments added
@@ -121,14 +149,18 @@ impl Plan {
         let drives = spec
             .storage
             .iter()
-            .map(|d| Drive {
-                drive_id: d.id.clone(),
-                path_on_host: place(&d.path, format!("drive-{}", d.id), !d.read_only),
-                is_root_device: d.is_root,
-                is_read_only: d.read_only,
-                rate_limiter: None,
+            .map(|d| {
+                place(&d.path, drive_name(&d.id), !d.read_only);
+                Drive {
+                    drive_id: d.id.clone(),
+                    path_on_host: layout.drive_path(&d.id),
+                    is_root_device: d.is_root,
+                    is_read_only: d.read_only,
+                    rate_limiter: None,
+                }
             })
             .collect();
+        let drive_links = spec.storage.iter().map(|d| (d.path.clone(), drive_name(&d.id))).collect();
         let nics = spec
             .network
             .iter()
@@ -161,6 +193,7 @@ impl Plan {
             drives,
             nics,
             jail_files,
+            drive_links,
         }
     }
 }
@@ -174,20 +207,62 @@ pub async fn checked<T>(r: std::result::Result<T, ApiError>, pid: Option<Process
     crate::backend::uds_http::checked(r, "Firecracker", pid, &layout.vmm_log).await
 }
 
+/// A snapshot a new Firecracker loads instead of being configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Load {
+    /// Host path of the saved microVM state.
+    pub state: PathBuf,
+    /// Host path of the saved guest memory (mapped for the restored
+    /// microVM's lifetime).
+    pub memory: PathBuf,
+    /// TAP devices replacing the saved ones (empty when all are the same).
+    pub network_overrides: Vec<NetworkOverride>,
+    /// Bound of the load request.
+    pub timeout: Duration,
+}
+
+/// Names of a restore's files inside the jail.
+pub const JAILED_RESTORE_STATE: &str = "restore-vmstate";
+pub const JAILED_RESTORE_MEMORY: &str = "restore-memory";
+
+/// Whether a Firecracker `version` ("1.16.1") accepts `network_overrides`
+/// in `PUT /snapshot/load` (added in v1.12.0).
+pub fn supports_network_overrides(version: &str) -> bool {
+    let mut parts = version.trim_start_matches('v').split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (1, 12)
+}
+
 /// Spawns Firecracker (directly or under the jailer), waits for its API and
-/// sends the pre-boot configuration. On failure nothing is left running.
+/// sends the pre-boot configuration, or with `load` loads that snapshot
+/// (the microVM is then paused). On failure nothing is left running.
 pub async fn start(
     settings: &FirecrackerSettings,
     binary: &Path,
     jailer: Option<&Path>,
     vm: &VmContext<'_>,
     layout: &Layout,
+    load: Option<&Load>,
 ) -> Result<Started> {
     restvmm::prepare_socket(&layout.socket, "UNKEY_METALD_DATA_DIR or UNKEY_METALD_JAILER_CHROOT_DIR")?;
     let plan = Plan::new(vm.spec, layout);
+    let mut files = plan.jail_files.clone();
+    let load_params = load.map(|l| {
+        files.push((l.state.clone(), JAILED_RESTORE_STATE.into(), false));
+        files.push((l.memory.clone(), JAILED_RESTORE_MEMORY.into(), false));
+        SnapshotLoadParams {
+            snapshot_path: layout.api_path(&l.state, JAILED_RESTORE_STATE),
+            mem_backend: MemoryBackend {
+                backend_type: MemoryBackendType::File,
+                backend_path: layout.api_path(&l.memory, JAILED_RESTORE_MEMORY),
+            },
+            resume_vm: false,
+            network_overrides: l.network_overrides.clone(),
+        }
+    });
     let (program, args): (&Path, Vec<OsString>) = match (&layout.jail, settings.jailer.as_ref(), jailer) {
         (Some(jail), Some(js), Some(jailer)) => {
-            jail.prepare(js, &plan.jail_files, &[LOG_FILE, METRICS_FILE])?;
+            jail.prepare(js, &files, &[LOG_FILE, METRICS_FILE])?;
             (jailer, jail.args(js, binary, vm.spec))
         }
         _ => {
@@ -195,6 +270,7 @@ pub async fn start(
                 let p = layout.host_file(f);
                 std::fs::File::create(&p).map_err(|e| BackendError::io(format!("creating {}", p.display()), e))?;
             }
+            link_drives(&layout.dir, &plan.drive_links)?;
             let args = vec!["--api-sock".into(), layout.socket.clone().into(), "--id".into(), vm.id.as_str().into()];
             (binary, args)
         }
@@ -217,14 +293,34 @@ pub async fn start(
         log: &layout.vmm_log,
     };
     let client = layout.client(settings.api_timeout);
-    let c = &client;
-    let configured = restvmm::launch(&launch, c, |pid, _: InstanceInfo| async move {
-        checked(configure(c, &plan).await, Some(pid), layout).await
+    let (c, plan, params) = (&client, &plan, load_params.as_ref());
+    let configured = restvmm::launch(&launch, c, |pid, probed: InstanceInfo| async move {
+        match (params, load) {
+            (Some(p), Some(l)) => {
+                if !p.network_overrides.is_empty() && !supports_network_overrides(&probed.vmm_version) {
+                    return Err(BackendError::unsupported(format!(
+                        "the VM's network interfaces use other TAP devices than when it was saved, and Firecracker \
+                         {} cannot change them at a snapshot load (network_overrides needs v1.12 or later); \
+                         upgrade Firecracker (UNKEY_METALD_FIRECRACKER_BINARY)",
+                        probed.vmm_version
+                    )));
+                }
+                checked(load_snapshot(c, plan, p, l.timeout).await, Some(pid), layout).await
+            }
+            _ => checked(configure(c, plan).await, Some(pid), layout).await,
+        }
     })
     .await;
     match configured {
         Ok(started) => {
-            debug!(vm_id = %vm.id, pid = started.pid.pid, version = %started.configured.vmm_version, "Firecracker configured");
+            if let Some(j) = layout.jail.as_ref().filter(|_| load.is_some()) {
+                // Read (state) or mapped (memory) by now: the jail needs no name for them.
+                for name in [JAILED_RESTORE_STATE, JAILED_RESTORE_MEMORY] {
+                    crate::backend::process::remove_quiet(&j.host_path(name));
+                }
+            }
+            debug!(vm_id = %vm.id, pid = started.pid.pid, version = %started.configured.vmm_version,
+                restored = load.is_some(), "Firecracker configured");
             Ok(started)
         }
         Err(e) => {
@@ -234,6 +330,46 @@ pub async fn start(
             Err(e)
         }
     }
+}
+
+/// Makes `<dir>/<name>` a symbolic link to each drive's disk (replacing
+/// what is there).
+fn link_drives(dir: &Path, links: &[(PathBuf, String)]) -> Result<()> {
+    for (disk, name) in links {
+        let link = dir.join(name);
+        if link == *disk {
+            continue;
+        }
+        crate::backend::process::remove_quiet(&link);
+        std::os::unix::fs::symlink(disk, &link)
+            .map_err(|e| BackendError::io(format!("linking {} to the disk {}", link.display(), disk.display()), e))?;
+    }
+    Ok(())
+}
+
+/// Loads a snapshot into a fresh Firecracker: the logger and metrics (the
+/// only configuration allowed before a load, and not part of a snapshot),
+/// `PUT /snapshot/load`, then `GET /vm/config` and a `PATCH /drives/{id}`
+/// for each drive whose file is not the one this VM's plan names (a
+/// snapshot of a process that was given other paths), and `GET /`.
+async fn load_snapshot(
+    client: &UdsClient,
+    plan: &Plan,
+    params: &SnapshotLoadParams,
+    timeout: Duration,
+) -> std::result::Result<InstanceInfo, ApiError> {
+    client.put("/logger", &plan.logger).await?;
+    client.put("/metrics", &plan.metrics).await?;
+    client.with_timeout(timeout).put("/snapshot/load", params).await?;
+    let restored: FullVmConfiguration = client.get("/vm/config").await?;
+    for d in &plan.drives {
+        let now = restored.drives.iter().find(|r| r.drive_id == d.drive_id).and_then(|r| r.path_on_host.as_deref());
+        if now != Some(d.path_on_host.as_str()) {
+            let patch = PartialDrive { drive_id: d.drive_id.clone(), path_on_host: Some(d.path_on_host.clone()) };
+            client.patch(&format!("/drives/{}", d.drive_id), &patch).await?;
+        }
+    }
+    client.get("/").await
 }
 
 /// Sends the plan, then reads back `GET /vm/config` and `GET /`.
@@ -276,5 +412,14 @@ mod tests {
     fn required_boot_args_are_added_once() {
         assert_eq!(boot_args(""), "console=ttyS0 reboot=k panic=1");
         assert_eq!(boot_args("quiet console=hvc0 panic=5"), "quiet console=hvc0 panic=5 reboot=k");
+    }
+
+    #[test]
+    fn network_overrides_need_firecracker_1_12() {
+        for (v, ok) in [("1.16.1", true), ("1.12.0", true), ("v1.12.0", true), ("1.11.9", false), ("1.10.1", false)] {
+            assert_eq!(supports_network_overrides(v), ok, "{v}");
+        }
+        assert!(supports_network_overrides("2.0.0"));
+        assert!(!supports_network_overrides("garbage"));
     }
 }

@@ -6,8 +6,11 @@
 //!
 //! The shape (QEMU 7.2, `-M microvm`):
 //! ```text
-//! qemu-system-x86_64 -M microvm -accel tcg[,tb-size=N] | -accel kvm -cpu host
-//!   -nodefaults -no-user-config -display none -m <MiB> -smp <n>[,sockets=..]
+//! qemu-system-x86_64 -M microvm,memory-backend=ram -accel tcg[,tb-size=N] | -accel kvm -cpu host
+//!   -nodefaults -no-user-config -display none
+//!   -object memory-backend-memfd,id=ram,size=<bytes>,share=on     (a restored guest:
+//!     memory-backend-file,id=ram,size=<bytes>,mem-path=<saved guest.ram>,share=off)
+//!   -m <MiB> -smp <n>[,sockets=..]
 //!   -kernel K [-initrd I] -append "<args>"
 //!   -chardev file,id=console,path=<dir>/console.log,append=on -serial chardev:console
 //!   [-drive id=disk-<id>,file=<path>,format=raw,if=none[,readonly=on]
@@ -82,13 +85,40 @@ pub fn accel_args(accel: &Accel) -> Vec<String> {
     }
 }
 
-/// The whole QEMU argument list (without the binary).
+/// Where a guest's RAM lives (`-object memory-backend-*,id=ram`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ram<'a> {
+    /// Shared anonymous memory (a memfd): a save copies it out as a file
+    /// instead of streaming it (`save.rs`).
+    Memfd,
+    /// Private anonymous memory: a guest loaded from a stream that holds
+    /// its RAM (a save streams it again).
+    Anonymous,
+    /// A saved RAM image mapped private, copy-on-write: a restored or
+    /// cloned guest starts at once, and clones of one snapshot share every
+    /// page none of them wrote (the page cache's copy).
+    Private(&'a Path),
+}
+
+/// The whole QEMU argument list (without the binary), guest RAM in a memfd.
 pub fn qemu_args(spec: &ValidSpec, accel: &Accel, paths: &VmPaths) -> Vec<OsString> {
-    let mut a: Vec<String> = vec!["-M".into(), "microvm".into()];
+    qemu_args_with(spec, accel, paths, Ram::Memfd)
+}
+
+/// [`qemu_args`] with the guest's RAM where `ram` says.
+pub fn qemu_args_with(spec: &ValidSpec, accel: &Accel, paths: &VmPaths, ram: Ram<'_>) -> Vec<OsString> {
+    let mut a: Vec<String> = vec!["-M".into(), "microvm,memory-backend=ram".into()];
     a.extend(accel_args(accel));
     a.extend(["-nodefaults", "-no-user-config", "-display", "none"].map(String::from));
+    let size = spec.memory_bytes();
+    a.push("-object".into());
+    a.push(match ram {
+        Ram::Memfd => format!("memory-backend-memfd,id=ram,size={size},share=on"),
+        Ram::Anonymous => format!("memory-backend-ram,id=ram,size={size}"),
+        Ram::Private(file) => format!("memory-backend-file,id=ram,size={size},mem-path={},share=off", escape(file)),
+    });
     a.push("-m".into());
-    a.push((spec.memory_bytes() / (1024 * 1024)).to_string());
+    a.push((size / (1024 * 1024)).to_string());
     a.push("-smp".into());
     a.push(match spec.cpu.topology {
         Some(t) => format!(
@@ -259,11 +289,26 @@ mod tests {
             .collect();
         assert_eq!(
             args.join(" "),
-            "-M microvm -accel tcg,tb-size=64 -nodefaults -no-user-config -display none -m 256 -smp 2 \
+            "-M microvm,memory-backend=ram -accel tcg,tb-size=64 -nodefaults -no-user-config -display none \
+             -object memory-backend-memfd,id=ram,size=268435456,share=on -m 256 -smp 2 \
              -kernel /a/vmlinux -initrd /a/initramfs.cpio.gz -append quiet console=ttyS0 tsc_early_khz=1000 \
              -chardev file,id=console,path=/d/console.log,append=on -serial chardev:console \
              -qmp unix:/d/qmp.sock,server=on,wait=off -pidfile /d/qemu.pid -S"
         );
         assert!(!args.iter().any(|a| a == "-no-reboot" || a == "-no-shutdown"));
+        let restored: Vec<String> = qemu_args_with(
+            &ValidSpec::unchecked(spec("quiet")),
+            &accel,
+            &VmPaths::new(Path::new("/d")),
+            Ram::Private(Path::new("/s/a,b/guest.ram")),
+        )
+        .into_iter()
+        .map(|a| a.into_string().unwrap())
+        .collect();
+        assert!(
+            restored
+                .contains(&"memory-backend-file,id=ram,size=268435456,mem-path=/s/a,,b/guest.ram,share=off".to_owned()),
+            "{restored:?}"
+        );
     }
 }

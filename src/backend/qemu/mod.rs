@@ -22,6 +22,7 @@ pub mod accel;
 pub mod cmdline;
 pub mod config;
 pub mod qmp;
+pub mod save;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -120,6 +121,77 @@ impl QemuBackend {
         &self.accel
     }
 
+    /// Starts the VM's QEMU, paused (`-S`): cold, or loading a saved guest
+    /// (see `save.rs`).
+    async fn launch(&self, vm: &VmContext<'_>, start: Start<'_>) -> Result<Runtime> {
+        let paths = VmPaths::new(&vm.dir);
+        process::check_socket_path("QMP socket", &paths.qmp_socket, "UNKEY_METALD_DATA_DIR")?;
+        remove_quiet(&paths.qmp_socket);
+        remove_quiet(&paths.pidfile);
+        let ram_file = match start {
+            Start::RamFile(dir) => Some(dir.join(save::RAM_FILE)),
+            Start::Cold | Start::Stream => None,
+        };
+        let ram = match (start, ram_file.as_deref()) {
+            (Start::Cold, _) => cmdline::Ram::Memfd,
+            (_, Some(file)) => cmdline::Ram::Private(file),
+            (_, None) => cmdline::Ram::Anonymous,
+        };
+        let mut args = cmdline::qemu_args_with(vm.spec, &self.accel.accel, &paths, ram);
+        if !matches!(start, Start::Cold) {
+            // Capabilities first (`save::load_device_state`), then the load.
+            args.extend(["-incoming".into(), "defer".into()]);
+        }
+        let printable: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        let json = serde_json::to_string(&printable).unwrap_or_default();
+        std::fs::write(&paths.args_file, json)
+            .map_err(|e| BackendError::io(format!("writing {}", paths.args_file.display()), e))?;
+
+        let mut child = process::spawn_detached(&self.binary, &args, &vm.dir, &paths.qemu_log)?;
+        let pid = child.id().ok_or_else(|| BackendError::failed("QEMU exited at once"))?;
+        let started = match ProcessId::of(pid).map_err(|e| BackendError::io(format!("reading /proc/{pid}/stat"), e)) {
+            Ok(id) => Self::wait_for_qmp(&mut child, &paths).await.map(|q| (id, q)),
+            Err(e) => Err(e),
+        };
+        let (ident, (qmp, events)) = match started {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                self.release(vm.id, &vm.dir);
+                return Err(e);
+            }
+        };
+        log_events(vm.id.clone(), events);
+        let version = qmp.version;
+        lock(&self.conns).insert(
+            vm.id.clone(),
+            Arc::new(Conn {
+                pid: ident,
+                socket: paths.qmp_socket.clone(),
+                qmp: tokio::sync::Mutex::new(Some(Arc::new(qmp))),
+            }),
+        );
+        watch_exit(vm.id.clone(), pid, Watched::Child(child), self.exits.clone(), self.stop.clone());
+        debug!(vm_id = %vm.id, pid, "QEMU started");
+
+        let mut extra = BTreeMap::new();
+        extra.insert("accel".into(), self.accel.accel.name().into());
+        extra.insert("accel_reason".into(), self.accel.reason.clone());
+        extra.insert("qemu_version".into(), format!("{}.{}.{}", version.major, version.minor, version.micro));
+        extra.insert("qemu_log".into(), paths.qemu_log.display().to_string());
+        let ram = if matches!(start, Start::Cold) { "memfd" } else { "private" };
+        extra.insert(RAM_KEY.into(), ram.into());
+        Ok(Runtime {
+            pid: Some(pid),
+            pid_start_ticks: Some(ident.start_ticks),
+            api_socket: Some(paths.qmp_socket),
+            console_log: Some(paths.console_log),
+            booted_at: None,
+            extra,
+        })
+    }
+
     /// The QMP connection of the VM's current process, connecting if needed.
     async fn qmp(&self, vm: &VmId, rt: &Runtime) -> Result<Arc<Qmp>> {
         let pid = ProcessId::from_runtime(rt)
@@ -206,6 +278,22 @@ impl QemuBackend {
     }
 }
 
+/// How a QEMU starts (`QemuBackend::launch`).
+#[derive(Debug, Clone, Copy)]
+enum Start<'a> {
+    Cold,
+    /// Loading the stream in this directory (RAM included).
+    Stream,
+    /// Mapping this directory's RAM file, then loading its device state.
+    RamFile(&'a Path),
+}
+
+/// `Runtime.extra` key naming where the guest's RAM is: `memfd` (a save
+/// copies it out) or `private` (a saved RAM file mapped copy-on-write, or
+/// anonymous memory; a save streams it). Absent for QEMUs of older metald versions (anonymous RAM,
+/// streamed).
+const RAM_KEY: &str = "ram";
+
 /// Logs a VM's QMP events until its connection closes. Guest-triggered
 /// events (resets, power-offs) stay at debug: a guest can loop them.
 fn log_events(vm: VmId, mut events: mpsc::UnboundedReceiver<QmpEvent>) {
@@ -275,58 +363,46 @@ impl Backend for QemuBackend {
         check_spec(spec)
     }
 
+    fn compat(&self, spec: &ValidSpec) -> BTreeMap<String, String> {
+        let mut m = super::base_compat(self.kind(), &self.version, spec);
+        m.insert("machine".into(), "microvm".into());
+        m.insert("accel".into(), self.accel.accel.name().into());
+        m
+    }
+
+    async fn save(&self, vm: &VmContext<'_>, rt: &Runtime, dir: &Path) -> Result<()> {
+        let qmp = self.qmp(vm.id, rt).await?;
+        // Only a QEMU this version started has its RAM in the memfd.
+        let memfd = rt.extra.get(RAM_KEY).is_some_and(|r| r == "memfd").then_some(rt.pid).flatten();
+        save::save(&qmp, dir, vm.spec.memory_bytes(), memfd).await.map(|_| ())
+    }
+
+    async fn restore(&self, vm: &VmContext<'_>, dir: &Path) -> Result<Runtime> {
+        let start = if dir.join(save::RAM_FILE).is_file() { Start::RamFile(dir) } else { Start::Stream };
+        let mut rt = self.launch(vm, start).await?;
+        // A booted guest (as the fake's restore records it): uptime counts
+        // from here unless the core knows the first boot, and a restart's
+        // check of the process finds what the record says.
+        rt.booted_at = Some(unix_now());
+        let loaded = async {
+            let qmp = self.qmp(vm.id, &rt).await?;
+            save::load_device_state(&qmp, dir).await?;
+            let pid = ProcessId::from_runtime(&rt);
+            save::wait_loaded(&qmp, vm.spec.memory_bytes(), || pid.is_some_and(|p| p.is_alive())).await
+        }
+        .await;
+        if let Err(e) = loaded {
+            let tail = log_tail(&VmPaths::new(&vm.dir).qemu_log, 5);
+            let _ = self.delete(vm, Some(&rt)).await;
+            return Err(
+                BackendError::failed(format!("restoring the guest from {}: {tail}", dir.display())).caused_by(e)
+            );
+        }
+        Ok(rt)
+    }
+
     async fn create(&self, vm: &VmContext<'_>) -> Result<Runtime> {
-        let paths = VmPaths::new(&vm.dir);
-        process::check_socket_path("QMP socket", &paths.qmp_socket, "UNKEY_METALD_DATA_DIR")?;
-        remove_quiet(&paths.qmp_socket);
-        remove_quiet(&paths.pidfile);
-        let args = cmdline::qemu_args(vm.spec, &self.accel.accel, &paths);
-        let printable: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
-        let json = serde_json::to_string(&printable).unwrap_or_default();
-        std::fs::write(&paths.args_file, json)
-            .map_err(|e| BackendError::io(format!("writing {}", paths.args_file.display()), e))?;
-
-        let mut child = process::spawn_detached(&self.binary, &args, &vm.dir, &paths.qemu_log)?;
-        let pid = child.id().ok_or_else(|| BackendError::failed("QEMU exited at once"))?;
-        let started = match ProcessId::of(pid).map_err(|e| BackendError::io(format!("reading /proc/{pid}/stat"), e)) {
-            Ok(id) => Self::wait_for_qmp(&mut child, &paths).await.map(|q| (id, q)),
-            Err(e) => Err(e),
-        };
-        let (ident, (qmp, events)) = match started {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                self.release(vm.id, &vm.dir);
-                return Err(e);
-            }
-        };
-        log_events(vm.id.clone(), events);
-        let version = qmp.version;
-        lock(&self.conns).insert(
-            vm.id.clone(),
-            Arc::new(Conn {
-                pid: ident,
-                socket: paths.qmp_socket.clone(),
-                qmp: tokio::sync::Mutex::new(Some(Arc::new(qmp))),
-            }),
-        );
-        watch_exit(vm.id.clone(), pid, Watched::Child(child), self.exits.clone(), self.stop.clone());
-        debug!(vm_id = %vm.id, pid, "QEMU started");
-
-        let mut extra = BTreeMap::new();
-        extra.insert("accel".into(), self.accel.accel.name().into());
-        extra.insert("accel_reason".into(), self.accel.reason.clone());
-        extra.insert("qemu_version".into(), format!("{}.{}.{}", version.major, version.minor, version.micro));
-        extra.insert("qemu_log".into(), paths.qemu_log.display().to_string());
-        Ok(Runtime {
-            pid: Some(pid),
-            pid_start_ticks: Some(ident.start_ticks),
-            api_socket: Some(paths.qmp_socket),
-            console_log: Some(paths.console_log),
-            booted_at: None,
-            extra,
-        })
+        self.launch(vm, Start::Cold).await
     }
 
     async fn boot(&self, vm: &VmContext<'_>, rt: &mut Runtime) -> Result<()> {
@@ -436,9 +512,18 @@ impl Backend for QemuBackend {
             warn!(vm_id = %vm.id, pid = pid.pid, "recorded pid runs something else; not reattaching");
             return Ok(false);
         }
-        if let Err(e) = self.qmp(vm.id, rt).await {
+        match self.qmp(vm.id, rt).await {
             // Keep the VM: operations reconnect on demand.
-            warn!(vm_id = %vm.id, error = %crate::util::chain(&e), "reattached to QEMU, but QMP is not reachable yet");
+            Err(e) => {
+                warn!(vm_id = %vm.id, error = %crate::util::chain(&e), "reattached to QEMU, but QMP is not reachable yet");
+            }
+            Ok(qmp) => match save::cancel_interrupted(&qmp).await {
+                Ok(true) => info!(vm_id = %vm.id, "cancelled a save a restart interrupted"),
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(vm_id = %vm.id, error = %crate::util::chain(&e), "could not cancel a save a restart interrupted");
+                }
+            },
         }
         watch_exit(vm.id.clone(), pid.pid, Watched::Pid(pid), self.exits.clone(), self.stop.clone());
         debug!(vm_id = %vm.id, pid = pid.pid, "reattached to QEMU");

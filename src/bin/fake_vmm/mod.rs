@@ -194,6 +194,20 @@ pub fn check_fields(body: &Value, required: &[&str], optional: &[&str]) -> Resul
     Ok(())
 }
 
+/// Nanoseconds since the epoch (a fake guest's boot id).
+pub fn unix_nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+}
+
+/// Writes a fake guest memory file: `header`, then a hole up to `size`
+/// bytes (a real file of the guest's size that takes almost no disk).
+pub fn write_memory_file(path: &Path, size: u64, header: &str) -> std::io::Result<()> {
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(header.as_bytes())?;
+    f.set_len(size.max(u64::try_from(header.len()).unwrap_or(0)))?;
+    f.sync_all()
+}
+
 /// Writes a line to a file (the guest's serial console).
 pub fn append_line(path: &Path, line: &str) {
     if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {

@@ -8,9 +8,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
-use connectrpc::ConnectError;
 use serde_json::json;
+
+mod out;
+mod snapshots;
+
+pub use out::CliError;
+use out::{clip, print_json, table, ts, usage};
 
 use crate::client::{VmClient, WireProtocol, vm_client};
 use crate::model::Operation;
@@ -54,8 +58,21 @@ pub enum Command {
     Boot { id: String },
     /// Pause a running VM.
     Pause { id: String },
-    /// Resume a paused VM.
+    /// Resume a paused or suspended VM.
     Resume { id: String },
+    /// Suspend a running or paused VM to disk (no process, no memory; resume continues it).
+    Suspend { id: String },
+    /// Save a named snapshot of a running or paused VM (it goes on).
+    Snapshot {
+        id: String,
+        /// The snapshot's name (unique among yours).
+        #[arg(long)]
+        name: String,
+    },
+    /// List your snapshots.
+    Snapshots,
+    /// Delete one of your snapshots (its clones are not affected).
+    SnapshotDelete { name: String },
     /// Restart a running VM's guest.
     Reboot {
         id: String,
@@ -107,6 +124,10 @@ impl Command {
             Command::Boot { .. } => Some(Operation::Boot),
             Command::Pause { .. } => Some(Operation::Pause),
             Command::Resume { .. } => Some(Operation::Resume),
+            Command::Suspend { .. } => Some(Operation::Suspend),
+            Command::Snapshot { .. } => Some(Operation::Snapshot),
+            Command::Snapshots => Some(Operation::Snapshots),
+            Command::SnapshotDelete { .. } => Some(Operation::DeleteSnapshot),
             Command::Reboot { .. } => Some(Operation::Reboot),
             Command::Shutdown { .. } => Some(Operation::Shutdown),
             Command::Delete { .. } => Some(Operation::Delete),
@@ -131,6 +152,10 @@ pub fn verb(op: Operation) -> &'static str {
         Operation::Delete => "delete",
         Operation::Info => "info",
         Operation::List => "list",
+        Operation::Suspend => "suspend",
+        Operation::Snapshot => "snapshot",
+        Operation::Snapshots => "snapshots",
+        Operation::DeleteSnapshot => "snapshot-delete",
     }
 }
 
@@ -140,6 +165,7 @@ pub enum StateArg {
     Running,
     Paused,
     Shutdown,
+    Suspended,
 }
 
 #[derive(Args, Debug)]
@@ -153,8 +179,12 @@ pub struct CreateArgs {
     pub memory_mb: i64,
     /// Kernel image (inside the host's asset directories); with `--image`
     /// the host's guest kernel when omitted.
-    #[arg(long, required_unless_present = "image")]
+    #[arg(long, required_unless_present_any = ["image", "from_snapshot"])]
     pub kernel: Option<PathBuf>,
+    /// Clone your snapshot of this name: a new running VM from its memory
+    /// and disks (no other configuration; `--port` maps its ports).
+    #[arg(long = "from-snapshot", conflicts_with_all = ["kernel", "image", "rootfs", "disks", "initrd"])]
+    pub from_snapshot: Option<String>,
     /// Run a container image: `registry[:port]/repo[:tag][@sha256:…]`,
     /// `oci-layout:DIR[:tag]` or `docker-archive:FILE`.
     #[arg(long)]
@@ -220,6 +250,7 @@ fn state_of(a: StateArg) -> pb::VmState {
         StateArg::Running => pb::VmState::VM_STATE_RUNNING,
         StateArg::Paused => pb::VmState::VM_STATE_PAUSED,
         StateArg::Shutdown => pb::VmState::VM_STATE_SHUTDOWN,
+        StateArg::Suspended => pb::VmState::VM_STATE_SUSPENDED,
     }
 }
 
@@ -229,25 +260,9 @@ pub fn state_name(v: &buffa::EnumValue<pb::VmState>) -> &'static str {
         Some(pb::VmState::VM_STATE_RUNNING) => "RUNNING",
         Some(pb::VmState::VM_STATE_PAUSED) => "PAUSED",
         Some(pb::VmState::VM_STATE_SHUTDOWN) => "SHUTDOWN",
+        Some(pb::VmState::VM_STATE_SUSPENDED) => "SUSPENDED",
         _ => "UNSPECIFIED",
     }
-}
-
-/// A failed command: what to print and the exit code.
-#[derive(Debug)]
-pub struct CliError {
-    pub message: String,
-    pub exit_code: u8,
-}
-
-impl From<ConnectError> for CliError {
-    fn from(e: ConnectError) -> Self {
-        CliError { message: format!("{}: {}", e.code.as_str(), e.message.as_deref().unwrap_or("")), exit_code: 1 }
-    }
-}
-
-fn usage(msg: impl Into<String>) -> CliError {
-    CliError { message: msg.into(), exit_code: 2 }
 }
 
 fn abs(p: &std::path::Path) -> String {
@@ -255,6 +270,14 @@ fn abs(p: &std::path::Path) -> String {
 }
 
 fn create_request(a: &CreateArgs) -> Result<pb::CreateVmRequest, CliError> {
+    if let Some(snapshot) = &a.from_snapshot {
+        return Ok(pb::CreateVmRequest {
+            vm_id: a.id.clone().unwrap_or_default(),
+            from_snapshot: snapshot.clone(),
+            port_mappings: a.ports.iter().map(|p| port_arg(p)).collect::<Result<Vec<_>, _>>()?,
+            ..Default::default()
+        });
+    }
     let mut storage = Vec::new();
     if let Some(r) = &a.rootfs {
         storage.push(pb::StorageDevice {
@@ -333,37 +356,6 @@ fn create_request(a: &CreateArgs) -> Result<pb::CreateVmRequest, CliError> {
     })
 }
 
-/// Shortens a long value for a table cell (`--json` prints it whole).
-fn clip(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_owned(),
-    }
-}
-
-fn print_json(v: serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-}
-
-fn table(header: &[&str]) -> Table {
-    let mut t = Table::new();
-    t.load_preset(UTF8_BORDERS_ONLY).set_header(header.to_vec());
-    t
-}
-
-fn ts(unix: i64) -> String {
-    if unix <= 0 {
-        return "-".into();
-    }
-    let secs = crate::util::unix_now() - unix;
-    match secs {
-        s if s < 60 => format!("{s}s ago"),
-        s if s < 3600 => format!("{}m ago", s / 60),
-        s if s < 86400 => format!("{}h ago", s / 3600),
-        s => format!("{}d ago", s / 86400),
-    }
-}
-
 /// Runs one command and prints its result.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     let protocol = match cli.protocol {
@@ -428,6 +420,14 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             client.delete_vm(pb::DeleteVmRequest { vm_id: id.clone(), force, ..Default::default() }).await?;
             done(json, &id, "DELETED");
         }
+        Command::Suspend { id } => {
+            let r =
+                client.suspend_vm(pb::SuspendVmRequest { vm_id: id.clone(), ..Default::default() }).await?.into_owned();
+            done(json, &id, state_name(&r.state));
+        }
+        Command::Snapshot { id, name } => snapshots::snapshot(&client, id, name, json).await?,
+        Command::Snapshots => snapshots::list(&client, json).await?,
+        Command::SnapshotDelete { name } => snapshots::delete(&client, name, json).await?,
         Command::Info { id } => info(&client, &id, json).await?,
         Command::List { state, page_size, all } => list(&client, state, page_size, all, json).await?,
         Command::BillingServer(_) | Command::BillingReport(_) => {}
@@ -455,6 +455,9 @@ async fn info(client: &VmClient, id: &str, json: bool) -> Result<(), CliError> {
     let mut t = table(&["field", "value"]);
     t.add_row(vec!["vm_id".to_string(), r.vm_id.clone()]);
     t.add_row(vec!["state".to_string(), state_name(&r.state).to_string()]);
+    if r.snapshot_size_bytes > 0 {
+        t.add_row(vec!["saved state".to_string(), format!("{} MiB on disk", r.snapshot_size_bytes >> 20)]);
+    }
     if let Some(c) = cfg {
         t.add_row(vec!["vcpus".to_string(), c.cpu.vcpu_count.to_string()]);
         t.add_row(vec!["memory".to_string(), format!("{} MiB", c.memory.size_bytes >> 20)]);
@@ -586,14 +589,29 @@ mod tests {
             let verb = verb(op);
             assert!(Cli::command().find_subcommand(verb).is_some(), "no subcommand {verb} for {op:?}");
             let mut args = vec!["metaldctl", verb];
-            if op == Operation::Create {
-                args.extend(["--kernel", "/k"]);
-            } else if op != Operation::List {
-                args.push("vm-1");
+            match op {
+                Operation::Create => args.extend(["--kernel", "/k"]),
+                Operation::List | Operation::Snapshots => {}
+                Operation::Snapshot => args.extend(["vm-1", "--name", "base"]),
+                _ => args.push("vm-1"),
             }
             let cli = Cli::try_parse_from(&args).unwrap();
             assert_eq!(cli.command.operation(), Some(op), "{args:?}");
         }
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_clone_names_its_snapshot_and_nothing_else() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args);
+        let cli = parse(&["metaldctl", "create", "--from-snapshot", "base", "--id", "c1", "--port", "0:80"]).unwrap();
+        let Command::Create(a) = cli.command else { panic!("not a create") };
+        let r = create_request(&a).unwrap();
+        assert_eq!((r.from_snapshot.as_str(), r.vm_id.as_str()), ("base", "c1"));
+        assert!(r.config.as_option().is_none());
+        assert_eq!(r.port_mappings.len(), 1);
+        assert!(parse(&["metaldctl", "create", "--from-snapshot", "base", "--kernel", "/k"]).is_err());
+        assert!(parse(&["metaldctl", "create"]).is_err());
     }
 
     #[test]

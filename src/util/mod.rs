@@ -1,5 +1,7 @@
 //! Small helpers shared across modules.
 
+pub mod files;
+
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Seconds since the Unix epoch.
