@@ -3,8 +3,9 @@
 //! off: no root, no namespace). Every VM is the same: 1 vCPU, 256 MiB, the
 //! guest image's `vmlinux` + `initramfs.cpio.gz`, `console=ttyS0 quiet`.
 //! The guest prints `METALD_GUEST_READY` when its userspace is up, then
-//! `METALD_TICK <n>` every second; the bench polls the console file every
-//! 2 ms. Each figure is printed beside a baseline measured in the same run,
+//! `METALD_TICK <n>` every 100 ms (`metald.tick=0.1`, so the tick after a
+//! resume comes soon after the guest runs again); the bench polls the
+//! console file every 2 ms. Each figure is printed beside a baseline measured in the same run,
 //! with its goal and PASS/FAIL (printed, never asserted):
 //!
 //! (a) **resume**: ResumeVm call start (VM SUSPENDED) → a new
@@ -14,7 +15,7 @@
 //! (b) **clone**: CreateVm with `from_snapshot` call start → the clone's
 //!     first `METALD_TICK`, beside the same cold boot; goal ≤ 10 %.
 //! (c) **memory of N idle clones** of the 256 MiB VM vs N cold-booted ones
-//!     (idle: three ticks on its console, after READY for a cold VM, from
+//!     (idle: 30 ticks, 3 s, on its console, after READY for a cold VM, from
 //!     its first for a clone; all N running at once): the sum of each
 //!     QEMU's `VmRSS`, and the sum of its `Pss` (`/proc/<pid>/smaps_rollup`:
 //!     shared pages divided among their sharers, what they really cost).
@@ -27,11 +28,12 @@
 //!     duration and `Snapshot.size_bytes`, with the cold boot as reference.
 //!
 //! Rounds alternate cold boot, suspend + resume (of one long-lived VM) and
-//! clone. The guest's tick is a `sleep 1` loop and a save stops its clock:
-//! a guest saved `p` ms after a tick sleeps about `1 s − p` more after it
-//! runs on, which is inside (a) and (b). The bench saves (SuspendVm, and
-//! the SnapshotVm the clones come from) `METALD_BENCH_PHASE_MS` after a
-//! tick (default 500, the mean for a save at a random moment) and prints
+//! clone. The guest's tick is a `sleep 0.1` loop and a save stops its
+//! clock: a guest saved `p` ms after a tick sleeps about `100 ms − p` more
+//! after it runs on, which is inside (a) and (b). The bench saves
+//! (SuspendVm, and the SnapshotVm the clones come from)
+//! `METALD_BENCH_PHASE_MS` after a tick (default 50, the mean for a save at
+//! a random moment) and prints
 //! that remaining sleep, estimated from the measured tick period, beside
 //! the ResumeVm / CreateVm call times and metald's own spans:
 //! `backend.restore`, split at its first QMP command into QEMU's start
@@ -40,7 +42,7 @@
 //!
 //! `cargo bench --bench snapshot`. Environment: `METALD_BENCH_ROUNDS`
 //! (a, b, d; default 5), `METALD_BENCH_CLONES` (c; default 10),
-//! `METALD_BENCH_PHASE_MS` (default 500, at most 900),
+//! `METALD_BENCH_PHASE_MS` (default 50, at most 90),
 //! `METALD_GUEST_IMAGE_DIR` (built with `scripts/guest-image.sh`). Without
 //! `--bench` (as `cargo test --all-targets` runs it) a smoke run: one round,
 //! two clones. Needs `qemu-system-x86_64`; skipped without it. Every QEMU
@@ -68,13 +70,15 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
 const READY: &str = "METALD_GUEST_READY";
-const TICK: &str = "METALD_TICK ";
+const TICK_LINE: &str = "METALD_TICK ";
 const TIMEOUT: Duration = Duration::from_secs(240);
 const POLL: Duration = Duration::from_millis(2);
 const MEMORY: i64 = 256 << 20;
-const KERNEL_ARGS: &str = "console=ttyS0 quiet";
-/// "Idle": this many ticks on the console.
-const IDLE_TICKS: usize = 3;
+const KERNEL_ARGS: &str = "console=ttyS0 quiet metald.tick=0.1";
+/// The tick period `KERNEL_ARGS` asks for (the bench measures the real one).
+const TICK_PERIOD: Duration = Duration::from_millis(100);
+/// "Idle": this many ticks on the console (3 s).
+const IDLE_TICKS: usize = 30;
 const TOKEN: &str = "dev_customer_bench";
 const SNAPSHOT: &str = "warm";
 
@@ -152,7 +156,7 @@ fn verdict(ok: bool) -> &'static str {
 // ------------------------------------------------------------ the console
 
 fn tick_count(text: &str) -> usize {
-    text.lines().filter(|l| l.trim_start().starts_with(TICK)).count()
+    text.lines().filter(|l| l.trim_start().starts_with(TICK_LINE)).count()
 }
 
 /// Polls `console` every 2 ms until `done(its text)`; the time since `started`.
@@ -663,7 +667,7 @@ async fn main() {
     }
     let rounds: usize = env_or("METALD_BENCH_ROUNDS", if full { 5 } else { 1 }).max(1);
     let n: usize = env_or("METALD_BENCH_CLONES", if full { 10 } else { 2 }).max(1);
-    let phase = Duration::from_millis(env_or("METALD_BENCH_PHASE_MS", 500u64).min(900));
+    let phase = Duration::from_millis(env_or("METALD_BENCH_PHASE_MS", 50u64).min(90));
     let metald_spans = tracing_subscriber::filter::Targets::new().with_target("metald", tracing::Level::INFO);
     let warnings = tracing_subscriber::filter::Targets::new().with_target("metald", tracing::Level::WARN);
     let _ = tracing_subscriber::registry()
@@ -697,7 +701,7 @@ async fn main() {
     let daemon = metald::daemon::start(Config::from_source(&env).unwrap()).await.unwrap();
     let c = vm_client(&format!("http://{}", daemon.addr), TOKEN, WireProtocol::ConnectProto, Duration::from_secs(300))
         .unwrap();
-    let mut b = Bench { c, data, image, phase, period: Duration::from_secs(1) };
+    let mut b = Bench { c, data, image, phase, period: TICK_PERIOD };
 
     // The long-lived VM: booted once (warm-up, not counted), the clones'
     // snapshot is of it, and each round suspends and resumes it.
@@ -708,12 +712,17 @@ async fn main() {
     println!("  host: {}; other work on it makes the figures noisy", machine());
     println!("  every VM: 1 vCPU, 256 MiB, vmlinux + initramfs.cpio.gz, {KERNEL_ARGS:?}, no disks, no network;");
     println!("  TCG translation cache: QEMU's default (UNKEY_METALD_QEMU_TB_SIZE_MB unset)");
-    println!("  the guest prints {READY} when its userspace is up, then `{TICK}<n>` every second (a `sleep 1`");
-    println!("  loop); the console file is polled every {} ms", POLL.as_millis());
+    println!(
+        "  the guest prints {READY} when its userspace is up, then `{TICK_LINE}<n>` every {} ms (a `sleep`",
+        TICK_PERIOD.as_millis()
+    );
+    println!("  loop, metald.tick=); the console file is polled every {} ms", POLL.as_millis());
     println!("  cold boot (the reference of a, b, d): CreateVm call start, then BootVm, until {READY}");
     println!("  rounds: {rounds} (METALD_BENCH_ROUNDS), each a cold boot, a SuspendVm + ResumeVm and a clone; p50s;");
     println!("  saves (SuspendVm, the SnapshotVm of the clones) are issued {} ms after a tick", phase.as_millis());
-    println!("  (METALD_BENCH_PHASE_MS): the guest then still has ~1 s minus that of its sleep ahead when it runs on,");
+    println!(
+        "  (METALD_BENCH_PHASE_MS): the guest then still has ~a tick period minus that of its sleep ahead when it runs on,"
+    );
     println!("  which is inside (a) and (b); it is estimated and shown beside them");
     println!("  warm-up: the long-lived VM's cold boot took {:.1} ms", ms(warm));
     let n_ticks = if full { 8 } else { 3 };

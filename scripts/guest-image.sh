@@ -58,8 +58,9 @@
 #       METALD_BOOT_COUNT=<n>          (ext4 root mounted rw only; persisted on the disk)
 #       METALD_NET_UP <iface> <cidr>   (with metald.ip=)
 #       METALD_GUEST_READY             (userspace is up)
-#       METALD_TICK <n>                (every second from then on, n = 1, 2, ...)
+#       METALD_TICK <n>                (every second, or metald.tick=S, from then on, n = 1, 2, ...)
 #       METALD_TICKFILE <lines>        (with metald.tickfile=)
+#       METALD_RESEED <16 hex digits>  (a clone took its new generation: see metald-init below)
 #       METALD_GUEST_SHUTDOWN_REASON=<power-button|ctrl-alt-del|poweroff_after|reboot_after>
 #       METALD_GUEST_POWEROFF          (always printed right before `poweroff -f`)
 #       METALD_GUEST_REBOOT            (printed before `reboot -f`)
@@ -69,8 +70,10 @@
 #     SIGINT and runs ::ctrlaltdel:, which powers off. QEMU system_reset simply reboots the guest.
 #   * Kernel command line options:
 #       metald.burn=N            start N busy loops (`while :; do :; done &`), N=1 usual
+#       metald.tick=S            seconds between ticks (default 1; fractions work: 0.05)
 #       metald.tickfile=PATH     also append each tick's number to PATH (synced) and print
-#                                METALD_TICKFILE <lines in PATH> after each tick
+#                                METALD_TICKFILE <lines in PATH> after each tick (a tick whose
+#                                append fails, e.g. on a root remounted read-only, is not printed)
 #       metald.poweroff_after=S  power off by itself after S seconds
 #       metald.reboot_after=S    reboot by itself after S seconds
 #       metald.ip=CIDR metald.gw=IP metald.iface=eth0   static network config (virtio-net)
@@ -93,8 +96,9 @@ SCRIPT_VERSION=1
 KERNEL_META=${METALD_GUEST_KERNEL_PKG:-linux-image-cloud-amd64}
 ROOTFS_MB=32
 # Modules the guest loads (their dependencies are added automatically). Each insmod costs
-# ~15-20 ms under TCG; add e.g. vmw_vsock_virtio_transport virtio_console virtio_rng if needed.
-WANT_MODULES=${METALD_GUEST_MODULES:-virtio_mmio virtio_pci virtio_blk virtio_net button evdev}
+# ~15-20 ms under TCG; add e.g. vmw_vsock_virtio_transport virtio_rng if needed. virtio_console
+# carries a clone's new generation (metald's org.metald.generation port, docs/SNAPSHOTS.md).
+WANT_MODULES=${METALD_GUEST_MODULES:-virtio_mmio virtio_pci virtio_blk virtio_net virtio_console button evdev}
 # Modules only metald-init loads (image guests): the overlay root, and erofs for an erofs base.
 IMAGE_MODULES="overlay erofs"
 TARGET_TRIPLE=x86_64-unknown-linux-gnu
@@ -283,7 +287,8 @@ make_tree() { # make_tree DIR ROOTKIND
   for a in $IMAGE_MODULES; do
     printf '%s\n' ${IMAGE_ORDER[$a]} >"$r/etc/metald/modules-$a"
   done
-  [[ $kind == initramfs ]] && cp "$INIT_BIN" "$r/metald-init"
+  # Both trees: the busybox init runs `metald-init generation` too (fresh randomness for clones).
+  cp "$INIT_BIN" "$r/metald-init"
   echo "$kind" >"$r/etc/metald/rootkind"
   echo "$KREL" >"$r/etc/metald/kernel-release"
   echo metald-guest >"$r/etc/hostname"
@@ -475,6 +480,9 @@ if targets=$(param metald.tcp); then
       i=$((i + 1)); sleep 1
     done ) &
 fi
+# A clone's new generation (docs/SNAPSHOTS.md "Fresh randomness"): metald-init watches metald's
+# virtio console port and reseeds the kernel's random number generator (METALD_RESEED).
+[ -x /metald-init ] && /metald-init generation &
 if n=$(param metald.burn); then
   i=0; while [ $i -lt "$n" ]; do ( while :; do :; done ) & i=$((i + 1)); done
 fi
@@ -507,15 +515,20 @@ EOF
 #!/bin/sh
 . /etc/metald/lib.sh
 n=0
+s=$(param metald.tick) || s=1
 if f=$(param metald.tickfile); then
   # Each tick also goes to a file on the guest's disk (written through to it), and the console
-  # shows how many lines the file holds: a save/restore test sees the file survive.
+  # shows how many lines the file holds: a save/restore test sees the file survive. A tick is
+  # printed only once it is on the disk (a power-off remounts the root read-only under it).
   while :; do
-    n=$((n + 1)); echo "$n" >>"$f"; sync "$f" 2>/dev/null || sync
-    echo "METALD_TICK $n"; echo "METALD_TICKFILE $(wc -l <"$f" | tr -d ' ')"; sleep 1
+    n=$((n + 1))
+    if echo "$n" 2>/dev/null >>"$f" && { sync "$f" 2>/dev/null || sync; }; then
+      echo "METALD_TICK $n"; echo "METALD_TICKFILE $(wc -l <"$f" | tr -d ' ')"
+    fi
+    sleep "$s"
   done
 fi
-while :; do n=$((n + 1)); echo "METALD_TICK $n"; sleep 1; done
+while :; do n=$((n + 1)); echo "METALD_TICK $n"; sleep "$s"; done
 EOF
 
   cat >"$r/etc/metald/poweroff" <<'EOF'

@@ -6,6 +6,8 @@
 //! prints `METALD_TICK <n>`, appends `n` to `/ticks.log` on its disk
 //! (synced) and prints how many lines that file holds. After the guests are
 //! shut down, `debugfs` reads each disk's `/ticks.log` from the host.
+//! Clones must also get fresh randomness: each prints `METALD_RESEED <hex>`
+//! (its generator's output after metald's new generation), all different.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -43,6 +45,14 @@ async fn wait_ticks(console: &Path, n: usize) {
 fn disk_ticks(disk: &Path) -> Vec<u64> {
     let out = std::process::Command::new("debugfs").args(["-R", "cat /ticks.log"]).arg(disk).output().unwrap();
     String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+/// What a guest's random number generator said right after it took a new
+/// generation (`METALD_RESEED <hex>`); a failed reseed fails the test.
+fn reseed(console: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(console).ok()?;
+    assert!(!text.contains("METALD_RESEED_FAILED"), "{}: {text}", console.display());
+    text.lines().find_map(|l| l.strip_prefix("METALD_RESEED ").map(|s| s.trim().to_owned()))
 }
 
 /// 1, 2, ..., n with nothing missing or repeated.
@@ -341,6 +351,25 @@ fn three_clones_of_a_snapshot_start_at_its_tick_with_their_own_disks() {
             pids.push(p);
         }
         wait_ticks(&con, origin_ticks + 2).await;
+
+        // Fresh randomness: each clone's guest took its own new generation
+        // (metald's generation port, metald-init's watcher; the reseed
+        // ioctls succeeded) and its generator said something else than every
+        // other clone's after it. (A guest this young also reseeds by itself
+        // within seconds, from interrupt timings, so the differing outputs
+        // alone would not prove the generation arrived; the line does.)
+        let mut seen: Vec<String> = Vec::new();
+        for id in &clones {
+            let con = console(&c, id).await;
+            wait_until(&format!("{id}'s guest to reseed"), BOOT, || async { reseed(&con).is_some() }).await;
+            let r = reseed(&con).unwrap();
+            assert!(
+                !seen.contains(&r),
+                "{id}'s generator after its reseed ({r}) says what another clone's did: {seen:?}"
+            );
+            seen.push(r);
+        }
+        assert_eq!(reseed(&con), None, "the source is no clone: it gets no new generation");
 
         // Each clone has its own address and its own port mapping, both
         // answered by its own guest (which kept the source's in-guest

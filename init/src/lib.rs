@@ -14,14 +14,16 @@
 //! | `net`       | applying the network plan (busybox `ip` from the initramfs)            |
 //! | `supervise` | the workload process, signals, power button, reaping, power-off       |
 //! | `console`   | the marker lines                                                      |
+//! | `generation`| a clone's new generation: reseeding the kernel's random generator      |
 //!
-//! The first three are pure and unit-tested; the rest is exercised by the QEMU test
-//! (`tests/guest_init.rs` of the metald package).
+//! The first three are pure and unit-tested; the rest is exercised by the QEMU tests
+//! (`tests/guest_init.rs` of the metald package; `generation` by `tests/snapshot_e2e.rs`).
 
 pub mod boot;
 pub mod cmdline;
 pub mod config;
 pub mod console;
+pub mod generation;
 pub mod net;
 pub mod supervise;
 pub mod user;
@@ -59,6 +61,7 @@ pub fn run() -> Result<Infallible, BootError> {
     let cmdline =
         Cmdline::parse(&fs::read_to_string("/proc/cmdline").map_err(|e| err("/proc/cmdline")(e.to_string()))?);
     boot::load_modules("/etc/metald/modules")?;
+    generation::spawn();
     let mut buttons = supervise::power_buttons();
     let plan = cmdline.net_plan().map_err(|e| BootError(e.to_string()))?;
     net::apply(&plan);

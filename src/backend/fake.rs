@@ -478,6 +478,11 @@ impl Backend for FakeBackend {
         self.leave("save")
     }
 
+    async fn new_generation(&self, vm: &VmContext<'_>, _rt: &Runtime, _seed: &[u8; 32]) -> Result<&'static str> {
+        self.enter(vm.id, "new_generation").await?;
+        self.leave("new_generation").map(|()| "fake")
+    }
+
     async fn restore(&self, vm: &VmContext<'_>, dir: &Path) -> Result<Runtime> {
         self.enter(vm.id, "restore").await?;
         let path = dir.join(FAKE_STATE);

@@ -268,6 +268,16 @@ pub trait Backend: Send + Sync + 'static {
     /// NICs are the ones it runs with (a clone's own copies and TAPs).
     async fn restore(&self, vm: &VmContext<'_>, dir: &Path) -> Result<Runtime>;
 
+    /// Gives a guest restored as a clone a new generation while it is still
+    /// paused: `seed` (32 bytes from the host's CSPRNG) for its random
+    /// number generator (docs/SNAPSHOTS.md, "Fresh randomness"). `Ok` names
+    /// the way (`"vmgenid"`: the hypervisor's VM generation ID device, which
+    /// it changes by itself on every load; `"virtio-console"`: metald's
+    /// generation port); `Unsupported` where the backend has neither.
+    async fn new_generation(&self, _vm: &VmContext<'_>, _rt: &Runtime, _seed: &[u8; 32]) -> Result<&'static str> {
+        Err(BackendError::unsupported("a new VM generation (fresh randomness for a clone)"))
+    }
+
     /// Backend facts for `GetVmInfo.backend_info`.
     fn info(&self, rt: &Runtime) -> BTreeMap<String, String> {
         let mut m = BTreeMap::new();

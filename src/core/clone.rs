@@ -4,7 +4,8 @@
 //! own directory, and the snapshot's memory; read-only disks (an image's
 //! base, an operator's asset) are shared in place. Crash safety is the
 //! create's (intent first, rolled back at start) plus the restore's
-//! (`cont-pending`, see `core/snapshot.rs`).
+//! (`cont-pending`, see `core/snapshot.rs`). Its guest gets a new
+//! generation before it runs (`Backend::new_generation`: fresh randomness).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -12,7 +13,7 @@ use std::sync::{Arc, RwLock};
 
 use tracing::{Instrument, info, info_span, warn};
 
-use super::snapshot::{CONT_PENDING, read_meta};
+use super::snapshot::{CLONE_MARK, CONT_PENDING, read_meta};
 use super::{Cause, Cell, Manager, Slot, VmEvent, VmView};
 use crate::backend::VmContext;
 use crate::error::Error;
@@ -163,7 +164,8 @@ impl Manager {
         };
         let marker = dir.join(CONT_PENDING);
         let inserted = async {
-            std::fs::write(&marker, b"").map_err(|e| Error::Internal(format!("writing {}: {e}", marker.display())))?;
+            std::fs::write(&marker, CLONE_MARK)
+                .map_err(|e| Error::Internal(format!("writing {}: {e}", marker.display())))?;
             sync_dir(&dir).map_err(|e| Error::Internal(format!("syncing {}: {e}", dir.display())))?;
             self.store_call(move |s| s.insert(&row)).instrument(info_span!("store.insert")).await
         }

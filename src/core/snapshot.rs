@@ -11,7 +11,8 @@
 //!   files, then `meta.json`), written as `suspended.tmp/` (and renamed
 //!   back to that name to be discarded);
 //! - `<vm dir>/cont-pending`: a restored guest that its record already
-//!   names but that has not been continued yet;
+//!   names but that has not been continued yet (holding `clone` for a
+//!   clone, which gets a new generation before it continues);
 //! - `<data dir>/snapshots/<id>/`: a named snapshot (state, `meta.json`,
 //!   copies of the writable disks), written as `.tmp-<id>/`.
 
@@ -35,6 +36,8 @@ pub const SUSPENDED_DIR: &str = "suspended";
 pub const SUSPENDING_DIR: &str = "suspended.tmp";
 /// Marks a restored guest not yet continued (see the module doc).
 pub const CONT_PENDING: &str = "cont-pending";
+/// What [`CONT_PENDING`] holds for a clone.
+pub const CLONE_MARK: &[u8] = b"clone";
 /// Prefix of a named snapshot's directory while it is written.
 pub const SNAPSHOT_TMP_PREFIX: &str = ".tmp-";
 
@@ -208,6 +211,9 @@ impl Manager {
     /// Continues a restored guest and drops its `cont-pending` marker. A
     /// guest that does not continue stays paused (and is reported so).
     pub(super) async fn continue_restored(&self, ctx: &VmContext<'_>, rt: &mut Runtime) -> Result<Status, Error> {
+        if std::fs::read(ctx.dir.join(CONT_PENDING)).is_ok_and(|m| m == CLONE_MARK) {
+            self.new_generation(ctx, rt).await;
+        }
         match self.inner.backend.resume(ctx, rt).await {
             Ok(()) => {
                 let _ = std::fs::remove_file(ctx.dir.join(CONT_PENDING));
@@ -223,6 +229,21 @@ impl Manager {
                 let _ = std::fs::remove_file(ctx.dir.join(CONT_PENDING));
                 Ok(Status::Paused(rt.clone()))
             }
+        }
+    }
+
+    /// Gives a clone's paused guest fresh randomness (`Backend::new_generation`;
+    /// docs/SNAPSHOTS.md, "Fresh randomness"). A backend without a way is
+    /// logged, not fatal: the clone runs, its generator reseeding by itself later.
+    async fn new_generation(&self, ctx: &VmContext<'_>, rt: &Runtime) {
+        let seed: [u8; 32] = rand::random();
+        match self.inner.backend.new_generation(ctx, rt, &seed).await {
+            Ok(how) => info!(vm_id = %ctx.id, how, "gave the clone's guest a new generation"),
+            Err(e) => warn!(
+                vm_id = %ctx.id, error = %crate::util::chain(&e),
+                "the clone's guest gets no new generation: its random number generator goes on from the snapshot's \
+                 state until its kernel reseeds by itself"
+            ),
         }
     }
 

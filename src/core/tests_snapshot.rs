@@ -501,6 +501,7 @@ async fn clones_get_their_own_disks_and_outlive_their_snapshot() {
     let saved_cpu = saved_cpu_ns(&snap);
 
     let mut clones = Vec::new();
+    let n = env.fake.calls().len();
     for _ in 0..3 {
         let c = env.mgr.clone_vm(&a(), None, name("golden"), Vec::new()).await.unwrap();
         assert_eq!(c.state(), VmState::Running);
@@ -509,6 +510,8 @@ async fn clones_get_their_own_disks_and_outlive_their_snapshot() {
     let hosts: HashSet<&VmId> = clones.iter().map(|c| &c.host_id).chain([&vm.host_id]).collect();
     assert_eq!(hosts.len(), 4, "every clone has its own host id");
     for c in &clones {
+        // Fresh randomness: a new generation while the guest is paused, then it runs.
+        assert_eq!(env.calls_since(c, n), ["restore", "create", "new_generation", "resume"]);
         assert!(env.fake.is_alive(&c.host_id));
         assert_eq!(env.observed(c).await, Observed::Running);
         let disk = env.dir(c).join("disk-data.img");
@@ -720,6 +723,16 @@ async fn a_start_continues_a_restored_guest_its_record_names() {
     assert_eq!(env.observed(&vm).await, Observed::Running);
     assert_eq!(env.state(&vm), VmState::Running);
     assert_eq!(env.mgr.store().get(&vm.host_id).unwrap().unwrap().state, VmState::Running);
+    assert!(!env.dir(&vm).join(CONT_PENDING).exists());
+    assert!(!env.fake.calls().iter().any(|(_, op)| *op == "new_generation"), "only clones get one");
+
+    // An interrupted clone's guest gets its new generation before it runs.
+    std::fs::write(env.dir(&vm).join(CONT_PENDING), super::snapshot::CLONE_MARK).unwrap();
+    let env = env.restart().await;
+    let ops: Vec<&str> =
+        env.fake.calls().into_iter().filter(|(id, _)| id == vm.host_id.as_str()).map(|(_, op)| op).collect();
+    let g = ops.iter().position(|op| *op == "new_generation").expect("a new generation");
+    assert!(ops[g..].contains(&"resume"), "{ops:?}");
     assert!(!env.dir(&vm).join(CONT_PENDING).exists());
     assert_eq!(env.mgr.suspend(&a(), &vm.id).await.unwrap(), VmState::Suspended);
 }

@@ -304,6 +304,12 @@ impl Backend for FirecrackerBackend {
         m
     }
 
+    /// Firecracker (1.9 and later) has a VM generation ID device and gives it a new value on
+    /// every snapshot load by itself; a guest kernel with the vmgenid driver reseeds on it.
+    async fn new_generation(&self, _vm: &VmContext<'_>, _rt: &Runtime, _seed: &[u8; 32]) -> Result<&'static str> {
+        Ok("vmgenid")
+    }
+
     async fn save(&self, vm: &VmContext<'_>, rt: &Runtime, dir: &Path) -> Result<()> {
         let layout = self.layout(vm);
         let pid = ProcessId::from_runtime(rt);

@@ -17,6 +17,9 @@
 //!    -device virtio-blk-device,drive=disk-<id>]...   (root device first → /dev/vda)
 //!   [-netdev tap,id=net-<id>,ifname=<tap>,script=no,downscript=no,vhost=off
 //!    -device virtio-net-device,netdev=net-<id>,mac=<mac>]...   (in order → eth0, eth1, ...)
+//!   -device virtio-serial-device,id=vser                      (the generation port, generation.rs)
+//!   -chardev socket,id=generation,path=<dir>/generation.sock,server=on,wait=off
+//!   -device virtconsole,bus=vser.0,chardev=generation,name=org.metald.generation
 //!   -qmp unix:<dir>/qmp.sock,server=on,wait=off -pidfile <dir>/qemu.pid -S
 //! ```
 //! Neither `-no-reboot` (a guest reset must reboot, not exit) nor
@@ -54,6 +57,8 @@ impl Accel {
 pub struct VmPaths {
     pub console_log: PathBuf,
     pub qmp_socket: PathBuf,
+    /// Host side of the guest's generation port (`generation.rs`).
+    pub generation_socket: PathBuf,
     pub pidfile: PathBuf,
     pub qemu_log: PathBuf,
     pub args_file: PathBuf,
@@ -64,6 +69,7 @@ impl VmPaths {
         VmPaths {
             console_log: dir.join("console.log"),
             qmp_socket: dir.join("qmp.sock"),
+            generation_socket: dir.join("generation.sock"),
             pidfile: dir.join("qemu.pid"),
             qemu_log: dir.join("qemu.log"),
             args_file: dir.join("qemu.args"),
@@ -162,6 +168,16 @@ pub fn qemu_args_with(spec: &ValidSpec, accel: &Accel, paths: &VmPaths, ram: Ram
         rest.push("-device".into());
         rest.push(format!("virtio-net-device,netdev={id},mac={}", nic.mac));
     }
+    // The generation port (a clone's fresh randomness, generation.rs), after the disks and NICs
+    // so their virtio-mmio slots, and the guest's names for them, stay as they were.
+    rest.extend([
+        "-device".into(),
+        "virtio-serial-device,id=vser".into(),
+        "-chardev".into(),
+        format!("socket,id=generation,path={},server=on,wait=off", escape(&paths.generation_socket)),
+        "-device".into(),
+        format!("virtconsole,bus=vser.0,chardev=generation,name={}", super::generation::PORT_NAME),
+    ]);
     rest.extend([
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", escape(&paths.qmp_socket)),
@@ -293,6 +309,9 @@ mod tests {
              -object memory-backend-memfd,id=ram,size=268435456,share=on -m 256 -smp 2 \
              -kernel /a/vmlinux -initrd /a/initramfs.cpio.gz -append quiet console=ttyS0 tsc_early_khz=1000 \
              -chardev file,id=console,path=/d/console.log,append=on -serial chardev:console \
+             -device virtio-serial-device,id=vser \
+             -chardev socket,id=generation,path=/d/generation.sock,server=on,wait=off \
+             -device virtconsole,bus=vser.0,chardev=generation,name=org.metald.generation \
              -qmp unix:/d/qmp.sock,server=on,wait=off -pidfile /d/qemu.pid -S"
         );
         assert!(!args.iter().any(|a| a == "-no-reboot" || a == "-no-shutdown"));

@@ -21,6 +21,7 @@
 pub mod accel;
 pub mod cmdline;
 pub mod config;
+pub mod generation;
 pub mod qmp;
 pub mod save;
 
@@ -127,6 +128,7 @@ impl QemuBackend {
         let paths = VmPaths::new(&vm.dir);
         process::check_socket_path("QMP socket", &paths.qmp_socket, "UNKEY_METALD_DATA_DIR")?;
         remove_quiet(&paths.qmp_socket);
+        remove_quiet(&paths.generation_socket);
         remove_quiet(&paths.pidfile);
         let ram_file = match start {
             Start::RamFile(dir) => Some(dir.join(save::RAM_FILE)),
@@ -232,6 +234,7 @@ impl QemuBackend {
         lock(&self.conns).remove(vm);
         let paths = VmPaths::new(dir);
         remove_quiet(&paths.qmp_socket);
+        remove_quiet(&paths.generation_socket);
         remove_quiet(&paths.pidfile);
     }
 
@@ -367,7 +370,13 @@ impl Backend for QemuBackend {
         let mut m = super::base_compat(self.kind(), &self.version, spec);
         m.insert("machine".into(), "microvm".into());
         m.insert("accel".into(), self.accel.accel.name().into());
+        // The device set a save holds state for (cmdline.rs adds the port to every guest).
+        m.insert("generation_port".into(), generation::PORT_NAME.into());
         m
+    }
+
+    async fn new_generation(&self, vm: &VmContext<'_>, _rt: &Runtime, seed: &[u8; 32]) -> Result<&'static str> {
+        generation::send(&VmPaths::new(&vm.dir).generation_socket, vm.id, seed).await.map(|()| "virtio-console")
     }
 
     async fn save(&self, vm: &VmContext<'_>, rt: &Runtime, dir: &Path) -> Result<()> {
