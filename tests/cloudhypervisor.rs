@@ -82,14 +82,15 @@ async fn full_lifecycle_sends_the_documented_requests() {
         "memory": {"size": 128u64 << 20},
         "payload": {
             "kernel": canon(t.assets().join("vmlinux")),
-            "cmdline": "quiet console=ttyS0",
+            "cmdline": "quiet console=ttyS0 metald.generation=hvc0",
             "initramfs": canon(t.assets().join("initrd.img"))
         },
         "disks": [{"path": canon(t.assets().join("rootfs.ext4")), "readonly": true, "id": "root"}],
         "net": [{"tap": "tap-c0", "mac": "02:00:00:00:00:02", "id": "eth0",
                  "rate_limiter_config": {"bandwidth": {"size": 2_000_000, "refill_time": 1000}}}],
         "serial": {"mode": "File", "file": console},
-        "console": {"mode": "Off"}
+        // The virtio console carries a clone's new generation.
+        "console": {"mode": "Pty"}
     });
     let mut want = vec![get("vmm.ping"), json!({"method": "PUT", "path": "/api/v1/vm.create", "body": create_body})];
     assert_requests(&requests(&dir), &want);

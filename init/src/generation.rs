@@ -3,7 +3,9 @@
 //! two clones would make the same keys, nonces and TCP sequence numbers until the kernel next
 //! reseeds (up to a minute later). Where the hypervisor has no VM generation ID device the guest
 //! kernel acts on (QEMU microvm; Debian's cloud kernel has no vmgenid driver at all), metald
-//! gives each clone a new generation on the virtio console port named [`PORT_NAME`]: one line
+//! gives each clone a new generation on the virtio console port named [`PORT_NAME`] (QEMU), or
+//! on the VM's one virtio console when the kernel command line says [`CMDLINE_FLAG`] (Cloud
+//! Hypervisor, whose console cannot be named; metald writes through its pty): one line
 //! `METALD_GENERATION <64 hex digits>`, 32 bytes from the host's CSPRNG, written before the
 //! clone's vCPUs run. The watcher here mixes them into the kernel's pool (`RNDADDENTROPY`),
 //! forces the kernel's generator to reseed from it (`RNDRESEEDCRNG`), prints `METALD_RESEED
@@ -22,6 +24,8 @@ use crate::console::marker;
 
 /// The name metald gives the generation port (QEMU `virtconsole,name=...`).
 pub const PORT_NAME: &str = "org.metald.generation";
+/// The kernel command line's word for "the virtio console `hvc0` is metald's".
+pub const CMDLINE_FLAG: &str = "metald.generation=hvc0";
 /// How long the watcher waits for the port to appear after the module loads.
 pub const PORT_WAIT: Duration = Duration::from_secs(30);
 const LINE_PREFIX: &str = "METALD_GENERATION ";
@@ -49,6 +53,12 @@ pub fn has_port(sys: &Path) -> bool {
         return false;
     };
     entries.flatten().any(|e| fs::read_to_string(e.path().join("name")).is_ok_and(|n| n.trim() == PORT_NAME))
+}
+
+/// Whether the VM has a generation console: a port named [`PORT_NAME`] under `sys`, or
+/// [`CMDLINE_FLAG`] on the kernel command line `cmdline`.
+pub fn has_channel(sys: &Path, cmdline: &str) -> bool {
+    cmdline.split_whitespace().any(|w| w == CMDLINE_FLAG) || has_port(sys)
 }
 
 /// The port's tty: a console port is read through `/dev/hvcN`, and metald's is the VM's only
@@ -100,7 +110,8 @@ fn quiet(tty: &File) {
 /// after it loads), then answers generations forever. `Ok(false)`: the VM has no such port.
 pub fn watch(sys: &Path) -> io::Result<bool> {
     let start = Instant::now();
-    while !has_port(sys) || !port_tty().exists() {
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    while !has_channel(sys, &cmdline) || !port_tty().exists() {
         if start.elapsed() > PORT_WAIT {
             return Ok(false);
         }
@@ -173,5 +184,13 @@ mod tests {
         fs::create_dir_all(&ours).unwrap();
         fs::write(ours.join("name"), format!("{PORT_NAME}\n")).unwrap();
         assert!(has_port(sys.path()));
+    }
+
+    #[test]
+    fn the_command_line_can_name_the_console() {
+        let sys = tempfile::tempdir().unwrap();
+        assert!(!has_channel(sys.path(), "console=ttyS0 quiet"));
+        assert!(!has_channel(sys.path(), "console=ttyS0 metald.generation=hvc1"));
+        assert!(has_channel(sys.path(), "console=ttyS0 metald.generation=hvc0 quiet"));
     }
 }

@@ -20,11 +20,15 @@
 //! recreates the serial file and leaves the VM paused. `vm.boot` writes
 //! `METALD_GUEST_BOOT boot=<id>` (a new id) to the serial file; the first
 //! resume of a restored VM writes `METALD_GUEST_RESUMED boot=<id>` with the
-//! saved one, so a test sees which guest runs. Request recording and error
-//! injection: see `fake_vmm`.
+//! saved one, so a test sees which guest runs. A `Pty` virtio console gets a
+//! real pty at `vm.boot`/`vm.restore` (its path in `vm.info`, as Cloud
+//! Hypervisor reports it) whose guest end answers a `METALD_GENERATION`
+//! line as metald-init does: `METALD_RESEED fake` on the serial file and
+//! `ok` back. Request recording and error injection: see `fake_vmm`.
 
 mod fake_vmm;
 
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
 use fake_vmm::{Api, Reply, Req, append_line, check_fields, flag_value};
@@ -47,6 +51,24 @@ struct CloudHypervisor {
     boot_id: Option<String>,
     /// Restored and not resumed yet.
     restored: bool,
+    /// The `Pty` virtio console's other end, held open (see `open_console`).
+    pty: Option<std::os::fd::OwnedFd>,
+}
+
+/// The guest end of a `Pty` console: answers each generation line as
+/// metald-init's watcher does, until the pty goes.
+fn guest_console(master: std::fs::File, serial: Option<PathBuf>) {
+    use std::io::{BufRead, Write};
+    let Ok(mut answer) = master.try_clone() else { return };
+    for line in std::io::BufReader::new(master).lines() {
+        let Ok(line) = line else { return };
+        if line.trim_end().strip_prefix("METALD_GENERATION ").is_some_and(|h| h.len() == 64) {
+            if let Some(f) = &serial {
+                append_line(f, "METALD_RESEED fake");
+            }
+            let _ = answer.write_all(b"ok\n");
+        }
+    }
 }
 
 /// A v53 error answer: 500 with the error chain as a JSON array.
@@ -218,6 +240,22 @@ impl CloudHypervisor {
         (c["serial"]["mode"] == "File").then(|| PathBuf::from(c["serial"]["file"].as_str().unwrap_or_default()))
     }
 
+    /// A `Pty` virtio console: a new pty whose path `vm.info` reports, and a
+    /// "guest" on its other end (see the module doc).
+    fn open_console(&mut self) {
+        let serial = self.serial_file();
+        let Some((_, c)) = &mut self.vm else { return };
+        if c["console"]["mode"] != "Pty" || self.pty.is_some() {
+            return;
+        }
+        let Ok(pty) = nix::pty::openpty(None, None) else { return };
+        let Ok(path) = std::fs::read_link(format!("/proc/self/fd/{}", pty.slave.as_raw_fd())) else { return };
+        c["console"]["file"] = json!(path.display().to_string());
+        let master = std::fs::File::from(pty.master);
+        std::thread::spawn(move || guest_console(master, serial));
+        self.pty = Some(pty.slave);
+    }
+
     fn guest_ready(&mut self) {
         let boot_id = format!("{}-{}", std::process::id(), fake_vmm::unix_nanos());
         if let Some(f) = self.serial_file() {
@@ -295,6 +333,7 @@ impl CloudHypervisor {
         }
         let resume = body["resume"] == true;
         self.vm = Some((State::Paused, config));
+        self.open_console();
         if let Some(f) = self.serial_file() {
             // Cloud Hypervisor creates the serial file anew.
             let _ = std::fs::File::create(f);
@@ -345,6 +384,7 @@ impl CloudHypervisor {
             "vm.boot" => match self.state()? {
                 State::Created => {
                     self.set(State::Running);
+                    self.open_console();
                     self.guest_ready();
                 }
                 _ => return Err(text(500, "Error booting the VM: VM is already booted")),
@@ -465,9 +505,10 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) =
-        rt.block_on(fake_vmm::serve(socket.clone(), CloudHypervisor { vm: None, boot_id: None, restored: false }))
-    {
+    if let Err(e) = rt.block_on(fake_vmm::serve(
+        socket.clone(),
+        CloudHypervisor { vm: None, boot_id: None, restored: false, pty: None },
+    )) {
         eprintln!("fake cloud-hypervisor: serving {}: {e}", socket.display());
         std::process::exit(1);
     }

@@ -38,6 +38,14 @@ fn restore_requests(vm: &Path) -> Vec<Value> {
     ]
 }
 
+/// A clone's: [`restore_requests`] with, before the resume, the look up of
+/// its console's pty, where its guest's new generation goes.
+fn clone_requests(vm: &Path) -> Vec<Value> {
+    let mut r = restore_requests(vm);
+    r.insert(2, get("vm.info"));
+    r
+}
+
 fn pid_of(i: &pb::GetVmInfoResponse) -> i32 {
     i.backend_info["pid"].parse().unwrap()
 }
@@ -150,6 +158,7 @@ async fn snapshot_and_clones_restore_with_their_own_disks_and_console() {
     let saved_config = std::fs::read(sdir.join("config.json")).unwrap();
 
     let mut pids = vec![pid];
+    let mut ptys: Vec<String> = Vec::new();
     for (k, clone) in ["c1", "c2"].into_iter().enumerate() {
         if k == 1 {
             delete(&t, "src").await;
@@ -161,7 +170,7 @@ async fn snapshot_and_clones_restore_with_their_own_disks_and_console() {
         let cpid = pid_of(&info(&t, clone).await);
         assert!(process_alive(cpid) && !pids.contains(&cpid), "{clone} has its own process");
         pids.push(cpid);
-        assert_requests(&without_usage(requests(&cdir)), &restore_requests(&cdir));
+        assert_requests(&without_usage(requests(&cdir)), &clone_requests(&cdir));
         assert!(!cdir.join("restore-source").exists());
         let ch = vm_info(&cdir).await;
         assert_eq!(ch["state"], "Running");
@@ -169,6 +178,16 @@ async fn snapshot_and_clones_restore_with_their_own_disks_and_console() {
         assert_eq!(ch["config"]["serial"]["file"], cdir.join("console.log").display().to_string());
         assert_eq!(ch["config"]["payload"]["kernel"], super::support::canon(t.assets().join("vmlinux")));
         assert_eq!(boot_ids(&cdir.join("console.log"), "METALD_GUEST_RESUMED"), booted, "{clone}");
+        // Fresh randomness: its own pty as the virtio console, the new
+        // generation written to it, the (fake) guest's answer.
+        let pty = ch["config"]["console"]["file"].as_str().unwrap_or_default().to_owned();
+        assert!(pty.starts_with("/dev/pts/") && !ptys.contains(&pty), "{clone}'s own pty: {ch}");
+        ptys.push(pty);
+        let con = cdir.join("console.log");
+        wait_until(&format!("{clone}'s guest to take its generation"), WAIT, || async {
+            std::fs::read_to_string(&con).unwrap_or_default().contains("METALD_RESEED fake")
+        })
+        .await;
     }
     assert_eq!(std::fs::read(sdir.join("config.json")).unwrap(), saved_config, "the snapshot is not changed");
     delete_snapshot(&t, "s1").await;

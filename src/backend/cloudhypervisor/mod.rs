@@ -6,7 +6,7 @@
 //!
 //! | operation         | Cloud Hypervisor API                                     |
 //! |-------------------|----------------------------------------------------------|
-//! | create            | spawn, wait for `vmm.ping`, `vm.create` (payload, cpus, memory, disks, net, serial to `console.log`, console off) |
+//! | create            | spawn, wait for `vmm.ping`, `vm.create` (payload, cpus, memory, disks, net, serial to `console.log`, the virtio console a pty: see [`generation`]) |
 //! | boot              | `vm.boot`                                                |
 //! | pause, resume     | `vm.pause`, `vm.resume`                                  |
 //! | reboot            | `vm.reboot` (in-process; forced or not: the API has no hard reset) |
@@ -23,6 +23,7 @@
 
 pub mod api;
 pub mod config;
+pub mod generation;
 pub mod snapshot;
 
 use std::collections::{BTreeMap, HashMap};
@@ -79,6 +80,9 @@ pub fn vm_config(spec: &ValidSpec, console_log: &Path) -> VmConfig {
     if !cmdline.split_whitespace().any(|a| a.starts_with("console=")) {
         cmdline = format!("{cmdline} console=ttyS0").trim().to_owned();
     }
+    if !cmdline.split_whitespace().any(|a| a == generation::CMDLINE_FLAG) {
+        cmdline = format!("{cmdline} {}", generation::CMDLINE_FLAG);
+    }
     let size = spec.memory_bytes();
     let max = u64::try_from(spec.memory.max_size_bytes).unwrap_or(0);
     VmConfig {
@@ -110,7 +114,8 @@ pub fn vm_config(spec: &ValidSpec, console_log: &Path) -> VmConfig {
             })
             .collect(),
         serial: ConsoleConfig { mode: ConsoleMode::File, file: Some(console_log.display().to_string()) },
-        console: ConsoleConfig { mode: ConsoleMode::Off, file: None },
+        // The virtio console carries a clone's new generation (generation.rs).
+        console: ConsoleConfig { mode: ConsoleMode::Pty, file: None },
     }
 }
 
@@ -316,6 +321,14 @@ impl Backend for CloudHypervisorBackend {
         let mut rt = restored?;
         rt.booted_at = Some(unix_now());
         Ok(rt)
+    }
+
+    async fn new_generation(&self, vm: &VmContext<'_>, rt: &Runtime, seed: &[u8; 32]) -> Result<&'static str> {
+        let r = self.client(&vm.dir).get::<VmInfo>(&format!("{API}/vm.info")).await;
+        let info = self.checked(r, rt, &vm.dir).await?;
+        let pty = generation::pty_of(&info)
+            .ok_or_else(|| BackendError::unsupported("a new generation: the guest's virtio console is not a pty"))?;
+        generation::send(pty, vm.id, seed).await.map(|()| "virtio-console")
     }
 
     async fn create(&self, vm: &VmContext<'_>) -> Result<Runtime> {

@@ -19,7 +19,8 @@
 //! links to the save's (copies when linking is impossible) except
 //! `config.json`, rewritten for the restoring VM ([`rewrite_config`]):
 //! every disk's `path` and every NIC's `tap` by device id, the serial
-//! `file` (else the clone would write the source VM's console log) and the
+//! `file` (else the clone would write the source VM's console log), the
+//! virtio console's pty (dropped: the new process makes its own) and the
 //! payload's kernel and initramfs. Everything else is kept as saved.
 //! Then a fresh process (started as at create) gets `PUT /api/v1/vm.restore`
 //! with `source_url: "file://<vm dir>/restore-source"`; the VM comes back
@@ -85,6 +86,8 @@ struct SavedConfig {
     net: Option<Vec<SavedNet>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     serial: Option<SavedConsole>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    console: Option<SavedConsole>,
     #[serde(flatten)]
     rest: Map<String, Value>,
 }
@@ -161,6 +164,10 @@ pub fn rewrite_config(raw: &[u8], spec: &ValidSpec, console_log: &Path) -> Resul
     if let Some(s) = c.serial.as_mut().filter(|s| s.mode.as_deref() == Some("File")) {
         s.file = Some(path_str(console_log));
     }
+    // The saved pty was the source process's: the restoring one makes its own.
+    if let Some(s) = c.console.as_mut().filter(|s| s.mode.as_deref() == Some("Pty")) {
+        s.file = None;
+    }
     if let Some(p) = c.payload.as_mut() {
         if p.kernel.is_some() {
             p.kernel = Some(path_str(&spec.boot.kernel));
@@ -231,7 +238,7 @@ mod tests {
                        "queue_size": 128, "pci_segment": 0}],
             "net": [{"tap": "tap-src", "mac": "02:00:00:00:00:01", "id": "eth0", "num_queues": 2}],
             "serial": {"file": "/vms/src/console.log", "mode": "File", "iommu": false},
-            "console": {"file": null, "mode": "Off", "iommu": false},
+            "console": {"file": "/dev/pts/3", "mode": "Pty", "iommu": false},
             "iommu": false,
             "pvpanic": false
         })
@@ -247,6 +254,8 @@ mod tests {
         want["net"][0]["tap"] = json!("tap-clone");
         want["serial"]["file"] = json!("/vms/clone/console.log");
         want["payload"]["kernel"] = json!("/assets/vmlinux");
+        // The source's pty is not the clone's: Cloud Hypervisor makes a new one.
+        want["console"].as_object_mut().unwrap().remove("file");
         // A null initramfs is the same as none.
         want["payload"].as_object_mut().unwrap().remove("initramfs");
         got["payload"].as_object_mut().unwrap().remove("initramfs");

@@ -21,10 +21,30 @@ pub const PORT_NAME: &str = "org.metald.generation";
 /// How long the answer may take (a guest under TCG is slow, and it reads only once running).
 pub const ANSWER_WAIT: Duration = Duration::from_secs(60);
 
-/// The line the guest reads.
+/// The line the guest reads (metald-init's `generation::parse`; the Cloud Hypervisor backend
+/// writes the same).
 pub fn line(seed: &[u8; 32]) -> String {
     let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
     format!("METALD_GENERATION {hex}\n")
+}
+
+/// Logs the guest's answer, `None` when none came (`wait` is how long metald waited).
+pub fn log_answer(vm: &VmId, answer: Option<Option<String>>, wait: Duration) {
+    match answer {
+        Some(Some(l)) if l.trim() == "ok" => {
+            info!(vm_id = %vm, "the clone's guest took its new generation and reseeded its random number generator")
+        }
+        Some(Some(l)) => {
+            warn!(vm_id = %vm, answer = %l.trim(), "the clone's guest could not reseed its random number generator")
+        }
+        Some(None) => debug!(vm_id = %vm, "the generation port closed before the guest answered"),
+        None => warn!(
+            vm_id = %vm,
+            "no answer on the generation port within {} s: the guest runs no metald-init watcher, so its random \
+             number generator goes on from the snapshot's state until the kernel reseeds by itself",
+            wait.as_secs()
+        ),
+    }
 }
 
 /// Writes the generation to the port's socket `sock`; a task waits for the guest's answer and
@@ -49,21 +69,7 @@ pub async fn send(sock: &Path, vm: &VmId, seed: &[u8; 32]) -> Result<()> {
             }
         })
         .await;
-        match answer {
-            Ok(Some(l)) if l.trim() == "ok" => {
-                info!(vm_id = %vm, "the clone's guest took its new generation and reseeded its random number generator")
-            }
-            Ok(Some(l)) => {
-                warn!(vm_id = %vm, answer = %l.trim(), "the clone's guest could not reseed its random number generator")
-            }
-            Ok(None) => debug!(vm_id = %vm, "QEMU closed the generation port before the guest answered"),
-            Err(_) => warn!(
-                vm_id = %vm,
-                "no answer on the generation port within {} s: the guest runs no metald-init watcher, so its random \
-                 number generator goes on from the snapshot's state until the kernel reseeds by itself",
-                ANSWER_WAIT.as_secs()
-            ),
-        }
+        log_answer(&vm, answer.ok(), ANSWER_WAIT);
     });
     Ok(())
 }
