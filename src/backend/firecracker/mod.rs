@@ -306,8 +306,15 @@ impl Backend for FirecrackerBackend {
 
     /// Firecracker (1.9 and later) has a VM generation ID device and gives it a new value on
     /// every snapshot load by itself; a guest kernel with the vmgenid driver reseeds on it.
-    async fn new_generation(&self, _vm: &VmContext<'_>, _rt: &Runtime, _seed: &[u8; 32]) -> Result<&'static str> {
-        Ok("vmgenid")
+    async fn new_generation(&self, _vm: &VmContext<'_>, rt: &Runtime, _seed: &[u8; 32]) -> Result<&'static str> {
+        let version = rt.extra.get("firecracker_version").unwrap_or(&self.version);
+        if vmm::has_vmgenid(version) {
+            Ok("vmgenid")
+        } else {
+            Err(BackendError::unsupported(format!(
+                "a new generation: Firecracker {version} has no VM generation ID device (v1.9 or later has)"
+            )))
+        }
     }
 
     async fn save(&self, vm: &VmContext<'_>, rt: &Runtime, dir: &Path) -> Result<()> {

@@ -228,9 +228,20 @@ pub const JAILED_RESTORE_MEMORY: &str = "restore-memory";
 /// Whether a Firecracker `version` ("1.16.1") accepts `network_overrides`
 /// in `PUT /snapshot/load` (added in v1.12.0).
 pub fn supports_network_overrides(version: &str) -> bool {
+    at_least(version, (1, 12))
+}
+
+/// Whether a Firecracker `version` has the VM generation ID device, which it
+/// changes at every snapshot load (added in v1.9.0, x86_64).
+pub fn has_vmgenid(version: &str) -> bool {
+    at_least(version, (1, 9))
+}
+
+/// `version` as the API ("1.16.1") or `--version` ("Firecracker v1.16.1") says it.
+fn at_least(version: &str, want: (u32, u32)) -> bool {
+    let version = version.split_whitespace().last().unwrap_or_default();
     let mut parts = version.trim_start_matches('v').split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    (major, minor) >= (1, 12)
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= want
 }
 
 /// Spawns Firecracker (directly or under the jailer), waits for its API and
@@ -421,5 +432,19 @@ mod tests {
         }
         assert!(supports_network_overrides("2.0.0"));
         assert!(!supports_network_overrides("garbage"));
+    }
+
+    #[test]
+    fn the_generation_device_needs_firecracker_1_9() {
+        for (v, ok) in [
+            ("1.16.1", true),
+            ("v1.9.0", true),
+            ("1.8.0", false),
+            ("2.0.0", true),
+            ("garbage", false),
+            ("Firecracker v1.16.1", true),
+        ] {
+            assert_eq!(has_vmgenid(v), ok, "{v}");
+        }
     }
 }
