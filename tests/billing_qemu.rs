@@ -99,7 +99,9 @@ async fn cpu_burning_guest_is_billed_its_vmm_cpu_time() {
     let vmm_cpu = (cpu_at_stop - cpu_at_boot) as f64 / 1e9;
     let wall = (t.last_ts - t.first_ts) as f64 / 1e9;
     eprintln!("billed {:.3} s CPU over {wall:.2} s in {} samples; VMM used {vmm_cpu:.3} s", t.cpu_seconds, t.samples);
-    assert!(vmm_cpu > 0.5 * wall, "the guest burned CPU: {vmm_cpu} s over {wall} s");
+    // The guest burned CPU for the 5 s after READY (at least half of it even on a loaded host):
+    // the comparison below is between real figures.
+    assert!(vmm_cpu > 2.5, "the guest burned CPU: {vmm_cpu} s over {wall} s");
     let err = (t.cpu_seconds - vmm_cpu).abs() / vmm_cpu;
     assert!(err < 0.05, "billed {} s vs VMM {vmm_cpu} s ({:.1} %)", t.cpu_seconds, err * 100.0);
     assert_eq!((t.starts, t.stops, t.gaps), (1, 1, 0));
