@@ -450,6 +450,25 @@ async fn auto_accel_is_decided_by_a_probe_guest() {
     }
     assert!(!tmp.path().join("kvm-probe").exists(), "probe files are removed");
     assert_eq!(kill_processes_under(tmp.path()), 0, "probe QEMU is gone");
+
+    // A probe runs once per host boot: the next start (same data directory, boot, QEMU and
+    // kernel) takes the kept outcome and starts no QEMU.
+    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok() {
+        let kept = tmp.path().join(metald::backend::qemu::accel::PROBE_CACHE);
+        assert!(kept.is_file(), "the probe's outcome is kept");
+        let again = decide(&settings, &qemu, &[guest_image().to_path_buf()], tmp.path()).await;
+        assert_eq!(again.accel.name(), d.accel.name());
+        assert!(again.reason.contains("earlier in this host boot"), "{}", again.reason);
+        assert!(again.reason.starts_with(&d.reason), "{} / {}", again.reason, d.reason);
+        assert!(!tmp.path().join("kvm-probe").exists(), "no probe guest this time");
+        // Another boot id (e.g. after a host reboot) is not this one's: the record is not used.
+        let raw = std::fs::read_to_string(&kept).unwrap();
+        std::fs::write(&kept, raw.replacen("boot=", "boot=another-", 1)).unwrap();
+        let quick = QemuSettings { probe_timeout_secs: 2, ..settings.clone() };
+        let fresh = decide(&quick, &qemu, &[guest_image().to_path_buf()], tmp.path()).await;
+        assert!(!fresh.reason.contains("earlier in this host boot"), "{}", fresh.reason);
+        assert_eq!(kill_processes_under(tmp.path()), 0, "probe QEMU is gone");
+    }
 }
 
 /// A frozen QEMU (SIGSTOP) during pause: the QMP `stop` times out, then takes

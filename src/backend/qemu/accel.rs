@@ -8,11 +8,19 @@
 //! and its ioctls succeed while guests die with "KVM internal error". Every
 //! failed step falls back to TCG and says why; the decision is made once at
 //! start and kept for the daemon's lifetime.
+//!
+//! The probe (up to `UNKEY_METALD_QEMU_PROBE_TIMEOUT_SECONDS`, 20 s on a host
+//! where KVM is broken) runs once per host boot: its outcome is kept in
+//! `<data dir>/kvm-probe.json` with what it depends on (the host's boot id,
+//! `/proc/sys/kernel/random/boot_id`; QEMU's version; the probe kernel's
+//! path, size and modification time), and a start with the same facts takes
+//! it from there instead of booting the probe again.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tracing::{info, warn};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
 
 use super::cmdline::{Accel, accel_args};
 use super::config::{AccelChoice, QemuSettings};
@@ -73,6 +81,56 @@ pub struct AccelDecision {
     pub reason: String,
 }
 
+/// The file, in the data directory, that keeps this host boot's probe outcome.
+pub const PROBE_CACHE: &str = "kvm-probe.json";
+
+/// A probe's outcome and the facts it holds for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeRecord {
+    /// What the outcome depends on (see the module doc), as one string.
+    pub key: String,
+    /// `Ok`: KVM works (the reason); `Err`: why not.
+    pub outcome: Result<String, String>,
+}
+
+/// The facts a probe's outcome holds for: host boot, QEMU version, probe kernel.
+pub fn probe_key(boot_id: &str, qemu_version: &str, kernel: &Path) -> String {
+    let meta = std::fs::metadata(kernel).ok();
+    let modified = meta
+        .as_ref()
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "boot={} qemu={} kernel={} size={} mtime={modified}",
+        boot_id.trim(),
+        qemu_version.trim(),
+        kernel.display(),
+        meta.map_or(0, |m| m.len())
+    )
+}
+
+/// The cached outcome in `file` when its key is `key`.
+pub fn cached_outcome(file: &Path, key: &str) -> Option<Result<String, String>> {
+    let raw = std::fs::read(file).ok()?;
+    let rec: ProbeRecord = serde_json::from_slice(&raw).ok()?;
+    (rec.key == key).then_some(rec.outcome)
+}
+
+/// Keeps `outcome` for `key` in `file` (written aside and renamed: a crash leaves the old
+/// record or the new one).
+pub fn store_outcome(file: &Path, key: &str, outcome: &Result<String, String>) {
+    let rec = ProbeRecord { key: key.to_owned(), outcome: outcome.clone() };
+    let tmp = file.with_extension("json.tmp");
+    let written = serde_json::to_vec_pretty(&rec)
+        .map_err(std::io::Error::other)
+        .and_then(|raw| std::fs::write(&tmp, raw))
+        .and_then(|()| std::fs::rename(&tmp, file));
+    if let Err(e) = written {
+        debug!(file = %file.display(), error = %e, "could not keep the KVM probe's outcome");
+    }
+}
+
 /// Decides the accelerator for this daemon's lifetime.
 pub async fn decide(settings: &QemuSettings, binary: &Path, asset_dirs: &[PathBuf], work_dir: &Path) -> AccelDecision {
     let tcg = || Accel::Tcg {
@@ -124,11 +182,23 @@ async fn probe_kvm(
          or set UNKEY_METALD_QEMU_ACCEL=kvm"
             .to_owned()
     })?;
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let version = qemu_version(binary).await.unwrap_or_default();
+    let key = probe_key(&boot_id, &version, &kernel);
+    let cache = work_dir.join(PROBE_CACHE);
+    if let Some(outcome) = cached_outcome(&cache, &key) {
+        let from = format!(" (the probe's outcome earlier in this host boot, {})", cache.display());
+        return outcome.map(|why| why + &from).map_err(|why| why + &from);
+    }
     let dir = work_dir.join("kvm-probe");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let result = run_probe(settings, binary, &kernel, initrd.as_deref(), &dir).await;
     let _ = std::fs::remove_dir_all(&dir);
+    // Only a probe that ran to an answer is kept; "could not start QEMU" is not a fact of the host.
+    if !boot_id.trim().is_empty() && result.as_ref().err().is_none_or(|e| !e.starts_with("KVM probe: ")) {
+        store_outcome(&cache, &key, &result);
+    }
     result
 }
 
@@ -194,6 +264,31 @@ mod tests {
         assert_eq!(parse_cpu_mhz("processor\t: 0\ncpu MHz\t\t: 2596.140\n"), Some(2_596_140));
         assert_eq!(parse_cpu_mhz("cpu MHz : nonsense\n"), None);
         assert_eq!(parse_cpu_mhz("nothing"), None);
+    }
+
+    #[test]
+    fn a_kept_probe_outcome_holds_for_its_boot_qemu_and_kernel_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux");
+        std::fs::write(&kernel, b"kernel").unwrap();
+        let key = probe_key("b-1\n", "QEMU emulator version 7.2.22", &kernel);
+        assert_eq!(key, probe_key("b-1", "QEMU emulator version 7.2.22", &kernel), "stable");
+        assert_ne!(key, probe_key("b-2", "QEMU emulator version 7.2.22", &kernel), "another host boot");
+        assert_ne!(key, probe_key("b-1", "QEMU emulator version 8.0.0", &kernel), "another QEMU");
+        let file = dir.path().join(PROBE_CACHE);
+        assert_eq!(cached_outcome(&file, &key), None, "nothing kept yet");
+        let broken: Result<String, String> = Err("KVM probe guest failed: KVM internal error".into());
+        store_outcome(&file, &key, &broken);
+        assert_eq!(cached_outcome(&file, &key), Some(broken));
+        std::fs::write(&kernel, b"another kernel").unwrap();
+        let changed = probe_key("b-1", "QEMU emulator version 7.2.22", &kernel);
+        assert_ne!(key, changed, "the kernel changed");
+        assert_eq!(cached_outcome(&file, &changed), None);
+        store_outcome(&file, &changed, &Ok("reached userspace".into()));
+        assert_eq!(cached_outcome(&file, &changed), Some(Ok("reached userspace".into())));
+        assert!(!file.with_extension("json.tmp").exists());
+        std::fs::write(&file, b"{not json").unwrap();
+        assert_eq!(cached_outcome(&file, &changed), None, "a damaged record is ignored");
     }
 
     #[test]
