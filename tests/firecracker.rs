@@ -409,8 +409,24 @@ async fn jailer_gets_its_arguments_and_a_chroot_with_only_this_vms_files() {
     .await;
     let _g2 = KillOnDrop(tmp_jail.path().to_path_buf());
     let c = t.client(TOKEN_A);
-    // The rootfs is this VM's own copy (writable disks get chowned).
+    // A writable disk of the operator's must already be the jail's to write: metald never
+    // changes an asset's owner or mode. One that is not is refused, unchanged.
     std::fs::copy(t.assets().join("rootfs.ext4"), t.assets().join("jl.ext4")).unwrap();
+    if root_user {
+        std::fs::write(tmp_jail.path().join("netns-ro"), b"").unwrap();
+        std::fs::copy(t.assets().join("rootfs.ext4"), t.assets().join("root-only.ext4")).unwrap();
+        let mut config = full_config(&t);
+        config.storage[0].path = t.assets().join("root-only.ext4").display().to_string();
+        config.network.clear();
+        let e = create(&t, "ro", config).await.unwrap_err();
+        assert_eq!(e.code, connectrpc::ErrorCode::InvalidArgument, "{e:?}");
+        assert!(e.message.as_deref().unwrap_or("").contains("UNKEY_METALD_JAILER_UID"), "{e:?}");
+        let m = std::fs::metadata(t.assets().join("root-only.ext4")).unwrap();
+        assert_eq!((m.uid(), m.gid()), (0, 0), "the refused asset keeps its owner");
+        assert!(!vm_dir(&t, "ro").exists(), "a refused create leaves no VM directory");
+        assert!(!jail_base.join("metald-fake-firecracker").join("ro").exists(), "nor a jail");
+        std::os::unix::fs::chown(t.assets().join("jl.ext4"), Some(1234), Some(1235)).unwrap();
+    }
     let mut config = full_config(&t);
     config.storage[0].path = t.assets().join("jl.ext4").display().to_string();
     config.network.clear();
@@ -451,7 +467,7 @@ async fn jailer_gets_its_arguments_and_a_chroot_with_only_this_vms_files() {
     assert_eq!(ino(root.join("drive-root")), ino(t.assets().join("jl.ext4")));
     if root_user {
         let m = std::fs::metadata(root.join("drive-root")).unwrap();
-        assert_eq!((m.uid(), m.gid()), (1234, 1235), "writable disk belongs to the jail user");
+        assert_eq!((m.uid(), m.gid()), (1234, 1235), "the operator made the writable disk the jail user's");
         let k = std::fs::metadata(root.join("vmlinux")).unwrap();
         assert_eq!(k.uid(), 0, "a shared read-only asset keeps its owner");
     }

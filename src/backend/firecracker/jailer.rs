@@ -5,10 +5,15 @@
 //! name>/<vm id>/root` itself before starting the jailer and puts into it
 //! only what this VM uses: the kernel, initrd and disk images (hard links,
 //! or copies when linking fails, e.g. across filesystems), plus empty log
-//! and metrics files. Files the VMM writes to (writable disks, logs) are
-//! chowned to the jail's uid/gid; read-only assets are linked as they are
-//! (they must be readable by that uid — otherwise they are copied and the
-//! copy is chowned, so a shared asset's owner never changes). The jailer
+//! and metrics files. metald never changes the owner or mode of a file it
+//! did not make: files in the VM's own directory (an image VM's writable
+//! disk, a clone's disk copies) and the jail's logs are chowned to the
+//! jail's uid/gid; a writable disk elsewhere (an operator's asset) is
+//! linked only when that uid/gid may already write it, and otherwise
+//! refused (`InvalidArgument` saying what to change: a copy would take the
+//! guest's writes away from the file the operator named); read-only assets
+//! are linked as they are when that uid may read them, else copied and the
+//! copy chowned. The jailer
 //! then chroots, joins the network namespace, sets the cgroup limits,
 //! drops to uid/gid and execs Firecracker; every path metald sends over
 //! the API is relative to the jail root. metald itself needs no `unsafe`:
@@ -68,7 +73,14 @@ impl Jail {
 
     /// Creates a fresh jail root holding `files` (`(host source, jailed
     /// name, writable)`) and the empty files in `empty` (jailed names).
-    pub fn prepare(&self, settings: &JailerSettings, files: &[(PathBuf, String, bool)], empty: &[&str]) -> Result<()> {
+    /// `own` is the VM's directory: what is in it is metald's to chown.
+    pub fn prepare(
+        &self,
+        settings: &JailerSettings,
+        files: &[(PathBuf, String, bool)],
+        empty: &[&str],
+        own: &Path,
+    ) -> Result<()> {
         if !self.exec_name.contains("firecracker") {
             return Err(BackendError::unavailable(format!(
                 "the jailer only runs binaries whose file name contains \"firecracker\", not {:?}",
@@ -82,13 +94,26 @@ impl Jail {
                 "network namespace {ns} does not exist (UNKEY_METALD_JAILER_NETNS); create it before the VM"
             )));
         }
+        let owner = (settings.uid != 0 || settings.gid != 0).then_some((settings.uid, settings.gid));
+        let own = own.canonicalize().unwrap_or_else(|_| own.to_path_buf());
+        for (src, _, writable) in files {
+            if *writable
+                && let Some((uid, gid)) = owner
+                && !src.canonicalize().is_ok_and(|s| s.starts_with(&own))
+            {
+                check_writable_by(src, uid, gid)?;
+            }
+        }
         self.remove();
         std::fs::create_dir_all(&self.root)
             .map_err(|e| BackendError::io(format!("creating jail {}", self.root.display()), e))?;
-        let owner = (settings.uid != 0 || settings.gid != 0).then_some((settings.uid, settings.gid));
         for (src, name, writable) in files {
             let dst = self.host_path(name);
-            link_or_copy(src, &dst, *writable, owner)?;
+            if *writable && !src.canonicalize().is_ok_and(|s| s.starts_with(&own)) {
+                link_shared(src, &dst)?;
+            } else {
+                link_or_copy(src, &dst, *writable, owner)?;
+            }
         }
         for name in empty {
             let dst = self.host_path(name);
@@ -174,6 +199,40 @@ pub fn cgroup_limits(settings: &JailerSettings, spec: &ValidSpec) -> Vec<String>
     out
 }
 
+/// An operator's writable disk must already be writable by the jail's
+/// uid/gid: metald does not change its owner or mode.
+fn check_writable_by(src: &Path, uid: u32, gid: u32) -> Result<()> {
+    let meta = std::fs::metadata(src).map_err(|e| BackendError::io(format!("reading {}", src.display()), e))?;
+    let mode = meta.mode();
+    let ok = (meta.uid() == uid && mode & 0o200 != 0) || (meta.gid() == gid && mode & 0o020 != 0) || mode & 0o002 != 0;
+    if ok {
+        return Ok(());
+    }
+    Err(BackendError::unsupported(format!(
+        "disk {} is writable in the VM's configuration but the jail's uid {uid} / gid {gid} \
+         (UNKEY_METALD_JAILER_UID/_GID) cannot write it (owner {}:{}, mode {:o}); metald does not change an \
+         asset's owner or mode: give that uid or gid write access, or make the disk read-only",
+        src.display(),
+        meta.uid(),
+        meta.gid(),
+        mode & 0o7777
+    )))
+}
+
+/// An operator's writable disk goes into the jail as a hard link, owner and
+/// mode untouched; never as a copy (the guest's writes would not reach the
+/// file the operator named).
+fn link_shared(src: &Path, dst: &Path) -> Result<()> {
+    std::fs::hard_link(src, dst).map_err(|e| {
+        BackendError::unsupported(format!(
+            "disk {} is writable, so it must be linked into the jail (a copy would not get the guest's writes), \
+             and linking failed: keep writable disks on the file system of UNKEY_METALD_JAILER_CHROOT_DIR",
+            src.display()
+        ))
+        .caused_by(e)
+    })
+}
+
 fn chown(path: &Path, owner: Option<(u32, u32)>) -> Result<()> {
     let Some((uid, gid)) = owner else { return Ok(()) };
     std::os::unix::fs::chown(path, Some(uid), Some(gid))
@@ -182,14 +241,17 @@ fn chown(path: &Path, owner: Option<(u32, u32)>) -> Result<()> {
 
 /// Hard-links `src` to `dst`, copying when linking is impossible or when a
 /// read-only source is neither world-readable nor the jail user's (a copy
-/// can be chowned without touching the shared original).
-fn link_or_copy(src: &Path, dst: &Path, writable: bool, owner: Option<(u32, u32)>) -> Result<()> {
+/// can be chowned without touching the shared original). `chown_link`: the
+/// file is metald's (in the VM's directory) and the jail writes it, so the
+/// link is chowned (an operator's writable disk goes through
+/// [`link_shared`] instead).
+fn link_or_copy(src: &Path, dst: &Path, chown_link: bool, owner: Option<(u32, u32)>) -> Result<()> {
     let meta = std::fs::metadata(src).map_err(|e| BackendError::io(format!("reading {}", src.display()), e))?;
     let world_readable = meta.mode() & 0o004 != 0;
     let jail_users = owner.is_some_and(|(uid, _)| meta.uid() == uid && meta.mode() & 0o400 != 0);
-    let may_link = writable || owner.is_none() || world_readable || jail_users;
+    let may_link = chown_link || owner.is_none() || world_readable || jail_users;
     if may_link && std::fs::hard_link(src, dst).is_ok() {
-        if writable {
+        if chown_link {
             chown(dst, owner)?;
         }
         return Ok(());
@@ -248,7 +310,7 @@ mod tests {
         std::fs::write(&kernel, b"k").unwrap();
         let s = JailerSettings { netns: None, uid: 0, gid: 0, ..settings(&tmp.path().join("jail")) };
         let jail = Jail::new(&s, Path::new("/x/firecracker"), &VmId::parse("a").unwrap());
-        jail.prepare(&s, &[(kernel.clone(), "/vmlinux".into(), false)], &["/metrics.json"]).unwrap();
+        jail.prepare(&s, &[(kernel.clone(), "/vmlinux".into(), false)], &["/metrics.json"], tmp.path()).unwrap();
         let linked = std::fs::metadata(jail.host_path("/vmlinux")).unwrap();
         assert_eq!(linked.ino(), std::fs::metadata(&kernel).unwrap().ino(), "hard link");
         assert!(jail.host_path("metrics.json").exists());
@@ -259,6 +321,52 @@ mod tests {
         assert!(kernel.exists(), "the original stays");
 
         let bad = Jail::new(&s, Path::new("/x/qemu"), &VmId::parse("a").unwrap());
-        assert!(bad.prepare(&s, &[], &[]).is_err());
+        assert!(bad.prepare(&s, &[], &[], tmp.path()).is_err());
+    }
+
+    #[test]
+    fn assets_keep_their_owner_and_mode_and_only_metalds_files_are_chowned() {
+        use std::os::unix::fs::PermissionsExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("note: not root; skipping (chown needs it; make test runs as root)");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let (own, assets) = (tmp.path().join("vm"), tmp.path().join("assets"));
+        std::fs::create_dir_all(&own).unwrap();
+        std::fs::create_dir_all(&assets).unwrap();
+        let s = JailerSettings { netns: None, uid: 4242, gid: 4243, ..settings(&tmp.path().join("jail")) };
+        let jail = Jail::new(&s, Path::new("/x/firecracker"), &VmId::parse("a").unwrap());
+        let file = |path: &Path, gid: u32, mode: u32| {
+            std::fs::write(path, b"disk").unwrap();
+            std::os::unix::fs::chown(path, Some(0), Some(gid)).unwrap();
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        // metald's own file (in the VM directory): linked and chowned to the jail.
+        let mine = own.join("disk-root.img");
+        file(&mine, 0, 0o600);
+        // An operator's disk the jail may write (its group, g+w): linked, owner and mode kept.
+        let shared = assets.join("shared.img");
+        file(&shared, 4243, 0o660);
+        let files = [(mine.clone(), "/drive-root".into(), true), (shared.clone(), "/drive-data".into(), true)];
+        jail.prepare(&s, &files, &[], &own).unwrap();
+        let m = std::fs::metadata(&mine).unwrap();
+        assert_eq!((m.uid(), m.gid()), (4242, 4243), "metald's file is the jail's");
+        let m = std::fs::metadata(&shared).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (0, 4243, 0o660), "the asset is unchanged");
+        assert_eq!(std::fs::metadata(jail.host_path("/drive-data")).unwrap().ino(), m.ino(), "linked, not copied");
+
+        // An operator's disk the jail cannot write: refused before the jail is made, saying what
+        // to change; the asset is unchanged.
+        jail.remove();
+        let theirs = assets.join("theirs.img");
+        file(&theirs, 0, 0o644);
+        let e = jail.prepare(&s, &[(theirs.clone(), "/drive-x".into(), true)], &[], &own).unwrap_err();
+        assert!(matches!(e, BackendError::Unsupported { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("cannot write it") && msg.contains("UNKEY_METALD_JAILER_UID"), "{msg}");
+        let m = std::fs::metadata(&theirs).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (0, 0, 0o644));
+        assert!(!jail.root.exists(), "no jail for a refused start");
     }
 }

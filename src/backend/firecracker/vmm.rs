@@ -273,7 +273,7 @@ pub async fn start(
     });
     let (program, args): (&Path, Vec<OsString>) = match (&layout.jail, settings.jailer.as_ref(), jailer) {
         (Some(jail), Some(js), Some(jailer)) => {
-            jail.prepare(js, &files, &[LOG_FILE, METRICS_FILE])?;
+            jail.prepare(js, &files, &[LOG_FILE, METRICS_FILE], &vm.dir)?;
             (jailer, jail.args(js, binary, vm.spec))
         }
         _ => {
