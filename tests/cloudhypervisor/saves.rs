@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 
 use super::support::{
     KillOnDrop, TOKEN_A, TestDaemon, assert_requests, boot_ids, clone_vm, create, delete_snapshot, file_names,
-    halting_kernel, info, process_alive, processes_under, real_hypervisor, requests, resume_vm, set_control,
-    snapshot_dirs, snapshot_vm, suspend_vm, vm_dir, wait_until, without_usage,
+    halting_kernel, halting_vm_config, info, process_alive, processes_under, real_hypervisor, requests, resume_vm,
+    set_control, snapshot_dirs, snapshot_vm, suspend_vm, vm_dir, wait_until, without_usage,
 };
 use super::{FAKE_CH, WAIT, full_config, get, put, start};
 
@@ -304,15 +304,7 @@ async fn real_cloud_hypervisor_enforces_the_same_snapshot_rules() {
 async fn real_cloud_hypervisor_snapshots_behind_metald() {
     let Some(ch) = real_hypervisor("cloud-hypervisor") else { return };
     let (t, _g) = start(&[("CLOUD_HYPERVISOR_BINARY", ch.to_str().unwrap())]).await;
-    halting_kernel(&t.assets().join("halt.elf"));
-    std::fs::write(t.assets().join("real.ext4"), vec![0u8; 1 << 20]).unwrap();
-    let mut config = t.config(&t.assets().join("halt.elf").display().to_string());
-    config.memory = pb::MemoryConfig { size_bytes: 64 << 20, ..Default::default() }.into();
-    config.storage = vec![pb::StorageDevice {
-        id: "root".into(),
-        path: t.assets().join("real.ext4").display().to_string(),
-        ..Default::default()
-    }];
+    let config = halting_vm_config(&t);
     create(&t, "rch", config).await.unwrap();
     boot(&t, "rch").await;
     let dir = vm_dir(&t, "rch");

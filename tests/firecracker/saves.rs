@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 
 use super::support::{
     KillOnDrop, TestDaemon, assert_requests, boot_ids, canon, clone_vm, create, delete_snapshot, file_names,
-    halting_kernel, info, process_alive, processes_under, real_hypervisor, requests, resume_vm, set_control,
-    snapshot_dirs, snapshot_vm, suspend_vm, vm_dir, wait_until, without_usage,
+    halting_kernel, halting_vm_config, info, process_alive, processes_under, real_hypervisor, requests, resume_vm,
+    set_control, snapshot_dirs, snapshot_vm, suspend_vm, vm_dir, wait_until, without_usage,
 };
 use super::{FAKE_FC, FAKE_JAILER, WAIT, assert_nothing_left, full_config, start};
 
@@ -436,15 +436,7 @@ async fn real_firecracker_enforces_the_same_snapshot_rules() {
 async fn real_firecracker_snapshots_clones_and_suspends() {
     let Some(fc) = real_hypervisor("firecracker") else { return };
     let (t, _g) = start(&[("FIRECRACKER_BINARY", fc.to_str().unwrap())]).await;
-    halting_kernel(&t.assets().join("halt.elf"));
-    std::fs::write(t.assets().join("real.ext4"), vec![0u8; 1 << 20]).unwrap();
-    let mut config = t.config(&t.assets().join("halt.elf").display().to_string());
-    config.memory = pb::MemoryConfig { size_bytes: 64 << 20, ..Default::default() }.into();
-    config.storage = vec![pb::StorageDevice {
-        id: "root".into(),
-        path: t.assets().join("real.ext4").display().to_string(),
-        ..Default::default()
-    }];
+    let config = halting_vm_config(&t);
     create(&t, "rf", config).await.unwrap();
     boot(&t, "rf").await;
     let pid = pid_of(&info(&t, "rf").await);

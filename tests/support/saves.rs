@@ -11,6 +11,22 @@ use metald::pb::vmprovisioner::v1 as pb;
 use super::daemon::{TOKEN_A, TestDaemon};
 use super::repo::repo_root;
 
+/// The real-binary tests' VM: the halting kernel (written to
+/// `<assets>/halt.elf`), 64 MiB, and a 1 MiB writable disk `root`
+/// (`<assets>/real.ext4`).
+pub fn halting_vm_config(t: &TestDaemon) -> pb::VmConfig {
+    halting_kernel(&t.assets().join("halt.elf"));
+    std::fs::write(t.assets().join("real.ext4"), vec![0u8; 1 << 20]).unwrap();
+    let mut config = t.config(&t.assets().join("halt.elf").display().to_string());
+    config.memory = pb::MemoryConfig { size_bytes: 64 << 20, ..Default::default() }.into();
+    config.storage = vec![pb::StorageDevice {
+        id: "root".into(),
+        path: t.assets().join("real.ext4").display().to_string(),
+        ..Default::default()
+    }];
+    config
+}
+
 /// `SuspendVm` of `id` as customer A.
 pub async fn suspend_vm(t: &TestDaemon, id: &str) -> Result<pb::SuspendVmResponse, connectrpc::ConnectError> {
     let c = t.client(TOKEN_A);
