@@ -36,9 +36,13 @@ pub struct Stat {
 }
 
 impl Stat {
-    /// Whether the process has ended (a zombie counts: it runs no more).
+    /// Whether the process has ended: a zombie counts (it runs no more),
+    /// but only once its other threads are gone too. A killed
+    /// multi-threaded VMM's leader turns `Z` while its other threads still
+    /// exit, holding its files (a TAP device, a disk) and its place in a
+    /// cgroup; `threads` counts those until they are released.
     pub fn is_dead(&self) -> bool {
-        matches!(self.state, 'Z' | 'X' | 'x')
+        matches!(self.state, 'Z' | 'X' | 'x') && self.threads <= 1
     }
 
     /// User plus system CPU time, in nanoseconds.
@@ -166,6 +170,8 @@ mod tests {
             }
         );
         assert!(!s.is_dead());
+        assert!(Stat { state: 'Z', threads: 1, ..s }.is_dead());
+        assert!(!Stat { state: 'Z', threads: 3, ..s }.is_dead(), "a leader whose threads still exit");
         assert!(parse_stat("1 (x) Z 1 2").is_none());
         assert!(parse_stat("garbage").is_none());
     }

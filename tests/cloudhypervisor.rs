@@ -5,8 +5,8 @@
 //! against Cloud Hypervisor's OpenAPI definitions; error injection goes
 //! through a `fake-control.json` in each test's own temp dir.
 //!
-//! `real_cloud_hypervisor_end_to_end` runs against a real binary only when
-//! `METALD_TEST_CLOUD_HYPERVISOR` names one (and KVM works).
+//! The real binaries of `../shared/hypervisors/` go through the same lifecycle in
+//! `tests/real_hypervisors.rs`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -240,43 +240,6 @@ async fn auto_prefers_firecracker_then_cloud_hypervisor_then_qemu() {
     assert_eq!(h["backend_version"], "cloud-hypervisor v40.0.0 (metald fake)");
     let e = auto(none, none, none).await.unwrap_err();
     assert!(e.contains("no hypervisor found") && e.contains("Firecracker") && e.contains("QEMU"), "{e}");
-}
-
-/// The lifecycle against a real Cloud Hypervisor: set
-/// `METALD_TEST_CLOUD_HYPERVISOR` to its path (KVM must work).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_cloud_hypervisor_end_to_end() {
-    let Some(binary) = std::env::var_os("METALD_TEST_CLOUD_HYPERVISOR") else {
-        eprintln!("note: METALD_TEST_CLOUD_HYPERVISOR is unset; skipping the real-Cloud-Hypervisor lifecycle test");
-        return;
-    };
-    let image = support::guest_image();
-    let binary = binary.to_string_lossy().into_owned();
-    let dirs = image.display().to_string();
-    let (t, _g) = start(&[("CLOUD_HYPERVISOR_BINARY", &binary), ("ASSET_DIRS", &dirs)]).await;
-    let c = t.client(TOKEN_A);
-    let mut config = t.config(&image.join("vmlinux").display().to_string());
-    config.boot = pb::BootConfig {
-        kernel_path: image.join("vmlinux").display().to_string(),
-        initrd_path: image.join("initramfs.cpio.gz").display().to_string(),
-        kernel_args: "console=ttyS0 quiet".into(),
-        ..Default::default()
-    }
-    .into();
-    create(&t, "real", config).await.unwrap();
-    c.boot_vm(pb::BootVmRequest { vm_id: "real".into(), ..Default::default() }).await.unwrap();
-    let console = PathBuf::from(&info(&t, "real").await.backend_info["console_log"]);
-    let boot = Duration::from_secs(90);
-    wait_until("guest ready", boot, || async { count_lines(&console, "METALD_GUEST_READY") >= 1 }).await;
-    c.pause_vm(pb::PauseVmRequest { vm_id: "real".into(), ..Default::default() }).await.unwrap();
-    c.resume_vm(pb::ResumeVmRequest { vm_id: "real".into(), ..Default::default() }).await.unwrap();
-    c.reboot_vm(pb::RebootVmRequest { vm_id: "real".into(), ..Default::default() }).await.unwrap();
-    wait_until("guest ready again", boot, || async { count_lines(&console, "METALD_GUEST_READY") >= 2 }).await;
-    c.shutdown_vm(pb::ShutdownVmRequest { vm_id: "real".into(), timeout_seconds: 30, ..Default::default() })
-        .await
-        .unwrap();
-    c.delete_vm(pb::DeleteVmRequest { vm_id: "real".into(), ..Default::default() }).await.unwrap();
-    assert!(processes_under(Path::new(t.tmp.path())).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

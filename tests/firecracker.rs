@@ -6,8 +6,8 @@
 //! against Firecracker's OpenAPI definitions. Error injection goes through
 //! a `fake-control.json` in each test's own temp dir (parallel-safe).
 //!
-//! `real_firecracker_end_to_end` runs against a real binary only when
-//! `METALD_TEST_FIRECRACKER` names one (and KVM works).
+//! The real binaries of `../shared/hypervisors/` go through the same lifecycle in
+//! `tests/real_hypervisors.rs`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -521,39 +521,6 @@ async fn health_reports_backend_version_and_kvm() {
     assert_eq!(h["kvm"], Path::new("/dev/kvm").exists() && metald::backend::host::kvm_available());
 }
 
-/// The lifecycle against a real Firecracker: set `METALD_TEST_FIRECRACKER`
-/// to its path (KVM must work; guest image from `scripts/guest-image.sh`).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_firecracker_end_to_end() {
-    let Some(binary) = std::env::var_os("METALD_TEST_FIRECRACKER") else {
-        eprintln!("note: METALD_TEST_FIRECRACKER is unset; skipping the real-Firecracker lifecycle test");
-        return;
-    };
-    let image = support::guest_image();
-    let binary = binary.to_string_lossy().into_owned();
-    let dirs = format!("{}", image.display());
-    let (t, _g) = start(&[("FIRECRACKER_BINARY", &binary), ("ASSET_DIRS", &dirs)]).await;
-    let c = t.client(TOKEN_A);
-    let mut config = t.config(&image.join("vmlinux").display().to_string());
-    config.boot = boot_config(&image.join("vmlinux").display().to_string(), &image.join("initramfs.cpio.gz"));
-    create(&t, "real", config).await.unwrap();
-    c.boot_vm(pb::BootVmRequest { vm_id: "real".into(), ..Default::default() }).await.unwrap();
-    let console = PathBuf::from(&info(&t, "real").await.backend_info["console_log"]);
-    let boot = Duration::from_secs(90);
-    wait_until("guest ready", boot, || async { count_lines(&console, "METALD_GUEST_READY") >= 1 }).await;
-    c.pause_vm(pb::PauseVmRequest { vm_id: "real".into(), ..Default::default() }).await.unwrap();
-    c.resume_vm(pb::ResumeVmRequest { vm_id: "real".into(), ..Default::default() }).await.unwrap();
-    c.reboot_vm(pb::RebootVmRequest { vm_id: "real".into(), ..Default::default() }).await.unwrap();
-    wait_until("guest ready again", boot, || async { count_lines(&console, "METALD_GUEST_READY") >= 2 }).await;
-    c.shutdown_vm(pb::ShutdownVmRequest { vm_id: "real".into(), timeout_seconds: 30, ..Default::default() })
-        .await
-        .unwrap();
-    c.delete_vm(pb::DeleteVmRequest { vm_id: "real".into(), ..Default::default() }).await.unwrap();
-    assert!(processes_under(t.tmp.path()).is_empty());
-}
-
-/// The fake itself enforces Firecracker's ordering rules, so metald's
-/// request order is really checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fake_firecracker_enforces_the_api_ordering_rules() {
     use metald::backend::firecracker::api::fault_message;

@@ -17,7 +17,7 @@ pub mod restvmm;
 pub mod uds_http;
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use async_trait::async_trait;
@@ -348,6 +348,14 @@ pub trait Backend: Send + Sync + 'static {
     /// After a metald restart: is this VM's VMM still alive and ours?
     /// When it is, the backend resumes watching it for exits.
     async fn reattach(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<bool>;
+
+    /// Start-up reconciliation, once every stored VM was recovered: removes
+    /// what this backend keeps per VM outside the VM directory (the
+    /// jailer's jails and cgroups) for every VM not in `live` (host VM
+    /// ids), processes included. Returns how many VMs' leftovers went.
+    async fn sweep(&self, _live: &HashSet<String>) -> usize {
+        0
+    }
 
     async fn health(&self) -> BackendHealth;
 }

@@ -48,6 +48,7 @@ struct Report {
     creates_rolled_back: usize,
     strays_killed: usize,
     dirs_removed: usize,
+    backend_swept: usize,
     snapshots: usize,
     snapshots_removed: usize,
 }
@@ -84,6 +85,8 @@ impl Manager {
         }
         report.strays_killed = self.kill_strays().await;
         report.dirs_removed = self.remove_stray_dirs();
+        let live: HashSet<String> = self.index().by_id.keys().map(|id| id.as_str().to_owned()).collect();
+        report.backend_swept = self.inner.backend.sweep(&live).await;
         self.rebuild_net().await?;
         info!(
             vms = report.vms,
@@ -93,6 +96,7 @@ impl Manager {
             creates_rolled_back = report.creates_rolled_back,
             strays_killed = report.strays_killed,
             dirs_removed = report.dirs_removed,
+            backend_swept = report.backend_swept,
             snapshots = report.snapshots,
             snapshots_removed = report.snapshots_removed,
             "state recovered from the store"

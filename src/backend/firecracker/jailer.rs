@@ -26,16 +26,22 @@
 //! VM's jail (`/drive-<id>`), which is what lets a clone's jail hold its
 //! own disk copies under the names its snapshot recorded.
 //!
-//! The jailer does not clean up; [`Jail::remove`] deletes the jail and the
-//! VM's cgroup directories (best effort) when the VM releases its process.
+//! The jailer does not clean up: when the VM releases its process,
+//! [`Jail::remove_cgroups`] removes the VM's cgroup directories (found from
+//! `/proc/mounts`, see [`super::cgroups`]) and then [`Jail::remove`] the
+//! jail; a jail directory left is the mark of a cleanup a crash cut short,
+//! which the backend's start-up sweep finishes ([`Jail::sweep`]).
 
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use tracing::debug;
+use tracing::{debug, info, warn};
 
+use super::cgroups;
 use super::config::JailerSettings;
+use crate::backend::process::ProcessId;
 use crate::backend::{BackendError, Result};
 use crate::model::{ValidSpec, VmId};
 
@@ -56,7 +62,7 @@ pub struct Jail {
 
 impl Jail {
     pub fn new(settings: &JailerSettings, firecracker: &Path, vm_id: &VmId) -> Jail {
-        let exec_name = firecracker.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let exec_name = exec_name(firecracker);
         let vm_dir = settings.chroot_base.join(&exec_name).join(vm_id.as_str());
         Jail { root: vm_dir.join("root"), vm_dir, vm_id: vm_id.clone(), exec_name }
     }
@@ -160,27 +166,64 @@ impl Jail {
         }
     }
 
-    /// Removes the cgroup directories the jailer created for this VM (they
-    /// can only go once the process has ended).
-    pub fn remove_cgroups(&self, settings: &JailerSettings) {
-        let parent = settings.parent_cgroup.clone().unwrap_or_else(|| self.exec_name.clone());
-        let base = Path::new("/sys/fs/cgroup");
-        let dirs: Vec<PathBuf> = if settings.cgroup_version == 2 {
-            vec![base.join(&parent).join(self.vm_id.as_str())]
-        } else {
-            ["cpu", "cpu,cpuacct", "memory"]
-                .iter()
-                .map(|c| base.join(c).join(&parent).join(self.vm_id.as_str()))
-                .collect()
-        };
-        for d in dirs {
-            if let Err(e) = std::fs::remove_dir(&d)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                debug!(dir = %d.display(), error = %e, "could not remove cgroup");
-            }
-        }
+    /// The cgroup directories the jailer made for this VM (under every
+    /// cgroup mount of the configured version).
+    pub fn cgroup_dirs(&self, settings: &JailerSettings) -> Vec<PathBuf> {
+        cgroups::dirs_of(
+            &cgroups::roots(settings.cgroup_version),
+            &parent_cgroup(settings, &self.exec_name),
+            self.vm_id.as_str(),
+        )
     }
+
+    /// Removes the cgroup directories the jailer created for this VM. They
+    /// can only go once the process has ended and been reaped: a busy one
+    /// is retried for up to [`cgroups::BUSY_PATIENCE`]. Returns those left.
+    pub async fn remove_cgroups(&self, settings: &JailerSettings) -> Vec<PathBuf> {
+        cgroups::remove(self.cgroup_dirs(settings), cgroups::BUSY_PATIENCE).await
+    }
+
+    /// Cleans up after VMs that no longer exist: every jail under this
+    /// backend's chroot base whose VM id is not in `live` (a cleanup a
+    /// crash cut short) loses its remaining processes (the pids in its
+    /// cgroups: a jailed VMM is found by its cgroup), its cgroups and its
+    /// jail. Returns how many jails were swept.
+    pub async fn sweep(settings: &JailerSettings, firecracker: &Path, live: &HashSet<String>) -> usize {
+        let Ok(entries) = std::fs::read_dir(settings.chroot_base.join(exec_name(firecracker))) else { return 0 };
+        let mut swept = 0;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if live.contains(&name) || !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let Ok(id) = VmId::parse(&name) else { continue };
+            let jail = Jail::new(settings, firecracker, &id);
+            for d in jail.cgroup_dirs(settings) {
+                for pid in cgroups::pids_in(&d) {
+                    if let Ok(p) = ProcessId::of(pid) {
+                        warn!(vm_id = %name, pid, "killing a jailed Firecracker no VM owns");
+                        let _ = p.kill().await;
+                    }
+                }
+            }
+            let left = jail.remove_cgroups(settings).await;
+            jail.remove();
+            info!(vm_id = %name, cgroups_left = left.len(), "removed the jail and cgroups of a VM that no longer exists");
+            swept += 1;
+        }
+        swept
+    }
+}
+
+/// The file name of the Firecracker binary: the jailer's directory level
+/// under the chroot base (and its default parent cgroup).
+fn exec_name(firecracker: &Path) -> String {
+    firecracker.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// `--parent-cgroup`, or the jailer's default: the exec file's name.
+fn parent_cgroup(settings: &JailerSettings, exec_name: &str) -> String {
+    settings.parent_cgroup.clone().unwrap_or_else(|| exec_name.to_owned())
 }
 
 /// `--cgroup <file>=<value>` limits: CPU quota of `vcpus` whole CPUs and

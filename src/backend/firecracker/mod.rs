@@ -25,12 +25,13 @@
 //! the spec.
 
 pub mod api;
+pub mod cgroups;
 pub mod config;
 pub mod jailer;
 pub mod snapshot;
 pub mod vmm;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -42,6 +43,7 @@ use tracing::{debug, info, warn};
 
 use self::api::{ActionType, InstanceActionInfo, InstanceInfo, MetricsLine, Vm, VmRunState};
 use self::config::FirecrackerSettings;
+use self::jailer::Jail;
 use self::vmm::{Layout, Load, METRICS_FILE, checked};
 use super::kernel::{self, KernelFormat};
 use super::process::{self, ProcessId, Watched, remove_quiet, watch_exit};
@@ -206,13 +208,16 @@ impl FirecrackerBackend {
         Ok((restvmm::runtime(pid, &layout.socket, &layout.console_log, extra), info))
     }
 
-    /// Forgets a VM's process: socket, counters, jail and cgroups.
-    fn release(&self, vm: &VmContext<'_>, layout: &Layout) {
+    /// Forgets a VM's process: socket, counters, cgroups and jail (in that
+    /// order: a jail left marks a cleanup to finish, see [`Jail::sweep`]).
+    async fn release(&self, vm: &VmContext<'_>, layout: &Layout) {
         lock(&self.metrics).remove(vm.id);
         remove_quiet(&layout.socket);
         if let (Some(j), Some(js)) = (&layout.jail, &self.settings.jailer) {
-            j.remove();
-            j.remove_cgroups(js);
+            let left = j.remove_cgroups(js).await;
+            if left.is_empty() {
+                j.remove();
+            }
         }
     }
 
@@ -331,7 +336,7 @@ impl Backend for FirecrackerBackend {
             Err(e) => {
                 // The process is gone (a failed load also ends Firecracker);
                 // its jail and cgroups go too.
-                self.release(vm, &layout);
+                self.release(vm, &layout).await;
                 return Err(e);
             }
         };
@@ -387,7 +392,7 @@ impl Backend for FirecrackerBackend {
         let layout = self.layout(vm);
         let grace = restvmm::grace(mode);
         let result = self.stop_process(vm, &layout, rt, grace).await;
-        self.release(vm, &layout);
+        self.release(vm, &layout).await;
         result
     }
 
@@ -397,12 +402,19 @@ impl Backend for FirecrackerBackend {
             Some(pid) => pid.kill().await,
             None => Ok(()),
         };
-        self.release(vm, &layout);
+        self.release(vm, &layout).await;
         result
     }
 
+    async fn sweep(&self, live: &HashSet<String>) -> usize {
+        match &self.settings.jailer {
+            Some(js) => Jail::sweep(js, &self.binary, live).await,
+            None => 0,
+        }
+    }
+
     async fn reap(&self, vm: &VmContext<'_>, _rt: &Runtime) -> Result<()> {
-        self.release(vm, &self.layout(vm));
+        self.release(vm, &self.layout(vm)).await;
         Ok(())
     }
 
