@@ -68,12 +68,9 @@ fn full_config(t: &TestDaemon) -> pb::VmConfig {
 }
 
 /// The pre-boot sequence metald sends for `full_config`.
-fn expected_configuration(t: &TestDaemon, dir: &Path) -> Vec<Value> {
+fn expected_configuration(t: &TestDaemon) -> Vec<Value> {
     vec![
         json!({"method": "GET", "path": "/", "body": null}),
-        json!({"method": "PUT", "path": "/logger", "body": {
-            "log_path": dir.join("firecracker.log"), "level": "Info", "show_level": true, "show_log_origin": false}}),
-        json!({"method": "PUT", "path": "/metrics", "body": {"metrics_path": dir.join("metrics.json")}}),
         json!({"method": "PUT", "path": "/machine-config", "body": {"vcpu_count": 1, "mem_size_mib": 128, "smt": false}}),
         json!({"method": "PUT", "path": "/boot-source", "body": {
             "kernel_image_path": canon(t.assets().join("vmlinux")),
@@ -150,7 +147,21 @@ async fn full_lifecycle_sends_the_documented_requests() {
     let dir = vm_dir(&t, "fc1");
     let r = create(&t, "fc1", full_config(&t)).await.unwrap();
     assert_eq!(r.state.as_known(), Some(pb::VmState::VM_STATE_CREATED));
-    assert_requests(&requests(&dir), &expected_configuration(&t, &dir));
+    assert_requests(&requests(&dir), &expected_configuration(&t));
+    // Logger and metrics on Firecracker's command line (nothing it logs reaches the console);
+    // its metrics path is a FIFO metald reads, so no file grows.
+    let argv: Vec<String> = serde_json::from_slice(&std::fs::read(dir.join("firecracker.args")).unwrap()).unwrap();
+    let fifo = dir.join("metrics.fifo");
+    assert_eq!(
+        argv[1..].join(" "),
+        format!(
+            "--api-sock {} --id fc1 --log-path {} --level Warning --show-level --metrics-path {}",
+            dir.join("firecracker.sock").display(),
+            dir.join("firecracker.log").display(),
+            fifo.display()
+        )
+    );
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&std::fs::metadata(&fifo).unwrap().file_type()));
     // The drive's name in Firecracker's working directory (the VM's).
     assert_eq!(
         std::fs::read_link(dir.join("drive-root")).unwrap().display().to_string(),
@@ -181,6 +192,9 @@ async fn full_lifecycle_sends_the_documented_requests() {
     assert_eq!(m.storage_stats.read_operations, 2 * flushes);
     assert_eq!((m.network_stats.bytes_received, m.network_stats.packets_transmitted), (100 * flushes, 2 * flushes));
     assert!(m.memory_usage_bytes > 0);
+    assert_eq!(std::fs::metadata(&fifo).unwrap().len(), 0, "the lines were read out of the pipe");
+    let saved: Value = serde_json::from_slice(&std::fs::read(dir.join("metrics-totals.json")).unwrap()).unwrap();
+    assert!(saved["totals"]["block"]["read_bytes"].as_u64().unwrap() >= 4096, "totals kept for a restart: {saved}");
 
     let r = c
         .shutdown_vm(pb::ShutdownVmRequest { vm_id: "fc1".into(), timeout_seconds: 5, ..Default::default() })
@@ -193,7 +207,7 @@ async fn full_lifecycle_sends_the_documented_requests() {
 
     let reqs = requests(&dir);
     assert!(reqs.iter().any(|r| r["body"]["action_type"] == "FlushMetrics"));
-    let after: Vec<Value> = without_usage(reqs).split_off(9);
+    let after: Vec<Value> = without_usage(reqs).split_off(7);
     let want = [
         json!({"method": "PUT", "path": "/actions", "body": {"action_type": "InstanceStart"}}),
         json!({"method": "PATCH", "path": "/vm", "body": {"state": "Paused"}}),
@@ -270,7 +284,7 @@ async fn reboot_restarts_firecracker_with_the_same_configuration() {
 
     // Each restart replays exactly the original configuration, then boots.
     let reqs = without_usage(requests(&dir));
-    let config = expected_configuration(&t, &dir);
+    let config = expected_configuration(&t);
     let boot = json!({"method": "PUT", "path": "/actions", "body": {"action_type": "InstanceStart"}});
     let graceful = calls(&reqs[before..before + 2]);
     assert_eq!(graceful, ["GET /", "PUT /actions"], "Ctrl+Alt+Del first");
@@ -439,7 +453,8 @@ async fn jailer_gets_its_arguments_and_a_chroot_with_only_this_vms_files() {
     let argv: Vec<String> = serde_json::from_value(args["argv"].clone()).unwrap();
     let want = format!(
         "--id jl --exec-file {} --uid {uid} --gid {gid} --chroot-base-dir {base} --netns {} --cgroup-version 1 \
-         --cgroup cpu.cfs_quota_us=100000 --cgroup memory.limit_in_bytes={} -- --api-sock /firecracker.sock",
+         --cgroup cpu.cfs_quota_us=100000 --cgroup memory.limit_in_bytes={} -- --api-sock /firecracker.sock \
+         --log-path /firecracker.log --level Warning --show-level --metrics-path /metrics.fifo",
         exec.display(),
         netns.display(),
         (128u64 << 20) + (128 << 20)
@@ -458,7 +473,7 @@ async fn jailer_gets_its_arguments_and_a_chroot_with_only_this_vms_files() {
             "firecracker.log",
             "firecracker.sock",
             "initrd",
-            "metrics.json",
+            "metrics.fifo",
             "vmlinux"
         ]
     );
@@ -478,8 +493,7 @@ async fn jailer_gets_its_arguments_and_a_chroot_with_only_this_vms_files() {
     assert_eq!(body("/boot-source")["kernel_image_path"], "/vmlinux");
     assert_eq!(body("/boot-source")["initrd_path"], "/initrd");
     assert_eq!(body("/drives/root")["path_on_host"], "/drive-root");
-    assert_eq!(body("/logger")["log_path"], "/firecracker.log");
-    assert_eq!(body("/metrics")["metrics_path"], "/metrics.json");
+    assert!(reqs.iter().all(|r| r["path"] != "/logger" && r["path"] != "/metrics"), "on the command line");
 
     c.boot_vm(pb::BootVmRequest { vm_id: "jl".into(), ..Default::default() }).await.unwrap();
     let i = info(&t, "jl").await;

@@ -34,7 +34,8 @@ struct Tap(String);
 impl Tap {
     fn new(tag: &str, user: Option<u32>) -> Tap {
         let name = format!("mtr{}{tag}", std::process::id() % 100_000);
-        let _ = std::process::Command::new("ip").args(["link", "del", &name]).status();
+        let _ =
+            std::process::Command::new("ip").args(["link", "del", &name]).stderr(std::process::Stdio::null()).status();
         let mut args: Vec<String> = ["tuntap", "add", "dev", &name, "mode", "tap"].map(String::from).into();
         if let Some(u) = user {
             args.extend(["user".to_string(), u.to_string()]);
@@ -126,6 +127,9 @@ async fn lifecycle(mut t: TestDaemon, id: &str, tap: &Tap, jail: Option<&Path>) 
         .map(|p| p.display().to_string())
         .collect();
     assert!(fds.iter().any(|p| p == "/dev/net/tun"), "the VMM has the TAP open: {fds:?}");
+    // The console holds the guest's output only, none of the VMM's own log lines.
+    let console = std::fs::read_to_string(&i.backend_info["console_log"]).unwrap_or_default();
+    assert!(!console.contains("Running Firecracker") && !console.contains("API server"), "{console}");
 
     c.pause_vm(pb::PauseVmRequest { vm_id: id.into(), ..Default::default() }).await.unwrap();
     assert_eq!(state(&info(&t, id).await), Some(pb::VmState::VM_STATE_PAUSED));
@@ -134,6 +138,11 @@ async fn lifecycle(mut t: TestDaemon, id: &str, tap: &Tap, jail: Option<&Path>) 
     assert_eq!(state(&i), Some(pb::VmState::VM_STATE_RUNNING));
     let m = i.metrics.as_option().expect("metrics of a running VM");
     assert!(m.memory_usage_bytes > 0, "the VMM's resident memory: {m:?}");
+    if let Some(fifo) = i.backend_info.get("metrics_fifo") {
+        // Firecracker's metrics went through its FIFO (read out, totals kept), not into a file.
+        assert_eq!(std::fs::metadata(fifo).unwrap().len(), 0);
+        assert!(vm_dir(&t, id).join("metrics-totals.json").is_file(), "totals read from the FIFO");
+    }
 
     c.reboot_vm(pb::RebootVmRequest { vm_id: id.into(), ..Default::default() }).await.unwrap();
     let i = info(&t, id).await;

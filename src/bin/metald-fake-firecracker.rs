@@ -1,6 +1,8 @@
 //! `metald-fake-firecracker`: a TEST DOUBLE of Firecracker's API server for
 //! metald's tests (no VM runs). It takes Firecracker's command line
-//! (`--api-sock`, `--id`, and the jailer's `--start-time-*`), serves the
+//! (`--api-sock`, `--id`, the logger and metrics options `--log-path`,
+//! `--level`, `--show-level`, `--show-log-origin`, `--module`,
+//! `--metrics-path`, and the jailer's `--start-time-*`), serves the
 //! documented endpoints metald uses with Firecracker's status codes (204,
 //! 200 with JSON, 400 `{"fault_message": ...}`) and ordering rules (pre-boot
 //! configuration only before `InstanceStart`, `PATCH /vm` only after it),
@@ -9,7 +11,10 @@
 //! `InstanceStart` prints `METALD_GUEST_READY` to stdout (Firecracker's
 //! stdout carries the serial console), `SendCtrlAltDel` makes the process
 //! exit shortly after (a `reboot=k` guest rebooting ends Firecracker), and
-//! `FlushMetrics` appends a metrics line with fixed increments.
+//! `FlushMetrics` writes a metrics line with fixed increments. Like
+//! Firecracker, it creates its log and metrics files when missing and
+//! opens the metrics path once, read-write and non-blocking (a FIFO then
+//! never blocks it; a line that does not fit is dropped).
 //!
 //! Snapshots, with Firecracker's rules: `PUT /snapshot/create` only when
 //! `Paused` (a real state file — the configuration and the guest's boot id
@@ -29,7 +34,7 @@ mod fake_vmm;
 
 use std::path::PathBuf;
 
-use fake_vmm::{Api, Reply, Req, append_line, check_fields, flag_value, host_path};
+use fake_vmm::{Api, Reply, Req, check_fields, flag_value, host_path};
 use serde_json::{Value, json};
 
 const VERSION: &str = "1.16.1";
@@ -50,6 +55,8 @@ struct Firecracker {
     nics: Vec<Value>,
     logger: Option<Value>,
     metrics: Option<PathBuf>,
+    /// The metrics path, opened as Firecracker opens it.
+    metrics_out: Option<std::fs::File>,
     /// A boot-specific resource was configured (a load is refused then).
     configured: bool,
     /// The running guest's identity: set at `InstanceStart`, saved in and
@@ -107,6 +114,13 @@ fn deserialize_error(e: impl std::fmt::Display) -> Reply {
 }
 
 const RUNTIME_ONLY: &str = "The requested operation is not supported before starting the microVM.";
+
+/// Opens (creating) a log or metrics path as Firecracker does: read-write,
+/// non-blocking, so a FIFO without a reader neither blocks nor fails.
+fn open_nonblock(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).write(true).create(true).custom_flags(libc::O_NONBLOCK).open(path)
+}
 
 fn file_exists(p: &str) -> Result<(), String> {
     let h = host_path(p);
@@ -170,6 +184,7 @@ impl Firecracker {
                 }
                 let p = body["metrics_path"].as_str().unwrap_or_default();
                 file_exists(p).map_err(|e| fault(format!("Failed to open target file: {e}")))?;
+                self.metrics_out = Some(open_nonblock(&host_path(p)).map_err(|e| fault(e.to_string()))?);
                 self.metrics = Some(host_path(p));
             }
             "/actions" => return self.action(body),
@@ -249,7 +264,7 @@ impl Firecracker {
                 if self.state == State::NotStarted {
                     return Err(fault("The requested operation is not supported before starting the microVM."));
                 }
-                let Some(p) = &self.metrics else {
+                let Some(out) = &mut self.metrics_out else {
                     return Err(fault("Metrics system not initialized."));
                 };
                 let line = json!({
@@ -258,7 +273,8 @@ impl Firecracker {
                     "net": {"rx_bytes_count": 100, "tx_bytes_count": 60, "rx_packets_count": 3, "tx_packets_count": 2},
                     "vcpu": {"exit_io_in": 0}
                 });
-                append_line(p, &line.to_string());
+                // One write, as Firecracker does; a full FIFO drops the line.
+                let _ = std::io::Write::write_all(out, format!("{line}\n").as_bytes());
                 Ok(no_content())
             }
             other => Err(fault(format!(
@@ -510,6 +526,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut socket = PathBuf::from("/run/firecracker.socket");
     let mut id = String::from("anonymous-instance");
+    let (mut log_path, mut metrics_path, mut logger) = (None, None, serde_json::Map::new());
     let mut i = 0;
     while i < args.len() {
         if args[i] == "--version" {
@@ -520,6 +537,17 @@ fn main() {
             v.map(|v| socket = host_path(&v))
         } else if let Some(v) = flag_value(&args, &mut i, "--id") {
             v.map(|v| id = v)
+        } else if let Some(v) = flag_value(&args, &mut i, "--log-path") {
+            v.map(|v| log_path = Some(v))
+        } else if let Some(v) = flag_value(&args, &mut i, "--metrics-path") {
+            v.map(|v| metrics_path = Some(v))
+        } else if let Some(v) = flag_value(&args, &mut i, "--level") {
+            v.map(|v| drop(logger.insert("level".into(), json!(v))))
+        } else if let Some(v) = flag_value(&args, &mut i, "--module") {
+            v.map(|v| drop(logger.insert("module".into(), json!(v))))
+        } else if args[i] == "--show-level" || args[i] == "--show-log-origin" {
+            logger.insert(args[i][2..].replace('-', "_"), json!(true));
+            Ok(())
         } else if let Some(v) =
             flag_value(&args, &mut i, "--start-time-us").or_else(|| flag_value(&args, &mut i, "--start-time-cpu-us"))
         {
@@ -533,6 +561,17 @@ fn main() {
         }
         i += 1;
     }
+    let open = |p: &str| {
+        open_nonblock(&host_path(p)).unwrap_or_else(|e| {
+            eprintln!("Failed to open target file: {e}");
+            std::process::exit(1)
+        })
+    };
+    if let Some(p) = &log_path {
+        open(p);
+        logger.insert("log_path".into(), json!(p));
+    }
+    let metrics_out = metrics_path.as_deref().map(open);
     let api = Firecracker {
         id,
         state: State::NotStarted,
@@ -540,8 +579,9 @@ fn main() {
         boot: None,
         drives: Vec::new(),
         nics: Vec::new(),
-        logger: None,
-        metrics: None,
+        logger: log_path.is_some().then(|| Value::Object(logger)),
+        metrics: metrics_path.as_deref().map(host_path),
+        metrics_out,
         configured: false,
         boot_id: None,
         loaded: false,

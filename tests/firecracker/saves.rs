@@ -36,17 +36,11 @@ fn save_requests(dir: &Path) -> Vec<Value> {
     ]
 }
 
-/// What a fresh process of the VM in `vm` sends to load the save in `save`
+/// What a fresh process of a VM sends to load a save
 /// (`/`-prefixed names: inside the jail), then the core's resume.
-fn load_requests(vm: &Path, state: &str, memory: &str) -> Vec<Value> {
+fn load_requests(state: &str, memory: &str) -> Vec<Value> {
     vec![
         req("GET", "/", Value::Null),
-        req(
-            "PUT",
-            "/logger",
-            json!({"log_path": vm.join("firecracker.log"), "level": "Info", "show_level": true, "show_log_origin": false}),
-        ),
-        req("PUT", "/metrics", json!({"metrics_path": vm.join("metrics.json")})),
         req(
             "PUT",
             "/snapshot/load",
@@ -126,7 +120,7 @@ async fn suspend_saves_and_ends_the_vmm_and_resume_loads_it_into_a_new_one() {
     let reqs = without_usage(requests(&dir));
     let loaded = &reqs[n + want.len() + failed..];
     let (state_file, memory) = (s(saved.join("vmstate")), s(saved.join("memory")));
-    assert_requests(loaded, &load_requests(&dir, &state_file, &memory));
+    assert_requests(loaded, &load_requests(&state_file, &memory));
     assert!(loaded.iter().all(|r| r["pid"] == new_pid), "all from the new process: {loaded:?}");
     assert_eq!(boot_ids(&console, "METALD_GUEST_RESUMED"), booted, "the same guest runs on");
     // The restored process meters like a booted one (FlushMetrics works).
@@ -202,7 +196,7 @@ async fn snapshot_and_clones_run_the_saved_guest_on_their_own_disks() {
         clone_pids.push(cpid);
         assert_eq!(std::fs::read_link(cdir.join("drive-root")).unwrap(), cdir.join("disk-root.img"));
         let reqs = without_usage(requests(&cdir));
-        assert_requests(&reqs, &load_requests(&cdir, &state_file, &memory));
+        assert_requests(&reqs, &load_requests(&state_file, &memory));
         let console = PathBuf::from(&i.backend_info["console_log"]);
         assert_eq!(boot_ids(&console, "METALD_GUEST_RESUMED"), booted, "{clone} runs the snapshot's guest");
         // The restored microVM has the saved configuration.

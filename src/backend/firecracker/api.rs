@@ -52,31 +52,6 @@ pub struct NetworkInterface {
     pub tx_rate_limiter: Option<RateLimiter>,
 }
 
-/// `PUT /logger` (`Logger`). The log file must exist (Firecracker does not
-/// create it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Logger {
-    pub log_path: String,
-    pub level: LogLevel,
-    pub show_level: bool,
-    pub show_log_origin: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum LogLevel {
-    Error,
-    Warning,
-    Info,
-    Debug,
-}
-
-/// `PUT /metrics` (`Metrics`). The file must exist; every flush appends one
-/// JSON line.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Metrics {
-    pub metrics_path: String,
-}
-
 /// `PUT /actions` (`InstanceActionInfo`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceActionInfo {
@@ -221,7 +196,7 @@ pub fn fault_message(body: &[u8]) -> String {
 
 /// One line of Firecracker's metrics output. Its counters are *increments
 /// since the previous flush*, so totals are the sum over all lines.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetricsLine {
     #[serde(default)]
     pub block: BlockMetrics,
@@ -230,7 +205,7 @@ pub struct MetricsLine {
 }
 
 /// Aggregate of all block devices (`"block"`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockMetrics {
     #[serde(default)]
     pub read_bytes: u64,
@@ -243,7 +218,7 @@ pub struct BlockMetrics {
 }
 
 /// Aggregate of all network devices (`"net"`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetMetrics {
     #[serde(default)]
     pub rx_bytes_count: u64,

@@ -76,6 +76,12 @@ impl FirecrackerSettings {
 }
 
 impl JailerSettings {
+    /// The uid/gid files for the jailed process are given to; `None` when
+    /// it runs as root.
+    pub fn owner(&self) -> Option<(u32, u32)> {
+        (self.uid != 0 || self.gid != 0).then_some((self.uid, self.gid))
+    }
+
     fn read(r: &mut Reader<'_>) -> JailerSettings {
         let d = JailerSettings::default();
         let binary = r.string("JAILER_BINARY", &d.binary);

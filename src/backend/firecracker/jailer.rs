@@ -4,8 +4,8 @@
 //! metald builds the jail directory `<chroot base>/<firecracker file
 //! name>/<vm id>/root` itself before starting the jailer and puts into it
 //! only what this VM uses: the kernel, initrd and disk images (hard links,
-//! or copies when linking fails, e.g. across filesystems), plus empty log
-//! and metrics files. metald never changes the owner or mode of a file it
+//! or copies when linking fails, e.g. across filesystems), plus an empty
+//! log file and the metrics FIFO ([`super::metrics`]). metald never changes the owner or mode of a file it
 //! did not make: files in the VM's own directory (an image VM's writable
 //! disk, a clone's disk copies) and the jail's logs are chowned to the
 //! jail's uid/gid; a writable disk elsewhere (an operator's asset) is
@@ -100,7 +100,7 @@ impl Jail {
                 "network namespace {ns} does not exist (UNKEY_METALD_JAILER_NETNS); create it before the VM"
             )));
         }
-        let owner = (settings.uid != 0 || settings.gid != 0).then_some((settings.uid, settings.gid));
+        let owner = settings.owner();
         let own = own.canonicalize().unwrap_or_else(|_| own.to_path_buf());
         for (src, _, writable) in files {
             if *writable
@@ -353,10 +353,10 @@ mod tests {
         std::fs::write(&kernel, b"k").unwrap();
         let s = JailerSettings { netns: None, uid: 0, gid: 0, ..settings(&tmp.path().join("jail")) };
         let jail = Jail::new(&s, Path::new("/x/firecracker"), &VmId::parse("a").unwrap());
-        jail.prepare(&s, &[(kernel.clone(), "/vmlinux".into(), false)], &["/metrics.json"], tmp.path()).unwrap();
+        jail.prepare(&s, &[(kernel.clone(), "/vmlinux".into(), false)], &["/firecracker.log"], tmp.path()).unwrap();
         let linked = std::fs::metadata(jail.host_path("/vmlinux")).unwrap();
         assert_eq!(linked.ino(), std::fs::metadata(&kernel).unwrap().ino(), "hard link");
-        assert!(jail.host_path("metrics.json").exists());
+        assert!(jail.host_path("firecracker.log").exists());
         let names: Vec<_> = std::fs::read_dir(&jail.root).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 2);
         jail.remove();

@@ -6,20 +6,22 @@
 //!
 //! | operation         | Firecracker API                                           |
 //! |-------------------|-----------------------------------------------------------|
-//! | create            | spawn, `PUT /logger`, `/metrics`, `/machine-config`, `/boot-source`, `/drives/{id}`, `/network-interfaces/{id}`, then `GET /vm/config` and `GET /` |
+//! | create            | spawn (logger and metrics options on the command line), `PUT /machine-config`, `/boot-source`, `/drives/{id}`, `/network-interfaces/{id}`, then `GET /vm/config` and `GET /` |
 //! | boot              | `PUT /actions {"action_type":"InstanceStart"}`            |
 //! | pause, resume     | `PATCH /vm {"state":"Paused"}` / `{"state":"Resumed"}`     |
 //! | reboot            | Firecracker exits when its guest reboots, so: `SendCtrlAltDel` and wait (forced: SIGKILL), then a new process with the same configuration, booted; the VM stays RUNNING with a new pid |
 //! | graceful shutdown | resume if paused, `SendCtrlAltDel`, wait for the exit up to the timeout, then SIGKILL |
 //! | forced shutdown, delete | SIGKILL                                             |
-//! | usage             | `/proc` CPU and RSS, plus block/net counters: `FlushMetrics`, then the new lines of the metrics file |
+//! | usage             | `/proc` CPU and RSS, plus block/net counters: `FlushMetrics`, then the lines waiting in the metrics FIFO (see [`metrics`]) |
 //! | save (paused)     | `GET /vm/config`, `GET /`, `PUT /snapshot/create {"snapshot_type":"Full"}` (see [`snapshot`]) |
-//! | restore           | spawn as at create, `PUT /logger`, `/metrics`, `PUT /snapshot/load {"resume_vm":false, ...}`, `GET /vm/config` (`PATCH /drives/{id}` for a drive on another file), `GET /`; the guest stays paused |
+//! | restore           | spawn as at create, `PUT /snapshot/load {"resume_vm":false, ...}`, `GET /vm/config` (`PATCH /drives/{id}` for a drive on another file), `GET /`; the guest stays paused |
 //!
 //! Files per VM (in the VM dir): `console.log` (Firecracker's stdout: the
 //! guest serial console), `vmm.log` (stderr), `firecracker.args`; and where
 //! Firecracker can reach them (VM dir, or the jail): `firecracker.sock`,
-//! `firecracker.log` (`PUT /logger`), `metrics.json` (`PUT /metrics`).
+//! `firecracker.log` (`--log-path`, level `Warning`), `metrics.fifo`
+//! (`--metrics-path`, a named pipe metald reads: nothing grows), and in the
+//! VM dir `metrics-totals.json` (the block/net totals so far).
 //! Without the jailer, `drive-<id>` links to each disk (Firecracker is given
 //! those names, see [`vmm`]). Network interfaces use the TAP device named in
 //! the spec.
@@ -28,11 +30,11 @@ pub mod api;
 pub mod cgroups;
 pub mod config;
 pub mod jailer;
+pub mod metrics;
 pub mod snapshot;
 pub mod vmm;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -44,7 +46,7 @@ use tracing::{debug, info, warn};
 use self::api::{ActionType, InstanceActionInfo, InstanceInfo, MetricsLine, Vm, VmRunState};
 use self::config::FirecrackerSettings;
 use self::jailer::Jail;
-use self::vmm::{Layout, Load, METRICS_FILE, checked};
+use self::vmm::{Layout, Load, checked};
 use super::kernel::{self, KernelFormat};
 use super::process::{self, ProcessId, Watched, remove_quiet, watch_exit};
 use super::restvmm;
@@ -61,15 +63,6 @@ const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// Firecracker's vCPU limit (`MachineConfiguration.vcpu_count`).
 const MAX_VCPUS: i64 = 32;
 
-/// Block/net totals read so far from one process's metrics file.
-#[derive(Debug, Default)]
-struct MetricsAcc {
-    pid: u32,
-    offset: u64,
-    totals: MetricsLine,
-    last_flush: Option<Instant>,
-}
-
 pub struct FirecrackerBackend {
     settings: FirecrackerSettings,
     binary: PathBuf,
@@ -79,10 +72,10 @@ pub struct FirecrackerBackend {
     cpu_model: String,
     exits: ExitSink,
     stop: CancellationToken,
-    metrics: Arc<Mutex<HashMap<VmId, MetricsAcc>>>,
+    metrics: Arc<Mutex<HashMap<VmId, metrics::Acc>>>,
 }
 
-fn lock(m: &Mutex<HashMap<VmId, MetricsAcc>>) -> std::sync::MutexGuard<'_, HashMap<VmId, MetricsAcc>> {
+fn lock(m: &Mutex<HashMap<VmId, metrics::Acc>>) -> std::sync::MutexGuard<'_, HashMap<VmId, metrics::Acc>> {
     // Only counters live here; a poisoned map is still usable.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -196,12 +189,12 @@ impl FirecrackerBackend {
     ) -> Result<(Runtime, InstanceInfo)> {
         let started = vmm::start(&self.settings, &self.binary, self.jailer.as_deref(), vm, layout, load).await?;
         let pid = started.pid;
-        lock(&self.metrics).insert(vm.id.clone(), MetricsAcc { pid: pid.pid, ..MetricsAcc::default() });
+        lock(&self.metrics).insert(vm.id.clone(), metrics::Acc::resume(&layout.dir.join(metrics::TOTALS_FILE), pid));
         let info = started.watch(vm.id, &self.exits, &self.stop);
         let mut extra = BTreeMap::new();
         extra.insert("firecracker_version".into(), info.vmm_version.clone());
         extra.insert("vmm_log".into(), layout.vmm_log.display().to_string());
-        extra.insert("metrics_file".into(), layout.host_file(METRICS_FILE).display().to_string());
+        extra.insert("metrics_fifo".into(), layout.host_file(metrics::FIFO).display().to_string());
         if let Some(j) = &layout.jail {
             extra.insert("jail_root".into(), j.root.display().to_string());
         }
@@ -243,48 +236,35 @@ impl FirecrackerBackend {
         restvmm::stop(vm.id, pid, grace, "send Ctrl+Alt+Del", ask, pid.kill()).await
     }
 
-    /// Reads the metrics lines written since the last read.
-    fn read_metrics(path: &Path, acc: &mut MetricsAcc) -> std::io::Result<()> {
-        let mut f = std::fs::File::open(path)?;
-        f.seek(SeekFrom::Start(acc.offset))?;
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf)?;
-        let Some(end) = buf.iter().rposition(|b| *b == b'\n') else { return Ok(()) };
-        for line in buf[..end].split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            match serde_json::from_slice::<MetricsLine>(line) {
-                Ok(m) => acc.totals.add(&m),
-                Err(e) => debug!(error = %e, "unparsable Firecracker metrics line"),
-            }
-        }
-        acc.offset += u64::try_from(end + 1).unwrap_or(0);
-        Ok(())
-    }
-
+    /// The block/net totals of the VM's Firecracker: `FlushMetrics` (at
+    /// most every [`FLUSH_INTERVAL`]), then the lines in its metrics FIFO
+    /// (see [`metrics`]).
     async fn device_counters(
         &self,
         vm: &VmContext<'_>,
         layout: &Layout,
         rt: &Runtime,
-        pid: u32,
+        pid: ProcessId,
     ) -> Result<MetricsLine> {
+        let totals_file = layout.dir.join(metrics::TOTALS_FILE);
         let flush = {
             let mut m = lock(&self.metrics);
             let acc = m.entry(vm.id.clone()).or_default();
-            if acc.pid != pid {
-                *acc = MetricsAcc { pid, ..MetricsAcc::default() };
+            if acc.pid != Some(pid) {
+                *acc = metrics::Acc::resume(&totals_file, pid);
             }
             acc.last_flush.is_none_or(|t| t.elapsed() >= FLUSH_INTERVAL)
         };
         if flush {
             self.action(layout, rt, ActionType::FlushMetrics).await?;
         }
-        let path = layout.host_file(METRICS_FILE);
+        let fifo = layout.host_file(metrics::FIFO);
         let mut m = lock(&self.metrics);
         let acc = m.entry(vm.id.clone()).or_default();
         if flush {
             acc.last_flush = Some(Instant::now());
         }
-        Self::read_metrics(&path, acc).map_err(|e| BackendError::io(format!("reading {}", path.display()), e))?;
+        acc.read(&fifo, &totals_file).map_err(|e| BackendError::io(format!("reading {}", fifo.display()), e))?;
         Ok(acc.totals)
     }
 }
@@ -422,7 +402,7 @@ impl Backend for FirecrackerBackend {
         let (pid, mut usage) = process::vmm_usage(vm.id, rt, "Firecracker")?;
         // Not booted: no devices run, and Firecracker refuses FlushMetrics.
         if rt.booted_at.is_some() && !(vm.spec.storage.is_empty() && vm.spec.network.is_empty()) {
-            let m = self.device_counters(vm, &self.layout(vm), rt, pid.pid).await?;
+            let m = self.device_counters(vm, &self.layout(vm), rt, pid).await?;
             usage.disk_read_bytes = m.block.read_bytes;
             usage.disk_write_bytes = m.block.write_bytes;
             usage.disk_read_ops = m.block.read_count;
@@ -529,19 +509,5 @@ mod tests {
                 .to_string()
                 .starts_with("config.network[0].tap_device")
         );
-    }
-
-    #[test]
-    fn metrics_are_summed_incrementally() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("m.json");
-        std::fs::write(&p, "{\"block\":{\"read_bytes\":3}}\n{\"block\":{\"read_bytes\":4}}\n{\"block\":").unwrap();
-        let mut acc = MetricsAcc::default();
-        FirecrackerBackend::read_metrics(&p, &mut acc).unwrap();
-        assert_eq!(acc.totals.block.read_bytes, 7);
-        let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
-        std::io::Write::write_all(&mut f, b"{\"read_bytes\":10}}\n").unwrap();
-        FirecrackerBackend::read_metrics(&p, &mut acc).unwrap();
-        assert_eq!(acc.totals.block.read_bytes, 17, "the partial line is read once complete");
     }
 }

@@ -21,8 +21,7 @@
 //!
 //! **Restore**: a fresh process, started exactly as at create (jailer,
 //! cgroups, drive links: see [`super::vmm`]), loads the save instead of
-//! being configured ([`super::vmm::Load`]): `PUT /logger`, `PUT /metrics`
-//! (the only calls allowed before a load), `PUT /snapshot/load` with
+//! being configured ([`super::vmm::Load`]): `PUT /snapshot/load` with
 //! `resume_vm: false` and the memory as a `File` backend, then
 //! `GET /vm/config` (a `PATCH /drives/{id}` only for a drive whose file is
 //! not this VM's) and `GET /`; the guest stays paused until the core

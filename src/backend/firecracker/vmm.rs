@@ -24,12 +24,12 @@ use std::time::Duration;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::api::{
-    BootSource, Drive, FullVmConfiguration, InstanceInfo, LogLevel, Logger, MachineConfiguration, MemoryBackend,
-    MemoryBackendType, Metrics, NetworkInterface, NetworkOverride, PartialDrive, RateLimiter, SnapshotLoadParams,
-    fault_message,
+    BootSource, Drive, FullVmConfiguration, InstanceInfo, MachineConfiguration, MemoryBackend, MemoryBackendType,
+    NetworkInterface, NetworkOverride, PartialDrive, RateLimiter, SnapshotLoadParams, fault_message,
 };
 use super::config::FirecrackerSettings;
 use super::jailer::{JAILED_SOCKET, Jail};
+use super::metrics;
 use crate::backend::process::ProcessId;
 use crate::backend::restvmm::{self, Launch, Output, Running};
 use crate::backend::uds_http::{ApiError, UdsClient};
@@ -43,7 +43,9 @@ const REQUIRED_ARGS: [(&str, &str); 3] =
     [("console=", "console=ttyS0"), ("reboot=", "reboot=k"), ("panic=", "panic=1")];
 
 pub const LOG_FILE: &str = "firecracker.log";
-pub const METRICS_FILE: &str = "metrics.json";
+/// Firecracker's own log level: warnings and errors only (at `Info` it
+/// writes two lines for every API request, i.e. every metrics flush).
+const LOG_LEVEL: &str = "Warning";
 
 /// Where a VM's Firecracker files are, on the host and as the VMM sees them.
 #[derive(Debug, Clone)]
@@ -112,8 +114,9 @@ pub fn drive_name(id: &str) -> String {
 /// The pre-boot requests for one VM, in the order they are sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
-    pub logger: Logger,
-    pub metrics: Metrics,
+    /// Firecracker's logger and metrics options, on its command line (so
+    /// nothing it logs before an API call lands in the console).
+    pub log_args: Vec<String>,
     pub machine: MachineConfiguration,
     pub boot: BootSource,
     pub drives: Vec<Drive>,
@@ -173,13 +176,15 @@ impl Plan {
             })
             .collect();
         Plan {
-            logger: Logger {
-                log_path: layout.api_path(&layout.host_file(LOG_FILE), LOG_FILE),
-                level: LogLevel::Info,
-                show_level: true,
-                show_log_origin: false,
-            },
-            metrics: Metrics { metrics_path: layout.api_path(&layout.host_file(METRICS_FILE), METRICS_FILE) },
+            log_args: vec![
+                "--log-path".into(),
+                layout.api_path(&layout.host_file(LOG_FILE), LOG_FILE),
+                "--level".into(),
+                LOG_LEVEL.into(),
+                "--show-level".into(),
+                "--metrics-path".into(),
+                layout.api_path(&layout.host_file(metrics::FIFO), metrics::FIFO),
+            ],
             machine: MachineConfiguration {
                 vcpu_count: spec.vcpus(),
                 mem_size_mib: spec.memory_bytes() >> 20,
@@ -271,21 +276,21 @@ pub async fn start(
             network_overrides: l.network_overrides.clone(),
         }
     });
-    let (program, args): (&Path, Vec<OsString>) = match (&layout.jail, settings.jailer.as_ref(), jailer) {
+    let (program, mut args): (&Path, Vec<OsString>) = match (&layout.jail, settings.jailer.as_ref(), jailer) {
         (Some(jail), Some(js), Some(jailer)) => {
-            jail.prepare(js, &files, &[LOG_FILE, METRICS_FILE], &vm.dir)?;
+            // The jail's root is root's: Firecracker (as the jail's uid) cannot create its log there.
+            jail.prepare(js, &files, &[LOG_FILE], &vm.dir)?;
+            metrics::make_fifo(&layout.host_file(metrics::FIFO), js.owner())?;
             (jailer, jail.args(js, binary, vm.spec))
         }
         _ => {
-            for f in [LOG_FILE, METRICS_FILE] {
-                let p = layout.host_file(f);
-                std::fs::File::create(&p).map_err(|e| BackendError::io(format!("creating {}", p.display()), e))?;
-            }
+            metrics::make_fifo(&layout.host_file(metrics::FIFO), None)?;
             link_drives(&layout.dir, &plan.drive_links)?;
             let args = vec!["--api-sock".into(), layout.socket.clone().into(), "--id".into(), vm.id.as_str().into()];
             (binary, args)
         }
     };
+    args.extend(plan.log_args.iter().map(OsString::from));
     let printable: Vec<String> = std::iter::once(program.display().to_string())
         .chain(args.iter().map(|a| a.to_string_lossy().into_owned()))
         .collect();
@@ -358,9 +363,8 @@ fn link_drives(dir: &Path, links: &[(PathBuf, String)]) -> Result<()> {
     Ok(())
 }
 
-/// Loads a snapshot into a fresh Firecracker: the logger and metrics (the
-/// only configuration allowed before a load, and not part of a snapshot),
-/// `PUT /snapshot/load`, then `GET /vm/config` and a `PATCH /drives/{id}`
+/// Loads a snapshot into a fresh Firecracker (its logger and metrics are on
+/// its command line, not part of a snapshot): `PUT /snapshot/load`, then `GET /vm/config` and a `PATCH /drives/{id}`
 /// for each drive whose file is not the one this VM's plan names (a
 /// snapshot of a process that was given other paths), and `GET /`.
 async fn load_snapshot(
@@ -369,8 +373,6 @@ async fn load_snapshot(
     params: &SnapshotLoadParams,
     timeout: Duration,
 ) -> std::result::Result<InstanceInfo, ApiError> {
-    client.put("/logger", &plan.logger).await?;
-    client.put("/metrics", &plan.metrics).await?;
     client.with_timeout(timeout).put("/snapshot/load", params).await?;
     let restored: FullVmConfiguration = client.get("/vm/config").await?;
     for d in &plan.drives {
@@ -385,8 +387,6 @@ async fn load_snapshot(
 
 /// Sends the plan, then reads back `GET /vm/config` and `GET /`.
 async fn configure(client: &UdsClient, plan: &Plan) -> std::result::Result<InstanceInfo, ApiError> {
-    client.put("/logger", &plan.logger).await?;
-    client.put("/metrics", &plan.metrics).await?;
     client.put("/machine-config", &plan.machine).await?;
     client.put("/boot-source", &plan.boot).await?;
     for d in &plan.drives {
