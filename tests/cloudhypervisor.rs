@@ -15,7 +15,6 @@ mod support;
 #[path = "cloudhypervisor/saves.rs"]
 mod saves;
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use connectrpc::ErrorCode;

@@ -579,7 +579,7 @@ fn main() {
         boot: None,
         drives: Vec::new(),
         nics: Vec::new(),
-        logger: log_path.is_some().then(|| Value::Object(logger)),
+        logger: log_path.is_some().then_some(Value::Object(logger)),
         metrics: metrics_path.as_deref().map(host_path),
         metrics_out,
         configured: false,
