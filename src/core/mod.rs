@@ -24,6 +24,7 @@
 mod clone;
 mod create;
 mod image;
+mod logs;
 mod net;
 mod reads;
 mod reconcile;
@@ -31,6 +32,9 @@ mod recover_saves;
 mod snapshot;
 
 pub use image::{ImageHandle, ImageSource, StaticImages, WRITABLE_DISK, workload_exit};
+pub use logs::{
+    ConsoleQuery, DEFAULT_VM_LOG_MAX_BYTES, MAX_VM_LOG_MAX_BYTES, MIN_VM_LOG_MAX_BYTES, ROTATE_INTERVAL, rotation_task,
+};
 pub use net::{HostNet, NetHandle, RecordingNet, TapCounters, add_tap_counters, managed_taps};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -69,6 +73,9 @@ pub struct ManagerConfig {
     /// Bytes all saved guests (suspended VMs, snapshots) may take
     /// (`UNKEY_METALD_SNAPSHOT_MAX_GB`).
     pub snapshot_max_bytes: u64,
+    /// Cap of each log file a VM's hypervisor writes
+    /// (`UNKEY_METALD_VM_LOG_MAX_BYTES`, see [`logs`]).
+    pub vm_log_max_bytes: u64,
 }
 
 /// What caused a [`VmEvent`].
