@@ -75,7 +75,8 @@ impl Manager {
             .runtime()
             .and_then(|rt| rt.console_log.clone())
             .unwrap_or_else(|| self.vm_dir(&slot.id).join("console.log"));
-        let reader = ConsoleReader { manager: self.clone(), slot, path, q, parts: None, offset: 0, done: false };
+        let reader =
+            ConsoleReader { manager: self.clone(), slot, path, q, parts: None, pos: Pos::default(), done: false };
         Ok(futures::stream::unfold(reader, |mut r| async move {
             let next = r.next().await;
             next.map(|item| (item, r))
@@ -112,8 +113,8 @@ struct ConsoleReader {
     q: ConsoleQuery,
     /// History still to send (`None`: not looked at yet).
     parts: Option<Vec<Part>>,
-    /// Following: how far into the current file has been sent.
-    offset: u64,
+    /// Following: how far has been sent.
+    pos: Pos,
     done: bool,
 }
 
@@ -145,10 +146,11 @@ impl ConsoleReader {
             match blocking(move || logs::history(&path, max).map_err(|e| io_error("reading", &path, e))).await {
                 Ok(parts) => {
                     // Following goes on from the end of the current file as it was.
-                    self.offset = parts
+                    let offset = parts
                         .iter()
                         .find(|p| p.path == self.path)
                         .map_or_else(|| logs::live_range(&self.path).map_or(0, |(_, end)| end), |p| p.end);
+                    self.pos = Pos { rotated: false, offset, seen: rotated_inode(&self.path) };
                     self.parts = Some(parts);
                 }
                 Err(e) => return Some(Err(e)),
@@ -189,11 +191,11 @@ impl ConsoleReader {
     /// Waits for new output; `None` once the VM is deleted.
     async fn follow(&mut self) -> Option<Result<Vec<u8>, Error>> {
         loop {
-            let (path, offset) = (self.path.clone(), self.offset);
-            let found = blocking(move || new_output(&path, offset)).await;
+            let (path, pos) = (self.path.clone(), self.pos);
+            let found = blocking(move || new_output(&path, pos)).await;
             match found {
-                Ok(Some((chunk, offset))) => {
-                    self.offset = offset;
+                Ok(Some((chunk, pos))) => {
+                    self.pos = pos;
                     if !chunk.is_empty() {
                         return Some(Ok(chunk));
                     }
@@ -210,35 +212,59 @@ impl ConsoleReader {
     }
 }
 
-/// Output of the log at `path` after `offset`: a chunk and the offset after
-/// it, or `None` when there is none yet. A file shorter than `offset` was
-/// rotated: what was written after `offset` before the rotation is at the
-/// same place in `.1` (the copy starts at 0 for a log written to append),
-/// then the file goes on from its start.
-fn new_output(path: &Path, offset: u64) -> Result<Option<(Vec<u8>, u64)>, Error> {
+/// Where a following stream is: `offset` into the current file, or into
+/// its rotated part while it reads what a rotation moved there; `seen`:
+/// the rotated part it knows (its inode, 0 for none; each rotation makes a
+/// new one).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Pos {
+    rotated: bool,
+    offset: u64,
+    seen: u64,
+}
+
+/// The inode of `path`'s rotated part (0 when there is none).
+fn rotated_inode(path: &Path) -> u64 {
+    std::fs::metadata(logs::rotated_path(path)).map_or(0, |m| std::os::unix::fs::MetadataExt::ino(&m))
+}
+
+/// Output of the log at `path` after `pos`: a chunk (possibly empty) and
+/// the position after it, or `None` when there is none yet. When the log
+/// was rotated (a new `.1`, or the file is shorter than the offset), what
+/// was written after the offset before the rotation is at the same place
+/// in `.1` (copied from 0: the console is a log written to append), read
+/// from there before the current file from its start. (Two rotations
+/// between two looks lose the first one's part.)
+fn new_output(path: &Path, pos: Pos) -> Result<Option<(Vec<u8>, Pos)>, Error> {
+    let read =
+        |p: &Path, start: u64, end: u64| logs::read_range(p, start, end, CHUNK).map_err(|e| io_error("reading", p, e));
+    if pos.rotated {
+        let rotated = logs::rotated_path(path);
+        let chunk = match logs::live_range(&rotated) {
+            Ok((_, end)) if end > pos.offset => read(&rotated, pos.offset, end)?,
+            _ => Vec::new(),
+        };
+        let next = match chunk.len() {
+            0 => Pos { rotated: false, offset: 0, seen: pos.seen },
+            n => Pos { rotated: true, offset: pos.offset + n as u64, seen: pos.seen },
+        };
+        return Ok(Some((chunk, next)));
+    }
     let (start, end) = match logs::live_range(path) {
         Ok(r) => r,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_error("reading", path, e)),
     };
-    if end < offset {
-        let rotated = logs::rotated_path(path);
-        let missed = match logs::live_range(&rotated) {
-            Ok((_, rend)) if rend > offset => {
-                logs::read_range(&rotated, offset, rend, CHUNK).map_err(|e| io_error("reading", &rotated, e))?
-            }
-            _ => Vec::new(),
-        };
-        // The missed part first (when larger than a chunk, the rest is
-        // dropped: the stream says nothing it did not read).
-        return Ok(Some((missed, 0)));
+    let seen = rotated_inode(path);
+    if seen != pos.seen || end < pos.offset {
+        return Ok(Some((Vec::new(), Pos { rotated: true, offset: pos.offset, seen })));
     }
-    if end == offset {
+    if end == pos.offset {
         return Ok(None);
     }
-    let from = offset.max(start);
-    let chunk = logs::read_range(path, from, end, CHUNK).map_err(|e| io_error("reading", path, e))?;
-    let next = from + chunk.len() as u64;
+    let from = pos.offset.max(start);
+    let chunk = read(path, from, end)?;
+    let next = Pos { rotated: false, offset: from + chunk.len() as u64, seen };
     Ok(Some((chunk, next)))
 }
 
@@ -258,16 +284,35 @@ mod tests {
     fn new_output_follows_a_log_across_its_rotation() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("console.log");
-        assert_eq!(new_output(&path, 0).unwrap(), None, "no file yet");
+        let at = |offset| Pos { rotated: false, offset, seen: 0 };
+        assert_eq!(new_output(&path, at(0)).unwrap(), None, "no file yet");
         append(&path, b"hello");
-        assert_eq!(new_output(&path, 0).unwrap(), Some((b"hello".to_vec(), 5)));
-        assert_eq!(new_output(&path, 5).unwrap(), None);
-        append(&path, b" world");
+        assert_eq!(new_output(&path, at(0)).unwrap(), Some((b"hello".to_vec(), at(5))));
+        assert_eq!(new_output(&path, at(5)).unwrap(), None);
+        // More than a chunk after offset 5, then a rotation, then more than
+        // the offset again in the new file.
+        let big = vec![b'x'; CHUNK + 10];
+        append(&path, &big);
         let log = logs::LogFile::appended(path.clone());
         assert!(logs::rotate(&log, 8).unwrap());
-        append(&path, b"next");
-        // The bytes after offset 5 that the rotation moved, then the new file.
-        assert_eq!(new_output(&path, 5).unwrap(), Some((b" world".to_vec(), 0)));
-        assert_eq!(new_output(&path, 0).unwrap(), Some((b"next".to_vec(), 4)));
+        append(&path, b"next-and-more");
+        let seen = rotated_inode(&path);
+        assert_ne!(seen, 0);
+        // A reader at offset 5 from before the rotation gets the bytes after
+        // it that the rotation moved, chunk by chunk, then the new file from
+        // its start.
+        let mut pos = at(5);
+        let at = |offset| Pos { rotated: false, offset, seen };
+        let mut moved = Vec::new();
+        loop {
+            let (chunk, next) = new_output(&path, pos).unwrap().unwrap();
+            moved.extend(chunk);
+            pos = next;
+            if pos == at(0) {
+                break;
+            }
+        }
+        assert_eq!(moved, big);
+        assert_eq!(new_output(&path, at(0)).unwrap(), Some((b"next-and-more".to_vec(), at(13))));
     }
 }
