@@ -5,7 +5,7 @@ use connectrpc::{ConnectError, RequestContext, ServiceRequest, ServiceStream};
 use futures::StreamExt;
 
 use super::{Handlers, call_span, to_connect, vm_id};
-use crate::core::ConsoleQuery;
+use crate::core::logs::ConsoleQuery;
 use crate::error::Error;
 use crate::model::Operation;
 use crate::pb::vmprovisioner::v1 as pb;

@@ -24,7 +24,7 @@
 mod clone;
 mod create;
 mod image;
-mod logs;
+pub mod logs;
 mod net;
 mod reads;
 mod reconcile;
@@ -32,9 +32,6 @@ mod recover_saves;
 mod snapshot;
 
 pub use image::{ImageHandle, ImageSource, StaticImages, WRITABLE_DISK, workload_exit};
-pub use logs::{
-    ConsoleQuery, DEFAULT_VM_LOG_MAX_BYTES, MAX_VM_LOG_MAX_BYTES, MIN_VM_LOG_MAX_BYTES, ROTATE_INTERVAL, rotation_task,
-};
 pub use net::{HostNet, NetHandle, RecordingNet, TapCounters, add_tap_counters, managed_taps};
 
 use std::collections::{BTreeMap, HashMap, HashSet};

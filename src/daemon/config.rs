@@ -116,9 +116,9 @@ impl Config {
         let snapshot_max_bytes = r.range("SNAPSHOT_MAX_GB", 100u64, 1, 1 << 20) << 30;
         let vm_log_max_bytes = r.range(
             "VM_LOG_MAX_BYTES",
-            crate::core::DEFAULT_VM_LOG_MAX_BYTES,
-            crate::core::MIN_VM_LOG_MAX_BYTES,
-            crate::core::MAX_VM_LOG_MAX_BYTES,
+            crate::core::logs::DEFAULT_VM_LOG_MAX_BYTES,
+            crate::core::logs::MIN_VM_LOG_MAX_BYTES,
+            crate::core::logs::MAX_VM_LOG_MAX_BYTES,
         );
         let auth_tokens_file = r.raw("AUTH_TOKENS_FILE").map(PathBuf::from);
         let auth_dev_tokens = r.bool("AUTH_DEV_TOKENS", false);

@@ -321,7 +321,7 @@ pub async fn start(cfg: Config) -> Result<Daemon, StartError> {
         false => None,
     };
     let billing = billing_tasks.as_ref().map(|b| b.status());
-    tokio::spawn(crate::core::rotation_task(manager.clone(), shutdown.child_token()));
+    tokio::spawn(crate::core::logs::rotation_task(manager.clone(), shutdown.child_token()));
     if let Some(images) = &images {
         tokio::spawn(images::gc_task(images.clone(), manager.clone(), cfg.guest.gc_interval, shutdown.child_token()));
     }
