@@ -35,13 +35,31 @@ pub fn vm_client(
     protocol: WireProtocol,
     timeout: Duration,
 ) -> Result<VmClient, ConnectError> {
+    client(endpoint, token, protocol, Some(timeout))
+}
+
+/// [`vm_client`] without a default deadline, for calls that last as long
+/// as the caller wants (a followed `StreamConsole`).
+pub fn vm_stream_client(endpoint: &str, token: &str, protocol: WireProtocol) -> Result<VmClient, ConnectError> {
+    client(endpoint, token, protocol, None)
+}
+
+fn client(
+    endpoint: &str,
+    token: &str,
+    protocol: WireProtocol,
+    timeout: Option<Duration>,
+) -> Result<VmClient, ConnectError> {
     let uri: http::Uri =
         endpoint.parse().map_err(|e| ConnectError::invalid_argument(format!("endpoint {endpoint:?}: {e}")))?;
     let transport = match protocol {
         WireProtocol::Grpc => HttpClient::plaintext_http2_only(),
         _ => HttpClient::plaintext(),
     };
-    let mut config = ClientConfig::new(uri).with_default_timeout(timeout);
+    let mut config = ClientConfig::new(uri);
+    if let Some(t) = timeout {
+        config = config.with_default_timeout(t);
+    }
     if !token.is_empty() {
         config = config.with_default_header("authorization", format!("Bearer {token}"));
     }

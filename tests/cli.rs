@@ -92,3 +92,63 @@ async fn metaldctl_drives_the_whole_lifecycle() {
     assert_eq!(unauth.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&unauth.stderr).contains("unauthenticated"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metaldctl_console_prints_raw_bytes_and_follows_until_ctrl_c() {
+    use std::io::Read;
+    let t = start(&[]).await;
+    let ep = t.endpoint();
+    let kernel = t.kernel();
+    let log = tokio::task::spawn_blocking({
+        let ep = ep.clone();
+        move || {
+            ok(&ctl(&ep, &["create", "--id", "cli-c", "--kernel", &kernel]));
+            ok(&ctl(&ep, &["boot", "cli-c"]));
+            let info: serde_json::Value = serde_json::from_str(&ok(&ctl(&ep, &["info", "cli-c", "--json"]))).unwrap();
+            std::path::PathBuf::from(info["backendInfo"]["console_log"].as_str().unwrap())
+        }
+    })
+    .await
+    .unwrap();
+    // Bytes that are not UTF-8 come out as they are.
+    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    std::io::Write::write_all(&mut f, b"\xff\xfe raw\n").unwrap();
+    let on_disk = std::fs::read(&log).unwrap();
+
+    let (history, tail, missing, followed, status) = tokio::task::spawn_blocking(move || {
+        let history = ctl(&ep, &["console", "cli-c"]);
+        let tail = ctl(&ep, &["console", "cli-c", "--tail", "6"]);
+        let missing = ctl(&ep, &["console", "nope"]);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_metaldctl"))
+            .env("METALD_ENDPOINT", &ep)
+            .env("METALD_TOKEN", TOKEN_A)
+            .args(["console", "cli-c", "--follow"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut followed = Vec::new();
+        let mut buf = [0u8; 4096];
+        std::io::Write::write_all(&mut f, b"followed line\n").unwrap();
+        while !String::from_utf8_lossy(&followed).contains("followed line\n") {
+            let n = stdout.read(&mut buf).unwrap();
+            assert!(n > 0, "metaldctl ended early: {}", String::from_utf8_lossy(&followed));
+            followed.extend_from_slice(&buf[..n]);
+        }
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+        let status = child.wait().unwrap();
+        (history, tail, missing, followed, status)
+    })
+    .await
+    .unwrap();
+    assert!(history.status.success(), "{}", String::from_utf8_lossy(&history.stderr));
+    assert_eq!(history.stdout, on_disk);
+    assert_eq!(tail.stdout, b"\xfe raw\n");
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("not_found"));
+    let mut want = on_disk.clone();
+    want.extend(b"followed line\n");
+    assert_eq!(followed, want);
+    assert!(status.success(), "Ctrl-C ends it cleanly: {status:?}");
+}

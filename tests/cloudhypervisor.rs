@@ -87,7 +87,8 @@ async fn full_lifecycle_sends_the_documented_requests() {
         "disks": [{"path": canon(t.assets().join("rootfs.ext4")), "readonly": true, "id": "root"}],
         "net": [{"tap": "tap-c0", "mac": "02:00:00:00:00:02", "id": "eth0",
                  "rate_limiter_config": {"bandwidth": {"size": 2_000_000, "refill_time": 1000}}}],
-        "serial": {"mode": "File", "file": console},
+        // The serial console is the process's stdout, metald's console.log.
+        "serial": {"mode": "Tty"},
         // The virtio console carries a clone's new generation.
         "console": {"mode": "Pty"}
     });

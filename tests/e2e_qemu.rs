@@ -500,3 +500,32 @@ async fn a_frozen_qemu_during_pause_ends_with_the_guests_state() {
     console.wait_tick_after(ticks, BOOT_TIMEOUT).await;
     vm.delete_force().await;
 }
+
+/// `StreamConsole` with follow from before the boot: the real guest's
+/// serial console arrives over the API (the boot marker and then a tick),
+/// and the stream ends when the VM is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_streams_a_real_guests_boot() {
+    let env = Env::start().await;
+    let c = env.client();
+    let vm = Vm::create(&c, "console", config("vmlinux", "quiet")).await;
+    let req = pb::StreamConsoleRequest { vm_id: vm.id.clone(), follow: true, ..Default::default() };
+    let mut stream = c.stream_console(req).await.unwrap();
+    vm.boot().await;
+    let mut seen = Vec::new();
+    let has = |seen: &[u8], marker: &str| String::from_utf8_lossy(seen).contains(marker);
+    while !(has(&seen, "METALD_GUEST_READY") && has(&seen, "METALD_TICK ")) {
+        let m = tokio::time::timeout(BOOT_TIMEOUT, stream.message()).await.expect("console output").unwrap();
+        seen.extend_from_slice(m.expect("the stream goes on while the VM exists").data());
+    }
+    let on_disk = std::fs::read(vm.console().await.0).unwrap();
+    assert!(on_disk.starts_with(&seen), "the stream is the console log, in order");
+    vm.delete_force().await;
+    loop {
+        match tokio::time::timeout(BOOT_TIMEOUT, stream.message()).await.expect("the stream ends") {
+            Ok(None) => break,
+            Ok(Some(_)) => {}
+            Err(e) => panic!("the stream ends cleanly, not with {e:?}"),
+        }
+    }
+}

@@ -186,6 +186,7 @@ async fn open(dir: &Path) -> Harness {
     let mgr = Manager::open(
         ManagerConfig {
             snapshot_max_bytes: 1 << 40,
+            vm_log_max_bytes: metald::core::logs::DEFAULT_VM_LOG_MAX_BYTES,
             data_dir: dir.to_path_buf(),
             limits: Limits { max_vcpus: 4, max_memory_mb: 512, asset_dirs: vec![assets.clone()] },
             max_vms: 100,

@@ -5,6 +5,7 @@
 //! leave through [`to_connect`], the one mapping from core codes to RPC codes.
 
 pub mod auth;
+mod console;
 pub mod convert;
 mod snapshots;
 
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use connectrpc::{ConnectError, ErrorCode, RequestContext, Response, ServiceRequest, ServiceResult};
+use connectrpc::{ConnectError, ErrorCode, RequestContext, Response, ServiceRequest, ServiceResult, ServiceStream};
 use tracing::{Instrument, error, info_span};
 
 use crate::core::{DEFAULT_SHUTDOWN_TIMEOUT, ListQuery, MAX_SHUTDOWN_TIMEOUT, Manager};
@@ -203,7 +204,8 @@ named_vm!(
     RebootVmRequestView,
     GetVmInfoRequestView,
     SuspendVmRequestView,
-    SnapshotVmRequestView
+    SnapshotVmRequestView,
+    StreamConsoleRequestView
 );
 
 macro_rules! no_named_vm {
@@ -261,6 +263,23 @@ impl pb::VmService for VmApi {
         snapshot_vm(SnapshotVmRequest) -> SnapshotVmResponse as Snapshot;
         list_snapshots(ListSnapshotsRequest) -> ListSnapshotsResponse as Snapshots;
         delete_snapshot(DeleteSnapshotRequest) -> DeleteSnapshotResponse as DeleteSnapshot;
+    }
+
+    /// A server stream: observed until it ends (see
+    /// [`RpcTelemetry::observe_stream`]).
+    async fn stream_console(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::StreamConsoleRequest>,
+    ) -> ServiceResult<ServiceStream<pb::StreamConsoleResponse>> {
+        let vm_id = request.view().named_vm().to_owned();
+        let handlers = Handlers(self);
+        let call = std::pin::pin!(handlers.stream_console(&ctx, request));
+        let stream = match &self.telemetry {
+            Some(t) => t.observe_stream(&ctx, Operation::Console, &vm_id, call).await?,
+            None => call.await?,
+        };
+        Ok(Response::new(stream))
     }
 }
 

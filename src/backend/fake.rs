@@ -19,6 +19,7 @@ use super::{
     StopMode, Usage, UsageTarget, VmContext,
 };
 use crate::model::{ValidSpec, VmId};
+use crate::util::logs::LogFile;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum FakeState {
@@ -455,6 +456,11 @@ impl Backend for FakeBackend {
     async fn reap(&self, vm: &VmContext<'_>, _rt: &Runtime) -> Result<()> {
         lock(&self.shared).vms.remove(vm.id);
         Ok(())
+    }
+
+    /// The console log it writes (opened to append, as QEMU's is).
+    fn log_files(&self, vm: &VmContext<'_>) -> Vec<LogFile> {
+        vec![LogFile::appended(vm.dir.join("console.log"))]
     }
 
     fn compat(&self, spec: &ValidSpec) -> BTreeMap<String, String> {

@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 
 use crate::model::{BackendKind, Runtime, StopMode, Usage};
 use crate::model::{ValidSpec, VmId};
+use crate::util::logs::LogFile;
 
 /// What a backend gets to know about the VM it acts on.
 #[derive(Debug, Clone)]
@@ -257,6 +258,12 @@ pub trait Backend: Send + Sync + 'static {
     /// save and refuses a restore (`FailedPrecondition`, naming what
     /// differs) when the values now differ.
     fn compat(&self, spec: &ValidSpec) -> BTreeMap<String, String>;
+
+    /// The log files the VM's hypervisor writes (in its directory or jail),
+    /// each with how it is opened: metald keeps them bounded
+    /// ([`crate::util::logs`]). Every file that grows with the VM's life,
+    /// except metrics files (Firecracker's).
+    fn log_files(&self, vm: &VmContext<'_>) -> Vec<LogFile>;
 
     /// Saves the paused guest's memory and device state into `dir` (an
     /// empty directory the core made and syncs); the VMM goes on with the

@@ -151,6 +151,9 @@ mod tests {
         fn kind(&self) -> BackendKind {
             BackendKind::Fake
         }
+        fn log_files(&self, _: &VmContext<'_>) -> Vec<crate::util::logs::LogFile> {
+            Vec::new()
+        }
         async fn create(&self, _: &VmContext<'_>) -> crate::backend::Result<Runtime> {
             Err(BackendError::unsupported("test"))
         }

@@ -17,7 +17,8 @@
 //! sparse `memory-ranges` of the guest's size; `vm.restore` only in a VMM
 //! without a VM: it reads `config.json` (validated like `vm.create`: its
 //! disks and kernel must exist), `state.json` and `memory-ranges`,
-//! recreates the serial file and leaves the VM paused. `vm.boot` writes
+//! recreates the serial file (`File` mode; `Tty` writes to stdout) and
+//! leaves the VM paused. `vm.boot` writes
 //! `METALD_GUEST_BOOT boot=<id>` (a new id) to the serial file; the first
 //! resume of a restored VM writes `METALD_GUEST_RESUMED boot=<id>` with the
 //! saved one, so a test sees which guest runs. A `Pty` virtio console gets a
@@ -235,9 +236,15 @@ fn validate_config(c: &Value) -> Result<(), String> {
 }
 
 impl CloudHypervisor {
+    /// Where the serial console goes: its file, or for `Tty` stdout (opened
+    /// again through `/proc`, appending as the file metald gave is).
     fn serial_file(&self) -> Option<PathBuf> {
         let (_, c) = self.vm.as_ref()?;
-        (c["serial"]["mode"] == "File").then(|| PathBuf::from(c["serial"]["file"].as_str().unwrap_or_default()))
+        match c["serial"]["mode"].as_str() {
+            Some("File") => Some(PathBuf::from(c["serial"]["file"].as_str().unwrap_or_default())),
+            Some("Tty") => Some(PathBuf::from("/proc/self/fd/1")),
+            _ => None,
+        }
     }
 
     /// A `Pty` virtio console: a new pty whose path `vm.info` reports, and a
@@ -334,7 +341,10 @@ impl CloudHypervisor {
         let resume = body["resume"] == true;
         self.vm = Some((State::Paused, config));
         self.open_console();
-        if let Some(f) = self.serial_file() {
+        if let Some((_, c)) = &self.vm
+            && c["serial"]["mode"] == "File"
+            && let Some(f) = self.serial_file()
+        {
             // Cloud Hypervisor creates the serial file anew.
             let _ = std::fs::File::create(f);
         }

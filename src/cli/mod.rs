@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
+mod console;
 mod out;
 mod snapshots;
 
@@ -98,6 +99,16 @@ pub enum Command {
     },
     /// Show one VM.
     Info { id: String },
+    /// Print a VM's serial console (what metald keeps of it), raw.
+    Console {
+        id: String,
+        /// Keep printing new output until the VM is deleted (Ctrl-C ends it).
+        #[arg(long, short)]
+        follow: bool,
+        /// Only the last BYTES of the history (0 = all).
+        #[arg(long, default_value_t = 0, value_name = "BYTES")]
+        tail: u64,
+    },
     /// List your VMs.
     List {
         /// Only VMs in these states (repeatable).
@@ -132,6 +143,7 @@ impl Command {
             Command::Shutdown { .. } => Some(Operation::Shutdown),
             Command::Delete { .. } => Some(Operation::Delete),
             Command::Info { .. } => Some(Operation::Info),
+            Command::Console { .. } => Some(Operation::Console),
             Command::List { .. } => Some(Operation::List),
             Command::BillingServer(_) | Command::BillingReport(_) => None,
         }
@@ -156,6 +168,7 @@ pub fn verb(op: Operation) -> &'static str {
         Operation::Snapshot => "snapshot",
         Operation::Snapshots => "snapshots",
         Operation::DeleteSnapshot => "snapshot-delete",
+        Operation::Console => "console",
     }
 }
 
@@ -373,7 +386,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     if cli.token.is_empty() {
         return Err(usage("no token: pass --token or set METALD_TOKEN"));
     }
-    let client = vm_client(&cli.endpoint, &cli.token, protocol, Duration::from_secs(cli.call_timeout))?;
+    let timeout = Duration::from_secs(cli.call_timeout);
+    if let Command::Console { id, follow, tail } = cli.command {
+        let target = console::Target { endpoint: &cli.endpoint, token: &cli.token, protocol, timeout };
+        return console::console(target, id, follow, tail).await;
+    }
+    let client = vm_client(&cli.endpoint, &cli.token, protocol, timeout)?;
     let json = cli.json;
     match cli.command {
         Command::Create(a) => {
@@ -430,7 +448,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::SnapshotDelete { name } => snapshots::delete(&client, name, json).await?,
         Command::Info { id } => info(&client, &id, json).await?,
         Command::List { state, page_size, all } => list(&client, state, page_size, all, json).await?,
-        Command::BillingServer(_) | Command::BillingReport(_) => {}
+        Command::BillingServer(_) | Command::BillingReport(_) | Command::Console { .. } => {}
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! of the host's image cache for an image VM (the daemon plugs in
 //! `image::Images`; tests a [`StaticImages`]), [`ImageHandle`], how the
 //! manager holds it, and reading a stopped image VM's workload exit from
-//! its console log.
+//! its console log (across a rotation of the log).
 //!
 //! Order on create (docs/IMAGES.md "Create"): the image is prepared (pulled,
 //! unpacked, its base built) before the create's intent is written — the
@@ -11,7 +11,6 @@
 //! disk is made inside the VM's directory, which the core owns (removed with
 //! it on delete, roll-back and start-up reconciliation).
 
-use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -55,11 +54,10 @@ impl std::fmt::Debug for ImageHandle {
 /// `None` while it runs or when it never ran. The log is the record: it
 /// survives restarts of metald and is removed with the VM.
 pub fn workload_exit(dir: &Path) -> Option<WorkloadExit> {
-    let mut f = std::fs::File::open(dir.join("console.log")).ok()?;
-    let len = f.metadata().ok()?.len();
-    f.seek(SeekFrom::Start(len.saturating_sub(CONSOLE_TAIL))).ok()?;
-    let mut tail = Vec::new();
-    f.take(CONSOLE_TAIL).read_to_end(&mut tail).ok()?;
+    // Across a rotation: the end of `console.log.1` when the current file
+    // holds less than the tail (the log may have been rotated right after
+    // the exit line).
+    let tail = crate::util::logs::tail(&dir.join("console.log"), CONSOLE_TAIL).ok()?;
     WorkloadExit::from_console(&tail)
 }
 
@@ -135,6 +133,11 @@ mod tests {
         log.extend(std::iter::repeat_n(b'x', 200_000));
         log.extend(b"\nMETALD_WORKLOAD_EXIT code=7\nMETALD_GUEST_POWEROFF\n");
         std::fs::write(dir.path().join("console.log"), &log).unwrap();
+        assert_eq!(workload_exit(dir.path()), Some(WorkloadExit::Code(7)));
+        // Rotated right after the exit line: it is at the end of `.1`.
+        let rotated = crate::util::logs::LogFile::appended(dir.path().join("console.log"));
+        assert!(crate::util::logs::rotate(&rotated, 64 << 10).unwrap());
+        assert_eq!(std::fs::metadata(dir.path().join("console.log")).unwrap().len(), 0);
         assert_eq!(workload_exit(dir.path()), Some(WorkloadExit::Code(7)));
     }
 }

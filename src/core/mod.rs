@@ -24,6 +24,7 @@
 mod clone;
 mod create;
 mod image;
+pub mod logs;
 mod net;
 mod reads;
 mod reconcile;
@@ -69,6 +70,9 @@ pub struct ManagerConfig {
     /// Bytes all saved guests (suspended VMs, snapshots) may take
     /// (`UNKEY_METALD_SNAPSHOT_MAX_GB`).
     pub snapshot_max_bytes: u64,
+    /// Cap of each log file a VM's hypervisor writes
+    /// (`UNKEY_METALD_VM_LOG_MAX_BYTES`, see [`logs`]).
+    pub vm_log_max_bytes: u64,
 }
 
 /// What caused a [`VmEvent`].

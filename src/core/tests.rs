@@ -38,6 +38,7 @@ async fn env_with(max_vms: usize) -> Env {
     let mgr = Manager::open(
         ManagerConfig {
             snapshot_max_bytes: 1 << 40,
+            vm_log_max_bytes: super::logs::DEFAULT_VM_LOG_MAX_BYTES,
             data_dir: tmp.path().to_path_buf(),
             limits: Limits { max_vcpus: 8, max_memory_mb: 1024, asset_dirs: vec![assets] },
             max_vms,

@@ -45,6 +45,7 @@ async fn open(dir: &Path, with_images: bool) -> Env {
     let mgr = Manager::open(
         ManagerConfig {
             snapshot_max_bytes: 1 << 40,
+            vm_log_max_bytes: super::logs::DEFAULT_VM_LOG_MAX_BYTES,
             data_dir: dir.to_path_buf(),
             limits: Limits { max_vcpus: 8, max_memory_mb: 1024, asset_dirs: vec![assets] },
             max_vms: 100,

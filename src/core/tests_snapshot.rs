@@ -64,6 +64,7 @@ async fn open_with(dir: &Path, snapshot_max_bytes: u64, prime: impl FnOnce(&Fake
     let stop = CancellationToken::new();
     let cfg = ManagerConfig {
         snapshot_max_bytes,
+        vm_log_max_bytes: super::logs::DEFAULT_VM_LOG_MAX_BYTES,
         data_dir: dir.to_path_buf(),
         limits: Limits { max_vcpus: 8, max_memory_mb: 1024, asset_dirs: vec![assets] },
         max_vms: 100,

@@ -55,6 +55,9 @@ pub struct Config {
     pub max_vms: usize,
     /// Bytes all saved guests (suspended VMs, snapshots) may take.
     pub snapshot_max_bytes: u64,
+    /// Cap of each log file a VM's hypervisor writes (console, the VMM's
+    /// output and log); one rotated part is kept beside it.
+    pub vm_log_max_bytes: u64,
     pub auth_tokens_file: Option<PathBuf>,
     pub auth_dev_tokens: bool,
     pub backend: BackendChoice,
@@ -111,6 +114,12 @@ impl Config {
         let max_memory_mb = r.range("MAX_MEMORY_MB", 65536u64, 16, 16 * 1024 * 1024);
         let max_vms = r.range("MAX_VMS", 1000usize, 1, 100_000);
         let snapshot_max_bytes = r.range("SNAPSHOT_MAX_GB", 100u64, 1, 1 << 20) << 30;
+        let vm_log_max_bytes = r.range(
+            "VM_LOG_MAX_BYTES",
+            crate::core::logs::DEFAULT_VM_LOG_MAX_BYTES,
+            crate::core::logs::MIN_VM_LOG_MAX_BYTES,
+            crate::core::logs::MAX_VM_LOG_MAX_BYTES,
+        );
         let auth_tokens_file = r.raw("AUTH_TOKENS_FILE").map(PathBuf::from);
         let auth_dev_tokens = r.bool("AUTH_DEV_TOKENS", false);
         let backend = match r.raw("BACKEND") {
@@ -157,6 +166,7 @@ impl Config {
             max_memory_mb,
             max_vms,
             snapshot_max_bytes,
+            vm_log_max_bytes,
             auth_tokens_file,
             auth_dev_tokens,
             backend,
@@ -194,6 +204,18 @@ mod tests {
         assert_eq!(c.asset_dirs, vec![PathBuf::from("/var/lib/metald/assets")]);
         assert_eq!((c.max_vcpus, c.max_memory_mb, c.max_vms), (32, 65536, 1000));
         assert_eq!(c.backend, BackendChoice::Auto);
+        assert_eq!(c.vm_log_max_bytes, 8 << 20);
+    }
+
+    #[test]
+    fn the_vm_log_cap_is_bounded() {
+        let with = |v: &str| Config::from_source(&src(&[("AUTH_DEV_TOKENS", "true"), ("VM_LOG_MAX_BYTES", v)]));
+        assert_eq!(with("65536").unwrap().vm_log_max_bytes, 65536);
+        assert_eq!(with("1073741824").unwrap().vm_log_max_bytes, 1 << 30);
+        for bad in ["65535", "1073741825", "lots"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("UNKEY_METALD_VM_LOG_MAX_BYTES"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -296,6 +296,7 @@ pub async fn start(cfg: Config) -> Result<Daemon, StartError> {
             limits: Limits { max_vcpus: cfg.max_vcpus, max_memory_mb: cfg.max_memory_mb, asset_dirs },
             max_vms: cfg.max_vms,
             snapshot_max_bytes: cfg.snapshot_max_bytes,
+            vm_log_max_bytes: cfg.vm_log_max_bytes,
             net,
             images: host_images.clone(),
         },
@@ -320,6 +321,7 @@ pub async fn start(cfg: Config) -> Result<Daemon, StartError> {
         false => None,
     };
     let billing = billing_tasks.as_ref().map(|b| b.status());
+    tokio::spawn(crate::core::logs::rotation_task(manager.clone(), shutdown.child_token()));
     if let Some(images) = &images {
         tokio::spawn(images::gc_task(images.clone(), manager.clone(), cfg.guest.gc_interval, shutdown.child_token()));
     }

@@ -49,6 +49,7 @@ operations! {
     Snapshot => "snapshot", "SnapshotVm";
     Snapshots => "snapshots", "ListSnapshots";
     DeleteSnapshot => "snapshot-delete", "DeleteSnapshot";
+    Console => "console", "StreamConsole";
 }
 
 impl Operation {

@@ -3,16 +3,19 @@
 //! - [`RpcTelemetry`], applied around each API handler: one `SERVER` span
 //!   per RPC (continuing an incoming W3C `traceparent`),
 //!   `rpc.server.duration`, and `metald_vm_operations_total` /
-//!   `metald_vm_operation_duration_seconds`. It sees the RPC outcome, which
+//!   `metald_vm_operation_duration_seconds`; a server stream
+//!   (`StreamConsole`) is recorded when it ends, its whole life being the
+//!   RPC's duration. It sees the RPC outcome, which
 //!   an HTTP layer cannot (gRPC errors are HTTP 200); any non-OK outcome
 //!   sets the span status to Error.
 //! - [`HttpMetricsLayer`], a tower layer: `http.server.request.duration`
 //!   and `http.server.active_requests` for every HTTP request.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
-use connectrpc::{ConnectError, ErrorCode, Protocol, RequestContext};
+use connectrpc::{ConnectError, ErrorCode, Protocol, RequestContext, ServiceStream};
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{SpanContext, SpanKind, TraceContextExt, TraceFlags};
 use opentelemetry::{Context, KeyValue};
@@ -127,6 +130,55 @@ impl RpcTelemetry {
         vm_id: &str,
         mut call: std::pin::Pin<&mut impl Future<Output = Result<T, ConnectError>>>,
     ) -> Result<T, ConnectError> {
+        let mut observed = self.start(ctx, op, Cow::Borrowed(self), Cow::Borrowed(vm_id));
+        // Polled in place with the span's context attached (what
+        // `FutureExt::with_context` does, without moving the handler's
+        // large future into a wrapper).
+        let result = std::future::poll_fn(|task| {
+            let _attached = observed.cx.clone().attach();
+            call.as_mut().poll(task)
+        })
+        .await;
+        observed.end(result.as_ref().err());
+        result
+    }
+
+    /// [`RpcTelemetry::observe`] for a server-streaming RPC: `call` makes
+    /// the stream (in the span's context); the RPC is recorded when the
+    /// stream ends (OK at its end, else its error), or as `canceled` when
+    /// the client goes away first. The stream's items are made in the
+    /// span's context too.
+    pub async fn observe_stream<T: Send + 'static>(
+        &self,
+        ctx: &RequestContext,
+        op: Operation,
+        vm_id: &str,
+        mut call: std::pin::Pin<&mut impl Future<Output = Result<ServiceStream<T>, ConnectError>>>,
+    ) -> Result<ServiceStream<T>, ConnectError> {
+        let mut observed = self.start(ctx, op, Cow::Owned(self.clone()), Cow::Owned(vm_id.to_owned()));
+        let result = std::future::poll_fn(|task| {
+            let _attached = observed.cx.clone().attach();
+            call.as_mut().poll(task)
+        })
+        .await;
+        match result {
+            Ok(inner) => Ok(Box::pin(ObservedStream { inner, observed })),
+            Err(e) => {
+                observed.end(Some(&e));
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts observing an RPC: its span context (continuing the caller's
+    /// trace, sampled as the SDK tracer would) and its start time.
+    fn start<'a>(
+        &self,
+        ctx: &RequestContext,
+        op: Operation,
+        telemetry: Cow<'a, RpcTelemetry>,
+        vm_id: Cow<'a, str>,
+    ) -> Observed<'a> {
         let system = match ctx.protocol() {
             Some(Protocol::Grpc | Protocol::GrpcWeb) => 1,
             _ => 0,
@@ -141,8 +193,8 @@ impl RpcTelemetry {
         let sampled = sampling.decision == SamplingDecision::RecordAndSample;
         let flags = parent_sc.as_ref().map_or(TraceFlags::default(), SpanContext::trace_flags).with_sampled(sampled);
         let sc = SpanContext::new(trace_id, self.ids.new_span_id(), flags, false, sampling.trace_state);
-        let mut observed = Observed {
-            telemetry: self,
+        Observed {
+            telemetry,
             op,
             system,
             vm_id,
@@ -155,26 +207,48 @@ impl RpcTelemetry {
             start: opentelemetry::time::now(),
             started: Instant::now(),
             ended: false,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A server stream being observed ([`RpcTelemetry::observe_stream`]).
+    struct ObservedStream<T> {
+        inner: ServiceStream<T>,
+        observed: Observed<'static>,
+    }
+}
+
+impl<T> futures::Stream for ObservedStream<T> {
+    type Item = Result<T, ConnectError>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let this = self.project();
+        if this.observed.ended {
+            return std::task::Poll::Ready(None);
+        }
+        let item = {
+            let _attached = this.observed.cx.clone().attach();
+            std::task::ready!(this.inner.as_mut().poll_next(cx))
         };
-        // Polled in place with the span's context attached (what
-        // `FutureExt::with_context` does, without moving the handler's
-        // large future into a wrapper).
-        let result = std::future::poll_fn(|task| {
-            let _attached = observed.cx.clone().attach();
-            call.as_mut().poll(task)
-        })
-        .await;
-        observed.end(result.as_ref().err());
-        result
+        match &item {
+            None => this.observed.end(None),
+            Some(Err(e)) => this.observed.end(Some(e)),
+            Some(Ok(_)) => {}
+        }
+        std::task::Poll::Ready(item)
     }
 }
 
 /// An RPC being observed; recorded once, when it ends or is dropped.
 struct Observed<'a> {
-    telemetry: &'a RpcTelemetry,
+    telemetry: Cow<'a, RpcTelemetry>,
     op: Operation,
     system: usize,
-    vm_id: &'a str,
+    vm_id: Cow<'a, str>,
     /// The current context while the handler runs: the server span's.
     cx: Context,
     parent: Option<SpanContext>,
@@ -190,7 +264,7 @@ impl Observed<'_> {
     fn end(&mut self, error: Option<&ConnectError>) {
         self.ended = true;
         let elapsed = self.started.elapsed();
-        let (t, system, op) = (self.telemetry, self.system, self.op);
+        let (t, system, op) = (&*self.telemetry, self.system, self.op);
         let code = error.map(|e| e.code);
         let grpc_code = code.map_or(0, |c| c.grpc_code());
         let description = error.map(|e| match &e.message {
@@ -204,7 +278,7 @@ impl Observed<'_> {
             head: &t.heads[head_key(system, op)],
             start: self.start,
             end: self.start + elapsed,
-            vm_id: VmId::is_valid(self.vm_id).then_some(self.vm_id),
+            vm_id: VmId::is_valid(&self.vm_id).then_some(&*self.vm_id),
             // Per the RPC conventions: the gRPC status code on gRPC spans,
             // the Connect error code on failed spans (the metric below
             // carries the status code for both).

@@ -1,6 +1,7 @@
 //! Small helpers shared across modules.
 
 pub mod files;
+pub mod logs;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -6,7 +6,7 @@
 //!
 //! | operation         | Cloud Hypervisor API                                     |
 //! |-------------------|----------------------------------------------------------|
-//! | create            | spawn, wait for `vmm.ping`, `vm.create` (payload, cpus, memory, disks, net, serial to `console.log`, the virtio console a pty: see [`generation`]) |
+//! | create            | spawn, wait for `vmm.ping`, `vm.create` (payload, cpus, memory, disks, net, serial to its stdout (`console.log`), the virtio console a pty: see [`generation`]) |
 //! | boot              | `vm.boot`                                                |
 //! | pause, resume     | `vm.pause`, `vm.resume`                                  |
 //! | reboot            | `vm.reboot` (in-process; forced or not: the API has no hard reset) |
@@ -17,8 +17,14 @@
 //! | save (paused)     | `vm.snapshot {"destination_url":"file://<dir>"}` (see [`snapshot`]) |
 //! | restore           | spawn, wait for `vmm.ping`, `vm.restore {"source_url":"file://<vm dir>/restore-source"}` (a per-VM copy of the save whose `config.json` names this VM's disks, TAPs and console); the VM comes back paused |
 //!
-//! Files per VM: `console.log` (guest serial), `vmm.log` (the VMM's
-//! stdout/stderr), `cloud-hypervisor.sock`. NICs use the existing TAP named
+//! Files per VM: `console.log` (guest serial: Cloud Hypervisor's stdout),
+//! `vmm.log` (its stderr), `cloud-hypervisor.sock`. The serial console is
+//! `Tty` mode, not `File`: Cloud Hypervisor creates a serial file with
+//! `File::create` (truncating, without `O_APPEND`), which could not be
+//! rotated in place (the writer would go on at its old offset) and would
+//! lose the history at every restore; its stdout is a file metald opens to
+//! append. (In `Tty` mode it takes serial input only when its stdin is a
+//! terminal; metald gives it `/dev/null`.) NICs use the existing TAP named
 //! in the spec (metald does not create TAPs).
 
 pub mod api;
@@ -49,6 +55,7 @@ use super::{
     Backend, BackendError, BackendHealth, BackendKind, ExitSink, Observed, Result, Runtime, StopMode, Usage, VmContext,
 };
 use crate::model::{ValidSpec, VmId};
+use crate::util::logs::LogFile;
 use crate::util::unix_now;
 
 /// How long `vmm.shutdown` may take before SIGKILL.
@@ -75,7 +82,7 @@ impl Paths {
 }
 
 /// The `vm.create` body for a spec.
-pub fn vm_config(spec: &ValidSpec, console_log: &Path) -> VmConfig {
+pub fn vm_config(spec: &ValidSpec) -> VmConfig {
     let mut cmdline = spec.boot.kernel_args.clone();
     if !cmdline.split_whitespace().any(|a| a.starts_with("console=")) {
         cmdline = format!("{cmdline} console=ttyS0").trim().to_owned();
@@ -113,7 +120,8 @@ pub fn vm_config(spec: &ValidSpec, console_log: &Path) -> VmConfig {
                 ),
             })
             .collect(),
-        serial: ConsoleConfig { mode: ConsoleMode::File, file: Some(console_log.display().to_string()) },
+        // To the process's stdout, `console.log` (see the module doc).
+        serial: ConsoleConfig { mode: ConsoleMode::Tty, file: None },
         // The virtio console carries a clone's new generation (generation.rs).
         console: ConsoleConfig { mode: ConsoleMode::Pty, file: None },
     }
@@ -251,7 +259,7 @@ impl CloudHypervisorBackend {
             program: &self.binary,
             args: &args,
             cwd: &vm.dir,
-            output: Output::Combined(&paths.vmm_log),
+            output: Output::Split { stdout: &paths.console_log, stderr: &paths.vmm_log },
             socket: &paths.socket,
             probe_path: &format!("{API}/vmm.ping"),
             log: &paths.vmm_log,
@@ -265,7 +273,7 @@ impl CloudHypervisorBackend {
             ]);
             let rt = restvmm::runtime(pid, &paths.socket, &paths.console_log, extra);
             let r = match then {
-                Then::Create => c.put(&format!("{API}/vm.create"), &vm_config(vm.spec, &paths.console_log)).await,
+                Then::Create => c.put(&format!("{API}/vm.create"), &vm_config(vm.spec)).await,
                 Then::Restore(url, timeout) => {
                     let body = RestoreConfig { source_url: (*url).to_owned() };
                     c.with_timeout(*timeout).put(&format!("{API}/vm.restore"), &body).await
@@ -293,6 +301,13 @@ impl Backend for CloudHypervisorBackend {
     }
 
     /// The common facts and the host CPU (the saved vCPU state is KVM's).
+    /// The serial console (Cloud Hypervisor's stdout, see [`vm_config`]) and
+    /// its stderr, both opened by metald to append.
+    fn log_files(&self, vm: &VmContext<'_>) -> Vec<LogFile> {
+        let paths = Paths::new(&vm.dir);
+        vec![LogFile::appended(paths.console_log), LogFile::appended(paths.vmm_log)]
+    }
+
     fn compat(&self, spec: &ValidSpec) -> BTreeMap<String, String> {
         let mut m = super::base_compat(self.kind(), &self.version, spec);
         m.insert("host_cpu".into(), self.cpu_model.clone());
@@ -308,8 +323,7 @@ impl Backend for CloudHypervisorBackend {
     }
 
     async fn restore(&self, vm: &VmContext<'_>, dir: &Path) -> Result<Runtime> {
-        let paths = Paths::new(&vm.dir);
-        let source = snapshot::prepare_source(dir, &vm.dir, vm.spec, &paths.console_log)?;
+        let source = snapshot::prepare_source(dir, &vm.dir, vm.spec)?;
         let restored = match snapshot::file_url(&source) {
             Ok(url) => self.launch(vm, Then::Restore(&url, super::save_timeout(vm.spec.memory_bytes()))).await,
             Err(e) => Err(e),

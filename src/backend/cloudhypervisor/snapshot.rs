@@ -19,7 +19,9 @@
 //! links to the save's (copies when linking is impossible) except
 //! `config.json`, rewritten for the restoring VM ([`rewrite_config`]):
 //! every disk's `path` and every NIC's `tap` by device id, the serial
-//! `file` (else the clone would write the source VM's console log), the
+//! console to Cloud Hypervisor's stdout (`Tty`, as at create; a save made
+//! before metald did so names the source VM's `console.log` file, which
+//! the clone must not write), the
 //! virtio console's pty (dropped: the new process makes its own) and the
 //! payload's kernel and initramfs. Everything else is kept as saved.
 //! Then a fresh process (started as at create) gets `PUT /api/v1/vm.restore`
@@ -27,9 +29,9 @@
 //! paused. Memory is copied in before the call returns (the default
 //! `Copy` restore mode), so the copy is removed right after.
 //!
-//! Cloud Hypervisor creates the serial file anew (truncating it) when it
-//! restores, as when it creates a VM: a resumed VM's `console.log` starts
-//! empty.
+//! The serial console is Cloud Hypervisor's stdout, which metald opens to
+//! append to the VM's `console.log`: a resumed VM's log goes on after what
+//! the guest wrote before it was saved.
 
 use std::path::{Path, PathBuf};
 
@@ -140,8 +142,8 @@ fn path_str(p: &Path) -> String {
 }
 
 /// A saved `config.json` (`raw`) made to describe the VM with `spec` whose
-/// serial console goes to `console_log` (see the module doc).
-pub fn rewrite_config(raw: &[u8], spec: &ValidSpec, console_log: &Path) -> Result<Vec<u8>> {
+/// serial console goes to the process's stdout (see the module doc).
+pub fn rewrite_config(raw: &[u8], spec: &ValidSpec) -> Result<Vec<u8>> {
     let mut c: SavedConfig = serde_json::from_slice(raw).map_err(|e| {
         BackendError::failed(format!("the saved {CONFIG_FILE} is not a Cloud Hypervisor VM configuration")).caused_by(e)
     })?;
@@ -162,7 +164,8 @@ pub fn rewrite_config(raw: &[u8], spec: &ValidSpec, console_log: &Path) -> Resul
         n.tap = Some(nic.tap.clone());
     }
     if let Some(s) = c.serial.as_mut().filter(|s| s.mode.as_deref() == Some("File")) {
-        s.file = Some(path_str(console_log));
+        s.mode = Some("Tty".to_owned());
+        s.file = None;
     }
     // The saved pty was the source process's: the restoring one makes its own.
     if let Some(s) = c.console.as_mut().filter(|s| s.mode.as_deref() == Some("Pty")) {
@@ -181,7 +184,7 @@ pub fn rewrite_config(raw: &[u8], spec: &ValidSpec, console_log: &Path) -> Resul
 
 /// Makes `<vm dir>/restore-source/` from the save in `save`: links to its
 /// files and a `config.json` for this VM. Returns the directory.
-pub fn prepare_source(save: &Path, vm_dir: &Path, spec: &ValidSpec, console_log: &Path) -> Result<PathBuf> {
+pub fn prepare_source(save: &Path, vm_dir: &Path, spec: &ValidSpec) -> Result<PathBuf> {
     let io = |what: String| move |e| BackendError::io(what, e);
     let raw = std::fs::read(save.join(CONFIG_FILE)).map_err(|e| {
         BackendError::failed(format!(
@@ -190,7 +193,7 @@ pub fn prepare_source(save: &Path, vm_dir: &Path, spec: &ValidSpec, console_log:
         ))
         .caused_by(e)
     })?;
-    let config = rewrite_config(&raw, spec, console_log)?;
+    let config = rewrite_config(&raw, spec)?;
     let dir = vm_dir.join(RESTORE_DIR);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
@@ -247,12 +250,14 @@ mod tests {
     #[test]
     fn the_restored_config_names_this_vms_devices_and_keeps_the_rest() {
         let raw = serde_json::to_vec(&saved()).unwrap();
-        let out = rewrite_config(&raw, &spec(), Path::new("/vms/clone/console.log")).unwrap();
+        let out = rewrite_config(&raw, &spec()).unwrap();
         let mut got: Value = serde_json::from_slice(&out).unwrap();
         let mut want = saved();
         want["disks"][0]["path"] = json!("/vms/clone/disk-root.img");
         want["net"][0]["tap"] = json!("tap-clone");
-        want["serial"]["file"] = json!("/vms/clone/console.log");
+        // The serial console goes to the new process's stdout.
+        want["serial"]["mode"] = json!("Tty");
+        want["serial"].as_object_mut().unwrap().remove("file");
         want["payload"]["kernel"] = json!("/assets/vmlinux");
         // The source's pty is not the clone's: Cloud Hypervisor makes a new one.
         want["console"].as_object_mut().unwrap().remove("file");
@@ -266,9 +271,9 @@ mod tests {
     fn a_saved_device_this_vm_lacks_is_refused() {
         let mut raw = saved();
         raw["disks"][0]["id"] = json!("data");
-        let e = rewrite_config(&serde_json::to_vec(&raw).unwrap(), &spec(), Path::new("/c")).unwrap_err();
+        let e = rewrite_config(&serde_json::to_vec(&raw).unwrap(), &spec()).unwrap_err();
         assert!(e.to_string().contains("disk \"data\""), "{e}");
-        assert!(rewrite_config(b"[]", &spec(), Path::new("/c")).is_err());
+        assert!(rewrite_config(b"[]", &spec()).is_err());
     }
 
     #[test]
@@ -280,7 +285,7 @@ mod tests {
         std::fs::write(save.join(CONFIG_FILE), serde_json::to_vec(&saved()).unwrap()).unwrap();
         std::fs::write(save.join(STATE_FILE), b"{}").unwrap();
         std::fs::write(save.join(MEMORY_FILE), b"mem").unwrap();
-        let dir = prepare_source(&save, &vm, &spec(), &vm.join("console.log")).unwrap();
+        let dir = prepare_source(&save, &vm, &spec()).unwrap();
         assert_eq!(dir, vm.join(RESTORE_DIR));
         let ino = |p: PathBuf| std::fs::metadata(p).unwrap().ino();
         assert_eq!(ino(dir.join(MEMORY_FILE)), ino(save.join(MEMORY_FILE)), "linked, not copied");

@@ -54,6 +54,7 @@ use super::{
     Backend, BackendError, BackendHealth, BackendKind, ExitSink, Observed, Result, Runtime, StopMode, Usage, VmContext,
 };
 use crate::model::{ValidSpec, VmId};
+use crate::util::logs::LogFile;
 use crate::util::unix_now;
 
 /// How long a guest gets to reboot after Ctrl+Alt+Del before SIGKILL.
@@ -282,6 +283,19 @@ impl Backend for FirecrackerBackend {
     /// The common facts, the host CPU (the saved vCPU state is KVM's) and
     /// whether the jailer runs Firecracker: a snapshot names its drives
     /// inside the jail (`/drive-<id>`) or in the VM directory (`drive-<id>`).
+    /// The serial console and Firecracker's stderr (its stdout and stderr,
+    /// opened by metald to append) and its log file, which Firecracker opens
+    /// itself without `O_APPEND` (rotated by punching a hole, see
+    /// [`crate::util::logs`]). Not its metrics file.
+    fn log_files(&self, vm: &VmContext<'_>) -> Vec<LogFile> {
+        let layout = self.layout(vm);
+        vec![
+            LogFile::appended(layout.console_log.clone()),
+            LogFile::appended(layout.vmm_log.clone()),
+            LogFile::at_offset(layout.host_file(vmm::LOG_FILE)),
+        ]
+    }
+
     fn compat(&self, spec: &ValidSpec) -> BTreeMap<String, String> {
         let mut m = super::base_compat(self.kind(), &self.version, spec);
         m.insert("host_cpu".into(), self.cpu_model.clone());

@@ -48,6 +48,7 @@ use super::{
     Backend, BackendError, BackendHealth, BackendKind, ExitSink, Observed, Result, Runtime, StopMode, Usage, VmContext,
 };
 use crate::model::{ValidSpec, VmId};
+use crate::util::logs::LogFile;
 use crate::util::unix_now;
 
 /// Bound of every QMP request (and of connecting).
@@ -364,6 +365,13 @@ impl Backend for QemuBackend {
 
     fn check(&self, spec: &ValidSpec) -> Result<()> {
         check_spec(spec)
+    }
+
+    /// The serial console (`append=on`) and QEMU's stdout/stderr (opened to
+    /// append by [`process::spawn_detached`]).
+    fn log_files(&self, vm: &VmContext<'_>) -> Vec<LogFile> {
+        let paths = VmPaths::new(&vm.dir);
+        vec![LogFile::appended(paths.console_log), LogFile::appended(paths.qemu_log)]
     }
 
     fn compat(&self, spec: &ValidSpec) -> BTreeMap<String, String> {
