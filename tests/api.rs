@@ -626,6 +626,23 @@ async fn guest_exit_is_noticed() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     assert_eq!(state, Some(pb::VmState::VM_STATE_SHUTDOWN));
+    // Why, in GetVmInfo, and after a restart (stored with the state).
+    let mut t = t;
+    for round in 0..2 {
+        let c = t.client(TOKEN_A);
+        let info = c
+            .get_vm_info(pb::GetVmInfoRequest { vm_id: "exiting".into(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_owned();
+        let stop = info.stop.as_option().expect("a stop reason");
+        assert_eq!(stop.reason.as_known(), Some(pb::StopReason::STOP_REASON_GUEST_POWER_OFF), "{round}");
+        assert_eq!(stop.detail, "simulated exit");
+        assert!(stop.stopped_timestamp > 0);
+        if round == 0 {
+            t.restart().await;
+        }
+    }
 }
 
 #[tokio::test]

@@ -567,6 +567,8 @@ async fn prometheus_scrapes_the_spec_metrics_and_promtool_accepts_them() {
     let c = t.client(TOKEN_A);
     c.get_vm_info(pb::GetVmInfoRequest { vm_id: "vm-p1".into(), ..Default::default() }).await.unwrap();
     c.list_vms(pb::ListVmsRequest::default()).await.unwrap();
+    let stop = pb::ShutdownVmRequest { vm_id: "vm-p1".into(), force: true, ..Default::default() };
+    c.shutdown_vm(stop).await.unwrap();
     // What the billing collector does.
     let billing = t.d().metrics().billing().clone();
     let (p1, p2) = (VmId::parse("vm-p1").unwrap(), VmId::parse("vm-p2").unwrap());
@@ -593,6 +595,8 @@ async fn prometheus_scrapes_the_spec_metrics_and_promtool_accepts_them() {
         "rpc_server_duration_seconds_bucket{",
         "# TYPE metald_vm_operations_total counter",
         "# TYPE metald_vm_operation_duration_seconds histogram",
+        r#"metald_vm_stops_total{reason="requested",otel_scope_name="metald"} 1"#,
+        r#"metald_vm_stops_total{reason="crashed",otel_scope_name="metald"} 0"#,
     ] {
         assert!(text.contains(needle), "scrape lacks {needle:?}:\n{text}");
     }

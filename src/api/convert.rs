@@ -11,7 +11,7 @@ use crate::model::{
     BootSpec, ConsoleSpec, CpuSpec, DiskSpec, Ipv4Spec, Ipv6Spec, MemorySpec, NicSpec, PortSpec, RateLimit, Topology,
     VmSpec,
 };
-use crate::model::{ImageSpec, RegistryAuth, VmState, WorkloadExit};
+use crate::model::{ImageSpec, RegistryAuth, StopInfo, StopReason, VmState, WorkloadExit};
 use crate::pb::vmprovisioner::v1 as pb;
 
 type PbMap = buffa::__private::HashMap<String, String>;
@@ -418,8 +418,21 @@ pub fn info_out(d: &VmDetails) -> pb::GetVmInfoResponse {
                 WorkloadExit::Signal(signal) => pb::WorkloadExit { signal, ..Default::default() },
             })
             .into(),
+        stop: d.view.stopped.as_ref().map(stop_out).into(),
         ..Default::default()
     }
+}
+
+fn stop_out(s: &StopInfo) -> pb::VmStop {
+    let reason = match s.reason {
+        StopReason::Requested => pb::StopReason::STOP_REASON_REQUESTED,
+        StopReason::GuestPowerOff => pb::StopReason::STOP_REASON_GUEST_POWER_OFF,
+        StopReason::Crashed => pb::StopReason::STOP_REASON_CRASHED,
+        StopReason::Killed => pb::StopReason::STOP_REASON_KILLED,
+        StopReason::OutOfMemory => pb::StopReason::STOP_REASON_OUT_OF_MEMORY,
+        StopReason::Unknown => pb::StopReason::STOP_REASON_UNKNOWN,
+    };
+    pb::VmStop { reason: reason.into(), detail: s.detail.clone(), stopped_timestamp: s.at, ..Default::default() }
 }
 
 pub fn summary_out(v: &VmView) -> pb::VmInfo {

@@ -215,7 +215,14 @@ impl FakeControl {
                 None => return false,
             }
         };
-        self.exits.send(ExitEvent { vm_id: vm.clone(), pid: Some(pid), detail: "simulated exit".into() }).is_ok()
+        self.exits
+            .send(ExitEvent {
+                vm_id: vm.clone(),
+                pid: Some(pid),
+                reason: crate::model::StopReason::GuestPowerOff,
+                detail: "simulated exit".into(),
+            })
+            .is_ok()
     }
 
     /// Whether the fake holds a live "process" for `vm`.

@@ -7,6 +7,7 @@
 //! which the core persists.
 
 pub mod cloudhypervisor;
+pub mod exit;
 pub mod fake;
 pub mod firecracker;
 pub mod host;
@@ -73,6 +74,8 @@ pub enum Observed {
 pub struct ExitEvent {
     pub vm_id: VmId,
     pub pid: Option<u32>,
+    /// Why it ended (see [`exit`]).
+    pub reason: crate::model::StopReason,
     pub detail: String,
 }
 

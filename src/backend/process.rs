@@ -28,8 +28,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use super::exit::{Logs, classify, oom_killed};
 use super::{BackendError, ExitEvent, ExitSink, Runtime};
-use crate::model::{Usage, VmId};
+use crate::model::{StopReason, Usage, VmId};
 use crate::procfs::{self, Stat};
 
 /// How often a non-child process is checked for having ended.
@@ -260,18 +261,24 @@ pub enum Watched {
     Pid(ProcessId),
 }
 
-/// Reports the end of a VMM on `sink` as `ExitEvent { vm_id, pid }`.
-/// Stops silently when `stop` is cancelled (daemon shutdown); the child, if
-/// any, is left running.
-pub fn watch_exit(vm_id: VmId, pid: u32, watched: Watched, sink: ExitSink, stop: CancellationToken) -> JoinHandle<()> {
+/// Reports the end of a VMM on `sink` as an [`ExitEvent`] with the reason
+/// ([`super::exit::classify`]: its status, the fatal lines it wrote to
+/// `logs` since now, the OOM killer). Stops silently when `stop` is
+/// cancelled (daemon shutdown); the child, if any, is left running.
+pub fn watch_exit(
+    vm_id: VmId,
+    pid: u32,
+    watched: Watched,
+    logs: Vec<PathBuf>,
+    sink: ExitSink,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    let logs = Logs::at_start(logs);
     tokio::spawn(async move {
-        let detail = match watched {
+        let status = match watched {
             Watched::Child(mut child) => tokio::select! {
                 _ = stop.cancelled() => return,
-                status = child.wait() => match status {
-                    Ok(s) => format!("VMM process {pid} ended ({s})"),
-                    Err(e) => format!("VMM process {pid}: wait failed: {e}"),
-                },
+                status = child.wait() => status.ok(),
             },
             Watched::Pid(id) => loop {
                 tokio::select! {
@@ -279,13 +286,19 @@ pub fn watch_exit(vm_id: VmId, pid: u32, watched: Watched, sink: ExitSink, stop:
                     _ = tokio::time::sleep(POLL_INTERVAL) => {}
                 }
                 if !id.is_alive() {
-                    break format!("VMM process {pid} ended");
+                    break None;
                 }
             },
         };
-        debug!(vm_id = %vm_id, pid, detail = %detail, "VMM exit noticed");
+        let (reason, detail) = tokio::task::spawn_blocking(move || {
+            let killed = status.is_none_or(|s| std::os::unix::process::ExitStatusExt::signal(&s) == Some(9));
+            classify(pid, status, logs.fatal_line(), killed && oom_killed(pid))
+        })
+        .await
+        .unwrap_or((StopReason::Unknown, format!("VMM process {pid} ended")));
+        debug!(vm_id = %vm_id, pid, reason = %reason, detail = %detail, "VMM exit noticed");
         // The receiver is gone only when the daemon is shutting down.
-        let _ = sink.send(ExitEvent { vm_id, pid: Some(pid), detail });
+        let _ = sink.send(ExitEvent { vm_id, pid: Some(pid), reason, detail });
     })
 }
 
@@ -371,18 +384,40 @@ mod tests {
 
         let child = spawn_detached(Path::new("sleep"), &["0.2".into()], dir.path(), &log).unwrap();
         let pid = child.id().unwrap();
-        watch_exit(id.clone(), pid, Watched::Child(child), tx.clone(), CancellationToken::new());
+        watch_exit(id.clone(), pid, Watched::Child(child), vec![log.clone()], tx.clone(), CancellationToken::new());
         let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
-        assert_eq!((ev.vm_id, ev.pid), (id.clone(), Some(pid)));
+        assert_eq!((ev.vm_id, ev.pid, ev.reason), (id.clone(), Some(pid), StopReason::GuestPowerOff));
+
+        // Status 0, but a fatal line in its log since it started.
+        let child = spawn_detached(
+            Path::new("sh"),
+            &["-c".into(), "echo 'VCPU generated error: x' >&2".into()],
+            dir.path(),
+            &log,
+        )
+        .unwrap();
+        let pid = child.id().unwrap();
+        watch_exit(id.clone(), pid, Watched::Child(child), vec![log.clone()], tx.clone(), CancellationToken::new());
+        let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+        assert_eq!(ev.reason, StopReason::Crashed, "{}", ev.detail);
+        assert!(ev.detail.contains("VCPU generated error"), "{}", ev.detail);
+
+        // Killed by someone else.
+        let child = spawn_detached(Path::new("sleep"), &["30".into()], dir.path(), &log).unwrap();
+        let pid = child.id().unwrap();
+        watch_exit(id.clone(), pid, Watched::Child(child), vec![log.clone()], tx.clone(), CancellationToken::new());
+        nix::sys::signal::kill(Pid::from_raw(i32::try_from(pid).unwrap()), Signal::SIGKILL).unwrap();
+        let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+        assert_eq!(ev.reason, StopReason::Killed, "{}", ev.detail);
 
         // A process we do not wait on: killed, then noticed by polling.
         let mut child = spawn_detached(Path::new("sleep"), &["30".into()], dir.path(), &log).unwrap();
         let pid = child.id().unwrap();
         let pid_id = ProcessId::of(pid).unwrap();
-        watch_exit(id.clone(), pid, Watched::Pid(pid_id), tx, CancellationToken::new());
+        watch_exit(id.clone(), pid, Watched::Pid(pid_id), vec![], tx, CancellationToken::new());
         pid_id.kill().await.unwrap();
         let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
-        assert_eq!(ev.pid, Some(pid));
+        assert_eq!((ev.pid, ev.reason), (Some(pid), StopReason::Unknown));
         let _ = child.wait().await;
     }
 }

@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -115,8 +115,9 @@ pub struct Running<T> {
 impl<T> Running<T> {
     /// Hands the child to an exit watcher reporting on `exits` (see
     /// [`watch_exit`]); returns what the configure step returned.
-    pub fn watch(self, vm_id: &VmId, exits: &ExitSink, stop: &CancellationToken) -> T {
-        watch_exit(vm_id.clone(), self.pid.pid, Watched::Child(self.child), exits.clone(), stop.clone());
+    /// `logs`: the VMM's own log files (see [`watch_exit`]).
+    pub fn watch(self, vm_id: &VmId, logs: Vec<PathBuf>, exits: &ExitSink, stop: &CancellationToken) -> T {
+        watch_exit(vm_id.clone(), self.pid.pid, Watched::Child(self.child), logs, exits.clone(), stop.clone());
         self.configured
     }
 }

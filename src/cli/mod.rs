@@ -524,6 +524,13 @@ async fn info(client: &VmClient, id: &str, json: bool) -> Result<(), CliError> {
             if e.signal != 0 { format!("killed by signal {}", e.signal) } else { format!("exit code {}", e.code) };
         t.add_row(vec!["workload".to_string(), how]);
     }
+    if let Some(s) = r.stop.as_option() {
+        let reason = s
+            .reason
+            .as_known()
+            .map_or("unspecified", |r| buffa::Enumeration::proto_name(&r).trim_start_matches("STOP_REASON_"));
+        t.add_row(vec!["stopped".to_string(), format!("{}: {}", reason.to_lowercase(), s.detail)]);
+    }
     if let Some(m) = r.metrics.as_option() {
         t.add_row(vec!["cpu".to_string(), format!("{:.1} %", m.cpu_usage_percent)]);
         t.add_row(vec!["memory used".to_string(), format!("{} MiB", m.memory_usage_bytes >> 20)]);

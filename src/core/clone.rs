@@ -161,6 +161,7 @@ impl Manager {
             runtime: Some(rt.clone()),
             created_at: now,
             modified_at: now,
+            stopped: None,
         };
         let marker = dir.join(CONT_PENDING);
         let inserted = async {
@@ -177,7 +178,7 @@ impl Manager {
         let status = self.continue_restored(&ctx, &mut rt).await?;
         if status.state() != VmState::Running {
             let (i, r) = (id.clone(), rt.clone());
-            let _ = self.store_call(move |s| s.update_state(&i, VmState::Paused, Some(&r), now)).await;
+            let _ = self.store_call(move |s| s.update_state(&i, VmState::Paused, Some(&r), None, now)).await;
         }
         let slot = Arc::new(Slot {
             id: id.clone(),
@@ -199,6 +200,7 @@ impl Manager {
             to: Some(status.state()),
             runtime: status.runtime().cloned(),
             spec,
+            stopped: None,
         });
         Ok(slot)
     }

@@ -250,6 +250,7 @@ impl Manager {
             runtime: Some(rt.clone()),
             created_at: now,
             modified_at: now,
+            stopped: None,
         };
         if let Err(e) = self.store_call(move |s| s.insert(&row)).instrument(info_span!("store.insert")).await {
             let _ = self.inner.backend.delete(&ctx, Some(&rt)).await;
@@ -276,6 +277,7 @@ impl Manager {
             to: Some(VmState::Created),
             runtime: Some(rt),
             spec,
+            stopped: None,
         });
         Ok(slot)
     }

@@ -48,7 +48,8 @@ use crate::backend::{Backend, ExitEvent, VmContext};
 use crate::error::Error;
 use crate::model::net::NetLease;
 use crate::model::{
-    CustomerId, Limits, Op, Plan, Runtime, Status, StopMode, Target, Usage, ValidSpec, VmId, VmState, plan, transition,
+    CustomerId, Limits, Op, Plan, Runtime, Status, StopInfo, StopMode, Target, Usage, ValidSpec, VmId, VmState, plan,
+    transition,
 };
 use crate::store::{Intent, Store};
 use crate::util::unix_now;
@@ -123,6 +124,8 @@ pub struct VmEvent {
     pub to: Option<VmState>,
     pub runtime: Option<Runtime>,
     pub spec: Arc<ValidSpec>,
+    /// Why the VM stopped, when this change made it `SHUTDOWN`.
+    pub stopped: Option<StopInfo>,
 }
 
 /// Hooks called synchronously after each commit; must not block.
@@ -147,6 +150,8 @@ pub struct VmView {
     /// The state is not yet confirmed: the hypervisor did not answer after a
     /// failed call, or the store could not be written; metald keeps trying.
     pub reconciling: bool,
+    /// Why it last stopped, while `SHUTDOWN`.
+    pub stopped: Option<StopInfo>,
 }
 
 impl VmView {
@@ -205,11 +210,22 @@ struct Cell {
     /// `status` is not in the store yet (a write failed); the flusher
     /// retries.
     unsaved: bool,
+    /// Why the VM last stopped, while `SHUTDOWN` (stored with the state).
+    stopped: Option<StopInfo>,
 }
 
 impl Cell {
     fn new(status: Status, modified_at: i64) -> Cell {
-        Cell { status, modified_at, deleted: false, last_cpu: None, pending: None, unsure: false, unsaved: false }
+        Cell {
+            status,
+            modified_at,
+            deleted: false,
+            last_cpu: None,
+            pending: None,
+            unsure: false,
+            unsaved: false,
+            stopped: None,
+        }
     }
 }
 
@@ -251,6 +267,7 @@ impl Slot {
             modified_at: c.modified_at,
             pending: c.pending,
             reconciling: c.unsure || c.unsaved,
+            stopped: c.stopped.clone(),
         }
     }
 }
@@ -560,12 +577,31 @@ impl Manager {
     /// written before the operation, stays in the store until then, so a
     /// crash meanwhile is reconciled from the hypervisor at the next start).
     async fn commit(&self, slot: &Arc<Slot>, cause: Cause, from: VmState, status: Status) -> Result<VmState, Error> {
+        self.commit_stop(slot, cause, from, status, None).await
+    }
+
+    /// [`Manager::commit`] with the reason of a stop the core did not ask
+    /// for (`stop`, from the VMM's exit); other stops get theirs from
+    /// `cause` ([`stop_of`]).
+    async fn commit_stop(
+        &self,
+        slot: &Arc<Slot>,
+        cause: Cause,
+        from: VmState,
+        status: Status,
+        stop: Option<StopInfo>,
+    ) -> Result<VmState, Error> {
         let now = unix_now();
         let state = status.state();
         let rt = status.runtime().cloned();
         let id = slot.id.clone();
+        let stopped = (state == VmState::Shutdown).then(|| stop.unwrap_or_else(|| stop_of(cause, now)));
+        if let Some(s) = &stopped {
+            info!(vm_id = %slot.id, reason = %s.reason, detail = %s.detail, "VM stopped");
+        }
+        let kept = stopped.clone();
         let persisted = self
-            .store_call(move |s| s.update_state(&id, state, rt.as_ref(), now))
+            .store_call(move |s| s.update_state(&id, state, rt.as_ref(), kept.as_ref(), now))
             .instrument(info_span!("store.update", vm_id = %slot.id))
             .await;
         {
@@ -577,6 +613,7 @@ impl Manager {
             }
             c.unsaved = persisted.is_err();
             c.unsure = false;
+            c.stopped = stopped.clone();
         }
         if let Err(e) = &persisted {
             warn!(vm_id = %slot.id, state = %state, error = %e.chain(), "could not store the new state; retrying");
@@ -591,6 +628,7 @@ impl Manager {
             to: Some(state),
             runtime: status.runtime().cloned(),
             spec: slot.spec.clone(),
+            stopped,
         });
         Ok(state)
     }
@@ -635,6 +673,7 @@ impl Manager {
             to: None,
             runtime: None,
             spec: slot.spec.clone(),
+            stopped: None,
         });
         Ok(())
     }
@@ -674,13 +713,30 @@ impl Manager {
         if transition(from, Op::GuestExited).is_err() {
             return;
         }
-        info!(vm_id = %slot.id, detail = %ev.detail, "VMM exited on its own");
+        info!(vm_id = %slot.id, reason = %ev.reason, detail = %ev.detail, "VMM exited on its own");
         let ctx = self.ctx(&slot);
         if let Err(e) = self.inner.backend.reap(&ctx, rt).await {
             warn!(vm_id = %slot.id, error = %crate::util::chain(&e), "cleanup after VMM exit failed");
         }
-        if let Err(e) = self.commit(&slot, Cause::Op(Op::GuestExited), from, Status::Shutdown).await {
+        let stop = StopInfo::new(ev.reason, ev.detail, unix_now());
+        if let Err(e) = self.commit_stop(&slot, Cause::Op(Op::GuestExited), from, Status::Shutdown, Some(stop)).await {
             warn!(vm_id = %slot.id, error = %e.chain(), "could not persist guest exit");
+        }
+    }
+}
+
+/// The reason of a stop to `SHUTDOWN` caused by `cause` (an exit's own
+/// reason comes with it, see [`Manager::commit_stop`]).
+fn stop_of(cause: Cause, now: i64) -> StopInfo {
+    use crate::model::StopReason;
+    match cause {
+        Cause::Op(Op::Shutdown { mode: StopMode::Force }) => {
+            StopInfo::new(StopReason::Requested, "ShutdownVm (forced)", now)
+        }
+        Cause::Op(Op::Shutdown { .. }) => StopInfo::new(StopReason::Requested, "ShutdownVm", now),
+        Cause::Op(op) => StopInfo::new(StopReason::Unknown, format!("the VMM ended during {}", op.name()), now),
+        Cause::Recovered | Cause::Reconciled | Cause::Created => {
+            StopInfo::new(StopReason::Unknown, "found stopped when metald checked its hypervisor", now)
         }
     }
 }

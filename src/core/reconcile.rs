@@ -26,7 +26,7 @@ use crate::backend::Observed;
 use crate::backend::process::{kill_stray, processes_under};
 use crate::error::Error;
 use crate::model::net::NetLease;
-use crate::model::{Op, Status, VmId};
+use crate::model::{Op, Status, StopInfo, StopReason, VmId};
 use crate::store::{Intent, VmRow};
 use crate::util::unix_now;
 
@@ -134,7 +134,7 @@ impl Manager {
             net,
             created_at: row.created_at,
             op: tokio::sync::Mutex::new(()),
-            cell: RwLock::new(Cell::new(status, row.modified_at)),
+            cell: RwLock::new(Cell { stopped: row.stopped, ..Cell::new(status, row.modified_at) }),
         });
         self.install(&slot);
         slot
@@ -169,7 +169,12 @@ impl Manager {
         if !alive {
             info!(vm_id = %slot.id, state = %from, "VMM is gone since the last run; marking the VM shut down");
             let _ = self.inner.backend.reap(&ctx, rt).await;
-            self.commit(slot, Cause::Op(Op::GuestExited), from, Status::Shutdown).await?;
+            let stop = StopInfo::new(
+                StopReason::Unknown,
+                "the VMM ended while metald was not running; its exit status is unknown",
+                crate::util::unix_now(),
+            );
+            self.commit_stop(slot, Cause::Op(Op::GuestExited), from, Status::Shutdown, Some(stop)).await?;
             return Ok(());
         }
         report.reattached += 1;
@@ -181,6 +186,7 @@ impl Manager {
             to: Some(from),
             runtime: Some(rt.clone()),
             spec: slot.spec.clone(),
+            stopped: None,
         });
         if let Some(op) = intent {
             info!(vm_id = %slot.id, op, "asking the hypervisor how an interrupted operation ended");
@@ -390,7 +396,7 @@ impl Manager {
                 }
                 Some(slot) => {
                     let _op = slot.op.lock().await;
-                    let (state, rt, at, skip) = {
+                    let (state, rt, stopped, at, skip) = {
                         let mut c = slot.cell_mut();
                         if c.deleted {
                             // Deleted since; its record went with the delete.
@@ -400,6 +406,7 @@ impl Manager {
                         (
                             c.status.state(),
                             c.status.runtime().cloned(),
+                            c.stopped.clone(),
                             c.modified_at,
                             c.deleted || c.unsure || !c.unsaved,
                         )
@@ -408,7 +415,10 @@ impl Manager {
                         true
                     } else {
                         let vm = id.clone();
-                        let ok = self.store_call(move |s| s.update_state(&vm, state, rt.as_ref(), at)).await.is_ok();
+                        let ok = self
+                            .store_call(move |s| s.update_state(&vm, state, rt.as_ref(), stopped.as_ref(), at))
+                            .await
+                            .is_ok();
                         if ok {
                             slot.cell_mut().unsaved = false;
                         }

@@ -197,7 +197,7 @@ impl Manager {
             std::fs::write(&marker, b"").map_err(io(format_args!("writing {}", marker.display())))?;
             sync_dir(&ctx.dir).map_err(io(format_args!("syncing {}", ctx.dir.display())))?;
             let (id, rt, now) = (id.clone(), rt.clone(), unix_now());
-            self.store_call(move |s| s.update_state(&id, crate::model::VmState::Running, Some(&rt), now)).await
+            self.store_call(move |s| s.update_state(&id, crate::model::VmState::Running, Some(&rt), None, now)).await
         }
         .await;
         if let Err(e) = persisted {

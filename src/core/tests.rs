@@ -202,10 +202,28 @@ async fn guest_exit_moves_to_shutdown_and_stale_exits_are_ignored() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(env.mgr.get(&a, &id).unwrap().state(), VmState::Shutdown);
-    assert_eq!(env.mgr.store().get(&id).unwrap().unwrap().state, VmState::Shutdown);
+    let row = env.mgr.store().get(&id).unwrap().unwrap();
+    assert_eq!(row.state, VmState::Shutdown);
+    // The exit's reason is the VM's, stored with the state.
+    let stopped = env.mgr.get(&a, &id).unwrap().stopped.unwrap();
+    assert_eq!((stopped.reason, stopped.detail.as_str()), (crate::model::StopReason::GuestPowerOff, "simulated exit"));
+    assert_eq!(row.stopped, Some(stopped));
+    // A requested stop says so; a boot clears the reason.
+    env.mgr.boot(&a, &id).await.unwrap();
+    assert_eq!(env.mgr.get(&a, &id).unwrap().stopped, None);
+    env.mgr.shutdown(&a, &id, StopMode::Force).await.unwrap();
+    let stopped = env.mgr.get(&a, &id).unwrap().stopped.unwrap();
+    assert_eq!((stopped.reason, stopped.detail.as_str()), (crate::model::StopReason::Requested, "ShutdownVm (forced)"));
     // Boot again: a new process; an exit event naming the old pid changes nothing.
     env.mgr.boot(&a, &id).await.unwrap();
-    env.mgr.handle_exit(ExitEvent { vm_id: id.clone(), pid: Some(1), detail: "stale".into() }).await;
+    env.mgr
+        .handle_exit(ExitEvent {
+            vm_id: id.clone(),
+            pid: Some(1),
+            reason: crate::model::StopReason::Crashed,
+            detail: "stale".into(),
+        })
+        .await;
     assert_eq!(env.mgr.get(&a, &id).unwrap().state(), VmState::Running);
 }
 

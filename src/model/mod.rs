@@ -15,6 +15,7 @@ mod runtime;
 pub mod snapshot;
 mod spec;
 pub mod state;
+pub mod stop;
 mod validate;
 
 pub use code::Code;
@@ -29,6 +30,7 @@ pub use spec::{
     ValidSpec, VmSpec,
 };
 pub use state::{InvalidTransition, Op, Plan, Status, Target, VmState, plan, transition};
+pub use stop::{StopInfo, StopReason};
 pub use validate::{
     Limits, MAX_DISKS, MAX_KERNEL_ARGS_LEN, MAX_METADATA_ENTRIES, MAX_METADATA_KEY_LEN, MAX_METADATA_VALUE_LEN,
     MAX_NICS, MAX_OPTION_ENTRIES, MIN_MEMORY_BYTES, confine, validate,

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::{M, Migrations};
 
-use crate::model::{CustomerId, Runtime, ValidSpec, VmId, VmState};
+use crate::model::{CustomerId, Runtime, StopInfo, ValidSpec, VmId, VmState};
 
 mod net;
 mod snapshots;
@@ -97,6 +97,8 @@ pub struct VmRow {
     pub runtime: Option<Runtime>,
     pub created_at: i64,
     pub modified_at: i64,
+    /// Why it last stopped (kept while `SHUTDOWN`, see [`Store::update_state`]).
+    pub stopped: Option<StopInfo>,
 }
 
 fn migrations() -> Migrations<'static> {
@@ -176,6 +178,8 @@ fn migrations() -> Migrations<'static> {
                 UNIQUE (customer_id, name)
             ) STRICT;",
         ),
+        // Why a VM stopped (JSON `StopInfo`; NULL unless SHUTDOWN), issue 18.
+        M::up("ALTER TABLE vms ADD COLUMN stopped TEXT;"),
     ])
 }
 
@@ -359,15 +363,23 @@ impl Store {
         Ok(())
     }
 
-    /// Persists a state change and the runtime that goes with it, and ends
-    /// the VM's intent, in one transaction.
-    pub fn update_state(&self, id: &VmId, state: VmState, runtime: Option<&Runtime>, modified_at: i64) -> Result<()> {
+    /// Persists a state change with the runtime and the stop reason that go
+    /// with it, and ends the VM's intent, in one transaction.
+    pub fn update_state(
+        &self,
+        id: &VmId,
+        state: VmState,
+        runtime: Option<&Runtime>,
+        stopped: Option<&StopInfo>,
+        modified_at: i64,
+    ) -> Result<()> {
         let rt = runtime.map(to_json).transpose()?;
+        let stopped = stopped.map(to_json).transpose()?;
         self.write(|conn| {
             let tx = conn.transaction()?;
             let n = tx.execute(
-                "UPDATE vms SET state = ?2, runtime = ?3, modified_at = ?4 WHERE id = ?1",
-                params![id.as_str(), state.as_str(), rt, modified_at],
+                "UPDATE vms SET state = ?2, runtime = ?3, modified_at = ?4, stopped = ?5 WHERE id = ?1",
+                params![id.as_str(), state.as_str(), rt, modified_at, stopped],
             )?;
             if n != 1 {
                 return Err(StoreError::Corrupt(format!("no row for VM {id} to update")));
@@ -394,7 +406,7 @@ impl Store {
     pub fn get(&self, id: &VmId) -> Result<Option<VmRow>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT id, customer_id, state, spec, runtime, created_at, modified_at, name FROM vms WHERE id = ?1",
+            "SELECT id, customer_id, state, spec, runtime, created_at, modified_at, name, stopped FROM vms WHERE id = ?1",
         )?;
         let raw = stmt.query_row(params![id.as_str()], RawRow::read).optional()?;
         raw.map(RawRow::parse).transpose()
@@ -403,7 +415,7 @@ impl Store {
     pub fn load_all(&self) -> Result<Vec<VmRow>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT id, customer_id, state, spec, runtime, created_at, modified_at, name FROM vms ORDER BY id",
+            "SELECT id, customer_id, state, spec, runtime, created_at, modified_at, name, stopped FROM vms ORDER BY id",
         )?;
         let raws = stmt.query_map([], RawRow::read)?.collect::<std::result::Result<Vec<_>, _>>()?;
         raws.into_iter().map(RawRow::parse).collect()
@@ -425,6 +437,7 @@ struct RawRow {
     created_at: i64,
     modified_at: i64,
     name: Option<String>,
+    stopped: Option<String>,
 }
 
 impl RawRow {
@@ -438,6 +451,7 @@ impl RawRow {
             created_at: r.get(5)?,
             modified_at: r.get(6)?,
             name: r.get(7)?,
+            stopped: r.get(8)?,
         })
     }
 
@@ -455,6 +469,8 @@ impl RawRow {
             .map(|r| serde_json::from_str(&r))
             .transpose()
             .map_err(|e| StoreError::Corrupt(format!("VM {id}: runtime: {e}")))?;
+        // A reason that does not parse (a later metald's) is dropped, not fatal.
+        let stopped = self.stopped.and_then(|s| serde_json::from_str(&s).ok());
         Ok(VmRow {
             id,
             name,
@@ -464,6 +480,7 @@ impl RawRow {
             runtime,
             created_at: self.created_at,
             modified_at: self.modified_at,
+            stopped,
         })
     }
 }
@@ -494,6 +511,7 @@ mod tests {
             runtime: Some(Runtime { pid: Some(42), ..Default::default() }),
             created_at: 1,
             modified_at: 1,
+            stopped: None,
         }
     }
 
@@ -506,11 +524,12 @@ mod tests {
     fn round_trip_and_update_survive_reopen() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("metald.db");
+        let stop = StopInfo::new(crate::model::StopReason::Crashed, "VCPU generated error", 5);
         {
             let s = Store::open(&path).unwrap();
             s.insert(&row("a")).unwrap();
             s.insert(&row("b")).unwrap();
-            s.update_state(&VmId::parse("a").unwrap(), VmState::Shutdown, None, 5).unwrap();
+            s.update_state(&VmId::parse("a").unwrap(), VmState::Shutdown, None, Some(&stop), 5).unwrap();
             s.delete(&VmId::parse("b").unwrap()).unwrap();
         }
         let s = Store::open(&path).unwrap();
@@ -519,6 +538,7 @@ mod tests {
         assert_eq!(all[0].state, VmState::Shutdown);
         assert_eq!(all[0].runtime, None);
         assert_eq!(all[0].modified_at, 5);
+        assert_eq!(all[0].stopped, Some(stop), "the stop reason is kept with the state");
         assert_eq!(s.get(&VmId::parse("a").unwrap()).unwrap().unwrap(), all[0]);
     }
 
@@ -532,7 +552,7 @@ mod tests {
     #[test]
     fn updating_a_missing_row_is_an_error() {
         let s = Store::open_in_memory().unwrap();
-        assert!(s.update_state(&VmId::parse("x").unwrap(), VmState::Running, None, 1).is_err());
+        assert!(s.update_state(&VmId::parse("x").unwrap(), VmState::Running, None, None, 1).is_err());
     }
 
     fn intent(id: &str, op: &str) -> Intent {
@@ -556,7 +576,7 @@ mod tests {
         assert_eq!(ops, [("a".into(), "create".into()), ("b".into(), "boot".into()), ("c".into(), "delete".into())]);
         // Each outcome ends its intent in the same transaction.
         s.insert(&row("a")).unwrap();
-        s.update_state(&VmId::parse("b").unwrap(), VmState::Running, None, 9).unwrap();
+        s.update_state(&VmId::parse("b").unwrap(), VmState::Running, None, None, 9).unwrap();
         s.delete(&VmId::parse("c").unwrap()).unwrap();
         assert!(s.intents().unwrap().is_empty());
         // finish ends an intent without touching the VM.
@@ -572,7 +592,7 @@ mod tests {
         s.insert(&row("a")).unwrap();
         s.begin(&intent("a", "boot")).unwrap();
         s.inject_write_failure(true);
-        let e = s.update_state(&VmId::parse("a").unwrap(), VmState::Running, None, 9).unwrap_err();
+        let e = s.update_state(&VmId::parse("a").unwrap(), VmState::Running, None, None, 9).unwrap_err();
         assert!(e.is_unwritable(), "{e:?}");
         s.inject_write_failure(false);
         assert_eq!(s.intents().unwrap().len(), 1);

@@ -20,7 +20,7 @@ use opentelemetry::metrics::{
 };
 
 pub use crate::model::Operation;
-use crate::model::VmId;
+use crate::model::{StopReason, VmId};
 
 /// Buckets of `metald_vm_operation_duration_seconds` and
 /// `rpc.server.duration`: 0.5 ms to 60 s.
@@ -94,6 +94,7 @@ struct Instruments {
     connection_timeouts: Counter<u64>,
     connections_open: Arc<AtomicI64>,
     _connections_open: ObservableUpDownCounter<i64>,
+    vm_stops: Counter<u64>,
 }
 
 /// Why the API server refused a connection (label `limit` of
@@ -176,6 +177,13 @@ impl Metrics {
         for t in ConnTimeout::ALL {
             connection_timeouts.add(0, &[KeyValue::new("timeout", t.as_str())]);
         }
+        let vm_stops = meter
+            .u64_counter("metald_vm_stops")
+            .with_description("VMs that stopped (became SHUTDOWN), by reason")
+            .build();
+        for r in StopReason::ALL {
+            vm_stops.add(0, &[KeyValue::new("reason", r.as_str())]);
+        }
         let inner = Instruments {
             operations: meter
                 .u64_counter("metald_vm_operations")
@@ -231,6 +239,7 @@ impl Metrics {
                 .with_description("Connections the API port is serving")
                 .with_callback(move |o| o.observe(open.load(Ordering::Relaxed), &[]))
                 .build(),
+            vm_stops,
         };
         Metrics { inner: Some(Arc::new(inner)), billing: BillingMetrics::register(meter) }
     }
@@ -315,6 +324,13 @@ impl Metrics {
     pub fn connection_timed_out(&self, timeout: ConnTimeout) {
         if let Some(i) = &self.inner {
             i.connection_timeouts.add(1, &[KeyValue::new("timeout", timeout.as_str())]);
+        }
+    }
+
+    /// A VM stopped for `reason`.
+    pub fn vm_stopped(&self, reason: StopReason) {
+        if let Some(i) = &self.inner {
+            i.vm_stops.add(1, &[KeyValue::new("reason", reason.as_str())]);
         }
     }
 

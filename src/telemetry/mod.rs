@@ -283,9 +283,10 @@ impl Telemetry {
         r.store_metrics = Some((errors, unsaved));
     }
 
-    /// Core observer that drops a deleted VM's metric series.
+    /// Core observer that drops a deleted VM's metric series and counts
+    /// stops by reason.
     pub fn observer(&self) -> Arc<dyn Observer> {
-        Arc::new(ForgetDeletedVms(self.metrics.billing().clone()))
+        Arc::new(ForgetDeletedVms(self.metrics.billing().clone(), self.metrics.clone()))
     }
 
     /// Flushes and stops exporting; waits at most `grace` for the exports.
@@ -319,10 +320,13 @@ impl Telemetry {
     }
 }
 
-struct ForgetDeletedVms(BillingMetrics);
+struct ForgetDeletedVms(BillingMetrics, Metrics);
 
 impl Observer for ForgetDeletedVms {
     fn on_event(&self, event: &VmEvent) {
+        if let Some(s) = &event.stopped {
+            self.1.vm_stopped(s.reason);
+        }
         match (event.from, event.to) {
             (_, None) => self.0.forget_vm(&event.vm_id),
             (None, Some(_)) => self.0.vm_created(&event.vm_id),

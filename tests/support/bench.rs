@@ -85,6 +85,7 @@ pub fn seed(data: &Path, kernel: &Path, vms: usize, running: impl Fn(usize) -> b
                 }),
                 created_at: now,
                 modified_at: now,
+                stopped: None,
             }
         })
         .collect();

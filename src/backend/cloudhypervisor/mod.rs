@@ -284,7 +284,7 @@ impl CloudHypervisorBackend {
         })
         .await?;
         let pid = started.pid.pid;
-        let rt = started.watch(vm.id, &self.exits, &self.stop);
+        let rt = started.watch(vm.id, vec![paths.vmm_log.clone()], &self.exits, &self.stop);
         debug!(vm_id = %vm.id, pid, restored = matches!(then, Then::Restore(..)), "Cloud Hypervisor started, VM created");
         Ok(rt)
     }
@@ -470,7 +470,8 @@ impl Backend for CloudHypervisorBackend {
         if let Err(e) = self.client(&vm.dir).get::<VmmPingResponse>(&format!("{API}/vmm.ping")).await {
             warn!(vm_id = %vm.id, error = %crate::util::chain(&e), "reattached to Cloud Hypervisor, but vmm.ping fails");
         }
-        watch_exit(vm.id.clone(), pid.pid, Watched::Pid(pid), self.exits.clone(), self.stop.clone());
+        let logs = vec![Paths::new(&vm.dir).vmm_log];
+        watch_exit(vm.id.clone(), pid.pid, Watched::Pid(pid), logs, self.exits.clone(), self.stop.clone());
         debug!(vm_id = %vm.id, pid = pid.pid, "reattached to Cloud Hypervisor");
         Ok(true)
     }

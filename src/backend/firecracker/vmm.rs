@@ -101,6 +101,11 @@ impl Layout {
         }
     }
 
+    /// Firecracker's own logs: its stderr and its logger's file.
+    pub fn vmm_logs(&self) -> Vec<PathBuf> {
+        vec![self.vmm_log.clone(), self.host_file(LOG_FILE)]
+    }
+
     pub fn client(&self, timeout: Duration) -> UdsClient {
         UdsClient::new(&self.socket, "firecracker", timeout, fault_message)
     }

@@ -175,7 +175,8 @@ impl QemuBackend {
                 qmp: tokio::sync::Mutex::new(Some(Arc::new(qmp))),
             }),
         );
-        watch_exit(vm.id.clone(), pid, Watched::Child(child), self.exits.clone(), self.stop.clone());
+        let logs = vec![paths.qemu_log.clone()];
+        watch_exit(vm.id.clone(), pid, Watched::Child(child), logs, self.exits.clone(), self.stop.clone());
         debug!(vm_id = %vm.id, pid, "QEMU started");
 
         let mut extra = BTreeMap::new();
@@ -542,7 +543,8 @@ impl Backend for QemuBackend {
                 }
             },
         }
-        watch_exit(vm.id.clone(), pid.pid, Watched::Pid(pid), self.exits.clone(), self.stop.clone());
+        let logs = vec![VmPaths::new(&vm.dir).qemu_log];
+        watch_exit(vm.id.clone(), pid.pid, Watched::Pid(pid), logs, self.exits.clone(), self.stop.clone());
         debug!(vm_id = %vm.id, pid = pid.pid, "reattached to QEMU");
         Ok(true)
     }
