@@ -113,6 +113,7 @@ fn backend_code(e: &BackendError) -> Code {
         // The request asks for something this hypervisor cannot do.
         BackendError::Unsupported { .. } => Code::InvalidArgument,
         BackendError::Unavailable { .. } => Code::Unavailable,
+        BackendError::Conflict { .. } => Code::FailedPrecondition,
         BackendError::Timeout { .. } => Code::DeadlineExceeded,
         BackendError::Failed { .. } | BackendError::Io { .. } => Code::Internal,
     }
@@ -152,6 +153,7 @@ mod tests {
             (Error::Backend(BackendError::timeout("x")), Code::DeadlineExceeded),
             (Error::Backend(BackendError::failed("x")), Code::Internal),
             (Error::Backend(BackendError::unsupported("x")), Code::InvalidArgument),
+            (Error::Backend(BackendError::conflict("x")), Code::FailedPrecondition),
         ];
         for (err, code) in cases {
             assert_eq!(err.code(), code, "{err:?}");

@@ -30,7 +30,7 @@ const FAKE_CH: &str = env!("CARGO_BIN_EXE_metald-fake-cloud-hypervisor");
 const FAKE_FC: &str = env!("CARGO_BIN_EXE_metald-fake-firecracker");
 const WAIT: Duration = Duration::from_secs(10);
 
-async fn start(extra: &[(&str, &str)]) -> (TestDaemon, KillOnDrop) {
+async fn start(extra: &[(&str, &str)]) -> (TestDaemon, support::VmmGuard) {
     support::start_with(&[("BACKEND", "cloudhypervisor"), ("CLOUD_HYPERVISOR_BINARY", FAKE_CH)], extra).await
 }
 
@@ -54,7 +54,7 @@ fn full_config(t: &TestDaemon) -> pb::VmConfig {
     c.network = vec![pb::NetworkInterface {
         id: "eth0".into(),
         mac_address: "02:00:00:00:00:02".into(),
-        tap_device: "tap-c0".into(),
+        tap_device: support::test_tap(t),
         tx_rate_limit: pb::RateLimit { bandwidth: 2_000_000, refill_time: 0, burst: 0, ..Default::default() }.into(),
         ..Default::default()
     }];
@@ -85,7 +85,7 @@ async fn full_lifecycle_sends_the_documented_requests() {
             "initramfs": canon(t.assets().join("initrd.img"))
         },
         "disks": [{"path": canon(t.assets().join("rootfs.ext4")), "readonly": true, "id": "root"}],
-        "net": [{"tap": "tap-c0", "mac": "02:00:00:00:00:02", "id": "eth0",
+        "net": [{"tap": support::test_tap(&t), "mac": "02:00:00:00:00:02", "id": "eth0",
                  "rate_limiter_config": {"bandwidth": {"size": 2_000_000, "refill_time": 1000}}}],
         // The serial console is the process's stdout, metald's console.log.
         "serial": {"mode": "Tty"},

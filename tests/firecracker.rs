@@ -32,7 +32,7 @@ const FAKE_FC: &str = env!("CARGO_BIN_EXE_metald-fake-firecracker");
 const FAKE_JAILER: &str = env!("CARGO_BIN_EXE_metald-fake-jailer");
 const WAIT: Duration = Duration::from_secs(10);
 
-async fn start(extra: &[(&str, &str)]) -> (TestDaemon, KillOnDrop) {
+async fn start(extra: &[(&str, &str)]) -> (TestDaemon, support::VmmGuard) {
     support::start_with(&[("BACKEND", "firecracker"), ("FIRECRACKER_BINARY", FAKE_FC)], extra).await
 }
 
@@ -59,7 +59,7 @@ fn full_config(t: &TestDaemon) -> pb::VmConfig {
     c.network = vec![pb::NetworkInterface {
         id: "eth0".into(),
         mac_address: "02:00:00:00:00:01".into(),
-        tap_device: "tap-m0".into(),
+        tap_device: support::test_tap(t),
         rx_rate_limit: pb::RateLimit { bandwidth: 1_000_000, refill_time: 100, burst: 4096, ..Default::default() }
             .into(),
         ..Default::default()
@@ -79,7 +79,7 @@ fn expected_configuration(t: &TestDaemon) -> Vec<Value> {
         json!({"method": "PUT", "path": "/drives/root", "body": {
             "drive_id": "root", "path_on_host": "drive-root", "is_root_device": true, "is_read_only": false}}),
         json!({"method": "PUT", "path": "/network-interfaces/eth0", "body": {
-            "iface_id": "eth0", "host_dev_name": "tap-m0", "guest_mac": "02:00:00:00:00:01",
+            "iface_id": "eth0", "host_dev_name": support::test_tap(t), "guest_mac": "02:00:00:00:00:01",
             "rx_rate_limiter": {"bandwidth": {"size": 100_000, "one_time_burst": 4096, "refill_time": 100}}}}),
         json!({"method": "GET", "path": "/vm/config", "body": null}),
         json!({"method": "GET", "path": "/", "body": null}),
@@ -398,6 +398,16 @@ async fn kernel_format_and_unsupported_devices_are_refused_at_create() {
     assert_eq!(e.code, ErrorCode::FailedPrecondition);
     let msg = e.message.unwrap_or_default();
     assert!(msg.contains("tap_device") && msg.contains("UNKEY_METALD_NETWORK_ENABLED"), "{msg}");
+
+    // A TAP device that does not exist is not created behind the operator's back.
+    let mut c = full_config(&t);
+    c.network[0].tap_device = "mt-no-such-dev".into();
+    let e = create(&t, "ghosttap", c).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidArgument);
+    let msg = e.message.unwrap_or_default();
+    assert!(msg.contains("config.network[0].tap_device") && msg.contains("\"mt-no-such-dev\" does not exist"), "{msg}");
+    assert!(!std::path::Path::new("/sys/class/net/mt-no-such-dev").exists());
+    assert!(!vm_dir(&t, "ghosttap").exists());
     assert!(processes_under(t.tmp.path()).is_empty(), "nothing was started");
 }
 

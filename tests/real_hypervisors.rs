@@ -108,16 +108,15 @@ async fn wait_state(t: &TestDaemon, id: &str, want: pb::VmState) {
 /// socket paths of the VM (checked gone at the end), `jail` its jail dir.
 async fn lifecycle(mut t: TestDaemon, id: &str, tap: &Tap, jail: Option<&Path>) -> TestDaemon {
     let mut config = halting_vm_config(&t);
-    config.network = vec![pb::NetworkInterface {
-        id: "eth0".into(),
-        mac_address: "02:00:00:00:00:09".into(),
-        tap_device: tap.0.clone(),
-        ..Default::default()
-    }];
+    // No MAC given: metald generates one (locally administered) and reports it.
+    config.network = vec![pb::NetworkInterface { id: "eth0".into(), tap_device: tap.0.clone(), ..Default::default() }];
     let assets_before = asset_state(&t.assets());
     let c = t.client(TOKEN_A);
     create(&t, id, config).await.unwrap();
-    assert_eq!(state(&info(&t, id).await), Some(pb::VmState::VM_STATE_CREATED));
+    let i = info(&t, id).await;
+    assert_eq!(state(&i), Some(pb::VmState::VM_STATE_CREATED));
+    let mac = &i.network_interfaces[0].mac_address;
+    assert!(mac.starts_with("02:") && mac.len() == 17, "a generated MAC: {mac:?}");
 
     c.boot_vm(pb::BootVmRequest { vm_id: id.into(), ..Default::default() }).await.unwrap();
     let i = info(&t, id).await;
@@ -134,6 +133,20 @@ async fn lifecycle(mut t: TestDaemon, id: &str, tap: &Tap, jail: Option<&Path>) 
     // The console holds the guest's output only, none of the VMM's own log lines.
     let console = std::fs::read_to_string(&i.backend_info["console_log"]).unwrap_or_default();
     assert!(!console.contains("Running Firecracker") && !console.contains("API server"), "{console}");
+
+    // Another VM on the same TAP: the device is busy, said as such (Firecracker's at create,
+    // Cloud Hypervisor's at boot: it opens TAPs only then), naming the device and its holder.
+    let other = format!("{id}-2");
+    let mut second = halting_vm_config(&t);
+    second.network = vec![pb::NetworkInterface { id: "eth0".into(), tap_device: tap.0.clone(), ..Default::default() }];
+    let busy = match create(&t, &other, second).await {
+        Err(e) => e,
+        Ok(_) => c.boot_vm(pb::BootVmRequest { vm_id: other.clone(), ..Default::default() }).await.unwrap_err(),
+    };
+    assert_eq!(busy.code, ErrorCode::FailedPrecondition, "{busy:?}");
+    let msg = busy.message.unwrap_or_default();
+    assert!(msg.contains(&tap.0) && msg.contains(&format!("in use by process {first}")), "{msg}");
+    let _ = c.delete_vm(pb::DeleteVmRequest { vm_id: other.clone(), force: true, ..Default::default() }).await;
 
     c.pause_vm(pb::PauseVmRequest { vm_id: id.into(), ..Default::default() }).await.unwrap();
     assert_eq!(state(&info(&t, id).await), Some(pb::VmState::VM_STATE_PAUSED));

@@ -15,6 +15,7 @@ pub mod kernel;
 pub mod process;
 pub mod qemu;
 pub mod restvmm;
+pub mod tap;
 pub mod uds_http;
 
 use std::borrow::Cow;
@@ -108,6 +109,14 @@ pub enum BackendError {
         #[source]
         source: Option<Cause>,
     },
+    /// Something the request needs is held by something else (e.g. a TAP
+    /// device another process uses): the caller must change the situation.
+    #[error("{}", Message(.context, .source))]
+    Conflict {
+        context: String,
+        #[source]
+        source: Option<Cause>,
+    },
     #[error("timed out: {}", Message(.context, .source))]
     Timeout {
         context: String,
@@ -149,6 +158,10 @@ impl BackendError {
         BackendError::Unavailable { context: context.into(), source: None }
     }
 
+    pub fn conflict(context: impl Into<String>) -> Self {
+        BackendError::Conflict { context: context.into(), source: None }
+    }
+
     pub fn timeout(context: impl Into<String>) -> Self {
         BackendError::Timeout { context: context.into(), source: None }
     }
@@ -182,6 +195,7 @@ impl BackendError {
         match &mut self {
             BackendError::Unsupported { source, .. }
             | BackendError::Unavailable { source, .. }
+            | BackendError::Conflict { source, .. }
             | BackendError::Timeout { source, .. }
             | BackendError::Failed { source, .. } => *source = Some(cause.into()),
             BackendError::Io { .. } => {}

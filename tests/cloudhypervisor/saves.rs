@@ -121,7 +121,7 @@ async fn suspend_saves_and_ends_the_vmm_and_resume_restores_it_into_a_new_one() 
     assert_eq!(boot_ids(&console, "METALD_GUEST_RESUMED"), booted, "the same guest runs on");
     let ch = vm_info(&dir).await;
     assert_eq!(ch["state"], "Running");
-    assert_eq!(ch["config"]["net"][0]["tap"], "tap-c0");
+    assert_eq!(ch["config"]["net"][0]["tap"], super::support::test_tap(&t).as_str());
     assert_eq!(ch["config"]["serial"]["mode"], "Tty", "to its stdout, the VM's console.log");
     assert!(ch["config"]["serial"]["file"].is_null(), "{ch}");
 

@@ -90,7 +90,7 @@ async fn suspend_saves_and_ends_the_vmm_and_resume_loads_it_into_a_new_one() {
     assert_eq!(std::fs::metadata(saved.join("memory")).unwrap().len(), 128 << 20, "the guest's whole memory");
     let record: Value = serde_json::from_slice(&std::fs::read(saved.join("firecracker-save.json")).unwrap()).unwrap();
     assert_eq!(record["firecracker_version"], "1.16.1");
-    assert_eq!(record["nics"][0]["host_dev_name"], "tap-m0");
+    assert_eq!(record["nics"][0]["host_dev_name"], super::support::test_tap(&t).as_str());
     assert_eq!(record["drives"][0]["path_on_host"], "drive-root");
     let i = info(&t, "sus").await;
     assert_eq!(state(&i), Some(pb::VmState::VM_STATE_SUSPENDED));

@@ -13,15 +13,45 @@ use super::daemon::{TOKEN_A, TestDaemon};
 use super::process::KillOnDrop;
 
 /// Starts the daemon (fake API tokens, temp dirs) with `backend` env vars
-/// plus `extra`, an `initrd.img` asset, and a guard that kills the test's
-/// VMM processes when dropped.
-pub async fn start_with(backend: &[(&str, &str)], extra: &[(&str, &str)]) -> (super::daemon::TestDaemon, KillOnDrop) {
+/// plus `extra`, an `initrd.img` asset, the test's TAP device
+/// ([`test_tap`]: metald checks that a NIC's TAP exists), and a guard that
+/// kills the test's VMM processes and deletes the TAP when dropped.
+pub async fn start_with(backend: &[(&str, &str)], extra: &[(&str, &str)]) -> (super::daemon::TestDaemon, VmmGuard) {
     let mut env = backend.to_vec();
     env.extend_from_slice(extra);
     let t = super::daemon::start(&env).await;
     std::fs::write(t.assets().join("initrd.img"), b"fake initramfs").unwrap();
-    let guard = KillOnDrop(t.tmp.path().to_path_buf());
+    let tap = test_tap(&t);
+    let made = std::process::Command::new("ip")
+        .args(["tuntap", "add", "dev", &tap, "mode", "tap"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !made {
+        eprintln!("note: could not create TAP device {tap} (needs root); tests with a NIC will fail");
+    }
+    let guard = VmmGuard { _kill: KillOnDrop(t.tmp.path().to_path_buf()), tap };
     (t, guard)
+}
+
+/// The name of the TAP device [`start_with`] made for `t` (unique per test).
+pub fn test_tap(t: &TestDaemon) -> String {
+    let name = t.tmp.path().file_name().unwrap().to_string_lossy().into_owned();
+    format!("mt{}", name.trim_start_matches(".tmp"))
+}
+
+/// Kills the test's VMM processes, then deletes its TAP device.
+pub struct VmmGuard {
+    _kill: KillOnDrop,
+    tap: String,
+}
+
+impl Drop for VmmGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.tap])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
 }
 
 /// `CreateVm` of `id` as customer A.

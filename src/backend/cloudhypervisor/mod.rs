@@ -346,10 +346,14 @@ impl Backend for CloudHypervisorBackend {
     }
 
     async fn create(&self, vm: &VmContext<'_>) -> Result<Runtime> {
+        super::tap::check_all(vm.spec, None)?;
         self.launch(vm, Then::Create).await
     }
 
     async fn boot(&self, vm: &VmContext<'_>, rt: &mut Runtime) -> Result<()> {
+        // Cloud Hypervisor opens its TAPs only now: one taken since create
+        // would fail the boot as an internal error.
+        super::tap::check_all(vm.spec, rt.pid)?;
         self.action(vm, rt, "vm.boot").await?;
         rt.booted_at = Some(unix_now());
         Ok(())

@@ -343,6 +343,10 @@ impl Backend for FirecrackerBackend {
     }
 
     async fn create(&self, vm: &VmContext<'_>) -> Result<Runtime> {
+        // In a jail's network namespace the TAPs are not visible here.
+        if self.settings.jailer.as_ref().is_none_or(|j| j.netns.is_none()) {
+            super::tap::check_all(vm.spec, None)?;
+        }
         let layout = self.layout(vm);
         let (rt, info) = self.launch(vm, &layout, None).await?;
         debug!(vm_id = %vm.id, pid = ?rt.pid, state = %info.state, "Firecracker started");

@@ -420,6 +420,7 @@ impl Backend for QemuBackend {
     }
 
     async fn create(&self, vm: &VmContext<'_>) -> Result<Runtime> {
+        super::tap::check_all(vm.spec, None)?;
         self.launch(vm, Start::Cold).await
     }
 
