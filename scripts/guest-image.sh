@@ -62,7 +62,9 @@
 #       METALD_TICKFILE <lines>        (with metald.tickfile=)
 #       METALD_RESEED <16 hex digits>  (a clone took its new generation: see metald-init below)
 #       METALD_GUEST_SHUTDOWN_REASON=<power-button|ctrl-alt-del|poweroff_after|reboot_after>
-#       METALD_GUEST_POWEROFF          (always printed right before `poweroff -f`)
+#       METALD_GUEST_POWEROFF          (always printed right before `poweroff -f`; with
+#                                      metald.stop=reboot, Firecracker's, `reboot -f` instead: it
+#                                      has no power-off device and a reboot=k reboot ends it)
 #       METALD_GUEST_REBOOT            (printed before `reboot -f`)
 #   * ACPI power button (QEMU system_powerdown, microvm GED -> PNP0C0C): button.ko + evdev.ko
 #     give a "Power Button" /dev/input/eventN; a watcher blocks reading one event from it and then
@@ -539,6 +541,8 @@ echo "METALD_GUEST_SHUTDOWN_REASON=${1:-unknown}"
 echo METALD_GUEST_POWEROFF
 sync
 mount -o remount,ro / 2>/dev/null
+# Firecracker has no power-off device; a reboot (reboot=k) ends it.
+case " $(cat /proc/cmdline) " in *" metald.stop=reboot "*) exec reboot -f ;; esac
 exec poweroff -f
 EOF
   chmod 755 "$r/init" "$r/etc/metald/rc" "$r/etc/metald/ticker" "$r/etc/metald/poweroff" \

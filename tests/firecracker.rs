@@ -75,7 +75,7 @@ fn expected_configuration(t: &TestDaemon) -> Vec<Value> {
         json!({"method": "PUT", "path": "/boot-source", "body": {
             "kernel_image_path": canon(t.assets().join("vmlinux")),
             "initrd_path": canon(t.assets().join("initrd.img")),
-            "boot_args": "console=ttyS0 quiet reboot=k panic=1"}}),
+            "boot_args": "console=ttyS0 quiet reboot=k panic=1 metald.stop=reboot"}}),
         json!({"method": "PUT", "path": "/drives/root", "body": {
             "drive_id": "root", "path_on_host": "drive-root", "is_root_device": true, "is_read_only": false}}),
         json!({"method": "PUT", "path": "/network-interfaces/eth0", "body": {
@@ -297,6 +297,43 @@ async fn reboot_restarts_firecracker_with_the_same_configuration() {
 
     c.delete_vm(pb::DeleteVmRequest { vm_id: "rb".into(), force: true, ..Default::default() }).await.unwrap();
     assert!(processes_under(t.tmp.path()).is_empty());
+}
+
+/// Firecracker ends when its guest reboots: a reboot the guest starts is
+/// one (metald starts it again, the VM stays RUNNING); a guest of metald's
+/// that powers off says so on its console first (then reboots, as
+/// `metald.stop=reboot` tells it): the VM is SHUTDOWN, a guest power-off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_reboot_keeps_the_vm_running_and_a_guest_power_off_stops_it() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let (t, _g) = start(&[]).await;
+    let c = t.client(TOKEN_A);
+    create(&t, "gr", full_config(&t)).await.unwrap();
+    c.boot_vm(pb::BootVmRequest { vm_id: "gr".into(), ..Default::default() }).await.unwrap();
+    let first: i32 = info(&t, "gr").await.backend_info["pid"].parse().unwrap();
+
+    kill(Pid::from_raw(first), Signal::SIGUSR1).unwrap();
+    wait_until("a new Firecracker", WAIT, || async {
+        info(&t, "gr").await.backend_info.get("pid").is_some_and(|p| p != &first.to_string())
+    })
+    .await;
+    let i = info(&t, "gr").await;
+    assert_eq!(i.state.as_known(), Some(pb::VmState::VM_STATE_RUNNING));
+    assert_eq!(i.backend_info["restarts"], "1");
+    assert_eq!(count_lines(&PathBuf::from(&i.backend_info["console_log"]), "METALD_GUEST_READY"), 2, "booted again");
+    assert!(!process_alive(first));
+
+    let second: i32 = i.backend_info["pid"].parse().unwrap();
+    kill(Pid::from_raw(second), Signal::SIGUSR2).unwrap();
+    wait_until("SHUTDOWN", WAIT, || async {
+        info(&t, "gr").await.state.as_known() == Some(pb::VmState::VM_STATE_SHUTDOWN)
+    })
+    .await;
+    let stop = info(&t, "gr").await.stop.as_option().cloned().expect("a stop reason");
+    assert_eq!(stop.reason.as_known(), Some(pb::StopReason::STOP_REASON_GUEST_POWER_OFF), "{stop:?}");
+    c.delete_vm(pb::DeleteVmRequest { vm_id: "gr".into(), ..Default::default() }).await.unwrap();
+    assert_nothing_left(&t, "gr").await;
 }
 
 /// Asserts a failed CreateVm left no VM, directory or process behind.

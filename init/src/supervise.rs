@@ -230,7 +230,10 @@ fn reap(workload: Pid) -> Option<String> {
 }
 
 /// Kills what is left, syncs, remounts the writable disk read-only, prints
-/// `METALD_GUEST_POWEROFF` and powers off. Never returns.
+/// `METALD_GUEST_POWEROFF` and powers off — or reboots, when the kernel
+/// command line says `metald.stop=reboot` (Firecracker: it has no power-off
+/// device, and a reboot ends it; the marker tells metald it was a
+/// power-off). Never returns.
 pub fn power_off(off: Shutdown) -> ! {
     let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
     let start = Instant::now();
@@ -250,9 +253,19 @@ pub fn power_off(off: Shutdown) -> ! {
         let _ = mount(None::<&str>, path.as_str(), None::<&str>, flags, None::<&str>);
     }
     marker("METALD_GUEST_POWEROFF");
-    let _ = reboot(RebootMode::RB_POWER_OFF);
+    let _ = reboot(stop_mode(&fs::read_to_string("/proc/cmdline").unwrap_or_default()));
     loop {
         std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// How this guest stops: `RB_AUTOBOOT` when the command line has
+/// `metald.stop=reboot`, else `RB_POWER_OFF`.
+fn stop_mode(cmdline: &str) -> RebootMode {
+    if crate::cmdline::Cmdline::parse(cmdline).get("metald.stop") == Some("reboot") {
+        RebootMode::RB_AUTOBOOT
+    } else {
+        RebootMode::RB_POWER_OFF
     }
 }
 
@@ -284,5 +297,12 @@ mod tests {
         assert!(has_power_press(&[syn.clone(), press.clone(), release.clone()].concat()));
         assert!(!has_power_press(&[release, syn, other].concat()));
         assert!(!has_power_press(&press[..INPUT_EVENT_SIZE - 1]), "a partial event is not one");
+    }
+
+    #[test]
+    fn under_firecracker_the_guest_reboots_to_stop() {
+        assert_eq!(stop_mode("console=ttyS0 reboot=k panic=1 metald.stop=reboot\n"), RebootMode::RB_AUTOBOOT);
+        assert_eq!(stop_mode("console=ttyS0 quiet\n"), RebootMode::RB_POWER_OFF);
+        assert_eq!(stop_mode("metald.stop=other"), RebootMode::RB_POWER_OFF);
     }
 }

@@ -42,25 +42,46 @@ const TAIL: u64 = 64 << 10;
 /// A VMM's log files and their sizes when it started: only what it wrote
 /// since counts (the files are shared by a VM's successive processes).
 #[derive(Debug, Clone, Default)]
-pub struct Logs(Vec<(PathBuf, u64)>);
+pub struct Logs {
+    logs: Vec<(PathBuf, u64)>,
+    /// For a VMM that ends when its guest reboots (Firecracker): the
+    /// console, where a guest that powers off says so first.
+    reboot_console: Option<(PathBuf, u64)>,
+}
+
+/// What metald's guests (metald-init, the test guest) print right before
+/// they power off; under Firecracker they then reboot, which ends it.
+pub const POWEROFF_MARKER: &str = "METALD_GUEST_POWEROFF";
+
+fn at_start(p: PathBuf) -> (PathBuf, u64) {
+    let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+    (p, len)
+}
 
 impl Logs {
     pub fn at_start(paths: impl IntoIterator<Item = PathBuf>) -> Logs {
-        Logs(
-            paths
-                .into_iter()
-                .map(|p| {
-                    let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
-                    (p, len)
-                })
-                .collect(),
-        )
+        Logs { logs: paths.into_iter().map(at_start).collect(), reboot_console: None }
+    }
+
+    /// The VMM exits when its guest reboots (Firecracker on x86: a guest
+    /// cannot power it off, `reboot=k` ends it): a clean exit is a reboot
+    /// unless the guest printed [`POWEROFF_MARKER`] on `console` first.
+    pub fn ends_on_reboot(mut self, console: PathBuf) -> Logs {
+        self.reboot_console = Some(at_start(console));
+        self
     }
 
     /// The first fatal line written since the start (the cause; later
     /// ones tend to be its consequences), if any.
     pub fn fatal_line(&self) -> Option<String> {
-        self.0.iter().find_map(|(p, from)| fatal_in(&read_since(p, *from)))
+        self.logs.iter().find_map(|(p, from)| fatal_in(&read_since(p, *from)))
+    }
+
+    /// Whether a VMM that ended as `reason` did so because its guest
+    /// rebooted (see [`Logs::ends_on_reboot`]).
+    pub fn rebooted(&self, reason: StopReason) -> bool {
+        reason == StopReason::GuestPowerOff
+            && self.reboot_console.as_ref().is_some_and(|(p, from)| !read_since(p, *from).contains(POWEROFF_MARKER))
     }
 }
 
@@ -179,6 +200,15 @@ mod tests {
             "[vm:fc_vcpu 0:ERROR] Received KVM_EXIT_INTERNAL_ERROR signal",
             "the cause"
         );
+        // A VMM that ends on a guest reboot: a clean exit without the guest's power-off marker.
+        let console = dir.path().join("console.log");
+        std::fs::write(&console, "METALD_GUEST_POWEROFF\n").unwrap();
+        let fc = Logs::at_start([]).ends_on_reboot(console.clone());
+        assert!(fc.rebooted(StopReason::GuestPowerOff), "an earlier boot's marker does not count");
+        assert!(!fc.rebooted(StopReason::Crashed));
+        std::fs::write(&console, "METALD_GUEST_POWEROFF\nboot\nMETALD_GUEST_POWEROFF\n").unwrap();
+        assert!(!fc.rebooted(StopReason::GuestPowerOff), "the guest powered off");
+        assert!(!logs.rebooted(StopReason::GuestPowerOff), "other VMMs do not end on a reboot");
         // Rotated (shorter now): the whole file is searched.
         std::fs::write(&log, "qemu-system-x86_64: KVM internal error. Suberror: 1\n").unwrap();
         assert!(logs.fatal_line().unwrap().contains("KVM internal error"));

@@ -221,6 +221,7 @@ impl FakeControl {
                 pid: Some(pid),
                 reason: crate::model::StopReason::GuestPowerOff,
                 detail: "simulated exit".into(),
+                rebooted: false,
             })
             .is_ok()
     }

@@ -78,6 +78,9 @@ pub struct ExitEvent {
     /// Why it ended (see [`exit`]).
     pub reason: crate::model::StopReason,
     pub detail: String,
+    /// The guest rebooted, which ends this VMM (Firecracker): the core
+    /// starts it again and the VM stays `RUNNING`.
+    pub rebooted: bool,
 }
 
 /// Where backends report VMM exits; the core turns them into `GuestExited`.

@@ -269,11 +269,10 @@ pub fn watch_exit(
     vm_id: VmId,
     pid: u32,
     watched: Watched,
-    logs: Vec<PathBuf>,
+    logs: Logs,
     sink: ExitSink,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
-    let logs = Logs::at_start(logs);
     tokio::spawn(async move {
         let status = match watched {
             Watched::Child(mut child) => tokio::select! {
@@ -290,15 +289,17 @@ pub fn watch_exit(
                 }
             },
         };
-        let (reason, detail) = tokio::task::spawn_blocking(move || {
+        let (reason, detail, rebooted) = tokio::task::spawn_blocking(move || {
             let killed = status.is_none_or(|s| std::os::unix::process::ExitStatusExt::signal(&s) == Some(9));
-            classify(pid, status, logs.fatal_line(), killed && oom_killed(pid))
+            let (reason, detail) = classify(pid, status, logs.fatal_line(), killed && oom_killed(pid));
+            let rebooted = logs.rebooted(reason);
+            (reason, detail, rebooted)
         })
         .await
-        .unwrap_or((StopReason::Unknown, format!("VMM process {pid} ended")));
-        debug!(vm_id = %vm_id, pid, reason = %reason, detail = %detail, "VMM exit noticed");
+        .unwrap_or((StopReason::Unknown, format!("VMM process {pid} ended"), false));
+        debug!(vm_id = %vm_id, pid, reason = %reason, rebooted, detail = %detail, "VMM exit noticed");
         // The receiver is gone only when the daemon is shutting down.
-        let _ = sink.send(ExitEvent { vm_id, pid: Some(pid), reason, detail });
+        let _ = sink.send(ExitEvent { vm_id, pid: Some(pid), reason, detail, rebooted });
     })
 }
 
@@ -384,7 +385,14 @@ mod tests {
 
         let child = spawn_detached(Path::new("sleep"), &["0.2".into()], dir.path(), &log).unwrap();
         let pid = child.id().unwrap();
-        watch_exit(id.clone(), pid, Watched::Child(child), vec![log.clone()], tx.clone(), CancellationToken::new());
+        watch_exit(
+            id.clone(),
+            pid,
+            Watched::Child(child),
+            Logs::at_start([log.clone()]),
+            tx.clone(),
+            CancellationToken::new(),
+        );
         let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
         assert_eq!((ev.vm_id, ev.pid, ev.reason), (id.clone(), Some(pid), StopReason::GuestPowerOff));
 
@@ -397,7 +405,14 @@ mod tests {
         )
         .unwrap();
         let pid = child.id().unwrap();
-        watch_exit(id.clone(), pid, Watched::Child(child), vec![log.clone()], tx.clone(), CancellationToken::new());
+        watch_exit(
+            id.clone(),
+            pid,
+            Watched::Child(child),
+            Logs::at_start([log.clone()]),
+            tx.clone(),
+            CancellationToken::new(),
+        );
         let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
         assert_eq!(ev.reason, StopReason::Crashed, "{}", ev.detail);
         assert!(ev.detail.contains("VCPU generated error"), "{}", ev.detail);
@@ -405,7 +420,14 @@ mod tests {
         // Killed by someone else.
         let child = spawn_detached(Path::new("sleep"), &["30".into()], dir.path(), &log).unwrap();
         let pid = child.id().unwrap();
-        watch_exit(id.clone(), pid, Watched::Child(child), vec![log.clone()], tx.clone(), CancellationToken::new());
+        watch_exit(
+            id.clone(),
+            pid,
+            Watched::Child(child),
+            Logs::at_start([log.clone()]),
+            tx.clone(),
+            CancellationToken::new(),
+        );
         nix::sys::signal::kill(Pid::from_raw(i32::try_from(pid).unwrap()), Signal::SIGKILL).unwrap();
         let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
         assert_eq!(ev.reason, StopReason::Killed, "{}", ev.detail);
@@ -414,7 +436,7 @@ mod tests {
         let mut child = spawn_detached(Path::new("sleep"), &["30".into()], dir.path(), &log).unwrap();
         let pid = child.id().unwrap();
         let pid_id = ProcessId::of(pid).unwrap();
-        watch_exit(id.clone(), pid, Watched::Pid(pid_id), vec![], tx, CancellationToken::new());
+        watch_exit(id.clone(), pid, Watched::Pid(pid_id), Logs::default(), tx, CancellationToken::new());
         pid_id.kill().await.unwrap();
         let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
         assert_eq!((ev.pid, ev.reason), (Some(pid), StopReason::Unknown));

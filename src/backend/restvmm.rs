@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -28,6 +28,7 @@ use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::exit::Logs;
 use super::process::{self, ProcessId, Watched, remove_quiet, watch_exit};
 use super::uds_http::UdsClient;
 use super::{BackendError, ExitSink, Result, Runtime, StopMode};
@@ -116,7 +117,7 @@ impl<T> Running<T> {
     /// Hands the child to an exit watcher reporting on `exits` (see
     /// [`watch_exit`]); returns what the configure step returned.
     /// `logs`: the VMM's own log files (see [`watch_exit`]).
-    pub fn watch(self, vm_id: &VmId, logs: Vec<PathBuf>, exits: &ExitSink, stop: &CancellationToken) -> T {
+    pub fn watch(self, vm_id: &VmId, logs: Logs, exits: &ExitSink, stop: &CancellationToken) -> T {
         watch_exit(vm_id.clone(), self.pid.pid, Watched::Child(self.child), logs, exits.clone(), stop.clone());
         self.configured
     }

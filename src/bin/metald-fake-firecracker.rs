@@ -11,7 +11,9 @@
 //! `InstanceStart` prints `METALD_GUEST_READY` to stdout (Firecracker's
 //! stdout carries the serial console), `SendCtrlAltDel` makes the process
 //! exit shortly after (a `reboot=k` guest rebooting ends Firecracker), and
-//! `FlushMetrics` writes a metrics line with fixed increments. Like
+//! `FlushMetrics` writes a metrics line with fixed increments. The guest
+//! acting by itself: `SIGUSR1` makes the process exit 0 as a guest reboot
+//! does, `SIGUSR2` prints metald's guest power-off marker first. Like
 //! Firecracker, it creates its log and metrics files when missing and
 //! opens the metrics path once, read-write and non-blocking (a FIFO then
 //! never blocks it; a line that does not fit is dropped).
@@ -593,6 +595,21 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // The guest acting by itself: SIGUSR1 = it rebooted (Firecracker exits
+    // with status 0), SIGUSR2 = metald's guest powered off (its marker on
+    // the console, then a reboot: metald.stop=reboot).
+    rt.spawn(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut reboot), Ok(mut off)) = (signal(SignalKind::user_defined1()), signal(SignalKind::user_defined2()))
+        else {
+            return;
+        };
+        tokio::select! {
+            _ = reboot.recv() => println!("METALD_GUEST_REBOOTING"),
+            _ = off.recv() => println!("METALD_GUEST_POWEROFF"),
+        }
+        std::process::exit(0);
+    });
     if let Err(e) = rt.block_on(fake_vmm::serve(socket.clone(), api)) {
         eprintln!("fake firecracker: serving {}: {e}", socket.display());
         std::process::exit(1);

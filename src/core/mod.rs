@@ -713,8 +713,38 @@ impl Manager {
         if transition(from, Op::GuestExited).is_err() {
             return;
         }
-        info!(vm_id = %slot.id, reason = %ev.reason, detail = %ev.detail, "VMM exited on its own");
         let ctx = self.ctx(&slot);
+        if ev.rebooted && from == VmState::Running {
+            // The guest rebooted and its VMM ends on that (Firecracker): start it
+            // again, as RebootVm does; the VM stays RUNNING.
+            info!(vm_id = %slot.id, detail = %ev.detail, "the guest rebooted; starting its VMM again");
+            let mut next = rt.clone();
+            match self.inner.backend.reboot(&ctx, &mut next, true).await {
+                Ok(()) => {
+                    let cause = Cause::Op(Op::Reboot { force: true });
+                    if let Err(e) = self.commit(&slot, cause, from, Status::Running(next)).await {
+                        warn!(vm_id = %slot.id, error = %e.chain(), "could not persist the restarted VMM");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    warn!(vm_id = %slot.id, error = %crate::util::chain(&e), "could not restart the VMM after a guest reboot");
+                    let _ = self.inner.backend.reap(&ctx, rt).await;
+                    let detail = format!(
+                        "the guest rebooted and its VMM could not be started again: {}",
+                        crate::util::chain(&e)
+                    );
+                    let stop = StopInfo::new(crate::model::StopReason::Crashed, detail, unix_now());
+                    if let Err(e) =
+                        self.commit_stop(&slot, Cause::Op(Op::GuestExited), from, Status::Shutdown, Some(stop)).await
+                    {
+                        warn!(vm_id = %slot.id, error = %e.chain(), "could not persist guest exit");
+                    }
+                    return;
+                }
+            }
+        }
+        info!(vm_id = %slot.id, reason = %ev.reason, detail = %ev.detail, "VMM exited on its own");
         if let Err(e) = self.inner.backend.reap(&ctx, rt).await {
             warn!(vm_id = %slot.id, error = %crate::util::chain(&e), "cleanup after VMM exit failed");
         }

@@ -222,6 +222,7 @@ async fn guest_exit_moves_to_shutdown_and_stale_exits_are_ignored() {
             pid: Some(1),
             reason: crate::model::StopReason::Crashed,
             detail: "stale".into(),
+            rebooted: false,
         })
         .await;
     assert_eq!(env.mgr.get(&a, &id).unwrap().state(), VmState::Running);

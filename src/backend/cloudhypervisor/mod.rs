@@ -47,6 +47,7 @@ use self::api::{
     RestoreConfig, VmConfig, VmCounters, VmInfo, VmSnapshotConfig, VmmPingResponse, counter_sum,
 };
 use self::config::CloudHypervisorSettings;
+use super::exit::Logs;
 use super::kernel;
 use super::process::{self, ProcessId, Watched, remove_quiet, watch_exit};
 use super::restvmm::{self, Launch, Output};
@@ -284,7 +285,7 @@ impl CloudHypervisorBackend {
         })
         .await?;
         let pid = started.pid.pid;
-        let rt = started.watch(vm.id, vec![paths.vmm_log.clone()], &self.exits, &self.stop);
+        let rt = started.watch(vm.id, Logs::at_start([paths.vmm_log.clone()]), &self.exits, &self.stop);
         debug!(vm_id = %vm.id, pid, restored = matches!(then, Then::Restore(..)), "Cloud Hypervisor started, VM created");
         Ok(rt)
     }
@@ -474,7 +475,7 @@ impl Backend for CloudHypervisorBackend {
         if let Err(e) = self.client(&vm.dir).get::<VmmPingResponse>(&format!("{API}/vmm.ping")).await {
             warn!(vm_id = %vm.id, error = %crate::util::chain(&e), "reattached to Cloud Hypervisor, but vmm.ping fails");
         }
-        let logs = vec![Paths::new(&vm.dir).vmm_log];
+        let logs = Logs::at_start([Paths::new(&vm.dir).vmm_log]);
         watch_exit(vm.id.clone(), pid.pid, Watched::Pid(pid), logs, self.exits.clone(), self.stop.clone());
         debug!(vm_id = %vm.id, pid = pid.pid, "reattached to Cloud Hypervisor");
         Ok(true)

@@ -191,7 +191,7 @@ impl FirecrackerBackend {
         let started = vmm::start(&self.settings, &self.binary, self.jailer.as_deref(), vm, layout, load).await?;
         let pid = started.pid;
         lock(&self.metrics).insert(vm.id.clone(), metrics::Acc::resume(&layout.dir.join(metrics::TOTALS_FILE), pid));
-        let info = started.watch(vm.id, layout.vmm_logs(), &self.exits, &self.stop);
+        let info = started.watch(vm.id, layout.exit_logs(), &self.exits, &self.stop);
         let mut extra = BTreeMap::new();
         extra.insert("firecracker_version".into(), info.vmm_version.clone());
         extra.insert("vmm_log".into(), layout.vmm_log.display().to_string());
@@ -465,7 +465,7 @@ impl Backend for FirecrackerBackend {
             warn!(vm_id = %vm.id, pid = pid.pid, "recorded pid runs something else; not reattaching");
             return Ok(false);
         }
-        let logs = self.layout(vm).vmm_logs();
+        let logs = self.layout(vm).exit_logs();
         watch_exit(vm.id.clone(), pid.pid, Watched::Pid(pid), logs, self.exits.clone(), self.stop.clone());
         debug!(vm_id = %vm.id, pid = pid.pid, "reattached to Firecracker");
         Ok(true)

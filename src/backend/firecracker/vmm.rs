@@ -30,6 +30,7 @@ use super::api::{
 use super::config::FirecrackerSettings;
 use super::jailer::{JAILED_SOCKET, Jail};
 use super::metrics;
+use crate::backend::exit::Logs;
 use crate::backend::process::ProcessId;
 use crate::backend::restvmm::{self, Launch, Output, Running};
 use crate::backend::uds_http::{ApiError, UdsClient};
@@ -38,9 +39,17 @@ use crate::model::ValidSpec;
 
 /// Boot arguments Firecracker guests need: the serial console (Firecracker
 /// writes it to its stdout), `reboot=k` so a guest reboot ends the VMM,
-/// `panic=1` so a panicking guest reboots (and so ends) at once.
-const REQUIRED_ARGS: [(&str, &str); 3] =
-    [("console=", "console=ttyS0"), ("reboot=", "reboot=k"), ("panic=", "panic=1")];
+/// `panic=1` so a panicking guest reboots (and so ends) at once, and
+/// `metald.stop=reboot`: Firecracker on x86 has no power-off device (a
+/// guest that powers off leaves it running, halted), so metald's guests
+/// print their power-off marker and then reboot, which ends it promptly
+/// (see [`crate::backend::exit::Logs::ends_on_reboot`]).
+const REQUIRED_ARGS: [(&str, &str); 4] = [
+    ("console=", "console=ttyS0"),
+    ("reboot=", "reboot=k"),
+    ("panic=", "panic=1"),
+    ("metald.stop=", "metald.stop=reboot"),
+];
 
 pub const LOG_FILE: &str = "firecracker.log";
 /// Firecracker's own log level: warnings and errors only (at `Info` it
@@ -101,9 +110,10 @@ impl Layout {
         }
     }
 
-    /// Firecracker's own logs: its stderr and its logger's file.
-    pub fn vmm_logs(&self) -> Vec<PathBuf> {
-        vec![self.vmm_log.clone(), self.host_file(LOG_FILE)]
+    /// What its exit is read from: Firecracker's own logs (stderr, its
+    /// logger's file) and the console (it ends when its guest reboots).
+    pub fn exit_logs(&self) -> Logs {
+        Logs::at_start([self.vmm_log.clone(), self.host_file(LOG_FILE)]).ends_on_reboot(self.console_log.clone())
     }
 
     pub fn client(&self, timeout: Duration) -> UdsClient {
@@ -426,8 +436,8 @@ mod tests {
 
     #[test]
     fn required_boot_args_are_added_once() {
-        assert_eq!(boot_args(""), "console=ttyS0 reboot=k panic=1");
-        assert_eq!(boot_args("quiet console=hvc0 panic=5"), "quiet console=hvc0 panic=5 reboot=k");
+        assert_eq!(boot_args(""), "console=ttyS0 reboot=k panic=1 metald.stop=reboot");
+        assert_eq!(boot_args("quiet console=hvc0 panic=5"), "quiet console=hvc0 panic=5 reboot=k metald.stop=reboot");
     }
 
     #[test]

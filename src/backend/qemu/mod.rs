@@ -42,6 +42,7 @@ use self::config::QemuSettings;
 use self::qmp::{
     Cont, Qmp, QmpCommand, QmpError, QmpEvent, QueryBlockstats, QueryStatus, Quit, Stop, SystemPowerdown, SystemReset,
 };
+use super::exit::Logs;
 use super::kernel;
 use super::process::{self, ProcessId, Watched, log_tail, remove_quiet, watch_exit};
 use super::{
@@ -175,7 +176,7 @@ impl QemuBackend {
                 qmp: tokio::sync::Mutex::new(Some(Arc::new(qmp))),
             }),
         );
-        let logs = vec![paths.qemu_log.clone()];
+        let logs = Logs::at_start([paths.qemu_log.clone()]);
         watch_exit(vm.id.clone(), pid, Watched::Child(child), logs, self.exits.clone(), self.stop.clone());
         debug!(vm_id = %vm.id, pid, "QEMU started");
 
@@ -544,7 +545,7 @@ impl Backend for QemuBackend {
                 }
             },
         }
-        let logs = vec![VmPaths::new(&vm.dir).qemu_log];
+        let logs = Logs::at_start([VmPaths::new(&vm.dir).qemu_log]);
         watch_exit(vm.id.clone(), pid.pid, Watched::Pid(pid), logs, self.exits.clone(), self.stop.clone());
         debug!(vm_id = %vm.id, pid = pid.pid, "reattached to QEMU");
         Ok(true)
