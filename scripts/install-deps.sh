@@ -6,7 +6,7 @@ set -euo pipefail
 need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 for pkg in qemu-system-x86 busybox-static cpio e2fsprogs erofs-utils file lz4 prometheus nftables iproute2 \
-  docker-registry skopeo umoci apache2-utils; do
+  docker-registry skopeo umoci apache2-utils systemd; do
   have "$pkg" || need+=("$pkg")
 done
 if ! command -v npm >/dev/null 2>&1; then need+=(npm); fi
