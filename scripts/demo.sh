@@ -14,6 +14,7 @@ GUEST=$ROOT/build/guest
 PORT=${METALD_DEMO_PORT:-8080}
 BILLING_PORT=${METALD_DEMO_BILLING_PORT:-8081}
 REGISTRY_PORT=${METALD_DEMO_REGISTRY_PORT:-8082}
+METRICS_PORT=${METALD_DEMO_METRICS_PORT:-9464}
 REGISTRY=127.0.0.1:$REGISTRY_PORT
 ENDPOINT=http://127.0.0.1:$PORT
 TOKEN=demo-token-0123456789
@@ -93,12 +94,16 @@ UNKEY_METALD_BILLING_FLUSH_MS=5000 \
 UNKEY_METALD_GUEST_KERNEL=$GUEST/vmlinux \
 UNKEY_METALD_GUEST_INITRD=$GUEST/initramfs.cpio.gz \
 UNKEY_METALD_IMAGE_INSECURE_REGISTRIES=$REGISTRY \
+UNKEY_METALD_OTEL_ENABLED=true \
+UNKEY_METALD_OTEL_PROMETHEUS_ADDRESS=127.0.0.1 \
+UNKEY_METALD_OTEL_PROMETHEUS_PORT=$METRICS_PORT \
   setsid "$ROOT/build/metald" >"$DEMO/metald.log" 2>&1 < /dev/null &
 echo $! > "$DEMO/metald.pid"
-# Up to a minute: with the auto backend, QEMU first proves KVM with a probe
-# guest, which on hosts where KVM is broken (nested) waits out its timeout
-# (UNKEY_METALD_QEMU_PROBE_TIMEOUT_SECONDS, 20 s) before falling back to TCG.
-echo "    waiting for metald (a first start may spend up to 20 s probing KVM)"
+# The API answers at once; with the auto backend QEMU proves KVM with a probe
+# guest in the background (on hosts where KVM is broken, nested, it waits out
+# UNKEY_METALD_QEMU_PROBE_TIMEOUT_SECONDS, 20 s, once per host boot), and the
+# first VM waits for that decision.
+echo "    waiting for metald"
 for _ in $(seq 1 600); do
   if curl -fsS "$ENDPOINT/_/health" >/dev/null 2>&1; then break; fi
   if ! kill -0 "$(cat "$DEMO/metald.pid")" 2>/dev/null; then
@@ -169,6 +174,14 @@ fi
 echo "==> billing: samples every 100 ms, sent every 5 s; waiting for the first batch"
 sleep 6
 ctl billing-report --db "$DEMO/billing.db"
+# Telemetry: OpenTelemetry is on; its Prometheus endpoint serves metald's metrics (the spec's
+# metald_vm_operations_total, per-VM billing counters, RPC/HTTP and process metrics). Traces
+# and metrics are also pushed over OTLP to localhost:4318 when a collector listens there.
+HOST_ID=$(ctl info "$ID" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["backendInfo"]["host_id"])')
+METRICS=http://127.0.0.1:$METRICS_PORT/metrics
+echo "==> telemetry: curl -s $METRICS | grep -E 'vm_id=\"$HOST_ID\"|metald_vm_operations_total'"
+curl -fsS "$METRICS" | grep -E "vm_id=\"$HOST_ID\"|^metald_vm_operations_total\{.*operation=\"(create|boot)\"|^metald_vm_stops_total" \
+  || { echo "no metrics for the demo VM at $METRICS"; exit 1; }
 cat <<TXT
 
 metald is running (pid $(cat "$DEMO/metald.pid")), with VM $ID and image VM $IMG booted.
@@ -182,5 +195,7 @@ Try:
   ./build/metaldctl create --image $REGISTRY/demo/hello:v1 -- other args   # the cached image: no pull
   tail -f $CONSOLE
   ./build/metaldctl billing-report --db $DEMO/billing.db   # usage the billing service received
+  ./build/metaldctl console $ID --follow                   # the guest's serial console, live
+  curl -s $METRICS                   # Prometheus metrics (docs/METRICS.md); demo VM: vm_id="$HOST_ID"
 Stop everything with: make demo-stop
 TXT

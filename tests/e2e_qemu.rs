@@ -49,6 +49,11 @@ impl Drop for Env {
 
 impl Env {
     async fn start() -> Env {
+        Env::start_with(&[]).await
+    }
+
+    /// [`Env::start`] with `extra` settings (names without the prefix).
+    async fn start_with(extra: &[(&str, String)]) -> Env {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -67,6 +72,8 @@ impl Env {
             ("ASSET_DIRS", format!("{}:{}", assets.display(), image.display())),
             ("SHUTDOWN_GRACE_SECONDS", "5".to_owned()),
         ]);
+        let mut env = env;
+        env.extend(metald_env(extra.iter().map(|(k, v)| (*k, v.clone()))));
         let daemon = metald::daemon::start(Config::from_source(&env).unwrap()).await.unwrap();
         Env { daemon: Some(daemon), env, tmp }
     }
@@ -469,6 +476,43 @@ async fn auto_accel_is_decided_by_a_probe_guest() {
         assert!(!fresh.reason.contains("earlier in this host boot"), "{}", fresh.reason);
         assert_eq!(kill_processes_under(tmp.path()), 0, "probe QEMU is gone");
     }
+}
+
+/// The KVM probe runs in the background: the API answers while it runs
+/// (health says the accelerator is being decided), and a VM created then
+/// waits for the decision and runs. The probe guest here is a kernel that
+/// only halts, so where `/dev/kvm` opens the probe takes its whole timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kvm_probe_never_delays_the_api() {
+    let probe_dir = tempfile::tempdir().unwrap();
+    let probe = probe_dir.path().join("halt.elf");
+    support::halting_kernel(&probe);
+    let env = Env::start_with(&[
+        ("QEMU_ACCEL", "auto".to_owned()),
+        ("QEMU_PROBE_KERNEL", probe.display().to_string()),
+        ("QEMU_PROBE_TIMEOUT_SECONDS", "8".to_owned()),
+    ])
+    .await;
+    let addr = env.daemon.as_ref().unwrap().addr;
+    let (status, h) = support::http_get(&addr, "/_/health").await;
+    assert!(status.contains("200"), "{status} {h}");
+    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok() {
+        let detail = h["backend_detail"].as_str().unwrap_or_default();
+        assert!(detail.contains("deciding"), "the API is up while the probe runs: {h}");
+    } else {
+        eprintln!("note: /dev/kvm does not open here; the decision is immediate (TCG)");
+    }
+    let c = env.client();
+    let vm = Vm::create(&c, "early", config("vmlinux", "quiet")).await;
+    let console = vm.console().await;
+    vm.boot().await;
+    console.wait_count("METALD_GUEST_READY", 1, BOOT_TIMEOUT).await;
+    let i = vm.info().await;
+    assert_eq!(i.backend_info["accel"], "tcg", "the halting probe never proves KVM: {:?}", i.backend_info);
+    assert!(!i.backend_info["accel_reason"].is_empty());
+    let (_, h) = support::http_get(&addr, "/_/health").await;
+    assert!(h["backend_detail"].as_str().unwrap_or_default().contains("accel tcg"), "{h}");
+    vm.delete_force().await;
 }
 
 /// A frozen QEMU (SIGSTOP) during pause: the QMP `stop` times out, then takes

@@ -28,7 +28,8 @@ fn verify(unit: &Path) -> (bool, String) {
 fn the_service_unit_verifies_and_keeps_vms_across_restarts() {
     let unit = std::fs::read_to_string(support::repo_root().join("contrib/systemd/metald.service")).unwrap();
     let lines: Vec<&str> = unit.lines().collect();
-    for needed in ["KillMode=process", "ExecStart=/usr/local/bin/metald", "StateDirectory=metald", "Restart=on-failure"] {
+    for needed in ["KillMode=process", "ExecStart=/usr/local/bin/metald", "StateDirectory=metald", "Restart=on-failure"]
+    {
         assert!(lines.contains(&needed), "the unit lacks {needed}");
     }
     let tmp = tempfile::tempdir().unwrap();

@@ -376,6 +376,11 @@ pub trait Backend: Send + Sync + 'static {
     /// When it is, the backend resumes watching it for exits.
     async fn reattach(&self, vm: &VmContext<'_>, rt: &Runtime) -> Result<bool>;
 
+    /// Waits until the backend has decided what it decides in the
+    /// background after start (QEMU: the accelerator); the core calls it
+    /// before [`Backend::compat`].
+    async fn ready(&self) {}
+
     /// Start-up reconciliation, once every stored VM was recovered: removes
     /// what this backend keeps per VM outside the VM directory (the
     /// jailer's jails and cgroups) for every VM not in `live` (host VM

@@ -48,6 +48,7 @@ impl Manager {
         let rec = self.find_snapshot(&caller, &snapshot).await?;
         let snap_dir = self.snapshots_dir().join(&rec.id);
         let meta = read_meta(&snap_dir)?;
+        self.inner.backend.ready().await;
         self.check_compat(&meta, &rec.spec)?;
         if let Some(n) = rec.spec.network.iter().find(|n| !n.managed) {
             return Err(Error::FailedPrecondition(format!(

@@ -144,6 +144,7 @@ impl Manager {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e.into());
         }
+        backend.ready().await;
         let compat = backend.compat(ctx.spec);
         let saved = async {
             backend.save(ctx, &rt, &tmp).instrument(info_span!("backend.save", vm_id = %ctx.id)).await?;
@@ -179,6 +180,7 @@ impl Manager {
         let meta = read_meta(&dir).map_err(|e| {
             Error::FailedPrecondition(format!("the VM's saved state is missing or damaged ({}); delete the VM", e))
         })?;
+        self.inner.backend.ready().await;
         self.check_compat(&meta, ctx.spec)?;
         let mut rt =
             self.inner.backend.restore(ctx, &dir).instrument(info_span!("backend.restore", vm_id = %ctx.id)).await?;
@@ -341,6 +343,7 @@ impl Manager {
         let backend = &self.inner.backend;
         let tmp = self.snapshots_dir().join(format!("{SNAPSHOT_TMP_PREFIX}{}", rec.id));
         let dir = self.snapshots_dir().join(&rec.id);
+        backend.ready().await;
         let compat = backend.compat(&slot.spec);
         let made = async {
             fresh_dir(&tmp)?;

@@ -76,7 +76,11 @@ fn lock(c: &Conns) -> std::sync::MutexGuard<'_, HashMap<VmId, Arc<Conn>>> {
 pub struct QemuBackend {
     binary: PathBuf,
     version: String,
-    accel: AccelDecision,
+    /// The accelerator, once decided: the decision (a KVM probe guest, up to
+    /// its timeout, on a host boot's first start) runs in the background so
+    /// the API is ready at once; what needs it (a VM's start, a save's
+    /// compatibility facts) waits for it.
+    accel: tokio::sync::watch::Receiver<Option<AccelDecision>>,
     exits: ExitSink,
     /// Cancelled at daemon shutdown: watchers stop, QMP connections close
     /// (QEMU serves one QMP client at a time, so a successor metald can
@@ -93,8 +97,9 @@ fn qmp_error(e: QmpError) -> BackendError {
 }
 
 impl QemuBackend {
-    /// Finds QEMU, reads its version and decides the accelerator (which may
-    /// boot a KVM probe guest, see [`accel`]). `work_dir` holds the probe.
+    /// Finds QEMU, reads its version and starts deciding the accelerator
+    /// (which may boot a KVM probe guest, see [`accel`]) in the background.
+    /// `work_dir` holds the probe.
     pub async fn start(
         settings: &QemuSettings,
         asset_dirs: &[PathBuf],
@@ -109,19 +114,37 @@ impl QemuBackend {
             )
         })?;
         let version = accel::qemu_version(&binary).await?;
-        let accel = accel::decide(settings, &binary, asset_dirs, work_dir).await;
+        let (tx, accel) = tokio::sync::watch::channel(None);
+        let (s, b, a, w) = (settings.clone(), binary.clone(), asset_dirs.to_vec(), work_dir.to_path_buf());
+        tokio::spawn(async move {
+            let _ = tx.send(Some(accel::decide(&s, &b, &a, &w).await));
+        });
         let conns: Conns = Arc::default();
         let (c, s) = (conns.clone(), stop.clone());
         tokio::spawn(async move {
             s.cancelled().await;
             lock(&c).clear();
         });
-        info!(binary = %binary.display(), version = %version, accel = accel.accel.name(), "QEMU backend ready");
+        info!(binary = %binary.display(), version = %version, "QEMU backend ready (deciding the accelerator)");
         Ok(QemuBackend { binary, version, accel, exits, stop, conns })
     }
 
-    pub fn accel(&self) -> &AccelDecision {
-        &self.accel
+    /// The accelerator, `None` while it is being decided.
+    pub fn accel(&self) -> Option<AccelDecision> {
+        self.accel.borrow().clone()
+    }
+
+    /// The accelerator, waiting for the decision.
+    pub async fn decided_accel(&self) -> AccelDecision {
+        let mut rx = self.accel.clone();
+        if let Ok(d) = rx.wait_for(Option::is_some).await
+            && let Some(d) = d.clone()
+        {
+            return d;
+        }
+        // The deciding task is gone (only at a runtime shutdown): TCG always works.
+        let tcg = cmdline::Accel::Tcg { tb_size_mb: None, tsc_khz: None };
+        AccelDecision { accel: tcg, reason: "the accelerator was never decided".into() }
     }
 
     /// Starts the VM's QEMU, paused (`-S`): cold, or loading a saved guest
@@ -141,7 +164,8 @@ impl QemuBackend {
             (_, Some(file)) => cmdline::Ram::Private(file),
             (_, None) => cmdline::Ram::Anonymous,
         };
-        let mut args = cmdline::qemu_args_with(vm.spec, &self.accel.accel, &paths, ram);
+        let decided = self.decided_accel().await;
+        let mut args = cmdline::qemu_args_with(vm.spec, &decided.accel, &paths, ram);
         if !matches!(start, Start::Cold) {
             // Capabilities first (`save::load_device_state`), then the load.
             args.extend(["-incoming".into(), "defer".into()]);
@@ -181,8 +205,8 @@ impl QemuBackend {
         debug!(vm_id = %vm.id, pid, "QEMU started");
 
         let mut extra = BTreeMap::new();
-        extra.insert("accel".into(), self.accel.accel.name().into());
-        extra.insert("accel_reason".into(), self.accel.reason.clone());
+        extra.insert("accel".into(), decided.accel.name().into());
+        extra.insert("accel_reason".into(), decided.reason.clone());
         extra.insert("qemu_version".into(), format!("{}.{}.{}", version.major, version.minor, version.micro));
         extra.insert("qemu_log".into(), paths.qemu_log.display().to_string());
         let ram = if matches!(start, Start::Cold) { "memfd" } else { "private" };
@@ -376,10 +400,16 @@ impl Backend for QemuBackend {
         vec![LogFile::appended(paths.console_log), LogFile::appended(paths.qemu_log)]
     }
 
+    async fn ready(&self) {
+        self.decided_accel().await;
+    }
+
     fn compat(&self, spec: &ValidSpec) -> BTreeMap<String, String> {
         let mut m = super::base_compat(self.kind(), &self.version, spec);
         m.insert("machine".into(), "microvm".into());
-        m.insert("accel".into(), self.accel.accel.name().into());
+        // Decided by now: the core waits for `ready` before asking.
+        let accel = self.accel().map_or("undecided", |d| d.accel.name());
+        m.insert("accel".into(), accel.into());
         // The device set a save holds state for (cmdline.rs adds the port to every guest).
         m.insert("generation_port".into(), generation::PORT_NAME.into());
         m
@@ -557,7 +587,10 @@ impl Backend for QemuBackend {
             ok,
             version: self.version.clone(),
             detail: if ok {
-                format!("{} (accel {}: {})", self.binary.display(), self.accel.accel.name(), self.accel.reason)
+                match self.accel() {
+                    Some(d) => format!("{} (accel {}: {})", self.binary.display(), d.accel.name(), d.reason),
+                    None => format!("{} (accel: deciding, the KVM probe runs)", self.binary.display()),
+                }
             } else {
                 format!("{} is gone", self.binary.display())
             },
