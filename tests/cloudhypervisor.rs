@@ -171,31 +171,65 @@ async fn forced_shutdown_and_errors() {
     assert!(processes_under(tmp).is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fake_cloud_hypervisor_enforces_the_api_ordering() {
+/// The API's ordering rules and answers, the same for the fake and the real
+/// Cloud Hypervisor v53: 404 with the error chain (a JSON array) before a VM
+/// exists, `vm.create` accepting files that do not exist (the boot opens
+/// them and fails: 500), 500 with the chain for a call in the wrong state,
+/// `vmm.shutdown` 200 and the process gone.
+async fn check_api_ordering(binary: &str) {
     use metald::backend::uds_http::{UdsClient, text_error_body};
     let tmp = tempfile::tempdir().unwrap();
     let _g = KillOnDrop(tmp.path().to_path_buf());
     let sock = tmp.path().join("ch.sock");
-    let mut child = std::process::Command::new(FAKE_CH)
+    let mut child = std::process::Command::new(binary)
         .arg("--api-socket")
         .arg(format!("path={}", sock.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     wait_until("socket", WAIT, || async { sock.exists() }).await;
     let c = UdsClient::new(&sock, "cloud-hypervisor", Duration::from_secs(5), text_error_body);
     wait_until("vmm.ping", WAIT, || async { c.get::<Value>("/api/v1/vmm.ping").await.is_ok() }).await;
-    assert_eq!(c.put_empty("/api/v1/vm.boot").await.unwrap_err().status(), Some(404), "boot before create");
-    let kernel = tmp.path().join("vmlinux");
-    std::fs::write(&kernel, b"\x7fELF").unwrap();
-    c.put("/api/v1/vm.create", &json!({"payload": {"kernel": kernel}})).await.unwrap();
-    assert_eq!(c.put_empty("/api/v1/vm.pause").await.unwrap_err().status(), Some(405), "pause before boot");
+    let chain = |e: metald::backend::uds_http::ApiError| {
+        let msg = e.to_string();
+        (e.status(), msg)
+    };
+    let (s, m) = chain(c.put_empty("/api/v1/vm.boot").await.unwrap_err());
+    assert_eq!(s, Some(404), "boot before create: {m}");
+    assert!(m.contains("VM config is missing"), "{m}");
+    let kernel = tmp.path().join("halt.elf");
+    support::halting_kernel(&kernel);
+    let missing = tmp.path().join("no-such-disk.img");
+    let config = json!({"payload": {"kernel": kernel}, "memory": {"size": 64u64 << 20}, "disks": [{"path": missing}]});
+    c.put("/api/v1/vm.create", &config).await.expect("vm.create does not open the files");
+    let (s, m) = chain(c.put_empty("/api/v1/vm.pause").await.unwrap_err());
+    assert_eq!(s, Some(500), "pause before boot: {m}");
+    assert!(m.contains("VM is not running"), "{m}");
+    let (s, m) = chain(c.put_empty("/api/v1/vm.boot").await.unwrap_err());
+    assert_eq!(s, Some(500), "the boot opens the disk: {m}");
+    assert!(m.contains("Cannot open disk path"), "{m}");
+    c.put_empty("/api/v1/vm.delete").await.unwrap();
+    c.put("/api/v1/vm.create", &json!({"payload": {"kernel": kernel}, "memory": {"size": 64u64 << 20}})).await.unwrap();
     c.put_empty("/api/v1/vm.boot").await.unwrap();
     let i: Value = c.get("/api/v1/vm.info").await.unwrap();
     assert_eq!(i["state"], "Running");
-    assert_eq!(c.put_empty("/api/v1/vm.resume").await.unwrap_err().status(), Some(405), "resume while running");
-    let _ = child.kill();
-    let _ = child.wait();
+    let (s, m) = chain(c.put_empty("/api/v1/vm.resume").await.unwrap_err());
+    assert_eq!(s, Some(500), "resume while running: {m}");
+    c.put_empty("/api/v1/vmm.shutdown").await.expect("vmm.shutdown answers 200");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_cloud_hypervisor_enforces_the_api_ordering() {
+    check_api_ordering(FAKE_CH).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_cloud_hypervisor_has_the_same_api_ordering() {
+    let Some(ch) = support::real_hypervisor("cloud-hypervisor") else { return };
+    check_api_ordering(ch.to_str().unwrap()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -582,16 +582,18 @@ async fn health_reports_backend_version_and_kvm() {
     assert_eq!(h["kvm"], Path::new("/dev/kvm").exists() && metald::backend::host::kvm_available());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fake_firecracker_enforces_the_api_ordering_rules() {
+/// Firecracker's ordering rules, enforced the same by the fake (so metald's
+/// request order is really checked) and the real v1.16.1.
+async fn check_ordering_rules(binary: &str) {
     use metald::backend::firecracker::api::fault_message;
     use metald::backend::uds_http::UdsClient;
     let tmp = tempfile::tempdir().unwrap();
     let _g = KillOnDrop(tmp.path().to_path_buf());
     let sock = tmp.path().join("fc.sock");
-    let mut child = std::process::Command::new(FAKE_FC)
+    let mut child = std::process::Command::new(binary)
         .args(["--api-sock", sock.to_str().unwrap(), "--id", "order"])
         .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     wait_until("socket", WAIT, || async { sock.exists() }).await;
@@ -612,7 +614,7 @@ async fn fake_firecracker_enforces_the_api_ordering_rules() {
     assert!(m.contains("does not match"), "{m}");
 
     let kernel = tmp.path().join("vmlinux");
-    std::fs::write(&kernel, b"\x7fELF").unwrap();
+    support::halting_kernel(&kernel);
     c.put("/boot-source", &json!({"kernel_image_path": kernel})).await.unwrap();
     c.put("/actions", &json!({"action_type": "InstanceStart"})).await.unwrap();
     let (s, m) = err(c.put("/machine-config", &json!({"vcpu_count": 2, "mem_size_mib": 64})).await.unwrap_err());
@@ -623,6 +625,17 @@ async fn fake_firecracker_enforces_the_api_ordering_rules() {
     assert_eq!(state["state"], "Paused");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_firecracker_enforces_the_api_ordering_rules() {
+    check_ordering_rules(FAKE_FC).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_firecracker_has_the_same_api_ordering_rules() {
+    let Some(fc) = support::real_hypervisor("firecracker") else { return };
+    check_ordering_rules(fc.to_str().unwrap()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,9 +1,11 @@
 //! `metald-fake-cloud-hypervisor`: a TEST DOUBLE of Cloud Hypervisor's API
 //! server for metald's tests (no VM runs). It takes `--api-socket
 //! path=<socket>` (or a bare path), serves the `/api/v1` endpoints metald
-//! uses with the status codes of Cloud Hypervisor's OpenAPI description
-//! (204/200; 404 when no VM is created, 405 when the VM is in the wrong
-//! state, 500 with a text body for other errors), enforces the ordering
+//! uses with the status codes and bodies the real v53 answers (204/200,
+//! `vmm.shutdown` 200; 404 with the error chain as a JSON array when no VM
+//! is created, 500 with such an array when the VM is in the wrong state or
+//! its files cannot be opened; `vm.create` does not look at the files, the
+//! boot does), enforces the ordering
 //! (`vm.boot` needs `vm.create`, ...) and simulates the guest minimally:
 //! `vm.boot`/`vm.reboot` write `METALD_GUEST_READY` to the serial file,
 //! `vm.power-button` makes the process exit shortly after (a guest
@@ -103,6 +105,28 @@ fn body_of(body: &Result<Option<Value>, String>) -> Result<Value, Reply> {
     }
 }
 
+/// The files a configuration names must exist when the VM is built (boot,
+/// restore); Cloud Hypervisor's `vm.create` does not look.
+fn check_paths(c: &Value) -> Result<(), String> {
+    for f in ["kernel", "initramfs"] {
+        if let Some(p) = c["payload"].get(f).and_then(Value::as_str)
+            && !std::path::Path::new(p).is_file()
+        {
+            return Err(format!("Cannot load the {f} {p}: No such file or directory (os error 2)"));
+        }
+    }
+    for d in c.get("disks").and_then(Value::as_array).into_iter().flatten() {
+        let p = d.get("path").and_then(Value::as_str).unwrap_or_default();
+        if !std::path::Path::new(p).is_file() {
+            return Err(format!(
+                "Cannot open disk path: I/O error (path={p} op=open): No such file or directory (os error 2)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The configuration's shape (unknown fields refused, as `vm.create` does).
 fn validate_config(c: &Value) -> Result<(), String> {
     check_fields(
         c,
@@ -137,13 +161,6 @@ fn validate_config(c: &Value) -> Result<(), String> {
     )?;
     let payload = &c["payload"];
     check_fields(payload, &[], &["firmware", "kernel", "cmdline", "initramfs", "igvm", "host_data"])?;
-    for f in ["kernel", "initramfs"] {
-        if let Some(p) = payload.get(f).and_then(Value::as_str)
-            && !std::path::Path::new(p).is_file()
-        {
-            return Err(format!("Error parsing config: payload {f} {p}: No such file or directory"));
-        }
-    }
     if let Some(cpus) = c.get("cpus") {
         check_fields(
             cpus,
@@ -193,10 +210,6 @@ fn validate_config(c: &Value) -> Result<(), String> {
                 "queue_affinity",
             ],
         )?;
-        let p = d.get("path").and_then(Value::as_str).unwrap_or_default();
-        if !std::path::Path::new(p).is_file() {
-            return Err(format!("Error parsing config: disk {p}: No such file or directory"));
-        }
     }
     for n in c.get("net").and_then(Value::as_array).into_iter().flatten() {
         check_fields(
@@ -330,7 +343,9 @@ impl CloudHypervisor {
         };
         let config: Value = serde_json::from_slice(&read("config.json")?)
             .map_err(|e| restore_error(format!("Error deserializing config.json: {e}")))?;
-        validate_config(&config).map_err(|e| api_error(&[WHAT, "Error validating configuration", &e]))?;
+        validate_config(&config)
+            .and_then(|()| check_paths(&config))
+            .map_err(|e| api_error(&[WHAT, "Error validating configuration", &e]))?;
         let saved: SavedState = serde_json::from_slice(&read("state.json")?)
             .map_err(|e| restore_error(format!("Error deserializing state.json: {e}")))?;
         let size = config["memory"]["size"].as_u64().unwrap_or(0);
@@ -365,9 +380,13 @@ impl CloudHypervisor {
         }
     }
 
-    /// The VM state, or 404 when no VM is created.
+    /// The VM state, or (as v53 answers) 404 with the error chain when no VM
+    /// is created.
     fn state(&self) -> Result<State, Reply> {
-        self.vm.as_ref().map(|(s, _)| *s).ok_or_else(|| text(404, "VM is not created"))
+        self.vm
+            .as_ref()
+            .map(|(s, _)| *s)
+            .ok_or_else(|| Reply::Answer(404, JSON, json!(["Error from API", "VM config is missing"]).to_string()))
     }
 
     fn set(&mut self, s: State) {
@@ -393,35 +412,39 @@ impl CloudHypervisor {
             "vm.delete" => self.vm = None,
             "vm.boot" => match self.state()? {
                 State::Created => {
+                    // Cloud Hypervisor builds the VM (opens its files) only now.
+                    let config = self.vm.as_ref().map(|(_, c)| c.clone()).unwrap_or_default();
+                    check_paths(&config)
+                        .map_err(|e| api_error(&["The VM could not boot", "Error from device manager", &e]))?;
                     self.set(State::Running);
                     self.open_console();
                     self.guest_ready();
                 }
-                _ => return Err(text(500, "Error booting the VM: VM is already booted")),
+                _ => return Err(api_error(&["The VM could not boot", "VM is already running"])),
             },
             "vm.pause" => match self.state()? {
                 State::Running => self.set(State::Paused),
-                _ => return Err(text(405, "Error pausing the VM: VM is not running")),
+                _ => return Err(api_error(&["The VM could not be paused", "VM is not running"])),
             },
             "vm.snapshot" => self.snapshot(&body_of(body)?)?,
             "vm.restore" => self.restore(&body_of(body)?)?,
             "vm.resume" => match self.state()? {
                 State::Paused => self.resume(),
-                _ => return Err(text(405, "Error resuming the VM: VM is not paused")),
+                _ => return Err(api_error(&["The VM could not resume", "VM is not paused"])),
             },
             "vm.reboot" => match self.state()? {
                 State::Running => self.guest_ready(),
-                _ => return Err(text(405, "Error rebooting the VM: VM is not booted")),
+                _ => return Err(api_error(&["The VM could not reboot", "VM is not running"])),
             },
             "vm.power-button" => match self.state()? {
                 State::Running => return Ok(Reply::AnswerThenExit(204, "", String::new())),
-                _ => return Err(text(405, "Error triggering the power button: VM is not booted")),
+                _ => return Err(api_error(&["The power button could not be triggered", "VM is not running"])),
             },
             "vm.shutdown" => match self.state()? {
                 State::Running | State::Paused => self.set(State::Created),
-                State::Created => return Err(text(405, "Error shutting down the VM: VM is not started")),
+                State::Created => return Err(api_error(&["The VM could not shutdown", "VM is not running"])),
             },
-            "vmm.shutdown" => return Ok(Reply::AnswerThenExit(204, "", String::new())),
+            "vmm.shutdown" => return Ok(Reply::AnswerThenExit(200, "", String::new())),
             other => return Err(text(404, format!("unknown endpoint {other}"))),
         }
         Ok(no_content())
