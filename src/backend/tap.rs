@@ -51,10 +51,10 @@ pub fn check(index: usize, name: &str, own: Option<u32>) -> Result<()> {
     Ok(())
 }
 
-/// [`check`] of every NIC of `spec` (the TAPs of metald-managed NICs exist
-/// and are free by the time a backend creates the VM).
+/// [`check`] of every NIC of `spec` that names its own TAP device (a
+/// metald-managed NIC's TAP was just made for this VM by metald).
 pub fn check_all(spec: &crate::model::ValidSpec, own: Option<u32>) -> Result<()> {
-    spec.network.iter().enumerate().try_for_each(|(i, n)| check(i, &n.tap, own))
+    spec.network.iter().enumerate().filter(|(_, n)| !n.managed).try_for_each(|(i, n)| check(i, &n.tap, own))
 }
 
 fn parse_flags(text: &str) -> Option<u32> {
