@@ -300,6 +300,8 @@ async fn guest_poweroff_and_killed_vmm_become_shutdown() {
     let took = selfoff.wait_state(pb::VmState::VM_STATE_SHUTDOWN, EXIT_NOTICE_TIMEOUT).await;
     eprintln!("guest power-off noticed {took:?} after the marker was seen");
     wait_process_gone(off_pid).await;
+    let stop = selfoff.info().await.stop.as_option().cloned().expect("a stop reason");
+    assert_eq!(stop.reason.as_known(), Some(pb::StopReason::STOP_REASON_GUEST_POWER_OFF), "{stop:?}");
 
     // SIGKILL of the QEMU process: metald notices and cleans up.
     victim_console.wait_count("METALD_GUEST_READY", 1, BOOT_TIMEOUT).await;
@@ -310,10 +312,27 @@ async fn guest_poweroff_and_killed_vmm_become_shutdown() {
     eprintln!("kill -9 noticed within {took:?}");
     wait_process_gone(pid).await;
     assert!(!socket.exists(), "QMP socket of a killed VMM left behind");
+    let stop = victim.info().await.stop.as_option().cloned().expect("a stop reason");
+    assert_eq!(stop.reason.as_known(), Some(pb::StopReason::STOP_REASON_KILLED), "{stop:?}");
+    assert!(stop.detail.contains("SIGKILL"), "{stop:?}");
 
     // Both can be deleted (nothing to kill any more).
     selfoff.delete_force().await;
     victim.delete_force().await;
+
+    // The guest side of Firecracker's metald.stop=reboot, on QEMU (which resets in place on a
+    // guest reboot): the test guest powering off prints its marker and then reboots — it
+    // boots again, and the VM stays RUNNING in the same QEMU.
+    let rebooter =
+        Vm::create(&c, "rebooter", config("vmlinux", "quiet metald.stop=reboot metald.poweroff_after=2")).await;
+    let console = rebooter.console().await;
+    let pid = rebooter.pid().await;
+    rebooter.boot().await;
+    console.wait_count("METALD_GUEST_POWEROFF", 1, BOOT_TIMEOUT).await;
+    console.wait_count("METALD_GUEST_READY", 2, BOOT_TIMEOUT).await;
+    assert_eq!(rebooter.state().await, pb::VmState::VM_STATE_RUNNING);
+    assert_eq!(rebooter.pid().await, pid, "a reboot, not a power-off");
+    rebooter.delete_force().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
