@@ -23,8 +23,10 @@ const IFF_TAP: u32 = 0x0002;
 /// allowed to hold it (the VM's own VMM, e.g. at a reboot), if any.
 pub fn check(index: usize, name: &str, own: Option<u32>) -> Result<()> {
     let field = format!("config.network[{index}].tap_device");
+    // This thread's network namespace (sysfs shows the one it was mounted in).
+    let here = std::fs::read_to_string("/proc/thread-self/net/dev").map(|dev| has_device(&dev, name));
     let sys = Path::new("/sys/class/net").join(name);
-    if !sys.exists() {
+    if here.as_ref().is_ok_and(|h| !h) || (here.is_err() && !sys.exists()) {
         return Err(BackendError::unsupported(format!(
             "{field}: TAP device {name:?} does not exist on this host; create it first \
              (e.g. `ip tuntap add dev {name} mode tap`), or let metald manage the interface"
@@ -32,6 +34,9 @@ pub fn check(index: usize, name: &str, own: Option<u32>) -> Result<()> {
     }
     let flags = std::fs::read_to_string(sys.join("tun_flags")).ok().and_then(|f| parse_flags(&f));
     match flags {
+        // Not in this sysfs: metald runs in a network namespace sysfs was not
+        // mounted for; the kind of the device cannot be read there.
+        None if !sys.exists() => {}
         None => {
             return Err(BackendError::unsupported(format!(
                 "{field}: {name:?} is a network device but not a TUN/TAP device"
@@ -55,6 +60,11 @@ pub fn check(index: usize, name: &str, own: Option<u32>) -> Result<()> {
 /// metald-managed NIC's TAP was just made for this VM by metald).
 pub fn check_all(spec: &crate::model::ValidSpec, own: Option<u32>) -> Result<()> {
     spec.network.iter().enumerate().filter(|(_, n)| !n.managed).try_for_each(|(i, n)| check(i, &n.tap, own))
+}
+
+/// Whether `/proc/net/dev` text lists device `name`.
+fn has_device(dev: &str, name: &str) -> bool {
+    dev.lines().skip(2).any(|l| l.split(':').next().is_some_and(|n| n.trim() == name))
 }
 
 fn parse_flags(text: &str) -> Option<u32> {
@@ -100,6 +110,9 @@ mod tests {
         assert_eq!(parse_flags("0x1802").map(|f| f & IFF_TAP != 0), Some(true));
         assert_eq!(parse_flags("0x1001").map(|f| f & IFF_TAP != 0), Some(false));
         assert_eq!(parse_flags("junk"), None);
+        let dev = "Inter-|   Receive\n face |bytes\n    lo: 1 2 3\n mtr1: 0 0 0\n";
+        assert!(has_device(dev, "mtr1") && has_device(dev, "lo"));
+        assert!(!has_device(dev, "mtr") && !has_device(dev, "face"));
     }
 
     #[test]
