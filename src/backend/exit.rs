@@ -15,7 +15,7 @@
 //! | status 0, no fatal line | `guest_power_off` |
 //! | no status (a VMM found again after a metald restart is not its child), nothing in the logs | `unknown` |
 
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -88,13 +88,10 @@ impl Logs {
 /// What a file holds past `from` (all of it, up to [`TAIL`] from its end,
 /// when it is now shorter: rotated).
 fn read_since(path: &Path, from: u64) -> String {
-    let Ok(mut f) = std::fs::File::open(path) else { return String::new() };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     let start = if len >= from { from } else { 0 }.max(len.saturating_sub(TAIL));
-    let mut buf = Vec::new();
-    if f.seek(SeekFrom::Start(start)).is_ok() {
-        let _ = f.take(TAIL).read_to_end(&mut buf);
-    }
+    let limit = usize::try_from(TAIL).unwrap_or(usize::MAX);
+    let buf = crate::util::logs::read_range(path, start, len, limit).unwrap_or_default();
     String::from_utf8_lossy(&buf).into_owned()
 }
 

@@ -382,17 +382,21 @@ mod tests {
         let log = dir.path().join("log");
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let id = VmId::parse("w").unwrap();
+        let watch = |child: Child, log: &Path, tx: &ExitSink| {
+            let pid = child.id().unwrap();
+            watch_exit(
+                id.clone(),
+                pid,
+                Watched::Child(child),
+                Logs::at_start([log.to_path_buf()]),
+                tx.clone(),
+                CancellationToken::new(),
+            );
+        };
 
         let child = spawn_detached(Path::new("sleep"), &["0.2".into()], dir.path(), &log).unwrap();
         let pid = child.id().unwrap();
-        watch_exit(
-            id.clone(),
-            pid,
-            Watched::Child(child),
-            Logs::at_start([log.clone()]),
-            tx.clone(),
-            CancellationToken::new(),
-        );
+        watch(child, &log, &tx);
         let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
         assert_eq!((ev.vm_id, ev.pid, ev.reason), (id.clone(), Some(pid), StopReason::GuestPowerOff));
 
@@ -404,15 +408,7 @@ mod tests {
             &log,
         )
         .unwrap();
-        let pid = child.id().unwrap();
-        watch_exit(
-            id.clone(),
-            pid,
-            Watched::Child(child),
-            Logs::at_start([log.clone()]),
-            tx.clone(),
-            CancellationToken::new(),
-        );
+        watch(child, &log, &tx);
         let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
         assert_eq!(ev.reason, StopReason::Crashed, "{}", ev.detail);
         assert!(ev.detail.contains("VCPU generated error"), "{}", ev.detail);
@@ -420,14 +416,7 @@ mod tests {
         // Killed by someone else.
         let child = spawn_detached(Path::new("sleep"), &["30".into()], dir.path(), &log).unwrap();
         let pid = child.id().unwrap();
-        watch_exit(
-            id.clone(),
-            pid,
-            Watched::Child(child),
-            Logs::at_start([log.clone()]),
-            tx.clone(),
-            CancellationToken::new(),
-        );
+        watch(child, &log, &tx);
         nix::sys::signal::kill(Pid::from_raw(i32::try_from(pid).unwrap()), Signal::SIGKILL).unwrap();
         let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
         assert_eq!(ev.reason, StopReason::Killed, "{}", ev.detail);

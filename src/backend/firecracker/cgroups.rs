@@ -92,7 +92,7 @@ pub async fn remove(dirs: Vec<PathBuf>, patience: Duration) -> Vec<PathBuf> {
         loop {
             match remove_tree(&d) {
                 Ok(()) => break,
-                Err(e) if e.raw_os_error() == Some(libc_ebusy()) && tokio::time::Instant::now() < deadline => {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(RETRY).await;
                 }
                 Err(e) => {
@@ -104,10 +104,6 @@ pub async fn remove(dirs: Vec<PathBuf>, patience: Duration) -> Vec<PathBuf> {
         }
     }
     left
-}
-
-fn libc_ebusy() -> i32 {
-    nix::errno::Errno::EBUSY as i32
 }
 
 /// `rmdir` of a cgroup and its child cgroups, deepest first (a cgroup's

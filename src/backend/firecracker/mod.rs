@@ -259,13 +259,16 @@ impl FirecrackerBackend {
         if flush {
             self.action(layout, rt, ActionType::FlushMetrics).await?;
         }
-        let fifo = layout.host_file(metrics::FIFO);
         let mut m = lock(&self.metrics);
         let acc = m.entry(vm.id.clone()).or_default();
         if flush {
+            // Lines appear in the FIFO only at a flush (Firecracker's own,
+            // every 60 s, are read with the next of ours): the metering
+            // ticks in between take the totals as they are.
             acc.last_flush = Some(Instant::now());
+            let fifo = layout.host_file(metrics::FIFO);
+            acc.read(&fifo, &totals_file).map_err(|e| BackendError::io(format!("reading {}", fifo.display()), e))?;
         }
-        acc.read(&fifo, &totals_file).map_err(|e| BackendError::io(format!("reading {}", fifo.display()), e))?;
         Ok(acc.totals)
     }
 }
